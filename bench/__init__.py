@@ -1,0 +1,1 @@
+"""fedseal benchmarks: ``python -m bench [NAME ...]`` runs bench/bench_NAME.py (all by default)."""
