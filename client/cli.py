@@ -7,6 +7,7 @@ area of the site keeps its commands next to its code.
 from __future__ import annotations
 
 import typer
+
 from fedseal.client import site_cli
 from fedseal.client.data import cli as data_cli
 
