@@ -15,8 +15,9 @@ def main() -> None:
     here = Path(__file__).resolve().parent
     available = sorted(p.stem.removeprefix("bench_") for p in here.glob("bench_*.py"))
     args = sys.argv[1:]
-    names = [a for a in args if not a.startswith("-")] or available
-    extra = [a for a in args if a.startswith("-")]
+    # Leading bare words name benchmarks; everything from the first option on goes to each of them.
+    split = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    names, extra = args[:split] or available, args[split:]
     unknown = sorted(set(names) - set(available))
     if unknown:
         sys.exit(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available)}")
