@@ -1,6 +1,138 @@
-"""fedseal.protocol: sans-IO secure-aggregation state machines and message schemas.
+"""fedseal.protocol: sans-IO secure aggregation (SecAgg+ with signed messages), DESIGN.md §4-§5.
 
-(Placeholder: see issue 4.)
+Coordinator side — the adapter seam (e.g. ``fedseal.server`` over Flower's
+``Grid.send_and_receive``)::
+
+    from fedseal.protocol import (Packet, ProtocolError, QuantizationConfig, RoundConfig,
+                                  Roster, RosterEntry, SecAggServer)
+
+    config = RoundConfig(vector_length=n_params,
+                         quantization=QuantizationConfig.from_clip(0.5, levels=2**12),
+                         max_weight=60_000)
+    roster = Roster(RosterEntry.from_der(site, der, approved_roots) for site, der, ... in enrolled)
+    server = SecAggServer(config, roster, sampled_sites, identity_key=coordinator_key,
+                          run_id=run_id, round=rnd, model_digest=sha256(global_model_bytes),
+                          now=time.time())
+    try:
+        outbound = server.start()                    # {site_id: Packet(payload, bulk=None)}
+        while outbound:
+            replies = send_and_receive(outbound, timeout=stage_timeout)   # adapter's transport
+            for site, reply in replies.items():      # reply: Packet(payload bytes, bulk or None)
+                server.receive(site, reply.payload, reply.bulk)   # -> Accepted | Rejection
+            outbound = server.advance()              # sites that did not reply = dropouts
+                                                     # (or server.drop(site, reason) earlier)
+        result = server.result                       # RoundResult
+        new_weights = old_weights + result.weighted_mean   # any weighted-mean strategy
+    except ProtocolError as exc:                     # ThresholdError, ReconstructionError
+        ...  # round failed cleanly: log exc, keep the model unchanged, next round
+
+* ``Packet.payload`` is the signed envelope (bytes); ``Packet.bulk`` is the masked numpy
+  vector (uint32, or uint64 with ``modulus_bits=64``) that travels beside it on the
+  masked-input stage only. The coordinator never sends a bulk vector; the global model
+  itself travels outside the protocol (its SHA-256 is ``model_digest``).
+* ``server.receive`` never raises for bad peer input; a :class:`Rejection` (typed error in
+  ``.error``, ``.reason``) makes the site a dropout. ``server.log`` holds every
+  :class:`Accepted`/:class:`Rejection` (content digests and signatures for the audit log).
+* :class:`RoundResult`: ``weighted_sum`` (float64), ``total_weight``, ``weighted_mean``,
+  ``survivors``, ``weights``, ``dataset_roots``, ``clipped``/``clipped_total``,
+  ``aggregate``/``aggregate_digest`` (exact integer sum), ``dropouts``, ``rejections``.
+
+Site side (e.g. ``fedseal.client`` in a Flower ``ClientApp``), one session per round::
+
+    from fedseal.protocol import ClientSession, LocalUpdate
+
+    def train(info):                  # called once, at the masked-input stage
+        check(info.model_digest == sha256(received_model_bytes))
+        delta, n_examples = local_training(...)
+        return LocalUpdate(vector=delta, example_count=n_examples, dataset_root=manifest_root)
+
+    session = ClientSession(site_id, site_key, pinned_coordinator_public_key,
+                            update_fn=train, rng=rounding_generator)  # a numpy Generator
+    reply = session.handle(message_bytes)     # -> Packet | None; send reply.payload (+ reply.bulk)
+
+``session.handle`` raises a :class:`ProtocolError` if the coordinator misbehaves (the site
+then reveals nothing more: ``session.stage`` is ``FAILED``). Where the ClientApp does not
+live across messages (Flower's subprocess isolation, simulation actors), persist the session
+between messages with ``blob = session.export_state(state_key)`` (AEAD-sealed: it holds round
+secrets) and ``ClientSession.restore(blob, state_key, site_id, site_key, coordinator_key,
+update_fn=..., rng=...)``.
+
+For tests and benchmarks, :class:`~fedseal.protocol.simulator.Federation` runs a whole
+round in memory with scripted dropouts and adversarial hooks.
+
+Known limits (by design, as in Bonawitz et al.): a site that sends its neighbours
+undecryptable shares makes them abort (they drop out; nothing leaks); a site that masks its
+input with other seeds than it committed to corrupts the aggregate like any poisoned update
+(input integrity is out of scope); a coordinator can leave key adverts out (each omission is a
+visible dropout) but cannot pick the neighbour graph, since the graph seed hashes every
+forwarded signed advert and each advert holds fresh keys drawn by its site. Without
+``pinned_peers`` a site trusts the coordinator's roster for its peers' identity keys.
 """
 
-__all__: list[str] = []
+from .client import ClientSession, ClientStage, LocalUpdate, RoundInfo
+from .config import Limits, QuantizationConfig, RoundConfig, RoundParameters
+from .errors import (
+    BadSignatureError,
+    BulkMismatchError,
+    ConfigError,
+    CoordinatorMisbehaviourError,
+    DecodeError,
+    DuplicateMessageError,
+    ProtocolError,
+    ReconstructionError,
+    RevokedSignerError,
+    StaleMessageError,
+    ThresholdError,
+    UnapprovedDatasetError,
+    UnknownSignerError,
+    VerificationError,
+)
+from .roster import Roster, RosterEntry
+from .server import (
+    Accepted,
+    Dropout,
+    Rejection,
+    RoundResult,
+    SecAggServer,
+    ServerStage,
+    VerifiedSubmission,
+)
+from .types import COORDINATOR, MessageKind, Packet, SiteId
+
+__all__ = [
+    "COORDINATOR",
+    "Accepted",
+    "BadSignatureError",
+    "BulkMismatchError",
+    "ClientSession",
+    "ClientStage",
+    "ConfigError",
+    "CoordinatorMisbehaviourError",
+    "DecodeError",
+    "Dropout",
+    "DuplicateMessageError",
+    "Limits",
+    "LocalUpdate",
+    "MessageKind",
+    "Packet",
+    "ProtocolError",
+    "QuantizationConfig",
+    "ReconstructionError",
+    "Rejection",
+    "RevokedSignerError",
+    "Roster",
+    "RosterEntry",
+    "RoundConfig",
+    "RoundInfo",
+    "RoundParameters",
+    "RoundResult",
+    "SecAggServer",
+    "ServerStage",
+    "SiteId",
+    "StaleMessageError",
+    "ThresholdError",
+    "UnapprovedDatasetError",
+    "UnknownSignerError",
+    "VerificationError",
+    "VerifiedSubmission",
+]

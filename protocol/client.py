@@ -1,0 +1,836 @@
+"""Client (site) side of a secure round: a sans-IO state machine.
+
+Usage: one :class:`ClientSession` per round; feed it every message the coordinator sends
+(``reply = session.handle(payload)``) and send back ``reply`` if it is not ``None``.
+
+Transition table (stage, message kind accepted -> next stage, reply)::
+
+    AWAIT_SETUP      ROUND_SETUP     -> AWAIT_ADVERTS    KEY_ADVERT
+    AWAIT_ADVERTS    ADVERT_BUNDLE   -> AWAIT_SHARES     ENCRYPTED_SHARES
+    AWAIT_SHARES     SHARE_DELIVERY  -> AWAIT_SURVIVORS  MASKED_INPUT (+ bulk vector)
+    AWAIT_SURVIVORS  SURVIVOR_SET    -> AWAIT_UNMASK     CONSISTENCY_SIGNATURE
+    AWAIT_UNMASK     UNMASK_REQUEST  -> DONE             UNMASK_RESPONSE
+    DONE             ROUND_RESULT    -> DONE             (none)
+
+Rules the site enforces (each violation raises a typed error):
+    * every coordinator message is signed by the pinned coordinator key and binds this
+      run, round, model digest, setup digest and this site as recipient;
+    * the round parameters are safe (threshold > half a neighbourhood, no wrap-around);
+    * every forwarded key advert is signed by the cohort member it names, binds the same
+      setup, and this site's own advert is forwarded unchanged (no key substitution);
+    * the neighbour graph is computed locally from the signed adverts (never taken from
+      the coordinator); shares come only from neighbours;
+    * at least ``t`` neighbours' shares arrived before the site masks its input;
+    * it reveals shares only after ``t`` valid signatures over the *same* survivor set it
+      signed; for each neighbour either the self-mask seed share (survivor) or the
+      mask-key share (dropped), never both, never for a non-neighbour, and only once.
+
+A :class:`~fedseal.protocol.errors.StaleMessageError` or
+:class:`~fedseal.protocol.errors.DuplicateMessageError` leaves the session where it was;
+any other :class:`~fedseal.protocol.errors.ProtocolError` moves it to ``FAILED`` (the site
+drops out of the round and reveals nothing more).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedseal.crypto.aead import open_sealed
+from fedseal.crypto.aead import seal as aead_seal
+from fedseal.crypto.agreement import AgreementKey
+from fedseal.crypto.errors import (
+    AgreementError,
+    CryptoError,
+    DecryptionError,
+    KeyFormatError,
+    SignatureError,
+)
+from fedseal.crypto.keys import key_id, public_key_from_der, public_key_to_der
+from fedseal.crypto.prg import add_mask_into
+from fedseal.crypto.shamir import Share, split_many
+from fedseal.crypto.signing import sign, verify
+
+from .config import Limits, QuantizationConfig, validate_parameters
+from .encoding import Reader, Writer
+from .envelope import Envelope, OpenedMessage, open_envelope, seal
+from .errors import (
+    ConfigError,
+    CoordinatorMisbehaviourError,
+    DecodeError,
+    DuplicateMessageError,
+    ProtocolError,
+    StaleMessageError,
+    ThresholdError,
+    UnknownSignerError,
+    VerificationError,
+)
+from .graph import NeighbourGraph, build_graph, graph_seed
+from .masking import (
+    PAIR_DOMAIN,
+    SEED_BYTES,
+    SELF_DOMAIN,
+    decode_share_pair,
+    decrypt_share_pair,
+    encode_share_pair,
+    encrypt_share_pair,
+    pair_sign_negative,
+    pairwise_seed,
+    seed_commitment,
+)
+from .messages import (
+    AGREEMENT_PUBLIC_BYTES,
+    AdvertBundle,
+    ConsistencySignature,
+    EncryptedShares,
+    Header,
+    KeyAdvert,
+    MaskedInput,
+    RoundResultNotice,
+    RoundSetup,
+    ShareDelivery,
+    ShareKind,
+    SurvivorSet,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode_payload,
+    survivor_statement,
+)
+from .quantize import quantize
+from .types import (
+    COORDINATOR,
+    DIGEST_BYTES,
+    SURVIVOR_STATEMENT_TYPE,
+    MessageKind,
+    Packet,
+    SiteId,
+    site_sort_key,
+)
+
+__all__ = ["ClientSession", "ClientStage", "LocalUpdate", "Packet", "RoundInfo"]
+
+
+_STATE_MAGIC = b"fedseal/v1/client-state\x00"
+
+
+class ClientStage(enum.Enum):
+    """Where a site is in the round."""
+
+    AWAIT_SETUP = "await-setup"
+    AWAIT_ADVERTS = "await-adverts"
+    AWAIT_SHARES = "await-shares"
+    AWAIT_SURVIVORS = "await-survivors"
+    AWAIT_UNMASK = "await-unmask"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_STAGE_CODES: Mapping[ClientStage, int] = {stage: i for i, stage in enumerate(ClientStage)}
+
+TRANSITIONS: Mapping[ClientStage, tuple[MessageKind, ClientStage]] = {
+    ClientStage.AWAIT_SETUP: (MessageKind.ROUND_SETUP, ClientStage.AWAIT_ADVERTS),
+    ClientStage.AWAIT_ADVERTS: (MessageKind.ADVERT_BUNDLE, ClientStage.AWAIT_SHARES),
+    ClientStage.AWAIT_SHARES: (MessageKind.SHARE_DELIVERY, ClientStage.AWAIT_SURVIVORS),
+    ClientStage.AWAIT_SURVIVORS: (MessageKind.SURVIVOR_SET, ClientStage.AWAIT_UNMASK),
+    ClientStage.AWAIT_UNMASK: (MessageKind.UNMASK_REQUEST, ClientStage.DONE),
+    ClientStage.DONE: (MessageKind.ROUND_RESULT, ClientStage.DONE),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RoundInfo:
+    """What the training callback learns about the round.
+
+    Attributes:
+        run_id: The run.
+        round: The round number.
+        model_digest: SHA-256 of the global model to train from (the adapter checks it
+            against the model it received).
+        vector_length: Elements the update must have.
+        quantization: Clip / levels / modulus of the round.
+        max_weight: Largest example count allowed.
+    """
+
+    run_id: bytes
+    round: int
+    model_digest: bytes
+    vector_length: int
+    quantization: QuantizationConfig
+    max_weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class LocalUpdate:
+    """The training callback's result.
+
+    Attributes:
+        vector: 1-D float update (e.g. new weights minus global weights), ``vector_length`` long.
+        example_count: Weight of this update (``1..max_weight``).
+        dataset_root: The 32-byte Merkle root of the dataset trained on (DESIGN.md §6).
+    """
+
+    vector: npt.ArrayLike
+    example_count: int
+    dataset_root: bytes
+
+
+UpdateFn = Callable[[RoundInfo], LocalUpdate]
+
+
+@dataclass(slots=True)
+class _Peer:
+    site: SiteId
+    public_key: ec.EllipticCurvePublicKey
+    share_public: bytes = b""
+    mask_public: bytes = b""
+
+
+class ClientSession:
+    """One site's state in one secure round (see the module docstring for the rules).
+
+    Args:
+        site: This site's enrolled id.
+        identity_key: This site's ECDSA P-256 identity key.
+        coordinator_key: The pinned coordinator public key.
+        update_fn: Called once, at the masked-input stage, to train and return the update.
+        rng: Generator for stochastic rounding.
+        randbytes: Source of seeds, ephemeral keys and nonces.
+        now: Clock (seconds since the epoch) for the setup's expiry.
+        limits: Size bounds for untrusted input.
+        pinned_peers: Optional site -> key id map; if given, the setup's cohort keys must match.
+        expected_run: If given, the setup must be for this run id.
+        min_round: If given, the setup's round must be at least this (no replay of old rounds).
+    """
+
+    def __init__(
+        self,
+        site: str,
+        identity_key: ec.EllipticCurvePrivateKey,
+        coordinator_key: ec.EllipticCurvePublicKey,
+        *,
+        update_fn: UpdateFn,
+        rng: np.random.Generator,
+        randbytes: Callable[[int], bytes] = os.urandom,
+        now: Callable[[], float] = time.time,
+        limits: Limits | None = None,
+        pinned_peers: Mapping[str, bytes] | None = None,
+        expected_run: bytes | None = None,
+        min_round: int | None = None,
+    ) -> None:
+        if not site:
+            raise ValueError("site id must be non-empty")
+        self.site = SiteId(site)
+        self._identity = identity_key
+        self._identity_der = public_key_to_der(identity_key.public_key())
+        self._coordinator_key = coordinator_key
+        self._coordinator_id = bytes(key_id(coordinator_key))
+        self._update_fn = update_fn
+        self._rng = rng
+        self._randbytes = randbytes
+        self._now = now
+        self.limits = limits if limits is not None else Limits()
+        self._pinned = dict(pinned_peers) if pinned_peers is not None else None
+        self._expected_run = expected_run
+        self._min_round = min_round
+        self.stage = ClientStage.AWAIT_SETUP
+        self.failure: ProtocolError | None = None
+        self.clipped = 0
+        self.revealed: tuple[tuple[SiteId, ShareKind], ...] = ()
+        self.result: RoundResultNotice | None = None
+        self._seen: set[bytes] = set()
+        # Set by the setup.
+        self._setup: RoundSetup | None = None
+        self._setup_digest = b""
+        self._setup_envelope = b""
+        self._peers: dict[SiteId, _Peer] = {}
+        self._by_key_id: dict[bytes, SiteId] = {}
+        self._share_key: AgreementKey | None = None
+        self._mask_key: AgreementKey | None = None
+        self._seed = b""
+        self._advert_digest = b""
+        self._graph: NeighbourGraph | None = None
+        self._held: dict[SiteId, tuple[Share, Share]] = {}
+        self._survivors: tuple[SiteId, ...] = ()
+
+    # -- public API ---------------------------------------------------------------------
+
+    def handle(self, payload: bytes, bulk: object = None) -> Packet | None:
+        """Consume one coordinator message and return the reply to send (or ``None``).
+
+        Args:
+            payload: The envelope bytes received.
+            bulk: Ignored (coordinator messages carry no bulk vector); accepted so adapters
+                can pass what they received uniformly.
+
+        Raises:
+            StaleMessageError: Wrong kind for this stage, other run/round, expired setup.
+            DuplicateMessageError: The same signed content arrived before.
+            DecodeError, VerificationError, ThresholdError: The session moves to ``FAILED``.
+        """
+        if self.stage is ClientStage.FAILED:
+            raise StaleMessageError(
+                "session already failed", site=self.site, stage=self.stage.value
+            )
+        expected_kind, next_stage = TRANSITIONS[self.stage]
+        round_ = self._setup.header.round if self._setup is not None else None
+        try:
+            opened = open_envelope(
+                payload,
+                self.limits,
+                expected=(expected_kind,),
+                resolve_signer=self._coordinator_signer,
+            )
+            if opened.content_digest in self._seen:
+                raise DuplicateMessageError("coordinator message seen before")
+            reply = self._dispatch(opened)
+        except (StaleMessageError, DuplicateMessageError) as exc:
+            raise exc.with_context(site=self.site, round=round_, stage=self.stage.value) from None
+        except ProtocolError as exc:
+            self.failure = exc.with_context(site=self.site, round=round_, stage=self.stage.value)
+            self.stage = ClientStage.FAILED
+            raise
+        self._seen.add(opened.content_digest)
+        if expected_kind is MessageKind.ROUND_SETUP:
+            self._setup_envelope = bytes(payload)
+        self.stage = next_stage
+        return reply
+
+    @property
+    def neighbours(self) -> tuple[SiteId, ...]:
+        """This site's neighbours (empty before the adverts arrive)."""
+        return self._graph.of(self.site) if self._graph is not None else ()
+
+    # -- persistence between messages (stateless ClientApp processes) ------------------------
+
+    def export_state(self, key: bytes) -> bytes:
+        """Serialize this session, sealed with ChaCha20-Poly1305 under ``key`` (32 bytes).
+
+        The state holds round secrets (ephemeral private keys, self-mask seed, neighbours'
+        shares), so it is always encrypted; keep ``key`` site-local (e.g. derived from the
+        site's key store) and drop the blob once the round is over. Restore with
+        :meth:`restore`.
+        """
+        w = Writer().raw(_STATE_MAGIC).text(self.site).u8(_STAGE_CODES[self.stage])
+        w.blob(self._setup_envelope)
+        for secret in (self._share_key, self._mask_key):
+            w.blob(secret.private_bytes() if secret is not None else b"")
+        w.blob(self._seed).blob(self._advert_digest)
+        graph_seed_bytes = self._graph.seed if self._graph is not None else b""
+        advertisers = sorted(self._graph.neighbours, key=site_sort_key) if self._graph else []
+        w.blob(graph_seed_bytes).count(len(advertisers))
+        for site in advertisers:
+            peer = self._peers[site]
+            w.text(site).fixed(peer.share_public, AGREEMENT_PUBLIC_BYTES)
+            w.fixed(peer.mask_public, AGREEMENT_PUBLIC_BYTES)
+        w.count(len(self._held))
+        for owner in sorted(self._held, key=site_sort_key):
+            seed_share, key_share = self._held[owner]
+            w.text(owner).blob(seed_share.to_bytes()).blob(key_share.to_bytes())
+        w.count(len(self._survivors))
+        for site in self._survivors:
+            w.text(site)
+        w.count(len(self._seen))
+        for digest in sorted(self._seen):
+            w.fixed(digest, DIGEST_BYTES)
+        w.u64(self.clipped).count(len(self.revealed))
+        for owner, kind in self.revealed:
+            w.text(owner).u8(int(kind))
+        sealed: bytes = aead_seal(
+            key, w.to_bytes(), _STATE_MAGIC + self.site.encode(), nonce=self._randbytes(12)
+        )
+        return sealed
+
+    @classmethod
+    def restore(
+        cls,
+        blob: bytes,
+        key: bytes,
+        site: str,
+        identity_key: ec.EllipticCurvePrivateKey,
+        coordinator_key: ec.EllipticCurvePublicKey,
+        **kwargs: Any,
+    ) -> ClientSession:
+        """Rebuild a session from :meth:`export_state` (same arguments as the constructor).
+
+        Raises:
+            DecodeError: If the blob does not open under ``key`` for ``site`` or is malformed.
+        """
+        session = cls(site, identity_key, coordinator_key, **kwargs)
+        try:
+            plain = open_sealed(key, blob, _STATE_MAGIC + session.site.encode())
+        except DecryptionError as exc:
+            raise DecodeError("client state does not open (wrong key, site or tampered)") from exc
+        try:
+            session._load(plain)
+        except (CryptoError, ProtocolError) as exc:
+            raise DecodeError("client state is malformed") from exc
+        return session
+
+    def _load(self, plain: bytes) -> None:
+        limits = self.limits
+        r = Reader(plain, what="client state")
+        if (
+            r.fixed(len(_STATE_MAGIC)) != _STATE_MAGIC
+            or r.text(limits.max_site_id_bytes) != self.site
+        ):
+            raise DecodeError("client state for another site")
+        code = r.u8()
+        stage = next((st for st, c in _STAGE_CODES.items() if c == code), None)
+        if stage is None:
+            raise DecodeError("client state has an unknown stage")
+        setup_envelope = r.blob(limits.max_message_bytes)
+        share_priv, mask_priv = r.blob(32), r.blob(32)
+        seed, advert_digest = r.blob(SEED_BYTES), r.blob(DIGEST_BYTES)
+        seed_of_graph = r.blob(DIGEST_BYTES)
+        advertisers: dict[SiteId, tuple[bytes, bytes]] = {}
+        for _ in range(r.count(limits.max_cohort)):
+            who = SiteId(r.text(limits.max_site_id_bytes))
+            advertisers[who] = (r.fixed(AGREEMENT_PUBLIC_BYTES), r.fixed(AGREEMENT_PUBLIC_BYTES))
+        held: dict[SiteId, tuple[Share, Share]] = {}
+        for _ in range(r.count(limits.max_cohort)):
+            owner = SiteId(r.text(limits.max_site_id_bytes))
+            held[owner] = (
+                Share.from_bytes(r.blob(limits.max_share_bytes)),
+                Share.from_bytes(r.blob(limits.max_share_bytes)),
+            )
+        survivors = tuple(
+            SiteId(r.text(limits.max_site_id_bytes)) for _ in range(r.count(limits.max_cohort))
+        )
+        seen = {r.fixed(DIGEST_BYTES) for _ in range(r.count(1 << 16))}
+        clipped = r.u64()
+        revealed = tuple(
+            (SiteId(r.text(limits.max_site_id_bytes)), ShareKind(r.u8()))
+            for _ in range(r.count(limits.max_cohort))
+        )
+        r.finish()
+        if setup_envelope:
+            opened = open_envelope(
+                setup_envelope,
+                limits,
+                expected=(MessageKind.ROUND_SETUP,),
+                resolve_signer=self._coordinator_signer,
+            )
+            if not isinstance(opened.message, RoundSetup):
+                raise DecodeError("client state holds no round setup")
+            self._adopt_setup(opened.message)
+            self._setup_envelope = setup_envelope
+        self._share_key = AgreementKey.from_private_bytes(share_priv) if share_priv else None
+        self._mask_key = AgreementKey.from_private_bytes(mask_priv) if mask_priv else None
+        self._seed, self._advert_digest = seed, advert_digest
+        if advertisers:
+            setup = self._require_setup()
+            for who, (share_public, mask_public) in advertisers.items():
+                if who not in self._peers:
+                    raise DecodeError("client state names a site outside the cohort")
+                self._peers[who].share_public = share_public
+                self._peers[who].mask_public = mask_public
+            self._graph = build_graph(
+                advertisers, seed_of_graph, setup.params.degree, setup.params.threshold
+            )
+        self._held, self._survivors, self._seen = held, survivors, seen
+        self.clipped, self.revealed, self.stage = clipped, revealed, stage
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _coordinator_signer(self, envelope: Envelope) -> ec.EllipticCurvePublicKey:
+        if envelope.signer != self._coordinator_id:
+            raise UnknownSignerError("message not signed by the pinned coordinator key")
+        return self._coordinator_key
+
+    def _header(self) -> Header:
+        setup = self._require_setup()
+        return Header(
+            run_id=setup.header.run_id,
+            round=setup.header.round,
+            sender=self.site,
+            recipient=COORDINATOR,
+            model_digest=setup.header.model_digest,
+            setup_digest=self._setup_digest,
+        )
+
+    def _require_setup(self) -> RoundSetup:
+        if self._setup is None:
+            raise RuntimeError("no setup yet")
+        return self._setup
+
+    def _check_header(self, header: Header, *, sender: SiteId, recipient: SiteId) -> None:
+        setup = self._require_setup()
+        if header.run_id != setup.header.run_id:
+            raise StaleMessageError("message from another run")
+        if header.round != setup.header.round:
+            raise StaleMessageError(f"message for round {header.round}")
+        if header.sender != sender or header.recipient != recipient:
+            raise CoordinatorMisbehaviourError("message has the wrong sender or recipient")
+        if header.model_digest != setup.header.model_digest:
+            raise CoordinatorMisbehaviourError("message binds another global model digest")
+        if header.setup_digest != self._setup_digest:
+            raise CoordinatorMisbehaviourError("message binds another round setup")
+
+    def _seal(
+        self,
+        message: KeyAdvert | EncryptedShares | MaskedInput | ConsistencySignature | UnmaskResponse,
+    ) -> bytes:
+        return seal(message, self._identity)
+
+    def _dispatch(self, opened: OpenedMessage) -> Packet | None:
+        msg = opened.message
+        if isinstance(msg, RoundSetup):
+            return self._on_setup(msg)
+        self._check_header(msg.header, sender=COORDINATOR, recipient=self.site)
+        if isinstance(msg, AdvertBundle):
+            return self._on_adverts(msg)
+        if isinstance(msg, ShareDelivery):
+            return self._on_shares(msg)
+        if isinstance(msg, SurvivorSet):
+            return self._on_survivors(msg)
+        if isinstance(msg, UnmaskRequest):
+            return self._on_unmask(msg)
+        if isinstance(msg, RoundResultNotice):
+            self.result = msg
+            return None
+        raise StaleMessageError(f"unexpected message {type(msg).__name__}")
+
+    # -- stage 0: setup -> key advert ------------------------------------------------------
+
+    def _adopt_setup(self, setup: RoundSetup) -> None:
+        """Check a (signature-verified) setup and take its cohort and parameters."""
+        h = setup.header
+        if h.sender != COORDINATOR or h.recipient != self.site:
+            raise CoordinatorMisbehaviourError("setup has the wrong sender or recipient")
+        if h.setup_digest != bytes(DIGEST_BYTES):
+            raise DecodeError("setup must carry an all-zero setup digest")
+        try:
+            validate_parameters(setup.params, len(setup.cohort), self.limits)
+        except ConfigError as exc:
+            raise CoordinatorMisbehaviourError(f"unsafe round parameters: {exc.message}") from exc
+        peers: dict[SiteId, _Peer] = {}
+        by_key: dict[bytes, SiteId] = {}
+        for member in setup.cohort:
+            try:
+                public_key = public_key_from_der(member.public_key_der)
+            except KeyFormatError as exc:
+                raise CoordinatorMisbehaviourError(
+                    "cohort lists an invalid identity key", site=member.site
+                ) from exc
+            kid = bytes(key_id(public_key))
+            if kid in by_key:
+                raise CoordinatorMisbehaviourError(
+                    "cohort lists one key for two sites", site=member.site
+                )
+            if self._pinned is not None and self._pinned.get(member.site) != kid:
+                raise CoordinatorMisbehaviourError(
+                    "cohort key differs from the pinned key", site=member.site
+                )
+            peers[member.site] = _Peer(site=member.site, public_key=public_key)
+            by_key[kid] = member.site
+        own = peers.get(self.site)
+        if own is None:
+            raise CoordinatorMisbehaviourError("this site is not in the round's cohort")
+        if public_key_to_der(own.public_key) != self._identity_der:
+            raise CoordinatorMisbehaviourError("cohort lists a different key for this site")
+        self._setup = setup
+        self._setup_digest = setup.digest
+        self._peers = peers
+        self._by_key_id = by_key
+
+    def _on_setup(self, setup: RoundSetup) -> Packet:
+        h = setup.header
+        if self._expected_run is not None and h.run_id != self._expected_run:
+            raise StaleMessageError("setup for another run")
+        if self._min_round is not None and h.round < self._min_round:
+            raise StaleMessageError(f"setup for old round {h.round}")
+        if self._now() > setup.expires_at:
+            raise StaleMessageError("round setup has expired")
+        self._adopt_setup(setup)
+        h = setup.header
+        self._share_key = AgreementKey.generate(self._randbytes)
+        self._mask_key = AgreementKey.generate(self._randbytes)
+        self._seed = self._randbytes(SEED_BYTES)
+        if len(self._seed) != SEED_BYTES:
+            raise ValueError("randbytes returned the wrong number of bytes")
+        advert = KeyAdvert(
+            header=self._header(),
+            share_public=self._share_key.public_bytes(),
+            mask_public=self._mask_key.public_bytes(),
+            seed_commitment=seed_commitment(h.run_id, h.round, self.site, self._seed),
+        )
+        data = self._seal(advert)
+        self._advert_digest = Envelope.from_bytes(data, self.limits).content_digest
+        return Packet(data)
+
+    # -- stage 1: adverts -> encrypted shares ----------------------------------------------
+
+    def _verify_advert(self, data: bytes) -> tuple[SiteId, KeyAdvert, bytes]:
+        envelope = Envelope.from_bytes(data, self.limits)
+        if envelope.kind is not MessageKind.KEY_ADVERT:
+            raise CoordinatorMisbehaviourError(
+                "advert bundle holds a message that is not a key advert"
+            )
+        owner = self._by_key_id.get(envelope.signer)
+        if owner is None:
+            raise CoordinatorMisbehaviourError("key advert signed by a key outside the cohort")
+        try:
+            verify(
+                self._peers[owner].public_key,
+                envelope.kind.type_name,
+                envelope.payload,
+                envelope.signature,
+            )
+        except SignatureError as exc:
+            raise CoordinatorMisbehaviourError(
+                "key advert signature does not verify (substituted keys?)", site=owner
+            ) from exc
+        advert = decode_payload(envelope.kind, envelope.payload, self.limits)
+        if not isinstance(advert, KeyAdvert):
+            raise DecodeError("key advert did not decode as one")
+        try:
+            self._check_header(advert.header, sender=owner, recipient=COORDINATOR)
+        except StaleMessageError as exc:
+            raise CoordinatorMisbehaviourError(
+                "key advert from another run or round", site=owner
+            ) from exc
+        return owner, advert, envelope.content_digest
+
+    def _on_adverts(self, bundle: AdvertBundle) -> Packet:
+        setup = self._require_setup()
+        digests: dict[SiteId, bytes] = {}
+        adverts: dict[SiteId, KeyAdvert] = {}
+        for data in bundle.adverts:
+            owner, advert, digest = self._verify_advert(data)
+            if owner in adverts:
+                raise CoordinatorMisbehaviourError("two key adverts for one site", site=owner)
+            adverts[owner] = advert
+            digests[owner] = digest
+        if digests.get(self.site) != self._advert_digest:
+            raise CoordinatorMisbehaviourError("this site's own key advert was dropped or replaced")
+        if len(adverts) < setup.params.min_survivors:
+            raise ThresholdError(
+                f"{len(adverts)} key adverts, fewer than min_survivors {setup.params.min_survivors}"
+            )
+        for owner, advert in adverts.items():
+            self._peers[owner].share_public = advert.share_public
+            self._peers[owner].mask_public = advert.mask_public
+        graph = build_graph(
+            adverts, graph_seed(digests), setup.params.degree, setup.params.threshold
+        )
+        self._graph = graph
+        neighbours = graph.of(self.site)
+        share_key, mask_key = self._share_key, self._mask_key
+        if share_key is None or mask_key is None:
+            raise RuntimeError("keys missing after setup")
+        seed_shares, key_shares = split_many(
+            [self._seed, mask_key.private_bytes()],
+            setup.params.threshold,
+            len(neighbours),
+            randbytes=self._randbytes,
+        )
+        h = setup.header
+        items: list[tuple[SiteId, bytes]] = []
+        for i, peer in enumerate(neighbours):
+            plaintext = encode_share_pair(seed_shares[i].to_bytes(), key_shares[i].to_bytes())
+            try:
+                ct = encrypt_share_pair(
+                    plaintext,
+                    own_share_key=share_key,
+                    peer_share_public=self._peers[peer].share_public,
+                    run_id=h.run_id,
+                    round=h.round,
+                    setup_digest=self._setup_digest,
+                    sender=self.site,
+                    recipient=peer,
+                    randbytes=self._randbytes,
+                )
+            except AgreementError as exc:
+                raise VerificationError(
+                    "neighbour advertised an invalid share key", site=peer
+                ) from exc
+            items.append((peer, ct))
+        items.sort(key=lambda item: site_sort_key(item[0]))
+        return Packet(self._seal(EncryptedShares(header=self._header(), items=tuple(items))))
+
+    # -- stage 2: shares -> masked input ---------------------------------------------------
+
+    def _on_shares(self, delivery: ShareDelivery) -> Packet:
+        setup = self._require_setup()
+        graph = self._graph
+        share_key, mask_key = self._share_key, self._mask_key
+        if graph is None or share_key is None or mask_key is None:
+            raise RuntimeError("graph or keys missing")
+        h = setup.header
+        held: dict[SiteId, tuple[Share, Share]] = {}
+        for sender, ct in delivery.items:
+            if not graph.adjacent(self.site, sender):
+                raise CoordinatorMisbehaviourError(
+                    "shares delivered from a non-neighbour", site=sender
+                )
+            try:
+                plaintext = decrypt_share_pair(
+                    ct,
+                    own_share_key=share_key,
+                    peer_share_public=self._peers[sender].share_public,
+                    run_id=h.run_id,
+                    round=h.round,
+                    setup_digest=self._setup_digest,
+                    sender=sender,
+                    recipient=self.site,
+                )
+                seed_raw, key_raw = decode_share_pair(plaintext, self.limits)
+                seed_share, key_share = Share.from_bytes(seed_raw), Share.from_bytes(key_raw)
+            except (DecryptionError, AgreementError) as exc:
+                raise VerificationError("encrypted shares do not open", site=sender) from exc
+            except CryptoError as exc:
+                raise VerificationError("decrypted shares are malformed", site=sender) from exc
+            expected_index = graph.share_index(sender, self.site)
+            if seed_share.index != expected_index or key_share.index != expected_index:
+                raise VerificationError("shares carry the wrong Shamir index", site=sender)
+            held[sender] = (seed_share, key_share)
+        t = setup.params.threshold
+        if len(held) < t:
+            raise ThresholdError(f"shares from {len(held)} neighbours, below the threshold {t}")
+        self._held = held
+        info = RoundInfo(
+            run_id=h.run_id,
+            round=h.round,
+            model_digest=h.model_digest,
+            vector_length=setup.params.vector_length,
+            quantization=setup.params.quantization,
+            max_weight=setup.params.max_weight,
+        )
+        update = self._update_fn(info)
+        if not 1 <= update.example_count <= setup.params.max_weight:
+            raise ValueError(
+                f"example_count {update.example_count} outside 1..max_weight {setup.params.max_weight}"
+            )
+        if len(update.dataset_root) != DIGEST_BYTES:
+            raise ValueError("dataset_root must be 32 bytes")
+        encoded = quantize(
+            update.vector, update.example_count, setup.params.quantization, self._rng
+        )
+        vector = encoded.vector
+        if vector.shape[0] != setup.params.vector_length:
+            raise ValueError(
+                f"update has {vector.shape[0]} elements, the round needs {setup.params.vector_length}"
+            )
+        self.clipped = encoded.clipped
+        add_mask_into(vector, self._seed, domain=SELF_DOMAIN)
+        for peer in sorted(held, key=site_sort_key):
+            try:
+                seed = pairwise_seed(
+                    mask_key, self._peers[peer].mask_public, h.run_id, h.round, self.site, peer
+                )
+            except AgreementError as exc:
+                raise VerificationError(
+                    "neighbour advertised an invalid mask key", site=peer
+                ) from exc
+            add_mask_into(
+                vector, seed, domain=PAIR_DOMAIN, negate=pair_sign_negative(self.site, peer)
+            )
+        masked = MaskedInput(
+            header=self._header(),
+            dataset_root=bytes(update.dataset_root),
+            example_count=update.example_count,
+            vector_length=int(vector.shape[0]),
+            modulus_bits=setup.params.quantization.modulus_bits,
+            clipped=encoded.clipped,
+            bulk_digest=hashlib.sha256(vector.data).digest(),
+        )
+        return Packet(self._seal(masked), vector)
+
+    # -- stage 3: survivor set -> consistency signature -------------------------------------
+
+    def _on_survivors(self, announced: SurvivorSet) -> Packet:
+        setup = self._require_setup()
+        survivors = announced.survivors
+        if self.site not in survivors:
+            raise CoordinatorMisbehaviourError("survivor set sent to a site outside it")
+        unknown = [s for s in survivors if s not in self._peers]
+        if unknown:
+            raise CoordinatorMisbehaviourError(
+                "survivor set names a site outside the cohort", site=unknown[0]
+            )
+        if len(survivors) < setup.params.min_survivors:
+            raise CoordinatorMisbehaviourError(
+                f"survivor set of {len(survivors)} below min_survivors {setup.params.min_survivors}"
+            )
+        for s in survivors:
+            if s != self.site and s in self.neighbours and s not in self._held:
+                raise CoordinatorMisbehaviourError(
+                    "survivor set names a neighbour whose shares never arrived", site=s
+                )
+        self._survivors = survivors
+        h = setup.header
+        statement = survivor_statement(h.run_id, h.round, self._setup_digest, survivors)
+        signature = sign(self._identity, SURVIVOR_STATEMENT_TYPE, statement)
+        return Packet(self._seal(ConsistencySignature(header=self._header(), signature=signature)))
+
+    # -- stage 4: unmask request -> revealed shares -----------------------------------------
+
+    def _on_unmask(self, request: UnmaskRequest) -> Packet:
+        setup = self._require_setup()
+        h = setup.header
+        if request.survivors != self._survivors:
+            raise CoordinatorMisbehaviourError(
+                "unmask request shows a different survivor set than was signed"
+            )
+        statement = survivor_statement(h.run_id, h.round, self._setup_digest, self._survivors)
+        valid = 0
+        for signer, signature in request.signatures:
+            if signer not in self._survivors:
+                continue
+            try:
+                verify(
+                    self._peers[signer].public_key, SURVIVOR_STATEMENT_TYPE, statement, signature
+                )
+            except SignatureError:
+                continue
+            valid += 1
+            if valid >= setup.params.threshold:
+                break
+        t = setup.params.threshold
+        if valid < t:
+            raise CoordinatorMisbehaviourError(
+                f"only {valid} valid signatures on the survivor set, {t} required"
+            )
+        alive, dropped = set(request.alive), set(request.dropped)
+        both = alive & dropped
+        if both:
+            raise CoordinatorMisbehaviourError(
+                "unmask request names a site both alive and dropped", site=min(both)
+            )
+        outside = sorted((alive | dropped) - set(self._held), key=site_sort_key)
+        if outside:
+            raise CoordinatorMisbehaviourError(
+                "unmask request asks for shares of a non-neighbour (or one whose shares never arrived)",
+                site=outside[0],
+            )
+        survivors = set(self._survivors)
+        if not alive <= survivors:
+            raise CoordinatorMisbehaviourError(
+                "unmask request asks for the self-mask share of a non-survivor"
+            )
+        if dropped & survivors:
+            raise CoordinatorMisbehaviourError(
+                "unmask request asks for the mask-key share of a survivor (both shares of one site)",
+                site=min(dropped & survivors),
+            )
+        shares: list[tuple[SiteId, ShareKind, bytes]] = []
+        for owner in sorted(alive | dropped, key=site_sort_key):
+            seed_share, key_share = self._held[owner]
+            if owner in alive:
+                shares.append((owner, ShareKind.SELF_MASK_SEED, seed_share.to_bytes()))
+            else:
+                shares.append((owner, ShareKind.MASK_KEY, key_share.to_bytes()))
+        self.revealed = tuple((o, k) for o, k, _ in shares)
+        # Forget the secrets: nothing more is ever revealed in this round.
+        self._held = {}
+        self._seed = b""
+        return Packet(self._seal(UnmaskResponse(header=self._header(), shares=tuple(shares))))

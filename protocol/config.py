@@ -1,0 +1,249 @@
+"""Round configuration: every size bound and every parameter of a secure round.
+
+* :class:`Limits` bounds every untrusted input (python-tuf's ``UpdaterConfig`` idea):
+  decoders check lengths against it *before* allocating.
+* :class:`QuantizationConfig`: clip bound (an integer number of millionths, so signed
+  payloads carry no floats), number of quantization levels per unit of clip, and the
+  modulus ``2**modulus_bits`` (32 or 64).
+* :class:`RoundConfig`: vector length, quantization, maximum weight (example count),
+  neighbour-graph degree and Shamir threshold (``None`` = automatic), minimum survivors.
+
+:meth:`RoundConfig.resolve` validates the configuration for a concrete cohort size and
+returns the :class:`RoundParameters` that go, signed, into the round setup message. The
+same checks run on a site when it receives the setup (a coordinator cannot propose a
+threshold at or below half a neighbourhood, or a quantization that could wrap around).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+__all__ = [
+    "Limits",
+    "QuantizationConfig",
+    "RoundConfig",
+    "RoundParameters",
+    "default_degree",
+    "default_threshold",
+    "validate_parameters",
+]
+
+MODULUS_BITS = (32, 64)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size bounds for untrusted input. Decoders check these before allocating.
+
+    Attributes:
+        max_cohort: Most sites in one round.
+        max_vector_length: Most elements in a model-update vector.
+        max_site_id_bytes: Longest site id (UTF-8 bytes).
+        max_message_bytes: Largest envelope on the wire (bulk vectors travel beside it).
+        max_ciphertext_bytes: Largest encrypted share pair.
+        max_share_bytes: Largest encoded Shamir share.
+        max_signature_bytes: Largest DER signature (P-256 needs at most 72).
+        max_public_key_bytes: Largest DER public key (P-256 SubjectPublicKeyInfo is 91).
+    """
+
+    max_cohort: int = 1000
+    max_vector_length: int = 1 << 28
+    max_site_id_bytes: int = 64
+    max_message_bytes: int = 16 << 20
+    max_ciphertext_bytes: int = 1024
+    max_share_bytes: int = 512
+    max_signature_bytes: int = 80
+    max_public_key_bytes: int = 256
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"limits.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizationConfig:
+    """Clip-and-quantize parameters.
+
+    A value ``x`` is clipped to ``[-clip, clip]`` and mapped to the integer
+    ``stochastic_round(x * levels / clip)`` in ``[-levels, levels]``, multiplied by the
+    site's weight and stored in two's complement modulo ``2**modulus_bits``.
+
+    Attributes:
+        clip_micros: Clip bound in millionths (``clip = clip_micros / 1e6``).
+        levels: Quantization levels per clip bound (the step is ``clip / levels``).
+        modulus_bits: 32 (uint32 arithmetic) or 64 (uint64 arithmetic).
+    """
+
+    clip_micros: int
+    levels: int
+    modulus_bits: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.clip_micros, int) or not 0 < self.clip_micros < 1 << 63:
+            raise ConfigError(
+                f"quantization.clip_micros must be in 1..2^63-1, got {self.clip_micros!r}"
+            )
+        if not isinstance(self.levels, int) or not 0 < self.levels < 1 << 31:
+            raise ConfigError(f"quantization.levels must be in 1..2^31-1, got {self.levels!r}")
+        if self.modulus_bits not in MODULUS_BITS:
+            raise ConfigError(
+                f"quantization.modulus_bits must be 32 or 64, got {self.modulus_bits!r}"
+            )
+
+    @classmethod
+    def from_clip(cls, clip: float, levels: int, modulus_bits: int = 32) -> QuantizationConfig:
+        """Build from a float clip bound (rounded to millionths).
+
+        Raises:
+            ConfigError: If the clip bound rounds to zero or is not finite.
+        """
+        if not math.isfinite(clip) or clip <= 0:
+            raise ConfigError(f"quantization.clip must be a positive finite number, got {clip!r}")
+        return cls(clip_micros=round(clip * 1_000_000), levels=levels, modulus_bits=modulus_bits)
+
+    @property
+    def clip(self) -> float:
+        """The clip bound as a float."""
+        return self.clip_micros / 1_000_000
+
+    @property
+    def step(self) -> float:
+        """The quantization step ``clip / levels`` (the per-element error bound)."""
+        return self.clip / self.levels
+
+
+def default_degree(n: int, complete_graph_max: int) -> int:
+    """Neighbour-graph degree for ``n`` sites: complete graph up to ``complete_graph_max``.
+
+    Above that, ``k = 2 * ceil(log2 n)`` (even, as the Harary graph needs), i.e. O(log n)
+    as in SecAgg+ (Bell et al. 2020).
+    """
+    if n <= complete_graph_max:
+        return n - 1
+    k = 2 * math.ceil(math.log2(n))
+    return min(k, n - 1)
+
+
+def default_threshold(k: int) -> int:
+    """Smallest threshold strictly above two thirds of a neighbourhood of ``k``."""
+    return (2 * k) // 3 + 1
+
+
+@dataclass(frozen=True, slots=True)
+class RoundParameters:
+    """The validated parameters of one round (signed into the setup message).
+
+    Attributes:
+        vector_length: Elements in the update vector.
+        quantization: Clip / levels / modulus.
+        max_weight: Largest example count a site may claim.
+        degree: Neighbour-graph degree ``k`` (``n - 1`` means complete graph).
+        threshold: Shamir threshold ``t`` per neighbourhood, ``k/2 < t <= k``.
+        min_survivors: Fewest masked inputs the sum may contain.
+    """
+
+    vector_length: int
+    quantization: QuantizationConfig
+    max_weight: int
+    degree: int
+    threshold: int
+    min_survivors: int
+
+
+def validate_parameters(params: RoundParameters, cohort_size: int, limits: Limits) -> None:
+    """Check that ``params`` are safe and consistent for ``cohort_size`` sites.
+
+    Raises:
+        ConfigError: Naming the offending parameter and its limits.
+    """
+    n = cohort_size
+    if not 2 <= n <= limits.max_cohort:
+        raise ConfigError(f"cohort size {n} outside 2..limits.max_cohort={limits.max_cohort}")
+    if not 1 <= params.vector_length <= limits.max_vector_length:
+        raise ConfigError(
+            f"vector_length {params.vector_length} outside 1..limits.max_vector_length="
+            f"{limits.max_vector_length}"
+        )
+    k, t = params.degree, params.threshold
+    if not 1 <= k <= n - 1:
+        raise ConfigError(f"degree {k} outside 1..{n - 1} for a cohort of {n}")
+    if k < n - 1 and k % 2:
+        raise ConfigError(f"degree {k} must be even for a sparse (Harary) graph")
+    if not (2 * t > k and t <= k):
+        raise ConfigError(f"threshold {t} must satisfy degree/2 < threshold <= degree (degree {k})")
+    if not t <= params.min_survivors <= n:
+        raise ConfigError(f"min_survivors {params.min_survivors} outside threshold {t}..cohort {n}")
+    if not 1 <= params.max_weight < 1 << 62:
+        raise ConfigError(f"max_weight {params.max_weight} outside 1..2^62-1")
+    q = params.quantization
+    bound = (1 << (q.modulus_bits - 1)) - 1
+    worst = n * q.levels * params.max_weight
+    if worst > bound:
+        max_levels = bound // (n * params.max_weight)
+        raise ConfigError(
+            f"{n} sites x {q.levels} levels x max_weight {params.max_weight} = {worst} does not fit "
+            f"the signed range of Z_2^{q.modulus_bits} (at most {bound}); use levels <= {max_levels}, "
+            f"a smaller max_weight, fewer sites, or modulus_bits=64"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RoundConfig:
+    """Coordinator-side configuration of secure rounds.
+
+    Attributes:
+        vector_length: Elements in the update vector.
+        quantization: Clip / levels / modulus.
+        max_weight: Largest example count a site may claim (bounds the sum).
+        degree: Neighbour-graph degree, or ``None`` for :func:`default_degree`.
+        threshold: Shamir threshold per neighbourhood, or ``None`` for
+            :func:`default_threshold` (> 2k/3).
+        min_survivors: Fewest masked inputs in a sum, or ``None`` for ``max(2, threshold)``.
+        complete_graph_max: Cohorts up to this size use the complete graph.
+        round_timeout_s: Seconds a round setup stays valid (its ``expires_at``).
+        limits: Size bounds for untrusted input.
+    """
+
+    vector_length: int
+    quantization: QuantizationConfig
+    max_weight: int
+    degree: int | None = None
+    threshold: int | None = None
+    min_survivors: int | None = None
+    complete_graph_max: int = 32
+    round_timeout_s: int = 3600
+    limits: Limits = field(default_factory=Limits)
+
+    def resolve(self, cohort_size: int) -> RoundParameters:
+        """Validate for ``cohort_size`` sites and fill in automatic values.
+
+        Raises:
+            ConfigError: If any parameter is out of bounds (the message names it).
+        """
+        if cohort_size < 2:
+            raise ConfigError(f"cohort size {cohort_size} is below 2")
+        k = (
+            self.degree
+            if self.degree is not None
+            else default_degree(cohort_size, self.complete_graph_max)
+        )
+        k = min(k, cohort_size - 1)
+        t = self.threshold if self.threshold is not None else default_threshold(k)
+        min_survivors = self.min_survivors if self.min_survivors is not None else max(2, t)
+        params = RoundParameters(
+            vector_length=self.vector_length,
+            quantization=self.quantization,
+            max_weight=self.max_weight,
+            degree=k,
+            threshold=t,
+            min_survivors=min_survivors,
+        )
+        validate_parameters(params, cohort_size, self.limits)
+        if self.round_timeout_s <= 0:
+            raise ConfigError(f"round_timeout_s must be positive, got {self.round_timeout_s}")
+        return params

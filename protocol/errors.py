@@ -1,0 +1,146 @@
+"""The protocol layer's exception tree (CONVENTIONS.md, habit 4).
+
+Every error raised because of input from a peer (a site or the coordinator) is a
+:class:`ProtocolError`; programming mistakes raise built-ins (``ValueError``,
+``TypeError``, ``RuntimeError``). Errors carry structured fields (``site``, ``round``,
+``stage``) and their messages never contain key, seed or share material.
+
+Tree::
+
+    ProtocolError
+    ├── DecodeError                 malformed, truncated, oversized bytes
+    ├── VerificationError           the bytes decode but must not be trusted
+    │   ├── UnknownSignerError      key id / site not enrolled, or signer is not the sender
+    │   ├── RevokedSignerError      site enrolled but revoked
+    │   ├── BadSignatureError       signature does not verify
+    │   ├── BulkMismatchError       bulk vector length, dtype or SHA-256 digest mismatch
+    │   ├── UnapprovedDatasetError  dataset root not approved for that site
+    │   └── CoordinatorMisbehaviourError  a request a correct coordinator never sends
+    ├── StaleMessageError           other run, other round, other stage, expired
+    ├── DuplicateMessageError       same signed content seen twice / second submission
+    ├── ThresholdError              too few parties left for the round to complete
+    ├── ReconstructionError         shares do not reconstruct the committed secret
+    └── ConfigError                 round configuration out of bounds (names the limit)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadSignatureError",
+    "BulkMismatchError",
+    "ConfigError",
+    "CoordinatorMisbehaviourError",
+    "DecodeError",
+    "DuplicateMessageError",
+    "ProtocolError",
+    "ReconstructionError",
+    "RevokedSignerError",
+    "StaleMessageError",
+    "ThresholdError",
+    "UnapprovedDatasetError",
+    "UnknownSignerError",
+    "VerificationError",
+]
+
+
+class ProtocolError(Exception):
+    """Base of the protocol layer's errors.
+
+    Attributes:
+        site: The site the error concerns (sender or subject), if any.
+        round: The round number, if known.
+        stage: The protocol stage name, if known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        site: str | None = None,
+        round: int | None = None,
+        stage: str | None = None,
+    ) -> None:
+        self.message = message
+        self.site = site
+        self.round = round
+        self.stage = stage
+        context = [
+            f"{name}={value}"
+            for name, value in (("site", site), ("round", round), ("stage", stage))
+            if value is not None
+        ]
+        super().__init__(f"{message} [{', '.join(context)}]" if context else message)
+
+    def with_context(
+        self, *, site: str | None = None, round: int | None = None, stage: str | None = None
+    ) -> ProtocolError:
+        """Fill in missing context fields (in place) and return ``self`` for re-raising."""
+        if self.site is None:
+            self.site = site
+        if self.round is None:
+            self.round = round
+        if self.stage is None:
+            self.stage = stage
+        context = [
+            f"{name}={value}"
+            for name, value in (("site", self.site), ("round", self.round), ("stage", self.stage))
+            if value is not None
+        ]
+        self.args = (f"{self.message} [{', '.join(context)}]" if context else self.message,)
+        return self
+
+
+class DecodeError(ProtocolError):
+    """Bytes are malformed: truncated, trailing data, out-of-range field, over a size bound."""
+
+
+class VerificationError(ProtocolError):
+    """A message decodes but fails a check (signature, enrolment, binding, content)."""
+
+
+class UnknownSignerError(VerificationError):
+    """The signer is not enrolled, not in the cohort, or is not who the message claims."""
+
+
+class RevokedSignerError(VerificationError):
+    """The signer is enrolled but its key has been revoked."""
+
+
+class BadSignatureError(VerificationError):
+    """The signature does not verify under the enrolled key."""
+
+
+class BulkMismatchError(VerificationError):
+    """The bulk vector's length, dtype or SHA-256 does not match its signed description."""
+
+
+class UnapprovedDatasetError(VerificationError):
+    """The dataset Merkle root in a masked input is not approved for that site."""
+
+
+class CoordinatorMisbehaviourError(VerificationError):
+    """The coordinator sent something a correct coordinator never sends.
+
+    Examples: substituted key adverts, a survivor set without enough signatures,
+    a request for both shares of one site, a request naming a non-neighbour.
+    """
+
+
+class StaleMessageError(ProtocolError):
+    """The message belongs to another run, round or stage, or has expired."""
+
+
+class DuplicateMessageError(ProtocolError):
+    """The same signed content (or a second submission from one sender) arrived twice."""
+
+
+class ThresholdError(ProtocolError):
+    """Too few parties remain (in some neighbourhood) for the round to complete."""
+
+
+class ReconstructionError(ProtocolError):
+    """Shares do not reconstruct a secret matching its commitment and no subset does."""
+
+
+class ConfigError(ProtocolError):
+    """A round configuration is out of bounds; the message names the offending limit."""

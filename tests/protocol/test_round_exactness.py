@@ -1,0 +1,141 @@
+"""Exactness of complete rounds: the unmasked sum is the plain sum of the survivors' inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedseal.protocol import ServerStage, ThresholdError
+from fedseal.protocol.config import default_degree, default_threshold
+from tests.protocol._support import expected_sum, make_config, make_fed, site_names, weight_of
+
+STAGES = [
+    ServerStage.ADVERTISE,
+    ServerStage.SHARE,
+    ServerStage.MASKED_INPUT,
+    ServerStage.CONSISTENCY,
+    ServerStage.UNMASK,
+]
+
+
+def _random_dropouts(rng: np.random.Generator, n: int, budget: int) -> dict[ServerStage, list[str]]:
+    """Up to ``budget`` dropouts spread over random stages (every neighbourhood keeps >= t)."""
+    sites = site_names(n)
+    count = int(rng.integers(0, budget + 1))
+    chosen = rng.choice(n, size=count, replace=False)
+    plan: dict[ServerStage, list[str]] = {}
+    for idx in chosen:
+        stage = STAGES[int(rng.integers(0, len(STAGES)))]
+        plan.setdefault(stage, []).append(sites[int(idx)])
+    return plan
+
+
+def _check_round(
+    n: int, length: int, seed: int, dropouts: dict[ServerStage, list[str]], **cfg: object
+) -> None:
+    config = make_config(length, **cfg)  # type: ignore[arg-type]
+    fed, updates = make_fed(n, config=config, seed=seed, dropouts=dropouts)
+    outcome = fed.run_round(1)
+    assert outcome.failure is None, outcome.failure
+    assert outcome.client_errors == {}
+    result = outcome.result
+    assert result is not None
+    dropped_before_input = {
+        s
+        for st in (ServerStage.ADVERTISE, ServerStage.SHARE, ServerStage.MASKED_INPUT)
+        for s in dropouts.get(st, [])
+    }
+    assert set(result.survivors) == set(site_names(n)) - dropped_before_input
+    # Bit for bit: the unmasked aggregate equals the plain sum of quantized survivors' vectors.
+    plain = expected_sum(fed, updates, result.survivors, seed)
+    assert result.aggregate.dtype == plain.dtype
+    assert np.array_equal(result.aggregate, plain)
+    # Dequantized weighted mean within the documented bound (step = clip / levels) of the
+    # float weighted mean of the clipped updates.
+    q = config.quantization
+    weights = np.array([weight_of(s) for s in result.survivors], dtype=np.float64)
+    clipped = np.stack([np.clip(updates.vectors[s], -q.clip, q.clip) for s in result.survivors])
+    float_mean = (weights[:, None] * clipped).sum(axis=0) / weights.sum()
+    assert result.total_weight == int(weights.sum())
+    assert np.max(np.abs(result.weighted_mean - float_mean)) < q.step
+    # Clipped counts are reported, per survivor.
+    for s in result.survivors:
+        assert result.clipped[s] == int(np.count_nonzero(np.abs(updates.vectors[s]) > q.clip))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_rounds_with_dropouts_at_every_stage_sum_exactly(seed: int) -> None:
+    rng = np.random.default_rng(1000 + seed)
+    n = int(rng.integers(3, 31))
+    complete_graph_max = int(rng.choice([4, 8, 32]))
+    k = default_degree(n, complete_graph_max)
+    t = default_threshold(k)
+    dropouts = _random_dropouts(rng, n, budget=min(k - t, n - max(2, t)))
+    _check_round(n, int(rng.integers(1, 40)), seed, dropouts, complete_graph_max=complete_graph_max)
+
+
+def test_a_round_of_one_hundred_sites_with_ten_dropouts_spread_over_stages_is_exact() -> None:
+    n = 100
+    sites = site_names(n)
+    # Degree 14, threshold 10: each neighbourhood can lose 4; drop 10 sites spread over stages.
+    dropouts = {
+        ServerStage.SHARE: sites[0:2],
+        ServerStage.MASKED_INPUT: sites[40:43],
+        ServerStage.CONSISTENCY: sites[70:72],
+        ServerStage.UNMASK: sites[90:93],
+    }
+    _check_round(n, 8, 7, dropouts)
+
+
+def test_sixty_four_bit_arithmetic_gives_exact_sums_too() -> None:
+    _check_round(12, 10, 3, {ServerStage.MASKED_INPUT: ["site-004"]}, bits=64, levels=1 << 30)
+
+
+def test_a_neighbourhood_below_threshold_fails_the_round_cleanly_without_a_result() -> None:
+    # Complete graph of 5: degree 4, threshold 3; two dropouts leave neighbourhoods of 2.
+    fed, _ = make_fed(5, dropouts={ServerStage.MASKED_INPUT: ["site-000", "site-001"]})
+    outcome = fed.run_round(1)
+    assert isinstance(outcome.failure, ThresholdError)
+    assert outcome.result is None
+    assert outcome.server.stage is ServerStage.FAILED
+    with pytest.raises(ThresholdError):
+        _ = outcome.server.result
+
+
+def test_dropouts_before_unmasking_reveal_no_shares_to_a_failed_round() -> None:
+    fed, _ = make_fed(5, dropouts={ServerStage.CONSISTENCY: ["site-000", "site-001"]})
+    outcome = fed.run_round(1)
+    assert isinstance(outcome.failure, ThresholdError)
+    assert all(session.revealed == () for session in outcome.sessions.values())
+
+
+def test_the_same_seed_gives_the_same_aggregate() -> None:
+    a, _ = make_fed(6, seed=5)
+    b, _ = make_fed(6, seed=5)
+    ra, rb = a.run_round(1).result, b.run_round(1).result
+    assert ra is not None and rb is not None
+    assert ra.aggregate_digest == rb.aggregate_digest
+
+
+def test_masked_inputs_do_not_reveal_the_quantized_update() -> None:
+    class Capture:
+        def __init__(self) -> None:
+            self.seen: dict[str, np.ndarray] = {}
+
+    from fedseal.protocol.simulator import Behaviour
+
+    cap = Capture()
+
+    class Spy(Behaviour):
+        def site_replies(self, fed, stage, site, packet):  # type: ignore[no-untyped-def]
+            if packet.bulk is not None:
+                cap.seen[site] = packet.bulk.copy()
+            return (packet,)
+
+    fed, updates = make_fed(4, length=64, behaviour=Spy())
+    outcome = fed.run_round(1)
+    assert outcome.result is not None
+    for site, masked in cap.seen.items():
+        plain = expected_sum(fed, updates, [site], 1)
+        # A masked vector looks uniform: it agrees with the plain encoding almost nowhere.
+        assert np.count_nonzero(masked == plain) < 4

@@ -1,0 +1,285 @@
+"""Unit and property tests: encoding, configuration, quantization, graph, envelopes, roster."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedseal.crypto.keys import key_id
+from fedseal.protocol import (
+    BadSignatureError,
+    ConfigError,
+    DecodeError,
+    Limits,
+    QuantizationConfig,
+    RevokedSignerError,
+    Roster,
+    RosterEntry,
+    RoundConfig,
+    StaleMessageError,
+    ThresholdError,
+    UnknownSignerError,
+)
+from fedseal.protocol.config import default_degree, default_threshold
+from fedseal.protocol.encoding import Reader, Writer
+from fedseal.protocol.envelope import Envelope, open_envelope, seal
+from fedseal.protocol.graph import build_graph, graph_seed
+from fedseal.protocol.messages import Header, SurvivorSet, decode_payload
+from fedseal.protocol.quantize import dequantize, quantize, signed_sum
+from fedseal.protocol.simulator import deterministic_key
+from fedseal.protocol.types import COORDINATOR, MessageKind, SiteId
+
+# -- encoding ---------------------------------------------------------------------------------
+
+
+@given(
+    a=st.integers(0, 255),
+    b=st.integers(0, 2**16 - 1),
+    c=st.integers(0, 2**32 - 1),
+    d=st.integers(0, 2**64 - 1),
+    blob=st.binary(max_size=64),
+    text=st.text(max_size=20),
+)
+def test_writer_and_reader_round_trip_every_field_type(a, b, c, d, blob, text) -> None:  # type: ignore[no-untyped-def]
+    data = Writer().u8(a).u16(b).u32(c).u64(d).blob(blob).text(text).fixed(b"xyz", 3).to_bytes()
+    r = Reader(data, what="t")
+    assert (r.u8(), r.u16(), r.u32(), r.u64(), r.blob(64), r.text(200), r.fixed(3)) == (
+        a,
+        b,
+        c,
+        d,
+        blob,
+        text,
+        b"xyz",
+    )
+    r.finish()
+
+
+def test_the_reader_refuses_trailing_bytes_oversized_fields_and_bad_utf8() -> None:
+    with pytest.raises(DecodeError, match="trailing"):
+        Reader(b"\x01\x02", what="t").finish()
+    with pytest.raises(DecodeError, match="exceeds"):
+        Reader(Writer().blob(b"abcdef").to_bytes(), what="t").blob(5)
+    with pytest.raises(DecodeError, match="UTF-8"):
+        Reader(b"\x00\x02\xff\xfe", what="t").text(10)
+    with pytest.raises(DecodeError, match="truncated"):
+        Reader(b"\x00\x00\x01", what="t").u32()
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_the_default_graph_is_complete_for_small_cohorts_and_logarithmic_above() -> None:
+    assert default_degree(10, 32) == 9
+    assert default_degree(100, 32) == 14
+    assert default_degree(1000, 32) == 20
+    for k in range(1, 40):
+        t = default_threshold(k)
+        assert 3 * t > 2 * k and t <= k
+
+
+def test_a_threshold_at_or_below_half_a_neighbourhood_is_a_config_error() -> None:
+    q = QuantizationConfig(1_000_000, 100)
+    with pytest.raises(ConfigError, match="threshold"):
+        RoundConfig(vector_length=4, quantization=q, max_weight=10, threshold=2).resolve(5)
+    assert (
+        RoundConfig(vector_length=4, quantization=q, max_weight=10, threshold=3)
+        .resolve(5)
+        .threshold
+        == 3
+    )
+
+
+def test_quantization_that_could_wrap_around_is_a_config_error_naming_the_limits() -> None:
+    q = QuantizationConfig.from_clip(1.0, 1 << 20)
+    with pytest.raises(ConfigError) as info:
+        RoundConfig(
+            vector_length=4, quantization=q, max_weight=1000, complete_graph_max=32
+        ).resolve(100)
+    message = info.value.message
+    assert "100 sites" in message and "max_weight 1000" in message and "levels <= 21474" in message
+    wide = QuantizationConfig.from_clip(1.0, 1 << 20, modulus_bits=64)
+    RoundConfig(vector_length=4, quantization=wide, max_weight=1000).resolve(100)
+
+
+def test_bad_limits_and_quantization_fields_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="max_cohort"):
+        Limits(max_cohort=0)
+    with pytest.raises(ConfigError, match="modulus_bits"):
+        QuantizationConfig(1, 1, modulus_bits=16)
+    with pytest.raises(ConfigError, match="clip"):
+        QuantizationConfig.from_clip(math.inf, 4)
+
+
+# -- quantization --------------------------------------------------------------------------------
+
+
+@given(
+    values=st.lists(st.floats(-3, 3, allow_nan=False), min_size=1, max_size=50),
+    weight=st.integers(1, 100),
+    seed=st.integers(0, 2**32 - 1),
+    bits=st.sampled_from([32, 64]),
+)
+def test_quantized_values_decode_within_one_step_of_the_clipped_value(
+    values, weight, seed, bits
+) -> None:  # type: ignore[no-untyped-def]
+    q = QuantizationConfig.from_clip(1.5, 1000, bits)
+    x = np.array(values)
+    enc = quantize(x, weight, q, np.random.default_rng(seed))
+    assert enc.vector.dtype == (np.uint32 if bits == 32 else np.uint64)
+    assert enc.clipped == int(np.count_nonzero(np.abs(x) > q.clip))
+    decoded = dequantize(enc.vector, q) / weight
+    assert np.all(np.abs(decoded - np.clip(x, -q.clip, q.clip)) < q.step + 1e-12)
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    q = QuantizationConfig.from_clip(1.0, 10)
+    x = np.full(200_000, 0.123)
+    enc = quantize(x, 1, q, np.random.default_rng(0))
+    assert abs(float(dequantize(enc.vector, q).mean()) - 0.123) < 1e-3
+
+
+def test_wrapped_sums_read_back_as_signed_integers() -> None:
+    total = np.array([0xFFFFFFFF, 5, 0x80000000], dtype=np.uint32)
+    assert signed_sum(total).tolist() == [-1, 5, -(2**31)]
+
+
+def test_a_non_finite_update_is_refused() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        quantize(np.array([0.0, np.nan]), 1, QuantizationConfig(1, 1), np.random.default_rng(0))
+
+
+# -- neighbour graph ---------------------------------------------------------------------------------
+
+
+@given(
+    n=st.integers(3, 120), degree_half=st.integers(1, 8), seed=st.binary(min_size=32, max_size=32)
+)
+def test_the_graph_is_symmetric_regular_and_deterministic(n, degree_half, seed) -> None:  # type: ignore[no-untyped-def]
+    sites = [SiteId(f"s{i}") for i in range(n)]
+    k = min(2 * degree_half, n - 1)
+    g = build_graph(sites, seed, k, default_threshold(k))
+    assert g == build_graph(list(reversed(sites)), seed, k, default_threshold(k))
+    for s in sites:
+        assert len(g.of(s)) == g.degree and s not in g.of(s)
+        assert all(g.adjacent(t, s) for t in g.of(s))
+        assert [g.share_index(s, t) for t in g.of(s)] == list(range(1, g.degree + 1))
+
+
+def test_different_seeds_give_different_sparse_graphs() -> None:
+    sites = [SiteId(f"s{i}") for i in range(60)]
+    a = build_graph(sites, b"a" * 32, 8, 6)
+    b = build_graph(sites, b"b" * 32, 8, 6)
+    assert a.neighbours != b.neighbours
+
+
+def test_too_few_advertisers_for_the_threshold_is_a_threshold_error() -> None:
+    with pytest.raises(ThresholdError):
+        build_graph([SiteId("a"), SiteId("b"), SiteId("c")], bytes(32), 4, 3)
+
+
+def test_the_graph_seed_ignores_insertion_order() -> None:
+    d = {SiteId("b"): b"2" * 32, SiteId("a"): b"1" * 32}
+    assert graph_seed(d) == graph_seed(dict(reversed(list(d.items()))))
+
+
+# -- envelopes and roster --------------------------------------------------------------------------
+
+
+def _survivor_message() -> SurvivorSet:
+    header = Header(b"r" * 16, 3, COORDINATOR, SiteId("a"), b"m" * 32, b"s" * 32)
+    return SurvivorSet(header=header, survivors=(SiteId("a"), SiteId("b")))
+
+
+def test_an_envelope_opens_to_the_same_message_and_binds_its_kind() -> None:
+    key = deterministic_key(b"k")
+    data = seal(_survivor_message(), key)
+    opened = open_envelope(
+        data,
+        Limits(),
+        expected=(MessageKind.SURVIVOR_SET,),
+        resolve_signer=lambda e: key.public_key(),
+    )
+    assert opened.message == _survivor_message()
+    assert opened.envelope.signer == key_id(key.public_key())
+    with pytest.raises(StaleMessageError):
+        open_envelope(
+            data,
+            Limits(),
+            expected=(MessageKind.UNMASK_REQUEST,),
+            resolve_signer=lambda e: key.public_key(),
+        )
+    # Re-labelling the kind breaks the signature (the type name is in the signed bytes).
+    relabelled = Envelope(
+        MessageKind.ROUND_RESULT,
+        opened.envelope.payload,
+        opened.envelope.signature,
+        opened.envelope.signer,
+    )
+    with pytest.raises((BadSignatureError, DecodeError)):
+        open_envelope(
+            relabelled.to_bytes(),
+            Limits(),
+            expected=(MessageKind.ROUND_RESULT,),
+            resolve_signer=lambda e: key.public_key(),
+        )
+
+
+def test_every_single_byte_flip_of_an_envelope_is_rejected() -> None:
+    key = deterministic_key(b"k")
+    data = seal(_survivor_message(), key)
+    for i in range(len(data)):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x01
+        try:
+            open_envelope(
+                bytes(flipped),
+                Limits(),
+                expected=(MessageKind.SURVIVOR_SET,),
+                resolve_signer=lambda e: (
+                    key.public_key()
+                    if e.signer == key_id(key.public_key())
+                    else (_ for _ in ()).throw(UnknownSignerError("unknown"))
+                ),
+            )
+        except (DecodeError, BadSignatureError, StaleMessageError, UnknownSignerError):
+            continue
+        raise AssertionError(f"flip at byte {i} accepted")
+
+
+def test_site_lists_must_be_strictly_sorted() -> None:
+    msg = _survivor_message()
+    unsorted = SurvivorSet(header=msg.header, survivors=(SiteId("b"), SiteId("a")))
+    with pytest.raises(DecodeError, match="sorted"):
+        decode_payload(MessageKind.SURVIVOR_SET, unsorted.to_payload(), Limits())
+
+
+def test_the_roster_resolves_only_the_enrolled_active_key_of_a_site() -> None:
+    a, b, stranger = (deterministic_key(x) for x in (b"a", b"b", b"c"))
+    roster = Roster(
+        [
+            RosterEntry(SiteId("a"), a.public_key()),
+            RosterEntry(SiteId("b"), b.public_key(), active=False),
+        ]
+    )
+    assert roster.require_signer("a", key_id(a.public_key())).site == "a"
+    with pytest.raises(UnknownSignerError, match="another site"):
+        roster.require_signer("a", key_id(b.public_key()))
+    with pytest.raises(UnknownSignerError, match="not enrolled"):
+        roster.require_signer("a", key_id(stranger.public_key()))
+    with pytest.raises(RevokedSignerError):
+        roster.require_signer("b", key_id(b.public_key()))
+    with pytest.raises(ConfigError):
+        Roster([RosterEntry(SiteId("a"), a.public_key()), RosterEntry(SiteId("z"), a.public_key())])
+    same = Roster(
+        [
+            RosterEntry(SiteId("a"), a.public_key()),
+            RosterEntry(SiteId("b"), b.public_key(), active=False),
+        ]
+    )
+    assert roster.digest() == same.digest()
+    assert roster.digest() != Roster([RosterEntry(SiteId("a"), a.public_key())]).digest()
