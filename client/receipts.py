@@ -1,0 +1,546 @@
+"""The site's receipt checker: is my accepted update in the coordinator's log, and is the log
+append-only as far as I have seen it?
+
+Example::
+
+    checker = ReceiptChecker(state_dir, site="site-a", coordinator_key=pinned_coordinator_key)
+    checker.ensure_may_contribute()                 # before every round: raises once blocked
+    ...  # the round: the site sent `payload` (its signed masked-input envelope's payload)
+    receipt = checker.check_round(source, run_id=run_id, round=r,
+                                  message_type=MessageKind.MASKED_INPUT.type_name, payload=payload)
+
+``source`` is anything with the :class:`AuditSource` methods, normally :class:`GrpcAuditSource`
+over a TLS channel to the coordinator's audit service::
+
+    channel = grpc.secure_channel("coordinator:9093", grpc.ssl_channel_credentials(ca_pem))
+    source = GrpcAuditSource(channel, site="site-a", key=site_identity_key, clock=now_ms)
+
+After each round the site, in order:
+
+1. fetches the latest signed tree head (STH) and checks the coordinator's signature (key pinned
+   at set-up) and the log id (pinned on first use);
+2. checks it is consistent with the largest tree head it has seen before (RFC 9162 consistency
+   proof; equal sizes need equal roots; a smaller head must be a prefix of the larger) — since
+   every stored head was checked the same way, the new head is consistent with all of them;
+3. stores the head on disk (append + fsync) *before* trusting anything else;
+4. finds its own accepted masked-input entry, fetches it with an inclusion proof against the STH
+   and checks: the proof verifies, and the entry is an *accepted* envelope from this site, for
+   this run and round, with exactly the payload the site signed.
+
+Any failure except "not yet covered" is loud: it raises :class:`ReceiptError` and writes a
+``BLOCKED`` file to the state directory; from then on :meth:`ReceiptChecker.ensure_may_contribute`
+raises :class:`ContributionBlockedError`, so the site stops contributing until a person
+investigates and removes the file.
+
+What the coordinator must provide: an audit service (or any :class:`AuditSource`) that serves
+the latest STH, inclusion and consistency proofs, and the index of the site's accepted input;
+and it must sign a tree head after every round result (``AuditLog.sign_tree_head``), so the
+site's entry is covered when it checks.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedseal.crypto.errors import MerkleProofError
+from fedseal.crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
+from fedseal.crypto.signing import sign
+from fedseal.protocol.audit import (
+    AUDIT_REQUEST_TYPE,
+    EnvelopeRecord,
+    SignedTreeHead,
+    audit_request_params,
+    audit_request_payload,
+    decode_entry,
+)
+from fedseal.protocol.errors import BadSignatureError, DecodeError
+
+__all__ = [
+    "AuditServiceError",
+    "AuditSource",
+    "ContributionBlockedError",
+    "GrpcAuditSource",
+    "Receipt",
+    "ReceiptChecker",
+    "ReceiptError",
+    "ReceiptPendingError",
+]
+
+_HEADS = "tree_heads.jsonl"
+_RECEIPTS = "receipts.jsonl"
+_BLOCKED = "BLOCKED"
+
+
+class AuditSource(Protocol):
+    """Where the site reads the coordinator's log from (the audit service client)."""
+
+    def latest_tree_head(self) -> bytes:
+        """The latest signed tree head's canonical bytes."""
+        ...
+
+    def inclusion_proof(self, index: int, tree_size: int) -> tuple[bytes, list[bytes]]:
+        """``(entry bytes, audit path)`` of entry ``index`` in the tree of ``tree_size``."""
+        ...
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        """RFC 9162 consistency proof between two sizes."""
+        ...
+
+    def find_input(self, round: int, run_id: bytes) -> int | None:
+        """Index of this site's accepted masked input in ``round`` of ``run_id``."""
+        ...
+
+
+class ReceiptError(Exception):
+    """The coordinator's log does not prove what it must; the site stops contributing.
+
+    Attributes:
+        check: Short name of the failed check (``"tree-head-signature"``, ``"fork"``,
+            ``"inclusion"``, ``"entry-mismatch"``, ``"missing-input"``, …).
+        round: The round being checked, if any.
+    """
+
+    def __init__(self, check: str, message: str, *, round: int | None = None) -> None:
+        super().__init__(f"audit receipt check failed ({check}): {message}")
+        self.check = check
+        self.round = round
+
+
+class ReceiptPendingError(ReceiptError):
+    """The latest signed tree head does not cover the site's entry yet (not blocking)."""
+
+
+class ContributionBlockedError(ReceiptError):
+    """An earlier receipt check failed; the site refuses to contribute (see ``BLOCKED``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Proof that the site's accepted input is entry ``leaf_index`` of the signed tree."""
+
+    run_id: bytes
+    round: int
+    leaf_index: int
+    tree_size: int
+    root_hash: bytes
+
+
+class ReceiptChecker:
+    """Checks receipts and tree-head consistency; keeps its state in ``state_dir``."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        *,
+        site: str,
+        coordinator_key: ec.EllipticCurvePublicKey,
+    ) -> None:
+        self._dir = Path(state_dir)
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._site = site
+        self._key = coordinator_key
+
+    # -- state on disk ----------------------------------------------------------------------
+
+    def seen_tree_heads(self) -> list[SignedTreeHead]:
+        """Every tree head stored so far, in the order seen.
+
+        Raises:
+            ReceiptError: If the stored state is corrupt.
+        """
+        path = self._dir / _HEADS
+        if not path.exists():
+            return []
+        heads = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                heads.append(SignedTreeHead.from_bytes(base64.b64decode(json.loads(line)["sth"])))
+            except (ValueError, KeyError, TypeError, DecodeError) as exc:
+                raise ReceiptError("state", f"{path} line {number} is corrupt") from exc
+        return heads
+
+    def _append_line(self, name: str, record: dict[str, object]) -> None:
+        with (self._dir / name).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _block(self, error: ReceiptError) -> ReceiptError:
+        (self._dir / _BLOCKED).write_text(str(error) + "\n", encoding="utf-8")
+        return error
+
+    def ensure_may_contribute(self) -> None:
+        """Raise if an earlier check failed.
+
+        Raises:
+            ContributionBlockedError: With the recorded reason.
+        """
+        path = self._dir / _BLOCKED
+        if path.exists():
+            reason = path.read_text(encoding="utf-8").strip()
+            raise ContributionBlockedError(
+                "blocked", f"{reason} (remove {path} after investigating)"
+            )
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def observe_tree_head(self, source: AuditSource, head_bytes: bytes) -> SignedTreeHead:
+        """Check a tree head (signature, log id, consistency with all seen) and store it.
+
+        Raises:
+            ReceiptError: On any failure (and the site is blocked).
+        """
+        try:
+            head = SignedTreeHead.from_bytes(head_bytes)
+        except DecodeError as exc:
+            raise self._block(ReceiptError("tree-head-decode", "malformed tree head")) from exc
+        try:
+            head.verify(self._key)
+        except BadSignatureError as exc:
+            raise self._block(
+                ReceiptError("tree-head-signature", "not signed by the coordinator")
+            ) from exc
+        seen = self.seen_tree_heads()
+        if seen:
+            if head.log_id != seen[0].log_id:
+                raise self._block(ReceiptError("log-id", "tree head of another log"))
+            largest = max(seen, key=lambda h: h.tree_size)
+            try:
+                if head.tree_size >= largest.tree_size:
+                    proof = (
+                        source.consistency_proof(largest.tree_size, head.tree_size)
+                        if (head.tree_size > largest.tree_size)
+                        else []
+                    )
+                    verify_consistency(
+                        largest.tree_size, head.tree_size, largest.root_hash, head.root_hash, proof
+                    )
+                else:
+                    proof = source.consistency_proof(head.tree_size, largest.tree_size)
+                    verify_consistency(
+                        head.tree_size, largest.tree_size, head.root_hash, largest.root_hash, proof
+                    )
+            except MerkleProofError as exc:
+                raise self._block(
+                    ReceiptError(
+                        "fork",
+                        f"tree head of size {head.tree_size} is not consistent with the one of "
+                        f"size {largest.tree_size} seen before: history was rewritten or forked",
+                    )
+                ) from exc
+        self._append_line(_HEADS, {"sth": base64.b64encode(head.to_bytes()).decode()})
+        return head
+
+    def check_round(
+        self,
+        source: AuditSource,
+        *,
+        run_id: bytes,
+        round: int,
+        message_type: str,
+        payload: bytes,
+    ) -> Receipt:
+        """Check that this site's accepted input of ``round`` is in the signed log.
+
+        Args:
+            source: The audit service client.
+            run_id: The run's id.
+            round: The round just finished.
+            message_type: The type the site signed its input under.
+            payload: The exact payload bytes the site signed and sent.
+
+        Raises:
+            ContributionBlockedError: If an earlier check failed.
+            ReceiptPendingError: If the latest tree head does not cover the entry yet.
+            ReceiptError: If the entry is missing, differs or is not proven (site blocked).
+        """
+        self.ensure_may_contribute()
+        head = self.observe_tree_head(source, source.latest_tree_head())
+        index = source.find_input(round, run_id)
+        if index is None:
+            raise self._block(
+                ReceiptError(
+                    "missing-input", "the log holds no accepted input of ours", round=round
+                )
+            )
+        if index >= head.tree_size:
+            raise ReceiptPendingError(
+                "pending", f"entry {index} is not yet covered by a signed tree head", round=round
+            )
+        entry_bytes, proof = source.inclusion_proof(index, head.tree_size)
+        try:
+            verify_inclusion(leaf_hash(entry_bytes), index, head.tree_size, proof, head.root_hash)
+        except MerkleProofError as exc:
+            raise self._block(
+                ReceiptError("inclusion", "inclusion proof does not verify", round=round)
+            ) from exc
+        try:
+            entry = decode_entry(entry_bytes)
+        except DecodeError as exc:
+            raise self._block(
+                ReceiptError("entry-decode", "entry does not decode", round=round)
+            ) from exc
+        if not (
+            isinstance(entry, EnvelopeRecord)
+            and entry.accepted
+            and entry.site == self._site
+            and entry.run_id == run_id
+            and entry.round == round
+            and entry.message_type == message_type
+            and entry.payload == payload
+        ):
+            raise self._block(
+                ReceiptError(
+                    "entry-mismatch",
+                    "the proven entry is not our accepted input with the payload we signed",
+                    round=round,
+                )
+            )
+        receipt = Receipt(run_id, round, index, head.tree_size, head.root_hash)
+        self._append_line(
+            _RECEIPTS,
+            {
+                "run_id": run_id.hex(),
+                "round": round,
+                "leaf_index": index,
+                "tree_size": head.tree_size,
+                "root_hash": head.root_hash.hex(),
+            },
+        )
+        return receipt
+
+
+# --- the gRPC client of the audit service ----------------------------------------------------
+#
+# The client layer may not import the server's generated protobuf code (tests/test_layering.py),
+# so the few messages of ``fedseal/server/audit_proto/audit.proto`` are encoded here directly in
+# the protobuf wire format (varints and length-delimited fields; proto3 defaults omitted).
+# tests/audit/test_audit_service.py checks this client against the generated server.
+
+_SERVICE = "/fedseal.audit.v1.AuditLog/"
+_MAX_RESPONSE = 8 * 1024 * 1024
+
+
+class AuditServiceError(Exception):
+    """A call to the audit service failed or returned malformed data.
+
+    Attributes:
+        code: The gRPC status code name (e.g. ``"PERMISSION_DENIED"``), or ``"DATA_LOSS"`` for
+            a malformed response.
+    """
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field_varint(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _varint(value) if value else b""
+
+
+def _field_bytes(number: int, value: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(value)) + value if value else b""
+
+
+def _parse(data: bytes) -> dict[int, list[int | bytes]]:
+    """Decode one message's fields (varint and length-delimited; fixed32/64 skipped)."""
+    fields: dict[int, list[int | bytes]] = {}
+    pos, end = 0, len(data)
+
+    def read_varint() -> int:
+        nonlocal pos
+        value, shift = 0, 0
+        while True:
+            if pos >= end or shift > 63:
+                raise AuditServiceError("malformed varint in response", code="DATA_LOSS")
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while pos < end:
+        key = read_varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            fields.setdefault(number, []).append(read_varint())
+        elif wire == 2:
+            length = read_varint()
+            if pos + length > end:
+                raise AuditServiceError("truncated field in response", code="DATA_LOSS")
+            fields.setdefault(number, []).append(data[pos : pos + length])
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise AuditServiceError("truncated field in response", code="DATA_LOSS")
+        else:
+            raise AuditServiceError(f"unsupported wire type {wire} in response", code="DATA_LOSS")
+    return fields
+
+
+def _one_int(fields: dict[int, list[int | bytes]], number: int) -> int:
+    values = fields.get(number, [0])
+    value = values[-1]
+    if not isinstance(value, int):
+        raise AuditServiceError(f"field {number} is not an integer", code="DATA_LOSS")
+    return value
+
+
+def _all_bytes(fields: dict[int, list[int | bytes]], number: int) -> list[bytes]:
+    values = fields.get(number, [])
+    if not all(isinstance(v, bytes) for v in values):
+        raise AuditServiceError(f"field {number} is not bytes", code="DATA_LOSS")
+    return [bytes(v) for v in values if isinstance(v, bytes)]
+
+
+def _one_bytes(fields: dict[int, list[int | bytes]], number: int) -> bytes:
+    values = _all_bytes(fields, number)
+    return values[-1] if values else b""
+
+
+class GrpcAuditSource:
+    """:class:`AuditSource` over the coordinator's gRPC audit service.
+
+    Every request is signed with the site's identity key over a fresh 16-byte nonce and the
+    current time (see ``fedseal.server.audit_service`` for what the service checks).
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        site: str,
+        key: ec.EllipticCurvePrivateKey,
+        clock: Callable[[], int],
+        randbytes: Callable[[int], bytes] = os.urandom,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._channel = channel
+        self._site = site
+        self._key = key
+        self._clock = clock
+        self._randbytes = randbytes
+        self._timeout = timeout_s
+
+    def _call(self, method: str, fields: bytes, params: bytes) -> dict[int, list[int | bytes]]:
+        nonce = self._randbytes(16)
+        ts = self._clock()
+        signature = sign(
+            self._key,
+            AUDIT_REQUEST_TYPE,
+            audit_request_payload(method, self._site, ts, nonce, params),
+        )
+        auth = (
+            _field_bytes(1, self._site.encode("utf-8"))
+            + _field_varint(2, ts)
+            + _field_bytes(3, nonce)
+            + _field_bytes(4, signature)
+        )
+        request = _field_bytes(1, auth) + fields
+        stub = self._channel.unary_unary(
+            _SERVICE + method,
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        try:
+            response = stub(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            raise AuditServiceError(str(details), code=str(code)) from exc
+        if not isinstance(response, bytes) or len(response) > _MAX_RESPONSE:
+            raise AuditServiceError("response too large or not bytes", code="DATA_LOSS")
+        return _parse(response)
+
+    def latest_tree_head(self) -> bytes:
+        """The latest signed tree head's canonical bytes.
+
+        Raises:
+            AuditServiceError: The call failed.
+        """
+        return _one_bytes(self._call("GetTreeHead", b"", audit_request_params("GetTreeHead")), 1)
+
+    def inclusion_proof(self, index: int, tree_size: int) -> tuple[bytes, list[bytes]]:
+        """``(entry bytes, audit path)`` of entry ``index`` in the tree of ``tree_size``.
+
+        Raises:
+            AuditServiceError: The call failed or answered for another leaf or size.
+        """
+        method = "GetInclusionProof"
+        fields = self._call(
+            method,
+            _field_varint(2, index) + _field_varint(3, tree_size),
+            audit_request_params(method, index, tree_size),
+        )
+        if _one_int(fields, 1) != index or _one_int(fields, 2) != tree_size:
+            raise AuditServiceError("response is for another leaf or size", code="DATA_LOSS")
+        return _one_bytes(fields, 3), _all_bytes(fields, 4)
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        """RFC 9162 consistency proof between two sizes.
+
+        Raises:
+            AuditServiceError: The call failed.
+        """
+        method = "GetConsistencyProof"
+        fields = self._call(
+            method,
+            _field_varint(2, old_size) + _field_varint(3, new_size),
+            audit_request_params(method, old_size, new_size),
+        )
+        return _all_bytes(fields, 3)
+
+    def entries(self, start: int, end: int) -> list[tuple[int, bytes]]:
+        """Entries ``[start, end)`` as ``(index, bytes)`` (fewer if over the service's bounds).
+
+        Raises:
+            AuditServiceError: The call failed.
+        """
+        method = "GetEntries"
+        fields = self._call(
+            method,
+            _field_varint(2, start) + _field_varint(3, end),
+            audit_request_params(method, start, end),
+        )
+        out = []
+        for raw in _all_bytes(fields, 1):
+            entry = _parse(raw)
+            out.append((_one_int(entry, 1), _one_bytes(entry, 2)))
+        return out
+
+    def find_input(self, round: int, run_id: bytes) -> int | None:
+        """Index of this site's accepted masked input in ``round`` of ``run_id``, if any.
+
+        Raises:
+            AuditServiceError: The call failed.
+        """
+        method = "FindMyInput"
+        fields = self._call(
+            method,
+            _field_bytes(2, run_id) + _field_varint(3, round),
+            audit_request_params(method, round, run_id=run_id),
+        )
+        return _one_int(fields, 2) if _one_int(fields, 1) else None
