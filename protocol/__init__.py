@@ -64,9 +64,13 @@ Known limits (by design, as in Bonawitz et al.): a site that sends its neighbour
 undecryptable shares makes them abort (they drop out; nothing leaks); a site that masks its
 input with other seeds than it committed to corrupts the aggregate like any poisoned update
 (input integrity is out of scope); a coordinator can leave key adverts out (each omission is a
-visible dropout) but cannot pick the neighbour graph, since the graph seed hashes every
-forwarded signed advert and each advert holds fresh keys drawn by its site. Without
-``pinned_peers`` a site trusts the coordinator's roster for its peers' identity keys.
+visible dropout) but cannot set the neighbour graph directly, since the graph seed hashes every
+forwarded signed advert and each advert holds fresh keys drawn by its site; each choice of
+omissions re-draws the graph, though, which helps a coordinator that colludes with sites to
+surround a target with them. Without ``pinned_peers`` a site trusts the coordinator's roster
+for its peers' identity keys. Sites reveal shares only after survivor-set signatures from more
+than half the round's cohort (``config.consistency_quorum``), so a round also needs a majority
+of the sampled cohort to advertise, submit and sign; fewer fail it with ``ThresholdError``.
 """
 
 from .client import ClientSession, ClientStage, LocalUpdate, RoundInfo

@@ -21,8 +21,11 @@ Rules the site enforces (each violation raises a typed error):
     * the neighbour graph is computed locally from the signed adverts (never taken from
       the coordinator); shares come only from neighbours;
     * at least ``t`` neighbours' shares arrived before the site masks its input;
-    * it reveals shares only after ``t`` valid signatures over the *same* survivor set it
-      signed; for each neighbour either the self-mask seed share (survivor) or the
+    * it reveals shares only after valid signatures over the *same* survivor set it signed
+      from ``max(t, n // 2 + 1)`` of the ``n`` cohort members (a majority, so a coordinator
+      cannot collect them for two different sets; ``t`` alone allows that in a sparse
+      graph), and it refuses an advert bundle smaller than that quorum;
+    * for each neighbour it reveals either the self-mask seed share (survivor) or the
       mask-key share (dropped), never both, never for a non-neighbour, and only once.
 
 A :class:`~fedseal.protocol.errors.StaleMessageError` or
@@ -60,7 +63,7 @@ from fedseal.crypto.prg import add_mask_into
 from fedseal.crypto.shamir import Share, split_many
 from fedseal.crypto.signing import sign, verify
 
-from .config import Limits, QuantizationConfig, validate_parameters
+from .config import Limits, QuantizationConfig, consistency_quorum, validate_parameters
 from .encoding import Reader, Writer
 from .envelope import Envelope, OpenedMessage, open_envelope, seal
 from .errors import (
@@ -616,6 +619,13 @@ class ClientSession:
             raise ThresholdError(
                 f"{len(adverts)} key adverts, fewer than min_survivors {setup.params.min_survivors}"
             )
+        # Such a round can never collect the consistency quorum; refusing here stops a
+        # coordinator from placing this site among a hand-picked few before it shares.
+        quorum = consistency_quorum(setup.params.threshold, len(setup.cohort))
+        if len(adverts) < quorum:
+            raise ThresholdError(
+                f"{len(adverts)} key adverts, fewer than the consistency quorum {quorum}"
+            )
         for owner, advert in adverts.items():
             self._peers[owner].share_public = advert.share_public
             self._peers[owner].mask_public = advert.mask_public
@@ -782,6 +792,9 @@ class ClientSession:
                 "unmask request shows a different survivor set than was signed"
             )
         statement = survivor_statement(h.run_id, h.round, self._setup_digest, self._survivors)
+        # t signatures do not force one view when the cohort holds two disjoint groups of t
+        # (any sparse graph): a majority of the cohort does (each honest site signs once).
+        needed = consistency_quorum(setup.params.threshold, len(setup.cohort))
         valid = 0
         for signer, signature in request.signatures:
             if signer not in self._survivors:
@@ -793,12 +806,11 @@ class ClientSession:
             except SignatureError:
                 continue
             valid += 1
-            if valid >= setup.params.threshold:
+            if valid >= needed:
                 break
-        t = setup.params.threshold
-        if valid < t:
+        if valid < needed:
             raise CoordinatorMisbehaviourError(
-                f"only {valid} valid signatures on the survivor set, {t} required"
+                f"only {valid} valid signatures on the survivor set, {needed} required"
             )
         alive, dropped = set(request.alive), set(request.dropped)
         both = alive & dropped

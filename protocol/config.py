@@ -26,6 +26,7 @@ __all__ = [
     "QuantizationConfig",
     "RoundConfig",
     "RoundParameters",
+    "consistency_quorum",
     "default_degree",
     "default_threshold",
     "validate_parameters",
@@ -127,6 +128,18 @@ def default_degree(n: int, complete_graph_max: int) -> int:
         return n - 1
     k = 2 * math.ceil(math.log2(n))
     return min(k, n - 1)
+
+
+def consistency_quorum(threshold: int, cohort_size: int) -> int:
+    """Valid survivor-set signatures a site needs before it reveals shares.
+
+    ``max(threshold, cohort_size // 2 + 1)``: more than half the cohort, so no two disjoint
+    groups of honest signers can approve different survivor sets. ``t`` alone (any
+    ``t > k/2``) is not enough: a sparse graph, or a complete graph with ``2t <= n``, has
+    room for two groups of ``t``, and a coordinator showing them different sets gets one
+    site's self-mask seed from one group and its partners' mask keys from the other.
+    """
+    return max(threshold, cohort_size // 2 + 1)
 
 
 def default_threshold(k: int) -> int:

@@ -34,11 +34,13 @@ Rules:
       root approved for that site in the roster, example count in ``1..max_weight``, bulk
       dtype, length and SHA-256 as signed). The vector is added and not kept.
     * After every stage the coordinator checks that every site whose masks must be removed
-      still has ``t`` live neighbours; otherwise the round fails with
+      still has ``t`` live neighbours, and that the consistency quorum (more than half the
+      cohort, at least ``t``: what sites demand before revealing) is still within reach;
+      otherwise the round fails with
       :class:`~fedseal.protocol.errors.ThresholdError` and the model is unchanged.
     * Reconstructed secrets are checked against the owner's signed commitments (seed
       commitment; mask public key). Wrong shares are identified and excluded by trying share
-      subsets; if no subset matches, the round fails with
+      subsets, fewest exclusions first; if no subset matches, the round fails with
       :class:`~fedseal.protocol.errors.ReconstructionError`. It never returns a wrong
       aggregate silently.
 """
@@ -61,7 +63,7 @@ from fedseal.crypto.prg import add_mask_into
 from fedseal.crypto.shamir import Share, combine
 from fedseal.crypto.signing import verify
 
-from .config import RoundConfig, RoundParameters
+from .config import RoundConfig, RoundParameters, consistency_quorum
 from .envelope import Envelope, OpenedMessage, open_envelope, seal
 from .errors import (
     BadSignatureError,
@@ -719,11 +721,21 @@ class SecAggServer:
                     site=owner,
                 )
 
+    def _require_quorum(self, count: int, what: str) -> None:
+        """Sites reveal only after a consistency quorum of signatures; fail early without."""
+        quorum = consistency_quorum(self.params.threshold, len(self.cohort))
+        if count < quorum:
+            raise ThresholdError(
+                f"{count} {what}, below the consistency quorum {quorum} "
+                f"(threshold {self.params.threshold}, majority of {len(self.cohort)})"
+            )
+
     def _after_adverts(self, advertised: tuple[SiteId, ...]) -> dict[SiteId, Packet]:
         if len(advertised) < self.params.min_survivors:
             raise ThresholdError(
                 f"{len(advertised)} key adverts, min_survivors is {self.params.min_survivors}"
             )
+        self._require_quorum(len(advertised), "key adverts")
         digests = {s: self._state[s].advert_digest for s in advertised}
         self.graph = build_graph(
             advertised, graph_seed(digests), self.params.degree, self.params.threshold
@@ -761,6 +773,7 @@ class SecAggServer:
             raise ThresholdError(
                 f"{len(submitted)} masked inputs, min_survivors is {self.params.min_survivors}"
             )
+        self._require_quorum(len(submitted), "masked inputs")
         self._check_holders(self._needed_owners(), frozenset(submitted), "masked input")
         out = {
             s: Packet(
@@ -773,9 +786,7 @@ class SecAggServer:
 
     def _after_consistency(self, signed: tuple[SiteId, ...]) -> dict[SiteId, Packet]:
         self._u3 = signed
-        t = self.params.threshold
-        if len(signed) < t:
-            raise ThresholdError(f"{len(signed)} consistency signatures, threshold is {t}")
+        self._require_quorum(len(signed), "consistency signatures")
         self._check_holders(self._needed_owners(), frozenset(signed), "the consistency check")
         signatures = tuple((s, self._state[s].statement_signature) for s in signed)
         survivors = frozenset(self._u2)
@@ -892,13 +903,20 @@ class SecAggServer:
                         self._reject_share(holder, owner)
                 return secret
         shares = [s for _, s in revealed]
-        for attempt, subset in enumerate(itertools.combinations(range(len(shares)), t)):
+        # Exclude as few shares as possible first (0, then 1, 2, ...): e garbage shares are
+        # found in sum_{j<=e} C(r, j) attempts wherever they sit, and the kept shares must
+        # all lie on one polynomial (combine checks every share beyond the first t).
+        exclusions = itertools.chain.from_iterable(
+            itertools.combinations(range(len(shares)), e) for e in range(len(shares) - t + 1)
+        )
+        for attempt, excluded in enumerate(exclusions):
             if attempt >= MAX_RECONSTRUCTION_ATTEMPTS:
                 break
-            candidate = _try_combine([shares[i] for i in subset], t, length)
+            kept = [s for i, s in enumerate(shares) if i not in excluded]
+            candidate = _try_combine(kept, t, length)
             if candidate is None or not check(candidate):
                 continue
-            base = [shares[i] for i in subset[: t - 1]]
+            base = kept[: t - 1]
             for holder, share in revealed:
                 if share in base:
                     continue
