@@ -1,15 +1,85 @@
-"""``fl-client keys ...`` and ``fl-client run``."""
+"""``fl-client keys init`` and ``fl-client run``.
+
+Exit codes: 0 success; 1 the site was refused or stopped on an error at a named step
+(dataset changed, key not enrolled, TLS failure, ...); 2 bad usage or configuration.
+Heavy imports (torch, flwr) happen inside the commands, never at import time.
+"""
 
 from __future__ import annotations
 
-import typer
+import os
+from pathlib import Path
+from typing import Annotated
 
-NOT_IMPLEMENTED_EXIT = 2
+import typer
+from rich.console import Console
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+console = Console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:
+    keys_app = typer.Typer(help="Manage the site's identity key.", no_args_is_help=True)
+
+    @keys_app.command("init")
+    def keys_init(
+        out: Annotated[Path, typer.Option(help="Private key path (PEM PKCS8, mode 0600).")] = Path("site.key"),
+        passphrase_env: Annotated[
+            str | None, typer.Option(help="Encrypt with the passphrase held in this env variable.")
+        ] = None,
+        force: Annotated[bool, typer.Option(help="Overwrite an existing key.")] = False,
+    ) -> None:
+        """Create the site's ECDSA P-256 identity key and its public key (OUT.pub)."""
+        from fedseal.crypto.keys import (
+            generate_identity_key,
+            key_id,
+            save_private_key,
+            save_public_key,
+        )
+
+        if out.exists() and not force:
+            console.print(f"[red]error:[/red] {out} exists (use --force to replace it)")
+            raise typer.Exit(EXIT_USAGE)
+        passphrase = None
+        if passphrase_env:
+            value = os.environ.get(passphrase_env)
+            if not value:
+                console.print(f"[red]error:[/red] environment variable {passphrase_env} is empty or unset")
+                raise typer.Exit(EXIT_USAGE)
+            passphrase = value.encode()
+        key = generate_identity_key()
+        save_private_key(key, out, passphrase)
+        pub = out.with_name(out.name + ".pub")
+        save_public_key(key.public_key(), pub)
+        typer.echo(f"key id {bytes(key_id(key.public_key())).hex()}")
+        console.print(f"wrote {out} (0600) and {pub}; send {pub} to the coordinator")
+
+    app.add_typer(keys_app, name="keys")
+
     @app.command("run")
-    def run() -> None:
-        """Join a federation as a partner site (not implemented yet)."""
-        typer.echo("fl-client run: not implemented yet", err=True)
-        raise typer.Exit(NOT_IMPLEMENTED_EXIT)
+    def run(
+        config: Annotated[Path, typer.Option(help="client.toml")] = Path("client.toml"),
+        re_enrol: Annotated[
+            bool, typer.Option("--re-enrol", help="Accept a changed dataset (the coordinator must approve its root).")
+        ] = False,
+    ) -> None:
+        """Join a federation: re-attest the dataset, start a SuperNode, train when asked."""
+        import logging
+
+        from fedseal.client.config import ClientConfigError, load_client_config
+        from fedseal.client.node import SiteRunError, run_site
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        try:
+            cfg = load_client_config(config)
+        except ClientConfigError as exc:
+            console.print(f"[red]error:[/red] {config}: {exc}")
+            raise typer.Exit(EXIT_USAGE) from exc
+        try:
+            code = run_site(cfg, re_enrol=re_enrol, on_info=lambda s: console.print(s))
+        except SiteRunError as exc:
+            console.print(f"[red]refused:[/red] {exc}")
+            raise typer.Exit(EXIT_FAILED) from exc
+        raise typer.Exit(code)

@@ -1,10 +1,26 @@
-"""``fl-server``: the coordinator command line."""
+"""``fl-server``: the coordinator command line.
+
+Commands: ``init`` (coordinator key, demo CA, server TLS certificate, ``server.toml``),
+``enroll``, ``revoke``, ``roster`` (table or ``--json``), ``run`` (SuperLink + gateway + the
+run), ``demo`` (everything on loopback, three sites).
+
+Exit codes: 0 success; 1 a run failed or was refused at a step (the message names it);
+2 bad usage or configuration (the message names the key).
+
+This module imports neither flwr nor torch at import time (``fl-audit`` shares the package).
+"""
 
 from __future__ import annotations
 
-import typer
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
 
-NOT_IMPLEMENTED_EXIT = 2
+import typer
+from rich.console import Console
+from rich.table import Table
 
 app = typer.Typer(
     name="fl-server",
@@ -12,13 +28,271 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+console = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def write_server_toml(
+    path: Path,
+    *,
+    fleet_port: int = 9092,
+    internal_port: int = 9091,
+    metrics_port: int = 9464,
+    fleet_host: str = "0.0.0.0",  # noqa: S104
+    run_overrides: dict[str, object] | None = None,
+) -> None:
+    """Write a server.toml with the layout ``fl-server init`` creates (paths relative)."""
+    run = {
+        "rounds": 5,
+        "strategy": "FedAvg",
+        "model": "mlp",
+        "seed": 0,
+        "min_sites": 2,
+        "epochs": 1,
+        "batch_size": 32,
+        "learning_rate": 0.05,
+        "clip_norm": 5.0,
+        "stage_timeout_s": 120.0,
+        "sites_wait_timeout_s": 120.0,
+    } | (run_overrides or {})
+
+    def val(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        return repr(v)
+
+    lines = [
+        "# fedseal coordinator configuration (fl-server run --config server.toml)",
+        "[coordinator]",
+        'key = "coordinator.key"',
+        'state_dir = "state"',
+        'roster = "roster.json"',
+        "",
+        "[tls]",
+        'ca_cert = "tls/ca.pem"',
+        'server_cert = "tls/server.pem"',
+        'server_key = "tls/server.key"',
+        "",
+        "[network]",
+        f"fleet_host = {val(fleet_host)}",
+        f"fleet_port = {fleet_port}",
+        f"internal_port = {internal_port}",
+        f"metrics_port = {metrics_port}",
+        "",
+        "[run]",
+        *(f"{k} = {val(v)}" for k, v in run.items()),
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+@app.command("init")
+def init(
+    directory: Annotated[Path, typer.Argument(help="Directory to create the coordinator in.")],
+    san: Annotated[
+        list[str] | None,
+        typer.Option("--san", help="DNS name or IP the sites use to reach this host (repeat)."),
+    ] = None,
+    passphrase_env: Annotated[
+        str | None,
+        typer.Option(help="Encrypt the coordinator key with the passphrase in this env variable."),
+    ] = None,
+) -> None:
+    """Create the coordinator key, a demo CA + server TLS certificate, server.toml, a roster."""
+    import os
+
+    from fedseal.crypto.keys import generate_identity_key, key_id, save_private_key, save_public_key
+    from fedseal.server.pki import create_ca, issue_server_certificate, private_key_pem
+    from fedseal.server.roster import Roster
+
+    directory = directory.expanduser()
+    if (directory / "server.toml").exists():
+        raise _fail(f"{directory}/server.toml exists; refusing to overwrite")
+    names = san or ["localhost", "127.0.0.1"]
+    passphrase = None
+    if passphrase_env:
+        value = os.environ.get(passphrase_env)
+        if not value:
+            raise _fail(f"environment variable {passphrase_env} is empty or unset")
+        passphrase = value.encode()
+    (directory / "tls").mkdir(parents=True, exist_ok=True)
+    key = generate_identity_key()
+    save_private_key(key, directory / "coordinator.key", passphrase)
+    save_public_key(key.public_key(), directory / "coordinator.pub")
+    now = datetime.now(UTC)
+    ca = create_ca("fedseal demo CA", now=now)
+    cert, tls_key = issue_server_certificate(ca, names, now=now)
+    (directory / "tls" / "ca.pem").write_bytes(ca.certificate_pem())
+    for name, data in (("ca.key", private_key_pem(ca.key)), ("server.key", tls_key)):
+        p = directory / "tls" / name
+        p.touch(mode=0o600)
+        p.chmod(0o600)
+        p.write_bytes(data)
+    (directory / "tls" / "server.pem").write_bytes(cert)
+    write_server_toml(directory / "server.toml")
+    Roster().save(directory / "roster.json")
+    console.print(f"coordinator key id {bytes(key_id(key.public_key())).hex()}")
+    console.print(f"wrote {directory}/server.toml; give sites {directory}/tls/ca.pem")
+
+
+def _config_roster(config: Path) -> tuple[object, Path]:
+    from fedseal.server.config import ConfigError, load_server_config
+
+    try:
+        cfg = load_server_config(config)
+    except ConfigError as exc:
+        raise _fail(f"{config}: {exc}") from exc
+    return cfg, cfg.coordinator.roster
+
+
+@app.command("enroll")
+def enroll(
+    site: Annotated[str, typer.Option(help="Site name (a-z, 0-9, '-', '_').")],
+    key: Annotated[Path, typer.Option(help="The site's public key (PEM).")],
+    dataset_root: Annotated[
+        list[str], typer.Option("--dataset-root", help="Approved dataset root, 64 hex (repeat).")
+    ],
+    config: Annotated[Path, typer.Option(help="server.toml")] = Path("server.toml"),
+) -> None:
+    """Enroll a site (or approve another dataset root for it). Recorded in the roster history."""
+    from fedseal.crypto.errors import KeyFormatError
+    from fedseal.crypto.keys import load_public_key
+    from fedseal.server.roster import Roster, RosterError
+
+    _, roster_path = _config_roster(config)
+    try:
+        pub = load_public_key(key)
+        roster = Roster.load_or_create(roster_path)
+        roster = roster.enroll(site, pub, dataset_root, now_ms=_now_ms())
+        roster.save(roster_path)
+    except (KeyFormatError, OSError) as exc:
+        raise _fail(f"cannot read site key {key}: {exc}") from exc
+    except RosterError as exc:
+        raise _fail(str(exc)) from exc
+    entry = roster.get(site)
+    if entry is not None:
+        console.print(f"enrolled {site} key id {entry.key_id_hex[:16]}… roots {len(entry.dataset_roots)}")
+
+
+@app.command("revoke")
+def revoke(
+    site: Annotated[str, typer.Option(help="Site name.")],
+    config: Annotated[Path, typer.Option(help="server.toml")] = Path("server.toml"),
+) -> None:
+    """Revoke a site: it is unregistered from the SuperLink at the next `run`."""
+    from fedseal.server.roster import Roster, RosterError
+
+    _, roster_path = _config_roster(config)
+    try:
+        roster = Roster.load_or_create(roster_path).revoke(site, now_ms=_now_ms())
+        roster.save(roster_path)
+    except RosterError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"revoked {site}")
+
+
+@app.command("roster")
+def roster_cmd(
+    config: Annotated[Path, typer.Option(help="server.toml")] = Path("server.toml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show enrolled sites."""
+    from fedseal.server.roster import Roster, RosterError
+
+    _, roster_path = _config_roster(config)
+    try:
+        roster = Roster.load_or_create(roster_path)
+    except RosterError as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        doc = roster.to_json()
+        typer.echo(json.dumps({"sites": doc["sites"], "head": roster.digest().hex()}, indent=1))
+        return
+    table = Table(title=f"roster ({len(roster.events)} changes, head {roster.digest().hex()[:12]}…)")
+    for col in ("site", "status", "key id", "approved dataset roots", "enrolled"):
+        table.add_column(col)
+    for s in roster.sites:
+        table.add_row(
+            s.name,
+            s.status,
+            s.key_id_hex[:16] + "…",
+            "\n".join(r[:16] + "…" for r in s.dataset_roots),
+            datetime.fromtimestamp(s.enrolled_at_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
+        )
+    Console().print(table)
+
+
+def print_round(rec: dict[str, object]) -> None:
+    acc = rec.get("accuracy")
+    acc_s = f"accuracy {acc:.4f}  macro-F1 {rec.get('macro_f1', 0.0):.4f}" if isinstance(acc, float) else ""
+    console.print(
+        f"round {rec.get('round')}: {rec.get('outcome')}  sites {rec.get('accepted')}/{rec.get('sampled')}  "
+        f"{acc_s}  ({float(str(rec.get('seconds', 0.0))):.1f}s)"
+    )
 
 
 @app.command("run")
-def run() -> None:
-    """Start the SuperLink and the secure run (not implemented yet)."""
-    typer.echo("fl-server run: not implemented yet", err=True)
-    raise typer.Exit(NOT_IMPLEMENTED_EXIT)
+def run(
+    config: Annotated[Path, typer.Option(help="server.toml")] = Path("server.toml"),
+    resume: Annotated[bool, typer.Option(help="Continue from the last committed round.")] = False,
+) -> None:
+    """Start the SuperLink (TLS, SuperNode auth, loopback), the fleet gateway, and the run."""
+    from fedseal.server.config import ConfigError, load_server_config
+    from fedseal.server.deploy import DeployError, run_coordinator
+    from fedseal.server.strategies import StrategyError
+
+    try:
+        cfg = load_server_config(config)
+    except ConfigError as exc:
+        raise _fail(f"{config}: {exc}") from exc
+    if not cfg.run.secure:
+        console.print(
+            "[yellow]note:[/yellow] run.secure = false: updates reach the coordinator in the "
+            "clear inside TLS."
+        )
+    try:
+        outcome = run_coordinator(
+            cfg, resume=resume, on_round=print_round, on_info=lambda s: console.print(s)
+        )
+    except StrategyError as exc:
+        raise _fail(str(exc)) from exc
+    except DeployError as exc:
+        raise _fail(str(exc), EXIT_FAILED) from exc
+    console.print(f"run {outcome.status}; final model: {outcome.model}; audit log: {outcome.audit_log}")
+    if outcome.status != "finished:completed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("demo")
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where to put keys, data, state (default: a temp dir).")
+    ] = None,
+    rounds: Annotated[int, typer.Option(min=1, max=100)] = 5,
+    sites: Annotated[int, typer.Option(min=2, max=10)] = 3,
+    secure: Annotated[
+        bool, typer.Option("--secure/--plain", help="Secure rounds (default) or plain FedAvg for comparison.")
+    ] = True,
+) -> None:
+    """Prepare MNIST-5k for 3 sites, start coordinator + sites on loopback with TLS, train."""
+    from fedseal.server.demo import run_demo
+
+    raise typer.Exit(
+        run_demo(workdir=workdir, rounds=rounds, num_sites=sites, console=console, secure=secure)
+    )
 
 
 def main() -> None:

@@ -1,0 +1,223 @@
+"""The site's Flower ``ClientApp``: answers the coordinator's messages with local work.
+
+Usage (what ``fl-client run`` does; the app is built in-process, never loaded from a FAB)::
+
+    from fedseal.client.flower_app import SiteRuntime, make_client_app
+    app = make_client_app(SiteRuntime(name="site-a", data=data, limits=SiteLimits()))
+
+Message types handled:
+
+* ``query.initial_model`` – build the named model with the coordinator's seed, return weights.
+* ``train`` – load the global weights, train locally (hyper-parameters clamped by
+  :class:`~fedseal.client.training.SiteLimits`), return the new weights, the example count and
+  the dataset root this site committed to.
+* ``train.secagg`` – one stage of a secure round (DESIGN.md §5): the first message carries the
+  global model, training config and the signed round setup; every stage's signed payload is
+  answered by :class:`fedseal.protocol.ClientSession` (which calls back into local training at
+  the masked-input stage); the masked vector travels beside the envelope as an array.
+* ``evaluate`` – loss, accuracy and macro-F1 of the global weights on the local validation part.
+
+Every input is checked before use: config types and ranges, array names and shapes against the
+locally built model. A malformed message is answered with a Flower error reply, never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from fedseal.client.models import build_model, load_numpy_state_dict, state_dict_to_numpy
+from fedseal.client.site_data import SiteData
+from fedseal.client.training import SiteLimits, TrainRequest, evaluate, train
+
+__all__ = ["SiteRuntime", "make_client_app"]
+
+log = logging.getLogger("fedseal.client")
+
+
+@dataclass
+class SiteRuntime:
+    """Everything the ClientApp needs, owned by the ``fl-client run`` process."""
+
+    name: str
+    data: SiteData
+    limits: SiteLimits = field(default_factory=SiteLimits)
+    allowed_models: tuple[str, ...] = ("mlp", "cnn")
+    identity_key: ec.EllipticCurvePrivateKey | None = None
+    coordinator_key: ec.EllipticCurvePublicKey | None = None
+    _models: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
+    _session: Any = None
+
+    def model(self, name: str, seed: int) -> nn.Module:
+        if name not in self.allowed_models:
+            raise ValueError(f"model {name!r} is not allowed at this site")
+        key = (name, seed)
+        if key not in self._models:
+            self._models[key] = build_model(
+                name, seed=seed, num_features=self.data.num_features, num_classes=self.data.num_classes
+            )
+        return self._models[key]
+
+
+def _cfg(msg: Message) -> ConfigRecord:
+    rec = msg.content.get("config")
+    if not isinstance(rec, ConfigRecord):
+        raise ValueError("message has no config record")
+    return rec
+
+
+def _get(rec: ConfigRecord, key: str, kind: type, lo: float, hi: float) -> Any:
+    value: Any = rec.get(key)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"config {key!r} missing or of the wrong type")
+    if not lo <= float(value) <= hi:
+        raise ValueError(f"config {key!r} out of range")
+    return value
+
+
+def _model_name(rec: ConfigRecord) -> str:
+    name = rec.get("model")
+    if not isinstance(name, str) or len(name) > 200:
+        raise ValueError("config 'model' missing")
+    return name
+
+
+def _load_global(runtime: SiteRuntime, msg: Message, rec: ConfigRecord) -> nn.Module:
+    model = runtime.model(_model_name(rec), _get(rec, "seed", int, 0, 2**31 - 1))
+    arrays = msg.content.get("arrays")
+    if not isinstance(arrays, ArrayRecord):
+        raise ValueError("message has no arrays record")
+    load_numpy_state_dict(model, {k: v.numpy() for k, v in arrays.items()})
+    return model
+
+
+def _flat(weights: dict[str, Any]) -> Any:
+    """The model as one float32 vector, arrays in sorted-name order (as the coordinator does)."""
+    return np.concatenate([np.asarray(weights[k], np.float32).ravel() for k in sorted(weights)])
+
+
+def make_client_app(runtime: SiteRuntime) -> ClientApp:
+    """Build the site's ClientApp bound to ``runtime`` (data, limits, cached models)."""
+    app = ClientApp()
+
+    @app.query("initial_model")
+    def initial_model(msg: Message, context: Context) -> Message:
+        rec = _cfg(msg)
+        model = runtime.model(_model_name(rec), _get(rec, "seed", int, 0, 2**31 - 1))
+        arrays = {k: Array(v) for k, v in state_dict_to_numpy(model).items()}
+        return Message(RecordDict({"arrays": ArrayRecord(arrays)}), reply_to=msg)
+
+    @app.query("ping")
+    def ping(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"site": ConfigRecord({"site": runtime.name})}), reply_to=msg)
+
+    @app.train()
+    def train_handler(msg: Message, context: Context) -> Message:
+        rec = _cfg(msg)
+        model = _load_global(runtime, msg, rec)
+        req = runtime.limits.clamp(
+            TrainRequest(
+                epochs=_get(rec, "epochs", int, 1, 10_000),
+                batch_size=_get(rec, "batch-size", int, 1, 1 << 20),
+                learning_rate=_get(rec, "learning-rate", float, 1e-12, 1e6),
+                clip_norm=_get(rec, "clip-norm", float, 1e-12, 1e12),
+            )
+        )
+        round_ = _get(rec, "round", int, 0, 10**9)
+        result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=round_)
+        weights = state_dict_to_numpy(model)
+        log.info(
+            "round %d: trained on %d examples (%d epochs, batch %d, lr %g), loss %.4f",
+            round_, result.num_examples, req.epochs, req.batch_size, req.learning_rate, result.mean_loss,
+        )
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}),
+                "metrics": MetricRecord(
+                    {"num-examples": result.num_examples, "train-loss": result.mean_loss}
+                ),
+                "site": ConfigRecord({"dataset-root": runtime.data.root_hex, "site": runtime.name}),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    @app.train("secagg")
+    def secagg_handler(msg: Message, context: Context) -> Message:
+        """One stage of a secure round: the protocol's client session answers it."""
+        from fedseal.protocol import ClientSession, LocalUpdate, RoundInfo
+
+        if runtime.identity_key is None or runtime.coordinator_key is None:
+            raise ValueError("this site has no identity key / pinned coordinator key")
+        sec = msg.content.get("secagg")
+        payload = sec.get("payload") if isinstance(sec, ConfigRecord) else None
+        if not isinstance(payload, bytes):
+            raise ValueError("secagg message without payload")
+        if "arrays" in msg.content:  # round setup: a fresh session trains from this model
+            rec = _cfg(msg)
+            model = _load_global(runtime, msg, rec)
+            global_weights = state_dict_to_numpy(model)
+            global_flat = _flat(global_weights)
+            req = runtime.limits.clamp(
+                TrainRequest(
+                    epochs=_get(rec, "epochs", int, 1, 10_000),
+                    batch_size=_get(rec, "batch-size", int, 1, 1 << 20),
+                    learning_rate=_get(rec, "learning-rate", float, 1e-12, 1e6),
+                    clip_norm=_get(rec, "clip-norm", float, 1e-12, 1e12),
+                )
+            )
+            round_ = _get(rec, "round", int, 0, 10**9)
+
+            def update_fn(info: RoundInfo) -> LocalUpdate:
+                if info.model_digest != hashlib.sha256(global_flat.astype("<f4").tobytes()).digest():
+                    raise ValueError("the round setup names another global model than the one received")
+                result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=round_)
+                delta = _flat(state_dict_to_numpy(model)).astype(np.float64) - global_flat
+                log.info("round %d: trained on %d examples, loss %.4f (secure)", round_, result.num_examples, result.mean_loss)
+                return LocalUpdate(
+                    vector=delta,
+                    example_count=result.num_examples,
+                    dataset_root=bytes.fromhex(runtime.data.root_hex),
+                )
+
+            runtime._session = ClientSession(
+                runtime.name,
+                runtime.identity_key,
+                runtime.coordinator_key,
+                update_fn=update_fn,
+                rng=np.random.default_rng(secrets.randbits(128)),
+            )
+        if runtime._session is None:
+            raise ValueError("secagg stage without a round setup")
+        reply = runtime._session.handle(payload)
+        content = RecordDict({"secagg": ConfigRecord({"payload": reply.payload if reply else b""})})
+        if reply is not None and reply.bulk is not None:
+            content["bulk"] = ArrayRecord({"masked": Array(np.ascontiguousarray(reply.bulk))})
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_handler(msg: Message, context: Context) -> Message:
+        rec = _cfg(msg)
+        model = _load_global(runtime, msg, rec)
+        res = evaluate(model, runtime.data.x_val, runtime.data.y_val, num_classes=runtime.data.num_classes)
+        metrics = MetricRecord(
+            {
+                "num-examples": res.num_examples,
+                "loss": res.loss,
+                "accuracy": res.accuracy,
+                "macro-f1": res.macro_f1,
+            }
+        )
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app

@@ -1,0 +1,164 @@
+"""Built-in models for the demo, nanoGPT style: one file, shapes in comments.
+
+Usage::
+
+    from fedseal.client.models import build_model
+    model = build_model("cnn", seed=0)        # MNIST-5k: 784 features, 10 classes
+    logits = model(torch.zeros(32, 784))      # (B, 10)
+
+A site or coordinator can name its own model as ``"package.module:callable"``; the callable
+is called as ``callable(num_features=..., num_classes=...)`` and must return a
+``torch.nn.Module`` taking ``(B, num_features)`` float inputs and returning ``(B, num_classes)``
+logits. Such a name is resolved only against code installed at the site (importlib), never
+against code shipped by the coordinator.
+
+The coordinator never imports torch: weights cross the wire and the disk as a state dict of
+numpy arrays (``state_dict_to_numpy`` / ``load_numpy_state_dict``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "MLP",
+    "ModelResolutionError",
+    "SmallCNN",
+    "build_model",
+    "load_numpy_state_dict",
+    "state_dict_to_numpy",
+]
+
+NUM_FEATURES = 784  # 28 x 28 pixels, flattened
+NUM_CLASSES = 10
+
+
+class ModelResolutionError(Exception):
+    """A model name names no built-in model and no importable ``module:callable``."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"cannot resolve model {name!r}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class MLP(nn.Module):
+    """Two hidden layers with ReLU: 784 -> 128 -> 64 -> 10 (about 109k parameters)."""
+
+    def __init__(self, num_features: int = NUM_FEATURES, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(num_features, 128),
+            nn.ReLU(),
+            nn.Linear(128, 64),
+            nn.ReLU(),
+            nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)  # (B, F) -> (B, C)
+        return out
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 conv blocks and a linear head for 28x28 digits (about 51k parameters)."""
+
+    def __init__(self, num_features: int = NUM_FEATURES, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        side = round(num_features**0.5)
+        if side * side != num_features:
+            raise ValueError(f"SmallCNN needs square images, got {num_features} features")
+        self.side = side
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)  # (B, 1, 28, 28) -> (B, 16, 28, 28)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)  # pooled (B, 16, 14, 14) -> (B, 32, 14, 14)
+        self.pool = nn.MaxPool2d(2)
+        pooled = side // 4  # two 2x2 pools: 28 -> 14 -> 7
+        self.head = nn.Linear(32 * pooled * pooled, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        x = x.view(b, 1, self.side, self.side)  # (B, 784) -> (B, 1, 28, 28)
+        x = self.pool(torch.relu(self.conv1(x)))  # (B, 16, 14, 14)
+        x = self.pool(torch.relu(self.conv2(x)))  # (B, 32, 7, 7)
+        out: torch.Tensor = self.head(x.flatten(1))  # (B, 10)
+        return out
+
+
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": SmallCNN}
+
+
+def _resolve(name: str) -> Callable[..., nn.Module]:
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelResolutionError(
+            name, f"not a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) nor module:callable"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelResolutionError(name, f"module {module_name!r} is not installed") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelResolutionError(name, f"{attr!r} is not a callable in {module_name!r}")
+    return factory  # type: ignore[no-any-return]
+
+
+def build_model(
+    name: str, *, seed: int, num_features: int = NUM_FEATURES, num_classes: int = NUM_CLASSES
+) -> nn.Module:
+    """Build a model with deterministic initial weights.
+
+    Args:
+        name: ``"mlp"``, ``"cnn"`` or ``"module:callable"`` (installed at this site).
+        seed: Seed for the weight initialisation (the coordinator sends it, so every
+            site would build the same initial model).
+        num_features: Input width.
+        num_classes: Number of output logits.
+
+    Raises:
+        ModelResolutionError: If ``name`` cannot be resolved.
+    """
+    factory = _resolve(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory(num_features=num_features, num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise ModelResolutionError(name, "the factory did not return a torch.nn.Module")
+    return model
+
+
+def state_dict_to_numpy(model: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
+    """Return the model's parameters and buffers as float32 numpy arrays (copies)."""
+    return {
+        k: v.detach().to("cpu", dtype=torch.float32).numpy().copy()
+        for k, v in model.state_dict().items()
+    }
+
+
+def load_numpy_state_dict(model: nn.Module, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
+    """Load numpy arrays into ``model``, checking names and shapes strictly.
+
+    Raises:
+        ValueError: If a name is missing or unexpected, or a shape differs.
+    """
+    own = model.state_dict()
+    if set(own) != set(arrays):
+        missing = sorted(set(own) - set(arrays))
+        extra = sorted(set(arrays) - set(own))
+        raise ValueError(f"state dict mismatch: missing={missing[:5]} unexpected={extra[:5]}")
+    new = {}
+    for k, ref in own.items():
+        arr = np.asarray(arrays[k])
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise ValueError(f"shape mismatch for {k}: got {arr.shape}, expected {tuple(ref.shape)}")
+        new[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
+    model.load_state_dict(new)

@@ -1,0 +1,348 @@
+"""``fl-client run``: attest the dataset, start a SuperNode, answer tasks with the pinned app.
+
+Steps (each failure stops the site with a message naming the step):
+
+1. load the site key (``site.key``, 0600; passphrase from the env variable named in the config);
+2. re-attest the dataset (:func:`fedseal.client.data.verify_dataset`: the shards must be
+   exactly what the manifest describes) and compare its root with ``data.approved_root``, the
+   root the coordinator enrolled; a changed dataset is refused unless ``--re-enrol`` is given
+   (then the new root is used and the coordinator must approve it: ``fl-server enroll``);
+3. pre-flight the coordinator's Fleet address: a TLS handshake against the pinned CA (or, with
+   ``insecure``, a plain HTTP request), so "wrong CA" and "no TLS" fail here, clearly;
+4. start ``flower-supernode --isolation process`` with the site key as its authentication key
+   (Flower wants an unencrypted OpenSSH-format file: written 0600 into the state directory and
+   deleted as soon as the SuperNode has read it), Runtime API on 127.0.0.1;
+5. run :class:`fedseal.client.executor.PinnedExecutor` until SIGTERM/SIGINT or the SuperNode exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from fedseal.client.config import ClientConfig
+
+__all__ = ["SiteRunError", "run_site"]
+
+log = logging.getLogger("fedseal.client")
+
+AUTH_FAILED_MARKERS = ("Failed to activate SuperNode", "401", "Invalid SuperNode authentication", "not registered", "PERMISSION_DENIED")
+
+
+class SiteRunError(Exception):
+    """The site cannot join (the message names the step and the reason)."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+def _pdeathsig() -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _load_key(cfg: ClientConfig) -> object:
+    from fedseal.crypto.errors import KeyFormatError
+    from fedseal.crypto.keys import load_private_key
+
+    passphrase = None
+    if cfg.passphrase_env:
+        value = os.environ.get(cfg.passphrase_env)
+        if not value:
+            raise SiteRunError("site key", f"environment variable {cfg.passphrase_env} is unset")
+        passphrase = value.encode()
+    try:
+        return load_private_key(cfg.key, passphrase)
+    except (KeyFormatError, OSError) as exc:
+        raise SiteRunError("site key", str(exc)) from exc
+
+
+def attest_dataset(cfg: ClientConfig, *, re_enrol: bool) -> str:
+    """Re-attest and return the root to use.
+
+    Raises:
+        SiteRunError: The dataset is invalid, or changed since approval (without re_enrol).
+    """
+    from fedseal.client.data import DatasetError, verify_dataset
+
+    try:
+        att = verify_dataset(cfg.dataset_dir)
+    except DatasetError as exc:
+        raise SiteRunError("dataset", f"{cfg.dataset_dir} fails attestation: {exc}") from exc
+    root = att.root.hex()
+    if root != cfg.approved_root:
+        if not re_enrol:
+            raise SiteRunError(
+                "dataset",
+                f"dataset changed since approval: root {root} != approved {cfg.approved_root}; "
+                f"ask the coordinator to run `fl-server enroll --site {cfg.name} --key SITE.pub "
+                f"--dataset-root {root}`, then start with --re-enrol",
+            )
+        log.warning("dataset root changed to %s (re-enrolment requested)", root)
+    return root
+
+
+def preflight(cfg: ClientConfig, timeout: float = 10.0, wait_s: float = 120.0) -> None:
+    """Check that the coordinator's Fleet address speaks the expected protocol.
+
+    A refused connection is retried for ``wait_s`` seconds (the coordinator may start after
+    its sites); protocol errors fail at once.
+
+    Raises:
+        SiteRunError: Unreachable, TLS handshake failure (wrong CA, no TLS), or TLS where
+            plain HTTP was configured.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            _probe(cfg, timeout)
+            return
+        except SiteRunError as exc:
+            if exc.step != "connect" or time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _probe(cfg: ClientConfig, timeout: float) -> None:
+    host, _, port_s = cfg.superlink.rpartition(":")
+    host = host.strip("[]")
+    port = int(port_s)
+    try:
+        if cfg.insecure:
+            conn: http.client.HTTPConnection = http.client.HTTPConnection(host, port, timeout=timeout)
+        else:
+            ctx = ssl.create_default_context(cafile=str(cfg.ca_cert))
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+    except ssl.SSLError as exc:
+        raise SiteRunError(
+            "tls", f"TLS handshake with {cfg.superlink} failed ({exc.reason}); check coordinator.ca_cert"
+        ) from exc
+    except (http.client.HTTPException, ConnectionResetError) as exc:
+        reason = (
+            "the coordinator requires TLS; set coordinator.ca_cert and insecure = false"
+            if cfg.insecure
+            else f"bad response: {type(exc).__name__}"
+        )
+        raise SiteRunError("tls", reason) from exc
+    except OSError as exc:
+        raise SiteRunError("connect", f"cannot reach {cfg.superlink}: {exc}") from exc
+    if resp.status == 400 and cfg.insecure:
+        raise SiteRunError("tls", "the coordinator requires TLS; set coordinator.ca_cert and insecure = false")
+
+
+def _write_auth_key(cfg: ClientConfig, key: object) -> Path:
+    d = cfg.state_dir / "supernode"
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o700)
+    path = d / "auth-key"
+    pem = key.private_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return path
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        data = path.read_bytes()[-n:]
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace")
+
+
+def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None]) -> int:
+    """Join the federation until stopped. Returns 0 on a clean stop.
+
+    Raises:
+        SiteRunError: A start-up step failed, or the SuperNode was refused/exited.
+    """
+    from fedseal.client.executor import PinnedExecutor
+    from fedseal.client.flower_app import SiteRuntime, make_client_app
+    from fedseal.client.site_data import SiteDataError, load_site_data
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    key = _load_key(cfg)
+    root = attest_dataset(cfg, re_enrol=re_enrol)
+    try:
+        data = load_site_data(cfg.dataset_dir, validation_fraction=cfg.validation_fraction, seed=7)
+    except SiteDataError as exc:
+        raise SiteRunError("dataset", str(exc)) from exc
+    if data.root_hex != root:
+        raise SiteRunError("dataset", "manifest root differs from the attested root")
+    on_info(f"site {cfg.name}: dataset root {root[:16]}… ({len(data.y_train)} train / {len(data.y_val)} validation rows)")
+    preflight(cfg)
+    import torch
+
+    from fedseal.client.training import warm_up
+
+    # One intra-op thread: a site shares its host; oversubscribed OpenMP threads are far slower.
+    torch.set_num_threads(int(os.environ.get("FEDSEAL_TORCH_THREADS", "1")))
+    warm_up(data.num_features, data.num_classes)
+    from fedseal.crypto.errors import KeyFormatError
+    from fedseal.crypto.keys import load_public_key
+
+    try:
+        coordinator_key = load_public_key(cfg.coordinator_key)
+    except (KeyFormatError, OSError) as exc:
+        raise SiteRunError("coordinator key", f"cannot load the pinned coordinator key: {exc}") from exc
+    runtime = SiteRuntime(
+        name=cfg.name, data=data, limits=cfg.limits, allowed_models=cfg.allowed_models,
+        identity_key=key, coordinator_key=coordinator_key,  # type: ignore[arg-type, unused-ignore]
+    )
+    app = make_client_app(runtime)
+
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    node = _SuperNode(cfg, key, stop)
+    try:
+        node.start()
+        on_info(f"site {cfg.name}: SuperNode connecting to {cfg.superlink} (TLS={'off' if cfg.insecure else 'on'})")
+        executor = PinnedExecutor(f"127.0.0.1:{cfg.runtime_port}", app)
+        worker = threading.Thread(target=executor.run_forever, args=(stop,), daemon=True)
+        worker.start()
+        while not stop.is_set():
+            node.supervise()
+            stop.wait(1.0)
+        worker.join(timeout=5)
+    finally:
+        node.terminate()
+    proc = node.proc
+    if proc is None:
+        return 0
+    if proc.returncode not in (0, -signal.SIGTERM, None) and not _stopped_by_us(proc):
+        tail = _tail(node.log_path)
+        if any(m in tail for m in AUTH_FAILED_MARKERS):
+            raise SiteRunError(
+                "authentication",
+                "the coordinator refused this site's key (not enrolled, or revoked); "
+                f"see {node.log_path}",
+            )
+        raise SiteRunError("supernode", f"flower-supernode exited with code {proc.returncode}; see {node.log_path}")
+    return 0
+
+
+class _SuperNode:
+    """``flower-supernode`` as a child process (stopping the site when it exits).
+
+    Known Flower 1.42 limit: a SuperNode can wedge when its SuperLink dies between pulling a
+    message and pushing the reply (it waits forever for a reply to a task never created), and a
+    restarted SuperNode is refused re-activation while the SuperLink still holds its old
+    session. Restarting it is therefore not attempted here.
+    """
+
+    def __init__(self, cfg: ClientConfig, key: object, stop: threading.Event) -> None:
+        self.cfg = cfg
+        self.key = key
+        self.stop = stop
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = cfg.state_dir / "supernode.log"
+        self._offset = 0
+        self._connected = False
+
+
+    def start(self) -> None:
+        cfg = self.cfg
+        bindir = Path(sys.executable).parent
+        argv = [
+            str(bindir / "flower-supernode"),
+            "--superlink", cfg.superlink,
+            "--isolation", "process",
+            "--host", "127.0.0.1",
+            "--port", str(cfg.runtime_port),
+        ]
+        auth_path = None
+        if cfg.insecure:
+            argv.append("--insecure")
+        else:
+            auth_path = _write_auth_key(cfg, self.key)
+            argv += ["--root-certificates", str(cfg.ca_cert), "--auth-supernode-private-key", str(auth_path)]
+        env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(cfg.state_dir / "flwr-home"))
+        with self.log_path.open("ab") as log_file:
+            self._offset = log_file.tell()
+            self.proc = subprocess.Popen(
+                argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, preexec_fn=_pdeathsig,
+            )
+        self._connected = False
+        proc = self.proc
+
+        def _watch() -> None:
+            proc.wait()
+            self.stop.set()
+
+        threading.Thread(target=_watch, daemon=True).start()
+        try:
+            # The Runtime API comes up after the SuperNode has parsed its arguments (key included).
+            deadline = time.monotonic() + 60
+            while not self.stop.is_set():
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", cfg.runtime_port), 0.5):
+                    break
+                if time.monotonic() > deadline:
+                    raise SiteRunError("supernode", f"runtime API not up; see {self.log_path}")
+                time.sleep(0.2)
+        finally:
+            if auth_path is not None:
+                auth_path.unlink(missing_ok=True)
+
+    def supervise(self) -> None:
+        """Follow the SuperNode's log (connection state, for the operator's log)."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+                self._offset = f.tell()
+        except OSError:
+            return
+        text = chunk.decode("utf-8", "replace")
+        if "SuperNode ID:" in text:
+            self._connected = True
+        if self._connected and "Connection attempt failed" in text:
+            log.warning("lost the coordinator; the SuperNode keeps reconnecting")
+            self._connected = False
+
+    def terminate(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _stopped_by_us(proc: subprocess.Popen[bytes]) -> bool:
+    return proc.returncode in (-signal.SIGTERM, -signal.SIGKILL, 0)

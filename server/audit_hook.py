@@ -1,0 +1,167 @@
+"""Feeding the coordinator's audit log (:class:`fedseal.protocol.audit.AuditLog`) from a run.
+
+Usage (inside the ServerApp)::
+
+    audit = RunAudit.open(state_dir / "audit.sqlite", coordinator_key, roster)  # mirrors roster
+    audit.run_start(run_id, config_bytes, initial_digest, rounds)       # skipped on --resume
+    audit.envelopes(rnd, server.log)       # every accepted/rejected envelope of the round
+    audit.round_result(rnd, aggregate_digest, new_digest)   # + a signed tree head
+    audit.checkpoint(rnd, model_digest, file_sha256, name)
+    audit.run_end()
+
+Roster changes are mirrored from the roster file's hash-chained events (``roster.events``):
+the count already mirrored is the number of roster entries in the log, so re-opening is
+idempotent. Envelopes are recorded after the protocol state machine verified them (the
+machine verifies and sums in one call); the round result, which the auditor checks against
+them, is always written after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedseal.protocol import Accepted, Limits, MessageKind, ProtocolError, Rejection
+from fedseal.protocol.audit import (
+    AuditLog,
+    ReceivedEnvelope,
+    RosterAction,
+    RoundStatus,
+    RunStatus,
+)
+from fedseal.protocol.envelope import Envelope
+from fedseal.protocol.messages import MaskedInput, decode_payload
+from fedseal.server.roster import Roster
+
+__all__ = ["RunAudit"]
+
+_ACTIONS = {"enroll": RosterAction.ENROL, "approve-root": RosterAction.SET_ROOTS, "revoke": RosterAction.REVOKE}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RunAudit:
+    """The ServerApp's view of the audit log."""
+
+    def __init__(self, log: AuditLog, path: Path) -> None:
+        self.log = log
+        self.path = path
+        self.limits = Limits()
+
+    @classmethod
+    def open(cls, path: Path, key: ec.EllipticCurvePrivateKey, roster: Roster) -> RunAudit:
+        """Open (or create) the log and mirror roster changes it does not hold yet.
+
+        Raises:
+            fedseal.protocol.audit.AuditError: The log refuses an entry (names the reason).
+        """
+        log = AuditLog.open(path, signer=key, now_ms=_now_ms(), log_id=os.urandom(16))
+        audit = cls(log, path)
+        marker = path.with_suffix(".roster-seq")
+        done = int(marker.read_text()) if marker.exists() else 0
+        sites = {s.name: s for s in roster.sites}
+        for event in roster.events[done:]:
+            site = sites[event.site]
+            action = _ACTIONS[event.action]
+            current = roster_roots_at(roster, event.seq, event.site)
+            log.append_roster_change(
+                action,
+                event.site,
+                public_key_der=site.public_key_der if action is RosterAction.ENROL else b"",
+                approved_roots=[bytes.fromhex(r) for r in current] if action is not RosterAction.REVOKE else (),
+                now_ms=event.time_ms,
+            )
+            marker.write_text(str(event.seq + 1))
+        return audit
+
+    def run_start(self, run_id: str, config_bytes: bytes, initial_digest: bytes, rounds: int) -> None:
+        self.log.append_run_start(
+            bytes.fromhex(run_id),
+            config_digest=hashlib.sha256(config_bytes).digest(),
+            initial_model_digest=initial_digest,
+            code_version="fedseal-0.1.0",
+            started_at_ms=_now_ms(),
+            planned_rounds=rounds,
+        )
+        self.log.sign_tree_head(_now_ms())
+
+    def envelopes(self, rnd: int, receipts: Iterable[Any], payloads: dict[tuple[str, str], bytes]) -> None:
+        """Record one round's accepted and rejected envelopes (one durable commit)."""
+        items = []
+        for r in receipts:
+            if isinstance(r, Accepted):
+                kind = MessageKind(r.kind)
+                extra: dict[str, Any] = {}
+                if kind is MessageKind.MASKED_INPUT:
+                    msg = decode_payload(kind, r.payload, self.limits)
+                    if isinstance(msg, MaskedInput):
+                        extra = {
+                            "dataset_root": msg.dataset_root,
+                            "bulk_digest": msg.bulk_digest,
+                            "num_examples": msg.example_count,
+                            "model_digest": msg.header.model_digest,
+                        }
+                items.append(
+                    ReceivedEnvelope(
+                        message_type=kind.type_name, payload=r.payload, signature=r.signature,
+                        signer_key_id=r.signer, accepted=True, reason=None, site=str(r.site),
+                        round=rnd, stage=r.stage.value, **extra,
+                    )
+                )
+            elif isinstance(r, Rejection):
+                raw = payloads.get((str(r.site), r.stage.value))
+                try:
+                    env = Envelope.from_bytes(raw or b"", self.limits)
+                except ProtocolError:  # an unparseable frame has nothing signed to record
+                    env = None
+                if env is None:
+                    continue  # nothing signed to record; the rejection is in the round result
+                items.append(
+                    ReceivedEnvelope(
+                        message_type=MessageKind(env.kind).type_name, payload=env.payload,
+                        signature=env.signature, signer_key_id=env.signer, accepted=False,
+                        reason=r.reason[:200] or "rejected", site=str(r.site), round=rnd,
+                        stage=r.stage.value,
+                    )
+                )
+        if items:
+            self.log.append_envelopes(items)
+
+    def round_result(
+        self, rnd: int, aggregate_digest: bytes | None, new_digest: bytes, *, failed: str = ""
+    ) -> None:
+        self.log.append_round_result(
+            rnd,
+            aggregate_digest=aggregate_digest,
+            new_model_digest=new_digest,
+            status=RoundStatus.FAILED if failed else RoundStatus.COMPLETED,
+            reason=failed[:200],
+        )
+        self.log.sign_tree_head(_now_ms())
+
+    def checkpoint(self, rnd: int, model_digest: bytes, file_sha256: bytes, name: str) -> None:
+        self.log.append_checkpoint(rnd, model_digest=model_digest, file_digest=file_sha256, name=name)
+
+    def run_end(self) -> None:
+        self.log.append_run_end(RunStatus.COMPLETED, ended_at_ms=_now_ms())
+        self.log.sign_tree_head(_now_ms())
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def roster_roots_at(roster: Roster, seq: int, site: str) -> tuple[str, ...]:
+    """The site's approved roots right after event ``seq`` (events add roots, never remove)."""
+    roots: list[str] = []
+    for e in roster.events[: seq + 1]:
+        if e.site == site and e.action in ("enroll", "approve-root"):
+            roots.extend(r for r in e.dataset_roots if r not in roots)
+    return tuple(roots)

@@ -1,0 +1,292 @@
+"""``server.toml``: the coordinator's configuration, validated at start-up.
+
+Usage::
+
+    from fedseal.server.config import load_server_config
+    cfg = load_server_config("server.toml")     # raises ConfigError naming the bad key
+    cfg.run.rounds, cfg.network.fleet_port
+
+Relative paths are resolved against the directory holding the TOML file. Every size bound is
+explicit. Layout (all keys optional except where noted)::
+
+    [coordinator]   key = "coordinator.key", state_dir = "state", roster = "roster.json"
+    [tls]           ca_cert, server_cert, server_key (required unless insecure = true)
+    [network]       fleet_host = "0.0.0.0", fleet_port = 9092,   # the only port sites reach
+                    internal_port = 9091,                          # SuperLink HTTP API, 127.0.0.1
+                    metrics_port = 9464                            # 0 disables
+    [run]           rounds, strategy, model, seed, min_sites, epochs, batch_size,
+                    learning_rate, clip_norm, stage_timeout_s, sites_wait_timeout_s,
+                    secure = true (SecAgg+ rounds; false = plain, updates in the clear),
+                    update_clip, quant_levels, max_weight (quantization of the updates),
+                    threshold = 0 (Shamir threshold per neighbourhood; 0 = protocol default)
+    [run.strategy_options]   keyword arguments for the Flower strategy (floats)
+    [limits]        max_message_bytes, max_sites, max_rounds
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "ConfigError",
+    "CoordinatorSection",
+    "LimitsSection",
+    "NetworkSection",
+    "RunSection",
+    "ServerConfig",
+    "TlsSection",
+    "load_server_config",
+    "parse_server_config",
+]
+
+MAX_CONFIG_BYTES = 1 << 20
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration file is missing, malformed, or has a bad value.
+
+    Attributes:
+        key: Dotted name of the offending key (e.g. ``run.rounds``), or ``""`` for the file.
+        reason: What is wrong with it.
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorSection:
+    key: Path
+    state_dir: Path
+    roster: Path
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSection:
+    insecure: bool
+    ca_cert: Path | None
+    server_cert: Path | None
+    server_key: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSection:
+    fleet_host: str = "0.0.0.0"  # noqa: S104 - the Fleet gateway is meant to be reachable
+    fleet_port: int = 9092
+    internal_port: int = 9091
+    metrics_port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
+class RunSection:
+    rounds: int = 5
+    strategy: str = "FedAvg"
+    strategy_options: Mapping[str, float] = field(default_factory=dict)
+    model: str = "mlp"
+    seed: int = 0
+    min_sites: int = 2
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    clip_norm: float = 5.0
+    stage_timeout_s: float = 120.0
+    sites_wait_timeout_s: float = 120.0
+    secure: bool = True
+    update_clip: float = 1.0
+    quant_levels: int = 4096
+    max_weight: int = 100_000
+    threshold: int = 0  # Shamir threshold per neighbourhood; 0 = the protocol's default
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSection:
+    max_message_bytes: int = 64 << 20
+    max_sites: int = 1000
+    max_rounds: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    path: Path
+    coordinator: CoordinatorSection
+    tls: TlsSection
+    network: NetworkSection
+    run: RunSection
+    limits: LimitsSection
+
+
+def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(name, "must be a table")
+    return value
+
+
+def _typed(sec: Mapping[str, Any], prefix: str, key: str, kind: type[T], default: T) -> T:
+    if key not in sec:
+        return default
+    value = sec[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{prefix}.{key}", f"must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _ranged(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(name, f"must be in [{lo}, {hi}], got {value}")
+
+
+def _unknown(sec: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
+    extra = sorted(set(sec) - allowed)
+    if extra:
+        raise ConfigError(f"{prefix}.{extra[0]}", "unknown key")
+
+
+def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> ServerConfig:
+    """Validate a parsed TOML document into a :class:`ServerConfig`.
+
+    Raises:
+        ConfigError: Naming the first offending key.
+    """
+    _unknown(doc, "", {"coordinator", "tls", "network", "run", "limits"})
+
+    def p(sec: Mapping[str, Any], prefix: str, key: str, default: str) -> Path:
+        raw = _typed(sec, prefix, key, str, default)
+        path_ = Path(raw).expanduser()
+        return path_ if path_.is_absolute() else base / path_
+
+    c = _section(doc, "coordinator")
+    _unknown(c, "coordinator", {"key", "state_dir", "roster"})
+    coordinator = CoordinatorSection(
+        key=p(c, "coordinator", "key", "coordinator.key"),
+        state_dir=p(c, "coordinator", "state_dir", "state"),
+        roster=p(c, "coordinator", "roster", "roster.json"),
+    )
+
+    t = _section(doc, "tls")
+    _unknown(t, "tls", {"insecure", "ca_cert", "server_cert", "server_key"})
+    insecure = _typed(t, "tls", "insecure", bool, False)
+    tls_paths: dict[str, Path | None] = {}
+    for key in ("ca_cert", "server_cert", "server_key"):
+        if key in t:
+            tls_paths[key] = p(t, "tls", key, "")
+        elif not insecure:
+            raise ConfigError(f"tls.{key}", "required unless tls.insecure = true")
+        else:
+            tls_paths[key] = None
+    tls = TlsSection(insecure=insecure, **tls_paths)
+
+    n = _section(doc, "network")
+    _unknown(n, "network", {"fleet_host", "fleet_port", "internal_port", "metrics_port"})
+    d = NetworkSection()
+    network = NetworkSection(
+        fleet_host=_typed(n, "network", "fleet_host", str, d.fleet_host),
+        fleet_port=_typed(n, "network", "fleet_port", int, d.fleet_port),
+        internal_port=_typed(n, "network", "internal_port", int, d.internal_port),
+        metrics_port=_typed(n, "network", "metrics_port", int, d.metrics_port),
+    )
+    _ranged("network.fleet_port", network.fleet_port, 1, 65535)
+    _ranged("network.internal_port", network.internal_port, 1, 65535)
+    _ranged("network.metrics_port", network.metrics_port, 0, 65535)
+    if network.internal_port == network.fleet_port:
+        raise ConfigError("network.internal_port", "must differ from network.fleet_port")
+
+    lim = _section(doc, "limits")
+    _unknown(lim, "limits", {"max_message_bytes", "max_sites", "max_rounds"})
+    dl = LimitsSection()
+    limits = LimitsSection(
+        max_message_bytes=_typed(lim, "limits", "max_message_bytes", int, dl.max_message_bytes),
+        max_sites=_typed(lim, "limits", "max_sites", int, dl.max_sites),
+        max_rounds=_typed(lim, "limits", "max_rounds", int, dl.max_rounds),
+    )
+    _ranged("limits.max_message_bytes", limits.max_message_bytes, 1 << 10, 2 << 30)
+    _ranged("limits.max_sites", limits.max_sites, 1, 100_000)
+    _ranged("limits.max_rounds", limits.max_rounds, 1, 1_000_000)
+
+    r = _section(doc, "run")
+    _unknown(
+        r,
+        "run",
+        {f.name for f in RunSection.__dataclass_fields__.values()},
+    )
+    dr = RunSection()
+    opts_raw = r.get("strategy_options", {})
+    if not isinstance(opts_raw, dict):
+        raise ConfigError("run.strategy_options", "must be a table")
+    opts: dict[str, float] = {}
+    for k, v in opts_raw.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"run.strategy_options.{k}", "must be a number")
+        opts[k] = float(v)
+    run = RunSection(
+        rounds=_typed(r, "run", "rounds", int, dr.rounds),
+        strategy=_typed(r, "run", "strategy", str, dr.strategy),
+        strategy_options=opts,
+        model=_typed(r, "run", "model", str, dr.model),
+        seed=_typed(r, "run", "seed", int, dr.seed),
+        min_sites=_typed(r, "run", "min_sites", int, dr.min_sites),
+        epochs=_typed(r, "run", "epochs", int, dr.epochs),
+        batch_size=_typed(r, "run", "batch_size", int, dr.batch_size),
+        learning_rate=_typed(r, "run", "learning_rate", float, dr.learning_rate),
+        clip_norm=_typed(r, "run", "clip_norm", float, dr.clip_norm),
+        stage_timeout_s=_typed(r, "run", "stage_timeout_s", float, dr.stage_timeout_s),
+        sites_wait_timeout_s=_typed(
+            r, "run", "sites_wait_timeout_s", float, dr.sites_wait_timeout_s
+        ),
+        secure=_typed(r, "run", "secure", bool, dr.secure),
+        update_clip=_typed(r, "run", "update_clip", float, dr.update_clip),
+        quant_levels=_typed(r, "run", "quant_levels", int, dr.quant_levels),
+        max_weight=_typed(r, "run", "max_weight", int, dr.max_weight),
+        threshold=_typed(r, "run", "threshold", int, dr.threshold),
+    )
+    _ranged("run.rounds", run.rounds, 1, limits.max_rounds)
+    _ranged("run.min_sites", run.min_sites, 1, limits.max_sites)
+    _ranged("run.seed", run.seed, 0, 2**31 - 1)
+    _ranged("run.epochs", run.epochs, 1, 1000)
+    _ranged("run.batch_size", run.batch_size, 1, 1 << 16)
+    _ranged("run.learning_rate", run.learning_rate, 1e-8, 100.0)
+    _ranged("run.clip_norm", run.clip_norm, 1e-6, 1e6)
+    _ranged("run.stage_timeout_s", run.stage_timeout_s, 0.1, 86_400)
+    _ranged("run.sites_wait_timeout_s", run.sites_wait_timeout_s, 0.1, 86_400)
+    _ranged("run.update_clip", run.update_clip, 1e-6, 1e6)
+    _ranged("run.quant_levels", run.quant_levels, 2, 1 << 30)
+    _ranged("run.max_weight", run.max_weight, 1, 1 << 40)
+    _ranged("run.threshold", run.threshold, 0, limits.max_sites)
+    return ServerConfig(
+        path=path,
+        coordinator=coordinator,
+        tls=tls,
+        network=network,
+        run=run,
+        limits=limits,
+    )
+
+
+def load_server_config(path: str | Path) -> ServerConfig:
+    """Read and validate ``server.toml``.
+
+    Raises:
+        ConfigError: If the file is missing, too large, not TOML, or a value is bad.
+    """
+    path = Path(path).expanduser().resolve()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("", f"{path} is not valid TOML: {exc}") from exc
+    return parse_server_config(doc, path.parent, path)

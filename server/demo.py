@@ -1,0 +1,241 @@
+"""``fl-server demo``: a whole federation on loopback, one command.
+
+Steps: split MNIST-5k into per-site Parquet datasets (``fl-client data split``), create each
+site's key (``fl-client keys init``), create the coordinator (key, demo CA, TLS certificate,
+``server.toml``), enroll the sites with their dataset roots, start ``fl-client run`` for every
+site as a separate process, then run the coordinator (SuperLink + fleet gateway + ServerApp) in
+this process, print accuracy per round, and stop every process it started.
+
+Sites are driven through the ``fl-client`` command line (subprocesses), so this module imports
+nothing from ``fedseal.client`` (the coordinator never imports torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from fedseal.crypto.keys import (
+    generate_identity_key,
+    load_public_key,
+    save_private_key,
+    save_public_key,
+)
+from fedseal.server.cli import init as init_cmd
+from fedseal.server.cli import print_round, write_server_toml
+from fedseal.server.config import load_server_config
+from fedseal.server.deploy import DeployError, pdeathsig_preexec, run_coordinator
+from fedseal.server.roster import Roster
+
+__all__ = ["Federation", "free_port", "prepare_federation", "run_demo", "start_site"]
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (ephemeral range)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _check(argv: list[str], what: str) -> str:
+    out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
+    if out.returncode != 0:
+        raise DeployError(what, (out.stderr or out.stdout).strip()[-600:])
+    return out.stdout
+
+
+def write_client_toml(
+    path: Path, *, name: str, superlink: str, ca: Path, dataset: Path, root: str, runtime_port: int
+) -> None:
+    path.write_text(
+        "\n".join(
+            [
+                "[site]",
+                f'name = "{name}"',
+                'key = "site.key"',
+                'state_dir = "state"',
+                "",
+                "[coordinator]",
+                f'superlink = "{superlink}"',
+                f'ca_cert = "{ca}"',
+                f'public_key = "{ca.parent.parent / "coordinator.pub"}"',
+                "",
+                "[data]",
+                f'dataset_dir = "{dataset}"',
+                f'approved_root = "{root}"',
+                "",
+                "[runtime]",
+                f"port = {runtime_port}",
+                "",
+            ]
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Federation:
+    """A prepared loopback federation: coordinator directory and site directories."""
+
+    workdir: Path
+    server_toml: Path
+    ca_cert: Path
+    fleet_port: int
+    internal_port: int
+    sites: tuple[Path, ...]  # each holds client.toml, site.key(.pub); data under workdir/data
+
+
+def prepare_federation(
+    workdir: Path,
+    *,
+    num_sites: int,
+    run_overrides: dict[str, object] | None = None,
+    fleet_port: int | None = None,
+    internal_port: int | None = None,
+) -> Federation:
+    """Split MNIST-5k over ``num_sites``, create keys, the coordinator, enroll every site.
+
+    Idempotent for an existing ``workdir`` (data, keys and enrolment are reused; ports and
+    ``server.toml`` are rewritten).
+
+    Raises:
+        DeployError: A preparation step failed (its output is in the message).
+    """
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    sites_dir = workdir / "data"
+    if not sites_dir.exists():
+        out = _check(
+            [_bin("fl-client"), "data", "split", "mnist-5k", str(sites_dir), "--sites", str(num_sites),
+             "--seed", "1", "--json"],
+            "prepare data",
+        )
+        split = json.loads(out)["sites"]
+    else:
+        split = [
+            {"dir": str(p), "root": json.loads((p / "fedseal-manifest.json").read_text())["root"]}
+            for p in sorted(sites_dir.iterdir())
+        ]
+    coord = workdir / "coordinator"
+    if not (coord / "server.toml").exists():
+        init_cmd(coord, san=["localhost", "127.0.0.1"], passphrase_env=None)
+    fleet_port = fleet_port or free_port()
+    internal_port = internal_port or free_port()
+    write_server_toml(
+        coord / "server.toml",
+        fleet_port=fleet_port,
+        internal_port=internal_port,
+        metrics_port=0,
+        fleet_host="127.0.0.1",
+        run_overrides={"sites_wait_timeout_s": 60.0} | (run_overrides or {}),
+    )
+    cfg = load_server_config(coord / "server.toml")
+    roster = Roster.load_or_create(cfg.coordinator.roster)
+    ca = coord / "tls" / "ca.pem"
+    site_dirs = []
+    for i, site in enumerate(split):
+        name = f"site-{i}"
+        sdir = workdir / "sites" / name
+        sdir.mkdir(parents=True, exist_ok=True)
+        if not (sdir / "site.key").exists():  # what `fl-client keys init` does, without a process
+            site_key = generate_identity_key()
+            save_private_key(site_key, sdir / "site.key")
+            save_public_key(site_key.public_key(), sdir / "site.key.pub")
+        if roster.get(name) is None:
+            roster = roster.enroll(
+                name, load_public_key(sdir / "site.key.pub"), [site["root"]], now_ms=int(time.time() * 1000)
+            )
+        write_client_toml(
+            sdir / "client.toml", name=name, superlink=f"localhost:{fleet_port}", ca=ca,
+            dataset=Path(site["dir"]).resolve(), root=site["root"], runtime_port=free_port(),
+        )
+        site_dirs.append(sdir)
+    roster.save(cfg.coordinator.roster)
+    return Federation(workdir, coord / "server.toml", ca, fleet_port, internal_port, tuple(site_dirs))
+
+
+def start_site(site_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """Start ``fl-client run`` for a prepared site in its own process group (log: fl-client.log)."""
+    with (site_dir / "fl-client.log").open("ab") as log:
+        return subprocess.Popen(
+            [_bin("fl-client"), "run", "--config", str(site_dir / "client.toml"), *extra],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=pdeathsig_preexec,
+        )
+
+
+def run_demo(
+    *, workdir: Path | None, rounds: int, num_sites: int, console: Console, secure: bool = True
+) -> int:
+    """Run the demo; return the process exit code."""
+    t_start = time.monotonic()
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.mkdtemp(prefix="fedseal-demo-")
+        workdir = Path(tmp)
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]fedseal demo[/bold] in {workdir}")
+    console.print(
+        "Secure rounds (SecAgg+, signed envelopes, dataset roots checked against the roster) "
+        "over Flower with TLS and SuperNode key authentication; every envelope, round result "
+        "and checkpoint goes into the signed Merkle audit log (check it with `fl-audit verify`)."
+        if secure
+        else "[yellow]--plain:[/yellow] updates reach the coordinator in the clear (inside TLS)."
+    )
+    try:
+        fed = prepare_federation(
+            workdir,
+            num_sites=num_sites,
+            run_overrides={"rounds": rounds, "min_sites": 2, "stage_timeout_s": 60.0, "secure": secure},
+        )
+    except DeployError as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        return 1
+    cfg = load_server_config(fed.server_toml)
+    console.print(f"enrolled {len(fed.sites)} sites")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        # Sites start first: they load torch, re-attest their data and then wait for the
+        # coordinator's gateway, which opens only once every site is registered.
+        console.print("starting the sites as separate processes (fl-client run)")
+        procs.extend(start_site(sdir) for sdir in fed.sites)
+        outcome = run_coordinator(
+            cfg, resume=False, on_round=print_round, on_info=lambda s: console.print(s)
+        )
+    except DeployError as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        return 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    accs = [r.get("accuracy") for r in outcome.rounds if r.get("outcome") == "committed"]
+    console.print(f"run {outcome.status} in {time.monotonic() - t_start:.0f}s")
+    console.print(f"accuracy per round: {', '.join(f'{a:.3f}' for a in accs if isinstance(a, float))}")
+    console.print(f"final model: {outcome.model}")
+    console.print(f"audit log: {outcome.audit_log or 'none (see serverapp.log)'}")
+    console.print(f"logs: {workdir}/coordinator/state/superlink.log, {workdir}/sites/*/fl-client.log")
+    return 0 if outcome.status == "finished:completed" else 1

@@ -1,0 +1,392 @@
+"""``fl-server run``: start Flower's SuperLink, the Fleet gateway, register sites, start the run.
+
+What runs where (Flower 1.42 deployment runtime)::
+
+    fl-server run (this process)
+     ├─ flower-superlink  --host 127.0.0.1 --port {internal_port}   TLS, --enable-supernode-auth
+     │    └─ flower-superexec -> flwr-serverapp -> fedseal.server.flower_app:app (installed code)
+     └─ FleetGateway on {fleet_host}:{fleet_port}, TLS: forwards /v1/fleet/* only
+
+Flower 1.42 serves Runtime (ServerAppIo), Control and Fleet on one HTTP port, so that port stays
+on loopback and sites reach only the gateway (see :mod:`fedseal.server.gateway`). Sites are
+registered with the SuperLink's Control API (``flwr supernode register``) from the roster's
+active entries; their SuperNodes authenticate with the site key (the SuperLink checks a signed
+timestamp per request and rejects unregistered keys). The run is submitted with ``flwr run``
+over a generated app directory holding only a ``pyproject.toml`` whose components name the
+installed ``fedseal.server.flower_app:app`` (and ``fedseal.client.flower_app``; partner sites
+ignore the FAB, see :mod:`fedseal.client.executor`).
+
+Child processes get ``PR_SET_PDEATHSIG`` (Linux), so a SIGKILLed coordinator takes its SuperLink
+down with it; the SuperLink's own children watch their parent's pid.
+
+Notes on Flower 1.42's deployment runtime (read from the installed package):
+
+* ``flower-superlink`` is one uvicorn/FastAPI app serving ``/v1/runtime/*`` (ServerAppIo),
+  ``/v1/control/*`` and ``/v1/fleet/*`` on ``--host``/``--port`` (default 127.0.0.1:9091 here);
+  ``--fleet-api-address``/``--control-api-address`` are deprecated (the old gRPC servers start
+  only with the internal env ``FLWR_INTERNAL_GRPC_*_API=1``, and SuperNodes speak HTTP anyway).
+  So there is no separate Control port to firewall: hence the gateway.
+* TLS: ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`` (one certificate for all APIs).
+  ``--enable-supernode-auth`` requires TLS; nodes are registered with the Control API
+  (``flwr supernode register PUB.openssh``, ECDSA P-256 public key in OpenSSH form) and then
+  authenticate every Fleet request with a signature over a timestamp only (not the body: fedseal
+  signs its own envelopes). An unregistered key makes the SuperNode exit with code 305.
+* ``--database FILE`` persists runs and registered nodes (used for ``--resume``);
+  ``--disable-runtime-dependency-installation`` stops ``uv sync`` of the FAB's dependencies.
+* Runs are submitted with ``flwr run APP_DIR FEDERATION`` against ``$FLWR_HOME/config.toml``
+  (``[superlink.NAME] address/root-certificates``). The SuperLink's ``flower-superexec`` then
+  starts ``flwr-serverapp``, which installs the FAB into ``$FLWR_HOME/apps`` and imports the
+  ``serverapp`` component (here the installed ``fedseal.server.flower_app:app``).
+* ``flower-supernode`` (``--superlink``, ``--root-certificates``,
+  ``--auth-supernode-private-key`` = unencrypted OpenSSH key, ``--isolation subprocess|process``,
+  ``--host/--port`` of its own Runtime API): with ``process`` isolation, something else must
+  ``AcquireTask`` from that Runtime API; fedseal's :mod:`fedseal.client.executor` does, running
+  the installed ClientApp and never the FAB.
+* Latency: the SuperNode sleeps 3 s between empty pulls and ``Grid.send_and_receive`` sleeps 3 s
+  between pulls (fedseal's :func:`fedseal.server.flower_app.exchange` polls every 0.2 s); each
+  message is several HTTP object requests. On a busy 2-core host one stage costs 4-8 s.
+* Restarts: with ``--database`` the SuperLink keeps runs and registered nodes, and SuperNodes
+  reconnect on their own (exponential back-off). But a SuperNode that had pulled a message when
+  the SuperLink died can wedge (it waits forever for a reply to a task it never created), and a
+  restarted SuperNode is refused re-activation ("Failed to activate SuperNode", exit 305) while
+  the SuperLink still holds its old session. ``--resume`` therefore pings the cohort first
+  (``query.ping``) and a wedged site is a dropout.
+* Strategies (``flwr.serverapp.strategy``) aggregate ``Message`` replies; FedOpt variants need
+  ``configure_train`` called first (they remember ``current_arrays``), and ``sample_nodes``
+  blocks until ``min_available_nodes`` are online (fedseal passes them a fixed node view).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from fedseal.server.config import ServerConfig
+from fedseal.server.flower_app import NODES_FILE, ROUNDS_FILE, STATUS_FILE
+from fedseal.server.gateway import FleetGateway
+from fedseal.server.roster import Roster
+from fedseal.server.strategies import check_strategy
+
+__all__ = ["DeployError", "RunOutcome", "flower_bin", "pdeathsig_preexec", "run_coordinator"]
+
+FEDERATION = "fedseal"
+
+
+class DeployError(Exception):
+    """Starting or driving the Flower deployment failed (message says which step)."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower console script installed next to this interpreter."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError("flower", f"{name} is not installed")
+    return found
+
+
+def pdeathsig_preexec() -> None:
+    """In the child: die with SIGKILL when the parent dies (Linux prctl)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class _Children:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log_file = log_path.open("ab")
+        proc = subprocess.Popen(
+            argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True, preexec_fn=pdeathsig_preexec,
+        )
+        log_file.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _app_dir(cfg: ServerConfig) -> Path:
+    """A code-free Flower app: only a pyproject.toml naming installed components."""
+    d = cfg.coordinator.state_dir / "flower-app"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "pyproject.toml").write_text(
+        "\n".join(
+            [
+                "[build-system]",
+                'requires = ["hatchling"]',
+                'build-backend = "hatchling.build"',
+                "",
+                "[project]",
+                'name = "fedseal-run"',
+                'version = "1.0.0"',
+                "dependencies = []",
+                "",
+                "[tool.flwr.app]",
+                'publisher = "fedseal"',
+                "",
+                "[tool.flwr.app.components]",
+                'serverapp = "fedseal.server.flower_app:app"',
+                'clientapp = "fedseal.client.flower_app:app"',
+                "",
+                "[tool.flwr.app.config]",
+                'fedseal-config = ""',
+                "fedseal-resume = false",
+                "",
+            ]
+        )
+    )
+    return d
+
+
+def _flwr_home(cfg: ServerConfig) -> Path:
+    home = cfg.coordinator.state_dir / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{FEDERATION}"',
+        "",
+        f"[superlink.{FEDERATION}]",
+        f'address = "127.0.0.1:{cfg.network.internal_port}"',
+    ]
+    if cfg.tls.insecure:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{cfg.tls.ca_cert}"')
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    return home
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _flwr(args: list[str], env: dict[str, str], step: str) -> dict[str, object]:
+    out = subprocess.run(
+        [flower_bin("flwr"), *args, "--format", "json"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    try:
+        doc = json.loads(out.stdout[out.stdout.index("{"):]) if "{" in out.stdout else {}
+    except ValueError:
+        doc = {}
+    if out.returncode != 0 or not doc.get("success", False):
+        detail = (doc.get("error-message") or out.stderr or out.stdout).strip()[-400:]
+        raise DeployError(step, f"flwr {args[0]} failed: {detail}")
+    return doc
+
+
+def _wait_http(url: str, ca: Path | None, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca else None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeployError("superlink", f"flower-superlink exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, context=ctx, timeout=2):  # noqa: S310
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise DeployError("superlink", f"not ready at {url} after {timeout}s")
+
+
+def _register_sites(cfg: ServerConfig, roster: Roster, env: dict[str, str]) -> dict[int, str]:
+    path = cfg.coordinator.state_dir / NODES_FILE
+    nodes: dict[int, str] = (
+        {int(k): str(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+    )
+    registered_sites = set(nodes.values())
+    keys_dir = cfg.coordinator.state_dir / "site-keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    for site in roster.active():
+        if site.name in registered_sites:
+            continue
+        pub = keys_dir / f"{site.name}.pub"
+        pub.write_bytes(site.openssh_public_key() + b"\n")
+        doc = _flwr(["supernode", "register", str(pub), FEDERATION], env, f"register site {site.name}")
+        nodes[int(str(doc["node-id"]))] = site.name
+    for node_id, name in list(nodes.items()):
+        entry = roster.get(name)
+        if entry is None or entry.status != "active":
+            _flwr(["supernode", "unregister", str(node_id), FEDERATION], env, f"unregister {name}")
+            del nodes[node_id]
+    path.write_text(json.dumps({str(k): v for k, v in nodes.items()}, indent=1))
+    return nodes
+
+
+class RunOutcome:
+    def __init__(
+        self, status: str, rounds: list[dict[str, object]], model: str | None, audit_log: str | None = None
+    ) -> None:
+        self.status = status
+        self.rounds = rounds
+        self.model = model
+        self.audit_log = audit_log
+
+
+def _read_rounds(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def _deployment(
+    cfg: ServerConfig, roster: Roster
+) -> Iterator[tuple[dict[str, str], _Children, dict[int, str]]]:
+    """SuperLink up, sites registered, then the gateway opens (a site never races enrolment)."""
+    children = _Children()
+    gateway_server = None
+    try:
+        home = _flwr_home(cfg)
+        env = _env(home)
+        state = cfg.coordinator.state_dir
+        argv = [
+            flower_bin("flower-superlink"),
+            "--host", "127.0.0.1",
+            "--port", str(cfg.network.internal_port),
+            "--database", str(state / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+        if cfg.tls.insecure:
+            argv.append("--insecure")
+        else:
+            argv += [
+                "--ssl-ca-certfile", str(cfg.tls.ca_cert),
+                "--ssl-certfile", str(cfg.tls.server_cert),
+                "--ssl-keyfile", str(cfg.tls.server_key),
+                "--enable-supernode-auth",
+            ]
+        proc = children.start(argv, state / "superlink.log", env)
+        scheme = "http" if cfg.tls.insecure else "https"
+        _wait_http(
+            f"{scheme}://127.0.0.1:{cfg.network.internal_port}/health", cfg.tls.ca_cert, 60, proc
+        )
+        nodes = _register_sites(cfg, roster, env)
+        gw = FleetGateway(
+            f"{scheme}://127.0.0.1:{cfg.network.internal_port}",
+            cfg.tls.ca_cert,
+            cfg.limits.max_message_bytes,
+        )
+        gateway_server = gw.serve(
+            host=cfg.network.fleet_host,
+            port=cfg.network.fleet_port,
+            certfile=cfg.tls.server_cert,
+            keyfile=cfg.tls.server_key,
+        )
+        yield env, children, nodes
+    finally:
+        if gateway_server is not None:
+            gateway_server.should_exit = True
+        children.stop()
+
+
+def run_coordinator(
+    cfg: ServerConfig,
+    *,
+    resume: bool,
+    on_round: Callable[[dict[str, object]], None],
+    on_info: Callable[[str], None],
+    on_ready: Callable[[], None] | None = None,
+) -> RunOutcome:
+    """Start everything, run the configured rounds, stop everything. Blocks.
+
+    ``on_ready`` is called once the SuperLink and gateway are up and the sites registered,
+    before the run starts (the demo starts its sites there).
+
+    Raises:
+        DeployError: A step of the deployment failed (names the step).
+        fedseal.server.strategies.StrategyError: The strategy is refused or unknown.
+    """
+    check_strategy(cfg.run.strategy)
+    roster = Roster.load_or_create(cfg.coordinator.roster)
+    if len(roster.active()) < cfg.run.min_sites:
+        raise DeployError(
+            "roster", f"{len(roster.active())} active sites enrolled, run.min_sites = {cfg.run.min_sites}"
+        )
+    state = cfg.coordinator.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for name in (ROUNDS_FILE, STATUS_FILE):
+            (state / name).unlink(missing_ok=True)
+    with _deployment(cfg, roster) as (env, children, nodes):
+        on_info(f"SuperLink up on 127.0.0.1:{cfg.network.internal_port} (loopback only); "
+                f"fleet gateway on {cfg.network.fleet_host}:{cfg.network.fleet_port}; "
+                f"{len(nodes)} sites registered")
+        if on_ready is not None:
+            on_ready()
+        app_dir = _app_dir(cfg)
+        run_cfg = f'fedseal-config="{cfg.path}" fedseal-resume={"true" if resume else "false"}'
+        doc = _flwr(["run", str(app_dir), FEDERATION, "--run-config", run_cfg], env, "start run")
+        run_id = str(doc.get("run-id", ""))
+        on_info(f"Flower run {run_id} started")
+        seen = len(_read_rounds(state / ROUNDS_FILE))
+        status = "running"
+        last_poll = 0.0
+        while True:
+            rounds = _read_rounds(state / ROUNDS_FILE)
+            for rec in rounds[seen:]:
+                on_round(rec)
+            seen = len(rounds)
+            if any(p.poll() is not None for p in children.procs):
+                raise DeployError("superlink", "flower-superlink exited during the run")
+            st_path = state / STATUS_FILE
+            if st_path.exists():
+                with contextlib.suppress(ValueError, OSError):
+                    phase = json.loads(st_path.read_text()).get("phase")
+                    if phase in ("finished", "failed"):
+                        status = "finished:completed" if phase == "finished" else "finished:failed"
+                        break
+            # Flower's view of the run, less often (each `flwr` call costs a Python start-up):
+            # catches a ServerApp that died without writing its status.
+            if time.monotonic() - last_poll > 15:
+                last_poll = time.monotonic()
+                listing = _flwr(["list", FEDERATION, "--run-id", run_id], env, "poll run")
+                runs = listing.get("runs")
+                if isinstance(runs, list) and runs and str(runs[0].get("status", "")).startswith("finished"):
+                    status = str(runs[0]["status"])
+                    break
+            time.sleep(0.5)
+        rounds = _read_rounds(state / ROUNDS_FILE)
+        for rec in rounds[seen:]:
+            on_round(rec)
+        st_path = state / STATUS_FILE
+        st = json.loads(st_path.read_text()) if st_path.exists() else {}
+        return RunOutcome(status, rounds, st.get("model"), st.get("audit_log"))

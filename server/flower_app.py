@@ -1,0 +1,626 @@
+"""The coordinator's Flower ``ServerApp`` (Message API + ``Grid``).
+
+Flower loads ``fedseal.server.flower_app:app`` from the *installed* fedseal package (the run's
+FAB carries only a ``pyproject.toml`` naming this component; see :mod:`fedseal.server.deploy`).
+The run config carries one key, ``fedseal-config``: the absolute path of ``server.toml`` on the
+coordinator host, plus ``fedseal-resume`` (bool).
+
+A secure round (``run.secure = true``, the default) is driven by
+:class:`fedseal.protocol.SecAggServer` stage by stage: each stage's signed packets go out as
+``train.secagg`` messages (the first one also carries the global model and the training
+config), replies are fed to ``server.receive`` (a site that does not answer within
+``run.stage_timeout_s`` is a dropout), ``server.advance`` yields the next stage, and the secure
+weighted mean of the sites' deltas is handed to the Flower strategy as one synthetic reply.
+A failed round (``ProtocolError``: too few survivors, reconstruction failure) leaves the model
+unchanged. Evaluation and checkpointing then proceed as below.
+
+A plain round (``run.secure = false``; updates in the clear inside TLS)::
+
+    sample    online nodes that map to active enrolled sites (>= run.min_sites, else the round fails)
+    train     strategy.configure_train -> Grid.send_and_receive(timeout=run.stage_timeout_s)
+    validate  each reply: enrolled node, approved dataset root, exact names/shapes/dtypes,
+              finite values, 1 <= num-examples <= 10**9; a rejected reply is a dropout
+    aggregate streaming weighted mean (one float64 accumulator, O(model) memory), handed to the
+              strategy as one synthetic reply, so FedAvg/FedAvgM/FedProx/FedAdam/FedAdagrad/
+              FedYogi apply their server-side step to the mean
+    evaluate  federated evaluation (loss, accuracy, macro-F1), weighted by example count
+    commit    checkpoint (safetensors + JSON), one summary line in the log and rounds.jsonl
+
+Audit log (secure mode): ``state_dir/audit.sqlite`` (:mod:`fedseal.server.audit_hook`) gets the
+roster changes, the run start, every accepted/rejected envelope of each round (written after the
+state machine verified it, before the round result), each round result with a signed tree
+head, each checkpoint and the run end. An entry the log refuses disables audit logging for the
+rest of the run with an error in ``serverapp.log`` and ``status.json`` (training continues).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedseal.server.checkpoint import CheckpointStore, RunState, model_digest
+from fedseal.server.config import ServerConfig, load_server_config
+from fedseal.server.metrics import Metrics
+from fedseal.server.roster import Roster
+from fedseal.server.strategies import build_strategy
+
+__all__ = ["NODES_FILE", "ROUNDS_FILE", "STATUS_FILE", "app", "exchange", "run_federation"]
+
+log = logging.getLogger("fedseal.server")
+
+NODES_FILE = "nodes.json"
+STATUS_FILE = "status.json"
+ROUNDS_FILE = "rounds.jsonl"
+MAX_EXAMPLES = 10**9
+
+app = ServerApp()
+
+
+@app.main()
+def _main(grid: Grid, context: Context) -> None:
+    cfg = load_server_config(str(context.run_config["fedseal-config"]))
+    resume = bool(context.run_config.get("fedseal-resume", False))
+    run_federation(grid, cfg, resume=resume)
+
+
+class _FixedNodes:
+    """A view of the grid whose node list is the sample we chose (strategies sample from it)."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._ids = node_ids
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float, poll: float = 0.2) -> list[Message]:
+    """Push ``messages`` and collect replies until all arrived or ``timeout`` seconds passed.
+
+    Same contract as ``Grid.send_and_receive`` but polls every ``poll`` seconds (Flower's own
+    implementation sleeps 3 s between pulls, which adds up over a multi-stage round).
+    """
+    messages = list(messages)
+    log.info("exchange: pushing %d messages", len(messages))
+    pending = set(grid.push_messages(messages))
+    log.info("exchange: pushed; polling")
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if got:
+            log.info("exchange: %d replies, %d pending", len(got), len(pending))
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    return replies
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    site: str
+    num_examples: int
+
+
+class _Run:
+    def __init__(self, grid: Grid, cfg: ServerConfig) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.state_dir = cfg.coordinator.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.roster = Roster.load_or_create(cfg.coordinator.roster)
+        self.checkpoints = CheckpointStore(self.state_dir / "checkpoints")
+        self.metrics = Metrics.start(cfg.network.metrics_port)
+        self.node_sites = self._load_node_map()
+
+    def _load_node_map(self) -> dict[int, str]:
+        path = self.state_dir / NODES_FILE
+        doc = json.loads(path.read_text()) if path.exists() else {}
+        return {int(k): str(v) for k, v in doc.items()}
+
+    def status(self, **fields: Any) -> None:
+        tmp = self.state_dir / f".{STATUS_FILE}.tmp"
+        tmp.write_text(json.dumps({"secure": self.cfg.run.secure, "time": time.time(), **fields}))
+        os.replace(tmp, self.state_dir / STATUS_FILE)
+
+    def enrolled_online(self) -> list[int]:
+        active = {s.name for s in self.roster.active()}
+        return sorted(
+            n for n in self.grid.get_node_ids() if self.node_sites.get(int(n)) in active
+        )
+
+    def wait_for_sites(self, minimum: int, timeout: float, *, want_all: bool = False) -> list[int]:
+        """Wait until ``minimum`` enrolled sites are online (``want_all``: every active one,
+        falling back to ``minimum`` at the deadline)."""
+        deadline = time.monotonic() + timeout
+        goal = max(minimum, len(self.roster.active())) if want_all else minimum
+        while True:
+            nodes = self.enrolled_online()
+            if len(nodes) >= goal or time.monotonic() >= deadline:
+                return nodes
+            time.sleep(0.5)
+
+
+def _arrays_to_numpy(rec: ArrayRecord) -> dict[str, npt.NDArray[Any]]:
+    return {k: v.numpy() for k, v in rec.items()}
+
+
+def _numpy_to_record(arrays: Mapping[str, npt.NDArray[Any]]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _validate_reply(
+    run: _Run, msg: Message, reference: Mapping[str, npt.NDArray[Any]]
+) -> tuple[str, int, dict[str, npt.NDArray[Any]]] | str:
+    """Return (site, num_examples, arrays) or a rejection reason."""
+    if msg.has_error():
+        return "site-error"
+    site_name = run.node_sites.get(int(msg.metadata.src_node_id))
+    site = run.roster.get(site_name) if site_name else None
+    if site is None or site.status != "active":
+        return "unknown-site"
+    content = msg.content
+    try:
+        arrays_rec = content["arrays"]
+        metrics = content["metrics"]
+        info = content["site"]
+    except KeyError:
+        return "malformed"
+    if not isinstance(arrays_rec, ArrayRecord) or not isinstance(metrics, MetricRecord):
+        return "malformed"
+    if not isinstance(info, ConfigRecord):
+        return "malformed"
+    root = info.get("dataset-root")
+    if not isinstance(root, str) or root.lower() not in site.dataset_roots:
+        return "unapproved-dataset-root"
+    n = metrics.get("num-examples")
+    if not isinstance(n, int | float) or not 1 <= n <= MAX_EXAMPLES or int(n) != n:
+        return "bad-example-count"
+    if set(arrays_rec.keys()) != set(reference):
+        return "bad-shape"
+    arrays = {}
+    for k, ref in reference.items():
+        a = arrays_rec[k].numpy()
+        if a.shape != ref.shape or a.dtype != ref.dtype:
+            return "bad-shape"
+        if not np.isfinite(a).all():
+            return "non-finite"
+        arrays[k] = a
+    return site.name, int(n), arrays
+
+
+def _responsive(run: _Run, nodes: list[int], timeout: float) -> list[int]:
+    """The nodes that answer a ``query.ping`` within ``timeout`` (all of them, if they do sooner).
+
+    After a coordinator restart Flower still lists the previous session's nodes as online, and a
+    SuperNode may need many seconds to reconnect (its back-off grows while the SuperLink is
+    down); a round must not start before its cohort can actually be reached.
+    """
+    msgs = [
+        Message(RecordDict({"config": ConfigRecord({"ping": 1})}), dst_node_id=n, message_type="query.ping")
+        for n in nodes
+    ]
+    replies = exchange(run.grid, msgs, timeout)
+    alive = sorted({int(r.metadata.src_node_id) for r in replies if not r.has_error()})
+    log.info("ping: %d of %d sites answered", len(alive), len(nodes))
+    return alive
+
+
+def _train_config(cfg: ServerConfig, round_: int, run_id: str) -> ConfigRecord:
+    r = cfg.run
+    return ConfigRecord(
+        {
+            "run-id": run_id,
+            "round": round_,
+            "epochs": r.epochs,
+            "batch-size": r.batch_size,
+            "learning-rate": r.learning_rate,
+            "clip-norm": r.clip_norm,
+            "model": r.model,
+            "seed": r.seed,
+        }
+    )
+
+
+def _initial_model(run: _Run, nodes: list[int]) -> dict[str, npt.NDArray[Any]]:
+    """Ask one site to build the configured model from the run's seed (no torch here)."""
+    cfg = run.cfg
+    for node in nodes:
+        msg = Message(
+            RecordDict({"config": ConfigRecord({"model": cfg.run.model, "seed": cfg.run.seed})}),
+            dst_node_id=node,
+            message_type="query.initial_model",
+        )
+        replies = exchange(run.grid, [msg], cfg.run.stage_timeout_s)
+        for rep in replies:
+            rec = None if rep.has_error() else rep.content.get("arrays")
+            if isinstance(rec, ArrayRecord):
+                arrays = _arrays_to_numpy(rec)
+                if arrays and all(np.isfinite(a).all() for a in arrays.values()):
+                    return {k: a.astype(np.float32) for k, a in arrays.items()}
+        log.warning("site node %s gave no initial model; trying another", node)
+    raise RuntimeError("no site returned an initial model")
+
+
+def flat_model(arrays: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
+    """The model as one float32 vector, arrays in sorted-name order (the secure-round layout)."""
+    return np.concatenate([np.asarray(arrays[k], np.float32).ravel() for k in sorted(arrays)])
+
+
+def unflat_model(
+    flat: npt.NDArray[Any], like: Mapping[str, npt.NDArray[Any]]
+) -> dict[str, npt.NDArray[np.float32]]:
+    out, pos = {}, 0
+    for k in sorted(like):
+        n = like[k].size
+        out[k] = flat[pos : pos + n].reshape(like[k].shape).astype(np.float32)
+        pos += n
+    return out
+
+
+def flat_digest(flat: npt.NDArray[np.float32]) -> bytes:
+    """SHA-256 of the little-endian float32 bytes of the flattened model (``model_digest``)."""
+    return hashlib.sha256(np.ascontiguousarray(flat, dtype="<f4").tobytes()).digest()
+
+
+class _SecureCoordinator:
+    """Drives :class:`fedseal.protocol.SecAggServer` over the Flower grid, stage by stage."""
+
+    def __init__(self, run: _Run, run_id: str) -> None:
+        from fedseal.crypto.keys import load_private_key
+
+        self.run = run
+        self.run_id = bytes.fromhex(run_id)
+        pass_env = os.environ.get("FEDSEAL_COORDINATOR_PASSPHRASE")
+        self.key = load_private_key(run.cfg.coordinator.key, pass_env.encode() if pass_env else None)
+        self.audit: Any = None
+        self.last_aggregate: bytes | None = None
+
+    def audit_call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Write to the audit log; a refused entry disables it for this run, loudly."""
+        from fedseal.protocol.audit import AuditError
+
+        if self.audit is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except (AuditError, ValueError) as exc:
+            log.error("audit log refused %s (%s); audit logging disabled for this run", what, exc)
+            self.run.status(phase="running", audit_error=f"{what}: {exc}"[:300])
+            self.audit = None
+
+    def _roster(self) -> Any:
+        from fedseal.protocol import Roster as ProtoRoster
+        from fedseal.protocol import RosterEntry
+
+        return ProtoRoster(
+            RosterEntry(
+                site=s.name,
+                public_key=s.public_key,
+                approved_roots=frozenset(bytes.fromhex(r) for r in s.dataset_roots),
+                active=s.status == "active",
+            )
+            for s in self.run.roster.sites
+        )
+
+    def _config(self, length: int, cohort: int) -> Any:
+        from fedseal.protocol import ConfigError as ProtoConfigError
+        from fedseal.protocol import QuantizationConfig, RoundConfig
+
+        r = self.run.cfg.run
+        for bits in (32, 64):
+            cfg = RoundConfig(
+                vector_length=length,
+                quantization=QuantizationConfig.from_clip(r.update_clip, levels=r.quant_levels, modulus_bits=bits),
+                max_weight=r.max_weight,
+                threshold=r.threshold or None,
+                round_timeout_s=int(max(600, 10 * r.stage_timeout_s)),
+            )
+            try:
+                cfg.resolve(cohort)
+            except ProtoConfigError:
+                if bits == 64:
+                    raise
+                continue
+            return cfg
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def round(
+        self, rnd: int, nodes: list[int], arrays: Mapping[str, npt.NDArray[Any]], train_cfg: ConfigRecord,
+        rec: dict[str, Any],
+    ) -> npt.NDArray[np.float64] | None:
+        """One secure round; returns the weighted mean of the sites' deltas, or None if failed."""
+        from fedseal.protocol import ProtocolError, Rejection, SecAggServer
+
+        run, cfg = self.run, self.run.cfg
+        site_of = {n: run.node_sites[n] for n in nodes}
+        node_of = {s: n for n, s in site_of.items()}
+        flat = flat_model(arrays)
+        server = SecAggServer(
+            self._config(flat.size, len(nodes)), self._roster(), sorted(site_of.values()),
+            identity_key=self.key, run_id=self.run_id, round=rnd, model_digest=flat_digest(flat),
+            now=time.time(),
+        )
+        model_rec = _numpy_to_record(arrays)
+        payloads: dict[tuple[str, str], bytes] = {}
+        self.last_aggregate = None
+        try:
+            outbound = server.start()
+            stage = 0
+            while outbound:
+                stage_name = server.stage.value
+                msgs = []
+                for site, pkt in outbound.items():
+                    content = RecordDict({"secagg": ConfigRecord({"payload": pkt.payload})})
+                    if stage == 0:  # the setup carries the global model and training config
+                        content["arrays"] = model_rec
+                        content["config"] = train_cfg
+                    msgs.append(Message(content, dst_node_id=node_of[site], message_type="train.secagg"))
+                    run.metrics.bytes_sent.inc(len(pkt.payload))
+                ts = time.monotonic()
+                replies = exchange(run.grid, msgs, cfg.run.stage_timeout_s)
+                for reply in replies:
+                    site = site_of.get(int(reply.metadata.src_node_id))
+                    if site is None:
+                        continue
+                    sec = None if reply.has_error() else reply.content.get("secagg")
+                    payload = sec.get("payload") if isinstance(sec, ConfigRecord) else None
+                    if not isinstance(payload, bytes) or not payload:
+                        server.drop(site, "site error or empty reply")
+                        run.metrics.rejected.labels(reason="site-error").inc()
+                        continue
+                    bulk_rec = reply.content.get("bulk")
+                    bulk = bulk_rec["masked"].numpy() if isinstance(bulk_rec, ArrayRecord) and "masked" in bulk_rec else None
+                    run.metrics.bytes_received.inc(len(payload) + (bulk.nbytes if bulk is not None else 0))
+                    payloads[(site, stage_name)] = payload
+                    receipt = server.receive(site, payload, bulk)
+                    if isinstance(receipt, Rejection):
+                        run.metrics.rejected.labels(reason=type(receipt.error).__name__).inc()
+                        rec["rejected"] = rec.get("rejected", 0) + 1
+                        log.warning("round %d: rejected %s at %s: %s", rnd, site, stage_name, receipt.reason)
+                rec[f"{stage_name}_s"] = time.monotonic() - ts
+                run.metrics.stage_seconds.labels(stage=stage_name).observe(rec[f"{stage_name}_s"])
+                outbound = server.advance()
+                stage += 1
+            result = server.result
+        except ProtocolError as exc:
+            if self.audit is not None:
+                self.audit_call("envelopes", self.audit.envelopes, rnd, server.log, payloads)
+            log.warning("round %d failed cleanly: %s", rnd, exc)
+            rec["failure"] = str(exc)[:300]
+            return None
+        rec["accepted"] = len(result.survivors)
+        rec["sites"] = sorted(result.survivors)
+        rec["dropouts"] = len(result.dropouts)
+        rec["aggregate_digest"] = result.aggregate_digest.hex()
+        run.metrics.accepted.inc(len(result.survivors))
+        if self.audit is not None:
+            self.audit_call("envelopes", self.audit.envelopes, rnd, server.log, payloads)
+        self.last_aggregate = result.aggregate_digest
+        mean: npt.NDArray[np.float64] = np.asarray(result.weighted_mean, np.float64)
+        rec["total_weight"] = int(result.total_weight)
+        return mean
+
+
+def _summary(round_: int, total: int, rec: dict[str, Any]) -> str:
+    acc = rec.get("accuracy")
+    parts = [
+        f"round {round_}/{total}: {rec['outcome']}",
+        f"sites {rec['accepted']}/{rec['sampled']}",
+    ]
+    if rec.get("rejected"):
+        parts.append(f"rejected {rec['rejected']}")
+    if acc is not None:
+        parts.append(f"accuracy {acc:.4f} macro-F1 {rec['macro_f1']:.4f} loss {rec['loss']:.4f}")
+    parts.append(f"{rec['seconds']:.1f}s")
+    return ", ".join(parts)
+
+
+def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
+    """Run (or resume) the configured number of rounds. See the module docstring."""
+    run = _Run(grid, cfg)
+    handler = logging.FileHandler(run.state_dir / "serverapp.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    strategy = build_strategy(cfg.run.strategy, cfg.run.strategy_options, min_sites=cfg.run.min_sites)
+    if not cfg.run.secure:
+        log.warning(
+            "fedseal: run.secure = false: updates travel in the clear inside TLS "
+            "(plain FedAvg-style rounds)"
+        )
+    run.status(phase="waiting-for-sites", round=0)
+    nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s, want_all=True)
+    if len(nodes) < cfg.run.min_sites:
+        run.status(phase="failed", reason=f"only {len(nodes)} enrolled sites online")
+        raise RuntimeError(
+            f"only {len(nodes)} enrolled sites online after {cfg.run.sites_wait_timeout_s}s; "
+            f"run.min_sites = {cfg.run.min_sites}"
+        )
+    latest = run.checkpoints.latest() if resume else None
+    if latest is not None:
+        state, arrays = latest
+        history = list(state.history)
+        log.info("resuming run %s after committed round %d", state.run_id, state.round)
+        alive = _responsive(run, nodes, cfg.run.sites_wait_timeout_s)
+        if len(alive) < cfg.run.min_sites:
+            run.status(phase="failed", reason=f"only {len(alive)} sites answered after the restart")
+            raise RuntimeError(f"only {len(alive)} sites answered after the restart")
+    else:
+        arrays = _initial_model(run, nodes)
+        state = RunState(run_id=secrets.token_hex(16), round=0, model_digest=model_digest(arrays).hex())
+        history = []
+        run.checkpoints.commit(state, arrays)
+    run_id = state.run_id
+    secure = _SecureCoordinator(run, run_id) if cfg.run.secure else None
+    if secure is not None:
+        from fedseal.server.audit_hook import RunAudit
+
+        audit_path = run.state_dir / "audit.sqlite"
+        try:
+            secure.audit = RunAudit.open(audit_path, secure.key, run.roster)
+        except Exception as exc:  # a log that cannot be opened must not stop training; said loudly
+            log.error("audit log %s unavailable: %s", audit_path, exc)
+        if secure.audit is not None and latest is None:
+            secure.audit_call(
+                "run start", secure.audit.run_start, run_id, cfg.path.read_bytes(),
+                flat_digest(flat_model(arrays)), cfg.run.rounds,
+            )
+    rounds_log = run.state_dir / ROUNDS_FILE
+    for rnd in range(state.round + 1, cfg.run.rounds + 1):
+        t0 = time.monotonic()
+        run.status(phase="training", round=rnd, run_id=run_id)
+        nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s)
+        rec: dict[str, Any] = {"round": rnd, "sampled": len(nodes), "accepted": 0, "rejected": 0}
+        new_arrays = None
+        if len(nodes) >= cfg.run.min_sites and secure is not None:
+            mean_delta = secure.round(rnd, nodes, arrays, _train_config(cfg, rnd, run_id), rec)
+            if mean_delta is not None:
+                # The strategy sees one reply: the secure weighted mean of the sites' new models.
+                mean = unflat_model(flat_model(arrays).astype(np.float64) + mean_delta, arrays)
+                view = _FixedNodes(grid, nodes)
+                strategy.configure_train(rnd, _numpy_to_record(arrays), ConfigRecord(), view)  # type: ignore[arg-type, unused-ignore]
+                synthetic = Message(
+                    RecordDict(
+                        {
+                            "arrays": _numpy_to_record(mean),
+                            "metrics": MetricRecord({"num-examples": int(rec.get("total_weight", 1))}),
+                        }
+                    ),
+                    dst_node_id=0,
+                    message_type="train",
+                )
+                agg, _ = strategy.aggregate_train(rnd, [synthetic])
+                if agg is not None:
+                    new_arrays = {k: a.astype(np.float32) for k, a in _arrays_to_numpy(agg).items()}
+        elif len(nodes) >= cfg.run.min_sites:
+            view = _FixedNodes(grid, nodes)
+            msgs = list(
+                strategy.configure_train(
+                    rnd, _numpy_to_record(arrays), _train_config(cfg, rnd, run_id), view,  # type: ignore[arg-type, unused-ignore]
+                )
+            )
+            ts = time.monotonic()
+            replies = exchange(grid, msgs, cfg.run.stage_timeout_s)
+            rec["train_s"] = time.monotonic() - ts
+            run.metrics.stage_seconds.labels(stage="train").observe(rec["train_s"])
+            acc: dict[str, npt.NDArray[np.float64]] = {
+                k: np.zeros(v.shape, np.float64) for k, v in arrays.items()
+            }
+            total = 0
+            accepted: list[_Accepted] = []
+            for reply in replies:
+                verdict = _validate_reply(run, reply, arrays)
+                if isinstance(verdict, str):
+                    run.metrics.rejected.labels(reason=verdict).inc()
+                    rec["rejected"] += 1
+                    log.warning("round %d: rejected reply from node %s: %s", rnd, reply.metadata.src_node_id, verdict)
+                    continue
+                site, n, upd = verdict
+                for k, a in upd.items():
+                    acc[k] += n * a.astype(np.float64)
+                total += n
+                accepted.append(_Accepted(site, n))
+                run.metrics.accepted.inc()
+            rec["accepted"] = len(accepted)
+            rec["sites"] = sorted(a.site for a in accepted)
+            if len(accepted) >= cfg.run.min_sites and total > 0:
+                mean = {k: (v / total).astype(np.float32) for k, v in acc.items()}
+                synthetic = Message(
+                    RecordDict(
+                        {
+                            "arrays": _numpy_to_record(mean),
+                            "metrics": MetricRecord({"num-examples": total}),
+                        }
+                    ),
+                    dst_node_id=0,
+                    message_type="train",
+                )
+                agg, _ = strategy.aggregate_train(rnd, [synthetic])
+                if agg is not None:
+                    new_arrays = {k: a.astype(np.float32) for k, a in _arrays_to_numpy(agg).items()}
+        if secure is not None and secure.audit is not None:
+            failed = "" if new_arrays is not None else str(rec.get("failure", "round failed"))
+            secure.audit_call(
+                "round result", secure.audit.round_result, rnd,
+                secure.last_aggregate if new_arrays is not None else None,
+                flat_digest(flat_model(new_arrays if new_arrays is not None else arrays)),
+                failed=failed,
+            )
+        if new_arrays is None:
+            rec.update(outcome="failed (too few valid updates; model unchanged)")
+            run.metrics.rounds_failed.inc()
+        else:
+            arrays = new_arrays
+            rec["outcome"] = "committed"
+            # Federated evaluation of the new global model.
+            view = _FixedNodes(grid, nodes)
+            emsgs = list(
+                strategy.configure_evaluate(
+                    rnd, _numpy_to_record(arrays), _train_config(cfg, rnd, run_id), view,  # type: ignore[arg-type, unused-ignore]
+                )
+            )
+            te = time.monotonic()
+            ereplies = [
+                r
+                for r in exchange(grid, emsgs, cfg.run.stage_timeout_s)
+                if not r.has_error()
+                and isinstance(r.content.get("metrics"), MetricRecord)
+                and run.node_sites.get(int(r.metadata.src_node_id)) is not None
+            ]
+            rec["evaluate_s"] = time.monotonic() - te
+            run.metrics.stage_seconds.labels(stage="evaluate").observe(rec["evaluate_s"])
+            agg_eval = strategy.aggregate_evaluate(rnd, ereplies) if ereplies else None
+            if agg_eval is not None:
+                rec["accuracy"] = float(agg_eval.get("accuracy", float("nan")))
+                rec["macro_f1"] = float(agg_eval.get("macro-f1", float("nan")))
+                rec["loss"] = float(agg_eval.get("loss", float("nan")))
+                run.metrics.accuracy.set(rec["accuracy"])
+            run.metrics.rounds.inc()
+            run.metrics.survivors.set(rec["accepted"])
+        rec["seconds"] = time.monotonic() - t0
+        if rec["outcome"] == "committed":
+            history.append({k: float(v) for k, v in rec.items() if isinstance(v, int | float)})
+            state = RunState(
+                run_id=run_id, round=rnd, model_digest=model_digest(arrays).hex(),
+                history=tuple(history),
+            )
+            path = run.checkpoints.commit(state, arrays)
+            if secure is not None and secure.audit is not None:
+                secure.audit_call(
+                    "checkpoint", secure.audit.checkpoint, rnd, flat_digest(flat_model(arrays)),
+                    hashlib.sha256(path.read_bytes()).digest(), path.name,
+                )
+            rec["checkpoint"] = str(path)
+        line = _summary(rnd, cfg.run.rounds, rec)
+        log.info("%s", line)
+        print(f"fedseal: {line}", flush=True)
+        with rounds_log.open("a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+    if secure is not None and secure.audit is not None:
+        secure.audit_call("run end", secure.audit.run_end)
+    if secure is not None and secure.audit is not None:
+        rec_audit: str | None = str(secure.audit.path)
+        secure.audit.close()
+    else:
+        rec_audit = None
+    final = run.checkpoints.model_path(state.round)
+    run.status(phase="finished", round=state.round, run_id=run_id, model=str(final), audit_log=rec_audit)
+    print(f"fedseal: finished; final model {final}", flush=True)

@@ -1,0 +1,65 @@
+"""Prometheus metrics of the coordinator (prometheus-client), on ``network.metrics_port``.
+
+Usage::
+
+    from fedseal.server.metrics import Metrics
+    m = Metrics.start(port=9464)           # port 0: metrics kept in-process, not served
+    m.rounds.inc(); m.rejected.labels(reason="unknown-root").inc()
+
+Names: ``fedseal_rounds_committed_total``, ``fedseal_rounds_failed_total``,
+``fedseal_stage_seconds{stage}``, ``fedseal_updates_accepted_total``,
+``fedseal_updates_rejected_total{reason}``, ``fedseal_round_survivors``,
+``fedseal_bytes_received_total``, ``fedseal_bytes_sent_total``, ``fedseal_global_accuracy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["Metrics"]
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    registry: CollectorRegistry
+    rounds: Counter
+    rounds_failed: Counter
+    stage_seconds: Histogram
+    accepted: Counter
+    rejected: Counter
+    survivors: Gauge
+    bytes_received: Counter
+    bytes_sent: Counter
+    accuracy: Gauge
+
+    @classmethod
+    def create(cls) -> Metrics:
+        reg = CollectorRegistry()
+        return cls(
+            registry=reg,
+            rounds=Counter("fedseal_rounds_committed", "Rounds committed", registry=reg),
+            rounds_failed=Counter("fedseal_rounds_failed", "Rounds abandoned", registry=reg),
+            stage_seconds=Histogram(
+                "fedseal_stage_seconds", "Duration of a round stage", ["stage"], registry=reg
+            ),
+            accepted=Counter("fedseal_updates_accepted", "Updates aggregated", registry=reg),
+            rejected=Counter(
+                "fedseal_updates_rejected", "Updates rejected", ["reason"], registry=reg
+            ),
+            survivors=Gauge("fedseal_round_survivors", "Sites in the last round", registry=reg),
+            bytes_received=Counter(
+                "fedseal_bytes_received", "Payload bytes received", registry=reg
+            ),
+            bytes_sent=Counter("fedseal_bytes_sent", "Payload bytes sent", registry=reg),
+            accuracy=Gauge("fedseal_global_accuracy", "Federated eval accuracy", registry=reg),
+        )
+
+    @classmethod
+    def start(cls, port: int, host: str = "127.0.0.1") -> Metrics:
+        """Create the metrics and serve them on ``host:port`` (not served if port is 0)."""
+        m = cls.create()
+        if port:
+            start_http_server(port, addr=host, registry=m.registry)
+        return m

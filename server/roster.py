@@ -1,0 +1,332 @@
+"""The coordinator's roster of enrolled sites, stored as one JSON file.
+
+Usage::
+
+    from fedseal.server.roster import Roster
+    roster = Roster.load_or_create(path)
+    roster = roster.enroll("hospital-a", public_key, ["ab" * 32], now_ms=...)
+    roster.save(path)                       # atomic replace, mode 0600
+    roster.active()                         # enrolled, not revoked
+
+Every change appends a hash-chained event to ``events`` (action, site, key id, dataset roots,
+time, SHA-256 of the previous event), so the history of the roster can be replayed into the
+audit log; nothing is ever deleted (revoking keeps the site, marked ``revoked``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedseal.crypto.keys import key_id, public_key_from_der, public_key_to_der
+
+__all__ = [
+    "MAX_ROSTER_BYTES",
+    "Roster",
+    "RosterError",
+    "RosterEvent",
+    "SiteEntry",
+    "validate_site_name",
+]
+
+MAX_ROSTER_BYTES = 64 << 20
+MAX_ROOTS_PER_SITE = 64
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+_GENESIS = b"\x00" * 32
+
+
+class RosterError(Exception):
+    """A roster operation or file is invalid.
+
+    Attributes:
+        site: The site concerned, or ``""``.
+        reason: What is wrong.
+    """
+
+    def __init__(self, site: str, reason: str) -> None:
+        super().__init__(f"site {site!r}: {reason}" if site else reason)
+        self.site = site
+        self.reason = reason
+
+
+def validate_site_name(name: str) -> str:
+    """Return ``name`` if it is 1-63 chars of ``[a-z0-9_-]`` starting alphanumeric.
+
+    Raises:
+        RosterError: Otherwise.
+    """
+    if not _NAME_RE.fullmatch(name):
+        raise RosterError(name, "site names are 1-63 characters of a-z, 0-9, '-', '_'")
+    return name
+
+
+def _validate_root(site: str, root: str) -> str:
+    root = root.lower()
+    if not _HEX64_RE.fullmatch(root):
+        raise RosterError(site, "a dataset root is 64 hex characters (SHA-256)")
+    return root
+
+
+@dataclass(frozen=True, slots=True)
+class SiteEntry:
+    """One enrolled site."""
+
+    name: str
+    public_key_der: bytes
+    dataset_roots: tuple[str, ...]
+    status: str  # "active" | "revoked"
+    enrolled_at_ms: int
+
+    @property
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        key: ec.EllipticCurvePublicKey = public_key_from_der(self.public_key_der)
+        return key
+
+    @property
+    def key_id_hex(self) -> str:
+        return bytes(key_id(self.public_key)).hex()
+
+    def openssh_public_key(self) -> bytes:
+        """The key in OpenSSH form (what Flower's SuperNode registration expects)."""
+        return self.public_key.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RosterEvent:
+    """One hash-chained roster change."""
+
+    seq: int
+    action: str  # "enroll" | "approve-root" | "revoke"
+    site: str
+    key_id: str
+    dataset_roots: tuple[str, ...]
+    time_ms: int
+    prev: str  # hex SHA-256 of the previous event's canonical JSON
+
+    def canonical(self) -> bytes:
+        doc = {
+            "action": self.action,
+            "dataset_roots": list(self.dataset_roots),
+            "key_id": self.key_id,
+            "prev": self.prev,
+            "seq": self.seq,
+            "site": self.site,
+            "time_ms": self.time_ms,
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.canonical()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Roster:
+    """An immutable roster value; every change returns a new one."""
+
+    sites: tuple[SiteEntry, ...] = ()
+    events: tuple[RosterEvent, ...] = ()
+
+    # -- queries ----------------------------------------------------------------------------
+    def get(self, name: str) -> SiteEntry | None:
+        return next((s for s in self.sites if s.name == name), None)
+
+    def active(self) -> tuple[SiteEntry, ...]:
+        return tuple(s for s in self.sites if s.status == "active")
+
+    def by_key_id(self, kid_hex: str) -> SiteEntry | None:
+        return next((s for s in self.sites if s.key_id_hex == kid_hex), None)
+
+    def digest(self) -> bytes:
+        """SHA-256 over the latest event (the head of the chain), or 32 zero bytes."""
+        return self.events[-1].digest() if self.events else _GENESIS
+
+    # -- changes ----------------------------------------------------------------------------
+    def _event(
+        self, action: str, site: str, kid: str, roots: tuple[str, ...], now_ms: int
+    ) -> RosterEvent:
+        return RosterEvent(
+            seq=len(self.events),
+            action=action,
+            site=site,
+            key_id=kid,
+            dataset_roots=roots,
+            time_ms=now_ms,
+            prev=self.digest().hex(),
+        )
+
+    def enroll(
+        self,
+        name: str,
+        public_key: ec.EllipticCurvePublicKey,
+        dataset_roots: Sequence[str],
+        *,
+        now_ms: int,
+    ) -> Roster:
+        """Enroll a new site, or approve more dataset roots for an existing active one.
+
+        Raises:
+            RosterError: Bad name or root, the key belongs to another site, the site is
+                revoked, or the site is enrolled with a different key.
+        """
+        validate_site_name(name)
+        roots = tuple(dict.fromkeys(_validate_root(name, r) for r in dataset_roots))
+        if not roots:
+            raise RosterError(name, "at least one approved dataset root is required")
+        der = public_key_to_der(public_key)
+        kid = bytes(key_id(public_key)).hex()
+        other = self.by_key_id(kid)
+        if other is not None and other.name != name:
+            raise RosterError(name, f"this key is already enrolled for site {other.name!r}")
+        existing = self.get(name)
+        if existing is None:
+            entry = SiteEntry(name, der, roots, "active", now_ms)
+            return Roster(
+                (*self.sites, entry),
+                (*self.events, self._event("enroll", name, kid, roots, now_ms)),
+            )
+        if existing.status != "active":
+            raise RosterError(name, "the site is revoked; enroll it under a new name")
+        if existing.public_key_der != der:
+            raise RosterError(name, "the site is enrolled with a different key; revoke it first")
+        merged = tuple(dict.fromkeys(existing.dataset_roots + roots))
+        if len(merged) > MAX_ROOTS_PER_SITE:
+            raise RosterError(name, f"more than {MAX_ROOTS_PER_SITE} approved dataset roots")
+        new_roots = tuple(r for r in roots if r not in existing.dataset_roots)
+        if not new_roots:
+            return self
+        updated = replace(existing, dataset_roots=merged)
+        return Roster(
+            tuple(updated if s.name == name else s for s in self.sites),
+            (*self.events, self._event("approve-root", name, kid, new_roots, now_ms)),
+        )
+
+    def revoke(self, name: str, *, now_ms: int) -> Roster:
+        """Mark a site revoked (kept on file so the history stays explainable).
+
+        Raises:
+            RosterError: If the site is unknown or already revoked.
+        """
+        existing = self.get(name)
+        if existing is None:
+            raise RosterError(name, "no such site")
+        if existing.status == "revoked":
+            raise RosterError(name, "already revoked")
+        updated = replace(existing, status="revoked")
+        return Roster(
+            tuple(updated if s.name == name else s for s in self.sites),
+            (*self.events, self._event("revoke", name, existing.key_id_hex, (), now_ms)),
+        )
+
+    # -- files ------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "sites": [
+                {
+                    "name": s.name,
+                    "public_key_der": s.public_key_der.hex(),
+                    "key_id": s.key_id_hex,
+                    "dataset_roots": list(s.dataset_roots),
+                    "status": s.status,
+                    "enrolled_at_ms": s.enrolled_at_ms,
+                }
+                for s in self.sites
+            ],
+            "events": [json.loads(e.canonical()) for e in self.events],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Roster:
+        """Parse and re-validate a roster document (hash chain included).
+
+        Raises:
+            RosterError: If anything is malformed or the event chain is broken.
+        """
+        try:
+            if doc.get("format") != 1:
+                raise RosterError("", "unknown roster format")
+            sites = []
+            for s in doc["sites"]:
+                name = validate_site_name(str(s["name"]))
+                der = bytes.fromhex(s["public_key_der"])
+                public_key_from_der(der)
+                roots = tuple(_validate_root(name, str(r)) for r in s["dataset_roots"])
+                if s["status"] not in ("active", "revoked"):
+                    raise RosterError(name, f"bad status {s['status']!r}")
+                sites.append(SiteEntry(name, der, roots, s["status"], int(s["enrolled_at_ms"])))
+            events = []
+            prev = _GENESIS
+            for i, e in enumerate(doc["events"]):
+                ev = RosterEvent(
+                    seq=int(e["seq"]),
+                    action=str(e["action"]),
+                    site=str(e["site"]),
+                    key_id=str(e["key_id"]),
+                    dataset_roots=tuple(str(r) for r in e["dataset_roots"]),
+                    time_ms=int(e["time_ms"]),
+                    prev=str(e["prev"]),
+                )
+                if ev.seq != i or ev.prev != prev.hex():
+                    raise RosterError(ev.site, f"roster event {i} breaks the hash chain")
+                prev = ev.digest()
+                events.append(ev)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, RosterError):
+                raise
+            raise RosterError("", f"malformed roster file: {type(exc).__name__}") from exc
+        if len({s.name for s in sites}) != len(sites):
+            raise RosterError("", "duplicate site names in roster file")
+        return cls(tuple(sites), tuple(events))
+
+    @classmethod
+    def load(cls, path: Path) -> Roster:
+        """Read a roster file.
+
+        Raises:
+            RosterError: If it cannot be read or is invalid.
+        """
+        try:
+            with path.open("rb") as f:
+                raw = f.read(MAX_ROSTER_BYTES + 1)
+        except OSError as exc:
+            raise RosterError("", f"cannot read roster {path}: {exc.strerror}") from exc
+        if len(raw) > MAX_ROSTER_BYTES:
+            raise RosterError("", f"roster {path} exceeds {MAX_ROSTER_BYTES} bytes")
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise RosterError("", f"roster {path} is not JSON") from exc
+        return cls.from_json(doc)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Roster:
+        return cls.load(path) if path.exists() else cls()
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temp file + fsync + rename), mode 0600."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(self.to_json(), indent=1, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".roster-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,30 @@
+"""Roster changes are mirrored into the audit log exactly once, across re-opens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedseal.crypto.auditlog import MerkleLogStore
+from fedseal.crypto.keys import generate_identity_key
+from fedseal.server.audit_hook import RunAudit
+from fedseal.server.roster import Roster
+
+
+def _size(path: Path) -> int:
+    with MerkleLogStore.open(path) as store:
+        return store.size
+
+
+def test_roster_events_reach_the_log_once_even_when_reopened(tmp_path: Path) -> None:
+    coordinator = generate_identity_key()
+    roster = Roster().enroll("site-a", generate_identity_key().public_key(), ["aa" * 32], now_ms=1)
+    roster = roster.enroll("site-b", generate_identity_key().public_key(), ["bb" * 32], now_ms=2)
+    path = tmp_path / "audit.sqlite"
+    RunAudit.open(path, coordinator, roster).close()
+    after_first = _size(path)
+    assert after_first == 3  # genesis + two enrolments
+    RunAudit.open(path, coordinator, roster).close()
+    assert _size(path) == after_first  # nothing mirrored twice
+    roster = roster.enroll("site-a", roster.sites[0].public_key, ["cc" * 32], now_ms=3).revoke("site-b", now_ms=4)
+    RunAudit.open(path, coordinator, roster).close()
+    assert _size(path) == after_first + 2  # new root for site-a, revocation of site-b

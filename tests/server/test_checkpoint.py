@@ -1,0 +1,69 @@
+"""Checkpoints: committed rounds survive, tampering and half-written files are detected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedseal.server.checkpoint import CheckpointError, CheckpointStore, RunState, model_digest
+
+
+def _arrays(v: float) -> dict[str, np.ndarray]:
+    return {"w": np.full((3, 2), v, np.float32), "b": np.arange(4, dtype=np.float32)}
+
+
+def test_the_latest_committed_round_is_loaded_back_exactly(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    for rnd in (0, 1, 2):
+        a = _arrays(rnd)
+        store.commit(RunState("r", rnd, model_digest(a).hex(), history=({"round": rnd},)), a)
+    latest = store.latest()
+    assert latest is not None
+    state, arrays = latest
+    assert state.round == 2 and state.run_id == "r"
+    np.testing.assert_array_equal(arrays["w"], _arrays(2)["w"])
+    assert state.history == ({"round": 2},)
+
+
+def test_no_checkpoint_gives_none(tmp_path: Path) -> None:
+    assert CheckpointStore(tmp_path / "absent").latest() is None
+
+
+def test_a_model_file_changed_after_commit_is_refused(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    a = _arrays(1)
+    path = store.commit(RunState("r", 1, model_digest(a).hex()), a)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="digest"):
+        store.latest()
+
+
+def test_a_model_without_its_state_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    a = _arrays(1)
+    store.commit(RunState("r", 1, model_digest(a).hex()), a)
+    b = _arrays(2)
+    store.commit(RunState("r", 2, model_digest(b).hex()), b)
+    store.state_path(2).unlink()  # killed between writing the model and the state
+    latest = store.latest()
+    assert latest is not None and latest[0].round == 1
+
+
+def test_the_model_digest_depends_on_names_shapes_and_values() -> None:
+    a = _arrays(1)
+    assert model_digest(a) == model_digest(dict(reversed(list(a.items()))))
+    assert model_digest(a) != model_digest({"w2": a["w"], "b": a["b"]})
+    assert model_digest(a) != model_digest({"w": a["w"].reshape(2, 3), "b": a["b"]})
+    assert model_digest(a) != model_digest(_arrays(1.5))
+
+
+def test_no_pickle_is_written(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    a = _arrays(1)
+    store.commit(RunState("r", 1, model_digest(a).hex()), a)
+    suffixes = {p.suffix for p in tmp_path.iterdir()}
+    assert suffixes <= {".safetensors", ".json", ""}

@@ -1,0 +1,56 @@
+"""fl-server's offline commands: init, enroll, roster, revoke, and the start-up refusal."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from fedseal.crypto.keys import generate_identity_key, save_public_key
+from fedseal.server.cli import app
+
+runner = CliRunner()
+
+
+def test_init_enroll_revoke_and_roster_work_together(tmp_path: Path) -> None:
+    coord = tmp_path / "coord"
+    assert runner.invoke(app, ["init", str(coord)]).exit_code == 0
+    for name in ("coordinator.key", "tls/server.key", "tls/ca.key"):
+        assert stat.S_IMODE((coord / name).stat().st_mode) == 0o600
+    assert runner.invoke(app, ["init", str(coord)]).exit_code == 2  # never overwrites
+    save_public_key(generate_identity_key().public_key(), tmp_path / "a.pub")
+    cfg = str(coord / "server.toml")
+    res = runner.invoke(
+        app, ["enroll", "--config", cfg, "--site", "site-a", "--key", str(tmp_path / "a.pub"), "--dataset-root", "ab" * 32]
+    )
+    assert res.exit_code == 0, res.output
+    assert runner.invoke(app, ["revoke", "--config", cfg, "--site", "site-a"]).exit_code == 0
+    doc = json.loads(runner.invoke(app, ["roster", "--config", cfg, "--json"]).stdout)
+    assert [(s["name"], s["status"]) for s in doc["sites"]] == [("site-a", "revoked")]
+    assert runner.invoke(app, ["revoke", "--config", cfg, "--site", "site-a"]).exit_code == 2
+
+
+def test_enrolling_with_a_bad_root_fails_with_a_message(tmp_path: Path) -> None:
+    coord = tmp_path / "coord"
+    runner.invoke(app, ["init", str(coord)])
+    save_public_key(generate_identity_key().public_key(), tmp_path / "a.pub")
+    res = runner.invoke(
+        app,
+        ["enroll", "--config", str(coord / "server.toml"), "--site", "site-a", "--key", str(tmp_path / "a.pub"),
+         "--dataset-root", "nothex"],
+    )
+    assert res.exit_code == 2
+    assert "64 hex" in res.output
+
+
+def test_run_refuses_a_robust_strategy_before_starting_anything(tmp_path: Path) -> None:
+    coord = tmp_path / "coord"
+    runner.invoke(app, ["init", str(coord)])
+    toml = coord / "server.toml"
+    toml.write_text(toml.read_text().replace('strategy = "FedAvg"', 'strategy = "FedMedian"'))
+    res = runner.invoke(app, ["run", "--config", str(toml)])
+    assert res.exit_code == 2
+    assert "median" in res.output and "individual" in res.output
+    assert not (coord / "state" / "superlink.log").exists()

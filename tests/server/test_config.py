@@ -1,0 +1,56 @@
+"""server.toml validation: good files load, bad ones name the offending key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedseal.server.cli import write_server_toml
+from fedseal.server.config import ConfigError, load_server_config
+
+
+def test_the_file_written_by_init_loads_with_paths_relative_to_it(tmp_path: Path) -> None:
+    write_server_toml(tmp_path / "server.toml", fleet_port=19092, internal_port=19091)
+    cfg = load_server_config(tmp_path / "server.toml")
+    assert cfg.network.fleet_port == 19092
+    assert cfg.network.internal_port == 19091
+    assert cfg.tls.ca_cert == tmp_path / "tls" / "ca.pem"
+    assert cfg.coordinator.state_dir == tmp_path / "state"
+    assert cfg.run.strategy == "FedAvg"
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ("[run]\nrounds = 0\n", "run.rounds"),
+        ("[run]\nrounds = 'five'\n", "run.rounds"),
+        ("[run]\nlearning_rate = -1.0\n", "run.learning_rate"),
+        ("[run]\nbogus = 1\n", "run.bogus"),
+        ("[network]\nfleet_port = 70000\n", "network.fleet_port"),
+        ("[network]\nfleet_port = 9091\ninternal_port = 9091\n", "network.internal_port"),
+        ("[limits]\nmax_message_bytes = 10\n", "limits.max_message_bytes"),
+        ("[run.strategy_options]\neta = 'x'\n", "run.strategy_options.eta"),
+    ],
+)
+def test_a_bad_value_fails_naming_the_key(tmp_path: Path, body: str, key: str) -> None:
+    tls = "[tls]\nca_cert='a'\nserver_cert='b'\nserver_key='c'\n"
+    (tmp_path / "s.toml").write_text(tls + body)
+    with pytest.raises(ConfigError) as info:
+        load_server_config(tmp_path / "s.toml")
+    assert info.value.key == key
+
+
+def test_tls_files_are_required_unless_insecure_is_explicit(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text("[run]\nrounds = 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_server_config(tmp_path / "s.toml")
+    assert info.value.key == "tls.ca_cert"
+    (tmp_path / "s.toml").write_text("[tls]\ninsecure = true\n")
+    assert load_server_config(tmp_path / "s.toml").tls.insecure is True
+
+
+def test_a_file_that_is_not_toml_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text("[run\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_server_config(tmp_path / "s.toml")
