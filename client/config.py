@@ -9,7 +9,9 @@ Layout (relative paths are resolved against the file's directory)::
 
     [site]          name (required), key = "site.key", passphrase_env = "", state_dir = "state"
     [coordinator]   superlink = "localhost:9092" (required), ca_cert = "ca.pem", insecure = false,
-                    public_key = "coordinator.pub"   # pinned: verifies the coordinator's signatures
+                    public_key = "coordinator.pub",  # pinned: verifies the coordinator's signatures
+                    audit_address = "coord:9095"     # optional: the coordinator's audit service;
+                                                     # when set, receipts are checked every round
     [data]          dataset_dir (required), approved_root (64 hex, required),
                     validation_fraction = 0.2
     [limits]        max_epochs = 5, max_batch_size = 512, max_learning_rate = 1.0,
@@ -62,6 +64,7 @@ class ClientConfig:
     limits: SiteLimits
     allowed_models: tuple[str, ...]
     runtime_port: int
+    audit_address: str | None = None
 
 
 def _get(sec: Mapping[str, Any], prefix: str, key: str, kind: type[T], default: T | None) -> T:
@@ -117,7 +120,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
     s = _sec(doc, "site")
     _known(s, "site", {"name", "key", "passphrase_env", "state_dir"})
     c = _sec(doc, "coordinator")
-    _known(c, "coordinator", {"superlink", "ca_cert", "insecure", "public_key"})
+    _known(c, "coordinator", {"superlink", "ca_cert", "insecure", "public_key", "audit_address"})
     d = _sec(doc, "data")
     _known(d, "data", {"dataset_dir", "approved_root", "validation_fraction"})
     lim = _sec(doc, "limits")
@@ -129,6 +132,12 @@ def load_client_config(path: str | Path) -> ClientConfig:
     if not _ADDR.fullmatch(superlink):
         raise ClientConfigError("coordinator.superlink", "must be host:port")
     insecure = _get(c, "coordinator", "insecure", bool, False)
+    audit_address: str | None = None
+    if "audit_address" in c:
+        audit_address = _get(c, "coordinator", "audit_address", str, None)
+        match = _ADDR.fullmatch(audit_address)
+        if match is None or not 1 <= int(match.group(2)) <= 65535:
+            raise ClientConfigError("coordinator.audit_address", "must be host:port (port 1-65535)")
     ca = None if insecure and "ca_cert" not in c else p(_get(c, "coordinator", "ca_cert", str, "ca.pem"))
     root = _get(d, "data", "approved_root", str, None).lower()
     if not _HEX64.fullmatch(root):
@@ -171,4 +180,5 @@ def load_client_config(path: str | Path) -> ClientConfig:
         limits=limits,
         allowed_models=tuple(models),
         runtime_port=port,
+        audit_address=audit_address,
     )

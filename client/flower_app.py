@@ -17,6 +17,12 @@ Message types handled:
   the masked-input stage); the masked vector travels beside the envelope as an array.
 * ``evaluate`` – loss, accuracy and macro-F1 of the global weights on the local validation part.
 
+Receipts (``[coordinator] audit_address`` set, :class:`fedseal.client.receipts.SiteReceipts`):
+a secure round's setup first retries unfinished checks and is refused once the site is blocked;
+the exact payload of the site's signed masked-input envelope is kept; the ``evaluate`` message
+of a committed round, sent only after the coordinator signed the tree head over the round
+result, triggers the check that this payload is an accepted entry of the signed log.
+
 Every input is checked before use: config types and ranges, array names and shapes against the
 locally built model. A malformed message is answered with a Flower error reply, never a crash.
 """
@@ -36,6 +42,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedseal.client.models import build_model, load_numpy_state_dict, state_dict_to_numpy
+from fedseal.client.receipts import SiteReceipts
 from fedseal.client.site_data import SiteData
 from fedseal.client.training import SiteLimits, TrainRequest, evaluate, train
 
@@ -54,8 +61,10 @@ class SiteRuntime:
     allowed_models: tuple[str, ...] = ("mlp", "cnn")
     identity_key: ec.EllipticCurvePrivateKey | None = None
     coordinator_key: ec.EllipticCurvePublicKey | None = None
+    receipts: SiteReceipts | None = None
     _models: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
     _session: Any = None
+    _round: tuple[bytes, int] = (b"", 0)
 
     def model(self, name: str, seed: int) -> nn.Module:
         if name not in self.allowed_models:
@@ -84,6 +93,17 @@ def _get(rec: ConfigRecord, key: str, kind: type, lo: float, hi: float) -> Any:
     if not lo <= float(value) <= hi:
         raise ValueError(f"config {key!r} out of range")
     return value
+
+
+def _run_id(rec: ConfigRecord) -> bytes:
+    raw = rec.get("run-id")
+    try:
+        run_id = bytes.fromhex(raw) if isinstance(raw, str) else b""
+    except ValueError:
+        run_id = b""
+    if len(run_id) != 16:
+        raise ValueError("config 'run-id' must be 32 hex characters")
+    return run_id
 
 
 def _model_name(rec: ConfigRecord) -> str:
@@ -177,6 +197,10 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
                 )
             )
             round_ = _get(rec, "round", int, 0, 10**9)
+            runtime._session = None  # a refused setup leaves no session of an earlier round
+            if runtime.receipts is not None:
+                runtime.receipts.before_round()  # raises (an error reply) once blocked
+            runtime._round = (_run_id(rec), round_)
 
             def update_fn(info: RoundInfo) -> LocalUpdate:
                 if info.model_digest != hashlib.sha256(global_flat.astype("<f4").tobytes()).digest():
@@ -200,6 +224,14 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         if runtime._session is None:
             raise ValueError("secagg stage without a round setup")
         reply = runtime._session.handle(payload)
+        if reply is not None and reply.bulk is not None and runtime.receipts is not None:
+            # The masked input: keep the exact signed payload for the receipt check.
+            from fedseal.protocol import Limits
+            from fedseal.protocol.envelope import Envelope
+
+            run_id, round_ = runtime._round
+            sent = Envelope.from_bytes(reply.payload, Limits())
+            runtime.receipts.sent_masked_input(run_id, round_, sent.payload)
         content = RecordDict({"secagg": ConfigRecord({"payload": reply.payload if reply else b""})})
         if reply is not None and reply.bulk is not None:
             content["bulk"] = ArrayRecord({"masked": Array(np.ascontiguousarray(reply.bulk))})
@@ -208,6 +240,9 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
     @app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
         rec = _cfg(msg)
+        if runtime.receipts is not None and "run-id" in rec:
+            # Sent after the round result and its signed tree head: our input must be proven.
+            runtime.receipts.after_round(_run_id(rec), _get(rec, "round", int, 0, 10**9))
         model = _load_global(runtime, msg, rec)
         res = evaluate(model, runtime.data.x_val, runtime.data.y_val, num_classes=runtime.data.num_classes)
         metrics = MetricRecord(

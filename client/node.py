@@ -30,10 +30,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedseal.client.config import ClientConfig
+
+if TYPE_CHECKING:
+    from fedseal.client.receipts import SiteReceipts
 
 __all__ = ["SiteRunError", "run_site"]
 
@@ -209,9 +214,13 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
         coordinator_key = load_public_key(cfg.coordinator_key)
     except (KeyFormatError, OSError) as exc:
         raise SiteRunError("coordinator key", f"cannot load the pinned coordinator key: {exc}") from exc
+    receipts = _site_receipts(cfg, key, coordinator_key)  # type: ignore[arg-type, unused-ignore]
+    if receipts is not None:
+        on_info(f"site {cfg.name}: checking audit receipts at {cfg.audit_address} after every round")
     runtime = SiteRuntime(
         name=cfg.name, data=data, limits=cfg.limits, allowed_models=cfg.allowed_models,
         identity_key=key, coordinator_key=coordinator_key,  # type: ignore[arg-type, unused-ignore]
+        receipts=receipts,
     )
     app = make_client_app(runtime)
 
@@ -236,6 +245,8 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
         worker.join(timeout=5)
     finally:
         node.terminate()
+        if receipts is not None:
+            on_info(f"site {cfg.name}: {receipts.verified} audit receipts verified")
     proc = node.proc
     if proc is None:
         return 0
@@ -249,6 +260,48 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
             )
         raise SiteRunError("supernode", f"flower-supernode exited with code {proc.returncode}; see {node.log_path}")
     return 0
+
+
+def _site_receipts(
+    cfg: ClientConfig, key: ec.EllipticCurvePrivateKey, coordinator_key: ec.EllipticCurvePublicKey
+) -> SiteReceipts | None:
+    """The receipt checker over the coordinator's audit service, if ``audit_address`` is set.
+
+    Raises:
+        SiteRunError: The site is blocked by an earlier failed check, or the CA is unreadable.
+    """
+    if cfg.audit_address is None:
+        return None
+    import grpc
+
+    from fedseal.client.receipts import (
+        ContributionBlockedError,
+        GrpcAuditSource,
+        ReceiptChecker,
+        SiteReceipts,
+    )
+    from fedseal.protocol import MessageKind
+
+    checker = ReceiptChecker(
+        cfg.state_dir / "receipts", site=cfg.name, coordinator_key=coordinator_key,
+    )
+    try:
+        checker.ensure_may_contribute()
+    except ContributionBlockedError as exc:
+        raise SiteRunError("receipts", f"{exc}; see {cfg.state_dir / 'receipts'}") from exc
+    if cfg.insecure or cfg.ca_cert is None:
+        channel = grpc.insecure_channel(cfg.audit_address)
+    else:
+        try:
+            ca_pem = cfg.ca_cert.read_bytes()
+        except OSError as exc:
+            raise SiteRunError("receipts", f"cannot read coordinator.ca_cert: {exc}") from exc
+        channel = grpc.secure_channel(cfg.audit_address, grpc.ssl_channel_credentials(ca_pem))
+    source = GrpcAuditSource(
+        channel, site=cfg.name, key=key, clock=lambda: int(time.time() * 1000),
+        timeout_s=10.0,  # a check runs inside a stage; an unreachable service must not stall it
+    )
+    return SiteReceipts(checker, source, MessageKind.MASKED_INPUT.type_name)
 
 
 class _SuperNode:

@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +75,10 @@ __all__ = [
     "ReceiptChecker",
     "ReceiptError",
     "ReceiptPendingError",
+    "SiteReceipts",
 ]
+
+log = logging.getLogger("fedseal.client")
 
 _HEADS = "tree_heads.jsonl"
 _RECEIPTS = "receipts.jsonl"
@@ -317,6 +322,81 @@ class ReceiptChecker:
             },
         )
         return receipt
+
+
+class SiteReceipts:
+    """What ``fl-client run`` does with a :class:`ReceiptChecker` around each secure round.
+
+    Example::
+
+        receipts = SiteReceipts(checker, source)
+        receipts.before_round()                       # setup message: raises once blocked
+        receipts.sent_masked_input(run_id, r, payload)  # the signed payload, exact bytes
+        receipts.after_round(run_id, r)               # once the round result is out
+
+    A check that is merely pending (tree head not signed yet) or that cannot reach the audit
+    service is logged as an error and retried before the next round; any other failure is
+    logged as an error and blocks the site (:class:`ContributionBlockedError` from then on).
+    """
+
+    def __init__(self, checker: ReceiptChecker, source: AuditSource, message_type: str) -> None:
+        self._checker = checker
+        self._source = source
+        self._message_type = message_type
+        self._pending: dict[tuple[bytes, int], bytes] = {}
+        self._lock = threading.Lock()
+        self.verified = 0
+
+    def before_round(self) -> None:
+        """Retry unfinished checks, then refuse if the site is blocked.
+
+        Raises:
+            ContributionBlockedError: A receipt check failed (now or earlier).
+        """
+        for run_id, rnd in sorted(self._pending):
+            self.after_round(run_id, rnd)
+        try:
+            self._checker.ensure_may_contribute()
+        except ContributionBlockedError as exc:
+            log.error("refusing to contribute to this round: %s", exc)
+            raise
+
+    def sent_masked_input(self, run_id: bytes, round: int, payload: bytes) -> None:
+        """Remember the payload this site signed as its masked input of ``round``."""
+        with self._lock:
+            self._pending[(run_id, round)] = payload
+
+    def after_round(self, run_id: bytes, round: int) -> None:
+        """Check the receipt of ``round`` if this site sent a masked input in it (never raises:
+        the outcome is logged, and a failure blocks the site)."""
+        with self._lock:
+            payload = self._pending.get((run_id, round))
+            if payload is None:
+                return
+            try:
+                receipt = self._checker.check_round(
+                    self._source, run_id=run_id, round=round,
+                    message_type=self._message_type, payload=payload,
+                )
+            except ReceiptPendingError as exc:
+                log.error("round %d: receipt not yet provable, retried later: %s", round, exc)
+                return
+            except AuditServiceError as exc:
+                log.error("round %d: audit service unavailable, receipt retried later: %s", round, exc)
+                return
+            except ReceiptError as exc:
+                del self._pending[(run_id, round)]
+                log.error(
+                    "round %d: %s -- this site stops contributing until a person investigates "
+                    "and removes the BLOCKED file", round, exc,
+                )
+                return
+            del self._pending[(run_id, round)]
+            self.verified += 1
+            log.info(
+                "round %d: receipt verified: our masked input is entry %d under the signed tree "
+                "head of size %d", round, receipt.leaf_index, receipt.tree_size,
+            )
 
 
 # --- the gRPC client of the audit service ----------------------------------------------------

@@ -50,6 +50,8 @@ def write_server_toml(
     internal_port: int = 9091,
     metrics_port: int = 9464,
     fleet_host: str = "0.0.0.0",  # noqa: S104
+    audit_port: int = 9095,
+    audit_host: str = "0.0.0.0",  # noqa: S104
     run_overrides: dict[str, object] | None = None,
 ) -> None:
     """Write a server.toml with the layout ``fl-server init`` creates (paths relative)."""
@@ -90,7 +92,10 @@ def write_server_toml(
         f"fleet_host = {val(fleet_host)}",
         f"fleet_port = {fleet_port}",
         f"internal_port = {internal_port}",
+        'metrics_host = "127.0.0.1"',
         f"metrics_port = {metrics_port}",
+        f"audit_host = {val(audit_host)}",
+        f"audit_port = {audit_port}",
         "",
         "[run]",
         *(f"{k} = {val(v)}" for k, v in run.items()),

@@ -13,7 +13,9 @@ explicit. Layout (all keys optional except where noted)::
     [tls]           ca_cert, server_cert, server_key (required unless insecure = true)
     [network]       fleet_host = "0.0.0.0", fleet_port = 9092,   # the only port sites reach
                     internal_port = 9091,                          # SuperLink HTTP API, 127.0.0.1
-                    metrics_port = 9464                            # 0 disables
+                    metrics_host = "127.0.0.1", metrics_port = 9464,  # 0 disables
+                    audit_host = "0.0.0.0", audit_port = 9095      # gRPC audit service for
+                                                                   # the sites (TLS); 0 = ephemeral
     [run]           rounds, strategy, model, seed, min_sites, epochs, batch_size,
                     learning_rate, clip_norm, stage_timeout_s, sites_wait_timeout_s,
                     secure = true (SecAgg+ rounds; false = plain, updates in the clear),
@@ -83,6 +85,9 @@ class NetworkSection:
     fleet_port: int = 9092
     internal_port: int = 9091
     metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"
+    audit_host: str = "0.0.0.0"  # noqa: S104 - partner sites fetch their receipts here
+    audit_port: int = 9095
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,19 +192,38 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
     tls = TlsSection(insecure=insecure, **tls_paths)
 
     n = _section(doc, "network")
-    _unknown(n, "network", {"fleet_host", "fleet_port", "internal_port", "metrics_port"})
+    _unknown(
+        n,
+        "network",
+        {
+            "fleet_host", "fleet_port", "internal_port", "metrics_host", "metrics_port",
+            "audit_host", "audit_port",
+        },
+    )
     d = NetworkSection()
     network = NetworkSection(
         fleet_host=_typed(n, "network", "fleet_host", str, d.fleet_host),
         fleet_port=_typed(n, "network", "fleet_port", int, d.fleet_port),
         internal_port=_typed(n, "network", "internal_port", int, d.internal_port),
         metrics_port=_typed(n, "network", "metrics_port", int, d.metrics_port),
+        metrics_host=_typed(n, "network", "metrics_host", str, d.metrics_host),
+        audit_host=_typed(n, "network", "audit_host", str, d.audit_host),
+        audit_port=_typed(n, "network", "audit_port", int, d.audit_port),
     )
+    for host_key in ("fleet_host", "metrics_host", "audit_host"):
+        host = getattr(network, host_key)
+        if not host or len(host) > 253 or any(ch.isspace() or ch in "/:[]" for ch in host):
+            raise ConfigError(f"network.{host_key}", f"must be a host name or IPv4 address, got {host!r}")
     _ranged("network.fleet_port", network.fleet_port, 1, 65535)
     _ranged("network.internal_port", network.internal_port, 1, 65535)
     _ranged("network.metrics_port", network.metrics_port, 0, 65535)
+    _ranged("network.audit_port", network.audit_port, 0, 65535)
     if network.internal_port == network.fleet_port:
         raise ConfigError("network.internal_port", "must differ from network.fleet_port")
+    if network.audit_port in (network.fleet_port, network.internal_port, network.metrics_port or -1):
+        raise ConfigError(
+            "network.audit_port", "must differ from the fleet, internal and metrics ports"
+        )
 
     lim = _section(doc, "limits")
     _unknown(lim, "limits", {"max_message_bytes", "max_sites", "max_rounds"})

@@ -38,7 +38,7 @@ from fedseal.server.config import load_server_config
 from fedseal.server.deploy import DeployError, pdeathsig_preexec, run_coordinator
 from fedseal.server.roster import Roster
 
-__all__ = ["Federation", "free_port", "prepare_federation", "run_demo", "start_site"]
+__all__ = ["Federation", "free_port", "prepare_federation", "run_demo", "site_receipts", "start_site"]
 
 
 def free_port() -> int:
@@ -60,8 +60,10 @@ def _check(argv: list[str], what: str) -> str:
 
 
 def write_client_toml(
-    path: Path, *, name: str, superlink: str, ca: Path, dataset: Path, root: str, runtime_port: int
+    path: Path, *, name: str, superlink: str, ca: Path, dataset: Path, root: str, runtime_port: int,
+    audit_address: str | None = None,
 ) -> None:
+    audit = [f'audit_address = "{audit_address}"'] if audit_address else []
     path.write_text(
         "\n".join(
             [
@@ -74,6 +76,7 @@ def write_client_toml(
                 f'superlink = "{superlink}"',
                 f'ca_cert = "{ca}"',
                 f'public_key = "{ca.parent.parent / "coordinator.pub"}"',
+                *audit,
                 "",
                 "[data]",
                 f'dataset_dir = "{dataset}"',
@@ -97,6 +100,19 @@ class Federation:
     fleet_port: int
     internal_port: int
     sites: tuple[Path, ...]  # each holds client.toml, site.key(.pub); data under workdir/data
+    audit_port: int | None = None  # the coordinator's audit service (secure runs)
+
+
+def site_receipts(site_dir: Path) -> list[dict[str, object]]:
+    """The receipts a prepared site verified (its ``state/receipts/receipts.jsonl``), in order.
+
+    Raises:
+        ValueError: If the file holds a line that is not JSON.
+    """
+    path = site_dir / "state" / "receipts" / "receipts.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def prepare_federation(
@@ -135,12 +151,16 @@ def prepare_federation(
         init_cmd(coord, san=["localhost", "127.0.0.1"], passphrase_env=None)
     fleet_port = fleet_port or free_port()
     internal_port = internal_port or free_port()
+    secure = bool((run_overrides or {}).get("secure", True))
+    audit_port = free_port() if secure else None
     write_server_toml(
         coord / "server.toml",
         fleet_port=fleet_port,
         internal_port=internal_port,
         metrics_port=0,
         fleet_host="127.0.0.1",
+        audit_host="127.0.0.1",
+        audit_port=audit_port or free_port(),
         run_overrides={"sites_wait_timeout_s": 60.0} | (run_overrides or {}),
     )
     cfg = load_server_config(coord / "server.toml")
@@ -162,10 +182,13 @@ def prepare_federation(
         write_client_toml(
             sdir / "client.toml", name=name, superlink=f"localhost:{fleet_port}", ca=ca,
             dataset=Path(site["dir"]).resolve(), root=site["root"], runtime_port=free_port(),
+            audit_address=f"localhost:{audit_port}" if audit_port else None,
         )
         site_dirs.append(sdir)
     roster.save(cfg.coordinator.roster)
-    return Federation(workdir, coord / "server.toml", ca, fleet_port, internal_port, tuple(site_dirs))
+    return Federation(
+        workdir, coord / "server.toml", ca, fleet_port, internal_port, tuple(site_dirs), audit_port
+    )
 
 
 def start_site(site_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -237,5 +260,15 @@ def run_demo(
     console.print(f"accuracy per round: {', '.join(f'{a:.3f}' for a in accs if isinstance(a, float))}")
     console.print(f"final model: {outcome.model}")
     console.print(f"audit log: {outcome.audit_log or 'none (see serverapp.log)'}")
+    if fed.audit_port is not None:
+        counts = {sdir.name: len(site_receipts(sdir)) for sdir in fed.sites}
+        console.print(
+            f"site receipts verified against signed tree heads: {sum(counts.values())} "
+            f"({', '.join(f'{k} {v}' for k, v in counts.items())})"
+        )
+        blocked = [sdir.name for sdir in fed.sites if (sdir / "state" / "receipts" / "BLOCKED").exists()]
+        if blocked:
+            console.print(f"[red]receipt check failed at {', '.join(blocked)}[/red] (see their fl-client.log)")
+            return 1
     console.print(f"logs: {workdir}/coordinator/state/superlink.log, {workdir}/sites/*/fl-client.log")
     return 0 if outcome.status == "finished:completed" else 1

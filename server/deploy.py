@@ -5,7 +5,16 @@ What runs where (Flower 1.42 deployment runtime)::
     fl-server run (this process)
      ├─ flower-superlink  --host 127.0.0.1 --port {internal_port}   TLS, --enable-supernode-auth
      │    └─ flower-superexec -> flwr-serverapp -> fedseal.server.flower_app:app (installed code)
-     └─ FleetGateway on {fleet_host}:{fleet_port}, TLS: forwards /v1/fleet/* only
+     ├─ FleetGateway on {fleet_host}:{fleet_port}, TLS: forwards /v1/fleet/* only
+     └─ audit service (gRPC, TLS with the server certificate) on {audit_host}:{audit_port}:
+        serves ``state_dir/audit.sqlite`` read-only to enrolled sites (secure runs only)
+
+The audit log is written by the ServerApp (:mod:`fedseal.server.audit_hook`), another process;
+``fl-server run`` creates it (genesis and roster entries) before submitting the run, then serves
+it read-only: each request re-reads the SQLite file, so sites see every signed tree head as soon
+as the ServerApp commits it. The roster the service authenticates sites against is the one the
+log records (:func:`fedseal.protocol.audit.roster_from_log`), so a revocation logged by the
+coordinator takes effect on the next request.
 
 Flower 1.42 serves Runtime (ServerAppIo), Control and Fleet on one HTTP port, so that port stays
 on loopback and sites reach only the gateway (see :mod:`fedseal.server.gateway`). Sites are
@@ -71,6 +80,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedseal.server.config import ServerConfig
 from fedseal.server.flower_app import NODES_FILE, ROUNDS_FILE, STATUS_FILE
@@ -78,9 +88,22 @@ from fedseal.server.gateway import FleetGateway
 from fedseal.server.roster import Roster
 from fedseal.server.strategies import check_strategy
 
-__all__ = ["DeployError", "RunOutcome", "flower_bin", "pdeathsig_preexec", "run_coordinator"]
+__all__ = [
+    "AUDIT_FILE",
+    "DeployError",
+    "RunOutcome",
+    "audit_service",
+    "flower_bin",
+    "pdeathsig_preexec",
+    "run_coordinator",
+]
+
+if TYPE_CHECKING:
+    from fedseal.crypto.auditlog import MerkleLogStore
+    from fedseal.protocol.roster import Roster as LogRoster
 
 FEDERATION = "fedseal"
+AUDIT_FILE = "audit.sqlite"
 
 
 class DeployError(Exception):
@@ -318,6 +341,86 @@ def _deployment(
         children.stop()
 
 
+class _LogRoster:
+    """The roster recorded in the log, re-derived only when the log has grown."""
+
+    def __init__(self, store: MerkleLogStore) -> None:
+        import threading
+
+        self._store = store
+        self._size = -1
+        self._roster: LogRoster | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> LogRoster:
+        from fedseal.protocol.audit import roster_from_log
+
+        with self._lock:
+            size = int(self._store.size)
+            if self._roster is None or size != self._size:
+                self._roster = roster_from_log(self._store)
+                self._size = size
+            return self._roster
+
+
+@contextlib.contextmanager
+def audit_service(cfg: ServerConfig, roster: Roster) -> Iterator[int | None]:
+    """Create the run's audit log if needed and serve it to the sites; yields the bound port.
+
+    Yields ``None`` (and serves nothing) when ``run.secure`` is false: plain runs keep no log.
+    The service uses the coordinator's TLS certificate (plaintext only with ``tls.insecure``).
+
+    Raises:
+        DeployError: The coordinator key, the log, the certificate or the port is unusable.
+    """
+    if not cfg.run.secure:
+        yield None
+        return
+    from fedseal.crypto.auditlog import MerkleLogStore
+    from fedseal.crypto.errors import KeyFormatError
+    from fedseal.crypto.keys import load_private_key
+    from fedseal.server.audit_hook import RunAudit
+    from fedseal.server.audit_service import TlsServerConfig, serve_audit_log
+
+    path = cfg.coordinator.state_dir / AUDIT_FILE
+    pass_env = os.environ.get("FEDSEAL_COORDINATOR_PASSPHRASE")
+    try:
+        key = load_private_key(cfg.coordinator.key, pass_env.encode() if pass_env else None)
+    except (KeyFormatError, OSError) as exc:
+        raise DeployError("audit service", f"cannot load the coordinator key: {exc}") from exc
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        RunAudit.open(path, key, roster).close()  # genesis + roster, before the ServerApp runs
+        store = MerkleLogStore.open(path, read_only=True)
+    except Exception as exc:  # any refusal of the log is fatal here, with its reason
+        raise DeployError("audit service", f"audit log {path} unusable: {exc}") from exc
+    server = None
+    try:
+        tls = None
+        if not cfg.tls.insecure:
+            if cfg.tls.server_cert is None or cfg.tls.server_key is None:
+                raise DeployError("audit service", "tls.server_cert and tls.server_key are required")
+            try:
+                tls = TlsServerConfig(cfg.tls.server_cert.read_bytes(), cfg.tls.server_key.read_bytes())
+            except OSError as exc:
+                raise DeployError("audit service", f"cannot read the TLS files: {exc}") from exc
+        address = f"{cfg.network.audit_host}:{cfg.network.audit_port}"
+        try:
+            server, port = serve_audit_log(
+                store, roster=_LogRoster(store), address=address, tls=tls,
+                clock=lambda: int(time.time() * 1000), insecure=cfg.tls.insecure,
+            )
+        except RuntimeError as exc:  # grpcio raises when the port cannot be bound
+            raise DeployError("audit service", f"cannot listen on {address}: {exc}") from exc
+        if port == 0:
+            raise DeployError("audit service", f"cannot listen on {address}")
+        yield port
+    finally:
+        if server is not None:
+            server.stop(grace=2).wait(5)
+        store.close()
+
+
 def run_coordinator(
     cfg: ServerConfig,
     *,
@@ -346,10 +449,13 @@ def run_coordinator(
     if not resume:
         for name in (ROUNDS_FILE, STATUS_FILE):
             (state / name).unlink(missing_ok=True)
-    with _deployment(cfg, roster) as (env, children, nodes):
+    with _deployment(cfg, roster) as (env, children, nodes), audit_service(cfg, roster) as audit_port:
         on_info(f"SuperLink up on 127.0.0.1:{cfg.network.internal_port} (loopback only); "
                 f"fleet gateway on {cfg.network.fleet_host}:{cfg.network.fleet_port}; "
                 f"{len(nodes)} sites registered")
+        if audit_port is not None:
+            on_info(f"audit service on {cfg.network.audit_host}:{audit_port} "
+                    f"(TLS={'off' if cfg.tls.insecure else 'on'})")
         if on_ready is not None:
             on_ready()
         app_dir = _app_dir(cfg)

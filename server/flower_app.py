@@ -127,7 +127,7 @@ class _Run:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.roster = Roster.load_or_create(cfg.coordinator.roster)
         self.checkpoints = CheckpointStore(self.state_dir / "checkpoints")
-        self.metrics = Metrics.start(cfg.network.metrics_port)
+        self.metrics = Metrics.start(cfg.network.metrics_port, cfg.network.metrics_host)
         self.node_sites = self._load_node_map()
 
     def _load_node_map(self) -> dict[int, str]:

@@ -33,6 +33,7 @@ state_dir = "$STATE"
 superlink = "coordinator:9092"
 ca_cert = "$KEYS/ca.pem"
 public_key = "$KEYS/coordinator.pub"
+audit_address = "coordinator:9095"
 
 [data]
 dataset_dir = "/data"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseal.server.demo import Federation, free_port, prepare_federation, start_site
+from fedseal.server.demo import Federation, free_port, prepare_federation, site_receipts, start_site
 
 from .conftest import BIN, Procs, read_rounds, tail, wait_for
 
@@ -151,3 +151,10 @@ def test_refusals_and_the_unreachable_control_api_while_a_run_completes_with_a_d
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 rounds completed" in out.stdout
+    # Every site proved, over the TLS audit service, that its accepted masked input of each
+    # committed round is in the log under a signed tree head consistent with the earlier ones.
+    for site_dir in fed.sites:
+        assert not (site_dir / "state" / "receipts" / "BLOCKED").exists(), tail(site_dir / "fl-client.log")
+        proven = {int(str(r["round"])) for r in site_receipts(site_dir)}
+        wanted = {int(str(r["round"])) for r in rounds if site_dir.name in list(r["sites"])}  # type: ignore[call-overload]
+        assert wanted and wanted <= proven, (site_dir.name, wanted, proven, tail(site_dir / "fl-client.log"))

@@ -18,6 +18,21 @@ def test_the_file_written_by_init_loads_with_paths_relative_to_it(tmp_path: Path
     assert cfg.tls.ca_cert == tmp_path / "tls" / "ca.pem"
     assert cfg.coordinator.state_dir == tmp_path / "state"
     assert cfg.run.strategy == "FedAvg"
+    assert cfg.network.audit_port == 9095
+    assert cfg.network.audit_host == "0.0.0.0"
+    assert cfg.network.metrics_host == "127.0.0.1"
+
+
+def test_the_audit_and_metrics_addresses_default_and_load(tmp_path: Path) -> None:
+    tls = "[tls]\nca_cert='a'\nserver_cert='b'\nserver_key='c'\n"
+    (tmp_path / "s.toml").write_text(tls)
+    net = load_server_config(tmp_path / "s.toml").network
+    assert (net.audit_host, net.audit_port, net.metrics_host) == ("0.0.0.0", 9095, "127.0.0.1")
+    (tmp_path / "s.toml").write_text(
+        tls + "[network]\naudit_host = '127.0.0.1'\naudit_port = 0\nmetrics_host = '0.0.0.0'\n"
+    )
+    net = load_server_config(tmp_path / "s.toml").network
+    assert (net.audit_host, net.audit_port, net.metrics_host) == ("127.0.0.1", 0, "0.0.0.0")
 
 
 @pytest.mark.parametrize(
@@ -30,6 +45,16 @@ def test_the_file_written_by_init_loads_with_paths_relative_to_it(tmp_path: Path
         ("[network]\nfleet_port = 70000\n", "network.fleet_port"),
         ("[network]\nfleet_port = 9091\ninternal_port = 9091\n", "network.internal_port"),
         ("[limits]\nmax_message_bytes = 10\n", "limits.max_message_bytes"),
+        ("[network]\naudit_port = 70000\n", "network.audit_port"),
+        ("[network]\naudit_port = -1\n", "network.audit_port"),
+        ("[network]\naudit_port = '9095'\n", "network.audit_port"),
+        ("[network]\naudit_port = 9092\n", "network.audit_port"),
+        ("[network]\naudit_port = 9464\n", "network.audit_port"),
+        ("[network]\naudit_host = ''\n", "network.audit_host"),
+        ("[network]\naudit_host = 'a b'\n", "network.audit_host"),
+        ("[network]\naudit_host = 7\n", "network.audit_host"),
+        ("[network]\nmetrics_host = 'x/y'\n", "network.metrics_host"),
+        ("[network]\nmetrics_host = true\n", "network.metrics_host"),
         ("[run.strategy_options]\neta = 'x'\n", "run.strategy_options.eta"),
     ],
 )
