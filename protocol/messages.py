@@ -270,6 +270,20 @@ class AdvertBundle(_Message):
         return cls(header=header, adverts=tuple(r.blob(MAX_INNER_ENVELOPE_BYTES) for _ in range(n)))
 
 
+def _write_site_blobs(w: Writer, items: tuple[tuple[SiteId, bytes], ...]) -> None:
+    w.count(len(items))
+    for site, ct in items:
+        w.text(site).blob(ct)
+
+
+def _read_site_blobs(r: Reader, limits: Limits, what: str) -> tuple[tuple[SiteId, bytes], ...]:
+    """Decode ciphertexts keyed by site id, in strictly increasing site order."""
+    n = r.count(limits.max_cohort)
+    items = tuple((_read_site(r, limits), r.blob(limits.max_ciphertext_bytes)) for _ in range(n))
+    _check_sorted([s for s, _ in items], what)
+    return items
+
+
 @dataclass(frozen=True, slots=True)
 class EncryptedShares(_Message):
     """Site -> coordinator: one AEAD ciphertext (share pair) per neighbour, keyed by recipient."""
@@ -279,18 +293,11 @@ class EncryptedShares(_Message):
     items: tuple[tuple[SiteId, bytes], ...]
 
     def _encode_body(self, w: Writer) -> None:
-        w.count(len(self.items))
-        for site, ct in self.items:
-            w.text(site).blob(ct)
+        _write_site_blobs(w, self.items)
 
     @classmethod
     def _decode_body(cls, header: Header, r: Reader, limits: Limits) -> EncryptedShares:
-        n = r.count(limits.max_cohort)
-        items = tuple(
-            (_read_site(r, limits), r.blob(limits.max_ciphertext_bytes)) for _ in range(n)
-        )
-        _check_sorted([s for s, _ in items], "encrypted shares")
-        return cls(header=header, items=items)
+        return cls(header=header, items=_read_site_blobs(r, limits, "encrypted shares"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,18 +309,11 @@ class ShareDelivery(_Message):
     items: tuple[tuple[SiteId, bytes], ...]
 
     def _encode_body(self, w: Writer) -> None:
-        w.count(len(self.items))
-        for site, ct in self.items:
-            w.text(site).blob(ct)
+        _write_site_blobs(w, self.items)
 
     @classmethod
     def _decode_body(cls, header: Header, r: Reader, limits: Limits) -> ShareDelivery:
-        n = r.count(limits.max_cohort)
-        items = tuple(
-            (_read_site(r, limits), r.blob(limits.max_ciphertext_bytes)) for _ in range(n)
-        )
-        _check_sorted([s for s, _ in items], "share delivery")
-        return cls(header=header, items=items)
+        return cls(header=header, items=_read_site_blobs(r, limits, "share delivery"))
 
 
 @dataclass(frozen=True, slots=True)
