@@ -7,10 +7,15 @@ Nothing is installed at test time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +84,37 @@ StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _co
 def load_all_strict(text: str) -> list[dict[str, Any]]:
     """Every non-empty YAML document in ``text``, duplicate keys rejected."""
     return [doc for doc in yaml.load_all(text, Loader=StrictLoader) if doc]
+
+
+@contextlib.contextmanager
+def tls_handshake_server(chain: Path, key: Path) -> Iterator[int]:
+    """A loopback TLS server that completes handshakes with ``chain``/``key``; yields its port."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(chain, key)
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(5)
+            try:
+                with ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass  # a client that refuses our certificate is the case under test
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        sock.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.server
 import re
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.deploytools import DEPLOY, REPO, VENV_BIN, require_tool, run
+from tests.deploy.deploytools import DEPLOY, REPO, VENV_BIN, require_tool, run, tls_handshake_server
 
 DOCKER = DEPLOY / "docker"
 DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile.*") if p.suffix != ".dockerignore")
@@ -233,29 +232,8 @@ def test_site_health_check_completes_tls_with_the_pinned_ca_and_checks_the_name(
     run(["bash", str(pki), "ca-init", "--ca", str(tmp_path / "ca")], check=True)
     run(["bash", str(pki), "server-cert", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "srv"),
          "--san", "ip:127.0.0.1"], check=True)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(tmp_path / "srv" / "server-chain.pem", tmp_path / "srv" / "server.key")
-    sock = socket.create_server(("127.0.0.1", 0))
-    sock.settimeout(0.1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = sock.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(5)
-            try:
-                with ctx.wrap_socket(conn, server_side=True):
-                    pass
-            except (ssl.SSLError, OSError):
-                pass
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        target = f"127.0.0.1:{sock.getsockname()[1]}"
+    with tls_handshake_server(tmp_path / "srv" / "server-chain.pem", tmp_path / "srv" / "server.key") as port:
+        target = f"127.0.0.1:{port}"
         ca = str(tmp_path / "ca" / "ca.pem")
         ok = healthcheck("site", {"FEDSEAL_SUPERLINK": target, "FEDSEAL_CA": ca})
         assert ok.returncode == 0, ok.stderr
@@ -263,10 +241,6 @@ def test_site_health_check_completes_tls_with_the_pinned_ca_and_checks_the_name(
         assert wrong.returncode == 1 and "not trusted" in wrong.stderr
         unset = healthcheck("site", {"FEDSEAL_CA": ca})
         assert unset.returncode == 1 and "FEDSEAL_SUPERLINK" in unset.stderr
-    finally:
-        stop.set()
-        t.join(timeout=5)
-        sock.close()
 
 
 def test_health_check_usage_error_exits_2() -> None:

@@ -9,7 +9,6 @@ import os
 import socket
 import ssl
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.deploy.deploytools import DEPLOY, require_tool, run
+from tests.deploy.deploytools import DEPLOY, require_tool, run, tls_handshake_server
 
 PKI = DEPLOY / "pki" / "fedseal-pki"
 ROOT_HEX = "ab" * 32
@@ -46,33 +45,8 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory, openssl: str) -> Path:
 @pytest.fixture
 def tls_server(pki_dir: Path) -> Iterator[int]:
     """A loopback TLS server presenting the fedseal-pki server certificate; yields its port."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(pki_dir / "srv" / "server-chain.pem", pki_dir / "srv" / "server.key")
-    sock = socket.create_server(("127.0.0.1", 0))
-    sock.settimeout(0.1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(5)
-            try:
-                with ctx.wrap_socket(conn, server_side=True):
-                    pass
-            except (ssl.SSLError, OSError):
-                pass
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield sock.getsockname()[1]
-    stop.set()
-    t.join(timeout=5)
-    sock.close()
+    with tls_handshake_server(pki_dir / "srv" / "server-chain.pem", pki_dir / "srv" / "server.key") as port:
+        yield port
 
 
 def handshake(port: int, ca: Path, name: str) -> None:
