@@ -6,7 +6,10 @@ unavoidable part measured in the same run: one plain float32 sum of the same N u
 vectors. The training callback (drawing the random update) is excluded from site time.
 
     .venv/bin/python -m bench protocol [--sites=100] [--length=1000000] [--dropout=0.1] [--seed=1]
-                                       [--degree=K] [--threshold=T]
+                                       [--degree=K] [--threshold=T] [--advert-dropouts=D]
+
+``--advert-dropouts=D`` makes ``D`` sites silent at the key-advert stage: the coordinator then
+starts a second setup attempt for the others (its cost lands in stage 1).
 
 ``--degree=2 --threshold=2 --dropout=0`` is the setting of the Flower reference numbers
 (3 shares incl. the site itself, threshold 2, no dropouts).
@@ -47,12 +50,13 @@ class DropAfterKeySharing(Behaviour):
         if stage is not ServerStage.SHARE or fed.server is None or fed.server.graph is None:
             return
         graph, t = fed.server.graph, fed.server.params.threshold
-        count = round(self.fraction * len(fed.sites))
+        members = sorted(graph.neighbours)
+        count = round(self.fraction * len(members))
         if count == 0:
             return
         for _ in range(1000):
-            picked = {fed.sites[i] for i in self.rng.choice(len(fed.sites), size=count, replace=False)}
-            if all(sum(1 for j in graph.of(s) if j not in picked) >= t for s in fed.sites):
+            picked = {members[i] for i in self.rng.choice(len(members), size=count, replace=False)}
+            if all(sum(1 for j in graph.of(s) if j not in picked) >= t for s in members):
                 break
         else:
             raise RuntimeError("no dropout set within the threshold")
@@ -66,8 +70,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--length", type=int, default=1_000_000)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--degree", type=int, default=None, help="neighbour-graph degree (default: automatic)")
-    parser.add_argument("--threshold", type=int, default=None, help="Shamir threshold (default: > 2k/3)")
+    parser.add_argument(
+        "--degree", type=int, default=None, help="neighbour-graph degree (default: automatic)"
+    )
+    parser.add_argument(
+        "--threshold", type=int, default=None, help="Shamir threshold (default: > 2k/3)"
+    )
+    parser.add_argument(
+        "--advert-dropouts", type=int, default=0, help="sites silent at the key adverts (restart)"
+    )
     args = parser.parse_args(argv)
     n, m = args.sites, args.length
     sites = [f"site-{i:03d}" for i in range(n)]
@@ -82,7 +93,10 @@ def main(argv: list[str]) -> None:
     training_s: dict[SiteId, float] = {}
 
     def update_vector(site: SiteId) -> np.ndarray:
-        return np.random.default_rng([args.seed, index[site]]).standard_normal(m, dtype=np.float32) * 0.1
+        return (
+            np.random.default_rng([args.seed, index[site]]).standard_normal(m, dtype=np.float32)
+            * 0.1
+        )
 
     def updates(site: SiteId, info: RoundInfo) -> LocalUpdate:
         t0 = time.process_time()
@@ -99,6 +113,7 @@ def main(argv: list[str]) -> None:
         rounding_rng=lambda s: np.random.default_rng([args.seed, 7, index[s]]),
         behaviour=behaviour,
         timer=time.process_time,
+        dropouts={ServerStage.ADVERTISE: sites[: args.advert_dropouts]},
     )
     wall0 = time.perf_counter()
     outcome = fed.run_round(1)
@@ -130,7 +145,8 @@ def main(argv: list[str]) -> None:
     print(
         f"N={n} sites, M={m:,} parameters, degree {fed.server.graph.degree if fed.server and fed.server.graph else '?'}, "
         f"threshold {fed.server.params.threshold if fed.server else '?'}, "
-        f"{len(behaviour.dropped)} sites dropped after key sharing, {len(result.survivors)} survivors; "
+        f"{len(behaviour.dropped)} sites dropped after key sharing, {len(result.survivors)} survivors, "
+        f"{result.setup_attempts} setup attempt(s) ({args.advert_dropouts} silent at the key adverts); "
         f"CPU seconds (time.process_time), one process; wall {wall:.1f} s\n"
     )
     print("| stage | sites, total CPU s | per site, ms | coordinator CPU s |")
@@ -138,7 +154,9 @@ def main(argv: list[str]) -> None:
     for key, label in STAGE_NAMES.items():
         c = client_stage.get(key, 0.0)
         print(f"| {label} | {c:.3f} | {1000 * c / active:.1f} | {server_stage.get(key, 0.0):.3f} |")
-    print(f"| **total protocol** | **{client_total:.3f}** | **{1000 * client_total / active:.1f}** | **{server_total:.3f}** |")
+    print(
+        f"| **total protocol** | **{client_total:.3f}** | **{1000 * client_total / active:.1f}** | **{server_total:.3f}** |"
+    )
     print(f"| baseline: plain float32 sum of the same {n} vectors | | | {baseline_s:.3f} |")
     print()
     print(
@@ -158,7 +176,9 @@ def main(argv: list[str]) -> None:
                 f"{ms:.1f} ms per site"
             )
     err = float(np.max(np.abs(result.weighted_mean - _float_mean(update_vector, result, config))))
-    print(f"max |dequantized mean - float mean| = {err:.2e} (bound: step = {config.quantization.step:.2e})")
+    print(
+        f"max |dequantized mean - float mean| = {err:.2e} (bound: step = {config.quantization.step:.2e})"
+    )
 
 
 def flower_masked_input_ms(update: np.ndarray, neighbours: int, reps: int = 3) -> float | None:

@@ -21,6 +21,8 @@ Coordinator side — the adapter seam (e.g. ``fedseal.server`` over Flower's
                 server.receive(site, reply.payload, reply.bulk)   # -> Accepted | Rejection
             outbound = server.advance()              # sites that did not reply = dropouts
                                                      # (or server.drop(site, reason) earlier)
+            # server.stage is ServerStage.ADVERTISE again after advance(): a new setup
+            # attempt (a cohort member did not advertise keys); the packets are round setups
         result = server.result                       # RoundResult
         new_weights = old_weights + result.weighted_mean   # any weighted-mean strategy
     except ProtocolError as exc:                     # ThresholdError, ReconstructionError
@@ -35,7 +37,11 @@ Coordinator side — the adapter seam (e.g. ``fedseal.server`` over Flower's
   :class:`Accepted`/:class:`Rejection` (content digests and signatures for the audit log).
 * :class:`RoundResult`: ``weighted_sum`` (float64), ``total_weight``, ``weighted_mean``,
   ``survivors``, ``weights``, ``dataset_roots``, ``clipped``/``clipped_total``,
-  ``aggregate``/``aggregate_digest`` (exact integer sum), ``dropouts``, ``rejections``.
+  ``aggregate``/``aggregate_digest`` (exact integer sum), ``dropouts``, ``rejections``,
+  ``setup_attempts`` and ``restarts`` (:class:`SetupRestart`, also in ``server.log``).
+* Sites accept only an advert bundle with every cohort member's advert; when a cohort
+  member does not advertise, ``advance()`` starts a new setup attempt (same round, attempt
+  number + 1, the sites that advertised, fresh keys), up to ``config.max_setup_attempts``.
 
 Site side (e.g. ``fedseal.client`` in a Flower ``ClientApp``), one session per round::
 
@@ -46,9 +52,14 @@ Site side (e.g. ``fedseal.client`` in a Flower ``ClientApp``), one session per r
         delta, n_examples = local_training(...)
         return LocalUpdate(vector=delta, example_count=n_examples, dataset_root=manifest_root)
 
+    guard = SetupGuard(SitePolicy())          # once per site process: caps setup attempts
     session = ClientSession(site_id, site_key, pinned_coordinator_public_key,
-                            update_fn=train, rng=rounding_generator)  # a numpy Generator
+                            update_fn=train, rng=rounding_generator,  # a numpy Generator
+                            guard=guard)
     reply = session.handle(message_bytes)     # -> Packet | None; send reply.payload (+ reply.bulk)
+
+A new setup attempt of the same round is handled by the same session (it answers with a
+fresh key advert); a fresh session for it works too as long as it shares the ``guard``.
 
 ``session.handle`` raises a :class:`ProtocolError` if the coordinator misbehaves (the site
 then reveals nothing more: ``session.stage`` is ``FAILED``). Where the ClientApp does not
@@ -63,34 +74,39 @@ round in memory with scripted dropouts and adversarial hooks.
 Known limits (by design, as in Bonawitz et al.): a site that sends its neighbours
 undecryptable shares makes them abort (they drop out; nothing leaks); a site that masks its
 input with other seeds than it committed to corrupts the aggregate like any poisoned update
-(input integrity is out of scope); a coordinator can leave key adverts out (each omission is a
-visible dropout) but cannot set the neighbour graph directly, since the graph seed hashes every
-forwarded signed advert and each advert holds fresh keys drawn by its site; each choice of
-omissions re-draws the graph, though, which helps a coordinator that colludes with sites to
-surround a target with them. Without ``pinned_peers`` a site trusts the coordinator's roster
+(input integrity is out of scope); a coordinator cannot set the neighbour graph: the graph
+seed hashes the signed adverts of every cohort member (sites refuse a bundle missing one), each
+holding fresh keys drawn by its site; it can force at most ``SitePolicy.max_setup_attempts``
+re-draws per round, each a signed, logged restart (bias bound in :mod:`fedseal.protocol.graph`),
+while a cohort member colluding with it can still grind its own advert after seeing the
+others' (last-revealer bias; see :mod:`fedseal.protocol.graph`). Without ``pinned_peers`` a site trusts the coordinator's roster
 for its peers' identity keys. Sites reveal shares only after survivor-set signatures from more
 than half the round's cohort (``config.consistency_quorum``), so a round also needs a majority
 of the sampled cohort to advertise, submit and sign; fewer fail it with ``ThresholdError``.
 """
 
 from .client import ClientSession, ClientStage, LocalUpdate, RoundInfo
-from .config import Limits, QuantizationConfig, RoundConfig, RoundParameters
+from .config import Limits, QuantizationConfig, RoundConfig, RoundParameters, SitePolicy
 from .errors import (
     BadSignatureError,
     BulkMismatchError,
+    CohortTooSmallError,
     ConfigError,
     CoordinatorMisbehaviourError,
     DecodeError,
     DuplicateMessageError,
+    IncompleteBundleError,
     ProtocolError,
     ReconstructionError,
     RevokedSignerError,
+    SetupAttemptError,
     StaleMessageError,
     ThresholdError,
     UnapprovedDatasetError,
     UnknownSignerError,
     VerificationError,
 )
+from .guard import SetupGuard
 from .roster import Roster, RosterEntry
 from .server import (
     Accepted,
@@ -99,6 +115,7 @@ from .server import (
     RoundResult,
     SecAggServer,
     ServerStage,
+    SetupRestart,
     VerifiedSubmission,
 )
 from .types import COORDINATOR, MessageKind, Packet, SiteId
@@ -110,11 +127,13 @@ __all__ = [
     "BulkMismatchError",
     "ClientSession",
     "ClientStage",
+    "CohortTooSmallError",
     "ConfigError",
     "CoordinatorMisbehaviourError",
     "DecodeError",
     "Dropout",
     "DuplicateMessageError",
+    "IncompleteBundleError",
     "Limits",
     "LocalUpdate",
     "MessageKind",
@@ -132,7 +151,11 @@ __all__ = [
     "RoundResult",
     "SecAggServer",
     "ServerStage",
+    "SetupAttemptError",
+    "SetupGuard",
+    "SetupRestart",
     "SiteId",
+    "SitePolicy",
     "StaleMessageError",
     "ThresholdError",
     "UnapprovedDatasetError",

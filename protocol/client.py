@@ -6,6 +6,7 @@ Usage: one :class:`ClientSession` per round; feed it every message the coordinat
 Transition table (stage, message kind accepted -> next stage, reply)::
 
     AWAIT_SETUP      ROUND_SETUP     -> AWAIT_ADVERTS    KEY_ADVERT
+    AWAIT_ADVERTS    ROUND_SETUP     -> AWAIT_ADVERTS    KEY_ADVERT  (new setup attempt)
     AWAIT_ADVERTS    ADVERT_BUNDLE   -> AWAIT_SHARES     ENCRYPTED_SHARES
     AWAIT_SHARES     SHARE_DELIVERY  -> AWAIT_SURVIVORS  MASKED_INPUT (+ bulk vector)
     AWAIT_SURVIVORS  SURVIVOR_SET    -> AWAIT_UNMASK     CONSISTENCY_SIGNATURE
@@ -15,16 +16,27 @@ Transition table (stage, message kind accepted -> next stage, reply)::
 Rules the site enforces (each violation raises a typed error):
     * every coordinator message is signed by the pinned coordinator key and binds this
       run, round, model digest, setup digest and this site as recipient;
-    * the round parameters are safe (threshold > half a neighbourhood, no wrap-around);
-    * every forwarded key advert is signed by the cohort member it names, binds the same
-      setup, and this site's own advert is forwarded unchanged (no key substitution);
+    * the round parameters are safe (threshold > half a neighbourhood, no wrap-around) and
+      the cohort holds at least ``SitePolicy.min_cohort`` sites (:class:`CohortTooSmallError`);
+    * setup attempts: a new setup for the same run, round and model while the site waits
+      for the advert bundle starts a new attempt (fresh ephemeral keys and seed); the site
+      answers only attempts ``0..max_setup_attempts-1`` (:class:`SetupAttemptError`), each
+      newer than the last it answered for that round and none after it shared keys in the
+      round (:class:`StaleMessageError`; see :mod:`fedseal.protocol.guard`);
+    * the advert bundle holds exactly one valid advert of *every* member of the signed
+      setup cohort (:class:`IncompleteBundleError` otherwise), each signed by the member it
+      names and binding the same setup, and this site's own advert unchanged (no key
+      substitution): having seen the adverts, a coordinator cannot re-draw the graph by
+      leaving some out;
     * the neighbour graph is computed locally from the signed adverts (never taken from
-      the coordinator); shares come only from neighbours;
+      the coordinator); shares come only from neighbours; the graph seed is part of the
+      survivor statement every site signs, so sites shown different bundles never reach
+      the consistency quorum;
     * at least ``t`` neighbours' shares arrived before the site masks its input;
     * it reveals shares only after valid signatures over the *same* survivor set it signed
       from ``max(t, n // 2 + 1)`` of the ``n`` cohort members (a majority, so a coordinator
       cannot collect them for two different sets; ``t`` alone allows that in a sparse
-      graph), and it refuses an advert bundle smaller than that quorum;
+      graph);
     * for each neighbour it reveals either the self-mask seed share (survivor) or the
       mask-key share (dropped), never both, never for a non-neighbour, and only once.
 
@@ -63,14 +75,22 @@ from fedseal.crypto.prg import add_mask_into
 from fedseal.crypto.shamir import Share, split_many
 from fedseal.crypto.signing import sign, verify
 
-from .config import Limits, QuantizationConfig, consistency_quorum, validate_parameters
+from .config import (
+    Limits,
+    QuantizationConfig,
+    SitePolicy,
+    consistency_quorum,
+    validate_parameters,
+)
 from .encoding import Reader, Writer
 from .envelope import Envelope, OpenedMessage, open_envelope, seal
 from .errors import (
+    CohortTooSmallError,
     ConfigError,
     CoordinatorMisbehaviourError,
     DecodeError,
     DuplicateMessageError,
+    IncompleteBundleError,
     ProtocolError,
     StaleMessageError,
     ThresholdError,
@@ -78,6 +98,7 @@ from .errors import (
     VerificationError,
 )
 from .graph import NeighbourGraph, build_graph, graph_seed
+from .guard import SetupGuard
 from .masking import (
     PAIR_DOMAIN,
     SEED_BYTES,
@@ -212,6 +233,10 @@ class ClientSession:
         pinned_peers: Optional site -> key id map; if given, the setup's cohort keys must match.
         expected_run: If given, the setup must be for this run id.
         min_round: If given, the setup's round must be at least this (no replay of old rounds).
+        policy: What setups the site accepts (attempt cap, minimum cohort); default
+            ``guard.policy`` if a guard is given, else :class:`SitePolicy()`.
+        guard: The site's :class:`~fedseal.protocol.guard.SetupGuard`, shared by its
+            sessions so the attempt cap spans sessions; default a private one.
     """
 
     def __init__(
@@ -228,6 +253,8 @@ class ClientSession:
         pinned_peers: Mapping[str, bytes] | None = None,
         expected_run: bytes | None = None,
         min_round: int | None = None,
+        policy: SitePolicy | None = None,
+        guard: SetupGuard | None = None,
     ) -> None:
         if not site:
             raise ValueError("site id must be non-empty")
@@ -244,6 +271,10 @@ class ClientSession:
         self._pinned = dict(pinned_peers) if pinned_peers is not None else None
         self._expected_run = expected_run
         self._min_round = min_round
+        if policy is None:
+            policy = guard.policy if guard is not None else SitePolicy()
+        self.policy = policy
+        self._guard = guard if guard is not None else SetupGuard(policy)
         self.stage = ClientStage.AWAIT_SETUP
         self.failure: ProtocolError | None = None
         self.clipped = 0
@@ -275,8 +306,12 @@ class ClientSession:
                 can pass what they received uniformly.
 
         Raises:
-            StaleMessageError: Wrong kind for this stage, other run/round, expired setup.
+            StaleMessageError: Wrong kind for this stage, other run/round, expired setup, a
+                setup attempt not newer than one answered (the session stays where it was).
             DuplicateMessageError: The same signed content arrived before.
+            SetupAttemptError, CohortTooSmallError, IncompleteBundleError: Setups beyond
+                the site's policy or a bundle missing a cohort member's advert (these are
+                :class:`CoordinatorMisbehaviourError`); the session moves to ``FAILED``.
             DecodeError, VerificationError, ThresholdError: The session moves to ``FAILED``.
         """
         if self.stage is ClientStage.FAILED:
@@ -284,12 +319,15 @@ class ClientSession:
                 "session already failed", site=self.site, stage=self.stage.value
             )
         expected_kind, next_stage = TRANSITIONS[self.stage]
+        expected: tuple[MessageKind, ...] = (expected_kind,)
+        if self.stage is ClientStage.AWAIT_ADVERTS:
+            expected = (expected_kind, MessageKind.ROUND_SETUP)
         round_ = self._setup.header.round if self._setup is not None else None
         try:
             opened = open_envelope(
                 payload,
                 self.limits,
-                expected=(expected_kind,),
+                expected=expected,
                 resolve_signer=self._coordinator_signer,
             )
             if opened.content_digest in self._seen:
@@ -302,10 +340,21 @@ class ClientSession:
             self.stage = ClientStage.FAILED
             raise
         self._seen.add(opened.content_digest)
-        if expected_kind is MessageKind.ROUND_SETUP:
+        if opened.envelope.kind is MessageKind.ROUND_SETUP:
             self._setup_envelope = bytes(payload)
+            next_stage = ClientStage.AWAIT_ADVERTS
         self.stage = next_stage
         return reply
+
+    @property
+    def attempt(self) -> int | None:
+        """The setup attempt this session answers (``None`` before a setup)."""
+        return self._setup.attempt if self._setup is not None else None
+
+    @property
+    def graph(self) -> NeighbourGraph | None:
+        """The neighbour graph this site computed from its advert bundle (``None`` before)."""
+        return self._graph
 
     @property
     def neighbours(self) -> tuple[SiteId, ...]:
@@ -460,6 +509,11 @@ class ClientSession:
             setup_digest=self._setup_digest,
         )
 
+    def _require_graph(self) -> NeighbourGraph:
+        if self._graph is None:
+            raise RuntimeError("no neighbour graph yet")
+        return self._graph
+
     def _require_setup(self) -> RoundSetup:
         if self._setup is None:
             raise RuntimeError("no setup yet")
@@ -538,6 +592,11 @@ class ClientSession:
         own = peers.get(self.site)
         if own is None:
             raise CoordinatorMisbehaviourError("this site is not in the round's cohort")
+        if len(peers) < self.policy.min_cohort:
+            raise CohortTooSmallError(
+                f"round setup cohort of {len(peers)} sites is below this site's minimum "
+                f"of {self.policy.min_cohort}"
+            )
         if public_key_to_der(own.public_key) != self._identity_der:
             raise CoordinatorMisbehaviourError("cohort lists a different key for this site")
         self._setup = setup
@@ -551,10 +610,26 @@ class ClientSession:
             raise StaleMessageError("setup for another run")
         if self._min_round is not None and h.round < self._min_round:
             raise StaleMessageError(f"setup for old round {h.round}")
+        current = self._setup
+        if current is not None:  # a new setup attempt while waiting for the advert bundle
+            c = current.header
+            if h.run_id != c.run_id or h.round != c.round:
+                raise StaleMessageError("a new setup attempt must be for the same run and round")
+            if setup.attempt <= current.attempt:
+                raise StaleMessageError(
+                    f"setup attempt {setup.attempt} is not newer than attempt {current.attempt}"
+                )
+            if h.model_digest != c.model_digest:
+                raise CoordinatorMisbehaviourError("a new setup attempt names another model")
         if self._now() > setup.expires_at:
             raise StaleMessageError("round setup has expired")
+        self._guard.check(h.run_id, h.round, setup.attempt)
         self._adopt_setup(setup)
-        h = setup.header
+        self._guard.admit(h.run_id, h.round, setup.attempt)
+        # Secrets of an earlier attempt are dropped: nothing of them was shared.
+        self._graph = None
+        self._held = {}
+        self._survivors = ()
         self._share_key = AgreementKey.generate(self._randbytes)
         self._mask_key = AgreementKey.generate(self._randbytes)
         self._seed = self._randbytes(SEED_BYTES)
@@ -613,19 +688,18 @@ class ClientSession:
                 raise CoordinatorMisbehaviourError("two key adverts for one site", site=owner)
             adverts[owner] = advert
             digests[owner] = digest
+        # Strict bundle: every cohort member's advert, so the graph seed is fixed by the
+        # signed setup and the sites' fresh keys; a coordinator that has seen the adverts
+        # cannot re-draw the graph by leaving some out (it must start a new, logged attempt).
+        missing = [m.site for m in setup.cohort if m.site not in adverts]
+        if missing:
+            raise IncompleteBundleError(
+                f"advert bundle lacks the adverts of {len(missing)} of the "
+                f"{len(setup.cohort)} cohort members",
+                site=missing[0],
+            )
         if digests.get(self.site) != self._advert_digest:
-            raise CoordinatorMisbehaviourError("this site's own key advert was dropped or replaced")
-        if len(adverts) < setup.params.min_survivors:
-            raise ThresholdError(
-                f"{len(adverts)} key adverts, fewer than min_survivors {setup.params.min_survivors}"
-            )
-        # Such a round can never collect the consistency quorum; refusing here stops a
-        # coordinator from placing this site among a hand-picked few before it shares.
-        quorum = consistency_quorum(setup.params.threshold, len(setup.cohort))
-        if len(adverts) < quorum:
-            raise ThresholdError(
-                f"{len(adverts)} key adverts, fewer than the consistency quorum {quorum}"
-            )
+            raise CoordinatorMisbehaviourError("this site's own key advert was replaced")
         for owner, advert in adverts.items():
             self._peers[owner].share_public = advert.share_public
             self._peers[owner].mask_public = advert.mask_public
@@ -633,6 +707,7 @@ class ClientSession:
             adverts, graph_seed(digests), setup.params.degree, setup.params.threshold
         )
         self._graph = graph
+        self._guard.mark_shared(setup.header.run_id, setup.header.round, setup.attempt)
         neighbours = graph.of(self.site)
         share_key, mask_key = self._share_key, self._mask_key
         if share_key is None or mask_key is None:
@@ -778,7 +853,9 @@ class ClientSession:
                 )
         self._survivors = survivors
         h = setup.header
-        statement = survivor_statement(h.run_id, h.round, self._setup_digest, survivors)
+        statement = survivor_statement(
+            h.run_id, h.round, self._setup_digest, self._require_graph().seed, survivors
+        )
         signature = sign(self._identity, SURVIVOR_STATEMENT_TYPE, statement)
         return Packet(self._seal(ConsistencySignature(header=self._header(), signature=signature)))
 
@@ -791,7 +868,9 @@ class ClientSession:
             raise CoordinatorMisbehaviourError(
                 "unmask request shows a different survivor set than was signed"
             )
-        statement = survivor_statement(h.run_id, h.round, self._setup_digest, self._survivors)
+        statement = survivor_statement(
+            h.run_id, h.round, self._setup_digest, self._require_graph().seed, self._survivors
+        )
         # t signatures do not force one view when the cohort holds two disjoint groups of t
         # (any sparse graph): a majority of the cohort does (each honest site signs once).
         needed = consistency_quorum(setup.params.threshold, len(setup.cohort))

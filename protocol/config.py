@@ -8,6 +8,10 @@
 * :class:`RoundConfig`: vector length, quantization, maximum weight (example count),
   neighbour-graph degree and Shamir threshold (``None`` = automatic), minimum survivors.
 
+:class:`SitePolicy` is the site-side counterpart: how many setup attempts per round a site
+answers (each is a fresh neighbour-graph draw a coordinator could choose among) and the
+smallest cohort it joins (a coordinator must not shrink a cohort to isolate a site).
+
 :meth:`RoundConfig.resolve` validates the configuration for a concrete cohort size and
 returns the :class:`RoundParameters` that go, signed, into the round setup message. The
 same checks run on a site when it receives the setup (a coordinator cannot propose a
@@ -26,6 +30,7 @@ __all__ = [
     "QuantizationConfig",
     "RoundConfig",
     "RoundParameters",
+    "SitePolicy",
     "consistency_quorum",
     "default_degree",
     "default_threshold",
@@ -33,6 +38,41 @@ __all__ = [
 ]
 
 MODULUS_BITS = (32, 64)
+
+MAX_SETUP_ATTEMPTS_LIMIT = 16
+"""Upper bound on ``max_setup_attempts`` (each attempt is one more graph draw)."""
+
+
+def _check_attempts(value: object, where: str) -> None:
+    if not isinstance(value, int) or not 1 <= value <= MAX_SETUP_ATTEMPTS_LIMIT:
+        raise ConfigError(
+            f"{where}.max_setup_attempts must be an integer in 1..{MAX_SETUP_ATTEMPTS_LIMIT}, "
+            f"got {value!r}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SitePolicy:
+    """What a site accepts from a coordinator's round setups (checked before it answers).
+
+    Attributes:
+        max_setup_attempts: Setup attempts per round the site answers: it answers only
+            attempt numbers ``0..max_setup_attempts-1``, each higher than the last it
+            answered for that round, so a coordinator can draw at most this many neighbour
+            graphs per round (see :mod:`fedseal.protocol.graph`). 1..16, default 3.
+        min_cohort: Smallest cohort (including this site) the site joins. At least 2,
+            default 3: with two sites the sum reveals the other site's input.
+    """
+
+    max_setup_attempts: int = 3
+    min_cohort: int = 3
+
+    def __post_init__(self) -> None:
+        _check_attempts(self.max_setup_attempts, "site_policy")
+        if not isinstance(self.min_cohort, int) or not 2 <= self.min_cohort <= 1 << 16:
+            raise ConfigError(
+                f"site_policy.min_cohort must be an integer in 2..65536, got {self.min_cohort!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +260,10 @@ class RoundConfig:
         complete_graph_max: Cohorts up to this size use the complete graph.
         round_timeout_s: Seconds a round setup stays valid (its ``expires_at``).
         limits: Size bounds for untrusted input.
+        max_setup_attempts: Setup attempts per round the coordinator makes: when cohort
+            members do not advertise keys it re-sends the setup to those that did (a new
+            attempt with fresh keys) until this many attempts are spent. 1..16, default 3;
+            sites answer at most their own :attr:`SitePolicy.max_setup_attempts`.
     """
 
     vector_length: int
@@ -231,6 +275,7 @@ class RoundConfig:
     complete_graph_max: int = 32
     round_timeout_s: int = 3600
     limits: Limits = field(default_factory=Limits)
+    max_setup_attempts: int = 3
 
     def resolve(self, cohort_size: int) -> RoundParameters:
         """Validate for ``cohort_size`` sites and fill in automatic values.
@@ -259,4 +304,5 @@ class RoundConfig:
         validate_parameters(params, cohort_size, self.limits)
         if self.round_timeout_s <= 0:
             raise ConfigError(f"round_timeout_s must be positive, got {self.round_timeout_s}")
+        _check_attempts(self.max_setup_attempts, "config")
         return params

@@ -16,6 +16,9 @@ Tree::
     │   ├── BulkMismatchError       bulk vector length, dtype or SHA-256 digest mismatch
     │   ├── UnapprovedDatasetError  dataset root not approved for that site
     │   └── CoordinatorMisbehaviourError  a request a correct coordinator never sends
+    │       ├── IncompleteBundleError     advert bundle misses a cohort member's advert
+    │       ├── SetupAttemptError         setup attempt beyond the site's cap
+    │       └── CohortTooSmallError       setup cohort below the site's minimum
     ├── StaleMessageError           other run, other round, other stage, expired
     ├── DuplicateMessageError       same signed content seen twice / second submission
     ├── ThresholdError              too few parties left for the round to complete
@@ -28,13 +31,16 @@ from __future__ import annotations
 __all__ = [
     "BadSignatureError",
     "BulkMismatchError",
+    "CohortTooSmallError",
     "ConfigError",
     "CoordinatorMisbehaviourError",
     "DecodeError",
     "DuplicateMessageError",
+    "IncompleteBundleError",
     "ProtocolError",
     "ReconstructionError",
     "RevokedSignerError",
+    "SetupAttemptError",
     "StaleMessageError",
     "ThresholdError",
     "UnapprovedDatasetError",
@@ -124,6 +130,23 @@ class CoordinatorMisbehaviourError(VerificationError):
     Examples: substituted key adverts, a survivor set without enough signatures,
     a request for both shares of one site, a request naming a non-neighbour.
     """
+
+
+class IncompleteBundleError(CoordinatorMisbehaviourError):
+    """The advert bundle lacks a valid advert of some member of the signed setup cohort.
+
+    A site accepts only a bundle holding every cohort member's advert, so a coordinator that
+    has seen the adverts cannot re-draw the neighbour graph by leaving some out; a
+    cohort member that did not advertise makes the coordinator start a new setup attempt.
+    """
+
+
+class SetupAttemptError(CoordinatorMisbehaviourError):
+    """A round setup's attempt number is at or beyond the site's ``max_setup_attempts``."""
+
+
+class CohortTooSmallError(CoordinatorMisbehaviourError):
+    """A round setup's cohort is smaller than the site's ``min_cohort`` (isolation attempt)."""
 
 
 class StaleMessageError(ProtocolError):

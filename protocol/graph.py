@@ -1,17 +1,44 @@
 """SecAgg+ neighbour graph, derived from a public seed the coordinator cannot choose.
 
 Rules:
-    1. The seed is ``SHA-256("fedseal/v1/graph-seed" || for each advertising site in
-       sorted order: u16 len || site id || signed-content digest of its key advert)``.
-       Each advert contains fresh ephemeral public keys drawn by the site, so the
-       coordinator learns the seed only after every advert is fixed, and every site
-       recomputes it from the forwarded, signed adverts. (A coordinator can still leave
-       adverts out; each omission is a visible dropout, bounded below by the threshold.)
-    2. Sites are placed on a ring in the order of ``SHA-256(seed || site id)``; each site's
+    1. The seed is ``SHA-256("fedseal/v1/graph-seed" || for each cohort member in sorted
+       order: u16 len || site id || signed-content digest of its key advert)``. Each advert
+       contains fresh ephemeral public keys drawn by the site and binds the setup digest
+       (cohort, parameters, attempt number), so the coordinator learns the seed only after
+       every advert is fixed, and every site recomputes it from the forwarded, signed
+       adverts.
+    2. Sites accept only an advert bundle holding the adverts of *every* member of the
+       signed setup cohort (:class:`~fedseal.protocol.errors.IncompleteBundleError`), so a
+       coordinator that has seen the adverts cannot re-draw the graph by leaving some out.
+       A bundle differing between sites (only possible with a cohort member that signs two
+       adverts) gives them different seeds; the seed is part of the survivor statement each
+       site signs, so no group of them reaches the consistency quorum and none reveals a
+       share.
+    3. Sites are placed on a ring in the order of ``SHA-256(seed || site id)``; each site's
        neighbours are the ``k/2`` nearest on either side (a Harary graph ``H_{k,m}``, as in
-       Bell et al., SecAgg+, CCS 2020). ``k >= m - 1`` gives the complete graph.
-    3. Neighbour lists are sorted by site id; the share a site hands its ``i``-th neighbour
+       Bell et al., SecAgg+, CCS 2020). ``k >= m - 1`` gives the complete graph (cohorts up
+       to ``complete_graph_max``, 32 by default: there the seed changes nothing).
+    4. Neighbour lists are sorted by site id; the share a site hands its ``i``-th neighbour
        has Shamir index ``i + 1``.
+
+Bias bound. A cohort member that does not advertise forces a new setup attempt (a fresh,
+signed ``RoundSetup`` with ``attempt + 1`` to the members that did advertise, who draw fresh
+keys: a new, independent seed). A coordinator can therefore make sites draw up to
+``SitePolicy.max_setup_attempts`` (default 3) independent graphs per round and continue with
+the one it likes (by withholding a member's advert to force the next attempt), but no more:
+sites answer only attempts ``0..max_setup_attempts-1``, each newer than the last they
+answered, none after they shared keys in the round (:mod:`fedseal.protocol.guard`), and
+never a cohort below ``SitePolicy.min_cohort``. Each attempt is visible: a signed setup that
+names its attempt number, and a :class:`~fedseal.protocol.server.SetupRestart` in the
+coordinator's log naming the sites left out. So for any set ``B`` of "bad" graphs (e.g. a
+target surrounded by colluders) of probability ``p`` under one draw, the coordinator alone
+lands in ``B`` with probability at most ``1 - (1 - p)**max_setup_attempts <=
+max_setup_attempts * p``.
+
+Residual (not closed here): a cohort member colluding with the coordinator can choose its
+own advert *after* seeing the honest ones (last-revealer bias) and so grind the seed by
+trying many ephemeral keys; closing that needs a commit-then-reveal of per-site graph
+nonces (one more round trip) or an external randomness beacon.
 """
 
 from __future__ import annotations

@@ -158,14 +158,21 @@ class RoundSetup(_Message):
     cohort: tuple[CohortMember, ...]
     params: RoundParameters
     expires_at: int
+    attempt: int = 0
 
     def body_bytes(self) -> bytes:
-        """The recipient-independent part (cohort and parameters)."""
+        """The recipient-independent part (cohort, parameters, attempt number u16).
+
+        The attempt number counts setups of one round (0 first): when cohort members do
+        not advertise keys, the coordinator sends a new setup to those that did. It is part
+        of the setup digest, so every later message binds its attempt.
+        """
         w = Writer()
         w.count(len(self.cohort))
         for m in self.cohort:
             w.text(m.site).blob(m.public_key_der)
         _encode_params(w, self.params, self.expires_at)
+        w.u16(self.attempt)
         return w.to_bytes()
 
     def _encode_body(self, w: Writer) -> None:
@@ -193,6 +200,7 @@ class RoundSetup(_Message):
         max_weight = r.u64()
         degree, threshold, min_survivors = r.u16(), r.u16(), r.u16()
         expires_at = r.u64()
+        attempt = r.u16()
         try:
             quant = QuantizationConfig(
                 clip_micros=clip_micros, levels=levels, modulus_bits=modulus_bits
@@ -207,7 +215,9 @@ class RoundSetup(_Message):
             threshold=threshold,
             min_survivors=min_survivors,
         )
-        return cls(header=header, cohort=cohort, params=params, expires_at=expires_at)
+        return cls(
+            header=header, cohort=cohort, params=params, expires_at=expires_at, attempt=attempt
+        )
 
 
 def setup_digest(run_id: bytes, round: int, model_digest: bytes, body: bytes) -> bytes:
@@ -368,11 +378,22 @@ class SurvivorSet(_Message):
 
 
 def survivor_statement(
-    run_id: bytes, round: int, setup_digest_: bytes, survivors: Sequence[str]
+    run_id: bytes,
+    round: int,
+    setup_digest_: bytes,
+    graph_seed_: bytes,
+    survivors: Sequence[str],
 ) -> bytes:
-    """The bytes each site signs in the consistency check (same for every signer)."""
+    """The bytes each site signs in the consistency check (same for every signer).
+
+    Binds the setup digest (cohort, parameters, attempt) and the neighbour-graph seed the
+    signer computed from its advert bundle, so sites shown different bundles (e.g. a
+    colluding site's two different adverts) sign different statements and none of them
+    reaches the quorum it needs before revealing shares.
+    """
     w = Writer()
     w.fixed(run_id, RUN_ID_BYTES).u32(round).fixed(setup_digest_, DIGEST_BYTES)
+    w.fixed(graph_seed_, DIGEST_BYTES)
     _write_sites(w, _sorted_sites(survivors))
     return w.to_bytes()
 

@@ -15,11 +15,26 @@ Stages and transitions (``advance()`` closes the current stage)::
 
     stage          accepts                  advance() sends          next
     ADVERTISE      KEY_ADVERT               ADVERT_BUNDLE            SHARE
+                   (a member was silent)    ROUND_SETUP (attempt+1)  ADVERTISE
     SHARE          ENCRYPTED_SHARES         SHARE_DELIVERY           MASKED_INPUT
     MASKED_INPUT   MASKED_INPUT + bulk      SURVIVOR_SET             CONSISTENCY
     CONSISTENCY    CONSISTENCY_SIGNATURE    UNMASK_REQUEST           UNMASK
     UNMASK         UNMASK_RESPONSE          (nothing: unmasks)       DONE
     any            --                       ThresholdError etc.      FAILED
+
+Setup attempts: sites accept only an advert bundle holding the adverts of *every* member
+of the signed setup cohort (so a coordinator cannot re-draw the neighbour graph by leaving
+adverts out). When some cohort members do not advertise (or are rejected), ``advance()``
+at the ADVERTISE close starts a new setup attempt for the same round: a fresh signed
+:class:`~fedseal.protocol.messages.RoundSetup` with ``attempt + 1`` (bound into its setup
+digest) and the parameters re-resolved for the sites that did advertise, which draw fresh
+keys. It needs at least ``min_survivors`` and the consistency quorum of the first attempt's
+cohort among them and at most ``config.max_setup_attempts`` attempts; otherwise the round
+fails with :class:`~fedseal.protocol.errors.ThresholdError`. Each restart is a
+:class:`SetupRestart` in ``log``, ``restarts`` and the result. The adapter recognises a new
+attempt by ``stage is ServerStage.ADVERTISE`` after ``advance()`` (as after ``start()``): the
+packets are round setups. A reply that binds an earlier attempt's setup is rejected with
+:class:`~fedseal.protocol.errors.StaleMessageError` without making the site a dropout.
 
 Rules:
     * :meth:`receive` never raises for bad peer input: it returns a :class:`Rejection`
@@ -47,6 +62,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import itertools
@@ -122,11 +138,13 @@ from .types import (
 __all__ = [
     "Accepted",
     "Dropout",
+    "LogEntry",
     "Receipt",
     "Rejection",
     "RoundResult",
     "SecAggServer",
     "ServerStage",
+    "SetupRestart",
     "StreamingSum",
     "VerifiedSubmission",
 ]
@@ -209,6 +227,26 @@ Receipt = Accepted | Rejection
 
 
 @dataclass(frozen=True, slots=True)
+class SetupRestart:
+    """A new setup attempt: some cohort members did not advertise keys.
+
+    Attributes:
+        attempt: The new attempt number (1 for the first restart).
+        cohort: The new attempt's cohort (the sites that advertised).
+        dropped: Cohort members of the previous attempt left out.
+        setup_digest: The new attempt's setup digest.
+    """
+
+    attempt: int
+    cohort: tuple[SiteId, ...]
+    dropped: tuple[SiteId, ...]
+    setup_digest: bytes
+
+
+LogEntry = Accepted | Rejection | SetupRestart
+
+
+@dataclass(frozen=True, slots=True)
 class Dropout:
     """A site that did not reply (or was rejected) in a stage."""
 
@@ -280,6 +318,8 @@ class RoundResult:
         aggregate_digest: SHA-256 of ``aggregate``'s little-endian bytes.
         dropouts: Every site that dropped out, with the stage and reason.
         rejections: Every rejected message or share, with its typed error.
+        setup_attempts: Setup attempts the round took (1 without restarts).
+        restarts: Each new setup attempt, with the sites left out.
     """
 
     run_id: bytes
@@ -294,6 +334,8 @@ class RoundResult:
     aggregate_digest: bytes
     dropouts: tuple[Dropout, ...]
     rejections: tuple[Rejection, ...]
+    setup_attempts: int = 1
+    restarts: tuple[SetupRestart, ...] = ()
 
     @property
     def weighted_mean(self) -> npt.NDArray[np.float64]:
@@ -362,10 +404,12 @@ class SecAggServer:
             if not entry.active:
                 raise ConfigError("cohort member is revoked", site=s)
         self.params: RoundParameters = config.resolve(len(sites))
+        self.initial_params: RoundParameters = self.params
         self.config = config
         self.limits = config.limits
         self.roster = roster
         self.cohort: tuple[SiteId, ...] = tuple(sites)
+        self.initial_cohort: tuple[SiteId, ...] = self.cohort
         self.run_id = bytes(run_id)
         self.round = round
         self.model_digest = bytes(model_digest)
@@ -386,13 +430,15 @@ class SecAggServer:
             expires_at=int(now) + config.round_timeout_s,
         )
         self.setup_digest = self._setup.digest
+        self._earlier_setups: set[bytes] = set()
+        self.restarts: list[SetupRestart] = []
         self.stage = ServerStage.SETUP
         self.failure: ProtocolError | None = None
         self.awaiting: frozenset[SiteId] = frozenset()
         self.accepted: dict[SiteId, Accepted] = {}
         self.rejections: list[Rejection] = []
         self.dropouts: list[Dropout] = []
-        self.log: list[Receipt] = []
+        self.log: list[LogEntry] = []
         self.graph: NeighbourGraph | None = None
         self._state: dict[SiteId, _SiteState] = {s: _SiteState() for s in sites}
         self._seen: set[bytes] = set()
@@ -409,8 +455,13 @@ class SecAggServer:
 
     @property
     def setup(self) -> RoundSetup:
-        """The round setup (its digest is bound by every later message)."""
+        """The current attempt's round setup (its digest is bound by every later message)."""
         return self._setup
+
+    @property
+    def attempt(self) -> int:
+        """The current setup attempt (0 first)."""
+        return self._setup.attempt
 
     @property
     def result(self) -> RoundResult:
@@ -430,13 +481,13 @@ class SecAggServer:
         """Send the signed round setup to every cohort member (stage 0)."""
         if self.stage is not ServerStage.SETUP:
             raise RuntimeError("round already started")
+        return self._send_setups()
+
+    def _send_setups(self) -> dict[SiteId, Packet]:
         out = {}
         for s in self.cohort:
-            setup = RoundSetup(
-                header=self._header(s, setup_digest=bytes(DIGEST_BYTES)),
-                cohort=self._setup.cohort,
-                params=self.params,
-                expires_at=self._setup.expires_at,
+            setup = dataclasses.replace(
+                self._setup, header=self._header(s, setup_digest=bytes(DIGEST_BYTES))
             )
             out[s] = Packet(seal(setup, self._identity))
         self._enter(ServerStage.ADVERTISE, self.cohort)
@@ -455,6 +506,7 @@ class SecAggServer:
             raise RuntimeError(f"no replies are collected in stage {self.stage.value}")
         sid = SiteId(site)
         digest: bytes | None = None
+        superseded = False
         try:
             opened = self._open(sid, payload)
             digest = opened.content_digest
@@ -464,6 +516,10 @@ class SecAggServer:
                 )
             if sid in self.accepted:
                 raise DuplicateMessageError("site already answered this stage")
+            header = opened.message.header
+            if header.setup_digest in self._earlier_setups and header.run_id == self.run_id:
+                superseded = True
+                raise StaleMessageError("reply to an earlier setup attempt of this round")
             if sid not in self.awaiting:
                 raise StaleMessageError("site is not part of this stage (dropped out or rejected)")
             self._check_header(opened.message.header, sid)
@@ -473,7 +529,8 @@ class SecAggServer:
             rejection = Rejection(site=sid, stage=self.stage, error=err, content_digest=digest)
             self.rejections.append(rejection)
             self.log.append(rejection)
-            if not isinstance(exc, DuplicateMessageError) and sid in self.awaiting:
+            keeps = isinstance(exc, DuplicateMessageError) or superseded
+            if not keeps and sid in self.awaiting:
                 self.awaiting = self.awaiting - {sid}
                 self.dropouts.append(Dropout(sid, self.stage, rejection.reason))
             return rejection
@@ -617,7 +674,9 @@ class SecAggServer:
         elif isinstance(msg, MaskedInput):
             self._sum.add(self._verify_masked(site, msg, bulk))
         elif isinstance(msg, ConsistencySignature):
-            statement = survivor_statement(self.run_id, self.round, self.setup_digest, self._u2)
+            statement = survivor_statement(
+                self.run_id, self.round, self.setup_digest, self._require_graph().seed, self._u2
+            )
             try:
                 verify(
                     self.roster[site].public_key, SURVIVOR_STATEMENT_TYPE, statement, msg.signature
@@ -731,11 +790,8 @@ class SecAggServer:
             )
 
     def _after_adverts(self, advertised: tuple[SiteId, ...]) -> dict[SiteId, Packet]:
-        if len(advertised) < self.params.min_survivors:
-            raise ThresholdError(
-                f"{len(advertised)} key adverts, min_survivors is {self.params.min_survivors}"
-            )
-        self._require_quorum(len(advertised), "key adverts")
+        if len(advertised) < len(self.cohort):
+            return self._restart(advertised)
         digests = {s: self._state[s].advert_digest for s in advertised}
         self.graph = build_graph(
             advertised, graph_seed(digests), self.params.degree, self.params.threshold
@@ -747,6 +803,52 @@ class SecAggServer:
         }
         self._enter(ServerStage.SHARE, advertised)
         return out
+
+    def _restart(self, advertised: tuple[SiteId, ...]) -> dict[SiteId, Packet]:
+        """Start a new setup attempt for the sites that advertised (see the module docstring)."""
+        first = self.initial_params
+        dropped = tuple(s for s in self.cohort if s not in advertised)
+        if len(advertised) < first.min_survivors:
+            raise ThresholdError(
+                f"{len(advertised)} key adverts, min_survivors is {first.min_survivors}"
+            )
+        quorum = consistency_quorum(first.threshold, len(self.initial_cohort))
+        if len(advertised) < quorum:
+            raise ThresholdError(
+                f"{len(advertised)} key adverts, below the consistency quorum {quorum} "
+                f"(threshold {first.threshold}, majority of {len(self.initial_cohort)})"
+            )
+        attempt = self._setup.attempt + 1
+        if attempt >= self.config.max_setup_attempts:
+            raise ThresholdError(
+                f"{len(dropped)} cohort members did not advertise keys and all "
+                f"{self.config.max_setup_attempts} setup attempts are spent"
+            )
+        try:
+            params = self.config.resolve(len(advertised))
+        except ConfigError as exc:
+            raise ThresholdError(
+                f"{len(advertised)} key adverts are too few for a new setup: {exc.message}"
+            ) from exc
+        self._earlier_setups.add(self.setup_digest)
+        kept = frozenset(advertised)
+        self.params = params
+        self.cohort = advertised
+        self._setup = dataclasses.replace(
+            self._setup,
+            cohort=tuple(m for m in self._setup.cohort if m.site in kept),
+            params=params,
+            attempt=attempt,
+        )
+        self.setup_digest = self._setup.digest
+        self._state = {s: _SiteState() for s in advertised}
+        self._sum = StreamingSum(params.vector_length, params.quantization.modulus_bits)
+        restart = SetupRestart(
+            attempt=attempt, cohort=advertised, dropped=dropped, setup_digest=self.setup_digest
+        )
+        self.restarts.append(restart)
+        self.log.append(restart)
+        return self._send_setups()
 
     def _after_shares(self, shared: tuple[SiteId, ...]) -> dict[SiteId, Packet]:
         graph = self._require_graph()
@@ -879,6 +981,8 @@ class SecAggServer:
             aggregate_digest=hashlib.sha256(aggregate.data).digest(),
             dropouts=tuple(self.dropouts),
             rejections=tuple(self.rejections),
+            setup_attempts=self._setup.attempt + 1,
+            restarts=tuple(self.restarts),
         )
         self.stage = ServerStage.DONE
         self.awaiting = frozenset()

@@ -9,7 +9,10 @@ noise from the generators the caller passes in, the clock is a parameter.
 :class:`~fedseal.protocol.client.ClientSession`).
 
 Scripted dropouts: ``dropouts[stage]`` lists sites that receive the coordinator's message of
-that stage but never answer it (nor anything later). Adversarial behaviour: subclass
+that stage but never answer it (nor anything later). A site silent at ``ADVERTISE`` makes the
+coordinator start a new setup attempt for the others (``outcome.server.restarts``); each site
+keeps one :class:`~fedseal.protocol.guard.SetupGuard` (``fed.guards``) across its sessions
+and rounds, as a real site adapter should. Adversarial behaviour: subclass
 :class:`Behaviour` and override its hooks to tamper with the coordinator's messages, the
 sites' replies, or to inject messages before a stage closes.
 
@@ -32,8 +35,9 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .client import ClientSession, LocalUpdate, RoundInfo
-from .config import RoundConfig
+from .config import RoundConfig, SitePolicy
 from .errors import ProtocolError
+from .guard import SetupGuard
 from .roster import Roster, RosterEntry
 from .server import Receipt, RoundResult, SecAggServer, ServerStage
 from .types import Packet, SiteId
@@ -140,6 +144,7 @@ class Federation:
         behaviour: Adversarial hooks.
         timer: Optional clock (e.g. ``time.process_time``) to measure compute per stage.
         roster: Optional roster (default: every site active with its simulated root).
+        site_policy: What every site accepts from setups (default :class:`SitePolicy()`).
     """
 
     def __init__(
@@ -154,6 +159,7 @@ class Federation:
         behaviour: Behaviour | None = None,
         timer: Callable[[], float] | None = None,
         roster: Roster | None = None,
+        site_policy: SitePolicy | None = None,
     ) -> None:
         self.config = config
         self.sites: tuple[SiteId, ...] = tuple(SiteId(s) for s in sites)
@@ -181,6 +187,10 @@ class Federation:
                 for s, k in self.site_keys.items()
             )
         )
+        self.site_policy = site_policy if site_policy is not None else SitePolicy()
+        self.guards: dict[SiteId, SetupGuard] = {
+            s: SetupGuard(self.site_policy) for s in self.sites
+        }
         self.server: SecAggServer | None = None
         self.sessions: dict[SiteId, ClientSession] = {}
 
@@ -207,6 +217,7 @@ class Federation:
             ),
             now=lambda: now,
             limits=self.config.limits,
+            guard=self.guards.setdefault(site, SetupGuard(self.site_policy)),
         )
 
     def _time(self) -> float:

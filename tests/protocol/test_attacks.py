@@ -36,6 +36,7 @@ from fedseal.protocol import (
     UnknownSignerError,
 )
 from fedseal.protocol.envelope import Envelope
+from fedseal.protocol.errors import IncompleteBundleError
 from fedseal.protocol.graph import graph_seed
 from fedseal.protocol.messages import (
     AdvertBundle,
@@ -405,7 +406,7 @@ def test_a_coordinator_dropping_a_sites_own_advert_is_caught_by_that_site() -> N
 
     fed, _ = make_fed(5, behaviour=RewriteCoordinator(ServerStage.SHARE, drop_own, {"site-000"}))
     outcome = fed.run_round(1)
-    assert type(outcome.client_errors[SiteId("site-000")]) is CoordinatorMisbehaviourError
+    assert type(outcome.client_errors[SiteId("site-000")]) is IncompleteBundleError
 
 
 def _move_first_alive_to_dropped(fed, site, request: UnmaskRequest) -> UnmaskRequest:  # type: ignore[no-untyped-def]

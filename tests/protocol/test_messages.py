@@ -119,6 +119,7 @@ messages = st.one_of(
             min_survivors=st.integers(0, 2**16 - 1),
         ),
         expires_at=u64,
+        attempt=st.integers(0, 2**16 - 1),
     ),
 )
 

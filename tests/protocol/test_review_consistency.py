@@ -17,7 +17,8 @@ from fedseal.crypto.agreement import AgreementKey
 from fedseal.crypto.prg import add_mask_into
 from fedseal.crypto.shamir import Share, combine
 from fedseal.protocol import CoordinatorMisbehaviourError
-from fedseal.protocol.config import RoundParameters, consistency_quorum
+from fedseal.protocol.config import RoundParameters, SitePolicy, consistency_quorum
+from fedseal.protocol.errors import CohortTooSmallError
 from fedseal.protocol.masking import PAIR_DOMAIN, SELF_DOMAIN, pair_sign_negative, pairwise_seed
 from fedseal.protocol.messages import (
     AdvertBundle,
@@ -51,14 +52,19 @@ def _params(n: int, degree: int, threshold: int, min_survivors: int) -> RoundPar
 
 
 def _split_view_attack(
-    n: int, threshold: int, min_survivors: int, views: dict[str, tuple[str, ...]], target: str
+    n: int,
+    threshold: int,
+    min_survivors: int,
+    views: dict[str, tuple[str, ...]],
+    target: str,
+    policy: SitePolicy | None = None,
 ) -> np.ndarray | None:
     """Run the split-view attack against honest sessions; return the recovered update or None.
 
     Raises:
         CoordinatorMisbehaviourError: If a site refuses the round setup.
     """
-    fed, updates = make_fed(n)
+    fed, updates = make_fed(n, site_policy=policy)
     sites = [SiteId(s) for s in fed.sites]
     key = fed.coordinator_key
     run_id, model = fed.run_id_for(1), fed.model_digest_for(1)
@@ -164,8 +170,15 @@ def test_the_split_view_attack_fails_with_the_default_threshold_too() -> None:
 def test_a_two_site_round_cannot_show_one_site_a_survivor_set_of_itself() -> None:
     # n = 2, t = 1, min_survivors = 1 (the coordinator's choice): site 0 alone signs {0} and
     # would reveal site 1's mask key, site 1 signs {0, 1} and would reveal site 0's seed.
+    # Sites that accept two-site cohorts (min_cohort=2) are still protected by the quorum.
     views = {"site-000": ("site-000",), "site-001": ("site-000", "site-001")}
     with pytest.raises(CoordinatorMisbehaviourError, match="valid signatures"):
+        _split_view_attack(2, 1, 1, views, "site-000", SitePolicy(min_cohort=2))
+
+
+def test_sites_with_the_default_policy_refuse_a_two_site_cohort_outright() -> None:
+    views = {"site-000": ("site-000",), "site-001": ("site-000", "site-001")}
+    with pytest.raises(CohortTooSmallError, match="below this site's minimum of 3"):
         _split_view_attack(2, 1, 1, views, "site-000")
 
 

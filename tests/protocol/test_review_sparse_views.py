@@ -19,6 +19,7 @@ from fedseal.crypto.agreement import AgreementKey
 from fedseal.crypto.prg import add_mask_into
 from fedseal.crypto.shamir import Share, combine
 from fedseal.protocol import CoordinatorMisbehaviourError, Packet, ThresholdError
+from fedseal.protocol.errors import IncompleteBundleError
 from fedseal.protocol.graph import build_graph, graph_seed
 from fedseal.protocol.masking import PAIR_DOMAIN, SELF_DOMAIN, pair_sign_negative, pairwise_seed
 from fedseal.protocol.messages import (
@@ -188,7 +189,8 @@ def test_a_site_refuses_an_advert_bundle_smaller_than_the_consistency_quorum() -
     # Sparse defaults for 40 sites: degree 12, threshold 9, quorum 21. The coordinator shows
     # site-000 only its own advert and 9 others (e.g. its colluders): before the fix the
     # site built a complete graph over those 10 and sent them every share of its secrets,
-    # although such a round can never reach the consistency quorum.
+    # although such a round can never reach the consistency quorum. Sites now accept only a
+    # bundle with every cohort member's advert.
     class SmallBundle(Behaviour):
         def coordinator_sends(self, fed, stage, site, packet):  # type: ignore[no-untyped-def]
             if stage is not ServerStage.SHARE or site != "site-000":
@@ -200,7 +202,7 @@ def test_a_site_refuses_an_advert_bundle_smaller_than_the_consistency_quorum() -
     fed, _ = make_fed(40, length=4, config=make_config(4), behaviour=SmallBundle())
     outcome = fed.run_round(1)
     error = outcome.client_errors[SiteId("site-000")]
-    assert isinstance(error, ThresholdError) and "quorum" in error.message
+    assert isinstance(error, IncompleteBundleError) and "30 of the 40" in error.message
     assert outcome.sessions[SiteId("site-000")].neighbours == ()
     # Everyone else completes the round without site-000.
     assert outcome.result is not None and "site-000" not in outcome.result.survivors

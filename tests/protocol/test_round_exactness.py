@@ -7,6 +7,8 @@ import pytest
 
 from fedseal.protocol import ServerStage, ThresholdError
 from fedseal.protocol.config import default_degree, default_threshold
+from fedseal.protocol.simulator import Behaviour, SimulationOutcome
+from fedseal.protocol.types import SiteId
 from tests.protocol._support import expected_sum, make_config, make_fed, site_names, weight_of
 
 STAGES = [
@@ -31,10 +33,15 @@ def _random_dropouts(rng: np.random.Generator, n: int, budget: int) -> dict[Serv
 
 
 def _check_round(
-    n: int, length: int, seed: int, dropouts: dict[ServerStage, list[str]], **cfg: object
-) -> None:
+    n: int,
+    length: int,
+    seed: int,
+    dropouts: dict[ServerStage, list[str]],
+    behaviour: Behaviour | None = None,
+    **cfg: object,
+) -> SimulationOutcome:
     config = make_config(length, **cfg)  # type: ignore[arg-type]
-    fed, updates = make_fed(n, config=config, seed=seed, dropouts=dropouts)
+    fed, updates = make_fed(n, config=config, seed=seed, dropouts=dropouts, behaviour=behaviour)
     outcome = fed.run_round(1)
     assert outcome.failure is None, outcome.failure
     assert outcome.client_errors == {}
@@ -43,8 +50,10 @@ def _check_round(
     dropped_before_input = {
         s
         for st in (ServerStage.ADVERTISE, ServerStage.SHARE, ServerStage.MASKED_INPUT)
-        for s in dropouts.get(st, [])
+        for s in fed.dropouts.get(st, [])
     }
+    # A site silent at ADVERTISE costs one more setup attempt, nothing else.
+    assert result.setup_attempts == (2 if fed.dropouts.get(ServerStage.ADVERTISE) else 1)
     assert set(result.survivors) == set(site_names(n)) - dropped_before_input
     # Bit for bit: the unmasked aggregate equals the plain sum of quantized survivors' vectors.
     plain = expected_sum(fed, updates, result.survivors, seed)
@@ -61,6 +70,7 @@ def _check_round(
     # Clipped counts are reported, per survivor.
     for s in result.survivors:
         assert result.clipped[s] == int(np.count_nonzero(np.abs(updates.vectors[s]) > q.clip))
+    return outcome
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -74,17 +84,41 @@ def test_random_rounds_with_dropouts_at_every_stage_sum_exactly(seed: int) -> No
     _check_round(n, int(rng.integers(1, 40)), seed, dropouts, complete_graph_max=complete_graph_max)
 
 
+class _SpreadDropouts(Behaviour):
+    """Once the graph is known, script 10 dropouts with at most 4 in any neighbourhood."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def coordinator_sends(self, fed, stage, site, packet):  # type: ignore[no-untyped-def]
+        if stage is ServerStage.SHARE and not self.done:
+            self.done = True
+            graph = fed.server.graph
+            chosen: list[SiteId] = []
+            for s in fed.sites:  # greedy: keep every closed neighbourhood at <= 4 dropouts
+                if all(
+                    sum(1 for c in (*chosen, s) if c in graph.of(v) or c == v) <= 4
+                    for v in fed.sites
+                ):
+                    chosen.append(s)
+                if len(chosen) == 10:
+                    break
+            assert len(chosen) == 10
+            plan = {
+                ServerStage.SHARE: chosen[0:2],
+                ServerStage.MASKED_INPUT: chosen[2:5],
+                ServerStage.CONSISTENCY: chosen[5:7],
+                ServerStage.UNMASK: chosen[7:10],
+            }
+            fed.dropouts = {st: frozenset(v) for st, v in plan.items()}
+        return packet
+
+
 def test_a_round_of_one_hundred_sites_with_ten_dropouts_spread_over_stages_is_exact() -> None:
-    n = 100
-    sites = site_names(n)
-    # Degree 14, threshold 10: each neighbourhood can lose 4; drop 10 sites spread over stages.
-    dropouts = {
-        ServerStage.SHARE: sites[0:2],
-        ServerStage.MASKED_INPUT: sites[40:43],
-        ServerStage.CONSISTENCY: sites[70:72],
-        ServerStage.UNMASK: sites[90:93],
-    }
-    _check_round(n, 8, 7, dropouts)
+    # Degree 14, threshold 10: each neighbourhood can lose 4; drop 10 sites spread over
+    # stages, chosen once the neighbourhoods are known (they depend on the fresh adverts).
+    outcome = _check_round(100, 8, 7, {}, _SpreadDropouts())
+    assert outcome.result is not None and len(outcome.result.survivors) == 95
 
 
 def test_sixty_four_bit_arithmetic_gives_exact_sums_too() -> None:

@@ -12,6 +12,7 @@ from fedseal.protocol import (
     ClientSession,
     ClientStage,
     CoordinatorMisbehaviourError,
+    DuplicateMessageError,
     LocalUpdate,
     SecAggServer,
     ServerStage,
@@ -133,17 +134,25 @@ def test_a_site_refuses_a_setup_for_another_run_or_an_old_round(kw, needle) -> N
     assert sessions[SiteId("site-001")].stage is ClientStage.AWAIT_SETUP
 
 
-def test_a_site_refuses_a_message_for_a_later_stage() -> None:
+def test_a_site_refuses_a_message_for_another_stage_and_a_replayed_setup() -> None:
     _, server, sessions = _server_and_sessions(3)
+    _, _, fresh = _server_and_sessions(3)
     outbound = server.start()
     replies = {s: sessions[s].handle(p.payload) for s, p in outbound.items()}
     for s, r in replies.items():
         assert r is not None
         server.receive(s, r.payload)
     bundle = server.advance()
-    with pytest.raises(StaleMessageError):
-        sessions[SiteId("site-000")].handle(outbound[SiteId("site-000")].payload)  # the setup again
-    assert sessions[SiteId("site-000")].handle(bundle[SiteId("site-000")].payload) is not None
+    site = SiteId("site-000")
+    with pytest.raises(StaleMessageError):  # a bundle before any setup: a later stage
+        fresh[site].handle(bundle[site].payload)
+    assert fresh[site].stage is ClientStage.AWAIT_SETUP
+    with pytest.raises(DuplicateMessageError):  # the same setup again
+        sessions[site].handle(outbound[site].payload)
+    assert sessions[site].handle(bundle[site].payload) is not None
+    with pytest.raises(StaleMessageError):  # a setup after key sharing: an earlier stage
+        sessions[site].handle(outbound[site].payload)
+    assert sessions[site].stage is ClientStage.AWAIT_SHARES
 
 
 def test_the_training_callback_is_called_once_with_the_round_parameters() -> None:
