@@ -15,7 +15,9 @@ Layout (relative paths are resolved against the file's directory)::
     [data]          dataset_dir (required), approved_root (64 hex, required),
                     validation_fraction = 0.2
     [limits]        max_epochs = 5, max_batch_size = 512, max_learning_rate = 1.0,
-                    allowed_models = ["mlp", "cnn"]
+                    allowed_models = ["mlp", "cnn"],
+                    min_cohort = 3          # smallest secure-round cohort this site joins
+                    max_setup_attempts = 3  # key-exchange restarts per round it answers
     [runtime]       port = 9094   # the SuperNode's Runtime API, bound to 127.0.0.1
 """
 
@@ -65,6 +67,8 @@ class ClientConfig:
     allowed_models: tuple[str, ...]
     runtime_port: int
     audit_address: str | None = None
+    min_cohort: int = 3
+    max_setup_attempts: int = 3
 
 
 def _get(sec: Mapping[str, Any], prefix: str, key: str, kind: type[T], default: T | None) -> T:
@@ -124,7 +128,10 @@ def load_client_config(path: str | Path) -> ClientConfig:
     d = _sec(doc, "data")
     _known(d, "data", {"dataset_dir", "approved_root", "validation_fraction"})
     lim = _sec(doc, "limits")
-    _known(lim, "limits", {"max_epochs", "max_batch_size", "max_learning_rate", "allowed_models"})
+    _known(
+        lim, "limits",
+        {"max_epochs", "max_batch_size", "max_learning_rate", "allowed_models", "min_cohort", "max_setup_attempts"},
+    )
     rt = _sec(doc, "runtime")
     _known(rt, "runtime", {"port"})
 
@@ -160,6 +167,12 @@ def load_client_config(path: str | Path) -> ClientConfig:
     models = lim.get("allowed_models", ["mlp", "cnn"])
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise ClientConfigError("limits.allowed_models", "must be a list of strings")
+    min_cohort = _get(lim, "limits", "min_cohort", int, 3)
+    if not 2 <= min_cohort <= 1 << 16:
+        raise ClientConfigError("limits.min_cohort", "must be in [2, 65536] (2 reveals the other site's input)")
+    attempts = _get(lim, "limits", "max_setup_attempts", int, 3)
+    if not 1 <= attempts <= 16:
+        raise ClientConfigError("limits.max_setup_attempts", "must be in [1, 16]")
     port = _get(rt, "runtime", "port", int, 9094)
     if not 1 <= port <= 65535:
         raise ClientConfigError("runtime.port", "must be in [1, 65535]")
@@ -181,4 +194,6 @@ def load_client_config(path: str | Path) -> ClientConfig:
         allowed_models=tuple(models),
         runtime_port=port,
         audit_address=audit_address,
+        min_cohort=min_cohort,
+        max_setup_attempts=attempts,
     )

@@ -25,22 +25,106 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import httpx
 from flwr.app import Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullAppMessagesRequest, PullTaskInputRequest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+#: How long a task may wait for its message's objects to reach the SuperNode. Flower's default
+#: is two hours; a task whose objects never come (its run ended mid-transfer) must not block the
+#: site for that long.
+TASK_INPUT_TIMEOUT_S = 300.0
+
+
+def pull_task_input(client: RuntimeHttpClient, max_time: float = TASK_INPUT_TIMEOUT_S) -> tuple[Any, Any, Any, Any]:
+    """Flower's ``run_clientapp.pull_task_input`` with a bound on the object pull.
+
+    Returns (message, context, run, fab). Raises ``flwr``'s ``ObjectPullError`` when the
+    message's objects do not arrive within ``max_time`` seconds.
+    """
+    res = client.PullTaskInput(PullTaskInputRequest())
+    context = context_from_proto(res.context)
+    run = run_from_proto(res.run)
+    fab = fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode handed out a task without a message")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        max_time=max_time,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: not in the deflated form
+    return message, context, run, fab
 
 __all__ = ["PinnedExecutor"]
 
 log = logging.getLogger("fedseal.client.executor")
+
+
+_TRANSIENT_STATUS = frozenset({502, 503, 504})
+
+
+def runtime_retry_invoker(max_time: float = 120.0) -> RetryInvoker:
+    """Retries for calls to the SuperNode's Runtime API that never stop the site.
+
+    Flower's ``make_simple_http_retry_invoker`` sends SIGINT to *its own process* when the
+    Runtime API answers 401 (a revoked task token). That suits a ``flwr-clientapp`` process
+    per task; here the executor lives in the ``fl-client run`` process, and a task whose token
+    the SuperNode revoked (its run ended, e.g. the coordinator restarted) must fail alone,
+    not stop the site. Transport errors and 502/503/504 are retried for up to ``max_time``
+    seconds; any other HTTP status is raised at once.
+    """
+
+    def give_up(exc: Exception) -> bool:
+        return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code not in _TRANSIENT_STATUS
+
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=10),
+        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=None,
+        max_time=max_time,
+        should_giveup=give_up,
+    )
+
+
+def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
+    """Flower's task heartbeat, except that a refused heartbeat (the task is gone) ends it quietly."""
+    send = make_task_heartbeat_fn_http(client)
+    gone = threading.Event()
+
+    def beat() -> bool:
+        if gone.is_set():
+            return True
+        try:
+            return send()
+        except httpx.HTTPStatusError as exc:
+            log.warning("task heartbeat refused (HTTP %d): the task ended on the SuperNode", exc.response.status_code)
+            gone.set()
+            return True
+
+    return beat
 
 
 class PinnedExecutor:
@@ -61,7 +145,7 @@ class PinnedExecutor:
             insecure=True,  # loopback only: the SuperNode binds its Runtime API to 127.0.0.1
             root_certificates=None,
             interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=runtime_retry_invoker(),
         )
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -86,7 +170,7 @@ class PinnedExecutor:
 
     def _run_task(self, token: str) -> None:
         client = self._client(token)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat = HeartbeatSender(task_heartbeat(client))
         heartbeat.start()
         context = None
         status, details = SubStatus.FAILED, "fedseal ClientApp failed"
@@ -108,12 +192,18 @@ class PinnedExecutor:
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
         finally:
+            # A task the SuperNode already ended (its run stopped) refuses these: that is
+            # logged, and the executor goes on with the next task.
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
-            finally:
+            except Exception as exc:
+                log.error("could not hand the reply to the SuperNode: %s: %s", type(exc).__name__, exc)
+            try:
                 push_task_output(client=client, context=context, sub_status=status, details=details)
-                if heartbeat.is_running:
-                    heartbeat.stop()
-                client.close()
-                self.tasks_done += 1
+            except Exception as exc:
+                log.error("could not report the task's end to the SuperNode: %s: %s", type(exc).__name__, exc)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+            self.tasks_done += 1

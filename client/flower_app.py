@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,9 +64,48 @@ class SiteRuntime:
     identity_key: ec.EllipticCurvePrivateKey | None = None
     coordinator_key: ec.EllipticCurvePublicKey | None = None
     receipts: SiteReceipts | None = None
+    min_cohort: int = 3
+    max_setup_attempts: int = 3
+    #: Where the setup guard (which setups this site answered, per run) is kept between
+    #: restarts of the site; ``None`` keeps it in memory only.
+    guard_path: Path | None = None
     _models: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
     _session: Any = None
     _round: tuple[bytes, int] = (b"", 0)
+    _guard: Any = None
+    _guard_saved: bytes = b""
+
+    def guard(self) -> Any:
+        """The site's one :class:`fedseal.protocol.SetupGuard` (loaded from ``guard_path``).
+
+        Every session of this site shares it, so a coordinator cannot reset the limit on
+        setup attempts, or re-run a round after key sharing, by sending a new setup.
+
+        Raises:
+            ValueError: The stored guard is unreadable (the site refuses rather than forget).
+        """
+        from fedseal.protocol import ProtocolError, SetupGuard, SitePolicy
+
+        if self._guard is None:
+            policy = SitePolicy(max_setup_attempts=self.max_setup_attempts, min_cohort=self.min_cohort)
+            raw = self.guard_path.read_bytes() if self.guard_path is not None and self.guard_path.exists() else b""
+            try:
+                self._guard = SetupGuard.from_bytes(raw, policy) if raw else SetupGuard(policy)
+            except ProtocolError as exc:
+                raise ValueError(f"setup guard {self.guard_path} is unreadable: {exc}") from exc
+            self._guard_saved = raw
+        return self._guard
+
+    def save_guard(self) -> None:
+        """Persist the guard if it changed (atomically)."""
+        if self._guard is None or self.guard_path is None:
+            return
+        raw = self._guard.to_bytes()
+        if raw != self._guard_saved:
+            tmp = self.guard_path.with_suffix(".tmp")
+            tmp.write_bytes(raw)
+            os.replace(tmp, self.guard_path)
+            self._guard_saved = raw
 
     def model(self, name: str, seed: int) -> nn.Module:
         if name not in self.allowed_models:
@@ -175,7 +216,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
     @app.train("secagg")
     def secagg_handler(msg: Message, context: Context) -> Message:
         """One stage of a secure round: the protocol's client session answers it."""
-        from fedseal.protocol import ClientSession, LocalUpdate, RoundInfo
+        from fedseal.protocol import ClientSession, ClientStage, LocalUpdate, RoundInfo
 
         if runtime.identity_key is None or runtime.coordinator_key is None:
             raise ValueError("this site has no identity key / pinned coordinator key")
@@ -220,10 +261,18 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
                 runtime.coordinator_key,
                 update_fn=update_fn,
                 rng=np.random.default_rng(secrets.randbits(128)),
+                policy=runtime.guard().policy,
+                guard=runtime.guard(),
             )
         if runtime._session is None:
             raise ValueError("secagg stage without a round setup")
-        reply = runtime._session.handle(payload)
+        try:
+            reply = runtime._session.handle(payload)
+        finally:
+            runtime.save_guard()
+        if runtime.receipts is not None and runtime._session.stage is ClientStage.AWAIT_UNMASK:
+            # We signed a survivor set naming ourselves: our input is in the aggregate.
+            runtime.receipts.included(*runtime._round)
         if reply is not None and reply.bulk is not None and runtime.receipts is not None:
             # The masked input: keep the exact signed payload for the receipt check.
             from fedseal.protocol import Limits

@@ -9,7 +9,8 @@ Steps (each failure stops the site with a message naming the step):
    (then the new root is used and the coordinator must approve it: ``fl-server enroll``);
 3. pre-flight the coordinator's Fleet address: a TLS handshake against the pinned CA (or, with
    ``insecure``, a plain HTTP request), so "wrong CA" and "no TLS" fail here, clearly;
-4. start ``flower-supernode --isolation process`` with the site key as its authentication key
+4. start ``flower-supernode --isolation process`` (via :mod:`fedseal.client.supernode`, which
+   shortens its 3 s idle poll) with the site key as its authentication key
    (Flower wants an unencrypted OpenSSH-format file: written 0600 into the state directory and
    deleted as soon as the SuperNode has read it), Runtime API on 127.0.0.1;
 5. run :class:`fedseal.client.executor.PinnedExecutor` until SIGTERM/SIGINT or the SuperNode exits.
@@ -88,7 +89,9 @@ def attest_dataset(cfg: ClientConfig, *, re_enrol: bool) -> str:
     from fedseal.client.data import DatasetError, verify_dataset
 
     try:
-        att = verify_dataset(cfg.dataset_dir)
+        # The attestation cache lives in the site's state directory: the dataset itself may be
+        # mounted read-only (the container images mount /data so).
+        att = verify_dataset(cfg.dataset_dir, cache_dir=cfg.state_dir / "attest-cache")
     except DatasetError as exc:
         raise SiteRunError("dataset", f"{cfg.dataset_dir} fails attestation: {exc}") from exc
     root = att.root.hex()
@@ -220,7 +223,8 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
     runtime = SiteRuntime(
         name=cfg.name, data=data, limits=cfg.limits, allowed_models=cfg.allowed_models,
         identity_key=key, coordinator_key=coordinator_key,  # type: ignore[arg-type, unused-ignore]
-        receipts=receipts,
+        receipts=receipts, min_cohort=cfg.min_cohort, max_setup_attempts=cfg.max_setup_attempts,
+        guard_path=cfg.state_dir / "setup-guard.bin",
     )
     app = make_client_app(runtime)
 
@@ -325,9 +329,9 @@ class _SuperNode:
 
     def start(self) -> None:
         cfg = self.cfg
-        bindir = Path(sys.executable).parent
+        # flower-supernode, launched with its idle poll shortened (fedseal.client.supernode).
         argv = [
-            str(bindir / "flower-supernode"),
+            sys.executable, "-m", "fedseal.client.supernode",
             "--superlink", cfg.superlink,
             "--isolation", "process",
             "--host", "127.0.0.1",

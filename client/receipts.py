@@ -253,8 +253,15 @@ class ReceiptChecker:
         round: int,
         message_type: str,
         payload: bytes,
-    ) -> Receipt:
+        required: bool = True,
+    ) -> Receipt | None:
         """Check that this site's accepted input of ``round`` is in the signed log.
+
+        ``required`` says the site knows its input entered the aggregate (it signed a survivor
+        set naming itself). Then a log without the input is tampering, and blocks the site.
+        Otherwise (the input was rejected or dropped, or the round was abandoned) a log without
+        it is what an honest coordinator writes: the result is ``None``, nothing is blocked. An
+        input the log *does* hold is always checked in full.
 
         Args:
             source: The audit service client.
@@ -271,6 +278,8 @@ class ReceiptChecker:
         self.ensure_may_contribute()
         head = self.observe_tree_head(source, source.latest_tree_head())
         index = source.find_input(round, run_id)
+        if index is None and not required:
+            return None
         if index is None:
             raise self._block(
                 ReceiptError(
@@ -344,6 +353,7 @@ class SiteReceipts:
         self._source = source
         self._message_type = message_type
         self._pending: dict[tuple[bytes, int], bytes] = {}
+        self._included: set[tuple[bytes, int]] = set()
         self._lock = threading.Lock()
         self.verified = 0
 
@@ -366,6 +376,12 @@ class SiteReceipts:
         with self._lock:
             self._pending[(run_id, round)] = payload
 
+    def included(self, run_id: bytes, round: int) -> None:
+        """Note that this site signed a survivor set naming itself in ``round``: its input is
+        in the aggregate, so the log must hold it."""
+        with self._lock:
+            self._included.add((run_id, round))
+
     def after_round(self, run_id: bytes, round: int) -> None:
         """Check the receipt of ``round`` if this site sent a masked input in it (never raises:
         the outcome is logged, and a failure blocks the site)."""
@@ -373,10 +389,11 @@ class SiteReceipts:
             payload = self._pending.get((run_id, round))
             if payload is None:
                 return
+            required = (run_id, round) in self._included
             try:
                 receipt = self._checker.check_round(
                     self._source, run_id=run_id, round=round,
-                    message_type=self._message_type, payload=payload,
+                    message_type=self._message_type, payload=payload, required=required,
                 )
             except ReceiptPendingError as exc:
                 log.error("round %d: receipt not yet provable, retried later: %s", round, exc)
@@ -392,6 +409,14 @@ class SiteReceipts:
                 )
                 return
             del self._pending[(run_id, round)]
+            self._included.discard((run_id, round))
+            if receipt is None:
+                log.warning(
+                    "round %d: the log holds no accepted input of ours, and this site was not "
+                    "among the survivors it signed for (input rejected or dropped, or the round "
+                    "abandoned): it was not used; nothing to prove", round,
+                )
+                return
             self.verified += 1
             log.info(
                 "round %d: receipt verified: our masked input is entry %d under the signed tree "

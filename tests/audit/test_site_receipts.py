@@ -83,3 +83,32 @@ def test_an_unreachable_audit_service_is_retried_before_the_next_round(
         receipts.before_round()  # the service is back: the pending receipt is checked now
     assert receipts.verified == 1
     assert not (tmp_path / "state" / "BLOCKED").exists()
+
+
+def test_an_input_the_log_lacks_blocks_the_site_only_if_the_site_knew_it_was_aggregated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rejected or dropped input (or an abandoned round) leaves no accepted entry: an honest
+    coordinator's log, not tampering. Once the site signed a survivor set naming itself, the
+    same absence is tampering."""
+    built = build_run_log(tmp_path / "audit.sqlite")
+    with MerkleLogStore.open(built.path) as store:
+        payload = _payload(store, built.input_index[("site-b", 1)])
+        checker = ReceiptChecker(tmp_path / "a", site="site-b", coordinator_key=built.coordinator.public_key())
+        receipts = SiteReceipts(checker, LocalSource(store, "site-b"), INPUT_MESSAGE_TYPE)
+        receipts.sent_masked_input(built.run_id, 4, payload)  # the log has no round-4 input of ours
+        with caplog.at_level(logging.WARNING, logger="fedseal.client"):
+            receipts.after_round(built.run_id, 4)
+        assert receipts.verified == 0
+        assert any("not used" in r.getMessage() for r in caplog.records)
+        assert not (tmp_path / "a" / "BLOCKED").exists()
+        receipts.before_round()  # nothing pending, not blocked
+
+        checker = ReceiptChecker(tmp_path / "b", site="site-b", coordinator_key=built.coordinator.public_key())
+        receipts = SiteReceipts(checker, LocalSource(store, "site-b"), INPUT_MESSAGE_TYPE)
+        receipts.sent_masked_input(built.run_id, 4, payload)
+        receipts.included(built.run_id, 4)
+        receipts.after_round(built.run_id, 4)
+        assert (tmp_path / "b" / "BLOCKED").exists()
+        with pytest.raises(ContributionBlockedError):
+            receipts.before_round()

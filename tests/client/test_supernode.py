@@ -1,0 +1,89 @@
+"""The SuperNode launcher: Flower's 3 s idle poll is capped, and an upgrade that moves it fails loudly."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedseal.client import supernode
+
+
+def test_poll_interval_defaults_and_validates() -> None:
+    assert supernode.poll_interval({}) == supernode.DEFAULT_POLL_S
+    assert supernode.poll_interval({supernode.ENV_POLL: "0.5"}) == 0.5
+    with pytest.raises(ValueError, match="number of seconds"):
+        supernode.poll_interval({supernode.ENV_POLL: "fast"})
+    for bad in ("0", "0.01", "5"):
+        with pytest.raises(ValueError, match=r"between 0\.05 and 3"):
+            supernode.poll_interval({supernode.ENV_POLL: bad})
+
+
+def test_install_caps_only_the_supernode_loop_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = importlib.import_module("flwr.supernode.start_client_internal")
+    monkeypatch.setattr(module, "time", time)  # restored after the test
+    monkeypatch.setattr(module, "pull_objects", module.pull_objects)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    supernode.install(0.25)
+    assert isinstance(module.time, supernode._PollClock)
+    module.time.sleep(3)
+    module.time.sleep(0.1)
+    assert slept == [0.25, 0.1]
+    assert module.time.time is time.time  # everything else is the real module
+    # Only that module is patched.
+    assert importlib.import_module("flwr.supernode.cli.flower_supernode").__dict__.get("time") is not module.time
+
+
+def test_the_patched_call_is_still_in_the_pinned_flower() -> None:
+    """If Flower moves its idle sleep, this fails (and install() refuses to start)."""
+    import inspect
+
+    source = inspect.getsource(importlib.import_module("flwr.supernode.start_client_internal"))
+    assert source.count(supernode._PATCHED_CALL) == 1
+
+
+def test_install_refuses_a_flower_that_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = importlib.import_module("flwr.supernode.start_client_internal")
+    monkeypatch.setattr(module, "time", object())
+    with pytest.raises(RuntimeError, match=r"flwr==1\.42"):
+        supernode.install(0.25)
+
+
+def test_launcher_runs_flower_supernode_cli_and_rejects_a_bad_interval() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "fedseal.client.supernode", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "--superlink" in out.stdout, out.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "fedseal.client.supernode", "--help"],
+        capture_output=True, text=True, timeout=120, env={"FEDSEAL_SUPERNODE_POLL_S": "9", "PATH": ""},
+    )
+    assert bad.returncode == 2 and "between 0.05 and 3" in bad.stderr
+
+
+def test_a_run_that_ended_mid_pull_becomes_an_exception_that_flowers_cleanup_catches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower raises a BaseException there, which skipped the clean-up and wedged the site."""
+    from flwr.supercore.run import RunNotRunningException
+
+    module = importlib.import_module("flwr.supernode.start_client_internal")
+    monkeypatch.setattr(module, "time", time)
+
+    def ended(*args: object, **kwargs: object) -> dict[str, bytes]:
+        raise RunNotRunningException
+
+    monkeypatch.setattr(module, "pull_objects", ended)
+    supernode.install(0.25)
+    with pytest.raises(Exception) as info:  # an Exception (caught by Flower), not a BaseException
+        module.pull_objects(["a"], pull_object_fn=lambda _: b"")
+    assert isinstance(info.value, supernode.RunEndedError)
+    ok = {"x": b"1"}
+    monkeypatch.setattr(module, "pull_objects", lambda *a, **k: ok)
+    monkeypatch.setattr(module, "time", time)
+    supernode.install(0.25)
+    assert module.pull_objects(["x"], pull_object_fn=lambda _: b"") is ok
