@@ -44,6 +44,13 @@ __all__ = ["RunAudit"]
 _ACTIONS = {"enroll": RosterAction.ENROL, "approve-root": RosterAction.SET_ROOTS, "revoke": RosterAction.REVOKE}
 
 
+#: Message type recorded for a received frame that does not parse as an envelope (its signer
+#: key id is all zeros: nothing in it is signed).
+UNPARSEABLE_FRAME = "fedseal/unparseable-frame"
+#: How many leading bytes of such a frame the log keeps (its length and digest are in the reason).
+UNPARSEABLE_KEEP = 4096
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -120,10 +127,23 @@ class RunAudit:
                 raw = payloads.get((str(r.site), r.stage.value))
                 try:
                     env = Envelope.from_bytes(raw or b"", self.limits)
-                except ProtocolError:  # an unparseable frame has nothing signed to record
+                except ProtocolError:
                     env = None
                 if env is None:
-                    continue  # nothing signed to record; the rejection is in the round result
+                    if raw is None:
+                        continue  # nothing was received (a dropout): the round result says so
+                    # A frame that is not an envelope has nothing signed to keep; it is still
+                    # recorded, rejected, with its length and SHA-256 and its first bytes.
+                    items.append(
+                        ReceivedEnvelope(
+                            message_type=UNPARSEABLE_FRAME, payload=raw[:UNPARSEABLE_KEEP],
+                            signature=b"", signer_key_id=bytes(32), accepted=False,
+                            reason=(f"{r.reason[:120] or 'unparseable'} ({len(raw)} bytes, "
+                                    f"sha256 {hashlib.sha256(raw).hexdigest()[:32]}...)"),
+                            site=str(r.site), round=rnd, stage=r.stage.value,
+                        )
+                    )
+                    continue
                 items.append(
                     ReceivedEnvelope(
                         message_type=MessageKind(env.kind).type_name, payload=env.payload,

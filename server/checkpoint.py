@@ -111,6 +111,36 @@ class CheckpointStore:
         _atomic_write(self.directory / "LATEST", f"{state.round}\n".encode())
         return model_path
 
+    def update_state(self, state: RunState) -> None:
+        """Rewrite a committed checkpoint's state (e.g. its history), keeping its model digests.
+
+        Raises:
+            CheckpointError: If that round has no committed checkpoint.
+        """
+        spath = self.state_path(state.round)
+        try:
+            old = json.loads(spath.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(spath, f"no committed state to update ({exc})") from exc
+        if old.get("model_digest") != state.model_digest:
+            raise CheckpointError(spath, "the update names another model than the checkpoint")
+        doc = asdict(state) | {"file_sha256": old.get("file_sha256", ""), "history": list(state.history)}
+        _atomic_write(spath, json.dumps(doc, sort_keys=True).encode())
+
+    def discard_after(self, round_: int) -> list[int]:
+        """Remove checkpoints newer than ``round_`` (never published); return their rounds."""
+        gone = []
+        if not self.directory.is_dir():
+            return gone
+        for p in sorted(self.directory.iterdir()):
+            m = _NAME_RE.match(p.name)
+            if m and int(m.group(1)) > round_:
+                gone.append(int(m.group(1)))
+                p.unlink()  # the state first: a model file without its state is never loaded
+                self.model_path(int(m.group(1))).unlink(missing_ok=True)
+        _atomic_write(self.directory / "LATEST", f"{round_}\n".encode())
+        return sorted(set(gone))
+
     def latest(self) -> tuple[RunState, dict[str, npt.NDArray[Any]]] | None:
         """The newest complete checkpoint, verified, or None if there is none.
 

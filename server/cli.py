@@ -240,15 +240,6 @@ def roster_cmd(
     Console().print(table)
 
 
-def print_round(rec: dict[str, object]) -> None:
-    acc = rec.get("accuracy")
-    acc_s = f"accuracy {acc:.4f}  macro-F1 {rec.get('macro_f1', 0.0):.4f}" if isinstance(acc, float) else ""
-    console.print(
-        f"round {rec.get('round')}: {rec.get('outcome')}  sites {rec.get('accepted')}/{rec.get('sampled')}  "
-        f"{acc_s}  ({float(str(rec.get('seconds', 0.0))):.1f}s)"
-    )
-
-
 @app.command("run")
 def run(
     config: Annotated[Path, typer.Option(help="server.toml")] = Path("server.toml"),
@@ -268,10 +259,13 @@ def run(
             "[yellow]note:[/yellow] run.secure = false: updates reach the coordinator in the "
             "clear inside TLS."
         )
+    from fedseal.server.live import LiveView
+
     try:
-        outcome = run_coordinator(
-            cfg, resume=resume, on_round=print_round, on_info=lambda s: console.print(s)
-        )
+        with LiveView(console, cfg.run.rounds) as view:
+            outcome = run_coordinator(
+                cfg, resume=resume, on_round=view.round, on_info=view.info, on_status=view.status
+            )
     except StrategyError as exc:
         raise _fail(str(exc)) from exc
     except DeployError as exc:
@@ -287,7 +281,7 @@ def demo(
         Path | None, typer.Option(help="Where to put keys, data, state (default: a temp dir).")
     ] = None,
     rounds: Annotated[int, typer.Option(min=1, max=100)] = 5,
-    sites: Annotated[int, typer.Option(min=2, max=10)] = 3,
+    sites: Annotated[int, typer.Option(min=3, max=10, help="Partner sites (a secure round needs at least 3: with 2 the sum reveals the other site's update).")] = 3,
     secure: Annotated[
         bool, typer.Option("--secure/--plain", help="Secure rounds (default) or plain FedAvg for comparison.")
     ] = True,

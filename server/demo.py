@@ -33,9 +33,10 @@ from fedseal.crypto.keys import (
     save_public_key,
 )
 from fedseal.server.cli import init as init_cmd
-from fedseal.server.cli import print_round, write_server_toml
+from fedseal.server.cli import write_server_toml
 from fedseal.server.config import load_server_config
 from fedseal.server.deploy import DeployError, pdeathsig_preexec, run_coordinator
+from fedseal.server.live import LiveView
 from fedseal.server.roster import Roster
 
 __all__ = ["Federation", "free_port", "prepare_federation", "run_demo", "site_receipts", "start_site"]
@@ -237,9 +238,10 @@ def run_demo(
         # coordinator's gateway, which opens only once every site is registered.
         console.print("starting the sites as separate processes (fl-client run)")
         procs.extend(start_site(sdir) for sdir in fed.sites)
-        outcome = run_coordinator(
-            cfg, resume=False, on_round=print_round, on_info=lambda s: console.print(s)
-        )
+        with LiveView(console, cfg.run.rounds) as view:
+            outcome = run_coordinator(
+                cfg, resume=False, on_round=view.round, on_info=view.info, on_status=view.status
+            )
     except DeployError as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         return 1

@@ -67,6 +67,7 @@ Notes on Flower 1.42's deployment runtime (read from the installed package):
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import json
@@ -80,7 +81,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedseal.server.config import ServerConfig
 from fedseal.server.flower_app import NODES_FILE, ROUNDS_FILE, STATUS_FILE
@@ -258,13 +259,18 @@ def _register_sites(cfg: ServerConfig, roster: Roster, env: dict[str, str]) -> d
     registered_sites = set(nodes.values())
     keys_dir = cfg.coordinator.state_dir / "site-keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
-    for site in roster.active():
-        if site.name in registered_sites:
-            continue
-        pub = keys_dir / f"{site.name}.pub"
-        pub.write_bytes(site.openssh_public_key() + b"\n")
-        doc = _flwr(["supernode", "register", str(pub), FEDERATION], env, f"register site {site.name}")
-        nodes[int(str(doc["node-id"]))] = site.name
+    todo = [site for site in roster.active() if site.name not in registered_sites]
+    for site in todo:
+        (keys_dir / f"{site.name}.pub").write_bytes(site.openssh_public_key() + b"\n")
+
+    def register(name: str) -> tuple[int, str]:
+        doc = _flwr(["supernode", "register", str(keys_dir / f"{name}.pub"), FEDERATION], env, f"register site {name}")
+        return int(str(doc["node-id"])), name
+
+    # Each `flwr` call is a Python start-up of a few seconds: register the sites concurrently.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, max(1, len(todo)))) as pool:
+        for node_id, name in pool.map(register, [site.name for site in todo]):
+            nodes[node_id] = name
     for node_id, name in list(nodes.items()):
         entry = roster.get(name)
         if entry is None or entry.status != "active":
@@ -428,10 +434,12 @@ def run_coordinator(
     on_round: Callable[[dict[str, object]], None],
     on_info: Callable[[str], None],
     on_ready: Callable[[], None] | None = None,
+    on_status: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunOutcome:
     """Start everything, run the configured rounds, stop everything. Blocks.
 
-    ``on_ready`` is called once the SuperLink and gateway are up and the sites registered,
+    ``on_status`` gets the ServerApp's status (phase, round, stage) about twice a second (the
+    live view). ``on_ready`` is called once the SuperLink and gateway are up and the sites registered,
     before the run starts (the demo starts its sites there).
 
     Raises:
@@ -475,8 +483,12 @@ def run_coordinator(
                 raise DeployError("superlink", "flower-superlink exited during the run")
             st_path = state / STATUS_FILE
             if st_path.exists():
+                # The ServerApp replaces the file atomically; a read racing a replace is retried.
                 with contextlib.suppress(ValueError, OSError):
-                    phase = json.loads(st_path.read_text()).get("phase")
+                    current = json.loads(st_path.read_text())
+                    if on_status is not None and isinstance(current, dict):
+                        on_status(current)
+                    phase = current.get("phase")
                     if phase in ("finished", "failed"):
                         status = "finished:completed" if phase == "finished" else "finished:failed"
                         break

@@ -40,9 +40,11 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +52,7 @@ import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedseal.server.checkpoint import CheckpointStore, RunState, model_digest
+from fedseal.server.checkpoint import CheckpointError, CheckpointStore, RunState, model_digest
 from fedseal.server.config import ServerConfig, load_server_config
 from fedseal.server.metrics import Metrics
 from fedseal.server.roster import Roster
@@ -75,6 +77,10 @@ def _main(grid: Grid, context: Context) -> None:
     run_federation(grid, cfg, resume=resume)
 
 
+class AuditHaltError(RuntimeError):
+    """The audit log could not take an entry; the run stops rather than continue unrecorded."""
+
+
 class _FixedNodes:
     """A view of the grid whose node list is the sample we chose (strategies sample from it)."""
 
@@ -89,28 +95,46 @@ class _FixedNodes:
         return getattr(self._grid, name)
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float, poll: float = 0.2) -> list[Message]:
-    """Push ``messages`` and collect replies until all arrived or ``timeout`` seconds passed.
+def exchange_iter(
+    grid: Grid, messages: Iterable[Message], timeout: float, poll: float = 0.2, batch: int = 16
+) -> Iterator[Message]:
+    """Push ``messages``, then yield replies as they arrive until all came or ``timeout`` passed.
 
     Same contract as ``Grid.send_and_receive`` but polls every ``poll`` seconds (Flower's own
-    implementation sleeps 3 s between pulls, which adds up over a multi-stage round).
+    implementation sleeps 3 s between pulls, which adds up over a multi-stage round), and pulls
+    at most ``batch`` replies at a time, so a caller that consumes each reply before asking for
+    the next (the secure round adds each masked vector to one running sum) holds at most
+    ``batch`` replies in memory, however many sites there are.
     """
     messages = list(messages)
     log.info("exchange: pushing %d messages", len(messages))
-    pending = set(grid.push_messages(messages))
+    pending = list(grid.push_messages(messages))
+    del messages
     log.info("exchange: pushed; polling")
     deadline = time.monotonic() + timeout
-    replies: list[Message] = []
     while pending:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if got:
+        got_any = False
+        for start in range(0, len(pending), batch):
+            window = pending[start:start + batch]
+            got = list(grid.pull_messages(window))
+            if not got:
+                continue
+            got_any = True
+            answered = {m.metadata.reply_to_message_id for m in got}
+            pending = [m for m in pending if m not in answered]
             log.info("exchange: %d replies, %d pending", len(got), len(pending))
+            yield from got
+            del got
+            break  # re-slice the shrunken pending list from its start
         if not pending or time.monotonic() >= deadline:
             break
-        time.sleep(poll)
-    return replies
+        if not got_any:
+            time.sleep(poll)
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float, poll: float = 0.2) -> list[Message]:
+    """All replies of :func:`exchange_iter` as a list (small replies: evaluation, pings)."""
+    return list(exchange_iter(grid, messages, timeout, poll))
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +158,31 @@ class _Run:
         path = self.state_dir / NODES_FILE
         doc = json.loads(path.read_text()) if path.exists() else {}
         return {int(k): str(v) for k, v in doc.items()}
+
+    def archive_checkpoints(self) -> None:
+        """Move an earlier run's checkpoints aside (``checkpoints-<run id>``) before a new run,
+        so ``--resume`` can never pick up another run's model."""
+        directory = self.checkpoints.directory
+        if not directory.is_dir() or not any(directory.iterdir()):
+            return
+        try:
+            latest = self.checkpoints.latest()
+        except CheckpointError:
+            latest = None
+        tag = latest[0].run_id[:16] if latest is not None else f"unknown-{int(time.time())}"
+        target = directory.with_name(f"{directory.name}-{tag}")
+        if target.exists():
+            target = directory.with_name(f"{directory.name}-{tag}-{int(time.time())}")
+        directory.rename(target)
+        log.info("earlier checkpoints moved to %s", target)
+
+    def read_status(self) -> dict[str, Any]:
+        """The last status written (by this or an earlier, killed coordinator), or {}."""
+        try:
+            doc = json.loads((self.state_dir / STATUS_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def status(self, **fields: Any) -> None:
         tmp = self.state_dir / f".{STATUS_FILE}.tmp"
@@ -294,17 +343,34 @@ class _SecureCoordinator:
         self.last_aggregate: bytes | None = None
 
     def audit_call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        """Write to the audit log; a refused entry disables it for this run, loudly."""
+        """Write to the audit log, durably; if it refuses or fails, the run stops (fail closed).
+
+        Nothing is acknowledged to a site or published as a model before its audit entry is
+        committed, so a log that cannot take an entry halts the run at that point: the log
+        stays verifiable up to its last entry and no model goes out unrecorded.
+
+        Raises:
+            AuditHaltError: The audit log refused or failed to store the entry.
+        """
         from fedseal.protocol.audit import AuditError
 
         if self.audit is None:
             return
         try:
             fn(*args, **kwargs)
-        except (AuditError, ValueError) as exc:
-            log.error("audit log refused %s (%s); audit logging disabled for this run", what, exc)
-            self.run.status(phase="running", audit_error=f"{what}: {exc}"[:300])
-            self.audit = None
+        except (AuditError, ValueError, OSError, sqlite3.Error) as exc:
+            reason = f"the audit log refused {what}: {type(exc).__name__}: {exc}"[:300]
+            log.error("%s; stopping the run (nothing further is acknowledged or published)", reason)
+            self.run.status(phase="failed", reason=reason)
+            raise AuditHaltError(reason) from exc
+
+    def _log_envelopes(
+        self, rnd: int, entries: list[Any], start: int, payloads: dict[tuple[str, str], bytes]
+    ) -> int:
+        """Log the protocol log entries from ``start`` on (one durable commit); return the new end."""
+        if self.audit is not None and len(entries) > start:
+            self.audit_call("envelopes", self.audit.envelopes, rnd, entries[start:], payloads)
+        return len(entries)
 
     def _roster(self) -> Any:
         from fedseal.protocol import Roster as ProtoRoster
@@ -360,12 +426,14 @@ class _SecureCoordinator:
         )
         model_rec = _numpy_to_record(arrays)
         payloads: dict[tuple[str, str], bytes] = {}
+        logged = 0
         self.last_aggregate = None
         try:
             outbound = server.start()
             stage = 0
             while outbound:
                 stage_name = server.stage.value
+                run.status(phase="training", round=rnd, run_id=self.run_id.hex(), stage=stage_name)
                 msgs = []
                 for site, pkt in outbound.items():
                     content = RecordDict({"secagg": ConfigRecord({"payload": pkt.payload})})
@@ -375,8 +443,9 @@ class _SecureCoordinator:
                     msgs.append(Message(content, dst_node_id=node_of[site], message_type="train.secagg"))
                     run.metrics.bytes_sent.inc(len(pkt.payload))
                 ts = time.monotonic()
-                replies = exchange(run.grid, msgs, cfg.run.stage_timeout_s)
-                for reply in replies:
+                # Each reply is verified and (a masked input) added to the running sum before
+                # the next is pulled: memory holds one model-sized vector per pulled batch.
+                for reply in exchange_iter(run.grid, msgs, cfg.run.stage_timeout_s):
                     site = site_of.get(int(reply.metadata.src_node_id))
                     if site is None:
                         continue
@@ -397,12 +466,14 @@ class _SecureCoordinator:
                         log.warning("round %d: rejected %s at %s: %s", rnd, site, stage_name, receipt.reason)
                 rec[f"{stage_name}_s"] = time.monotonic() - ts
                 run.metrics.stage_seconds.labels(stage=stage_name).observe(rec[f"{stage_name}_s"])
+                # The stage's envelopes are durably logged before the next stage's messages
+                # (which acknowledge them) go out.
+                logged = self._log_envelopes(rnd, server.log, logged, payloads)
                 outbound = server.advance()
                 stage += 1
             result = server.result
         except ProtocolError as exc:
-            if self.audit is not None:
-                self.audit_call("envelopes", self.audit.envelopes, rnd, server.log, payloads)
+            self._log_envelopes(rnd, server.log, logged, payloads)
             log.warning("round %d failed cleanly: %s", rnd, exc)
             rec["failure"] = str(exc)[:300]
             return None
@@ -411,8 +482,7 @@ class _SecureCoordinator:
         rec["dropouts"] = len(result.dropouts)
         rec["aggregate_digest"] = result.aggregate_digest.hex()
         run.metrics.accepted.inc(len(result.survivors))
-        if self.audit is not None:
-            self.audit_call("envelopes", self.audit.envelopes, rnd, server.log, payloads)
+        self._log_envelopes(rnd, server.log, logged, payloads)
         self.last_aggregate = result.aggregate_digest
         mean: npt.NDArray[np.float64] = np.asarray(result.weighted_mean, np.float64)
         rec["total_weight"] = int(result.total_weight)
@@ -433,6 +503,74 @@ def _summary(round_: int, total: int, rec: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _reconcile_restart(
+    run: _Run,
+    secure: _SecureCoordinator | None,
+    state: RunState,
+    arrays: dict[str, npt.NDArray[Any]],
+    previous: dict[str, Any],
+    rounds_log: Path,
+) -> tuple[RunState, dict[str, npt.NDArray[Any]], int]:
+    """Bring checkpoints and the audit log into agreement after a restart; return the first round.
+
+    The audit log is the record of what was committed. A checkpoint the log does not hold (the
+    coordinator died between writing it and logging the round) was never published and is
+    discarded. The round that was in progress when the coordinator stopped, and any discarded
+    one, is *abandoned*: recorded as failed in the log and in ``rounds.jsonl``, nothing of it
+    applied, and the run continues with the next round number (sites never see a round
+    number twice).
+
+    Raises:
+        AuditHaltError: The audit log disagrees with the checkpoints in a way that cannot be
+            reconciled (it records a later round than any checkpoint, or another open run).
+    """
+    last_started = 0
+    if previous.get("run_id") == state.run_id and previous.get("phase") == "training":
+        last_started = int(previous.get("round", 0))
+    newest_checkpoint = state.round
+    if secure is not None and secure.audit is not None:
+        audit_log = secure.audit.log
+        if audit_log.current_run_id is None and state.round == 0:
+            secure.audit_call(
+                "run start", secure.audit.run_start, state.run_id, run.cfg.path.read_bytes(),
+                flat_digest(flat_model(arrays)), run.cfg.run.rounds,
+            )
+        elif audit_log.current_run_id != bytes.fromhex(state.run_id):
+            reason = (
+                f"the audit log's open run is {(audit_log.current_run_id or b'').hex() or 'none'}, "
+                f"the checkpoints are of run {state.run_id}: cannot resume"
+            )
+            run.status(phase="failed", reason=reason)
+            raise AuditHaltError(reason)
+        elif audit_log.last_round > state.round:
+            reason = (
+                f"the audit log records round {audit_log.last_round}, the newest checkpoint is "
+                f"round {state.round}: cannot resume"
+            )
+            run.status(phase="failed", reason=reason)
+            raise AuditHaltError(reason)
+        elif audit_log.last_round < state.round:
+            committed = audit_log.last_round
+            gone = run.checkpoints.discard_after(committed)
+            log.warning("checkpoints of rounds %s were never logged as committed: discarded", gone)
+            state, arrays = run.checkpoints.load(committed)
+    last_abandoned = max(last_started, newest_checkpoint)
+    for rnd in range(state.round + 1, last_abandoned + 1):
+        reason = "abandoned: the coordinator stopped during this round; nothing of it was applied"
+        log.warning("round %d %s", rnd, reason)
+        if secure is not None and secure.audit is not None:
+            secure.audit_call(
+                "round result", secure.audit.round_result, rnd, None, flat_digest(flat_model(arrays)),
+                failed=reason,
+            )
+        rec = {"round": rnd, "outcome": "abandoned (coordinator restarted mid-round; model unchanged)",
+               "sampled": 0, "accepted": 0, "rejected": 0, "seconds": 0.0}
+        with rounds_log.open("a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        print(f"fedseal: {_summary(rnd, run.cfg.run.rounds, rec)}", flush=True)
+    return state, arrays, max(state.round, last_abandoned) + 1
+
+
 def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
     """Run (or resume) the configured number of rounds. See the module docstring."""
     run = _Run(grid, cfg)
@@ -446,6 +584,7 @@ def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
             "fedseal: run.secure = false: updates travel in the clear inside TLS "
             "(plain FedAvg-style rounds)"
         )
+    previous = run.read_status() if resume else {}
     run.status(phase="waiting-for-sites", round=0)
     nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s, want_all=True)
     if len(nodes) < cfg.run.min_sites:
@@ -464,6 +603,7 @@ def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
             run.status(phase="failed", reason=f"only {len(alive)} sites answered after the restart")
             raise RuntimeError(f"only {len(alive)} sites answered after the restart")
     else:
+        run.archive_checkpoints()
         arrays = _initial_model(run, nodes)
         state = RunState(run_id=secrets.token_hex(16), round=0, model_digest=model_digest(arrays).hex())
         history = []
@@ -476,15 +616,21 @@ def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
         audit_path = run.state_dir / "audit.sqlite"
         try:
             secure.audit = RunAudit.open(audit_path, secure.key, run.roster)
-        except Exception as exc:  # a log that cannot be opened must not stop training; said loudly
-            log.error("audit log %s unavailable: %s", audit_path, exc)
+        except Exception as exc:  # a secure run without its audit log does not start
+            reason = f"audit log {audit_path} unavailable: {type(exc).__name__}: {exc}"[:300]
+            log.error("%s", reason)
+            run.status(phase="failed", reason=reason)
+            raise AuditHaltError(reason) from exc
         if secure.audit is not None and latest is None:
             secure.audit_call(
                 "run start", secure.audit.run_start, run_id, cfg.path.read_bytes(),
                 flat_digest(flat_model(arrays)), cfg.run.rounds,
             )
     rounds_log = run.state_dir / ROUNDS_FILE
-    for rnd in range(state.round + 1, cfg.run.rounds + 1):
+    first_round = state.round + 1
+    if latest is not None:
+        state, arrays, first_round = _reconcile_restart(run, secure, state, arrays, previous, rounds_log)
+    for rnd in range(first_round, cfg.run.rounds + 1):
         t0 = time.monotonic()
         run.status(phase="training", round=rnd, run_id=run_id)
         nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s)
@@ -556,20 +702,35 @@ def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
                 agg, _ = strategy.aggregate_train(rnd, [synthetic])
                 if agg is not None:
                     new_arrays = {k: a.astype(np.float32) for k, a in _arrays_to_numpy(agg).items()}
+        if new_arrays is not None:
+            # Commit order: checkpoint (local, not yet published), then the audit log's round
+            # result and checkpoint entries, then evaluation (the first time the new model
+            # leaves the coordinator). A restart reconciles a checkpoint the log lacks.
+            arrays = new_arrays
+            rec["outcome"] = "committed"
+            state = RunState(
+                run_id=run_id, round=rnd, model_digest=model_digest(arrays).hex(), history=tuple(history)
+            )
+            path = run.checkpoints.commit(state, arrays)
+            rec["checkpoint"] = str(path)
         if secure is not None and secure.audit is not None:
             failed = "" if new_arrays is not None else str(rec.get("failure", "round failed"))
             secure.audit_call(
                 "round result", secure.audit.round_result, rnd,
                 secure.last_aggregate if new_arrays is not None else None,
-                flat_digest(flat_model(new_arrays if new_arrays is not None else arrays)),
+                flat_digest(flat_model(arrays)),
                 failed=failed,
             )
+            if new_arrays is not None:
+                model_file = run.checkpoints.model_path(rnd)
+                secure.audit_call(
+                    "checkpoint", secure.audit.checkpoint, rnd, flat_digest(flat_model(arrays)),
+                    hashlib.sha256(model_file.read_bytes()).digest(), model_file.name,
+                )
         if new_arrays is None:
             rec.update(outcome="failed (too few valid updates; model unchanged)")
             run.metrics.rounds_failed.inc()
         else:
-            arrays = new_arrays
-            rec["outcome"] = "committed"
             # Federated evaluation of the new global model.
             view = _FixedNodes(grid, nodes)
             emsgs = list(
@@ -598,17 +759,8 @@ def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
         rec["seconds"] = time.monotonic() - t0
         if rec["outcome"] == "committed":
             history.append({k: float(v) for k, v in rec.items() if isinstance(v, int | float)})
-            state = RunState(
-                run_id=run_id, round=rnd, model_digest=model_digest(arrays).hex(),
-                history=tuple(history),
-            )
-            path = run.checkpoints.commit(state, arrays)
-            if secure is not None and secure.audit is not None:
-                secure.audit_call(
-                    "checkpoint", secure.audit.checkpoint, rnd, flat_digest(flat_model(arrays)),
-                    hashlib.sha256(path.read_bytes()).digest(), path.name,
-                )
-            rec["checkpoint"] = str(path)
+            state = replace(state, history=tuple(history))
+            run.checkpoints.update_state(state)
         line = _summary(rnd, cfg.run.rounds, rec)
         log.info("%s", line)
         print(f"fedseal: {line}", flush=True)

@@ -65,13 +65,21 @@ def procs() -> Iterator[Procs]:
         p.cleanup()
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
+def wait_for(
+    cond: Callable[[], bool],
+    timeout: float,
+    what: str,
+    interval: float = 0.5,
+    diagnose: Callable[[], str] | None = None,
+) -> None:
+    """Poll ``cond`` until it holds; on timeout fail with ``diagnose()`` (e.g. process logs)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    detail = f"\n{diagnose()}" if diagnose is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
 def read_rounds(state_dir: Path) -> list[dict[str, object]]:

@@ -2,7 +2,9 @@
 
 One coordinator serves several checks, to keep the suite to a couple of minutes on 2 cores:
 refusals (changed dataset, no TLS, unknown key), the Control API being unreachable from the
-site-facing port, a full short run, and a site SIGKILLed mid-run counted as a dropout.
+site-facing port, a full short run, and a site SIGKILLed mid-run counted as a dropout. A second
+federation checks that a coordinator SIGKILLed mid-round and restarted with ``--resume`` goes on
+without losing a committed round (the interrupted round is recorded as abandoned).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -43,6 +46,13 @@ def _variant(fed: Federation, name: str, edit: dict[str, str]) -> Path:
         if (src / f).exists() and not (dst / f).exists():
             shutil.copy2(src / f, dst / f)
     return dst
+
+
+def _logs(fed: Federation) -> str:
+    """The tails of the coordinator's and every site's log, for a failure message."""
+    parts = [f"--- fl-server.log ---\n{tail(fed.workdir / 'fl-server.log')}"]
+    parts += [f"--- {s.name}/fl-client.log ---\n{tail(s / 'fl-client.log', 1500)}" for s in fed.sites]
+    return "\n".join(parts)
 
 
 def _start_coordinator(procs: Procs, fed: Federation, *extra: str) -> subprocess.Popen[bytes]:
@@ -129,11 +139,13 @@ def test_refusals_and_the_unreachable_control_api_while_a_run_completes_with_a_d
     # round 1 is committed.
     sites = [procs.add(start_site(s)) for s in fed.sites]
     state = fed.server_toml.parent / "state"
-    wait_for(lambda: len(read_rounds(state)) >= 1, 240, "round 1")
+    wait_for(lambda: len(read_rounds(state)) >= 1, 240, "round 1", diagnose=lambda: _logs(fed))
     procs.kill(sites[3], signal.SIGKILL)
-    coordinator.wait(timeout=240)
-    log = tail(fed.workdir / "fl-server.log")
-    assert coordinator.returncode == 0, log
+    try:
+        coordinator.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the coordinator did not finish the run in 240 s\n" + _logs(fed))
+    assert coordinator.returncode == 0, _logs(fed)
     rounds = read_rounds(state)
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["outcome"] == "committed" for r in rounds), rounds
@@ -158,3 +170,47 @@ def test_refusals_and_the_unreachable_control_api_while_a_run_completes_with_a_d
         proven = {int(str(r["round"])) for r in site_receipts(site_dir)}
         wanted = {int(str(r["round"])) for r in rounds if site_dir.name in list(r["sites"])}  # type: ignore[call-overload]
         assert wanted and wanted <= proven, (site_dir.name, wanted, proven, tail(site_dir / "fl-client.log"))
+
+
+def test_a_coordinator_killed_mid_round_resumes_without_losing_a_committed_round(
+    tmp_path_factory: pytest.TempPathFactory, procs: Procs
+) -> None:
+    fed = prepare_federation(
+        tmp_path_factory.mktemp("resume"),
+        num_sites=3,
+        run_overrides={
+            "rounds": 3, "min_sites": 2, "threshold": 2, "stage_timeout_s": 20.0, "sites_wait_timeout_s": 300.0,
+        },
+    )
+    state = fed.server_toml.parent / "state"
+    coordinator = _start_coordinator(procs, fed)
+    sites = [procs.add(start_site(s)) for s in fed.sites]
+    wait_for(lambda: len(read_rounds(state)) >= 1, 300, "round 1", diagnose=lambda: _logs(fed))
+    committed_model = (state / "checkpoints" / "round-000001.safetensors").read_bytes()
+    time.sleep(2)  # round 2 is under way
+    procs.kill(coordinator, signal.SIGKILL)  # the whole coordinator: fl-server, SuperLink, ServerApp
+    assert all(s.poll() is None for s in sites), "a site stopped when the coordinator died"
+
+    resumed = _start_coordinator(procs, fed, "--resume")
+    try:
+        resumed.wait(timeout=400)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the resumed coordinator did not finish in 400 s\n" + _logs(fed))
+    assert resumed.returncode == 0, _logs(fed)
+    rounds = read_rounds(state)
+    assert [r["round"] for r in rounds] == [1, 2, 3], rounds
+    assert [str(r["outcome"]).split()[0] for r in rounds] == ["committed", "abandoned", "committed"]
+    assert (state / "checkpoints" / "round-000001.safetensors").read_bytes() == committed_model
+    assert not (state / "checkpoints" / "round-000002.safetensors").exists()
+    assert (state / "checkpoints" / "round-000003.safetensors").exists()
+    assert rounds[2]["accepted"] == 3 and 0.5 < float(rounds[2]["accuracy"]) <= 1.0
+    out = subprocess.run(
+        [str(BIN / "fl-audit"), "verify", str(state / "audit.sqlite"), "--coordinator-key",
+         str(fed.server_toml.parent / "coordinator.pub")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for site_dir in fed.sites:
+        assert not (site_dir / "state" / "receipts" / "BLOCKED").exists(), tail(site_dir / "fl-client.log")
+        proven = {int(str(r["round"])) for r in site_receipts(site_dir)}
+        assert {1, 3} <= proven, (site_dir.name, proven, tail(site_dir / "fl-client.log"))

@@ -67,3 +67,31 @@ def test_no_pickle_is_written(tmp_path: Path) -> None:
     store.commit(RunState("r", 1, model_digest(a).hex()), a)
     suffixes = {p.suffix for p in tmp_path.iterdir()}
     assert suffixes <= {".safetensors", ".json", ""}
+
+
+def test_a_state_update_keeps_the_model_digests_and_refuses_another_model(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    arrays = _arrays(3.0)
+    state = RunState(run_id="ab" * 16, round=1, model_digest=model_digest(arrays).hex())
+    store.commit(state, arrays)
+    store.update_state(
+        RunState(run_id=state.run_id, round=1, model_digest=state.model_digest, history=({"accuracy": 0.9},))
+    )
+    loaded, _ = store.load(1)  # still verifies against the model file
+    assert loaded.history == ({"accuracy": 0.9},)
+    with pytest.raises(CheckpointError, match="another model"):
+        store.update_state(RunState(run_id=state.run_id, round=1, model_digest="00" * 32))
+    with pytest.raises(CheckpointError, match="no committed state"):
+        store.update_state(RunState(run_id=state.run_id, round=7, model_digest=state.model_digest))
+
+
+def test_checkpoints_after_a_round_are_discarded_and_the_older_ones_kept(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    for rnd in range(3):
+        arrays = _arrays(float(rnd))
+        store.commit(RunState(run_id="cd" * 16, round=rnd, model_digest=model_digest(arrays).hex()), arrays)
+    assert store.discard_after(1) == [2]
+    assert not store.model_path(2).exists() and not store.state_path(2).exists()
+    latest = store.latest()
+    assert latest is not None and latest[0].round == 1
+    assert store.discard_after(1) == []
