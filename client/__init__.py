@@ -8,8 +8,9 @@ Usage::
 
     from fedseal.client.config import load_client_config
 
-Modules: ``config`` (client.toml), ``models`` and ``training`` (torch), ``site_data`` (manifest
-shards into arrays), ``flower_app`` (the ClientApp: plain and secure stages), ``executor`` (runs
+Modules: ``config`` (client.toml), ``models`` and ``training`` (torch), ``site_data`` (the attested
+shards streamed into training and evaluation, train/validation split by a keyed row hash),
+``supernode`` (Flower's SuperNode with a short poll), ``receipts`` (audit receipts), ``flower_app`` (the ClientApp: plain and secure stages), ``executor`` (runs
 only the installed ClientApp, never a FAB's code), ``node`` (``fl-client run``), ``data``.
 
 This package's ``__init__`` stays light: importing it must not import torch or flwr.

@@ -228,7 +228,9 @@ def read_manifest_file(path: str | os.PathLike[str]) -> Manifest:
         if os.path.islink(name):
             raise ManifestError(name, "manifest is a symlink; symlinks are refused")
         with open(name, "rb") as handle:
-            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+            # Read what is there, up to one byte over the limit (``read(n)`` would reserve n).
+            size = os.fstat(handle.fileno()).st_size
+            raw = handle.read(min(size, MAX_MANIFEST_BYTES) + 1)
     except FileNotFoundError:
         raise ManifestError(name, "manifest missing (prepare the dataset with `fl-client data prepare`)") from None
     except OSError as exc:
