@@ -527,35 +527,40 @@ def _reconcile_restart(
     last_started = 0
     if previous.get("run_id") == state.run_id and previous.get("phase") == "training":
         last_started = int(previous.get("round", 0))
-    newest_checkpoint = state.round
+    # Rounds that ended (committed, failed or abandoned): a failed round has no checkpoint.
+    finished = max([state.round] + [int(r.get("round", 0)) for r in _read_jsonl(rounds_log)])
     if secure is not None and secure.audit is not None:
         audit_log = secure.audit.log
+
+        def halt(reason: str) -> AuditHaltError:
+            run.status(phase="failed", reason=reason)
+            return AuditHaltError(reason)
+
         if audit_log.current_run_id is None and state.round == 0:
             secure.audit_call(
                 "run start", secure.audit.run_start, state.run_id, run.cfg.path.read_bytes(),
                 flat_digest(flat_model(arrays)), run.cfg.run.rounds,
             )
         elif audit_log.current_run_id != bytes.fromhex(state.run_id):
-            reason = (
+            raise halt(
                 f"the audit log's open run is {(audit_log.current_run_id or b'').hex() or 'none'}, "
                 f"the checkpoints are of run {state.run_id}: cannot resume"
             )
-            run.status(phase="failed", reason=reason)
-            raise AuditHaltError(reason)
-        elif audit_log.last_round > state.round:
-            reason = (
-                f"the audit log records round {audit_log.last_round}, the newest checkpoint is "
-                f"round {state.round}: cannot resume"
-            )
-            run.status(phase="failed", reason=reason)
-            raise AuditHaltError(reason)
-        elif audit_log.last_round < state.round:
-            committed = audit_log.last_round
-            gone = run.checkpoints.discard_after(committed)
+        if audit_log.last_round < state.round:
+            gone = run.checkpoints.discard_after(audit_log.last_round)
             log.warning("checkpoints of rounds %s were never logged as committed: discarded", gone)
-            state, arrays = run.checkpoints.load(committed)
-    last_abandoned = max(last_started, newest_checkpoint)
-    for rnd in range(state.round + 1, last_abandoned + 1):
+            latest = run.checkpoints.latest()
+            if latest is None:
+                raise halt("no checkpoint is left that the audit log records: cannot resume")
+            state, arrays = latest
+        if audit_log.current_model_digest not in (None, flat_digest(flat_model(arrays))):
+            raise halt(
+                f"the audit log's current model (after round {audit_log.last_round}) is not the "
+                f"newest checkpoint's (round {state.round}): cannot resume"
+            )
+        finished = audit_log.last_round  # the log is the record of which rounds ended
+    last_abandoned = max(last_started, finished)
+    for rnd in range(finished + 1, last_abandoned + 1):
         reason = "abandoned: the coordinator stopped during this round; nothing of it was applied"
         log.warning("round %d %s", rnd, reason)
         if secure is not None and secure.audit is not None:
@@ -569,6 +574,12 @@ def _reconcile_restart(
             f.write(json.dumps(rec, sort_keys=True) + "\n")
         print(f"fedseal: {_summary(rnd, run.cfg.run.rounds, rec)}", flush=True)
     return state, arrays, max(state.round, last_abandoned) + 1
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:

@@ -139,7 +139,7 @@ def test_refusals_and_the_unreachable_control_api_while_a_run_completes_with_a_d
     # round 1 is committed.
     sites = [procs.add(start_site(s)) for s in fed.sites]
     state = fed.server_toml.parent / "state"
-    wait_for(lambda: len(read_rounds(state)) >= 1, 240, "round 1", diagnose=lambda: _logs(fed))
+    wait_for(lambda: len(read_rounds(state)) >= 1, 360, "round 1", diagnose=lambda: _logs(fed))
     procs.kill(sites[3], signal.SIGKILL)
     try:
         coordinator.wait(timeout=240)
