@@ -243,9 +243,21 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
         executor = PinnedExecutor(f"127.0.0.1:{cfg.runtime_port}", app)
         worker = threading.Thread(target=executor.run_forever, args=(stop,), daemon=True)
         worker.start()
+        restarts = 0
         while not stop.is_set():
             node.supervise()
+            if node.exited.is_set():
+                if node.crashed_while_starting() and restarts < SUPERNODE_START_RETRIES:
+                    restarts += 1
+                    log.warning(
+                        "the SuperNode died while starting (exit %s, see %s); starting it again (%d/%d)",
+                        node.returncode, node.log_path, restarts, SUPERNODE_START_RETRIES,
+                    )
+                    node.start()
+                    continue
+                break
             stop.wait(1.0)
+        stop.set()
         worker.join(timeout=5)
     finally:
         node.terminate()
@@ -325,6 +337,8 @@ class _SuperNode:
         self.log_path = cfg.state_dir / "supernode.log"
         self._offset = 0
         self._connected = False
+        self._ever_connected = False
+        self.exited = threading.Event()
 
 
     def start(self) -> None:
@@ -351,11 +365,12 @@ class _SuperNode:
                 start_new_session=True, preexec_fn=_pdeathsig,
             )
         self._connected = False
+        self.exited.clear()
         proc = self.proc
 
         def _watch() -> None:
             proc.wait()
-            self.stop.set()
+            self.exited.set()
 
         threading.Thread(target=_watch, daemon=True).start()
         try:
@@ -383,9 +398,25 @@ class _SuperNode:
         text = chunk.decode("utf-8", "replace")
         if "SuperNode ID:" in text:
             self._connected = True
+            self._ever_connected = True
         if self._connected and "Connection attempt failed" in text:
             log.warning("lost the coordinator; the SuperNode keeps reconnecting")
             self._connected = False
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    def crashed_while_starting(self) -> bool:
+        """Killed by a signal it did not get from us (e.g. SIGABRT from a gRPC start-up
+        fault) before it ever reached the coordinator: worth one more start. An exit code of
+        its own (a refused key, a bad argument) is not retried."""
+        self.supervise()
+        rc = self.returncode
+        return (
+            rc is not None and rc < 0 and rc not in (-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT)
+            and not self._ever_connected
+        )
 
     def terminate(self) -> None:
         proc = self.proc
@@ -399,6 +430,10 @@ class _SuperNode:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+#: How often a SuperNode that dies of a signal before it ever connected is started again.
+SUPERNODE_START_RETRIES = 2
 
 
 def _stopped_by_us(proc: subprocess.Popen[bytes]) -> bool:

@@ -273,6 +273,9 @@ def run(
     console.print(f"run {outcome.status}; final model: {outcome.model}; audit log: {outcome.audit_log}")
     if outcome.status != "finished:completed":
         raise typer.Exit(EXIT_FAILED)
+    if outcome.rounds and not any(r.get("outcome") == "committed" for r in outcome.rounds):
+        console.print("[red]no round of this run committed[/red]: see rounds.jsonl and serverapp.log")
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command("demo")

@@ -97,7 +97,7 @@ class RunSection:
     strategy_options: Mapping[str, float] = field(default_factory=dict)
     model: str = "mlp"
     seed: int = 0
-    min_sites: int = 2
+    min_sites: int = 3  # sites refuse smaller secure cohorts ([limits] min_cohort, default 3)
     epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.05

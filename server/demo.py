@@ -225,7 +225,7 @@ def run_demo(
         fed = prepare_federation(
             workdir,
             num_sites=num_sites,
-            run_overrides={"rounds": rounds, "min_sites": 2, "stage_timeout_s": 60.0, "secure": secure},
+            run_overrides={"rounds": rounds, "min_sites": 3, "stage_timeout_s": 60.0, "secure": secure},
         )
     except DeployError as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
@@ -273,4 +273,7 @@ def run_demo(
             console.print(f"[red]receipt check failed at {', '.join(blocked)}[/red] (see their fl-client.log)")
             return 1
     console.print(f"logs: {workdir}/coordinator/state/superlink.log, {workdir}/sites/*/fl-client.log")
+    if not accs:
+        console.print("[red]no round committed[/red] (see the logs above)")
+        return 1
     return 0 if outcome.status == "finished:completed" else 1

@@ -179,7 +179,7 @@ def test_a_coordinator_killed_mid_round_resumes_without_losing_a_committed_round
         tmp_path_factory.mktemp("resume"),
         num_sites=3,
         run_overrides={
-            "rounds": 3, "min_sites": 2, "threshold": 2, "stage_timeout_s": 20.0, "sites_wait_timeout_s": 300.0,
+            "rounds": 3, "min_sites": 3, "threshold": 2, "stage_timeout_s": 20.0, "sites_wait_timeout_s": 300.0,
         },
     )
     state = fed.server_toml.parent / "state"
