@@ -1,0 +1,50 @@
+"""exchange_iter: replies come as they arrive, at most `batch` per pull, until all came or time ran out."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from fedseal.server.flower_app import exchange, exchange_iter
+
+
+class FakeGrid:
+    """Each pushed message is answered after `delay[i]` pulls; records the size of every pull."""
+
+    def __init__(self, delays: list[int | None]) -> None:
+        self.delays = delays
+        self.pulls: list[int] = []
+        self.calls = 0
+
+    def push_messages(self, messages: list[Any]) -> list[str]:
+        return [f"m{i}" for i in range(len(messages))]
+
+    def pull_messages(self, ids: list[str]) -> list[Any]:
+        self.calls += 1
+        ready = [
+            i for i in ids
+            if self.delays[int(i[1:])] is not None and self.calls > self.delays[int(i[1:])]  # type: ignore[operator]
+        ]
+        self.pulls.append(len(ready))
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
+
+
+def test_all_replies_arrive_and_no_pull_holds_more_than_the_batch() -> None:
+    grid = FakeGrid([0] * 40)
+    got = [m.metadata.reply_to_message_id for m in exchange_iter(grid, [object()] * 40, timeout=5, poll=0, batch=16)]  # type: ignore[arg-type]
+    assert sorted(got) == sorted(f"m{i}" for i in range(40))
+    assert max(grid.pulls) <= 16
+
+
+def test_a_site_that_never_answers_ends_the_exchange_at_the_timeout() -> None:
+    grid = FakeGrid([0, 2, None])
+    got = exchange(grid, [object()] * 3, timeout=0.2, poll=0.01)  # type: ignore[arg-type]
+    assert sorted(m.metadata.reply_to_message_id for m in got) == ["m0", "m1"]
+
+
+def test_replies_are_yielded_before_the_slow_ones_arrive() -> None:
+    grid = FakeGrid([0, 50])
+    it = exchange_iter(grid, [object()] * 2, timeout=5, poll=0, batch=16)  # type: ignore[arg-type]
+    first = next(it)
+    assert first.metadata.reply_to_message_id == "m0" and grid.calls == 1
+    assert next(it).metadata.reply_to_message_id == "m1"
