@@ -136,6 +136,19 @@ def _get(rec: ConfigRecord, key: str, kind: type, lo: float, hi: float) -> Any:
     return value
 
 
+def _train_request(rec: ConfigRecord) -> TrainRequest:
+    """The coordinator's training hyper-parameters (before the site's limits clamp them).
+    ``proximal-mu`` (FedProx) is optional; absent means plain local SGD."""
+    mu = _get(rec, "proximal-mu", float, 0.0, 1e6) if "proximal-mu" in rec else 0.0
+    return TrainRequest(
+        epochs=_get(rec, "epochs", int, 1, 10_000),
+        batch_size=_get(rec, "batch-size", int, 1, 1 << 20),
+        learning_rate=_get(rec, "learning-rate", float, 1e-12, 1e6),
+        clip_norm=_get(rec, "clip-norm", float, 1e-12, 1e12),
+        proximal_mu=mu,
+    )
+
+
 def _run_id(rec: ConfigRecord) -> bytes:
     raw = rec.get("run-id")
     try:
@@ -188,12 +201,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         rec = _cfg(msg)
         model = _load_global(runtime, msg, rec)
         req = runtime.limits.clamp(
-            TrainRequest(
-                epochs=_get(rec, "epochs", int, 1, 10_000),
-                batch_size=_get(rec, "batch-size", int, 1, 1 << 20),
-                learning_rate=_get(rec, "learning-rate", float, 1e-12, 1e6),
-                clip_norm=_get(rec, "clip-norm", float, 1e-12, 1e12),
-            )
+            _train_request(rec)
         )
         round_ = _get(rec, "round", int, 0, 10**9)
         result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=round_)
@@ -230,12 +238,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             global_weights = state_dict_to_numpy(model)
             global_flat = _flat(global_weights)
             req = runtime.limits.clamp(
-                TrainRequest(
-                    epochs=_get(rec, "epochs", int, 1, 10_000),
-                    batch_size=_get(rec, "batch-size", int, 1, 1 << 20),
-                    learning_rate=_get(rec, "learning-rate", float, 1e-12, 1e6),
-                    clip_norm=_get(rec, "clip-norm", float, 1e-12, 1e12),
-                )
+                _train_request(rec)
             )
             round_ = _get(rec, "round", int, 0, 10**9)
             runtime._session = None  # a refused setup leaves no session of an earlier round

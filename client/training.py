@@ -66,6 +66,8 @@ class TrainRequest:
     batch_size: int = 32
     learning_rate: float = 0.05
     clip_norm: float = 5.0
+    #: FedProx: weight of the proximal term ``mu/2 * ||w - w_global||^2`` (0 = plain SGD).
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,7 @@ class SiteLimits:
     max_batch_size: int = 512
     max_learning_rate: float = 1.0
     max_clip_norm: float = 100.0
+    max_proximal_mu: float = 100.0
 
     def clamp(self, req: TrainRequest) -> TrainRequest:
         """Return ``req`` with every field clamped into ``[1 or tiny, limit]``."""
@@ -84,6 +87,7 @@ class SiteLimits:
             batch_size=min(max(1, int(req.batch_size)), self.max_batch_size),
             learning_rate=min(max(1e-8, float(req.learning_rate)), self.max_learning_rate),
             clip_norm=min(max(1e-6, float(req.clip_norm)), self.max_clip_norm),
+            proximal_mu=min(max(0.0, float(req.proximal_mu)), self.max_proximal_mu),
         )
 
 
@@ -217,15 +221,36 @@ def _step(
     yb: torch.Tensor,
     clip_norm: float,
     device: torch.device,
+    prox: _Proximal | None = None,
 ) -> float:
-    """One SGD step (bf16 autocast on CUDA, gradient clipping); returns the batch loss."""
+    """One SGD step (bf16 autocast on CUDA, gradient clipping, FedProx term if ``prox``);
+    returns the batch's data loss (without the proximal term)."""
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss = nn.functional.cross_entropy(model(xb), yb)
+    data_loss = float(loss.detach())
+    if prox is not None:
+        loss = loss + prox.term(model)
     opt.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]
     nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     opt.step()
-    return float(loss.detach())
+    return data_loss
+
+
+class _Proximal:
+    """FedProx's proximal term ``mu/2 * sum ||w - w0||^2`` against the round's global weights."""
+
+    def __init__(self, model: nn.Module, mu: float) -> None:
+        self.mu = mu
+        self.anchor = [p.detach().clone() for p in model.parameters()]
+
+    @classmethod
+    def of(cls, model: nn.Module, req: TrainRequest) -> _Proximal | None:
+        return cls(model, req.proximal_mu) if req.proximal_mu > 0 else None
+
+    def term(self, model: nn.Module) -> torch.Tensor:
+        total = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), self.anchor, strict=True))
+        return (self.mu / 2) * total  # type: ignore[no-any-return]
 
 
 def train(model: nn.Module, x: Features, y: Labels, req: TrainRequest, seed: int) -> TrainResult:
@@ -252,6 +277,7 @@ def train(model: nn.Module, x: Features, y: Labels, req: TrainRequest, seed: int
     device = pick_device()
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=req.learning_rate, momentum=0.9)
+    prox = _Proximal.of(model, req)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -260,7 +286,7 @@ def train(model: nn.Module, x: Features, y: Labels, req: TrainRequest, seed: int
         order = torch.randperm(len(xt), generator=gen).to(device)
         for start in range(0, len(xt), req.batch_size):
             idx = order[start : start + req.batch_size]
-            total += _step(model, opt, xt[idx], yt[idx], req.clip_norm, device)
+            total += _step(model, opt, xt[idx], yt[idx], req.clip_norm, device, prox)
             steps += 1
     model.to("cpu")
     return TrainResult(num_examples=len(x), mean_loss=total / max(steps, 1), steps=steps)
@@ -293,6 +319,7 @@ def train_stream(model: nn.Module, source: BatchSource, req: TrainRequest, *, se
     device = pick_device()
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=req.learning_rate, momentum=0.9)
+    prox = _Proximal.of(model, req)
     total, steps = 0.0, 0
     try:
         for epoch in range(req.epochs):
@@ -300,7 +327,7 @@ def train_stream(model: nn.Module, source: BatchSource, req: TrainRequest, *, se
             for xb, yb in source.batches(batch_size=req.batch_size, seed=seed, epoch=epoch, shuffle=True):
                 xb = xb.to(device, non_blocking=True)
                 yb = yb.to(device, non_blocking=True)
-                total += _step(model, opt, xb, yb, req.clip_norm, device)
+                total += _step(model, opt, xb, yb, req.clip_norm, device, prox)
                 steps += 1
                 rows += len(yb)
             if rows != expected:

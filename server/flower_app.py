@@ -274,18 +274,19 @@ def _responsive(run: _Run, nodes: list[int], timeout: float) -> list[int]:
 
 def _train_config(cfg: ServerConfig, round_: int, run_id: str) -> ConfigRecord:
     r = cfg.run
-    return ConfigRecord(
-        {
-            "run-id": run_id,
-            "round": round_,
-            "epochs": r.epochs,
-            "batch-size": r.batch_size,
-            "learning-rate": r.learning_rate,
-            "clip-norm": r.clip_norm,
-            "model": r.model,
-            "seed": r.seed,
-        }
-    )
+    fields: dict[str, Any] = {
+        "run-id": run_id,
+        "round": round_,
+        "epochs": r.epochs,
+        "batch-size": r.batch_size,
+        "learning-rate": r.learning_rate,
+        "clip-norm": r.clip_norm,
+        "model": r.model,
+        "seed": r.seed,
+    }
+    if r.strategy == "FedProx":  # the sites add the proximal term to their local loss
+        fields["proximal-mu"] = float(r.strategy_options.get("proximal_mu", 0.0))
+    return ConfigRecord(fields)
 
 
 def _initial_model(run: _Run, nodes: list[int]) -> dict[str, npt.NDArray[Any]]:
