@@ -1,4 +1,5 @@
-"""Audit-log benchmarks: ``python -m bench audit [--entries N] [--proof-entries N] [--jobs N]``.
+"""Audit-log benchmarks: ``python -m bench audit [--entries N] [--proof-entries N] [--jobs N]
+[--repeat R] [--skip verify|append|proofs]``.
 
 1. ``fl-audit verify`` throughput on a generated log of N (default 100,000) signed envelope
    entries (real protocol MaskedInput payloads, real ECDSA P-256 signatures, a signed tree
@@ -145,7 +146,9 @@ def generate_signed_log(
     return len(items), jobs
 
 
-def bench_verify(n_signed: int, jobs: int, rows: list[tuple[str, str, str]]) -> None:
+def bench_verify(
+    n_signed: int, jobs: int, rows: list[tuple[str, str, str]], repeat: int = 2
+) -> None:
     from fedseal.server.audit_cli import verify_log
 
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
@@ -170,18 +173,31 @@ def bench_verify(n_signed: int, jobs: int, rows: list[tuple[str, str, str]]) -> 
             res = verify_log(path, jobs=n_jobs)
             return time.perf_counter() - w0, time.process_time() - c0, res
 
-        # Baseline before and after (the shared machine's load drifts); wall and CPU time.
-        raw1 = raw_pass()
-        serial_wall, serial_cpu, result = verify_pass(1)
+        # The shared machine's load drifts, and CPU time per operation drifts with it (the
+        # cores' caches and siblings are shared). So the baseline brackets every serial pass
+        # (raw, verify, raw, verify, ..., raw), each pass is compared with the mean of the two
+        # raw passes around it, and the headline is the best of each kind (as timeit does),
+        # the same rule for the baseline and for fl-audit verify.
+        raws = [raw_pass()]
+        serials: list[tuple[float, float, object]] = []
+        for _ in range(repeat):
+            serials.append(verify_pass(1))
+            raws.append(raw_pass())
         par_wall, par_main_cpu, result_p = verify_pass(jobs)
-        raw2 = raw_pass()
-        raw_wall = (raw1[0] + raw2[0]) / 2
-        raw_cpu = (raw1[1] + raw2[1]) / 2
+        k = len(prepared)
+        paired = [
+            (n_entries / cpu) / (k / ((raws[i][1] + raws[i + 1][1]) / 2))
+            for i, (_, cpu, _) in enumerate(serials)
+        ]
+        raw_wall = min(w for w, _ in raws)
+        raw_cpu = min(c for _, c in raws)
+        serial_wall = min(w for w, _, _ in serials)
+        serial_cpu = min(c for _, c, _ in serials)
+        result = serials[0][2]
         if result.entries != n_entries or result_p.signatures != n_signed:  # type: ignore[attr-defined]
             raise RuntimeError("verification did not cover the generated log")
         size_mb = path.stat().st_size / 1e6
         n_sth = result.tree_heads  # type: ignore[attr-defined]
-    k = len(prepared)
     rows.append(
         (
             "log generated",
@@ -191,17 +207,23 @@ def bench_verify(n_signed: int, jobs: int, rows: list[tuple[str, str, str]]) -> 
     )
     rows.append(
         (
-            "baseline: raw ECDSA P-256 verify of the same signatures (cryptography, 1 core)",
+            f"baseline: raw ECDSA P-256 verify of the same signatures (cryptography, 1 core; "
+            f"best of {len(raws)} passes bracketing the serial passes)",
             f"{k / raw_wall:,.0f} verifications/s wall, {k / raw_cpu:,.0f}/s per CPU-second",
             "—",
         )
     )
     rows.append(
         (
-            "fl-audit verify, 1 process",
-            f"{n_entries / serial_wall:,.0f} entries/s wall, {n_entries / serial_cpu:,.0f} per CPU-second",
-            f"{(n_signed / serial_wall) / (k / raw_wall):.2f}x raw ECDSA wall, "
-            f"{(n_signed / serial_cpu) / (k / raw_cpu):.2f}x per CPU-second",
+            f"fl-audit verify, 1 process, best of {repeat} (goal: >= 0.625x raw ECDSA per "
+            "CPU-second, i.e. the issue's 10,000 entries/s against 16,000 ECDSA verifications/s "
+            "per core)",
+            f"{n_entries / serial_wall:,.0f} entries/s wall, {n_entries / serial_cpu:,.0f} entries "
+            f"({n_signed / serial_cpu:,.0f} site signatures) per CPU-second",
+            f"{(n_signed / serial_wall) / (k / raw_wall):.2f}x raw ECDSA wall; per CPU-second: "
+            f"entries {(n_entries / serial_cpu) / (k / raw_cpu):.2f}x, "
+            f"site signatures {(n_signed / serial_cpu) / (k / raw_cpu):.2f}x; each pass against "
+            f"its bracketing raw passes (entries): " + ", ".join(f"{r:.2f}x" for r in paired),
         )
     )
     rows.append(
@@ -364,12 +386,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--appends", type=int, default=500)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
+        "--repeat", type=int, default=2, help="serial verify passes (each bracketed by raw ECDSA)"
+    )
+    parser.add_argument(
         "--skip", action="append", default=[], choices=["verify", "append", "proofs"]
     )
     args = parser.parse_args(argv)
     rows: list[tuple[str, str, str]] = []
     if "verify" not in args.skip:
-        bench_verify(args.entries, args.jobs, rows)
+        bench_verify(args.entries, args.jobs, rows, max(1, args.repeat))
     if "append" not in args.skip:
         bench_append(args.appends, rows)
     if "proofs" not in args.skip:

@@ -477,6 +477,47 @@ class MerkleLogStore:
                 yield StoredEntry(int(idx), int(kind), _as_bytes(data), _as_bytes(lh))
             pos = int(rows[-1][0]) + 1
 
+    def iter_leaf_rows(
+        self, start: int = 0, end: int | None = None, *, batch: int = 16384
+    ) -> Iterator[tuple[int, bytes, bytes]]:
+        """Yield ``(index, data, stored leaf hash)`` tuples in index order (a verifier's scan).
+
+        The same rows as :meth:`iter_entries` without building a :class:`StoredEntry` per
+        row: each query reads ``batch`` rows after the last index seen (keyset pagination
+        over the primary key, so no row is skipped or repeated at a batch boundary, and the
+        lock is released between batches). Gaps (deleted rows) show as a jump in ``index``;
+        a BLOB column holding another type is converted as :meth:`iter_entries` does.
+
+        Raises:
+            LogFormatError: If the database cannot be read.
+            ValueError: If ``batch`` is not positive.
+        """
+        if batch <= 0:
+            raise ValueError("batch must be positive")
+        sql = "SELECT idx, data, leaf_hash FROM entries WHERE idx >= ? ORDER BY idx LIMIT ?"
+        if end is not None:
+            sql = (
+                "SELECT idx, data, leaf_hash FROM entries WHERE idx >= ? AND idx < ? "
+                "ORDER BY idx LIMIT ?"
+            )
+        pos = start
+        while True:
+            with self._lock:
+                try:
+                    cursor = self._conn.execute(
+                        sql, (pos, batch) if end is None else (pos, end, batch)
+                    )
+                    rows: list[tuple[int, bytes, bytes]] = cursor.fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise LogFormatError(f"database is corrupt: {exc}", index=pos) from exc
+            for row in rows:
+                if type(row[1]) is not bytes or type(row[2]) is not bytes:
+                    row = (row[0], _as_bytes(row[1]), _as_bytes(row[2]))
+                yield row
+            if len(rows) < batch:
+                return
+            pos = rows[-1][0] + 1
+
     def _iter(self, start: int, end: int) -> Iterator[StoredEntry]:
         expected = start
         for entry in self.iter_entries(start, end):

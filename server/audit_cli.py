@@ -211,7 +211,7 @@ def verify_log(
             trusted_roster=roster,
             submit_signatures=checker,
             progress=progress,
-        ).run(store.iter_entries(), store.tree_heads())
+        ).run_rows(store.iter_leaf_rows(), store.tree_heads())
     finally:
         checker.close()
         store.close()
