@@ -6,6 +6,15 @@ area of the site keeps its commands next to its code.
 
 from __future__ import annotations
 
+import os
+
+# gRPC's fork handlers restart its event-engine threads in a forked child; this process forks
+# children with a preexec_fn (SuperNode / SuperLink / sites, for PR_SET_PDEATHSIG), and the
+# child's close_fds then closed the restarted poller's epoll fd under it: the child aborted
+# ("epoll_wait error: Bad file descriptor", SIGABRT) before exec. The children exec at once
+# and need nothing of the parent's gRPC state, so the handlers are off (before grpc loads).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import typer
 
 from fedseal.client import site_cli

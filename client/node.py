@@ -376,7 +376,7 @@ class _SuperNode:
         try:
             # The Runtime API comes up after the SuperNode has parsed its arguments (key included).
             deadline = time.monotonic() + 60
-            while not self.stop.is_set():
+            while not self.stop.is_set() and not self.exited.is_set():
                 with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", cfg.runtime_port), 0.5):
                     break
                 if time.monotonic() > deadline:
