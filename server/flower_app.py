@@ -590,6 +590,14 @@ def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    try:
+        _run_federation(run, grid, cfg, resume=resume)
+    finally:  # runs repeated in one process (simulation, benchmarks) keep their logs apart
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
     strategy = build_strategy(cfg.run.strategy, cfg.run.strategy_options, min_sites=cfg.run.min_sites)
     if not cfg.run.secure:
         log.warning(
@@ -676,15 +684,13 @@ def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
                 )
             )
             ts = time.monotonic()
-            replies = exchange(grid, msgs, cfg.run.stage_timeout_s)
-            rec["train_s"] = time.monotonic() - ts
-            run.metrics.stage_seconds.labels(stage="train").observe(rec["train_s"])
             acc: dict[str, npt.NDArray[np.float64]] = {
                 k: np.zeros(v.shape, np.float64) for k, v in arrays.items()
             }
             total = 0
             accepted: list[_Accepted] = []
-            for reply in replies:
+            # Each update is added to the running sum as it arrives (memory: one model).
+            for reply in exchange_iter(grid, msgs, cfg.run.stage_timeout_s):
                 verdict = _validate_reply(run, reply, arrays)
                 if isinstance(verdict, str):
                     run.metrics.rejected.labels(reason=verdict).inc()
@@ -697,6 +703,9 @@ def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
                 total += n
                 accepted.append(_Accepted(site, n))
                 run.metrics.accepted.inc()
+                del reply, upd
+            rec["train_s"] = time.monotonic() - ts
+            run.metrics.stage_seconds.labels(stage="train").observe(rec["train_s"])
             rec["accepted"] = len(accepted)
             rec["sites"] = sorted(a.site for a in accepted)
             if len(accepted) >= cfg.run.min_sites and total > 0:
