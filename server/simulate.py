@@ -1,0 +1,549 @@
+"""``fl-server simulate``: the coordinator's ServerApp and the sites' ClientApp on Flower's
+simulation engine, N virtual sites over a split of MNIST-5k.
+
+Usage::
+
+    from fedseal.server.simulate import prepare_simulation, run_fedseal_simulation
+    fed = prepare_simulation(Path("/tmp/sim"), sites=10, scheme="dirichlet", alpha=0.5, seed=1,
+                             run_overrides={"rounds": 5, "secure": True})
+    outcome = run_fedseal_simulation(fed)
+    outcome.rounds[-1]["accuracy"], outcome.audit_log
+
+What is the same as a real run (``fl-server run`` + ``fl-client run``): the federation is
+prepared by :func:`fedseal.server.demo.prepare_federation` (per-site Parquet datasets with their
+own manifest and salt, site keys, the coordinator key, ``server.toml``, enrolment with the
+approved dataset roots); the coordinator is the installed ``fedseal.server.flower_app:app``
+(secure rounds, checkpoints, ``rounds.jsonl``, the signed audit log ``state/audit.sqlite``);
+each virtual site runs ``fedseal.client.flower_app.make_client_app`` over a
+``SiteRuntime`` built from its ``client.toml`` after re-attesting its dataset (a changed
+dataset is refused as ``fl-client run`` refuses it).
+
+What differs: no TLS, no SuperNode authentication and no network (Flower's in-memory link
+state and its Ray backend carry the messages); node ids are registered before the ServerApp
+starts so ``nodes.json`` maps them to enrolled sites (the real run gets them from
+``flwr supernode register``); site audit receipts are off (there is no audit service to ask).
+
+Engine details (Flower 1.42): this module does what ``flwr.simulation.run_simulation`` does
+(in-memory ``LinkState``, an ``InMemoryGrid``, the ServerApp in a thread, ``vce.start_vce``
+with the Ray backend) with two differences, both needed by fedseal: the nodes are registered
+first (``existing_nodes_mapping``, see above) and the ServerApp's context carries the run config
+(``fedseal-config``), which the public ``run_simulation`` cannot pass. The site side is one
+Ray actor holding every virtual site (``client_resources.num_cpus`` = all CPUs): fedseal's
+ClientApp keeps a secure round's client session in memory between the stages of a round, so
+all messages of a site must reach the same process. Ray pickles the ClientApp for every
+message; :class:`SimulatedSites` pickles to a reference that the actor resolves to one cached
+set of site runtimes per process.
+
+Layering: the coordinator's modules never import ``fedseal.client`` or torch
+(``tests/test_layering.py``). Simulation is the one place where the site code runs in the
+coordinator's program; it is loaded by module name, as Flower loads any ClientApp, and only in
+the Ray actor process, never in the process running the ServerApp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+from fedseal.server.demo import Federation, prepare_federation
+from fedseal.server.flower_app import NODES_FILE, ROUNDS_FILE, STATUS_FILE
+
+__all__ = [
+    "SimulatedSites",
+    "SimulationError",
+    "SimulationOutcome",
+    "content_bytes",
+    "default_backend_config",
+    "message_bytes",
+    "prepare_simulation",
+    "run_apps_on_engine",
+    "run_fedseal_simulation",
+]
+
+log = logging.getLogger("fedseal.server.simulate")
+
+SITE_APP_MODULE = "fedseal.client.flower_app"
+"""The installed ClientApp factory every virtual site runs (``make_client_app``)."""
+
+MAX_SITES = 10_000
+
+
+class SimulationError(Exception):
+    """Preparing or running a simulation failed (the message names the step)."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationOutcome:
+    """What a finished simulation left behind.
+
+    Attributes:
+        status: ``status.json`` of the coordinator (phase, final model, audit log).
+        rounds: The lines of ``rounds.jsonl``, one per round, in order.
+        model: Path of the final model checkpoint, if any.
+        audit_log: Path of the signed audit log (secure runs), if any.
+        seconds: Wall time of the whole simulation (engine start-up included).
+    """
+
+    status: Mapping[str, Any]
+    rounds: tuple[Mapping[str, Any], ...]
+    model: str | None
+    audit_log: str | None
+    seconds: float
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def prepare_simulation(
+    workdir: Path,
+    *,
+    sites: int,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 1,
+    run_overrides: Mapping[str, object] | None = None,
+) -> Federation:
+    """Split MNIST-5k over ``sites`` virtual sites and prepare keys, coordinator and roster.
+
+    The split is ``fl-client data split mnist-5k`` (IID or Dirichlet(alpha) over labels, seeded);
+    everything else is :func:`fedseal.server.demo.prepare_federation`, as for the demo. An
+    existing ``workdir`` with the same number of sites is reused (data, keys, enrolment).
+
+    Raises:
+        SimulationError: Bad arguments, or the split or another preparation step failed.
+    """
+    if not 2 <= sites <= MAX_SITES:
+        raise SimulationError("arguments", f"--sites must be in [2, {MAX_SITES}], got {sites}")
+    if scheme not in ("iid", "dirichlet"):
+        raise SimulationError("arguments", f"--scheme must be iid or dirichlet, got {scheme!r}")
+    if not alpha > 0:
+        raise SimulationError("arguments", "--alpha must be positive")
+    from fedseal.server.demo import _bin
+    from fedseal.server.deploy import DeployError
+
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_dir = workdir / "data"
+    if data_dir.exists():
+        have = sum(1 for p in data_dir.iterdir() if (p / "fedseal-manifest.json").exists())
+        if have != sites:
+            raise SimulationError(
+                "prepare data", f"{data_dir} holds {have} site datasets, not {sites}; use another --workdir"
+            )
+    else:
+        argv = [
+            _bin("fl-client"), "data", "split", "mnist-5k", str(data_dir), "--sites", str(sites),
+            "--scheme", scheme, "--alpha", repr(float(alpha)), "--seed", str(seed), "--json",
+        ]
+        out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=600)
+        if out.returncode != 0:
+            raise SimulationError("prepare data", (out.stderr or out.stdout).strip()[-600:])
+    overrides: dict[str, object] = {"seed": seed, "sites_wait_timeout_s": 120.0, "min_sites": 2}
+    overrides |= dict(run_overrides or {})
+    try:
+        return prepare_federation(workdir, num_sites=sites, run_overrides=overrides)
+    except DeployError as exc:
+        raise SimulationError("prepare federation", str(exc)) from exc
+
+
+# --------------------------------------------------------------------------- the site side
+
+
+def message_bytes(message: Message) -> int:
+    """Payload bytes of a reply (:func:`content_bytes` of its content; 0 for an error reply)."""
+    return 0 if message.has_error() else content_bytes(message.content)
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message's content: array buffers, bytes and strings, 8 per number.
+
+    The same count for every kind of reply (fedseal plain or secure, Flower's SecAgg+), used to
+    compare what a site uploads; transport framing (protobuf, HTTP) is not included.
+    """
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(arr.data) for arr in record.values())
+        elif isinstance(record, ConfigRecord | MetricRecord):
+            for value in record.values():
+                total += _value_bytes(value)
+    return total
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    return 8
+
+
+_PROCESS_SITES: dict[tuple[Any, ...], SimulatedSites] = {}
+_PROCESS_LOCK = threading.Lock()
+
+
+def _sites_in_this_process(
+    site_dirs: tuple[str, ...], extra_models: tuple[str, ...], traffic_log: str | None,
+    factory: str | None,
+) -> SimulatedSites:
+    """Unpickling target of :class:`SimulatedSites`: one cached instance per process."""
+    key = (site_dirs, extra_models, traffic_log, factory)
+    with _PROCESS_LOCK:
+        sites = _PROCESS_SITES.get(key)
+        if sites is None:
+            sites = _PROCESS_SITES[key] = SimulatedSites(site_dirs, extra_models, traffic_log, factory)
+        return sites
+
+
+class SimulatedSites(ClientApp):
+    """One ClientApp object for every virtual site: node partition ``i`` is ``site_dirs[i]``.
+
+    Each site's ClientApp is built on first use, in the process that handles its messages,
+    from its prepared directory (``client.toml``, ``site.key``, dataset): by default the real
+    one, ``make_client_app(SiteRuntime(...))`` of :mod:`fedseal.client.flower_app`. With
+    ``factory`` (``"module:callable"``, called as ``factory(site_dir)``) another ClientApp is
+    built instead (the benchmark's Flower SecAgg+ baseline). ``extra_models`` are added to the
+    models the sites allow (the benchmark's models of a given size). With ``traffic_log``, one
+    JSON line per reply (partition, message type, :func:`message_bytes`, seconds the site's
+    ClientApp took) is appended there.
+    """
+
+    def __init__(
+        self, site_dirs: tuple[str, ...], extra_models: tuple[str, ...] = (),
+        traffic_log: str | None = None, factory: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.site_dirs = tuple(site_dirs)
+        self.extra_models = tuple(extra_models)
+        self.traffic_log = traffic_log
+        self.factory = factory
+        self._apps: dict[int, ClientApp] = {}
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_sites_in_this_process, (self.site_dirs, self.extra_models, self.traffic_log, self.factory))
+
+    def site_app(self, partition: int) -> ClientApp:
+        """The ClientApp of virtual site ``partition`` (built on first use).
+
+        Raises:
+            SimulationError: The partition is unknown, or the site cannot start (its dataset
+                changed since approval, its key or data cannot be read).
+        """
+        with self._lock:
+            app = self._apps.get(partition)
+            if app is None:
+                if not 0 <= partition < len(self.site_dirs):
+                    raise SimulationError("site", f"no virtual site for partition {partition}")
+                app = self._apps[partition] = self._build(Path(self.site_dirs[partition]))
+            return app
+
+    def _build(self, site_dir: Path) -> ClientApp:
+        if self.factory is not None:
+            module_name, _, attr = self.factory.partition(":")
+            built = getattr(importlib.import_module(module_name), attr)(site_dir)
+            if not isinstance(built, ClientApp):
+                raise SimulationError("site", f"{self.factory} did not return a ClientApp")
+            return built
+        return _real_site_app(site_dir, self.extra_models)
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        partition = int(str(context.node_config["partition-id"]))
+        t0 = time.perf_counter()
+        reply = self.site_app(partition)(message, context)
+        if self.traffic_log is not None:
+            line = json.dumps(
+                {
+                    "site": partition, "type": message.metadata.message_type,
+                    "bytes": message_bytes(reply), "seconds": round(time.perf_counter() - t0, 6),
+                }
+            )
+            with open(self.traffic_log, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        return reply
+
+
+def _real_site_app(site_dir: Path, extra_models: tuple[str, ...]) -> ClientApp:
+    """What ``fl-client run`` builds for a site, minus the SuperNode (see module docstring)."""
+    from fedseal.crypto.keys import load_private_key, load_public_key
+
+    config = importlib.import_module("fedseal.client.config")
+    node = importlib.import_module("fedseal.client.node")
+    site_data = importlib.import_module("fedseal.client.site_data")
+    flower_app = importlib.import_module(SITE_APP_MODULE)
+    cfg = config.load_client_config(site_dir / "client.toml")
+    # As `fl-client run`: one intra-op thread; oversubscribed OpenMP threads are far slower on a
+    # shared host (measured here: the same plain round 1 s or 8 s depending on other load).
+    importlib.import_module("torch").set_num_threads(int(os.environ.get("FEDSEAL_TORCH_THREADS", "1")))
+    try:
+        root = node.attest_dataset(cfg, re_enrol=False)  # refuses a dataset changed since approval
+    except node.SiteRunError as exc:
+        raise SimulationError(f"site {cfg.name}", str(exc)) from exc
+    data = site_data.load_site_data(cfg.dataset_dir, validation_fraction=cfg.validation_fraction, seed=7)
+    if data.root_hex != root:
+        raise SimulationError(f"site {cfg.name}", "manifest root differs from the attested root")
+    passphrase = os.environ.get(cfg.passphrase_env) if cfg.passphrase_env else None
+    runtime = flower_app.SiteRuntime(
+        name=cfg.name,
+        data=data,
+        limits=cfg.limits,
+        allowed_models=tuple(cfg.allowed_models) + tuple(m for m in extra_models if m not in cfg.allowed_models),
+        identity_key=load_private_key(cfg.key, passphrase.encode() if passphrase else None),
+        coordinator_key=load_public_key(cfg.coordinator_key),
+        receipts=None,
+    )
+    app: ClientApp = flower_app.make_client_app(runtime)
+    return app
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def default_backend_config() -> dict[str, Any]:
+    """Ray backend: all CPUs to one actor (every virtual site in one process, see above)."""
+    cpus = max(1, len(os.sched_getaffinity(0)))
+    return {
+        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR", "log_to_driver": True},
+        "actor": {"tensorflow": 0},
+    }
+
+
+def run_apps_on_engine(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_nodes: int,
+    *,
+    run_config: Mapping[str, Any] | None = None,
+    on_nodes: Callable[[dict[int, int]], None] | None = None,
+    backend_config: Mapping[str, Any] | None = None,
+) -> Context:
+    """Run ``server_app`` against ``num_nodes`` virtual SuperNodes running ``client_app``.
+
+    Flower 1.42's simulation engine (in-memory link state, ``InMemoryGrid``, Ray backend), as
+    ``flwr.simulation.run_simulation`` runs it, except that the nodes are registered before the
+    ServerApp starts (``on_nodes`` receives ``{node_id: partition_id}`` then) and the ServerApp's
+    context carries ``run_config``.
+
+    Raises:
+        SimulationError: The ServerApp or the engine raised (the cause is chained).
+    """
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.fleet import vce
+    from flwr.server.superlink.fleet.vce.metrics import VceMetrics
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import run_serverapp_th
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    if num_nodes < 1:
+        raise SimulationError("arguments", "at least one node is needed")
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    state_factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    state = state_factory.state()
+    state.run_ids[run.run_id] = RunRecord(run=run)  # type: ignore[attr-defined]
+    state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)  # type: ignore[attr-defined]
+    mapping = _register_nodes(num_nodes=num_nodes, state_factory=state_factory)
+    if on_nodes is not None:
+        on_nodes(dict(mapping))
+    grid = InMemoryGrid(state_factory=state_factory)
+    grid.set_run(run)
+    context = Context(
+        run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config or {})
+    )
+    f_stop = threading.Event()
+    errors: queue.Queue[BaseException] = queue.Queue()
+    contexts: queue.Queue[Context] = queue.Queue()
+    thread = run_serverapp_th(
+        server_app_attr=None, server_app=server_app, server_app_context=context, grid=grid,
+        app_dir="", f_stop=f_stop, exception_queue=errors, enable_tf_gpu_growth=False,
+        ctx_queue=contexts,
+    )
+    config = dict(backend_config or default_backend_config())
+    try:
+        vce.start_vce(
+            backend_name="ray", backend_config_json_stream=json.dumps(config), app_dir="",
+            is_app=False, f_stop=f_stop, run=run, metrics=VceMetrics(), client_app=client_app,
+            state_factory=state_factory, existing_nodes_mapping=dict(mapping),
+        )
+    except Exception as exc:  # the engine's own failure, reported with its cause
+        f_stop.set()
+        thread.join()
+        raise SimulationError("simulation engine", f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        f_stop.set()
+    thread.join()
+    with contextlib.suppress(queue.Empty):
+        failure = errors.get_nowait()
+        raise SimulationError("ServerApp", f"{type(failure).__name__}: {failure}") from failure
+    try:
+        return contexts.get_nowait()
+    except queue.Empty:
+        return context
+
+
+def run_fedseal_simulation(
+    fed: Federation,
+    *,
+    backend_config: Mapping[str, Any] | None = None,
+    extra_models: tuple[str, ...] = (),
+    traffic_log: Path | None = None,
+) -> SimulationOutcome:
+    """Run the prepared federation's ServerApp and ClientApp on the simulation engine.
+
+    Returns after the ServerApp finished; every round is in ``outcome.rounds`` (also printed by
+    the ServerApp as ``fedseal: round ...`` lines).
+
+    Raises:
+        SimulationError: The engine or the ServerApp failed (e.g. too few sites answered).
+    """
+    from fedseal.server.config import load_server_config
+    from fedseal.server.flower_app import app as server_app
+
+    cfg = load_server_config(fed.server_toml)
+    state_dir = cfg.coordinator.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (NODES_FILE, ROUNDS_FILE, STATUS_FILE):
+        (state_dir / stale).unlink(missing_ok=True)
+    sites = tuple(str(p) for p in fed.sites)
+    names = [Path(p).name for p in sites]
+
+    def write_nodes(mapping: dict[int, int]) -> None:
+        doc = {str(node): names[part] for node, part in mapping.items()}
+        (state_dir / NODES_FILE).write_text(json.dumps(doc, indent=1))
+
+    client_app = SimulatedSites(sites, extra_models, str(traffic_log) if traffic_log else None)
+    t0 = time.monotonic()
+    run_apps_on_engine(
+        server_app, client_app, len(sites),
+        run_config={"fedseal-config": str(fed.server_toml), "fedseal-resume": False},
+        on_nodes=write_nodes, backend_config=backend_config,
+    )
+    seconds = time.monotonic() - t0
+    status = json.loads((state_dir / STATUS_FILE).read_text()) if (state_dir / STATUS_FILE).exists() else {}
+    rounds_path = state_dir / ROUNDS_FILE
+    rounds = tuple(
+        json.loads(line) for line in (rounds_path.read_text().splitlines() if rounds_path.exists() else ())
+        if line.strip()
+    )
+    return SimulationOutcome(
+        status=status, rounds=rounds, model=status.get("model"), audit_log=status.get("audit_log"),
+        seconds=seconds,
+    )
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def verify_audit_log(fed: Federation, audit_log: Path) -> Any:
+    """Verify ``audit_log`` with ``fl-audit verify``'s library entry point, pinning the
+    coordinator's public key; returns its ``VerifiedLog``.
+
+    Raises:
+        fedseal.protocol.audit.AuditVerificationError: The first bad entry.
+        fedseal.crypto.auditlog.AuditLogError: The file is not a readable fedseal log.
+    """
+    from fedseal.crypto.keys import load_public_key
+    from fedseal.server.audit_cli import verify_log
+
+    pub = load_public_key(fed.server_toml.parent / "coordinator.pub")
+    return verify_log(audit_log, coordinator_key=pub)
+
+
+def run_simulate_command(
+    *,
+    sites: int,
+    rounds: int,
+    scheme: str,
+    alpha: float,
+    seed: int,
+    model: str,
+    secure: bool,
+    workdir: Path | None,
+    echo: Callable[[str], None],
+) -> int:
+    """``fl-server simulate``: prepare, run, print accuracy per round, verify the audit log.
+
+    Returns the exit code: 0 when every round committed (and, when secure, the audit log
+    verifies), 1 otherwise, 2 for bad arguments.
+    """
+    import tempfile
+
+    from fedseal.crypto.errors import CryptoError
+    from fedseal.protocol.audit import AuditError
+
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="fedseal-sim-"))
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    echo(
+        f"fedseal simulate: {sites} virtual sites, MNIST-5k split {scheme}"
+        f"{f' alpha={alpha}' if scheme == 'dirichlet' else ''} seed {seed}, model {model}, "
+        f"{rounds} {'secure' if secure else 'PLAIN (updates in the clear)'} rounds, in {workdir}"
+    )
+    try:
+        fed = prepare_simulation(
+            workdir, sites=sites, scheme=scheme, alpha=alpha, seed=seed,
+            run_overrides={"rounds": rounds, "secure": secure, "model": model, "stage_timeout_s": 300.0},
+        )
+    except SimulationError as exc:
+        echo(f"error: {exc}")
+        return 2 if exc.step == "arguments" else 1
+    try:
+        outcome = run_fedseal_simulation(fed)
+    except SimulationError as exc:
+        echo(f"error: {exc}")
+        return 1
+    committed = [r for r in outcome.rounds if r.get("outcome") == "committed"]
+    accs = ", ".join(f"{float(r['accuracy']):.4f}" for r in committed if "accuracy" in r)
+    echo(f"{len(committed)}/{rounds} rounds committed in {outcome.seconds:.1f}s; accuracy per round: {accs}")
+    echo(f"final model: {outcome.model}")
+    ok = len(committed) == rounds
+    if secure:
+        if outcome.audit_log is None:
+            echo("error: no audit log was written (see coordinator/state/serverapp.log)")
+            return 1
+        try:
+            verified = verify_audit_log(fed, Path(outcome.audit_log))
+        except (AuditError, CryptoError, OSError) as exc:
+            echo(f"audit log {outcome.audit_log}: FAILED: {exc}")
+            return 1
+        echo(
+            f"audit log {outcome.audit_log}: verifies ({verified.entries} entries, "
+            f"{verified.tree_heads} signed tree heads, {verified.signatures} site signatures)"
+        )
+    return 0 if ok else 1
