@@ -55,6 +55,15 @@ def _logs(fed: Federation) -> str:
     return "\n".join(parts)
 
 
+def _finishes(coordinator: subprocess.Popen[bytes], fed: Federation, timeout: float) -> None:
+    """Wait for the coordinator's run to end, and require success (logs on failure)."""
+    try:
+        coordinator.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the coordinator did not finish the run in {timeout:.0f} s\n" + _logs(fed))
+    assert coordinator.returncode == 0, _logs(fed)
+
+
 def _start_coordinator(procs: Procs, fed: Federation, *extra: str) -> subprocess.Popen[bytes]:
     proc = procs.start(
         [str(BIN / "fl-server"), "run", "--config", str(fed.server_toml), *extra],
@@ -141,11 +150,7 @@ def test_refusals_and_the_unreachable_control_api_while_a_run_completes_with_a_d
     state = fed.server_toml.parent / "state"
     wait_for(lambda: len(read_rounds(state)) >= 1, 360, "round 1", diagnose=lambda: _logs(fed))
     procs.kill(sites[3], signal.SIGKILL)
-    try:
-        coordinator.wait(timeout=240)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the coordinator did not finish the run in 240 s\n" + _logs(fed))
-    assert coordinator.returncode == 0, _logs(fed)
+    _finishes(coordinator, fed, 240)
     rounds = read_rounds(state)
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["outcome"] == "committed" for r in rounds), rounds
@@ -192,11 +197,7 @@ def test_a_coordinator_killed_mid_round_resumes_without_losing_a_committed_round
     assert all(s.poll() is None for s in sites), "a site stopped when the coordinator died"
 
     resumed = _start_coordinator(procs, fed, "--resume")
-    try:
-        resumed.wait(timeout=400)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the resumed coordinator did not finish in 400 s\n" + _logs(fed))
-    assert resumed.returncode == 0, _logs(fed)
+    _finishes(resumed, fed, 400)
     rounds = read_rounds(state)
     assert [r["round"] for r in rounds] == [1, 2, 3], rounds
     assert [str(r["outcome"]).split()[0] for r in rounds] == ["committed", "abandoned", "committed"]
