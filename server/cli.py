@@ -330,6 +330,9 @@ def simulate(
     """
     from fedseal.server.simulate import run_simulate_command
 
+    if secure and sites < 3:
+        raise _fail("--sites: a secure round needs at least 3 sites (with 2, each site could tell "
+                    "the other's update from the sum; sites refuse smaller cohorts)")
     raise typer.Exit(
         run_simulate_command(
             sites=sites, rounds=rounds, scheme=scheme, alpha=alpha, seed=seed, model=model,

@@ -54,3 +54,10 @@ def test_run_refuses_a_robust_strategy_before_starting_anything(tmp_path: Path) 
     assert res.exit_code == 2
     assert "median" in res.output and "individual" in res.output
     assert not (coord / "state" / "superlink.log").exists()
+
+
+def test_secure_demo_and_simulation_refuse_fewer_than_three_sites() -> None:
+    out = runner.invoke(app, ["simulate", "--sites", "2"])
+    assert out.exit_code == 2 and "at least 3 sites" in out.output
+    out = runner.invoke(app, ["demo", "--sites", "2"])
+    assert out.exit_code == 2  # typer's range check: --sites is 3..10
