@@ -84,7 +84,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedseal.server.config import ServerConfig
-from fedseal.server.flower_app import NODES_FILE, ROUNDS_FILE, STATUS_FILE
+from fedseal.server.flower_app import NODES_FILE, ROUNDS_FILE, STATUS_FILE, read_rounds
 from fedseal.server.gateway import FleetGateway
 from fedseal.server.roster import Roster
 from fedseal.server.strategies import check_strategy
@@ -290,12 +290,6 @@ class RunOutcome:
         self.audit_log = audit_log
 
 
-def _read_rounds(path: Path) -> list[dict[str, object]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @contextlib.contextmanager
 def _deployment(
     cfg: ServerConfig, roster: Roster
@@ -471,11 +465,11 @@ def run_coordinator(
         doc = _flwr(["run", str(app_dir), FEDERATION, "--run-config", run_cfg], env, "start run")
         run_id = str(doc.get("run-id", ""))
         on_info(f"Flower run {run_id} started")
-        seen = len(_read_rounds(state / ROUNDS_FILE))
+        seen = len(read_rounds(state / ROUNDS_FILE))
         status = "running"
         last_poll = 0.0
         while True:
-            rounds = _read_rounds(state / ROUNDS_FILE)
+            rounds = read_rounds(state / ROUNDS_FILE)
             for rec in rounds[seen:]:
                 on_round(rec)
             seen = len(rounds)
@@ -502,7 +496,7 @@ def run_coordinator(
                     status = str(runs[0]["status"])
                     break
             time.sleep(0.5)
-        rounds = _read_rounds(state / ROUNDS_FILE)
+        rounds = read_rounds(state / ROUNDS_FILE)
         for rec in rounds[seen:]:
             on_round(rec)
         st_path = state / STATUS_FILE

@@ -529,7 +529,7 @@ def _reconcile_restart(
     if previous.get("run_id") == state.run_id and previous.get("phase") == "training":
         last_started = int(previous.get("round", 0))
     # Rounds that ended (committed, failed or abandoned): a failed round has no checkpoint.
-    finished = max([state.round] + [int(r.get("round", 0)) for r in _read_jsonl(rounds_log)])
+    finished = max([state.round] + [int(r.get("round", 0)) for r in read_rounds(rounds_log)])
     if secure is not None and secure.audit is not None:
         audit_log = secure.audit.log
 
@@ -571,16 +571,21 @@ def _reconcile_restart(
             )
         rec = {"round": rnd, "outcome": "abandoned (coordinator restarted mid-round; model unchanged)",
                "sampled": 0, "accepted": 0, "rejected": 0, "seconds": 0.0}
-        with rounds_log.open("a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        _append_round(rounds_log, rec)
         print(f"fedseal: {_summary(rnd, run.cfg.run.rounds, rec)}", flush=True)
     return state, arrays, max(state.round, last_abandoned) + 1
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_rounds(path: Path) -> list[dict[str, Any]]:
+    """The round records of ``rounds.jsonl`` (empty if there is none yet)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_round(path: Path, rec: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
 
 
 def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
@@ -785,8 +790,7 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
         line = _summary(rnd, cfg.run.rounds, rec)
         log.info("%s", line)
         print(f"fedseal: {line}", flush=True)
-        with rounds_log.open("a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        _append_round(rounds_log, rec)
     if secure is not None and secure.audit is not None:
         secure.audit_call("run end", secure.audit.run_end)
     if secure is not None and secure.audit is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -11,8 +10,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from fedseal.server import flower_app
 
 BIN = Path(sys.executable).parent
 
@@ -82,11 +84,8 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
-def read_rounds(state_dir: Path) -> list[dict[str, object]]:
-    path = state_dir / "rounds.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_rounds(state_dir: Path) -> list[dict[str, Any]]:
+    return flower_app.read_rounds(state_dir / flower_app.ROUNDS_FILE)
 
 
 def tail(path: Path, n: int = 3000) -> str:
