@@ -258,14 +258,15 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
                     dataset_root=bytes.fromhex(runtime.data.root_hex),
                 )
 
+            guard = runtime.guard()
             runtime._session = ClientSession(
                 runtime.name,
                 runtime.identity_key,
                 runtime.coordinator_key,
                 update_fn=update_fn,
                 rng=np.random.default_rng(secrets.randbits(128)),
-                policy=runtime.guard().policy,
-                guard=runtime.guard(),
+                policy=guard.policy,
+                guard=guard,
             )
         if runtime._session is None:
             raise ValueError("secagg stage without a round setup")

@@ -342,6 +342,12 @@ class _SuperNode:
 
 
     def start(self) -> None:
+        from fedseal.client.supernode import poll_interval
+
+        try:  # the launcher reads it too; a bad value is named here, not in supernode.log
+            poll_interval()
+        except ValueError as exc:
+            raise SiteRunError("supernode", str(exc)) from None
         cfg = self.cfg
         # flower-supernode, launched with its idle poll shortened (fedseal.client.supernode).
         argv = [

@@ -42,3 +42,12 @@ def test_a_supernode_that_had_connected_or_exited_by_itself_is_not_restarted(tmp
 def test_a_supernode_stopped_by_a_signal_we_send_is_not_restarted(tmp_path: Path, sig: str) -> None:
     node = _node(tmp_path, f"import os, signal; os.kill(os.getpid(), signal.{sig})")
     assert not node.crashed_while_starting()
+
+
+def test_a_bad_poll_interval_is_refused_before_the_supernode_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedseal.client.node import SiteRunError
+
+    monkeypatch.setenv("FEDSEAL_SUPERNODE_POLL_S", "soon")
+    node = _SuperNode.__new__(_SuperNode)
+    with pytest.raises(SiteRunError, match="FEDSEAL_SUPERNODE_POLL_S"):
+        node.start()
