@@ -395,6 +395,10 @@ def run_apps_on_engine(
         ctx_queue=contexts,
     )
     config = dict(backend_config or default_backend_config())
+    # Ray rewrites this process's environment (PYTHONPATH with its thirdparty_files and the
+    # working directory, PYTHONBREAKPOINT, RAY_*); later subprocesses (another tool, a
+    # benchmark's next step) must not inherit that, so it is put back when the run ends.
+    saved_environ = dict(os.environ)
     try:
         vce.start_vce(
             backend_name="ray", backend_config_json_stream=json.dumps(config), app_dir="",
@@ -407,6 +411,8 @@ def run_apps_on_engine(
         raise SimulationError("simulation engine", f"{type(exc).__name__}: {exc}") from exc
     finally:
         f_stop.set()
+        os.environ.clear()
+        os.environ.update(saved_environ)
     thread.join()
     with contextlib.suppress(queue.Empty):
         failure = errors.get_nowait()
