@@ -7,6 +7,12 @@ vectors. The training callback (drawing the random update) is excluded from site
 
     .venv/bin/python -m bench protocol [--sites=100] [--length=1000000] [--dropout=0.1] [--seed=1]
                                        [--degree=K] [--threshold=T] [--advert-dropouts=D]
+                                       [--no-micro]
+
+After the round, unless ``--no-micro``: the per-site stage-3 pieces at the same M (best of 7
+CPU times): the quantizer against its predecessor (copied into this file as the baseline), the
+fused masked encoding against the unfused sequence, and the floors (AES-CTR keystreams alone,
+SHA-256 alone).
 
 ``--advert-dropouts=D`` makes ``D`` sites silent at the key-advert stage: the coordinator then
 starts a second setup attempt for the others (its cost lands in stage 1).
@@ -18,11 +24,17 @@ starts a second setup attempt for the others (its cost lands in stage 1).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
+from collections.abc import Callable
 
 import numpy as np
 
+from fedseal.crypto import prg
+from fedseal.crypto.prg import Mask
 from fedseal.protocol import LocalUpdate, QuantizationConfig, RoundConfig, RoundInfo, SiteId
+from fedseal.protocol.masking import encode_masked
+from fedseal.protocol.quantize import quantize
 from fedseal.protocol.server import ServerStage
 from fedseal.protocol.simulator import Behaviour, Federation, dataset_root_for
 
@@ -78,6 +90,9 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument(
         "--advert-dropouts", type=int, default=0, help="sites silent at the key adverts (restart)"
+    )
+    parser.add_argument(
+        "--no-micro", action="store_true", help="skip the per-site stage-3 micro-benchmarks"
     )
     args = parser.parse_args(argv)
     n, m = args.sites, args.length
@@ -179,6 +194,131 @@ def main(argv: list[str]) -> None:
     print(
         f"max |dequantized mean - float mean| = {err:.2e} (bound: step = {config.quantization.step:.2e})"
     )
+    if not args.no_micro:
+        micro_benchmarks(sample, config.quantization, degree)
+        graph = fed.server.graph if fed.server else None
+        survivors = set(result.survivors)
+        pairwise = sum(
+            sum(1 for i in graph.of(d) if i in survivors) for d in behaviour.dropped if graph
+        )
+        coordinator_micro_benchmarks(m, len(survivors), pairwise)
+
+
+def _best_ms(fn: Callable[[], object], reps: int = 7) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return 1000 * best
+
+
+def micro_benchmarks(update: np.ndarray, q: QuantizationConfig, degree: int) -> None:
+    """Per-site stage-3 pieces at this M, best of 7 CPU times, same run: the quantizer against
+    its predecessor (copied below) and the fused masked encoding against its floors (the AES-CTR
+    keystreams and the SHA-256 alone)."""
+    m = update.shape[0]
+    rng = np.random.default_rng(0)
+    masks = [Mask(bytes([i + 1]) * 32, b"bench", negate=i % 2 == 1) for i in range(degree + 1)]
+    scratch = np.empty(m, dtype=np.uint32)
+    vector = quantize(update, 100, q, rng).vector
+    rows = [
+        (
+            "quantize, before (float64 `rng.random` noise, whole-vector passes)",
+            _best_ms(lambda: _quantize_before(update, 100, q, rng)),
+        ),
+        (
+            "quantize, now (fixed point, AES-CTR noise words, chunked)",
+            _best_ms(lambda: quantize(update, 100, q, rng)),
+        ),
+        (
+            "  floor reference: `rng.random(M)` alone (the old noise draw)",
+            _best_ms(lambda: rng.random(m)),
+        ),
+        (
+            f"masked input, fused (quantize + {degree + 1} masks + SHA-256, one chunked pass)",
+            _best_ms(lambda: encode_masked(update, 100, q, rng, masks)),
+        ),
+        (
+            f"masked input, unfused (quantize, then {degree + 1} x add_mask_into, then SHA-256)",
+            _best_ms(lambda: _masked_unfused(update, q, rng, masks)),
+        ),
+        (
+            f"  floor: {degree + 1} AES-256-CTR keystreams alone",
+            _best_ms(lambda: [prg.expand(k.seed, m, domain=k.domain, out=scratch) for k in masks]),
+        ),
+        (
+            "  floor: SHA-256 of the vector alone",
+            _best_ms(lambda: hashlib.sha256(vector.data).digest()),
+        ),
+    ]
+    print(f"\nPer-site stage-3 pieces, M = {m:,} (CPU ms, best of 7, same run):\n")
+    print("| piece | ms |")
+    print("| --- | ---: |")
+    for label, ms in rows:
+        print(f"| {label} | {ms:.2f} |")
+
+
+def coordinator_micro_benchmarks(m: int, survivors: int, pairwise: int) -> None:
+    """The coordinator's per-round floors at this M, same run: removing ``survivors`` self masks
+    and ``pairwise`` dropped-site masks in one chunk-major pass against the keystreams alone, and
+    the per-vector verification (SHA-256) plus the streaming add."""
+    count = survivors + pairwise
+    masks = [Mask(i.to_bytes(32, "big"), b"bench", negate=True) for i in range(count)]
+    total = np.zeros(m, dtype=np.uint32)
+    vector = np.arange(m, dtype=np.uint32)
+    scratch = np.empty(m, dtype=np.uint32)
+    rows = [
+        (
+            f"stage 5: remove {survivors} self + {pairwise} pairwise masks (add_masks_into)",
+            _best_ms(lambda: prg.add_masks_into(total, masks), reps=3),
+        ),
+        (
+            f"  floor: {count} AES-256-CTR keystreams alone",
+            _best_ms(
+                lambda: [prg.expand(k.seed, m, domain=k.domain, out=scratch) for k in masks], reps=3
+            ),
+        ),
+        (
+            "stage 3, per vector: SHA-256 of the bulk vector",
+            _best_ms(lambda: hashlib.sha256(vector.data).digest()),
+        ),
+        (
+            "stage 3, per vector: streaming add into the running sum",
+            _best_ms(lambda: np.add(total, vector, out=total)),
+        ),
+    ]
+    print(f"\nCoordinator pieces, M = {m:,} (CPU ms, best of 3-7, same run):\n")
+    print("| piece | ms |")
+    print("| --- | ---: |")
+    for label, ms in rows:
+        print(f"| {label} | {ms:.2f} |")
+
+
+def _masked_unfused(
+    update: np.ndarray, q: QuantizationConfig, rng: np.random.Generator, masks: list[Mask]
+) -> bytes:
+    vector = quantize(update, 100, q, rng).vector
+    for k in masks:
+        prg.add_mask_into(vector, k.seed, domain=k.domain, negate=k.negate)
+    return hashlib.sha256(vector.data).digest()
+
+
+def _quantize_before(
+    update: np.ndarray, weight: int, config: QuantizationConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """The quantizer as it was before the chunked fixed-point rewrite (baseline, same run)."""
+    levels = config.levels
+    y = np.multiply(np.asarray(update), levels / config.clip, dtype=np.float64)
+    if not np.isfinite(np.add.reduce(y)) and not np.isfinite(y).all():
+        raise ValueError("update contains NaN or infinite values")
+    _clipped = int(np.count_nonzero(y > levels)) + int(np.count_nonzero(y < -levels))
+    np.clip(y, -levels, levels, out=y)
+    y += rng.random(y.shape[0])
+    np.floor(y, out=y)
+    np.minimum(y, levels, out=y)
+    y *= weight
+    return y.astype(np.int32).view(np.uint32)
 
 
 def flower_masked_input_ms(update: np.ndarray, neighbours: int, reps: int = 3) -> float | None:

@@ -29,7 +29,7 @@ Example::
 
 Modules: :mod:`.keys` (ECDSA P-256 identities and key files), :mod:`.signing` (domain-separated
 signatures), :mod:`.agreement` (P-256 ECDH + HKDF-SHA256), :mod:`.aead` (ChaCha20-Poly1305),
-:mod:`.shamir` (t-of-n sharing over GF(2**31 - 1)), :mod:`.prg` (ChaCha20 mask PRG),
+:mod:`.shamir` (t-of-n sharing over GF(2**31 - 1)), :mod:`.prg` (AES-256-CTR mask PRG),
 :mod:`.merkle` (RFC 6962/9162 trees and proofs), :mod:`.errors` (the exception tree, rooted at
 :class:`CryptoError`). Only stdlib, ``cryptography`` and ``numpy`` are imported.
 """

@@ -10,6 +10,9 @@ Example::
     prg.add_mask_into(acc, seed, domain=b"pairwise|run-7|round-3", negate=True)  # acc -= mask
     assert not acc.any()
 
+    # Many masks at once, chunk by chunk (each chunk of acc stays in cache for all of them):
+    prg.add_masks_into(acc, [prg.Mask(seed_a, b"self"), prg.Mask(seed_b, b"pair", negate=True)])
+
 For each ``(seed, domain)`` the AES-256 key is
 ``SHA-256(b"fedseal/v1/prg\\x00" || u32be(len(domain)) || domain || seed)`` and the 128-bit
 initial counter block is zero (NIST SP 800-38A CTR, the whole block incremented big-endian);
@@ -19,6 +22,11 @@ the protocol's largest cost. Distinct
 ``(seed, domain)`` pairs therefore give independent streams (distinct keys), and a key is used
 for exactly one stream. The keystream is written straight into the output array with
 ``update_into`` in fixed-size chunks: no per-element Python work and no full-size temporaries.
+
+Adding many masks into one vector (a site adds 1 + k of them, the coordinator removes one per
+survivor plus the dropped sites' pairwise ones) is done chunk-major by :class:`MaskSum`: all
+keystreams advance together, and each chunk of the target is read and written once while it is
+in cache, instead of one full pass over the vector per mask.
 """
 
 from __future__ import annotations
@@ -26,13 +34,24 @@ from __future__ import annotations
 import hashlib
 import struct
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
-__all__ = ["SEED_SIZE", "add_mask_into", "derive_stream_key", "expand"]
+__all__ = [
+    "SEED_SIZE",
+    "Mask",
+    "MaskSum",
+    "Stream",
+    "add_mask_into",
+    "add_masks_into",
+    "derive_stream_key",
+    "expand",
+]
 
 SEED_SIZE = 32
 _TAG = b"fedseal/v1/prg\x00"
@@ -177,23 +196,137 @@ def add_mask_into(acc: UIntArray, seed: bytes, *, domain: bytes, negate: bool = 
             writeable, C-contiguous 1-D array.
         TypeError: If ``acc`` is not uint32/uint64.
     """
-    dt = _check_dtype(acc.dtype)
+    _check_dtype(acc.dtype)
     _check_vector(acc, "acc")
-    count = acc.shape[0]
-    _check_length(count * dt.itemsize)
-    enc = _keystream(seed, domain)
-    step = _CHUNK_BYTES // dt.itemsize
-    scratch = np.empty(min(step, count), dtype=dt)
-    scratch_view = scratch.data.cast("B")
-    zeros = memoryview(_ZEROS)
-    op = np.subtract if negate else np.add
-    for start in range(0, count, step):
-        end = min(start + step, count)
-        n = end - start
-        nbytes = n * dt.itemsize
-        enc.update_into(zeros[:nbytes], scratch_view[:nbytes])
-        part = scratch[:n]
+    MaskSum(acc.dtype, [Mask(seed, domain, negate)]).apply_into(acc)
+
+
+class Stream:
+    """One ``(seed, domain)`` stream read incrementally: consecutive ``read_into`` calls fill
+    consecutive pieces of ``expand(seed, total, domain=domain)``.
+
+    Example::
+
+        stream = Stream(seed, b"noise")
+        stream.read_into(first)   # == expand(seed, len(first) + len(second), ...)[: len(first)]
+        stream.read_into(second)
+    """
+
+    __slots__ = ("_enc",)
+
+    def __init__(self, seed: bytes, domain: bytes) -> None:
+        """Derive the stream's key.
+
+        Raises:
+            ValueError: If ``seed`` is not 32 bytes or ``domain`` is empty.
+        """
+        self._enc = _keystream(seed, domain)
+
+    def read_into(self, out: UIntArray) -> None:
+        """Overwrite ``out`` with the stream's next ``len(out)`` values.
+
+        Raises:
+            ValueError: If ``out`` is not a writeable, C-contiguous 1-D array.
+            TypeError: If ``out`` is not uint32/uint64.
+        """
+        dt = _check_dtype(out.dtype)
+        _check_vector(out, "out")
+        nbytes = out.shape[0] * dt.itemsize
+        _check_length(nbytes)
+        view = out.data.cast("B")
+        zeros = memoryview(_ZEROS)
+        for start in range(0, nbytes, _CHUNK_BYTES):
+            end = min(start + _CHUNK_BYTES, nbytes)
+            self._enc.update_into(zeros[: end - start], view[start:end])
         if sys.byteorder == "big":
-            part.byteswap(inplace=True)
-        target = acc[start:end]
-        op(target, part, out=target)
+            out.byteswap(inplace=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Mask:
+    """One mask stream to add (or, with ``negate``, subtract): ``expand(seed, n, domain=domain)``.
+
+    Attributes:
+        seed: 32-byte seed.
+        domain: Non-empty domain-separation label.
+        negate: Subtract the stream instead of adding it.
+    """
+
+    seed: bytes
+    domain: bytes
+    negate: bool = False
+
+
+class MaskSum:
+    """Several mask streams applied together, chunk by chunk, to consecutive slices of a vector.
+
+    ``apply_into`` adds the *next* ``len(chunk)`` values of every stream (signed) into
+    ``chunk``; calling it on consecutive slices ``acc[0:a], acc[a:b], ...`` is exactly
+    ``add_mask_into`` of every mask over ``acc``. The caller can interleave other per-chunk work
+    (encoding before, hashing after) so the chunk is touched while it is in cache.
+
+    Example::
+
+        masks = MaskSum(np.uint32, [Mask(seed_a, b"self"), Mask(seed_b, b"pair", negate=True)])
+        for start in range(0, len(acc), 32768):
+            masks.apply_into(acc[start : start + 32768])
+    """
+
+    __slots__ = ("_dtype", "_scratch", "_streams")
+
+    def __init__(
+        self, dtype: type[np.uint32] | type[np.uint64] | np.dtype[Any], masks: Iterable[Mask]
+    ) -> None:
+        """Derive one keystream per mask.
+
+        Raises:
+            ValueError: If a seed is not 32 bytes or a domain is empty.
+            TypeError: If ``dtype`` is not uint32/uint64.
+        """
+        self._dtype = _check_dtype(dtype)
+        self._streams = [(_keystream(m.seed, m.domain), m.negate) for m in masks]
+        self._scratch = np.empty(_CHUNK_BYTES // self._dtype.itemsize, dtype=self._dtype)
+
+    def apply_into(self, chunk: UIntArray) -> None:
+        """Add the next ``len(chunk)`` values of every stream (subtract negated ones), wrapping.
+
+        Raises:
+            ValueError: If ``chunk`` is not a writeable, C-contiguous 1-D array.
+            TypeError: If ``chunk`` does not have this sum's dtype.
+        """
+        if chunk.dtype != self._dtype:
+            raise TypeError("chunk dtype differs from the MaskSum's dtype")
+        _check_vector(chunk, "chunk")
+        count = chunk.shape[0]
+        _check_length(count * self._dtype.itemsize)
+        step = self._scratch.shape[0]
+        scratch_view = self._scratch.data.cast("B")
+        zeros = memoryview(_ZEROS)
+        for start in range(0, count, step):
+            end = min(start + step, count)
+            n = end - start
+            nbytes = n * self._dtype.itemsize
+            target = chunk[start:end]
+            part = self._scratch[:n]
+            for enc, negate in self._streams:
+                enc.update_into(zeros[:nbytes], scratch_view[:nbytes])
+                if sys.byteorder == "big":
+                    part.byteswap(inplace=True)
+                if negate:
+                    np.subtract(target, part, out=target)
+                else:
+                    np.add(target, part, out=target)
+
+
+def add_masks_into(acc: UIntArray, masks: Iterable[Mask]) -> None:
+    """Add every mask in ``masks`` into ``acc`` (subtract the negated ones), wrapping.
+
+    Same result as one :func:`add_mask_into` per mask, in one chunk-major pass over ``acc``.
+
+    Raises:
+        ValueError: If a seed is not 32 bytes, a domain is empty, or ``acc`` is not a
+            writeable, C-contiguous 1-D array.
+        TypeError: If ``acc`` is not uint32/uint64.
+    """
+    _check_vector(acc, "acc")
+    MaskSum(acc.dtype, masks).apply_into(acc)

@@ -71,7 +71,7 @@ from fedseal.crypto.errors import (
     SignatureError,
 )
 from fedseal.crypto.keys import key_id, public_key_from_der, public_key_to_der
-from fedseal.crypto.prg import add_mask_into
+from fedseal.crypto.prg import Mask
 from fedseal.crypto.shamir import Share, split_many
 from fedseal.crypto.signing import sign, verify
 
@@ -105,6 +105,7 @@ from .masking import (
     SELF_DOMAIN,
     decode_share_pair,
     decrypt_share_pair,
+    encode_masked,
     encode_share_pair,
     encrypt_share_pair,
     pair_sign_negative,
@@ -129,7 +130,6 @@ from .messages import (
     decode_payload,
     survivor_statement,
 )
-from .quantize import quantize
 from .types import (
     COORDINATOR,
     DIGEST_BYTES,
@@ -571,6 +571,7 @@ class ClientSession:
             raise CoordinatorMisbehaviourError(f"unsafe round parameters: {exc.message}") from exc
         peers: dict[SiteId, _Peer] = {}
         by_key: dict[bytes, SiteId] = {}
+        own_der = b""
         for member in setup.cohort:
             try:
                 public_key = public_key_from_der(member.public_key_der)
@@ -578,7 +579,12 @@ class ClientSession:
                 raise CoordinatorMisbehaviourError(
                     "cohort lists an invalid identity key", site=member.site
                 ) from exc
-            kid = bytes(key_id(public_key))
+            # public_key_from_der accepts only the canonical DER, so the key id (SHA-256 of the
+            # canonical DER) is the hash of the listed bytes: no re-encoding per cohort member.
+            der = bytes(member.public_key_der)
+            kid = hashlib.sha256(der).digest()
+            if member.site == self.site:
+                own_der = der
             if kid in by_key:
                 raise CoordinatorMisbehaviourError(
                     "cohort lists one key for two sites", site=member.site
@@ -597,7 +603,7 @@ class ClientSession:
                 f"round setup cohort of {len(peers)} sites is below this site's minimum "
                 f"of {self.policy.min_cohort}"
             )
-        if public_key_to_der(own.public_key) != self._identity_der:
+        if own_der != self._identity_der:
             raise CoordinatorMisbehaviourError("cohort lists a different key for this site")
         self._setup = setup
         self._setup_digest = setup.digest
@@ -797,16 +803,13 @@ class ClientSession:
             )
         if len(update.dataset_root) != DIGEST_BYTES:
             raise ValueError("dataset_root must be 32 bytes")
-        encoded = quantize(
-            update.vector, update.example_count, setup.params.quantization, self._rng
-        )
-        vector = encoded.vector
-        if vector.shape[0] != setup.params.vector_length:
+        update_vector = np.asarray(update.vector)
+        if update_vector.ndim != 1 or update_vector.shape[0] != setup.params.vector_length:
             raise ValueError(
-                f"update has {vector.shape[0]} elements, the round needs {setup.params.vector_length}"
+                f"update has shape {update_vector.shape}, the round needs "
+                f"({setup.params.vector_length},)"
             )
-        self.clipped = encoded.clipped
-        add_mask_into(vector, self._seed, domain=SELF_DOMAIN)
+        masks = [Mask(self._seed, SELF_DOMAIN)]
         for peer in sorted(held, key=site_sort_key):
             try:
                 seed = pairwise_seed(
@@ -816,9 +819,12 @@ class ClientSession:
                 raise VerificationError(
                     "neighbour advertised an invalid mask key", site=peer
                 ) from exc
-            add_mask_into(
-                vector, seed, domain=PAIR_DOMAIN, negate=pair_sign_negative(self.site, peer)
-            )
+            masks.append(Mask(seed, PAIR_DOMAIN, negate=pair_sign_negative(self.site, peer)))
+        encoded = encode_masked(
+            update_vector, update.example_count, setup.params.quantization, self._rng, masks
+        )
+        vector = encoded.vector
+        self.clipped = encoded.clipped
         masked = MaskedInput(
             header=self._header(),
             dataset_root=bytes(update.dataset_root),
@@ -826,7 +832,7 @@ class ClientSession:
             vector_length=int(vector.shape[0]),
             modulus_bits=setup.params.quantization.modulus_bits,
             clipped=encoded.clipped,
-            bulk_digest=hashlib.sha256(vector.data).digest(),
+            bulk_digest=encoded.digest,
         )
         return Packet(self._seal(masked), vector)
 

@@ -10,26 +10,38 @@
 * Share encryption: ChaCha20-Poly1305 under
   ``HKDF(ECDH(share key sender, share key recipient), info=(purpose, run, round, sender,
   recipient))`` with associated data binding run, round, setup digest, sender, recipient.
+* A site's masked input (:func:`encode_masked`): quantize, add the self mask and every pairwise
+  mask, and hash, fused chunk by chunk (``fedseal.protocol.quantize.CHUNK`` elements) so each
+  piece of the 4-bytes-per-parameter vector is produced, masked and hashed while in cache.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from fedseal.crypto.aead import open_sealed, seal
 from fedseal.crypto.agreement import AgreementKey, derive_shared_key, kdf_info
+from fedseal.crypto.prg import Mask, MaskSum
 
-from .config import Limits
+from .config import Limits, QuantizationConfig
 from .encoding import Reader, Writer
+from .quantize import CHUNK, Quantizer, UIntVector, vector_dtype
 from .types import RUN_ID_BYTES, SiteId, site_sort_key
 
 __all__ = [
     "PAIR_DOMAIN",
     "SEED_BYTES",
     "SELF_DOMAIN",
+    "MaskedEncoding",
     "decode_share_pair",
     "decrypt_share_pair",
+    "encode_masked",
     "encode_share_pair",
     "encrypt_share_pair",
     "pair_sign_negative",
@@ -168,3 +180,61 @@ def decrypt_share_pair(
     ad = _share_ad(run_id, round, setup_digest, sender, recipient)
     plaintext: bytes = open_sealed(key, ciphertext, ad)
     return plaintext
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedEncoding:
+    """A site's masked input vector, ready to send.
+
+    Attributes:
+        vector: ``quantize(update) + self mask +- pairwise masks`` modulo ``2^b``.
+        clipped: Elements of the update outside ``[-clip, clip]``.
+        digest: SHA-256 of ``vector``'s little-endian bytes (the signed bulk digest).
+    """
+
+    vector: UIntVector = field(repr=False)
+    clipped: int
+    digest: bytes
+
+
+def encode_masked(
+    update: npt.NDArray[np.floating[Any]],
+    weight: int,
+    config: QuantizationConfig,
+    rng: np.random.Generator,
+    masks: Sequence[Mask],
+) -> MaskedEncoding:
+    """Quantize ``update``, add ``masks`` and hash the result, in one chunked pass.
+
+    Bit for bit ``v = quantize(update, weight, config, rng).vector``, then
+    ``add_mask_into(v, m.seed, domain=m.domain, negate=m.negate)`` for each mask, then
+    ``SHA-256(v)``, with the same generator consumption as :func:`quantize`.
+
+    Args:
+        update: 1-D float vector.
+        weight: Example count, ``>= 1``.
+        config: Clip / levels / modulus.
+        rng: Source of the rounding noise.
+        masks: The self mask and the pairwise masks (with their signs).
+
+    Returns:
+        The masked vector, the clipped-element count and the vector's SHA-256.
+
+    Raises:
+        ValueError: If the update is not 1-D or contains NaN/inf, weight < 1, or a mask seed
+            is not 32 bytes (local input, not a peer's).
+    """
+    if update.ndim != 1:
+        raise ValueError(f"update must be 1-D, got shape {update.shape}")
+    dtype = vector_dtype(config.modulus_bits)
+    encoder = Quantizer(weight, config, rng)
+    streams = MaskSum(dtype, masks)
+    vector: UIntVector = np.empty(update.shape[0], dtype=dtype)
+    digest = hashlib.sha256()
+    for start in range(0, update.shape[0], CHUNK):
+        end = start + CHUNK
+        part = vector[start:end]
+        encoder.encode_into(update[start:end], part)
+        streams.apply_into(part)
+        digest.update(part.data)
+    return MaskedEncoding(vector=vector, clipped=encoder.clipped, digest=digest.digest())

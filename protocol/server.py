@@ -75,7 +75,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedseal.crypto.agreement import AgreementKey
 from fedseal.crypto.errors import AgreementError, KeyFormatError, ShareError, SignatureError
-from fedseal.crypto.prg import add_mask_into
+from fedseal.crypto.prg import Mask, add_masks_into
 from fedseal.crypto.shamir import Share, combine
 from fedseal.crypto.signing import verify
 
@@ -916,6 +916,9 @@ class SecAggServer:
         survivors = self._u2
         total = self._sum.total
         h_run, h_round = self.run_id, self.round
+        # Every mask to remove is collected first and removed in one chunk-major pass
+        # (fedseal.crypto.prg.MaskSum): the sum is only touched once all seeds reconstructed.
+        masks: list[Mask] = []
         for owner in survivors:
             advert = self._state[owner].advert
             if advert is None:
@@ -928,7 +931,7 @@ class SecAggServer:
                 return seed_commitment(h_run, h_round, owner, secret) == commitment
 
             seed = self._reconstruct(owner, ShareKind.SELF_MASK_SEED, SEED_BYTES, seed_ok)
-            add_mask_into(total, seed, domain=SELF_DOMAIN, negate=True)
+            masks.append(Mask(seed, SELF_DOMAIN, negate=True))
         survivor_set = frozenset(survivors)
         for owner in sorted(self._u1 - survivor_set, key=site_sort_key):
             advert = self._state[owner].advert
@@ -962,9 +965,8 @@ class SecAggServer:
                 except AgreementError as exc:
                     raise ReconstructionError("a survivor's mask key is unusable", site=i) from exc
                 # Survivor i added +mask if i < owner, -mask otherwise; remove exactly that.
-                add_mask_into(
-                    total, seed, domain=PAIR_DOMAIN, negate=not pair_sign_negative(i, owner)
-                )
+                masks.append(Mask(seed, PAIR_DOMAIN, negate=not pair_sign_negative(i, owner)))
+        add_masks_into(total, masks)
         q = self.params.quantization
         weights = {s: self._state[s].example_count for s in survivors}
         aggregate = total

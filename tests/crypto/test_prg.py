@@ -126,3 +126,58 @@ def test_other_dtypes_are_refused() -> None:
         prg.expand(SEED, 4, domain=b"d", dtype=np.int32)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         prg.add_mask_into(np.zeros(4, np.float32), SEED, domain=b"d")  # type: ignore[arg-type]
+
+
+@given(seeds, domains, st.lists(st.integers(0, CHUNK_VALUES + 5), max_size=5))
+def test_a_stream_read_in_pieces_is_the_expanded_stream(
+    seed: bytes, domain: bytes, pieces: list[int]
+) -> None:
+    stream = prg.Stream(seed, domain)
+    parts = []
+    for n in pieces:
+        out = np.empty(n, dtype=np.uint32)
+        stream.read_into(out)
+        parts.append(out)
+    got = np.concatenate([np.empty(0, np.uint32), *parts])
+    assert np.array_equal(got, prg.expand(seed, sum(pieces), domain=domain))
+
+
+@given(
+    st.lists(st.tuples(seeds, domains, st.booleans()), max_size=5),
+    sizes,
+    st.sampled_from([np.uint32, np.uint64]),
+)
+def test_adding_many_masks_at_once_equals_adding_them_one_by_one(
+    specs: list[tuple[bytes, bytes, bool]], n: int, dtype: type[np.unsignedinteger]
+) -> None:
+    base = np.arange(n, dtype=dtype) * dtype(2654435761)
+    one_by_one = base.copy()
+    for seed, domain, negate in specs:
+        prg.add_mask_into(one_by_one, seed, domain=domain, negate=negate)
+    at_once = base.copy()
+    prg.add_masks_into(at_once, [prg.Mask(s, d, negate=g) for s, d, g in specs])
+    assert np.array_equal(at_once, one_by_one)
+
+
+def test_a_mask_sum_applied_to_consecutive_slices_continues_every_stream() -> None:
+    n = 3 * CHUNK_VALUES + 11
+    masks = [prg.Mask(SEED, b"a"), prg.Mask(bytes(32), b"b", negate=True)]
+    whole = np.zeros(n, dtype=np.uint32)
+    prg.add_masks_into(whole, masks)
+    sliced = np.zeros(n, dtype=np.uint32)
+    summer = prg.MaskSum(np.uint32, masks)
+    for start, end in [(0, 7), (7, CHUNK_VALUES + 2), (CHUNK_VALUES + 2, n)]:
+        summer.apply_into(sliced[start:end])
+    assert np.array_equal(sliced, whole)
+    expected = prg.expand(SEED, n, domain=b"a") - prg.expand(bytes(32), n, domain=b"b")
+    assert np.array_equal(whole, expected)
+
+
+def test_a_mask_sum_refuses_a_chunk_of_another_dtype_or_layout() -> None:
+    summer = prg.MaskSum(np.uint32, [prg.Mask(SEED, b"a")])
+    with pytest.raises(TypeError):
+        summer.apply_into(np.zeros(4, np.uint64))
+    with pytest.raises(ValueError):
+        summer.apply_into(np.zeros(8, np.uint32)[::2])
+    with pytest.raises(ValueError):
+        prg.MaskSum(np.uint32, [prg.Mask(b"short", b"a")])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedseal.crypto.keys import key_id
+from fedseal.crypto.keys import generate_identity_key, key_id
 from fedseal.crypto.signing import verify
 from fedseal.protocol import (
     Accepted,
@@ -120,6 +120,21 @@ def test_a_site_with_pinned_peer_keys_refuses_a_setup_listing_another_key() -> N
     assert session.stage is ClientStage.FAILED
     with pytest.raises(StaleMessageError):
         session.handle(b"anything")
+
+
+def test_a_site_refuses_a_setup_that_lists_another_key_for_the_site_itself() -> None:
+    fed, server, _ = _server_and_sessions(3)
+    session = ClientSession(
+        "site-000",
+        generate_identity_key(),  # not the key the coordinator's roster enrolled for site-000
+        fed.coordinator_key.public_key(),
+        update_fn=lambda info: LocalUpdate(np.zeros(info.vector_length), 1, bytes(32)),
+        rng=np.random.default_rng(0),
+        now=lambda: 1_700_000_000.0,
+    )
+    with pytest.raises(CoordinatorMisbehaviourError, match="different key for this site"):
+        session.handle(server.start()[SiteId("site-000")].payload)
+    assert session.stage is ClientStage.FAILED
 
 
 @pytest.mark.parametrize(

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedseal.crypto.keys import key_id
+from fedseal.crypto.errors import KeyFormatError
+from fedseal.crypto.keys import (
+    generate_identity_key,
+    key_id,
+    public_key_from_der,
+    public_key_to_der,
+)
 from fedseal.protocol import (
     BadSignatureError,
     ConfigError,
@@ -283,3 +291,20 @@ def test_the_roster_resolves_only_the_enrolled_active_key_of_a_site() -> None:
     )
     assert roster.digest() == same.digest()
     assert roster.digest() != Roster([RosterEntry(SiteId("a"), a.public_key())]).digest()
+
+
+# -- cohort key ids ----------------------------------------------------------------------------
+
+
+def test_a_key_id_is_the_sha256_of_the_only_der_encoding_a_site_accepts() -> None:
+    # ClientSession hashes the cohort's listed DER bytes instead of re-encoding each key: this
+    # holds because public_key_from_der accepts the canonical encoding only.
+    public = generate_identity_key().public_key()
+    der = public_key_to_der(public)
+    assert hashlib.sha256(der).digest() == key_id(public_key_from_der(der))
+    point = public.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+    )
+    compressed = bytes.fromhex("3039301306072a8648ce3d020106082a8648ce3d030107032200") + point
+    with pytest.raises(KeyFormatError):
+        public_key_from_der(compressed)
