@@ -47,18 +47,34 @@ from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from fedseal.client.supernode import PullBackoff, loopback_backoff, pull_backoff
+
 #: How long a task may wait for its message's objects to reach the SuperNode. Flower's default
 #: is two hours; a task whose objects never come (its run ended mid-transfer) must not block the
 #: site for that long.
 TASK_INPUT_TIMEOUT_S = 300.0
 
 
-def pull_task_input(client: RuntimeHttpClient, max_time: float = TASK_INPUT_TIMEOUT_S) -> tuple[Any, Any, Any, Any]:
+def pull_task_input(
+    client: RuntimeHttpClient, max_time: float = TASK_INPUT_TIMEOUT_S, backoff: PullBackoff | None = None
+) -> tuple[Any, Any, Any, Any]:
     """Flower's ``run_clientapp.pull_task_input`` with a bound on the object pull.
 
-    Returns (message, context, run, fab). Raises ``flwr``'s ``ObjectPullError`` when the
-    message's objects do not arrive within ``max_time`` seconds.
+    The SuperNode hands out a task before it has pulled the message's objects from the
+    coordinator, so the first object pulls usually find them not yet available; ``backoff``
+    (default :func:`fedseal.client.supernode.pull_backoff` with the loopback cap of
+    :func:`~fedseal.client.supernode.loopback_backoff`: 50 ms, then 0.1 s) is how long to wait
+    before asking again, where Flower waits 1 s, then 2 s, ...
+
+    Returns (message, context, run, fab).
+
+    Raises:
+        flwr.supercore.inflatable.inflatable_utils.ObjectPullError: The message's objects
+            did not arrive within ``max_time`` seconds.
+        RuntimeError: The SuperNode handed out a task without a message.
     """
+    if backoff is None:
+        backoff = loopback_backoff(pull_backoff())
     res = client.PullTaskInput(PullTaskInputRequest())
     context = context_from_proto(res.context)
     run = run_from_proto(res.run)
@@ -74,6 +90,7 @@ def pull_task_input(client: RuntimeHttpClient, max_time: float = TASK_INPUT_TIME
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message,
         max_time=max_time,
+        **backoff.kwargs(),
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: not in the deflated form
     return message, context, run, fab
@@ -130,10 +147,17 @@ def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
 class PinnedExecutor:
     """Poll the SuperNode's Runtime API and answer each ClientApp task in-process."""
 
-    def __init__(self, runtime_api_address: str, client_app: ClientApp, poll_interval: float = 0.1) -> None:
+    def __init__(
+        self,
+        runtime_api_address: str,
+        client_app: ClientApp,
+        poll_interval: float = 0.1,
+        backoff: PullBackoff | None = None,
+    ) -> None:
         self.address = runtime_api_address
         self.client_app = client_app
         self.poll_interval = poll_interval
+        self.backoff = backoff if backoff is not None else loopback_backoff(pull_backoff())
         self.tasks_done = 0
 
     def _client(self, token: str | None) -> RuntimeHttpClient:
@@ -177,7 +201,7 @@ class PinnedExecutor:
         reply: Message | None = None
         message: Message | None = None
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = pull_task_input(client, backoff=self.backoff)
             log.info(
                 "task for run %s: %s (FAB %s ignored: this site runs only its installed fedseal)",
                 run.run_id, message.metadata.message_type, fab.hash_str[:12],

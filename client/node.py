@@ -342,10 +342,11 @@ class _SuperNode:
 
 
     def start(self) -> None:
-        from fedseal.client.supernode import poll_interval
+        from fedseal.client.supernode import poll_interval, pull_backoff
 
-        try:  # the launcher reads it too; a bad value is named here, not in supernode.log
+        try:  # the launcher reads them too; a bad value is named here, not in supernode.log
             poll_interval()
+            pull_backoff()
         except ValueError as exc:
             raise SiteRunError("supernode", str(exc)) from None
         cfg = self.cfg

@@ -7,7 +7,9 @@ message costs up to 3 s of idle latency: with the five stages of a secure round 
 and evaluation that was ~20 s of a ~31 s round in the demo. Flower has no option for it, so this
 launcher runs the unchanged ``flower-supernode`` CLI with that one module's ``time`` replaced by
 :class:`_PollClock`, which caps ``sleep`` at ``FEDSEAL_SUPERNODE_POLL_S`` seconds (default
-:data:`DEFAULT_POLL_S`). Only that module sees the cap; its other sleeps are shorter already.
+:data:`DEFAULT_POLL_S`). Only that module sees the cap. Its other sleeps (0.5 s) wait for the
+site's own executor to hand over its reply, a check of the SuperNode's in-memory state that
+costs no network request; they are capped at :data:`LOCAL_WAIT_S` (50 ms).
 
 The patch targets a pinned Flower (``flwr==1.42.*``); :func:`install` raises a clear error if
 the module no longer calls ``time.sleep`` the way it is patched, and a test checks the source,
@@ -25,6 +27,18 @@ answered the resumed run. :func:`_pull_objects_of_a_running_run` turns that exce
 Cost: an idle site issues one small authenticated HTTPS pull per interval (at 0.25 s, 4 per
 second per site) instead of one per 3 s.
 
+A third change removes about a second per hop from every message. The SuperLink hands out a
+message as soon as it is *registered*, before the sender has pushed its objects (the model's
+arrays), and the SuperNode creates the task for a message before it has pulled those objects.
+So the first ``PullObject`` of each hop usually finds the object "not yet available", and
+Flower's ``pull_objects`` then waits its default initial back-off of 1 s (doubling, up to 10 s)
+before asking again, even when the object arrives a few milliseconds later. :func:`install`
+makes the SuperNode's object pulls start at :data:`DEFAULT_PULL_BACKOFF_S` (50 ms) instead,
+capped at :attr:`PullBackoff.cap_s` (0.25 s); the executor (:mod:`fedseal.client.executor`) and the
+coordinator's ServerApp (:func:`fedseal.server.flower_app.exchange_iter`) do the same for
+their pulls (the executor, on loopback, caps its retries at 0.1 s). ``FEDSEAL_OBJECT_PULL_BACKOFF_S``
+sets the initial back-off (``1``: Flower's first retry after 1 s).
+
 Run as ``python -m fedseal.client.supernode <flower-supernode arguments>``.
 """
 
@@ -35,39 +49,102 @@ import os
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 ENV_POLL = "FEDSEAL_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.25
+#: Cap on the SuperNode's local waits (for its executor's reply), which cost no network request.
+LOCAL_WAIT_S = 0.05
+ENV_PULL_BACKOFF = "FEDSEAL_OBJECT_PULL_BACKOFF_S"
+DEFAULT_PULL_BACKOFF_S = 0.05
 _PATCHED_MODULE = "flwr.supernode.start_client_internal"
 _PATCHED_CALL = "time.sleep(3)"
 
 
 class _PollClock(types.ModuleType):
-    """A stand-in for the ``time`` module whose ``sleep`` is capped at ``poll_s`` seconds."""
+    """A stand-in for the ``time`` module with shorter sleeps.
 
-    def __init__(self, poll_s: float) -> None:
+    The idle sleep between Fleet pulls (3 s, a network request each time) is capped at
+    ``poll_s``; the module's other sleeps (0.5 s) wait for the site's own executor (its reply,
+    its reply's objects) in the SuperNode's in-memory state, which costs no network request,
+    and are capped at ``local_wait_s``.
+    """
+
+    def __init__(self, poll_s: float, local_wait_s: float = LOCAL_WAIT_S) -> None:
         super().__init__("time")
         self.poll_s = poll_s
+        self.local_wait_s = local_wait_s
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.poll_s))
+        time.sleep(min(seconds, self.poll_s if seconds >= 1.0 else self.local_wait_s))
 
 
 class RunEndedError(RuntimeError):
     """The run a message belongs to stopped while the SuperNode was pulling the message."""
 
 
-def _pull_objects_of_a_running_run(pull_objects: Callable[..., Any]) -> Callable[..., Any]:
+@dataclass(frozen=True, slots=True)
+class PullBackoff:
+    """How long an object pull waits before asking again for an object not yet available.
+
+    The wait starts at ``initial_s`` and doubles (with Flower's +-20 % jitter) up to ``cap_s``.
+    """
+
+    initial_s: float
+    cap_s: float
+
+    def kwargs(self) -> dict[str, float]:
+        """Keyword arguments for Flower's ``pull_objects``/``pull_and_inflate_object_from_tree``."""
+        return {"initial_backoff": self.initial_s, "backoff_cap": self.cap_s}
+
+
+def pull_backoff(env: Mapping[str, str] = os.environ) -> PullBackoff:
+    """The object-pull back-off configured by ``FEDSEAL_OBJECT_PULL_BACKOFF_S`` (0.01 to 1 s).
+
+    The cap is five times the initial wait, at least 0.25 s: the default 0.05 s gives
+    0.05/0.25 s; ``1`` gives Flower's first retry after 1 s (capped at 5 s; Flower: 10 s).
+
+    Raises:
+        ValueError: The variable is not a number of seconds between 0.01 and 1.
+    """
+    raw = env.get(ENV_PULL_BACKOFF)
+    if raw is None:
+        value = DEFAULT_PULL_BACKOFF_S
+    else:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{ENV_PULL_BACKOFF} must be a number of seconds, got {raw!r}") from None
+        if not 0.01 <= value <= 1.0:
+            raise ValueError(f"{ENV_PULL_BACKOFF} must be between 0.01 and 1 seconds, got {value}")
+    return PullBackoff(initial_s=value, cap_s=max(0.25, 5 * value))
+
+
+def loopback_backoff(backoff: PullBackoff) -> PullBackoff:
+    """``backoff`` with its cap lowered to 0.1 s (or the initial wait, if longer).
+
+    For the executor's pulls from its own SuperNode: loopback, no TLS, in-memory state, so
+    retrying often is cheap, and the cap is the longest the site may idle after the message's
+    objects reached its SuperNode.
+    """
+    return PullBackoff(initial_s=backoff.initial_s, cap_s=max(backoff.initial_s, min(backoff.cap_s, 0.1)))
+
+
+def _pull_objects_of_a_running_run(
+    pull_objects: Callable[..., Any], backoff: PullBackoff | None = None
+) -> Callable[..., Any]:
     from flwr.supercore.run import RunNotRunningException
+
+    defaults = backoff.kwargs() if backoff is not None else {}
 
     def pull(*args: Any, **kwargs: Any) -> Any:
         try:
-            return pull_objects(*args, **kwargs)
+            return pull_objects(*args, **{**defaults, **kwargs})
         except RunNotRunningException:
             raise RunEndedError("the run is no longer running (the coordinator restarted or ended it)") from None
 
@@ -89,8 +166,15 @@ def poll_interval(env: dict[str, str] | os._Environ[str] = os.environ) -> float:
     return value
 
 
-def install(poll_s: float) -> None:
-    """Cap the SuperNode loop's idle sleep at ``poll_s`` seconds."""
+def install(poll_s: float, backoff: PullBackoff | None = None, local_wait_s: float | None = None) -> None:
+    """Cap the SuperNode loop's idle sleep at ``poll_s`` seconds; pull objects with ``backoff``.
+
+    ``backoff`` None keeps Flower's object-pull back-off (1 s, doubling to 10 s).
+    ``local_wait_s`` caps the waits for the executor's reply (None: ``poll_s`` as well).
+
+    Raises:
+        RuntimeError: The installed Flower is not the one these patches were written for.
+    """
     import importlib
 
     module = importlib.import_module(_PATCHED_MODULE)
@@ -106,13 +190,13 @@ def install(poll_s: float) -> None:
             "pulls message objects with `pull_objects`: this Flower version is not the one "
             "fedseal's SuperNode launcher was written for (flwr==1.42.*)"
         )
-    module.time = _PollClock(poll_s)  # type: ignore[attr-defined]
-    module.pull_objects = _pull_objects_of_a_running_run(module.pull_objects)  # type: ignore[attr-defined]
+    module.time = _PollClock(poll_s, poll_s if local_wait_s is None else local_wait_s)  # type: ignore[attr-defined]
+    module.pull_objects = _pull_objects_of_a_running_run(module.pull_objects, backoff)  # type: ignore[attr-defined]
 
 
 def main() -> None:
     try:
-        install(poll_interval())
+        install(poll_interval(), pull_backoff(), LOCAL_WAIT_S)
     except (ValueError, RuntimeError) as err:
         print(f"fedseal supernode: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -4,6 +4,7 @@ What runs where (Flower 1.42 deployment runtime)::
 
     fl-server run (this process)
      ├─ flower-superlink  --host 127.0.0.1 --port {internal_port}   TLS, --enable-supernode-auth
+     │    (via :mod:`fedseal.server.superlink`, which throttles its per-request state clean-up)
      │    └─ flower-superexec -> flwr-serverapp -> fedseal.server.flower_app:app (installed code)
      ├─ FleetGateway on {fleet_host}:{fleet_port}, TLS: forwards /v1/fleet/* only
      └─ audit service (gRPC, TLS with the server certificate) on {audit_host}:{audit_port}:
@@ -18,8 +19,8 @@ coordinator takes effect on the next request.
 
 Flower 1.42 serves Runtime (ServerAppIo), Control and Fleet on one HTTP port, so that port stays
 on loopback and sites reach only the gateway (see :mod:`fedseal.server.gateway`). Sites are
-registered with the SuperLink's Control API (``flwr supernode register``) from the roster's
-active entries; their SuperNodes authenticate with the site key (the SuperLink checks a signed
+registered with the SuperLink's Control API (the request ``flwr supernode register`` sends,
+made from this process) from the roster's active entries; their SuperNodes authenticate with the site key (the SuperLink checks a signed
 timestamp per request and rejects unregistered keys). The run is submitted with ``flwr run``
 over a generated app directory holding only a ``pyproject.toml`` whose components name the
 installed ``fedseal.server.flower_app:app`` (and ``fedseal.client.flower_app``; partner sites
@@ -52,8 +53,14 @@ Notes on Flower 1.42's deployment runtime (read from the installed package):
   ``AcquireTask`` from that Runtime API; fedseal's :mod:`fedseal.client.executor` does, running
   the installed ClientApp and never the FAB.
 * Latency: the SuperNode sleeps 3 s between empty pulls and ``Grid.send_and_receive`` sleeps 3 s
-  between pulls (fedseal's :func:`fedseal.server.flower_app.exchange` polls every 0.2 s); each
-  message is several HTTP object requests. On a busy 2-core host one stage costs 4-8 s.
+  between pulls (fedseal's SuperNode launcher polls every 0.25 s and
+  :func:`fedseal.server.flower_app.exchange` every 0.2 s); each message is several HTTP object
+  requests (about eight per message, two at a time). Messages are listed before their objects
+  are uploaded, and Flower's object pulls then wait 1 s before retrying, at every hop
+  (ServerApp -> SuperNode -> executor -> SuperNode -> ServerApp): fedseal retries after 50 ms
+  (``FEDSEAL_OBJECT_PULL_BACKOFF_S``). The SuperLink's SQLite state cleans up expired task
+  tokens on every object request; :mod:`fedseal.server.superlink` does it at most once a
+  second. With both, one stage costs about 2.5-3.5 s on the busy 2-core demo host (was 4-6.5 s).
 * Restarts: with ``--database`` the SuperLink keeps runs and registered nodes, and SuperNodes
   reconnect on their own (exponential back-off). But a SuperNode that had pulled a message when
   the SuperLink died can wedge (it waits forever for a reply to a task it never created), and a
@@ -67,7 +74,6 @@ Notes on Flower 1.42's deployment runtime (read from the installed package):
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import ctypes
 import json
@@ -84,7 +90,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedseal.server.config import ServerConfig
-from fedseal.server.flower_app import NODES_FILE, ROUNDS_FILE, STATUS_FILE, read_rounds
+from fedseal.server.flower_app import (
+    NODES_FILE,
+    ROUNDS_FILE,
+    STATUS_FILE,
+    read_rounds,
+    reply_pull_backoff,
+)
 from fedseal.server.gateway import FleetGateway
 from fedseal.server.roster import Roster
 from fedseal.server.strategies import check_strategy
@@ -251,7 +263,7 @@ def _wait_http(url: str, ca: Path | None, timeout: float, proc: subprocess.Popen
     raise DeployError("superlink", f"not ready at {url} after {timeout}s")
 
 
-def _register_sites(cfg: ServerConfig, roster: Roster, env: dict[str, str]) -> dict[int, str]:
+def _register_sites(cfg: ServerConfig, roster: Roster, control: _ControlApi) -> dict[int, str]:
     path = cfg.coordinator.state_dir / NODES_FILE
     nodes: dict[int, str] = (
         {int(k): str(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
@@ -259,25 +271,89 @@ def _register_sites(cfg: ServerConfig, roster: Roster, env: dict[str, str]) -> d
     registered_sites = set(nodes.values())
     keys_dir = cfg.coordinator.state_dir / "site-keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
-    todo = [site for site in roster.active() if site.name not in registered_sites]
-    for site in todo:
+    for site in roster.active():
+        if site.name in registered_sites:
+            continue
+        # The OpenSSH file is what `flwr supernode register` takes, kept for an operator.
         (keys_dir / f"{site.name}.pub").write_bytes(site.openssh_public_key() + b"\n")
-
-    def register(name: str) -> tuple[int, str]:
-        doc = _flwr(["supernode", "register", str(keys_dir / f"{name}.pub"), FEDERATION], env, f"register site {name}")
-        return int(str(doc["node-id"])), name
-
-    # Each `flwr` call is a Python start-up of a few seconds: register the sites concurrently.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, max(1, len(todo)))) as pool:
-        for node_id, name in pool.map(register, [site.name for site in todo]):
-            nodes[node_id] = name
+        nodes[control.register(site.name, site.public_key)] = site.name
     for node_id, name in list(nodes.items()):
         entry = roster.get(name)
         if entry is None or entry.status != "active":
-            _flwr(["supernode", "unregister", str(node_id), FEDERATION], env, f"unregister {name}")
+            control.unregister(name, node_id)
             del nodes[node_id]
     path.write_text(json.dumps({str(k): v for k, v in nodes.items()}, indent=1))
     return nodes
+
+
+class _ControlApi:
+    """The SuperLink's Control API (loopback only), called from this process.
+
+    Does what ``flwr supernode register/unregister`` and ``flwr list --run-id`` do, with the
+    same requests, without a ``flwr`` subprocess per call (a Python start-up, about a
+    CPU-second each on the demo host, competing with the sites and the run). No account
+    authentication is configured on this SuperLink, as for the ``flwr`` CLI here.
+    """
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.supercore.control.control_http_client import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        self._client = ControlHttpClient.from_server_address(
+            server_address=f"127.0.0.1:{cfg.network.internal_port}",
+            insecure=cfg.tls.insecure,
+            root_certificates=None if cfg.tls.insecure else str(cfg.tls.ca_cert),
+            interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+        )
+
+    def _call(self, step: str, fn: Callable[[Any], Any], request: Any) -> Any:
+        try:
+            return fn(request)
+        except Exception as exc:  # httpx transport/status errors and Flower's API errors alike
+            raise DeployError(step, f"Control API {type(request).__name__[:-7]} failed: {type(exc).__name__}: {exc}") from exc
+
+    def register(self, site: str, public_key: Any) -> int:
+        """Register a site's EC public key for SuperNode authentication; returns its node id.
+
+        Raises:
+            DeployError: The SuperLink refused the key or did not answer.
+        """
+        from cryptography.hazmat.primitives import serialization
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+
+        pem = public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        res = self._call(f"register site {site}", self._client.RegisterNode, RegisterNodeRequest(public_key=pem))
+        if not res.node_id:
+            raise DeployError(f"register site {site}", "the SuperLink returned no node id")
+        return int(res.node_id)
+
+    def unregister(self, site: str, node_id: int) -> None:
+        """Remove a (revoked) site's node from the SuperLink.
+
+        Raises:
+            DeployError: The SuperLink refused or did not answer.
+        """
+        from flwr.proto.control_pb2 import UnregisterNodeRequest
+
+        self._call(f"unregister {site}", self._client.UnregisterNode, UnregisterNodeRequest(node_id=node_id))
+
+    def run_status(self, run_id: int) -> str:
+        """``pending``, ``starting``, ``running`` or ``finished:<sub-status>`` (as ``flwr list``).
+
+        Raises:
+            DeployError: The Control API did not answer or does not know the run.
+        """
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        res = self._call("poll run", self._client.ListRuns, ListRunsRequest(run_id=run_id))
+        if run_id not in res.run_dict:
+            raise DeployError("poll run", f"the SuperLink does not know run {run_id}")
+        st = res.run_dict[run_id].status
+        return f"{st.status}:{st.sub_status}" if st.status == "finished" else str(st.status)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 class RunOutcome:
@@ -293,16 +369,25 @@ class RunOutcome:
 @contextlib.contextmanager
 def _deployment(
     cfg: ServerConfig, roster: Roster
-) -> Iterator[tuple[dict[str, str], _Children, dict[int, str]]]:
+) -> Iterator[tuple[dict[str, str], _Children, dict[int, str], _ControlApi]]:
     """SuperLink up, sites registered, then the gateway opens (a site never races enrolment)."""
     children = _Children()
     gateway_server = None
+    control: _ControlApi | None = None
     try:
         home = _flwr_home(cfg)
         env = _env(home)
         state = cfg.coordinator.state_dir
+        from fedseal.server.superlink import cleanup_interval
+
+        try:  # the launcher and the ServerApp read them too; a bad value is named here
+            cleanup_interval()
+            reply_pull_backoff()
+        except ValueError as exc:
+            raise DeployError("superlink", str(exc)) from None
+        # flower-superlink, with its per-request SQL clean-up throttled (fedseal.server.superlink).
         argv = [
-            flower_bin("flower-superlink"),
+            sys.executable, "-m", "fedseal.server.superlink",
             "--host", "127.0.0.1",
             "--port", str(cfg.network.internal_port),
             "--database", str(state / "superlink.db"),
@@ -322,7 +407,8 @@ def _deployment(
         _wait_http(
             f"{scheme}://127.0.0.1:{cfg.network.internal_port}/health", cfg.tls.ca_cert, 60, proc
         )
-        nodes = _register_sites(cfg, roster, env)
+        control = _ControlApi(cfg)
+        nodes = _register_sites(cfg, roster, control)
         gw = FleetGateway(
             f"{scheme}://127.0.0.1:{cfg.network.internal_port}",
             cfg.tls.ca_cert,
@@ -334,10 +420,12 @@ def _deployment(
             certfile=cfg.tls.server_cert,
             keyfile=cfg.tls.server_key,
         )
-        yield env, children, nodes
+        yield env, children, nodes, control
     finally:
         if gateway_server is not None:
             gateway_server.should_exit = True
+        if control is not None:
+            control.close()
         children.stop()
 
 
@@ -451,7 +539,7 @@ def run_coordinator(
     if not resume:
         for name in (ROUNDS_FILE, STATUS_FILE):
             (state / name).unlink(missing_ok=True)
-    with _deployment(cfg, roster) as (env, children, nodes), audit_service(cfg, roster) as audit_port:
+    with _deployment(cfg, roster) as (env, children, nodes, control), audit_service(cfg, roster) as audit_port:
         on_info(f"SuperLink up on 127.0.0.1:{cfg.network.internal_port} (loopback only); "
                 f"fleet gateway on {cfg.network.fleet_host}:{cfg.network.fleet_port}; "
                 f"{len(nodes)} sites registered")
@@ -465,6 +553,8 @@ def run_coordinator(
         doc = _flwr(["run", str(app_dir), FEDERATION, "--run-config", run_cfg], env, "start run")
         run_id = str(doc.get("run-id", ""))
         on_info(f"Flower run {run_id} started")
+        if not run_id.isdigit():
+            raise DeployError("start run", f"flwr run returned no run id: {run_id!r}")
         seen = len(read_rounds(state / ROUNDS_FILE))
         status = "running"
         last_poll = 0.0
@@ -486,14 +576,13 @@ def run_coordinator(
                     if phase in ("finished", "failed"):
                         status = "finished:completed" if phase == "finished" else "finished:failed"
                         break
-            # Flower's view of the run, less often (each `flwr` call costs a Python start-up):
-            # catches a ServerApp that died without writing its status.
-            if time.monotonic() - last_poll > 15:
+            # Flower's view of the run, less often: catches a ServerApp that died without
+            # writing its status.
+            if time.monotonic() - last_poll > 5:
                 last_poll = time.monotonic()
-                listing = _flwr(["list", FEDERATION, "--run-id", run_id], env, "poll run")
-                runs = listing.get("runs")
-                if isinstance(runs, list) and runs and str(runs[0].get("status", "")).startswith("finished"):
-                    status = str(runs[0]["status"])
+                flower_status = control.run_status(int(run_id))
+                if flower_status.startswith("finished"):
+                    status = flower_status
                     break
             time.sleep(0.5)
         rounds = read_rounds(state / ROUNDS_FILE)

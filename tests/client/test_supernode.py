@@ -87,3 +87,70 @@ def test_a_run_that_ended_mid_pull_becomes_an_exception_that_flowers_cleanup_cat
     monkeypatch.setattr(module, "time", time)
     supernode.install(0.25)
     assert module.pull_objects(["x"], pull_object_fn=lambda _: b"") is ok
+
+
+def test_object_pull_backoff_defaults_to_50ms_and_validates() -> None:
+    default = supernode.pull_backoff({})
+    assert (default.initial_s, default.cap_s) == (supernode.DEFAULT_PULL_BACKOFF_S, 0.25)
+    flower = supernode.pull_backoff({supernode.ENV_PULL_BACKOFF: "1"})
+    assert flower.kwargs() == {"initial_backoff": 1.0, "backoff_cap": 5.0}  # Flower's first retry
+    with pytest.raises(ValueError, match="number of seconds"):
+        supernode.pull_backoff({supernode.ENV_PULL_BACKOFF: "soon"})
+    for bad in ("0", "0.001", "2"):
+        with pytest.raises(ValueError, match=r"between 0\.01 and 1"):
+            supernode.pull_backoff({supernode.ENV_PULL_BACKOFF: bad})
+
+
+def test_install_makes_the_supernode_object_pulls_use_the_short_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = importlib.import_module("flwr.supernode.start_client_internal")
+    monkeypatch.setattr(module, "time", time)
+    calls: list[dict[str, object]] = []
+
+    def fake_pull(*args: object, **kwargs: object) -> dict[str, bytes]:
+        calls.append(kwargs)
+        return {}
+
+    monkeypatch.setattr(module, "pull_objects", fake_pull)
+    supernode.install(0.25, supernode.PullBackoff(initial_s=0.05, cap_s=0.25))
+    module.pull_objects(["a"], pull_object_fn=lambda _: b"")
+    module.pull_objects(["a"], pull_object_fn=lambda _: b"", initial_backoff=2.0)  # an explicit value wins
+    assert calls[0]["initial_backoff"] == 0.05 and calls[0]["backoff_cap"] == 0.25
+    assert calls[1]["initial_backoff"] == 2.0
+
+
+def test_the_short_backoff_reaches_flowers_real_pull_loop() -> None:
+    """Flower's pull_objects retries an unavailable object after the back-off it is given."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
+
+    backoff = supernode.PullBackoff(initial_s=0.01, cap_s=0.02)
+    tries = {"x": 0}
+
+    def pull_one(object_id: str) -> bytes:
+        tries[object_id] += 1
+        if tries[object_id] < 4:  # not yet uploaded by the sender
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    # With Flower's default back-off (1 s, 2 s, 4 s) the fourth try would come after max_time.
+    got = pull_objects(["x"], pull_one, max_time=5.0, **backoff.kwargs())
+    assert got == {"x": b"content"} and tries["x"] == 4
+
+
+def test_local_waits_for_the_executors_reply_are_capped_separately(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = importlib.import_module("flwr.supernode.start_client_internal")
+    monkeypatch.setattr(module, "time", time)
+    monkeypatch.setattr(module, "pull_objects", module.pull_objects)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    supernode.install(0.25, local_wait_s=supernode.LOCAL_WAIT_S)
+    module.time.sleep(3)  # the idle pull: one network request per wake-up
+    module.time.sleep(0.5)  # waiting for the executor's reply: in-memory
+    module.time.sleep(0.01)
+    assert slept == [0.25, supernode.LOCAL_WAIT_S, 0.01]
+
+
+def test_the_executors_loopback_pulls_retry_at_most_every_tenth_of_a_second() -> None:
+    default = supernode.loopback_backoff(supernode.pull_backoff({}))
+    assert (default.initial_s, default.cap_s) == (0.05, 0.1)
+    slow = supernode.loopback_backoff(supernode.PullBackoff(initial_s=1.0, cap_s=5.0))
+    assert (slow.initial_s, slow.cap_s) == (1.0, 1.0)  # never below the initial wait
