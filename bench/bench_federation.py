@@ -5,10 +5,12 @@ Scale (default)::
 
     .venv/bin/python -m bench federation [--quick] [--sites=10,100] [--params=100000,1000000]
                                          [--rounds=3] [--arms=plain,fedseal,flower-fedavg,flower-secagg]
+                                         [--actors=1]
 
 For every N (sites) and M (parameters), four arms run one after the other in this process, each
 on Flower 1.42's simulation engine (in-memory link state, Ray backend with one actor holding
-every virtual site, :mod:`fedseal.server.simulate`), over the same split of MNIST-5k, with an MLP
+every virtual site, :mod:`fedseal.server.simulate`; ``--actors=K`` runs the sites in K actors,
+fedseal's pinned one site per actor for the whole run, Flower's arms in any idle one), over the same split of MNIST-5k, with an MLP
 784-H-10 whose H gives about M parameters, 1 local epoch (batch 32, lr 0.05):
 
 * ``plain``: fedseal's ServerApp and ClientApp with ``run.secure = false`` (updates in the
@@ -25,7 +27,10 @@ replies to training messages, :func:`fedseal.server.simulate.message_bytes`, the
 every arm), and the coordinator's peak memory: the peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs`` before each arm) of this process, which runs the ServerApp and Flower's
 in-memory link state (all messages in flight) but not the sites (they run in the Ray actor),
-minus its RSS just before the arm.
+minus its RSS just before the arm. The sites' ClientApp time per round is given as wall seconds
+and as CPU seconds of the thread running the ClientApp (``time.thread_time``): on a shared
+machine the wall seconds include waiting for a core, the CPU seconds do not, so the CPU column
+is the one to compare the sites' work across arms and runs.
 
 Quality::
 
@@ -203,23 +208,26 @@ def _median_after_first(times: list[float]) -> float:
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
-def _uploads(traffic: Path, sites: int, rounds: int) -> tuple[float, float]:
-    """Bytes per site per round of the replies to training messages, and the seconds all sites'
-    ClientApps spent on those messages per round (they run one after another in the actor;
-    median of rounds 2..R like the round time, when every round had the same replies)."""
+def _uploads(traffic: Path, sites: int, rounds: int) -> tuple[float, float, float]:
+    """Bytes per site per round of the replies to training messages, and the wall and CPU
+    seconds all sites' ClientApps spent on those messages per round (with one actor they run one
+    after another; median of rounds 2..R like the round time, when every round had the same
+    replies). CPU seconds (of the thread running the ClientApp) leave out waiting for a core."""
     recs = [json.loads(line) for line in traffic.read_text().splitlines()]
     recs = [r for r in recs if str(r["type"]).startswith("train")]
     total = sum(int(r["bytes"]) for r in recs)
-    seconds = [float(r.get("seconds", "nan")) for r in recs]
-    if rounds > 1 and len(seconds) % rounds == 0:  # every round had the same replies, in order
-        per = len(seconds) // rounds
-        return total / (sites * rounds), _median_after_first(
-            [sum(seconds[i * per : (i + 1) * per]) for i in range(rounds)]
-        )
-    return total / (sites * rounds), sum(seconds) / rounds
+    out = [total / (sites * rounds)]
+    for key in ("seconds", "cpu_seconds"):
+        seconds = [float(r.get(key, "nan")) for r in recs]
+        if rounds > 1 and len(seconds) % rounds == 0:  # every round had the same replies, in order
+            per = len(seconds) // rounds
+            out.append(_median_after_first([sum(seconds[i * per : (i + 1) * per]) for i in range(rounds)]))
+        else:
+            out.append(sum(seconds) / rounds)
+    return out[0], out[1], out[2]
 
 
-def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path) -> dict[str, Any]:
+def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path, actors: int = 1) -> dict[str, Any]:
     """One arm on the engine; returns round time, uploads per site and peak RSS growth."""
     state = fed.server_toml.parent / "state"
     shutil.rmtree(state, ignore_errors=True)
@@ -232,7 +240,7 @@ def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path) 
     before = _rss_kib("VmRSS")
     t0 = time.monotonic()
     if arm in ("plain", "fedseal"):
-        outcome = run_fedseal_simulation(fed, extra_models=(model_name(params),), traffic_log=traffic)
+        outcome = run_fedseal_simulation(fed, extra_models=(model_name(params),), traffic_log=traffic, actors=actors)
         done = [r for r in outcome.rounds if r.get("outcome") == "committed"]
         if len(done) != rounds:
             raise RuntimeError(f"{arm}: only {len(done)} of {rounds} rounds committed: {outcome.rounds}")
@@ -246,15 +254,16 @@ def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path) 
             tuple(str(p) for p in fed.sites), (), str(traffic),
             factory=f"bench.bench_federation:flower_site_app__{kind}__{params}",
         )
-        run_apps_on_engine(server, client, n)
+        run_apps_on_engine(server, client, n, actors=actors, pin_sites=False)  # Flower's own pool
         if len(times) != rounds:
             raise RuntimeError(f"{arm}: {len(times)} of {rounds} rounds finished")
         round_s, accuracy = _median_after_first(times), None
     wall = time.monotonic() - t0
     peak = _rss_kib("VmHWM")
-    upload, site_s = _uploads(traffic, n, rounds)
+    upload, site_s, site_cpu_s = _uploads(traffic, n, rounds)
     return {
-        "arm": arm, "sites": n, "params": params, "round_s": round_s, "site_s": site_s, "wall_s": wall,
+        "arm": arm, "sites": n, "params": params, "actors": actors, "round_s": round_s, "site_s": site_s,
+        "site_cpu_s": site_cpu_s, "wall_s": wall,
         "upload_bytes": upload, "peak_mib": peak / 1024,
         "growth_mib": (peak - before) / 1024 if reset else float("nan"), "accuracy": accuracy,
     }
@@ -280,8 +289,9 @@ def _set_secure(fed: Federation, secure: bool, params: int, rounds: int) -> None
 def _fmt_table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| N sites | M params | arm | round s | vs plain | vs Flower FedAvg | sites' ClientApp s / round | "
-        "upload / site | vs plain | coordinator peak RSS MiB | growth MiB | wall s |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "sites' ClientApp CPU s / round | vs plain | upload / site | vs plain | coordinator peak RSS MiB | "
+        "growth MiB | wall s |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = {(r["sites"], r["params"]): r for r in results if r["arm"] == BASELINE}
     flwr = {(r["sites"], r["params"]): r for r in results if r["arm"] == "flower-fedavg"}
@@ -291,9 +301,11 @@ def _fmt_table(results: list[dict[str, Any]]) -> str:
         rt = f"{r['round_s'] / b['round_s']:.2f}x" if b else "-"
         rf = f"{r['round_s'] / f['round_s']:.2f}x" if f else "-"
         up = f"{r['upload_bytes'] / b['upload_bytes']:.3f}x" if b else "-"
+        cpu = r.get("site_cpu_s", float("nan"))
+        rc = f"{cpu / b['site_cpu_s']:.2f}x" if b and b.get("site_cpu_s") else "-"
         lines.append(
             f"| {r['sites']} | {r['params']:,} | {r['arm']} | {r['round_s']:.2f} | {rt} | {rf} | {r['site_s']:.2f} | "
-            f"{r['upload_bytes'] / 1e6:.3f} MB | {up} | {r['peak_mib']:.0f} | {r['growth_mib']:.0f} | "
+            f"{cpu:.2f} | {rc} | {r['upload_bytes'] / 1e6:.3f} MB | {up} | {r['peak_mib']:.0f} | {r['growth_mib']:.0f} | "
             f"{r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -326,7 +338,7 @@ def scale(args: argparse.Namespace) -> None:
         fed = prepare_simulation(root / f"n{n}", sites=n, scheme="iid", seed=1)
         for m in sizes:
             for arm in arms:
-                res = run_arm(arm, fed, m, args.rounds, root / f"n{n}")
+                res = run_arm(arm, fed, m, args.rounds, root / f"n{n}", actors=args.actors)
                 results.append(res)
                 print(f"  {json.dumps(res)}", flush=True)
     print()
@@ -423,6 +435,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--params", default="100000,1000000")
     p.add_argument("--rounds", type=int, default=None, help="default: 3 (scale; median of rounds 2..R), 10 (quality)")
     p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument(
+        "--actors", type=int, default=1,
+        help="Ray actors (processes) running the sites; fedseal pins each site to one, Flower's arms use any",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workdir", default=None)
     p.add_argument("--keep", action="store_true", help="keep the working directory")

@@ -30,6 +30,7 @@ locally built model. A malformed message is answered with a Flower error reply, 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import secrets
@@ -38,9 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SType
+from numpy.lib import format as npy_format
 from torch import nn
 
 from fedseal.client.models import build_model, load_numpy_state_dict, state_dict_to_numpy
@@ -48,7 +53,15 @@ from fedseal.client.receipts import SiteReceipts
 from fedseal.client.site_data import SiteData
 from fedseal.client.training import SiteLimits, TrainRequest, evaluate, train
 
-__all__ = ["SiteRuntime", "make_client_app"]
+__all__ = [
+    "SiteRuntime",
+    "array_to_numpy",
+    "float32_digest",
+    "make_client_app",
+    "model_delta",
+    "model_flat",
+    "numpy_to_array",
+]
 
 log = logging.getLogger("fedseal.client")
 
@@ -131,7 +144,8 @@ def _get(rec: ConfigRecord, key: str, kind: type, lo: float, hi: float) -> Any:
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ValueError(f"config {key!r} missing or of the wrong type")
-    if not lo <= float(value) <= hi:
+    number: Any = value  # an int or float here
+    if not lo <= float(number) <= hi:
         raise ValueError(f"config {key!r} out of range")
     return value
 
@@ -172,13 +186,94 @@ def _load_global(runtime: SiteRuntime, msg: Message, rec: ConfigRecord) -> nn.Mo
     arrays = msg.content.get("arrays")
     if not isinstance(arrays, ArrayRecord):
         raise ValueError("message has no arrays record")
-    load_numpy_state_dict(model, {k: v.numpy() for k, v in arrays.items()})
+    load_numpy_state_dict(model, {k: array_to_numpy(v) for k, v in arrays.items()})
     return model
 
 
-def _flat(weights: dict[str, Any]) -> Any:
-    """The model as one float32 vector, arrays in sorted-name order (as the coordinator does)."""
-    return np.concatenate([np.asarray(weights[k], np.float32).ravel() for k in sorted(weights)])
+def array_to_numpy(array: Array) -> npt.NDArray[Any]:
+    """``array.numpy()`` without copying the buffer: a read-only view of ``array.data``.
+
+    Flower's ``Array.numpy()`` runs ``np.load`` over a copy of the ``.npy`` bytes; the site
+    only reads the weights (they are copied into the model), so a view of the message's own
+    buffer is enough. Anything but a plain numeric ``.npy`` buffer goes through
+    ``Array.numpy()`` (which refuses pickled objects).
+
+    Raises:
+        ValueError: The buffer is not a well-formed ``.npy`` array of the shape it declares.
+    """
+    if array.stype != SType.NUMPY or not isinstance(array.data, bytes):
+        return array.numpy()
+    buf = io.BytesIO(array.data)
+    try:
+        version = npy_format.read_magic(buf)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(buf)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(buf)
+        else:
+            return array.numpy()
+    except ValueError as exc:
+        raise ValueError(f"array is not a readable .npy buffer: {exc}") from exc
+    if dtype.hasobject:
+        return array.numpy()  # refused there: never unpickle
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(array.data) - buf.tell() != count * dtype.itemsize:
+        raise ValueError(f"array buffer holds {len(array.data) - buf.tell()} bytes, its header declares {count} x {dtype}")
+    flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=buf.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def numpy_to_array(ndarray: npt.NDArray[Any]) -> Array:
+    """``Array(ndarray)`` with one copy of the buffer instead of two: the same ``.npy`` bytes
+    ``np.save`` writes (a version 1.0 header, then the C-ordered data)."""
+    arr = np.ascontiguousarray(ndarray)
+    if arr.dtype.hasobject:
+        return Array(arr)  # Flower refuses it (allow_pickle=False)
+    header = io.BytesIO()
+    try:
+        npy_format.write_array_header_1_0(header, npy_format.header_data_from_array_1_0(arr))
+    except ValueError:  # a header too long for version 1.0 (np.save would write 2.0)
+        return Array(arr)
+    data = b"".join((header.getbuffer(), arr.data.cast("B") if arr.size else b""))
+    return Array(dtype=str(arr.dtype), shape=tuple(arr.shape), stype=SType.NUMPY, data=data)
+
+
+def model_flat(model: nn.Module) -> npt.NDArray[np.float32]:
+    """The model's state dict as one float32 vector, tensors in sorted-name order (as the
+    coordinator flattens the global model); one copy of the weights."""
+    state = model.state_dict()
+    parts = [state[k].detach().to("cpu", torch.float32).reshape(-1) for k in sorted(state)]
+    if not parts:
+        return np.zeros(0, np.float32)
+    flat: npt.NDArray[np.float32] = torch.cat(parts).numpy()
+    return flat
+
+
+def model_delta(model: nn.Module, base: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    """``model_flat(model) - base`` in float64 (each float32 weight widened before the
+    subtraction), written tensor by tensor into one float64 vector.
+
+    Raises:
+        ValueError: The model's state has another number of values than ``base``.
+    """
+    state = model.state_dict()
+    out = np.empty(base.shape[0], np.float64)
+    offset = 0
+    for k in sorted(state):
+        values = state[k].detach().to("cpu", torch.float32).reshape(-1).numpy()
+        end = offset + values.shape[0]
+        if end > base.shape[0]:
+            raise ValueError("the trained model has more values than the global model")
+        np.subtract(values, base[offset:end], out=out[offset:end], dtype=np.float64)
+        offset = end
+    if offset != base.shape[0]:
+        raise ValueError("the trained model has fewer values than the global model")
+    return out
+
+
+def float32_digest(flat: npt.NDArray[np.float32]) -> bytes:
+    """SHA-256 of ``flat`` as little-endian float32 bytes (the round setup's model digest)."""
+    return hashlib.sha256(np.ascontiguousarray(flat, dtype="<f4").data).digest()
 
 
 def make_client_app(runtime: SiteRuntime) -> ClientApp:
@@ -189,7 +284,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
     def initial_model(msg: Message, context: Context) -> Message:
         rec = _cfg(msg)
         model = runtime.model(_model_name(rec), _get(rec, "seed", int, 0, 2**31 - 1))
-        arrays = {k: Array(v) for k, v in state_dict_to_numpy(model).items()}
+        arrays = {k: numpy_to_array(v) for k, v in state_dict_to_numpy(model).items()}
         return Message(RecordDict({"arrays": ArrayRecord(arrays)}), reply_to=msg)
 
     @app.query("ping")
@@ -212,7 +307,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         )
         content = RecordDict(
             {
-                "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}),
+                "arrays": ArrayRecord({k: numpy_to_array(v) for k, v in weights.items()}),
                 "metrics": MetricRecord(
                     {"num-examples": result.num_examples, "train-loss": result.mean_loss}
                 ),
@@ -235,8 +330,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         if "arrays" in msg.content:  # round setup: a fresh session trains from this model
             rec = _cfg(msg)
             model = _load_global(runtime, msg, rec)
-            global_weights = state_dict_to_numpy(model)
-            global_flat = _flat(global_weights)
+            global_flat = model_flat(model)
             req = runtime.limits.clamp(
                 _train_request(rec)
             )
@@ -247,10 +341,10 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             runtime._round = (_run_id(rec), round_)
 
             def update_fn(info: RoundInfo) -> LocalUpdate:
-                if info.model_digest != hashlib.sha256(global_flat.astype("<f4").tobytes()).digest():
+                if info.model_digest != float32_digest(global_flat):
                     raise ValueError("the round setup names another global model than the one received")
                 result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=round_)
-                delta = _flat(state_dict_to_numpy(model)).astype(np.float64) - global_flat
+                delta = model_delta(model, global_flat)
                 log.info("round %d: trained on %d examples, loss %.4f (secure)", round_, result.num_examples, result.mean_loss)
                 return LocalUpdate(
                     vector=delta,
@@ -287,7 +381,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             runtime.receipts.sent_masked_input(run_id, round_, sent.payload)
         content = RecordDict({"secagg": ConfigRecord({"payload": reply.payload if reply else b""})})
         if reply is not None and reply.bulk is not None:
-            content["bulk"] = ArrayRecord({"masked": Array(np.ascontiguousarray(reply.bulk))})
+            content["bulk"] = ArrayRecord({"masked": numpy_to_array(reply.bulk)})
         return Message(content, reply_to=msg)
 
     @app.evaluate()

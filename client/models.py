@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -155,10 +156,34 @@ def load_numpy_state_dict(model: nn.Module, arrays: Mapping[str, npt.NDArray[np.
         missing = sorted(set(own) - set(arrays))
         extra = sorted(set(arrays) - set(own))
         raise ValueError(f"state dict mismatch: missing={missing[:5]} unexpected={extra[:5]}")
-    new = {}
+    checked = {}
     for k, ref in own.items():
         arr = np.asarray(arrays[k])
         if tuple(arr.shape) != tuple(ref.shape):
             raise ValueError(f"shape mismatch for {k}: got {arr.shape}, expected {tuple(ref.shape)}")
-        new[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
-    model.load_state_dict(new)
+        checked[k] = arr
+    if all(_numpy_view(ref) is not None for ref in own.values()):
+        # CPU tensors numpy can address: copy each array straight into the model's storage
+        # (one copy; the arrays may be read-only views of a received message).
+        for k, ref in own.items():
+            np.copyto(_numpy_view(ref), checked[k], casting="unsafe")  # type: ignore[arg-type]
+        return
+    model.load_state_dict(
+        {k: torch.from_numpy(np.array(arr, copy=True, order="C")).to(ref.dtype) for (k, ref), arr in
+         zip(own.items(), checked.values(), strict=True)}
+    )
+
+
+def _numpy_view(tensor: torch.Tensor) -> npt.NDArray[Any] | None:
+    """A writable numpy view of ``tensor``'s storage, or None (not on the CPU, a dtype numpy
+    lacks, or not contiguous)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype in _NO_NUMPY:
+        return None
+    try:
+        view: npt.NDArray[Any] = tensor.detach().numpy()
+    except (TypeError, RuntimeError):
+        return None
+    return view
+
+
+_NO_NUMPY = frozenset({torch.bfloat16, torch.complex32})

@@ -321,6 +321,14 @@ def simulate(
     workdir: Annotated[
         Path | None, typer.Option(help="Where to put keys, data, state (default: a temp dir).")
     ] = None,
+    actors: Annotated[
+        int,
+        typer.Option(
+            min=1, max=64,
+            help="Ray actors running the virtual sites (each site pinned to one actor, so its "
+            "round session never leaves its process).",
+        ),
+    ] = 2,
 ) -> None:
     """The same ServerApp and ClientApp on Flower's simulation engine, N virtual sites over split
     MNIST-5k; prints accuracy per round and verifies the audit log (secure runs).
@@ -337,6 +345,7 @@ def simulate(
         run_simulate_command(
             sites=sites, rounds=rounds, scheme=scheme, alpha=alpha, seed=seed, model=model,
             secure=secure, workdir=workdir, echo=lambda s: console.print(s, markup=False, highlight=False),
+            actors=actors,
         )
     )
 

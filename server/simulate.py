@@ -27,12 +27,15 @@ Engine details (Flower 1.42): this module does what ``flwr.simulation.run_simula
 (in-memory ``LinkState``, an ``InMemoryGrid``, the ServerApp in a thread, ``vce.start_vce``
 with the Ray backend) with two differences, both needed by fedseal: the nodes are registered
 first (``existing_nodes_mapping``, see above) and the ServerApp's context carries the run config
-(``fedseal-config``), which the public ``run_simulation`` cannot pass. The site side is one
-Ray actor holding every virtual site (``client_resources.num_cpus`` = all CPUs): fedseal's
-ClientApp keeps a secure round's client session in memory between the stages of a round, so
-all messages of a site must reach the same process. Ray pickles the ClientApp for every
-message; :class:`SimulatedSites` pickles to a reference that the actor resolves to one cached
-set of site runtimes per process.
+(``fedseal-config``), which the public ``run_simulation`` cannot pass. The site side is by
+default one Ray actor holding every virtual site (``client_resources.num_cpus`` = all CPUs):
+fedseal's ClientApp keeps a secure round's client session in memory between the stages of a
+round, so all messages of a site must reach the same process. With ``actors=K`` the sites run
+in K actors, each site pinned to actor ``partition % K`` for the whole run
+(:func:`pinned_ray_backend`; Flower's own backend would hand a message to any idle actor).
+Ray pickles the ClientApp for every message; :class:`SimulatedSites` pickles to a reference
+that each actor resolves to one cached set of site runtimes per process (built lazily: an
+actor builds only the sites pinned to it).
 
 Layering: the coordinator's modules never import ``fedseal.client`` or torch
 (``tests/test_layering.py``). Simulation is the one place where the site code runs in the
@@ -70,6 +73,7 @@ __all__ = [
     "content_bytes",
     "default_backend_config",
     "message_bytes",
+    "pinned_ray_backend",
     "prepare_simulation",
     "run_apps_on_engine",
     "run_fedseal_simulation",
@@ -81,6 +85,14 @@ SITE_APP_MODULE = "fedseal.client.flower_app"
 """The installed ClientApp factory every virtual site runs (``make_client_app``)."""
 
 MAX_SITES = 10_000
+
+MAX_ACTORS = 64
+
+PROFILE_ENV = "FEDSEAL_SIM_PROFILE"
+"""Set to a directory: every virtual site's ClientApp calls run under cProfile, and each site
+process writes its accumulated profile to ``DIR/sites-PID.prof`` every ``PROFILE_EVERY`` calls
+(a development aid: the calls after the last write are not in the file)."""
+PROFILE_EVERY = 50
 
 
 class SimulationError(Exception):
@@ -226,8 +238,10 @@ class SimulatedSites(ClientApp):
     ``factory`` (``"module:callable"``, called as ``factory(site_dir)``) another ClientApp is
     built instead (the benchmark's Flower SecAgg+ baseline). ``extra_models`` are added to the
     models the sites allow (the benchmark's models of a given size). With ``traffic_log``, one
-    JSON line per reply (partition, message type, :func:`message_bytes`, seconds the site's
-    ClientApp took) is appended there.
+    JSON line per reply (partition, message type, :func:`message_bytes`, wall seconds and CPU
+    seconds of the calling thread the site's ClientApp took, the process that ran it) is
+    appended there. CPU seconds do not count time the thread waited for a busy core, so they
+    compare site work across runs on a shared machine.
     """
 
     def __init__(
@@ -241,6 +255,8 @@ class SimulatedSites(ClientApp):
         self.factory = factory
         self._apps: dict[int, ClientApp] = {}
         self._lock = threading.Lock()
+        self._profiler: Any = None
+        self._profiled_calls = 0
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_sites_in_this_process, (self.site_dirs, self.extra_models, self.traffic_log, self.factory))
@@ -271,18 +287,41 @@ class SimulatedSites(ClientApp):
 
     def __call__(self, message: Message, context: Context) -> Message:
         partition = int(str(context.node_config["partition-id"]))
-        t0 = time.perf_counter()
-        reply = self.site_app(partition)(message, context)
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        profile_dir = os.environ.get(PROFILE_ENV)
+        if profile_dir:
+            reply = self._profiled(Path(profile_dir), partition, message, context)
+        else:
+            reply = self.site_app(partition)(message, context)
         if self.traffic_log is not None:
             line = json.dumps(
                 {
                     "site": partition, "type": message.metadata.message_type,
                     "bytes": message_bytes(reply), "seconds": round(time.perf_counter() - t0, 6),
+                    "cpu_seconds": round(time.thread_time() - cpu0, 6), "pid": os.getpid(),
                 }
             )
             with open(self.traffic_log, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
         return reply
+
+
+    def _profiled(self, profile_dir: Path, partition: int, message: Message, context: Context) -> Message:
+        """Run one site's ClientApp under cProfile, adding to this process's profile file."""
+        import cProfile
+
+        profiler = self._profiler
+        if profiler is None:
+            profiler = self._profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            return self.site_app(partition)(message, context)
+        finally:
+            profiler.disable()
+            self._profiled_calls += 1
+            if self._profiled_calls % PROFILE_EVERY == 0:  # writing it takes a while: not every call
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                profiler.dump_stats(str(profile_dir / f"sites-{os.getpid()}.prof"))
 
 
 def _real_site_app(site_dir: Path, extra_models: tuple[str, ...]) -> ClientApp:
@@ -321,14 +360,62 @@ def _real_site_app(site_dir: Path, extra_models: tuple[str, ...]) -> ClientApp:
 # --------------------------------------------------------------------------- the engine
 
 
-def default_backend_config() -> dict[str, Any]:
-    """Ray backend: all CPUs to one actor (every virtual site in one process, see above)."""
+def default_backend_config(actors: int = 1) -> dict[str, Any]:
+    """Ray backend with ``actors`` site processes.
+
+    One actor (the default) gets all CPUs: every virtual site in one process. With more, each
+    actor is one logical CPU of a Ray instance sized to ``actors`` (more actors than cores is
+    allowed: they share the cores); see :func:`run_apps_on_engine` for how sites are pinned.
+
+    Raises:
+        SimulationError: ``actors`` is not in ``[1, 64]``.
+    """
+    if not 1 <= actors <= MAX_ACTORS:
+        raise SimulationError("arguments", f"actors must be in [1, {MAX_ACTORS}], got {actors}")
     cpus = max(1, len(os.sched_getaffinity(0)))
+    per_actor, total = (cpus, cpus) if actors == 1 else (1, actors)
     return {
-        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR", "log_to_driver": True},
+        "client_resources": {"num_cpus": per_actor, "num_gpus": 0.0},
+        "init_args": {"num_cpus": total, "num_gpus": 0, "logging_level": "ERROR", "log_to_driver": True},
         "actor": {"tensorflow": 0},
     }
+
+
+_PINNED_BACKEND: Any = None
+
+
+def pinned_ray_backend() -> Any:
+    """Flower's ``RayBackend`` with every virtual site pinned to one actor for the whole run.
+
+    Flower's own backend hands each message to whichever actor is idle. fedseal's ClientApp
+    keeps a secure round's client session in the memory of the process that answered the
+    round's setup, so a site's later stages must reach that same process: here partition
+    ``p`` always runs in actor ``p % actors`` (a Ray actor runs one call at a time, so no two
+    messages of one actor's sites ever run at once). A lost actor is never replaced; its sites'
+    later messages fail (error replies: the coordinator sees dropouts), a session never moves.
+    """
+    global _PINNED_BACKEND
+    if _PINNED_BACKEND is not None:
+        return _PINNED_BACKEND
+    import ray
+    from flwr.common.constant import PARTITION_ID_KEY
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    class PinnedRayBackend(RayBackend):
+        def build(self, app_fn: Callable[[], ClientApp]) -> None:
+            super().build(app_fn)
+            self.actors = tuple(self.pool.pool) if self.pool is not None else ()
+            if not self.actors:
+                raise SimulationError("simulation engine", "Ray started no actor for the sites")
+
+        def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+            partition = int(str(context.node_config[PARTITION_ID_KEY]))
+            actor = self.actors[partition % len(self.actors)]
+            _, reply, updated = ray.get(actor.run.remote(self.app_fn, message, str(partition), context))  # type: ignore[attr-defined]
+            return reply, updated
+
+    _PINNED_BACKEND = PinnedRayBackend
+    return _PINNED_BACKEND
 
 
 def run_apps_on_engine(
@@ -339,6 +426,8 @@ def run_apps_on_engine(
     run_config: Mapping[str, Any] | None = None,
     on_nodes: Callable[[dict[int, int]], None] | None = None,
     backend_config: Mapping[str, Any] | None = None,
+    actors: int = 1,
+    pin_sites: bool = True,
 ) -> Context:
     """Run ``server_app`` against ``num_nodes`` virtual SuperNodes running ``client_app``.
 
@@ -346,6 +435,11 @@ def run_apps_on_engine(
     ``flwr.simulation.run_simulation`` runs it, except that the nodes are registered before the
     ServerApp starts (``on_nodes`` receives ``{node_id: partition_id}`` then) and the ServerApp's
     context carries ``run_config``.
+
+    With ``actors > 1`` the sites run in that many Ray actors (processes); with ``pin_sites``
+    (needed by fedseal's ClientApp, see :func:`pinned_ray_backend`) each site always in the
+    same one, otherwise in any idle one (Flower's own backend: for ClientApps that keep no
+    state between messages outside ``Context``).
 
     Raises:
         SimulationError: The ServerApp or the engine raised (the cause is chained).
@@ -394,17 +488,27 @@ def run_apps_on_engine(
         app_dir="", f_stop=f_stop, exception_queue=errors, enable_tf_gpu_growth=False,
         ctx_queue=contexts,
     )
-    config = dict(backend_config or default_backend_config())
+    config = dict(backend_config or default_backend_config(actors))
     # Ray rewrites this process's environment (PYTHONPATH with its thirdparty_files and the
     # working directory, PYTHONBREAKPOINT, RAY_*); later subprocesses (another tool, a
     # benchmark's next step) must not inherit that, so it is put back when the run ends.
     saved_environ = dict(os.environ)
     try:
-        vce.start_vce(
-            backend_name="ray", backend_config_json_stream=json.dumps(config), app_dir="",
-            is_app=False, f_stop=f_stop, run=run, metrics=VceMetrics(), client_app=client_app,
-            state_factory=state_factory, existing_nodes_mapping=dict(mapping),
-        )
+        if actors > 1 and pin_sites:
+            from flwr.server.superlink.fleet.vce.vce_api import _register_node_info_stores, run_api
+
+            backend_type = pinned_ray_backend()
+            run_api(
+                lambda: client_app, lambda: backend_type(config), dict(mapping), state_factory,
+                _register_node_info_stores(nodes_mapping=dict(mapping), run=run, app_dir=None),
+                f_stop, VceMetrics(),
+            )
+        else:
+            vce.start_vce(
+                backend_name="ray", backend_config_json_stream=json.dumps(config), app_dir="",
+                is_app=False, f_stop=f_stop, run=run, metrics=VceMetrics(), client_app=client_app,
+                state_factory=state_factory, existing_nodes_mapping=dict(mapping),
+            )
     except Exception as exc:  # the engine's own failure, reported with its cause
         f_stop.set()
         thread.join()
@@ -429,6 +533,7 @@ def run_fedseal_simulation(
     backend_config: Mapping[str, Any] | None = None,
     extra_models: tuple[str, ...] = (),
     traffic_log: Path | None = None,
+    actors: int = 1,
 ) -> SimulationOutcome:
     """Run the prepared federation's ServerApp and ClientApp on the simulation engine.
 
@@ -458,7 +563,7 @@ def run_fedseal_simulation(
     run_apps_on_engine(
         server_app, client_app, len(sites),
         run_config={"fedseal-config": str(fed.server_toml), "fedseal-resume": False},
-        on_nodes=write_nodes, backend_config=backend_config,
+        on_nodes=write_nodes, backend_config=backend_config, actors=actors, pin_sites=True,
     )
     seconds = time.monotonic() - t0
     status = json.loads((state_dir / STATUS_FILE).read_text()) if (state_dir / STATUS_FILE).exists() else {}
@@ -502,12 +607,17 @@ def run_simulate_command(
     secure: bool,
     workdir: Path | None,
     echo: Callable[[str], None],
+    actors: int = 1,
 ) -> int:
     """``fl-server simulate``: prepare, run, print accuracy per round, verify the audit log.
 
     Returns the exit code: 0 when every round committed (and, when secure, the audit log
-    verifies), 1 otherwise, 2 for bad arguments.
+    verifies), 1 otherwise, 2 for bad arguments. ``actors``: Ray actors running the sites
+    (each site pinned to one, see :func:`run_apps_on_engine`).
     """
+    if not 1 <= actors <= MAX_ACTORS:
+        echo(f"error: --actors must be in [1, {MAX_ACTORS}], got {actors}")
+        return 2
     import tempfile
 
     from fedseal.crypto.errors import CryptoError
@@ -530,7 +640,7 @@ def run_simulate_command(
         echo(f"error: {exc}")
         return 2 if exc.step == "arguments" else 1
     try:
-        outcome = run_fedseal_simulation(fed)
+        outcome = run_fedseal_simulation(fed, actors=actors)
     except SimulationError as exc:
         echo(f"error: {exc}")
         return 1

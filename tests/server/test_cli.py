@@ -61,3 +61,11 @@ def test_secure_demo_and_simulation_refuse_fewer_than_three_sites() -> None:
     assert out.exit_code == 2 and "at least 3 sites" in out.output
     out = runner.invoke(app, ["demo", "--sites", "2"])
     assert out.exit_code == 2  # typer's range check: --sites is 3..10
+
+
+def test_simulate_refuses_an_actor_count_outside_one_to_sixty_four(tmp_path: Path) -> None:
+    for bad in ("0", "65"):
+        out = runner.invoke(app, ["simulate", "--sites", "3", "--actors", bad, "--workdir", str(tmp_path / bad)])
+        assert out.exit_code == 2, out.output
+        assert "actors" in out.output
+        assert not (tmp_path / bad).exists()  # refused before preparing anything

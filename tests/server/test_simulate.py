@@ -17,6 +17,7 @@ from fedseal.server.simulate import (
     SimulatedSites,
     SimulationError,
     content_bytes,
+    default_backend_config,
     prepare_simulation,
     run_fedseal_simulation,
     verify_audit_log,
@@ -122,3 +123,39 @@ def _dataset_dir(site_dir: Path) -> Path:
         if line.startswith("dataset_dir"):
             return Path(line.split("=", 1)[1].strip().strip('"'))
     raise AssertionError("client.toml without dataset_dir")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(sys.platform != "linux", reason="Ray backend, Linux only here")
+def test_secure_rounds_over_two_actors_keep_every_site_in_one_process_and_commit(tmp_path: Path) -> None:
+    fed = prepare_simulation(
+        tmp_path / "sim", sites=4, scheme="iid", seed=4,
+        run_overrides={"rounds": 2, "secure": True, "stage_timeout_s": 120.0},
+    )
+    traffic = tmp_path / "traffic.jsonl"
+    outcome = run_fedseal_simulation(fed, traffic_log=traffic, actors=2)
+
+    # A secure session lives in the process that answered the setup: had a later stage of a
+    # site reached the other actor, that site would have failed and the round lost it.
+    assert [r["outcome"] for r in outcome.rounds] == ["committed", "committed"]
+    assert all(r["accepted"] == 4 and r["dropouts"] == 0 for r in outcome.rounds)
+    lines = [json.loads(line) for line in traffic.read_text().splitlines()]
+    pids: dict[int, set[int]] = {}
+    for line in lines:
+        pids.setdefault(int(line["site"]), set()).add(int(line["pid"]))
+    assert sorted(pids) == [0, 1, 2, 3]
+    assert all(len(p) == 1 for p in pids.values()), pids
+    assert pids[0] == pids[2] and pids[1] == pids[3] and pids[0] != pids[1]  # partition % 2
+    secure = [line for line in lines if line["type"] == "train.secagg"]
+    assert len(secure) == 4 * 2 * 5  # every site answered the 5 stages of both rounds
+
+
+def test_the_backend_config_sizes_ray_to_the_actors_asked_for() -> None:
+    one = default_backend_config()
+    assert one["client_resources"]["num_cpus"] == one["init_args"]["num_cpus"]  # one actor, all CPUs
+    three = default_backend_config(3)
+    assert three["client_resources"]["num_cpus"] == 1 and three["init_args"]["num_cpus"] == 3
+    for bad in (0, 65):
+        with pytest.raises(SimulationError, match="actors"):
+            default_backend_config(bad)
