@@ -418,6 +418,55 @@ def pinned_ray_backend() -> Any:
     return _PINNED_BACKEND
 
 
+_WAKE_ATTR = "_fedseal_messages_stored"
+
+
+def _wake_engine_on_store(state: Any) -> None:
+    """Make the engine dispatch a message as soon as the ServerApp stores it.
+
+    Flower 1.42's engine moves messages from the link state to its workers in
+    ``vce_api.add_messages_to_queue``, which scans every node and then sleeps a fixed 0.1 s:
+    each protocol stage waited up to that long before any site saw its message (a secure round
+    has five stages, plain FedAvg one). Here ``state.store_message_ins`` sets an event and the
+    dispatcher (rebound in ``vce_api``, the name ``run_api`` calls) waits on it instead, still
+    at most 0.1 s so that ``f_stop`` is seen as before. States without the event (another
+    caller's run in this process) keep Flower's fixed tick. Applied to every arm of a run alike.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    if getattr(state, _WAKE_ATTR, None) is None:
+        wake = threading.Event()
+        store = state.store_message_ins
+
+        def store_message_ins(message: Any) -> Any:
+            result = store(message)
+            wake.set()
+            return result
+
+        state.store_message_ins = store_message_ins
+        setattr(state, _WAKE_ATTR, wake)
+    if getattr(vce_api.add_messages_to_queue, "fedseal_wakes", False):
+        return
+
+    def add_messages_to_queue(
+        state: Any, queue: Any, nodes_mapping: Mapping[int, int], f_stop: threading.Event
+    ) -> None:
+        wake: threading.Event | None = getattr(state, _WAKE_ATTR, None)
+        while not f_stop.is_set():
+            if wake is not None:
+                wake.clear()  # before the scan: a message stored during it wakes the next one
+            for node_id in nodes_mapping.keys():
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            if wake is not None:
+                wake.wait(0.1)
+            else:
+                f_stop.wait(0.1)
+
+    add_messages_to_queue.fedseal_wakes = True  # type: ignore[attr-defined]
+    vce_api.add_messages_to_queue = add_messages_to_queue
+
+
 def run_apps_on_engine(
     server_app: ServerApp,
     client_app: ClientApp,
@@ -472,6 +521,7 @@ def run_apps_on_engine(
     state = state_factory.state()
     state.run_ids[run.run_id] = RunRecord(run=run)  # type: ignore[attr-defined]
     state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)  # type: ignore[attr-defined]
+    _wake_engine_on_store(state)
     mapping = _register_nodes(num_nodes=num_nodes, state_factory=state_factory)
     if on_nodes is not None:
         on_nodes(dict(mapping))

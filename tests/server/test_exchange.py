@@ -48,3 +48,17 @@ def test_replies_are_yielded_before_the_slow_ones_arrive() -> None:
     first = next(it)
     assert first.metadata.reply_to_message_id == "m0" and grid.calls == 1
     assert next(it).metadata.reply_to_message_id == "m1"
+
+
+def test_empty_pulls_back_off_from_milliseconds_to_the_poll_and_start_again_after_a_reply(monkeypatch: Any) -> None:
+    import fedseal.server.flower_app as fa
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(fa.time, "sleep", sleeps.append)
+    # m0 answers at the 8th pull, m1 at the 11th: 7 empty pulls, a reply, then 2 empty pulls.
+    grid = FakeGrid([7, 10])
+    got = exchange(grid, [object()] * 2, timeout=60, poll=0.2)  # type: ignore[arg-type]
+    assert sorted(m.metadata.reply_to_message_id for m in got) == ["m0", "m1"]
+    first = fa.MIN_POLL_S
+    assert sleeps[:7] == [first, 2 * first, 4 * first, 8 * first, 16 * first, 32 * first, 0.2]
+    assert sleeps[7:] == [first, 2 * first]  # the reply reset the back-off
