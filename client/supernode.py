@@ -103,6 +103,25 @@ class PullBackoff:
         return {"initial_backoff": self.initial_s, "backoff_cap": self.cap_s}
 
 
+def env_seconds(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    """A number of seconds from the environment variable ``name`` (``default`` when unset).
+
+    Raises:
+        ValueError: The value is not a number, or not within ``[lo, hi]`` (the message names
+            the variable and the range).
+    """
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo:g} and {hi:g} seconds, got {value}")
+    return value
+
+
 def pull_backoff(env: Mapping[str, str] = os.environ) -> PullBackoff:
     """The object-pull back-off configured by ``FEDSEAL_OBJECT_PULL_BACKOFF_S`` (0.01 to 1 s).
 
@@ -112,16 +131,7 @@ def pull_backoff(env: Mapping[str, str] = os.environ) -> PullBackoff:
     Raises:
         ValueError: The variable is not a number of seconds between 0.01 and 1.
     """
-    raw = env.get(ENV_PULL_BACKOFF)
-    if raw is None:
-        value = DEFAULT_PULL_BACKOFF_S
-    else:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"{ENV_PULL_BACKOFF} must be a number of seconds, got {raw!r}") from None
-        if not 0.01 <= value <= 1.0:
-            raise ValueError(f"{ENV_PULL_BACKOFF} must be between 0.01 and 1 seconds, got {value}")
+    value = env_seconds(env, ENV_PULL_BACKOFF, DEFAULT_PULL_BACKOFF_S, 0.01, 1.0)
     return PullBackoff(initial_s=value, cap_s=max(0.25, 5 * value))
 
 
@@ -154,16 +164,7 @@ def _pull_objects_of_a_running_run(
 
 def poll_interval(env: dict[str, str] | os._Environ[str] = os.environ) -> float:
     """The configured idle-poll interval in seconds (0.05 to 3)."""
-    raw = env.get(ENV_POLL)
-    if raw is None:
-        return DEFAULT_POLL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{ENV_POLL} must be a number of seconds, got {raw!r}") from None
-    if not 0.05 <= value <= 3.0:
-        raise ValueError(f"{ENV_POLL} must be between 0.05 and 3 seconds, got {value}")
-    return value
+    return env_seconds(env, ENV_POLL, DEFAULT_POLL_S, 0.05, 3.0)
 
 
 def install(poll_s: float, backoff: PullBackoff | None = None, local_wait_s: float | None = None) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "RunSection",
     "ServerConfig",
     "TlsSection",
+    "env_seconds",
     "load_server_config",
     "parse_server_config",
 ]
@@ -294,6 +295,25 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
         run=run,
         limits=limits,
     )
+
+
+def env_seconds(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    """A number of seconds from the environment variable ``name`` (``default`` when unset).
+
+    Raises:
+        ValueError: The value is not a number, or not within ``[lo, hi]`` (the message names
+            the variable and the range).
+    """
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo:g} and {hi:g} seconds, got {value}")
+    return value
 
 
 def load_server_config(path: str | Path) -> ServerConfig:

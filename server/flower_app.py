@@ -53,7 +53,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp import Grid, ServerApp
 
 from fedseal.server.checkpoint import CheckpointError, CheckpointStore, RunState, model_digest
-from fedseal.server.config import ServerConfig, load_server_config
+from fedseal.server.config import ServerConfig, env_seconds, load_server_config
 from fedseal.server.metrics import Metrics
 from fedseal.server.roster import Roster
 from fedseal.server.strategies import build_strategy
@@ -109,16 +109,7 @@ def reply_pull_backoff(env: Mapping[str, str] = os.environ) -> tuple[float, floa
     Raises:
         ValueError: The variable is not a number of seconds between 0.01 and 1.
     """
-    raw = env.get(ENV_PULL_BACKOFF)
-    if raw is None:
-        value = DEFAULT_PULL_BACKOFF_S
-    else:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"{ENV_PULL_BACKOFF} must be a number of seconds, got {raw!r}") from None
-        if not 0.01 <= value <= 1.0:
-            raise ValueError(f"{ENV_PULL_BACKOFF} must be between 0.01 and 1 seconds, got {value}")
+    value = env_seconds(env, ENV_PULL_BACKOFF, DEFAULT_PULL_BACKOFF_S, 0.01, 1.0)
     return value, max(0.25, 5 * value)
 
 

@@ -46,16 +46,9 @@ def cleanup_interval(env: Mapping[str, str] = os.environ) -> float:
     Raises:
         ValueError: ``FEDSEAL_SUPERLINK_CLEANUP_S`` is not a number of seconds between 0 and 10.
     """
-    raw = env.get(ENV_CLEANUP)
-    if raw is None:
-        return DEFAULT_CLEANUP_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{ENV_CLEANUP} must be a number of seconds, got {raw!r}") from None
-    if not 0.0 <= value <= 10.0:
-        raise ValueError(f"{ENV_CLEANUP} must be between 0 and 10 seconds, got {value}")
-    return value
+    from fedseal.server.config import env_seconds
+
+    return env_seconds(env, ENV_CLEANUP, DEFAULT_CLEANUP_S, 0.0, 10.0)
 
 
 def throttled(
