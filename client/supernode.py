@@ -39,12 +39,23 @@ coordinator's ServerApp (:func:`fedseal.server.flower_app.exchange_iter`) do the
 their pulls (the executor, on loopback, caps its retries at 0.1 s). ``FEDSEAL_OBJECT_PULL_BACKOFF_S``
 sets the initial back-off (``1``: Flower's first retry after 1 s).
 
+A fourth patch fixes a Flower 1.42 loop that could strand a reply for good. The loop pushes
+replies only right after a pull that brought a message (``_push_messages`` then sends the
+replies present at that moment). When the coordinator restarts, a site may still hold the old
+run's reply: the first message of the resumed run then makes the loop send that stale reply
+(refused: run not running) and return, while the executor's answer to the new message lands a
+few milliseconds later; no further message comes (the coordinator waits for that answer), so it
+was never sent and the round hung (seen in CI: the coordinator's resume test). With
+:func:`_push_stranded_replies` an idle pull that finds a reply waiting in the SuperNode's state
+makes the loop push it.
+
 Run as ``python -m fedseal.client.supernode <flower-supernode arguments>``.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 import time
@@ -52,6 +63,8 @@ import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("fedseal.client.supernode")
 
 ENV_POLL = "FEDSEAL_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 0.25
@@ -61,6 +74,9 @@ ENV_PULL_BACKOFF = "FEDSEAL_OBJECT_PULL_BACKOFF_S"
 DEFAULT_PULL_BACKOFF_S = 0.05
 _PATCHED_MODULE = "flwr.supernode.start_client_internal"
 _PATCHED_CALL = "time.sleep(3)"
+# The main loop's shape the stranded-reply patch relies on (whitespace removed): it tests the
+# pull's result for None, and only otherwise pushes.
+_LOOP_PUSH_AFTER_PULL = "ifrun_idisNone:#Ifnomessagewasreceived,waitforawhiletime.sleep(3)continue_push_messages("
 
 
 class _PollClock(types.ModuleType):
@@ -162,6 +178,44 @@ def _pull_objects_of_a_running_run(
     return pull
 
 
+def has_unsent_reply(state: Any) -> bool:
+    """Whether the SuperNode's in-memory state holds a reply not yet handed to the push loop.
+
+    Reads ``InMemoryNodeState.msg_store`` under its lock without marking anything retrieved
+    (``get_messages_legacy`` would consume the replies).
+    """
+    with state.lock_msg_store:
+        return any(
+            not entry.is_retrieved and entry.message.metadata.reply_to_message_id != ""
+            for entry in state.msg_store.values()
+        )
+
+
+def _node_state_is_readable() -> bool:
+    """Whether Flower's in-memory node state still has the fields :func:`has_unsent_reply` reads."""
+    import inspect
+
+    from flwr.supernode.nodestate import in_memory_nodestate
+
+    source = inspect.getsource(in_memory_nodestate)
+    return all(name in source for name in ("self.lock_msg_store", "self.msg_store", "entry.is_retrieved"))
+
+
+def _push_stranded_replies(pull_and_store: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap Flower's ``_pull_and_store_message`` so an idle pull still leads to a push when a
+    reply is waiting (the loop pushes only when this returns something other than None)."""
+
+    def pull_and_store_message(**kwargs: Any) -> Any:
+        run_id = pull_and_store(**kwargs)
+        if run_id is None and has_unsent_reply(kwargs["state"]):
+            log.info("a reply is waiting without a new message: pushing it")
+            return 0  # any run id: the loop only tests for None before pushing
+        return run_id
+
+    pull_and_store_message.__wrapped__ = pull_and_store  # type: ignore[attr-defined]
+    return pull_and_store_message
+
+
 def poll_interval(env: dict[str, str] | os._Environ[str] = os.environ) -> float:
     """The configured idle-poll interval in seconds (0.05 to 3)."""
     return env_seconds(env, ENV_POLL, DEFAULT_POLL_S, 0.05, 3.0)
@@ -185,6 +239,8 @@ def install(poll_s: float, backoff: PullBackoff | None = None, local_wait_s: flo
         or getattr(module, "time", None) is not time
         or "obj_contents = pull_objects(" not in source
         or not callable(getattr(module, "pull_objects", None))
+        or _LOOP_PUSH_AFTER_PULL not in "".join(source.split())
+        or not _node_state_is_readable()
     ):
         raise RuntimeError(
             f"{_PATCHED_MODULE} no longer sleeps with `{_PATCHED_CALL}` on the `time` module or "
@@ -193,6 +249,10 @@ def install(poll_s: float, backoff: PullBackoff | None = None, local_wait_s: flo
         )
     module.time = _PollClock(poll_s, poll_s if local_wait_s is None else local_wait_s)  # type: ignore[attr-defined]
     module.pull_objects = _pull_objects_of_a_running_run(module.pull_objects, backoff)  # type: ignore[attr-defined]
+    pull_and_store = getattr(module, "_pull_and_store_message")  # noqa: B009 (private: mypy --strict)
+    module._pull_and_store_message = _push_stranded_replies(  # type: ignore[attr-defined]
+        getattr(pull_and_store, "__wrapped__", pull_and_store)
+    )
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ def test_install_caps_only_the_supernode_loop_sleep(monkeypatch: pytest.MonkeyPa
     module = importlib.import_module("flwr.supernode.start_client_internal")
     monkeypatch.setattr(module, "time", time)  # restored after the test
     monkeypatch.setattr(module, "pull_objects", module.pull_objects)
+    monkeypatch.setattr(module, "_pull_and_store_message", module._pull_and_store_message)
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
     supernode.install(0.25)
@@ -78,6 +79,7 @@ def test_a_run_that_ended_mid_pull_becomes_an_exception_that_flowers_cleanup_cat
         raise RunNotRunningException
 
     monkeypatch.setattr(module, "pull_objects", ended)
+    monkeypatch.setattr(module, "_pull_and_store_message", module._pull_and_store_message)
     supernode.install(0.25)
     with pytest.raises(Exception) as info:  # an Exception (caught by Flower), not a BaseException
         module.pull_objects(["a"], pull_object_fn=lambda _: b"")
@@ -111,6 +113,7 @@ def test_install_makes_the_supernode_object_pulls_use_the_short_backoff(monkeypa
         return {}
 
     monkeypatch.setattr(module, "pull_objects", fake_pull)
+    monkeypatch.setattr(module, "_pull_and_store_message", module._pull_and_store_message)
     supernode.install(0.25, supernode.PullBackoff(initial_s=0.05, cap_s=0.25))
     module.pull_objects(["a"], pull_object_fn=lambda _: b"")
     module.pull_objects(["a"], pull_object_fn=lambda _: b"", initial_backoff=2.0)  # an explicit value wins
@@ -140,6 +143,7 @@ def test_local_waits_for_the_executors_reply_are_capped_separately(monkeypatch: 
     module = importlib.import_module("flwr.supernode.start_client_internal")
     monkeypatch.setattr(module, "time", time)
     monkeypatch.setattr(module, "pull_objects", module.pull_objects)
+    monkeypatch.setattr(module, "_pull_and_store_message", module._pull_and_store_message)
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
     supernode.install(0.25, local_wait_s=supernode.LOCAL_WAIT_S)
@@ -154,3 +158,66 @@ def test_the_executors_loopback_pulls_retry_at_most_every_tenth_of_a_second() ->
     assert (default.initial_s, default.cap_s) == (0.05, 0.1)
     slow = supernode.loopback_backoff(supernode.PullBackoff(initial_s=1.0, cap_s=5.0))
     assert (slow.initial_s, slow.cap_s) == (1.0, 1.0)  # never below the initial wait
+
+
+class _Entry:
+    def __init__(self, reply_to: str, retrieved: bool = False) -> None:
+        self.message = type("M", (), {"metadata": type("Md", (), {"reply_to_message_id": reply_to})()})()
+        self.is_retrieved = retrieved
+
+
+class _State:
+    def __init__(self, *entries: _Entry) -> None:
+        import threading
+
+        self.lock_msg_store = threading.Lock()
+        self.msg_store = {str(i): e for i, e in enumerate(entries)}
+
+
+def test_an_idle_pull_with_a_stranded_reply_makes_flowers_loop_push_it() -> None:
+    """The CI hang: the executor's reply landed after the loop's push of a stale reply."""
+    calls: list[object] = []
+
+    def pull_and_store(**kwargs: object) -> int | None:
+        calls.append(kwargs["state"])
+        return None  # no new message from the SuperLink
+
+    wrapped = supernode._push_stranded_replies(pull_and_store)
+    assert wrapped(state=_State(_Entry("m-in-1"))) is not None  # a reply waits: push it
+    assert wrapped(state=_State()) is None  # nothing waiting: idle as before
+    assert wrapped(state=_State(_Entry(""))) is None  # only an incoming message: not a reply
+    assert wrapped(state=_State(_Entry("m-in-2", retrieved=True))) is None  # already being pushed
+    assert len(calls) == 4
+
+
+def test_a_pulled_message_is_passed_through_unchanged() -> None:
+    wrapped = supernode._push_stranded_replies(lambda **kwargs: 1234)
+    assert wrapped(state=_State(_Entry("m"))) == 1234
+
+
+def test_checking_for_a_reply_consumes_nothing_in_flowers_real_node_state() -> None:
+    from types import SimpleNamespace
+
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState, MessageEntry
+
+    state = InMemoryNodeState(ObjectStoreFactory().store())
+    reply = SimpleNamespace(metadata=SimpleNamespace(run_id=7, reply_to_message_id="m-in", message_id="m-out"))
+    with state.lock_msg_store:
+        state.msg_store["m-out"] = MessageEntry(message=reply)  # type: ignore[arg-type]
+    assert supernode.has_unsent_reply(state)
+    assert supernode.has_unsent_reply(state)  # still there: nothing was marked retrieved
+    assert state.get_messages_legacy(is_reply=True) == [reply]
+    assert not supernode.has_unsent_reply(state)  # handed to the push loop now
+
+
+def test_install_wraps_the_pull_once_however_often_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = importlib.import_module("flwr.supernode.start_client_internal")
+    monkeypatch.setattr(module, "time", time)
+    monkeypatch.setattr(module, "pull_objects", module.pull_objects)
+    original = getattr(module._pull_and_store_message, "__wrapped__", module._pull_and_store_message)
+    monkeypatch.setattr(module, "_pull_and_store_message", original)
+    supernode.install(0.25)
+    monkeypatch.setattr(module, "time", time)
+    supernode.install(0.25)
+    assert module._pull_and_store_message.__wrapped__ is original
