@@ -20,8 +20,9 @@ coordinator takes effect on the next request.
 Flower 1.42 serves Runtime (ServerAppIo), Control and Fleet on one HTTP port, so that port stays
 on loopback and sites reach only the gateway (see :mod:`fedseal.server.gateway`). Sites are
 registered with the SuperLink's Control API (the request ``flwr supernode register`` sends,
-made from this process) from the roster's active entries; their SuperNodes authenticate with the site key (the SuperLink checks a signed
-timestamp per request and rejects unregistered keys). The run is submitted with ``flwr run``
+made from this process) from the roster's active entries; their SuperNodes authenticate with
+the site key (the SuperLink checks a signed timestamp per request and rejects unregistered
+keys). The run is submitted with ``flwr run``
 over a generated app directory holding only a ``pyproject.toml`` whose components name the
 installed ``fedseal.server.flower_app:app`` (and ``fedseal.client.flower_app``; partner sites
 ignore the FAB, see :mod:`fedseal.client.executor`).
@@ -53,8 +54,8 @@ Notes on Flower 1.42's deployment runtime (read from the installed package):
   ``AcquireTask`` from that Runtime API; fedseal's :mod:`fedseal.client.executor` does, running
   the installed ClientApp and never the FAB.
 * Latency: the SuperNode sleeps 3 s between empty pulls and ``Grid.send_and_receive`` sleeps 3 s
-  between pulls (fedseal's SuperNode launcher polls every 0.25 s and
-  :func:`fedseal.server.flower_app.exchange` every 0.2 s); each message is several HTTP object
+  between pulls (fedseal's SuperNode launcher polls every 0.25 s, and
+  :func:`fedseal.server.flower_app.exchange` backs off from 5 ms to 0.2 s); each message is several HTTP object
   requests (about eight per message, two at a time). Messages are listed before their objects
   are uploaded, and Flower's object pulls then wait 1 s before retrying, at every hop
   (ServerApp -> SuperNode -> executor -> SuperNode -> ServerApp): fedseal retries after 50 ms
