@@ -49,6 +49,18 @@ was never sent and the round hung (seen in CI: the coordinator's resume test). W
 :func:`_push_stranded_replies` an idle pull that finds a reply waiting in the SuperNode's state
 makes the loop push it.
 
+A fifth patch closes the other way a site could wedge for good (seen in CI: the multi-host run,
+a site whose link was cut mid-round never answered the resumed run). The loop, after a pull that
+brought a message, waits in ``_push_messages`` until *some* reply exists, with no time limit.
+When the ClientApp task fails before it has the message (the executor could not pull the
+message's objects from its SuperNode in time: the SuperNode was itself still pulling them over
+a cut link), the executor reports the task FAILED but has no message to reply to, and Flower's
+``InMemoryNodeState.finish_task`` stores an error reply only for a failed *AgentApp* task (and
+for expired task tokens). :func:`_error_reply_on_failed_client_task` makes a failed ClientApp
+task leave the same error reply (``CLIENT_APP_RAISED_EXCEPTION`` with the task's details), so
+the loop sends it and the coordinator sees this site as a dropout of that stage, and the site
+answers the next message.
+
 Run as ``python -m fedseal.client.supernode <flower-supernode arguments>``.
 """
 
@@ -198,7 +210,14 @@ def _node_state_is_readable() -> bool:
     from flwr.supernode.nodestate import in_memory_nodestate
 
     source = inspect.getsource(in_memory_nodestate)
-    return all(name in source for name in ("self.lock_msg_store", "self.msg_store", "entry.is_retrieved"))
+    return all(
+        name in source
+        for name in (
+            "self.lock_msg_store", "self.msg_store", "entry.is_retrieved",
+            "def finish_task(self, task_id: int, sub_status: str, details: str)",
+            "def _store_error_replies(self, run_ids: set[int], error: Error)",
+        )
+    )
 
 
 def _push_stranded_replies(pull_and_store: Callable[..., Any]) -> Callable[..., Any]:
@@ -214,6 +233,27 @@ def _push_stranded_replies(pull_and_store: Callable[..., Any]) -> Callable[..., 
 
     pull_and_store_message.__wrapped__ = pull_and_store  # type: ignore[attr-defined]
     return pull_and_store_message
+
+
+def _error_reply_on_failed_client_task(finish_task: Callable[..., bool]) -> Callable[..., bool]:
+    """Wrap ``InMemoryNodeState.finish_task``: a ClientApp task that ends FAILED leaves an error
+    reply to its run's retrieved, unanswered messages (as Flower does for an AgentApp)."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.constant import TaskType
+
+    def finish(self: Any, task_id: int, sub_status: str, details: str) -> bool:
+        finished = finish_task(self, task_id, sub_status, details)
+        if finished and sub_status == SubStatus.FAILED:
+            tasks = self.get_tasks(task_ids=[task_id])
+            if tasks and tasks[0].type == TaskType.CLIENT_APP:
+                log.warning("ClientApp task %d failed without a reply (%s): replying with an error", task_id, details)
+                reason = f"the site's ClientApp task failed: {details}"[:500]
+                self._store_error_replies({tasks[0].run_id}, Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason))
+        return finished
+
+    finish.__wrapped__ = finish_task  # type: ignore[attr-defined]
+    return finish
 
 
 def poll_interval(env: dict[str, str] | os._Environ[str] = os.environ) -> float:
@@ -252,6 +292,12 @@ def install(poll_s: float, backoff: PullBackoff | None = None, local_wait_s: flo
     pull_and_store = getattr(module, "_pull_and_store_message")  # noqa: B009 (private: mypy --strict)
     module._pull_and_store_message = _push_stranded_replies(  # type: ignore[attr-defined]
         getattr(pull_and_store, "__wrapped__", pull_and_store)
+    )
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    finish_task = InMemoryNodeState.finish_task
+    InMemoryNodeState.finish_task = _error_reply_on_failed_client_task(  # type: ignore[method-assign]
+        getattr(finish_task, "__wrapped__", finish_task)
     )
 
 

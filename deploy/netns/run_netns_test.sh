@@ -384,7 +384,8 @@ if [[ $INJECT == 1 ]]; then
 fi
 if [[ $SELFTEST == 1 ]]; then selftest; else fullrun; fi
 echo "netns summary: ok=$OK failed=$FAILED skipped=$SKIPPED"
-if [[ $FAILED != 0 && $KEEP == 0 && $OWN_WORKDIR == 1 ]]; then
-  for f in "$WORKDIR"/*.log; do [[ -f $f ]] && { echo "--- tail of $(basename "$f")"; tail -n 15 "$f"; }; done
+if [[ $FAILED != 0 ]]; then
+  # The logs' tails go with the verdict: a CI run keeps nothing but this output.
+  for f in "$WORKDIR"/*.log; do [[ -f $f ]] && { echo "--- tail of $(basename "$f")"; tail -n 40 "$f"; }; done
 fi
 [[ $FAILED == 0 ]]

@@ -221,3 +221,89 @@ def test_install_wraps_the_pull_once_however_often_it_runs(monkeypatch: pytest.M
     monkeypatch.setattr(module, "time", time)
     supernode.install(0.25)
     assert module._pull_and_store_message.__wrapped__ is original
+
+
+def _node_state_with_a_retrieved_client_task() -> tuple[object, int, object]:
+    """Flower's real SuperNode state holding one incoming message, handed to a ClientApp task."""
+    from flwr.app import Metadata, RecordDict
+    from flwr.app.message import make_message
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    state = InMemoryNodeState(ObjectStoreFactory().store())
+    incoming = make_message(
+        metadata=Metadata(
+            run_id=77, message_id="", src_node_id=1, dst_node_id=5, reply_to_message_id="",
+            group_id="4", created_at=1.0, ttl=3600.0, message_type="train.secagg",
+        ),
+        content=RecordDict(),
+    )
+    incoming.metadata.__dict__["_message_id"] = incoming.object_id
+    task_id = state.create_task(task_type=TaskType.CLIENT_APP, run_id=77, fab_hash="f")
+    assert task_id is not None
+    state.store_message(incoming)
+    assert state.get_messages_legacy(run_ids=[77], is_reply=False) == [incoming]  # the executor took it
+    return state, task_id, incoming
+
+
+def test_flowers_own_state_leaves_no_reply_when_a_clientapp_task_fails_the_wedge() -> None:
+    """Without the patch: the loop's `_push_messages` would wait for this reply forever."""
+    from flwr.common.constant import SubStatus
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    finish = getattr(InMemoryNodeState.finish_task, "__wrapped__", InMemoryNodeState.finish_task)
+    state, task_id, _ = _node_state_with_a_retrieved_client_task()
+    assert finish(state, task_id, SubStatus.FAILED, "ObjectPullError: timeout")
+    assert not supernode.has_unsent_reply(state)
+
+
+def test_a_failed_clientapp_task_leaves_an_error_reply_the_loop_sends() -> None:
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    finish = supernode._error_reply_on_failed_client_task(
+        getattr(InMemoryNodeState.finish_task, "__wrapped__", InMemoryNodeState.finish_task)
+    )
+    state, task_id, incoming = _node_state_with_a_retrieved_client_task()
+    assert finish(state, task_id, SubStatus.FAILED, "ObjectPullError: timeout")
+    assert supernode.has_unsent_reply(state)
+    (reply,) = state.get_messages_legacy(is_reply=True)  # what `_push_messages` sends
+    assert reply.metadata.reply_to_message_id == incoming.metadata.message_id  # type: ignore[attr-defined]
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert "ObjectPullError: timeout" in reply.error.reason
+    # Finishing it again (the SuperNode's own clean-up after a failed pull) adds nothing.
+    assert not finish(state, task_id, SubStatus.FAILED, "Pulling message objects failed")
+    assert not supernode.has_unsent_reply(state)
+
+
+def test_a_completed_task_or_an_answered_message_gets_no_extra_reply() -> None:
+    from flwr.app import Message, RecordDict
+    from flwr.common.constant import SubStatus
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    finish = supernode._error_reply_on_failed_client_task(
+        getattr(InMemoryNodeState.finish_task, "__wrapped__", InMemoryNodeState.finish_task)
+    )
+    state, task_id, incoming = _node_state_with_a_retrieved_client_task()
+    answer = Message(RecordDict(), reply_to=incoming)  # type: ignore[arg-type]
+    answer.metadata.__dict__["_message_id"] = answer.object_id
+    state.store_message(answer)  # the executor's own error reply, pushed before it failed the task
+    assert finish(state, task_id, SubStatus.FAILED, "ValueError: bad")
+    assert [m.metadata.message_id for m in state.get_messages_legacy(is_reply=True)] == [answer.metadata.message_id]
+
+
+def test_install_patches_the_node_states_finish_task_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    module = importlib.import_module("flwr.supernode.start_client_internal")
+    monkeypatch.setattr(module, "time", time)
+    monkeypatch.setattr(module, "pull_objects", module.pull_objects)
+    monkeypatch.setattr(module, "_pull_and_store_message", module._pull_and_store_message)
+    original = getattr(InMemoryNodeState.finish_task, "__wrapped__", InMemoryNodeState.finish_task)
+    monkeypatch.setattr(InMemoryNodeState, "finish_task", original)
+    supernode.install(0.25)
+    monkeypatch.setattr(module, "time", time)
+    supernode.install(0.25)
+    assert InMemoryNodeState.finish_task is not original
+    assert InMemoryNodeState.finish_task.__wrapped__ is original  # type: ignore[attr-defined]
