@@ -41,6 +41,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -141,6 +142,8 @@ def _fast_reply_pulls(initial: float, cap: float) -> None:
 
 #: First wait between empty pulls of an exchange; it doubles up to the exchange's ``poll``.
 MIN_POLL_S = 0.005
+#: Attribute of a grid holding a ``threading.Event`` set whenever a reply is stored (optional).
+REPLY_EVENT_ATTR = "fedseal_reply_stored"
 
 
 def exchange_iter(
@@ -162,6 +165,10 @@ def exchange_iter(
         ValueError: ``FEDSEAL_OBJECT_PULL_BACKOFF_S`` is set to an invalid value.
     """
     _fast_reply_pulls(*reply_pull_backoff())
+    # A grid whose replies are stored in this process (the simulation engine) may carry an
+    # event set on every stored reply: the idle wait then ends when one arrives, not at the
+    # next poll (see fedseal.server.simulate._wake_exchange_on_reply).
+    arrived: threading.Event | None = getattr(grid, REPLY_EVENT_ATTR, None)
     messages = list(messages)
     log.info("exchange: pushing %d messages", len(messages))
     pending = list(grid.push_messages(messages))
@@ -171,6 +178,8 @@ def exchange_iter(
     wait = min(MIN_POLL_S, poll)
     while pending:
         got_any = False
+        if arrived is not None:
+            arrived.clear()  # before pulling: a reply stored during the pull ends the next wait
         for start in range(0, len(pending), batch):
             window = pending[start:start + batch]
             got = list(grid.pull_messages(window))
@@ -187,7 +196,11 @@ def exchange_iter(
         if not pending or time.monotonic() >= deadline:
             break
         if not got_any:
-            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            idle = min(wait, max(0.0, deadline - time.monotonic()))
+            if arrived is not None:
+                arrived.wait(idle)
+            else:
+                time.sleep(idle)
             wait = min(2 * wait, poll)
 
 

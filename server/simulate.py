@@ -37,6 +37,16 @@ Ray pickles the ClientApp for every message; :class:`SimulatedSites` pickles to 
 that each actor resolves to one cached set of site runtimes per process (built lazily: an
 actor builds only the sites pinned to it).
 
+Shared signature checks: every secure site verifies all N signed key adverts and a majority of
+the N survivor signatures (DESIGN §5), so N virtual sites in one process made N^2 checks of
+the same N signatures, one after another (at N = 100 about 15-20 ms of each site's ~100 ms of
+CPU per round). Each actor process therefore turns on
+:func:`fedseal.crypto.signing.share_verified`: a verification that succeeded for exactly the
+same key, message and signature bytes is not repeated; failures are never remembered, so what
+every site accepts or refuses is unchanged. A deployed site is its own process and checks
+everything itself. ``FEDSEAL_SIM_SHARE_VERIFIED=0`` turns it off (to measure a site's full
+cost).
+
 Layering: the coordinator's modules never import ``fedseal.client`` or torch
 (``tests/test_layering.py``). Simulation is the one place where the site code runs in the
 coordinator's program; it is loaded by module name, as Flower loads any ClientApp, and only in
@@ -88,6 +98,8 @@ MAX_SITES = 10_000
 
 MAX_ACTORS = 64
 
+#: ``0`` makes each virtual site repeat every signature check (see the module docstring).
+SHARE_VERIFIED_ENV = "FEDSEAL_SIM_SHARE_VERIFIED"
 PROFILE_ENV = "FEDSEAL_SIM_PROFILE"
 """Set to a directory: every virtual site's ClientApp calls run under cProfile, and each site
 process writes its accumulated profile to ``DIR/sites-PID.prof`` every ``PROFILE_EVERY`` calls
@@ -327,6 +339,7 @@ class SimulatedSites(ClientApp):
 def _real_site_app(site_dir: Path, extra_models: tuple[str, ...]) -> ClientApp:
     """What ``fl-client run`` builds for a site, minus the SuperNode (see module docstring)."""
     from fedseal.crypto.keys import load_private_key, load_public_key
+    from fedseal.crypto.signing import share_verified
 
     config = importlib.import_module("fedseal.client.config")
     node = importlib.import_module("fedseal.client.node")
@@ -336,6 +349,8 @@ def _real_site_app(site_dir: Path, extra_models: tuple[str, ...]) -> ClientApp:
     # As `fl-client run`: one intra-op thread; oversubscribed OpenMP threads are far slower on a
     # shared host (measured here: the same plain round 1 s or 8 s depending on other load).
     importlib.import_module("torch").set_num_threads(int(os.environ.get("FEDSEAL_TORCH_THREADS", "1")))
+    if os.environ.get(SHARE_VERIFIED_ENV, "1") != "0":
+        share_verified()  # this actor's virtual sites check each signature once (docstring)
     try:
         root = node.attest_dataset(cfg, re_enrol=False)  # refuses a dataset changed since approval
     except node.SiteRunError as exc:
@@ -419,6 +434,29 @@ def pinned_ray_backend() -> Any:
 
 
 _WAKE_ATTR = "_fedseal_messages_stored"
+
+
+def _wake_exchange_on_reply(state: Any, grid: Any) -> None:
+    """Make the ServerApp's exchange see a reply as soon as a site's reply is stored.
+
+    :func:`fedseal.server.flower_app.exchange_iter` polls with a back-off from 5 ms to 0.2 s;
+    the reply that ends a stage then waited on average half the current back-off (tens of ms
+    per stage, five stages per secure round). Here ``state.store_message_res`` sets an event
+    carried by the grid (:data:`~fedseal.server.flower_app.REPLY_EVENT_ATTR`) and the exchange's
+    idle wait ends on it; the poll interval stays the upper bound.
+    """
+    from fedseal.server.flower_app import REPLY_EVENT_ATTR
+
+    arrived = threading.Event()
+    store = state.store_message_res
+
+    def store_message_res(message: Any) -> Any:
+        result = store(message)
+        arrived.set()
+        return result
+
+    state.store_message_res = store_message_res
+    setattr(grid, REPLY_EVENT_ATTR, arrived)
 
 
 def _wake_engine_on_store(state: Any) -> None:
@@ -527,6 +565,7 @@ def run_apps_on_engine(
         on_nodes(dict(mapping))
     grid = InMemoryGrid(state_factory=state_factory)
     grid.set_run(run)
+    _wake_exchange_on_reply(state, grid)
     context = Context(
         run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config or {})
     )

@@ -62,3 +62,36 @@ def test_empty_pulls_back_off_from_milliseconds_to_the_poll_and_start_again_afte
     first = fa.MIN_POLL_S
     assert sleeps[:7] == [first, 2 * first, 4 * first, 8 * first, 16 * first, 32 * first, 0.2]
     assert sleeps[7:] == [first, 2 * first]  # the reply reset the back-off
+
+
+def test_a_grid_with_a_reply_event_waits_on_the_event_not_the_clock(monkeypatch: Any) -> None:
+    """The simulation engine's grid carries an event set whenever a reply is stored: the
+    exchange's idle waits are waits on that event (ended by the reply), never plain sleeps."""
+    import threading
+
+    import fedseal.server.flower_app as fa
+
+    monkeypatch.setattr(fa.time, "sleep", lambda s: (_ for _ in ()).throw(AssertionError("slept")))
+
+    class Arrivals(threading.Event):
+        def __init__(self, grid: FakeGrid) -> None:
+            super().__init__()
+            self.grid = grid
+            self.waits: list[float] = []
+            self.clears = 0
+
+        def clear(self) -> None:
+            self.clears += 1
+            super().clear()
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.waits.append(float(timeout or 0))
+            return True  # "a reply was stored": the loop pulls again at once
+
+    grid = FakeGrid([3])  # answered on the 4th pull
+    arrived = Arrivals(grid)
+    setattr(grid, fa.REPLY_EVENT_ATTR, arrived)
+    got = exchange(grid, [object()], timeout=60, poll=0.2)  # type: ignore[arg-type]
+    assert [m.metadata.reply_to_message_id for m in got] == ["m0"]
+    assert grid.calls == 4 and len(arrived.waits) == 3
+    assert arrived.clears == 4  # cleared before every pull: a reply stored meanwhile is not missed

@@ -118,6 +118,22 @@ def test_a_virtual_site_whose_dataset_changed_since_approval_is_refused(tmp_path
     assert sites.site_app(1 - tampered) is sites.site_app(1 - tampered)  # built once, then cached
 
 
+@pytest.mark.parametrize("setting", ["", "0"])
+def test_a_process_of_virtual_sites_shares_its_signature_checks_unless_told_not_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    from fedseal.crypto import signing
+
+    monkeypatch.setattr(signing, "_memo", None)
+    if setting:
+        monkeypatch.setenv("FEDSEAL_SIM_SHARE_VERIFIED", setting)
+    else:
+        monkeypatch.delenv("FEDSEAL_SIM_SHARE_VERIFIED", raising=False)
+    fed = prepare_simulation(tmp_path / "sim", sites=2, scheme="iid", seed=2)
+    SimulatedSites(tuple(str(p) for p in fed.sites)).site_app(0)
+    assert (signing._memo is not None) is (setting != "0")
+
+
 def _dataset_dir(site_dir: Path) -> Path:
     for line in (site_dir / "client.toml").read_text().splitlines():
         if line.startswith("dataset_dir"):
