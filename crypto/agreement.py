@@ -52,9 +52,15 @@ class AgreementKey:
     """An ephemeral P-256 key-agreement key pair (never used for signatures).
 
     Compared by identity; compare :meth:`public_bytes` to compare keys.
+
+    The raw ECDH secret with each peer point is computed once per key object and kept with
+    it (a SecAgg site derives two directional keys from one agreement: the share pairs it
+    encrypts to a neighbour and the ones it decrypts from that neighbour); the secrets live
+    exactly as long as the private key they come from.
     """
 
     _private: ec.EllipticCurvePrivateKey = field(repr=False)
+    _secrets: dict[bytes, bytes] = field(default_factory=dict, repr=False)
 
     @classmethod
     def generate(cls, randbytes: Callable[[int], bytes] = os.urandom) -> AgreementKey:
@@ -97,11 +103,17 @@ class AgreementKey:
         Raises:
             AgreementError: If the peer point is malformed or not on P-256.
         """
+        peer_public = bytes(peer_public)
+        secret = self._secrets.get(peer_public)
+        if secret is not None:
+            return secret
         peer = _peer_point(peer_public)
         try:
-            return self._private.exchange(ec.ECDH(), peer)
+            secret = self._private.exchange(ec.ECDH(), peer)
         except ValueError as exc:
             raise AgreementError("ECDH failed") from exc
+        self._secrets[peer_public] = secret
+        return secret
 
 
 def _peer_point(peer_public: bytes) -> ec.EllipticCurvePublicKey:

@@ -95,3 +95,27 @@ def test_every_single_byte_mutation_of_a_peer_point_changes_or_breaks_the_key() 
             assert derive_shared_key(A, bad, info=INFO) != good
         except AgreementError:
             pass
+
+
+def test_the_ecdh_secret_with_a_peer_is_computed_once_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SecAgg site derives both directional share keys from one agreement per neighbour."""
+    from fedseal.crypto import agreement
+
+    decoded: list[bytes] = []
+    real = agreement._peer_point
+    monkeypatch.setattr(agreement, "_peer_point", lambda p: (decoded.append(p), real(p))[1])
+    a, b, c = AgreementKey.generate(), AgreementKey.generate(), AgreementKey.generate()
+    to_b = derive_shared_key(a, b.public_bytes(), info=kdf_info("share", b"a", b"b"))
+    from_b = derive_shared_key(a, b.public_bytes(), info=kdf_info("share", b"b", b"a"))
+    assert to_b != from_b  # directional keys from one secret
+    assert from_b == derive_shared_key(b, a.public_bytes(), info=kdf_info("share", b"b", b"a"))
+    derive_shared_key(a, c.public_bytes(), info=kdf_info("share", b"a", b"c"))
+    assert decoded == [b.public_bytes(), a.public_bytes(), c.public_bytes()]
+
+
+def test_an_invalid_peer_point_is_refused_every_time() -> None:
+    a = AgreementKey.generate()
+    bad = b"\x04" + b"\x01" * 64
+    for _ in range(2):
+        with pytest.raises(AgreementError):
+            derive_shared_key(a, bad, info=b"x")
