@@ -32,7 +32,8 @@ default one Ray actor holding every virtual site (``client_resources.num_cpus`` 
 fedseal's ClientApp keeps a secure round's client session in memory between the stages of a
 round, so all messages of a site must reach the same process. With ``actors=K`` the sites run
 in K actors, each site pinned to actor ``partition % K`` for the whole run
-(:func:`pinned_ray_backend`; Flower's own backend would hand a message to any idle actor).
+(:func:`pinned_ray_backend`; Flower's own backend would hand a message to any idle actor),
+with two engine threads per actor so that no actor idles while messages for it wait.
 Ray pickles the ClientApp for every message; :class:`SimulatedSites` pickles to a reference
 that each actor resolves to one cached set of site runtimes per process (built lazily: an
 actor builds only the sites pinned to it).
@@ -422,6 +423,20 @@ def pinned_ray_backend() -> Any:
             self.actors = tuple(self.pool.pool) if self.pool is not None else ()
             if not self.actors:
                 raise SimulationError("simulation engine", "Ray started no actor for the sites")
+
+        @property
+        def num_workers(self) -> int:
+            """Engine threads handing messages to the actors: two per actor.
+
+            Each engine thread blocks until its message's actor has answered. With one thread
+            per actor (Flower's count, right for its any-idle-actor pool) two threads holding
+            messages of sites pinned to the same actor left the other actor idle; with two per
+            actor every actor has a call queued while messages wait (a Ray actor runs its
+            calls one at a time, in order). Flower's thread pool runs at most
+            ``min(32, cpus + 4)`` of them.
+            """
+            pool_threads = min(32, (os.cpu_count() or 1) + 4)
+            return max(len(self.actors), min(2 * len(self.actors), pool_threads))
 
         def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
             partition = int(str(context.node_config[PARTITION_ID_KEY]))

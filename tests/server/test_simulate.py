@@ -175,3 +175,15 @@ def test_the_backend_config_sizes_ray_to_the_actors_asked_for() -> None:
     for bad in (0, 65):
         with pytest.raises(SimulationError, match="actors"):
             default_backend_config(bad)
+
+
+def test_the_pinned_backend_keeps_two_calls_per_actor_in_flight() -> None:
+    """One engine thread per actor left an actor idle whenever both threads held messages of
+    sites pinned to the other; two per actor keep every actor's queue fed."""
+    from fedseal.server.simulate import pinned_ray_backend
+
+    backend = object.__new__(pinned_ray_backend())
+    backend.actors = ("a0", "a1")
+    assert backend.num_workers == 4
+    backend.actors = tuple(f"a{i}" for i in range(40))
+    assert backend.num_workers == 40  # never fewer threads than actors
