@@ -474,97 +474,139 @@ def _wake_exchange_on_reply(state: Any, grid: Any) -> None:
     setattr(grid, REPLY_EVENT_ATTR, arrived)
 
 
-class _StoredInstructions:
-    """The nodes that had a message stored since the dispatcher last looked, and an event."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._lock = threading.Lock()
-        self._nodes: set[int] = set()
-
-    def add(self, node_id: int) -> None:
-        with self._lock:
-            self._nodes.add(node_id)
-        self.event.set()
-
-    def take(self) -> set[int]:
-        with self._lock:
-            nodes, self._nodes = self._nodes, set()
-        return nodes
-
-    def keep(self, nodes: set[int]) -> None:
-        with self._lock:
-            self._nodes |= nodes
+def _one_pass_readable(state: Any) -> bool:
+    """Whether ``state`` is Flower's in-memory link state with the fields
+    :func:`_undelivered_one_per_node` reads (else the dispatcher asks node by node)."""
+    return all(hasattr(state, name) for name in ("lock", "message_ins_store", "_check_stored_messages"))
 
 
-#: Seconds between the dispatcher's scans of every node (a fallback: stores are tracked).
-FULL_SCAN_S = 1.0
+def _undelivered_one_per_node(state: Any, nodes: Mapping[int, int]) -> list[Message]:
+    """The oldest undelivered message of every node in ``nodes``, marked delivered.
+
+    What Flower's ``state.get_message_ins(node_id=n, limit=1)`` returns for each node ``n``,
+    in one pass over the stored messages instead of one pass per node (each
+    ``get_message_ins`` call walks and re-checks every stored message).
+    """
+    from flwr.supercore.date import now
+
+    with state.lock:
+        ids = list(state.message_ins_store.keys())
+        state._check_stored_messages(set(ids))  # drops expired ones, as get_message_ins does
+        taken: set[int] = set()
+        out: list[Message] = []
+        for msg_id in ids:
+            msg = state.message_ins_store.get(msg_id)
+            if msg is None:
+                continue
+            node = msg.metadata.dst_node_id
+            if msg.metadata.delivered_at == "" and node in nodes and node not in taken:
+                taken.add(node)
+                out.append(msg)
+        delivered_at = now().isoformat()
+        for msg in out:
+            msg.metadata.delivered_at = delivered_at
+    return out
 
 
 def _wake_engine_on_store(state: Any) -> None:
-    """Make the engine dispatch a message as soon as the ServerApp stores it, looking only at
-    the nodes that got one.
+    """Make the engine dispatch a message as soon as the ServerApp stores it, in one pass.
 
     Flower 1.42's engine moves messages from the link state to its workers in
-    ``vce_api.add_messages_to_queue``, which scans every node and then sleeps a fixed 0.1 s:
-    each protocol stage waited up to that long before any site saw its message (a secure round
-    has five stages, plain FedAvg one). Here ``state.store_message_ins`` records the message's
-    node and sets an event, and the dispatcher (rebound in ``vce_api``, the name ``run_api``
-    calls) waits on it instead, still at most 0.1 s so that ``f_stop`` is seen as before. It
-    asks only the recorded nodes (and a node that just gave a message, which may hold another):
-    each ``get_message_ins`` call walks every stored message, so a scan of all N nodes per
-    stored message cost O(N^2) per message, O(N^3) per stage; at N = 100 that scan thread
-    took about a quarter of the ServerApp process's CPU (py-spy). Every :data:`FULL_SCAN_S` it
-    still scans every node. States without the record (another caller's run in this process)
-    keep Flower's fixed tick. Applied to every arm of a run alike.
+    ``vce_api.add_messages_to_queue``, which asks every node for a message and then sleeps a
+    fixed 0.1 s: each protocol stage waited up to that long before any site saw its message (a
+    secure round has five stages, plain FedAvg one). Here ``state.store_message_ins`` sets an
+    event and the dispatcher (rebound in ``vce_api``, the name ``run_api`` calls) waits on it
+    instead, still at most 0.1 s so that ``f_stop`` is seen as before. And each look is one
+    pass over the stored messages (:func:`_undelivered_one_per_node`): Flower's
+    ``get_message_ins`` walks every stored message per call, so asking N nodes cost O(N^2)
+    checks per look; woken per stored message, that was O(N^3) per stage, and at N = 100 the
+    dispatcher was the busiest thread of the ServerApp's process (py-spy). States without the
+    event (another caller's run in this process) keep Flower's fixed tick; states without the
+    fields the one pass reads are asked node by node. Applied to every arm of a run alike.
     """
     from flwr.server.superlink.fleet.vce import vce_api
 
     if getattr(state, _WAKE_ATTR, None) is None:
-        stored = _StoredInstructions()
+        wake = threading.Event()
         store = state.store_message_ins
 
         def store_message_ins(message: Any) -> Any:
             result = store(message)
-            stored.add(int(message.metadata.dst_node_id))
+            wake.set()
             return result
 
         state.store_message_ins = store_message_ins
-        setattr(state, _WAKE_ATTR, stored)
+        setattr(state, _WAKE_ATTR, wake)
     if getattr(vce_api.add_messages_to_queue, "fedseal_wakes", False):
         return
 
     def add_messages_to_queue(
         state: Any, queue: Any, nodes_mapping: Mapping[int, int], f_stop: threading.Event
     ) -> None:
-        stored: _StoredInstructions | None = getattr(state, _WAKE_ATTR, None)
-        last_full = 0.0
+        wake: threading.Event | None = getattr(state, _WAKE_ATTR, None)
+        one_pass = _one_pass_readable(state)
         while not f_stop.is_set():
-            if stored is None:
-                for node_id in nodes_mapping.keys():
-                    for msg in state.get_message_ins(node_id=node_id, limit=1):
-                        queue.put(msg)
-                f_stop.wait(0.1)
-                continue
-            stored.event.clear()  # before taking the nodes: a store during the scan wakes the next
-            nodes = stored.take()
-            if time.monotonic() - last_full >= FULL_SCAN_S:
-                nodes = set(nodes_mapping.keys())
-                last_full = time.monotonic()
-            again: set[int] = set()
-            for node_id in nodes:
-                if node_id not in nodes_mapping:
-                    continue
-                msgs = state.get_message_ins(node_id=node_id, limit=1)
-                for msg in msgs:
-                    queue.put(msg)
-                if msgs:
-                    again.add(node_id)
-            stored.keep(again)
-            stored.event.wait(0.1)
+            if wake is not None:
+                wake.clear()  # before the look: a message stored during it wakes the next one
+            if one_pass:
+                msgs = _undelivered_one_per_node(state, nodes_mapping)
+            else:
+                msgs = [m for n in nodes_mapping for m in state.get_message_ins(node_id=n, limit=1)]
+            for msg in msgs:
+                queue.put(msg)
+            if msgs and wake is not None:
+                continue  # a node may hold another message: look again at once
+            (wake if wake is not None else f_stop).wait(0.1)
 
     add_messages_to_queue.fedseal_wakes = True  # type: ignore[attr-defined]
     vce_api.add_messages_to_queue = add_messages_to_queue
+
+
+@dataclass(frozen=True)
+class InMemoryLink:
+    """Flower's in-memory link state with one run and registered nodes, and its grid."""
+
+    run: Any
+    state_factory: Any
+    state: Any
+    mapping: dict[int, int]
+    grid: Any
+
+
+def in_memory_link(num_nodes: int) -> InMemoryLink:
+    """The engine's "network" as ``run_apps_on_engine`` sets it up: an in-memory link state
+    holding one run, ``num_nodes`` registered nodes (``{node_id: partition_id}``), an
+    ``InMemoryGrid`` on it, and the wake-ups of :func:`_wake_engine_on_store` and
+    :func:`_wake_exchange_on_reply`."""
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    state_factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    state = state_factory.state()
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
+    _wake_engine_on_store(state)
+    mapping = dict(_register_nodes(num_nodes=num_nodes, state_factory=state_factory))
+    grid = InMemoryGrid(state_factory=state_factory)
+    grid.set_run(run)
+    _wake_exchange_on_reply(state, grid)
+    return InMemoryLink(run, state_factory, state, mapping, grid)
 
 
 def run_apps_on_engine(
@@ -593,41 +635,16 @@ def run_apps_on_engine(
     Raises:
         SimulationError: The ServerApp or the engine raised (the cause is chained).
     """
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.proto.task_pb2 import Task
     from flwr.server.superlink.fleet import vce
     from flwr.server.superlink.fleet.vce.metrics import VceMetrics
-    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import run_serverapp_th
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.grid import InMemoryGrid
 
     if num_nodes < 1:
         raise SimulationError("arguments", "at least one node is needed")
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = run.run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    state_factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    state = state_factory.state()
-    state.run_ids[run.run_id] = RunRecord(run=run)  # type: ignore[attr-defined]
-    state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)  # type: ignore[attr-defined]
-    _wake_engine_on_store(state)
-    mapping = _register_nodes(num_nodes=num_nodes, state_factory=state_factory)
+    link = in_memory_link(num_nodes)
+    run, state_factory, mapping, grid = link.run, link.state_factory, link.mapping, link.grid
     if on_nodes is not None:
         on_nodes(dict(mapping))
-    grid = InMemoryGrid(state_factory=state_factory)
-    grid.set_run(run)
-    _wake_exchange_on_reply(state, grid)
     context = Context(
         run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config or {})
     )

@@ -7,7 +7,6 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
 from flwr.server.superlink.fleet.vce import vce_api
 
 import fedseal.server.simulate as simulate
@@ -48,7 +47,7 @@ def test_storing_a_message_sets_the_wake_event_and_the_dispatcher_hands_it_to_th
     state = FakeLinkState([1, 2])
     _wake_engine_on_store(state)
     _wake_engine_on_store(state)  # idempotent: one wrapper, one event
-    wake = getattr(state, _WAKE_ATTR).event
+    wake = getattr(state, _WAKE_ATTR)
     assert not wake.is_set()
     assert state.store_message_ins(msg(2, "m-a")) == "m-a"  # the wrapper returns the store's result
     assert wake.is_set()
@@ -78,34 +77,47 @@ def test_a_link_state_without_the_event_keeps_flowers_tick_and_still_gets_its_me
     assert not thread.is_alive()
 
 
-def test_the_dispatcher_asks_only_the_nodes_that_got_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each `get_message_ins` walks every stored message: asking all N nodes per stored
-    message made a stage O(N^3). Two messages for one node are both dispatched."""
-    monkeypatch.setattr(simulate, "FULL_SCAN_S", 1e12)  # no fallback full scan in this test
-    nodes = list(range(50))
-    state = FakeLinkState(nodes)
-    _wake_engine_on_store(state)
+def _real_link_state(nodes: int) -> tuple[Any, dict[int, int], Any]:
+    """Flower's in-memory link state with a run and ``nodes`` registered nodes, and its grid."""
+    link = simulate.in_memory_link(nodes)
+    return link.state, link.mapping, link.grid
+
+
+def test_one_pass_gives_what_flowers_per_node_calls_give() -> None:
+    """`_undelivered_one_per_node` = `get_message_ins(node_id=n, limit=1)` for every node,
+    in one pass: the oldest undelivered message per node, each handed out once."""
+    from flwr.app import Message, RecordDict
+
+    state, mapping, grid = _real_link_state(4)
+    a, b, c, _ = list(mapping)
+    assert simulate._one_pass_readable(state)
+    pushed = list(grid.push_messages([
+        Message(RecordDict(), dst_node_id=n, message_type="train") for n in (a, b, a, c)
+    ]))
+    first = simulate._undelivered_one_per_node(state, mapping)
+    assert [m.metadata.message_id for m in first] == [pushed[0], pushed[1], pushed[3]]
+    assert all(m.metadata.delivered_at for m in first)
+    assert state.get_message_ins(node_id=b, limit=1) == []  # delivered: Flower agrees
+    second = simulate._undelivered_one_per_node(state, mapping)
+    assert [m.metadata.message_id for m in second] == [pushed[2]]  # a's next, oldest first
+    assert simulate._undelivered_one_per_node(state, mapping) == []
+    assert simulate._undelivered_one_per_node(state, {}) == []  # unmapped nodes get nothing
+
+
+def test_the_real_dispatcher_hands_every_stored_message_to_the_workers_once() -> None:
+    from flwr.app import Message, RecordDict
+
+    state, mapping, grid = _real_link_state(3)  # the wake-up is installed
+    nodes = list(mapping)
     out, stop, thread = _dispatch(state, nodes)
     try:
-        state.store_message_ins(msg(7, "m-1"))
-        state.store_message_ins(msg(7, "m-2"))
-        state.store_message_ins(msg(30, "m-3"))
-        got = sorted(out.get(timeout=10).name for _ in range(3))
-        assert got == ["m-1", "m-2", "m-3"]
+        pushed = list(grid.push_messages([
+            Message(RecordDict(), dst_node_id=n, message_type="train") for n in nodes + nodes[:1]
+        ]))
+        got = sorted(out.get(timeout=10).metadata.message_id for _ in range(4))
+        assert got == sorted(pushed)
+        assert out.empty()
     finally:
         stop.set()
         thread.join(timeout=10)
-    assert set(state.asked) == {7, 30}
-
-
-def test_the_dispatcher_still_scans_every_node_now_and_then(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(simulate, "FULL_SCAN_S", 0.0)
-    state = FakeLinkState([1, 2, 3])
-    _wake_engine_on_store(state)
-    state.inbox[3].append(msg(3, "stored-around-the-wrapper"))
-    out, stop, thread = _dispatch(state, [1, 2, 3])
-    try:
-        assert out.get(timeout=10).name == "stored-around-the-wrapper"
-    finally:
-        stop.set()
-        thread.join(timeout=10)
+    assert not thread.is_alive()
