@@ -142,8 +142,31 @@ def _fast_reply_pulls(initial: float, cap: float) -> None:
 
 #: First wait between empty pulls of an exchange; it doubles up to the exchange's ``poll``.
 MIN_POLL_S = 0.005
-#: Attribute of a grid holding a ``threading.Event`` set whenever a reply is stored (optional).
-REPLY_EVENT_ATTR = "fedseal_reply_stored"
+class ReplySignal:
+    """What a grid whose replies are stored in this process (the simulation engine) can tell
+    an exchange: which of its messages have a reply waiting, and an event set on every stored
+    reply. Carried by the grid as :data:`REPLY_SIGNAL_ATTR` (optional)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._lock = threading.Lock()
+        self._replied: set[str] = set()
+
+    def replied(self, message_id: str) -> None:
+        """A reply to message ``message_id`` was stored."""
+        with self._lock:
+            self._replied.add(message_id)
+        self.event.set()
+
+    def take(self) -> set[str]:
+        """The messages replied to since the last call."""
+        with self._lock:
+            replied, self._replied = self._replied, set()
+        return replied
+
+
+#: Attribute of a grid holding a :class:`ReplySignal` (optional).
+REPLY_SIGNAL_ATTR = "fedseal_reply_signal"
 
 
 def exchange_iter(
@@ -161,47 +184,64 @@ def exchange_iter(
     ``batch`` replies in memory, however many sites there are. Reply objects not yet uploaded
     are re-pulled after :func:`reply_pull_backoff` (50 ms) instead of Flower's 1 s.
 
+    A grid carrying a :class:`ReplySignal` (the simulation engine) is asked only for the
+    messages it says have replies, and its event ends the idle wait; every ``poll`` seconds all
+    pending messages are asked for anyway. (Each pull costs the link state work per message
+    asked for: asking for all N pending messages after each of N replies was O(N^2) per stage.)
+
     Raises:
         ValueError: ``FEDSEAL_OBJECT_PULL_BACKOFF_S`` is set to an invalid value.
     """
     _fast_reply_pulls(*reply_pull_backoff())
-    # A grid whose replies are stored in this process (the simulation engine) may carry an
-    # event set on every stored reply: the idle wait then ends when one arrives, not at the
-    # next poll (see fedseal.server.simulate._wake_exchange_on_reply).
-    arrived: threading.Event | None = getattr(grid, REPLY_EVENT_ATTR, None)
+    signal: ReplySignal | None = getattr(grid, REPLY_SIGNAL_ATTR, None)
     messages = list(messages)
+    started = time.monotonic()
     log.info("exchange: pushing %d messages", len(messages))
     pending = list(grid.push_messages(messages))
+    total = len(pending)
     del messages
-    log.info("exchange: pushed; polling")
+    log.debug("exchange: pushed; polling")
     deadline = time.monotonic() + timeout
     wait = min(MIN_POLL_S, poll)
+    hinted: set[str] = set()
+    last_full = time.monotonic()
     while pending:
+        if signal is None:
+            candidates = pending
+        else:
+            signal.event.clear()  # before taking: a reply stored after it ends the next wait
+            hinted |= signal.take()
+            if time.monotonic() - last_full >= poll:
+                last_full = time.monotonic()
+                candidates = pending
+            else:
+                candidates = [m for m in pending if m in hinted]
         got_any = False
-        if arrived is not None:
-            arrived.clear()  # before pulling: a reply stored during the pull ends the next wait
-        for start in range(0, len(pending), batch):
-            window = pending[start:start + batch]
+        for start in range(0, len(candidates), batch):
+            window = candidates[start:start + batch]
             got = list(grid.pull_messages(window))
+            hinted.difference_update(window)
             if not got:
                 continue
             got_any = True
             wait = min(MIN_POLL_S, poll)
             answered = {m.metadata.reply_to_message_id for m in got}
             pending = [m for m in pending if m not in answered]
-            log.info("exchange: %d replies, %d pending", len(got), len(pending))
+            log.debug("exchange: %d replies, %d pending", len(got), len(pending))
             yield from got
             del got
-            break  # re-slice the shrunken pending list from its start
         if not pending or time.monotonic() >= deadline:
             break
         if not got_any:
             idle = min(wait, max(0.0, deadline - time.monotonic()))
-            if arrived is not None:
-                arrived.wait(idle)
+            if signal is not None:
+                signal.event.wait(idle)
             else:
                 time.sleep(idle)
             wait = min(2 * wait, poll)
+    log.info(
+        "exchange: %d of %d replied in %.2fs", total - len(pending), total, time.monotonic() - started
+    )
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float, poll: float = 0.2) -> list[Message]:

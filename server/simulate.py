@@ -452,26 +452,27 @@ _WAKE_ATTR = "_fedseal_messages_stored"
 
 
 def _wake_exchange_on_reply(state: Any, grid: Any) -> None:
-    """Make the ServerApp's exchange see a reply as soon as a site's reply is stored.
+    """Tell the ServerApp's exchange which of its messages got a reply, as each is stored.
 
-    :func:`fedseal.server.flower_app.exchange_iter` polls with a back-off from 5 ms to 0.2 s;
-    the reply that ends a stage then waited on average half the current back-off (tens of ms
-    per stage, five stages per secure round). Here ``state.store_message_res`` sets an event
-    carried by the grid (:data:`~fedseal.server.flower_app.REPLY_EVENT_ATTR`) and the exchange's
-    idle wait ends on it; the poll interval stays the upper bound.
+    :func:`fedseal.server.flower_app.exchange_iter` polls with a back-off from 5 ms to 0.2 s,
+    and each poll asked the link state for every pending message (work per message asked for:
+    O(N^2) per stage). Here ``state.store_message_res`` records the message replied to in a
+    :class:`~fedseal.server.flower_app.ReplySignal` carried by the grid; the exchange's idle
+    wait ends on its event and it asks only for the replied messages (all of them still every
+    poll interval).
     """
-    from fedseal.server.flower_app import REPLY_EVENT_ATTR
+    from fedseal.server.flower_app import REPLY_SIGNAL_ATTR, ReplySignal
 
-    arrived = threading.Event()
+    signal = ReplySignal()
     store = state.store_message_res
 
     def store_message_res(message: Any) -> Any:
         result = store(message)
-        arrived.set()
+        signal.replied(str(message.metadata.reply_to_message_id))
         return result
 
     state.store_message_res = store_message_res
-    setattr(grid, REPLY_EVENT_ATTR, arrived)
+    setattr(grid, REPLY_SIGNAL_ATTR, signal)
 
 
 def _one_pass_readable(state: Any) -> bool:

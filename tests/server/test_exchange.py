@@ -64,9 +64,9 @@ def test_empty_pulls_back_off_from_milliseconds_to_the_poll_and_start_again_afte
     assert sleeps[7:] == [first, 2 * first]  # the reply reset the back-off
 
 
-def test_a_grid_with_a_reply_event_waits_on_the_event_not_the_clock(monkeypatch: Any) -> None:
-    """The simulation engine's grid carries an event set whenever a reply is stored: the
-    exchange's idle waits are waits on that event (ended by the reply), never plain sleeps."""
+def test_a_grid_with_a_reply_signal_waits_on_its_event_not_the_clock(monkeypatch: Any) -> None:
+    """The simulation engine's grid carries a ReplySignal: the exchange's idle waits are waits
+    on its event (ended by a stored reply), never plain sleeps."""
     import threading
 
     import fedseal.server.flower_app as fa
@@ -74,24 +74,56 @@ def test_a_grid_with_a_reply_event_waits_on_the_event_not_the_clock(monkeypatch:
     monkeypatch.setattr(fa.time, "sleep", lambda s: (_ for _ in ()).throw(AssertionError("slept")))
 
     class Arrivals(threading.Event):
-        def __init__(self, grid: FakeGrid) -> None:
+        def __init__(self) -> None:
             super().__init__()
-            self.grid = grid
             self.waits: list[float] = []
-            self.clears = 0
-
-        def clear(self) -> None:
-            self.clears += 1
-            super().clear()
 
         def wait(self, timeout: float | None = None) -> bool:
             self.waits.append(float(timeout or 0))
-            return True  # "a reply was stored": the loop pulls again at once
+            return True  # "a reply was stored": the loop looks again at once
 
+    signal = fa.ReplySignal()
+    signal.event = Arrivals()
     grid = FakeGrid([3])  # answered on the 4th pull
-    arrived = Arrivals(grid)
-    setattr(grid, fa.REPLY_EVENT_ATTR, arrived)
-    got = exchange(grid, [object()], timeout=60, poll=0.2)  # type: ignore[arg-type]
+    setattr(grid, fa.REPLY_SIGNAL_ATTR, signal)
+    got = exchange(grid, [object()], timeout=60, poll=0.0)  # type: ignore[arg-type]  # poll 0: every look asks for all
     assert [m.metadata.reply_to_message_id for m in got] == ["m0"]
-    assert grid.calls == 4 and len(arrived.waits) == 3
-    assert arrived.clears == 4  # cleared before every pull: a reply stored meanwhile is not missed
+    assert grid.calls == 4 and len(signal.event.waits) == 3
+
+
+def test_with_a_reply_signal_only_the_replied_messages_are_asked_for() -> None:
+    """Asking for every pending message after each reply made a stage O(N^2) on the link state."""
+    import fedseal.server.flower_app as fa
+
+    asked: list[list[str]] = []
+
+    class SignalGrid(FakeGrid):
+        def __init__(self) -> None:
+            super().__init__([0] * 40)
+            self.signal = fa.ReplySignal()
+            setattr(self, fa.REPLY_SIGNAL_ATTR, self.signal)
+
+        def push_messages(self, messages: list[Any]) -> list[str]:
+            ids = super().push_messages(messages)
+            for i in ("m3", "m17", "m38"):  # three sites answered so far
+                self.signal.replied(i)
+            return ids
+
+        def pull_messages(self, ids: list[str]) -> list[Any]:
+            asked.append(list(ids))
+            return super().pull_messages(ids)
+
+    grid = SignalGrid()
+    it = exchange_iter(grid, [object()] * 40, timeout=60, poll=30.0, batch=16)  # type: ignore[arg-type]
+    first = [next(it).metadata.reply_to_message_id for _ in range(3)]
+    assert sorted(first) == ["m17", "m3", "m38"]
+    assert asked == [["m3", "m17", "m38"]]  # one pull, of exactly the replied messages
+
+
+def test_a_reply_the_signal_missed_is_still_found_by_the_periodic_full_look() -> None:
+    import fedseal.server.flower_app as fa
+
+    grid = FakeGrid([0, 0])
+    setattr(grid, fa.REPLY_SIGNAL_ATTR, fa.ReplySignal())  # never told of any reply
+    got = exchange(grid, [object()] * 2, timeout=60, poll=0.01)  # type: ignore[arg-type]
+    assert sorted(m.metadata.reply_to_message_id for m in got) == ["m0", "m1"]
