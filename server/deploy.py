@@ -67,7 +67,8 @@ Notes on Flower 1.42's deployment runtime (read from the installed package):
   the SuperLink died can wedge (it waits forever for a reply to a task it never created), and a
   restarted SuperNode is refused re-activation ("Failed to activate SuperNode", exit 305) while
   the SuperLink still holds its old session. ``--resume`` therefore pings the cohort first
-  (``query.ping``) and a wedged site is a dropout.
+  (``query.ping``, again every 15 s to the sites that have not answered or answered with an
+  error, until ``run.sites_wait_timeout_s``) and a wedged site is a dropout.
 * Strategies (``flwr.serverapp.strategy``) aggregate ``Message`` replies; FedOpt variants need
   ``configure_train`` called first (they remember ``current_arrays``), and ``sample_nodes``
   blocks until ``min_available_nodes`` are online (fedseal passes them a fixed node view).

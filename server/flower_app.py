@@ -367,21 +367,49 @@ def _validate_reply(
     return site.name, int(n), arrays
 
 
-def _responsive(run: _Run, nodes: list[int], timeout: float) -> list[int]:
+#: Seconds a ``query.ping`` waits before the sites that did not answer are pinged again.
+PING_ROUND_S = 15.0
+
+
+def _responsive(run: _Run, nodes: list[int], timeout: float, round_s: float = PING_ROUND_S) -> list[int]:
     """The nodes that answer a ``query.ping`` within ``timeout`` (all of them, if they do sooner).
 
     After a coordinator restart Flower still lists the previous session's nodes as online, and a
     SuperNode may need many seconds to reconnect (its back-off grows while the SuperLink is
-    down); a round must not start before its cohort can actually be reached.
+    down); a round must not start before its cohort can actually be reached. A site's first
+    ping can also fail while its SuperNode is still clearing the previous run's task (it then
+    answers with an error, or not at all): sites that did not answer properly are pinged again
+    every ``round_s`` seconds (at once after an error reply) until ``timeout``.
     """
-    msgs = [
-        Message(RecordDict({"config": ConfigRecord({"ping": 1})}), dst_node_id=n, message_type="query.ping")
-        for n in nodes
-    ]
-    replies = exchange(run.grid, msgs, timeout)
-    alive = sorted({int(r.metadata.src_node_id) for r in replies if not r.has_error()})
+    deadline = time.monotonic() + timeout
+    alive: set[int] = set()
+    attempt = 0
+    while True:
+        todo = [n for n in nodes if n not in alive]
+        left = deadline - time.monotonic()
+        if not todo or left <= 0:
+            break
+        attempt += 1
+        msgs = [
+            Message(RecordDict({"config": ConfigRecord({"ping": 1})}), dst_node_id=n, message_type="query.ping")
+            for n in todo
+        ]
+        replies = exchange(run.grid, msgs, min(left, round_s))
+        errors = 0
+        for r in replies:
+            if r.has_error():
+                errors += 1
+            else:
+                alive.add(int(r.metadata.src_node_id))
+        if len(alive) < len(nodes):
+            log.info(
+                "ping %d: %d of %d sites answered (%d with an error); pinging the others again",
+                attempt, len(alive), len(nodes), errors,
+            )
+            if errors and len(replies) == len(todo):  # everyone replied, some with errors
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     log.info("ping: %d of %d sites answered", len(alive), len(nodes))
-    return alive
+    return sorted(alive)
 
 
 def _train_config(cfg: ServerConfig, round_: int, run_id: str) -> ConfigRecord:

@@ -386,6 +386,8 @@ if [[ $SELFTEST == 1 ]]; then selftest; else fullrun; fi
 echo "netns summary: ok=$OK failed=$FAILED skipped=$SKIPPED"
 if [[ $FAILED != 0 ]]; then
   # The logs' tails go with the verdict: a CI run keeps nothing but this output.
-  for f in "$WORKDIR"/*.log; do [[ -f $f ]] && { echo "--- tail of $(basename "$f")"; tail -n 40 "$f"; }; done
+  for f in "$WORKDIR"/*.log "$WORKDIR"/coord/state/serverapp.log "$WORKDIR"/sites/*/state/supernode.log; do
+    [[ -f $f ]] && { echo "--- tail of ${f#"$WORKDIR"/}"; tail -n 40 "$f"; }
+  done
 fi
 [[ $FAILED == 0 ]]
