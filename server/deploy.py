@@ -95,6 +95,7 @@ from fedseal.server.config import ServerConfig
 from fedseal.server.flower_app import (
     NODES_FILE,
     ROUNDS_FILE,
+    SERVERAPP_PID_FILE,
     STATUS_FILE,
     read_rounds,
     reply_pull_backoff,
@@ -511,6 +512,42 @@ def audit_service(cfg: ServerConfig, roster: Roster) -> Iterator[int | None]:
         store.close()
 
 
+def _end_stale_serverapp(state_dir: Path, on_info: Callable[[str], None], grace_s: float = 5.0) -> None:
+    """End the ServerApp process a SIGKILLed predecessor left running.
+
+    Flower's ``flwr-serverapp`` notices that its parent is gone and interrupts itself, but its
+    shutdown can wait on retries toward the dead SuperLink, still holding the metrics port:
+    the restarted run's ServerApp then failed to start (seen in CI's multi-host run). The
+    process is identified by the pid the ServerApp writes (``serverapp.pid``) *and* its command
+    line naming ``flwr-serverapp``, so a reused pid is never signalled.
+    """
+    path = state_dir / SERVERAPP_PID_FILE
+    try:
+        pid = int(path.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        return  # no pid recorded, or that process is gone
+    if "flwr-serverapp" not in cmdline:
+        return
+    on_info(f"ending the previous run's ServerApp (pid {pid}), still running")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and not _is_zombie(pid):
+            time.sleep(0.1)
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return
+    raise DeployError("restart", f"the previous run's ServerApp (pid {pid}) does not end")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def run_coordinator(
     cfg: ServerConfig,
     *,
@@ -541,6 +578,7 @@ def run_coordinator(
     if not resume:
         for name in (ROUNDS_FILE, STATUS_FILE):
             (state / name).unlink(missing_ok=True)
+    _end_stale_serverapp(state, on_info)
     with _deployment(cfg, roster) as (env, children, nodes, control), audit_service(cfg, roster) as audit_port:
         on_info(f"SuperLink up on 127.0.0.1:{cfg.network.internal_port} (loopback only); "
                 f"fleet gateway on {cfg.network.fleet_host}:{cfg.network.fleet_port}; "

@@ -66,6 +66,8 @@ log = logging.getLogger("fedseal.server")
 NODES_FILE = "nodes.json"
 STATUS_FILE = "status.json"
 ROUNDS_FILE = "rounds.jsonl"
+#: The ServerApp process's pid, so a restarted coordinator can end one its predecessor left.
+SERVERAPP_PID_FILE = "serverapp.pid"
 MAX_EXAMPLES = 10**9
 
 app = ServerApp()
@@ -263,6 +265,7 @@ class _Run:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.roster = Roster.load_or_create(cfg.coordinator.roster)
         self.checkpoints = CheckpointStore(self.state_dir / "checkpoints")
+        (self.state_dir / SERVERAPP_PID_FILE).write_text(f"{os.getpid()}\n")
         self.metrics = Metrics.start(cfg.network.metrics_port, cfg.network.metrics_host)
         self.node_sites = self._load_node_map()
 

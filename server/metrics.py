@@ -14,9 +14,14 @@ Names: ``fedseal_rounds_committed_total``, ``fedseal_rounds_failed_total``,
 
 from __future__ import annotations
 
+import errno
+import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+#: Seconds to keep trying a metrics port that is still in use.
+BIND_WAIT_S = 20.0
 
 __all__ = ["Metrics"]
 
@@ -61,5 +66,15 @@ class Metrics:
         """Create the metrics and serve them on ``host:port`` (not served if port is 0)."""
         m = cls.create()
         if port:
-            start_http_server(port, addr=host, registry=m.registry)
+            # A restarted coordinator's predecessor may still be releasing the port (its
+            # ServerApp process ends a little after its SuperLink): retry for a while.
+            deadline = time.monotonic() + BIND_WAIT_S
+            while True:
+                try:
+                    start_http_server(port, addr=host, registry=m.registry)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                        raise OSError(exc.errno, f"metrics endpoint {host}:{port}: {exc.strerror}") from exc
+                    time.sleep(0.5)
         return m
