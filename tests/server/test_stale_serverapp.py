@@ -6,6 +6,7 @@ import errno
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,17 @@ SLEEPER = "import time; time.sleep(120)"
 
 
 def _spawn(*argv: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", SLEEPER, *argv])
+    """A sleeping process whose command line ends with ``argv`` (waits until it has exec'd:
+    until then /proc shows the forking parent's command line)."""
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER, *argv])
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 30
+    while SLEEPER.encode() not in cmdline.read_bytes():
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the test process did not start")
+        time.sleep(0.01)
+    return proc
 
 
 def test_a_leftover_serverapp_is_ended(tmp_path: Path) -> None:
