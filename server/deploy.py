@@ -534,18 +534,21 @@ def _end_stale_serverapp(state_dir: Path, on_info: Callable[[str], None], grace_
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and not _is_zombie(pid):
+        while _running(pid):
+            if time.monotonic() >= deadline:
+                break
             time.sleep(0.1)
-        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+        else:
             return
     raise DeployError("restart", f"the previous run's ServerApp (pid {pid}) does not end")
 
 
-def _is_zombie(pid: int) -> bool:
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (ended, not yet reaped)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
-        return True
+        return False
 
 
 def run_coordinator(
