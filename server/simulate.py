@@ -117,6 +117,19 @@ class SimulationError(Exception):
         self.reason = reason
 
 
+def shares_verified(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether the virtual sites of one process share their signature checks
+    (:data:`SHARE_VERIFIED_ENV`: unset or ``1`` yes, ``0`` no).
+
+    Raises:
+        SimulationError: The variable holds anything else.
+    """
+    value = env.get(SHARE_VERIFIED_ENV, "1")
+    if value not in ("0", "1"):
+        raise SimulationError("arguments", f"{SHARE_VERIFIED_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 @dataclass(frozen=True, slots=True)
 class SimulationOutcome:
     """What a finished simulation left behind.
@@ -350,7 +363,7 @@ def _real_site_app(site_dir: Path, extra_models: tuple[str, ...]) -> ClientApp:
     # As `fl-client run`: one intra-op thread; oversubscribed OpenMP threads are far slower on a
     # shared host (measured here: the same plain round 1 s or 8 s depending on other load).
     importlib.import_module("torch").set_num_threads(int(os.environ.get("FEDSEAL_TORCH_THREADS", "1")))
-    if os.environ.get(SHARE_VERIFIED_ENV, "1") != "0":
+    if shares_verified():
         share_verified()  # this actor's virtual sites check each signature once (docstring)
     try:
         root = node.attest_dataset(cfg, re_enrol=False)  # refuses a dataset changed since approval
@@ -642,6 +655,7 @@ def run_apps_on_engine(
 
     if num_nodes < 1:
         raise SimulationError("arguments", "at least one node is needed")
+    shares_verified()  # a bad setting is named here, not in a site's actor
     link = in_memory_link(num_nodes)
     run, state_factory, mapping, grid = link.run, link.state_factory, link.mapping, link.grid
     if on_nodes is not None:

@@ -187,3 +187,13 @@ def test_the_pinned_backend_keeps_two_calls_per_actor_in_flight() -> None:
     assert backend.num_workers == 4
     backend.actors = tuple(f"a{i}" for i in range(40))
     assert backend.num_workers == 40  # never fewer threads than actors
+
+
+def test_the_shared_checks_setting_accepts_0_or_1_and_names_anything_else() -> None:
+    from fedseal.server.simulate import shares_verified
+
+    assert shares_verified({}) is True
+    assert shares_verified({"FEDSEAL_SIM_SHARE_VERIFIED": "1"}) is True
+    assert shares_verified({"FEDSEAL_SIM_SHARE_VERIFIED": "0"}) is False
+    with pytest.raises(SimulationError, match="FEDSEAL_SIM_SHARE_VERIFIED must be 0 or 1, got 'false'"):
+        shares_verified({"FEDSEAL_SIM_SHARE_VERIFIED": "false"})
