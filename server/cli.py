@@ -30,6 +30,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -282,6 +283,7 @@ def run(
         raise _fail(str(exc), EXIT_FAILED) from exc
     console.print(f"run {outcome.status}; final model: {outcome.model}; audit log: {outcome.audit_log}")
     if outcome.status != "finished:completed":
+        console.print(f"[red]the run failed[/red]: {escape(outcome.reason or 'no reason recorded')}")
         raise typer.Exit(EXIT_FAILED)
     if outcome.rounds and not any(r.get("outcome") == "committed" for r in outcome.rounds):
         console.print("[red]no round of this run committed[/red]: see rounds.jsonl and serverapp.log")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedseal.crypto.keys import (
     generate_identity_key,
@@ -259,6 +260,8 @@ def run_demo(
                 p.wait()
     accs = [r.get("accuracy") for r in outcome.rounds if r.get("outcome") == "committed"]
     console.print(f"run {outcome.status} in {time.monotonic() - t_start:.0f}s")
+    if outcome.reason:
+        console.print(f"[red]the run failed[/red]: {escape(outcome.reason)}")
     console.print(f"accuracy per round: {', '.join(f'{a:.3f}' for a in accs if isinstance(a, float))}")
     console.print(f"final model: {outcome.model}")
     console.print(f"audit log: {outcome.audit_log or 'none (see serverapp.log)'}")

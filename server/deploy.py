@@ -80,6 +80,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -360,13 +361,57 @@ class _ControlApi:
 
 
 class RunOutcome:
+    """How a run ended. ``reason``: why it failed (``None`` when it completed)."""
+
     def __init__(
-        self, status: str, rounds: list[dict[str, object]], model: str | None, audit_log: str | None = None
+        self,
+        status: str,
+        rounds: list[dict[str, object]],
+        model: str | None,
+        audit_log: str | None = None,
+        reason: str | None = None,
     ) -> None:
         self.status = status
         self.rounds = rounds
         self.model = model
         self.audit_log = audit_log
+        self.reason = reason
+
+
+#: How much of the end of superlink.log is searched for the ServerApp's last error.
+LOG_TAIL_BYTES = 64 * 1024
+
+
+def failure_reason(state: Path, status_doc: dict[str, Any]) -> str:
+    """Why a run failed: the ServerApp's own ``reason`` in ``status.json``, else (it died
+    without writing one: killed, out of memory, failed to import) the last error line that
+    Flower's SuperLink logged for it in ``superlink.log`` (the ServerApp's output goes there)."""
+    reason = status_doc.get("reason")
+    if status_doc.get("phase") == "failed" and isinstance(reason, str) and reason:
+        return reason
+    log_path = state / "superlink.log"
+    last = ""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(max(0, log_path.stat().st_size - LOG_TAIL_BYTES))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"the ServerApp ended without recording a reason, and {log_path} is unreadable: {exc}"
+    last_error = ""
+    for line in tail.splitlines():
+        text = _ANSI.sub("", line).strip()
+        if _EXCEPTION_LINE.match(text):  # a traceback's last line: "SomeError: message"
+            last = text
+        elif "ERROR" in text:
+            last_error = text
+    last = last or last_error
+    found = f"; its last error in {log_path}: {last[:MAX_LOG_LINE]}" if last else f"; see {log_path}"
+    return f"the ServerApp ended without recording a reason{found}"
+
+
+_EXCEPTION_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception)(: |$)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+MAX_LOG_LINE = 300
 
 
 @contextlib.contextmanager
@@ -633,4 +678,5 @@ def run_coordinator(
             on_round(rec)
         st_path = state / STATUS_FILE
         st = json.loads(st_path.read_text()) if st_path.exists() else {}
-        return RunOutcome(status, rounds, st.get("model"), st.get("audit_log"))
+        reason = None if status == "finished:completed" else failure_reason(state, st)
+        return RunOutcome(status, rounds, st.get("model"), st.get("audit_log"), reason)

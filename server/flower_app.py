@@ -69,6 +69,8 @@ ROUNDS_FILE = "rounds.jsonl"
 #: The ServerApp process's pid, so a restarted coordinator can end one its predecessor left.
 SERVERAPP_PID_FILE = "serverapp.pid"
 MAX_EXAMPLES = 10**9
+#: ``status.json``'s ``reason`` is one line for a terminal; the traceback is in serverapp.log.
+MAX_REASON_CHARS = 300
 
 app = ServerApp()
 
@@ -266,6 +268,7 @@ class _Run:
         self.roster = Roster.load_or_create(cfg.coordinator.roster)
         self.checkpoints = CheckpointStore(self.state_dir / "checkpoints")
         (self.state_dir / SERVERAPP_PID_FILE).write_text(f"{os.getpid()}\n")
+        self.failure_recorded = False
         self.metrics = Metrics.start(cfg.network.metrics_port, cfg.network.metrics_host)
         self.node_sites = self._load_node_map()
 
@@ -300,9 +303,9 @@ class _Run:
         return doc if isinstance(doc, dict) else {}
 
     def status(self, **fields: Any) -> None:
-        tmp = self.state_dir / f".{STATUS_FILE}.tmp"
-        tmp.write_text(json.dumps({"secure": self.cfg.run.secure, "time": time.time(), **fields}))
-        os.replace(tmp, self.state_dir / STATUS_FILE)
+        _write_status(self.state_dir, secure=self.cfg.run.secure, **fields)
+        if fields.get("phase") == "failed":
+            self.failure_recorded = True
 
     def enrolled_online(self) -> list[int]:
         active = {s.name for s in self.roster.active()}
@@ -503,7 +506,7 @@ class _SecureCoordinator:
         try:
             fn(*args, **kwargs)
         except (AuditError, ValueError, OSError, sqlite3.Error) as exc:
-            reason = f"the audit log refused {what}: {type(exc).__name__}: {exc}"[:300]
+            reason = f"the audit log refused {what}: {type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
             log.error("%s; stopping the run (nothing further is acknowledged or published)", reason)
             self.run.status(phase="failed", reason=reason)
             raise AuditHaltError(reason) from exc
@@ -619,7 +622,7 @@ class _SecureCoordinator:
         except ProtocolError as exc:
             self._log_envelopes(rnd, server.log, logged, payloads)
             log.warning("round %d failed cleanly: %s", rnd, exc)
-            rec["failure"] = str(exc)[:300]
+            rec["failure"] = str(exc)[:MAX_REASON_CHARS]
             return None
         rec["accepted"] = len(result.survivors)
         rec["sites"] = sorted(result.survivors)
@@ -731,15 +734,37 @@ def _append_round(path: Path, rec: dict[str, Any]) -> None:
         f.write(json.dumps(rec, sort_keys=True) + "\n")
 
 
+def _write_status(state_dir: Path, *, secure: bool, **fields: Any) -> None:
+    """Replace ``status.json`` atomically (the coordinator's CLI polls it)."""
+    tmp = state_dir / f".{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps({"secure": secure, "time": time.time(), **fields}))
+    os.replace(tmp, state_dir / STATUS_FILE)
+
+
 def run_federation(grid: Grid, cfg: ServerConfig, *, resume: bool) -> None:
-    """Run (or resume) the configured number of rounds. See the module docstring."""
-    run = _Run(grid, cfg)
-    handler = logging.FileHandler(run.state_dir / "serverapp.log")
+    """Run (or resume) the configured number of rounds. See the module docstring.
+
+    Whatever ends the run early, from the start-up of the run's state (roster, checkpoints,
+    the metrics port) to the last round, is written to ``serverapp.log`` with its traceback and
+    to ``status.json`` as ``phase = "failed"`` with a one-line ``reason`` (unless a more specific
+    reason was already recorded), so ``fl-server run`` can say why; then it is raised again.
+    """
+    state_dir = cfg.coordinator.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(state_dir / "serverapp.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    run: _Run | None = None
     try:
+        run = _Run(grid, cfg)
         _run_federation(run, grid, cfg, resume=resume)
+    except Exception as exc:
+        if run is None or not run.failure_recorded:
+            reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
+            log.exception("run failed: %s", reason)
+            _write_status(state_dir, secure=cfg.run.secure, phase="failed", reason=reason)
+        raise
     finally:  # runs repeated in one process (simulation, benchmarks) keep their logs apart
         log.removeHandler(handler)
         handler.close()
@@ -785,7 +810,7 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
         try:
             secure.audit = RunAudit.open(audit_path, secure.key, run.roster)
         except Exception as exc:  # a secure run without its audit log does not start
-            reason = f"audit log {audit_path} unavailable: {type(exc).__name__}: {exc}"[:300]
+            reason = f"audit log {audit_path} unavailable: {type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
             log.error("%s", reason)
             run.status(phase="failed", reason=reason)
             raise AuditHaltError(reason) from exc
