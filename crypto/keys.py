@@ -20,6 +20,8 @@ import hashlib
 import os
 import stat
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import NewType
 
@@ -87,22 +89,42 @@ def _checked_public(key: object, source: str) -> ec.EllipticCurvePublicKey:
     return key
 
 
+#: Keys decoded by :func:`public_key_from_der`, by their DER, least recently used dropped first:
+#: a site decodes the same cohort identity keys every round.
+DECODED_KEYS_CACHED = 4096
+_decoded: OrderedDict[bytes, ec.EllipticCurvePublicKey] = OrderedDict()
+_decoded_lock = threading.Lock()
+
+
 def public_key_from_der(data: bytes) -> ec.EllipticCurvePublicKey:
     """Decode a DER SubjectPublicKeyInfo holding a P-256 public key.
+
+    A key decoded before is returned from a bounded cache (the same DER always decodes to the
+    same immutable key; encodings that were refused are never cached, so they are refused again).
 
     Raises:
         KeyFormatError: If the encoding is malformed, trailing bytes follow it, the point is not
             on the curve, or the key is not a P-256 key.
     """
+    der = bytes(data)
+    with _decoded_lock:
+        cached = _decoded.get(der)
+        if cached is not None:
+            _decoded.move_to_end(der)
+            return cached
     try:
-        key = serialization.load_der_public_key(bytes(data))
+        key = serialization.load_der_public_key(der)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise KeyFormatError("malformed DER public key") from exc
     checked = _checked_public(key, "DER key")
-    if public_key_to_der(checked) != bytes(data):
+    if public_key_to_der(checked) != der:
         # Only the canonical encoding (uncompressed point, named curve) is accepted, so a key id
         # has exactly one preimage.
         raise KeyFormatError("public key is not in canonical DER form")
+    with _decoded_lock:
+        _decoded[der] = checked
+        while len(_decoded) > DECODED_KEYS_CACHED:
+            _decoded.popitem(last=False)
     return checked
 
 

@@ -141,10 +141,25 @@ class _VerifiedMemo:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._entries: OrderedDict[bytes, None] = OrderedDict()
+        # Encoded points of recently used key objects, by id(); the key is held so that its id
+        # is not reused while the entry lives.
+        self._points: OrderedDict[int, tuple[ec.EllipticCurvePublicKey, bytes]] = OrderedDict()
 
-    @staticmethod
-    def key(public_key: ec.EllipticCurvePublicKey, signed: bytes, signature: bytes) -> bytes:
+    def _point(self, public_key: ec.EllipticCurvePublicKey) -> bytes:
+        with self._lock:
+            entry = self._points.get(id(public_key))
+            if entry is not None and entry[0] is public_key:
+                self._points.move_to_end(id(public_key))
+                return entry[1]
         point = public_key.public_bytes(_X962, _UNCOMPRESSED)
+        with self._lock:
+            self._points[id(public_key)] = (public_key, point)
+            while len(self._points) > _POINTS_CACHED:
+                self._points.popitem(last=False)
+        return point
+
+    def key(self, public_key: ec.EllipticCurvePublicKey, signed: bytes, signature: bytes) -> bytes:
+        point = self._point(public_key)
         h = hashlib.sha256()
         for part in (point, signed, bytes(signature)):
             h.update(struct.pack(">Q", len(part)))
@@ -171,6 +186,7 @@ class _VerifiedMemo:
 
 
 _memo: _VerifiedMemo | None = None
+_POINTS_CACHED = 4096
 _X962 = serialization.Encoding.X962
 _UNCOMPRESSED = serialization.PublicFormat.UncompressedPoint
 

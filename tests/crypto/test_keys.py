@@ -72,6 +72,32 @@ def test_der_decoding_refuses_garbage_other_curves_and_non_canonical_points() ->
         public_key_from_der(prefix + point)
 
 
+def test_a_key_decoded_again_comes_from_the_cache_and_refusals_are_not_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedseal.crypto import keys
+
+    monkeypatch.setattr(keys, "DECODED_KEYS_CACHED", 3)
+    monkeypatch.setattr(keys, "_decoded", type(keys._decoded)())
+    der = public_key_to_der(SK.public_key())
+    first = public_key_from_der(der)
+    assert public_key_from_der(bytearray(der)) is first  # same DER, same immutable key object
+    assert public_key_to_der(first) == der
+    prefix = bytes.fromhex("3039301306072a8648ce3d020106082a8648ce3d030107032200")
+    compressed = prefix + SK.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+    )
+    for _ in range(2):  # refused every time: a refusal is never remembered
+        with pytest.raises(KeyFormatError):
+            public_key_from_der(compressed)
+    others = [public_key_to_der(generate_identity_key().public_key()) for _ in range(3)]
+    decoded = [public_key_from_der(d) for d in others]
+    assert len(keys._decoded) == 3 and der not in keys._decoded  # bounded, oldest dropped
+    again = public_key_from_der(der)
+    assert again is not first and public_key_to_der(again) == der
+    assert [public_key_to_der(k) for k in decoded] == others
+
+
 def test_a_private_key_file_is_written_with_mode_0600_and_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "site.key"
     save_private_key(SK, path)

@@ -138,3 +138,18 @@ def test_turning_it_on_again_keeps_what_it_remembers(checks: list[bytes]) -> Non
     signing.share_verified(capacity=4)  # a second virtual site built in the same process
     verify(PK, "t", b"p", sig)
     assert checks == [sig]
+
+
+def test_the_memo_tells_key_objects_apart_by_their_point(checks: list[bytes]) -> None:
+    """The memo keeps each key object's encoded point; another key must never hit it."""
+    from fedseal.crypto import public_key_from_der, public_key_to_der
+
+    sig = sign(SK, "t", b"p")
+    verify(PK, "t", b"p", sig)
+    other = generate_identity_key().public_key()
+    for _ in range(2):
+        with pytest.raises(SignatureError):
+            verify(other, "t", b"p", sig)
+    fresh = public_key_from_der(bytes(public_key_to_der(PK)))  # another object, the same key
+    verify(fresh, "t", b"p", sig)
+    assert len(checks) == 3  # the first check, the two refusals; the same key's again is remembered
