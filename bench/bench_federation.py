@@ -227,6 +227,35 @@ def _uploads(traffic: Path, sites: int, rounds: int) -> tuple[float, float, floa
     return out[0], out[1], out[2]
 
 
+SECURE_STAGES = ("advertise", "share", "masked-input", "consistency", "unmask")
+"""A secure round's exchanges in order (``<stage>_s`` in rounds.jsonl); plain rounds have one, ``train``."""
+
+
+def _stage_breakdown(traffic: Path, done: list[dict[str, Any]], stages: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per exchange of a round, median of rounds 2..R: its wall seconds as the coordinator saw
+    them (``<stage>_s``: first message out to last reply in and checked) and the sites' ClientApp
+    wall and CPU seconds on its messages, summed over sites. Empty when a round had dropouts or
+    a second setup attempt (a site's n-th training message is then not the n-th stage)."""
+    by_site: dict[int, list[dict[str, Any]]] = {}
+    for line in traffic.read_text().splitlines():
+        rec = json.loads(line)
+        if str(rec["type"]).startswith("train"):
+            by_site.setdefault(int(rec["site"]), []).append(rec)
+    rounds, k = len(done), len(stages)
+    if not by_site or any(len(v) != rounds * k for v in by_site.values()):
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for i, stage in enumerate(stages):
+        per_round: dict[str, list[float]] = {"stage_s": [], "site_s": [], "site_cpu_s": []}
+        for rnd in range(rounds):
+            recs = [v[rnd * k + i] for v in by_site.values()]
+            per_round["stage_s"].append(float(done[rnd].get(f"{stage}_s", float("nan"))))
+            per_round["site_s"].append(sum(float(r["seconds"]) for r in recs))
+            per_round["site_cpu_s"].append(sum(float(r["cpu_seconds"]) for r in recs))
+        out[stage] = {key: _median_after_first(vals) for key, vals in per_round.items()}
+    return out
+
+
 def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path, actors: int = 1) -> dict[str, Any]:
     """One arm on the engine; returns round time, uploads per site and peak RSS growth."""
     state = fed.server_toml.parent / "state"
@@ -246,6 +275,7 @@ def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path, 
             raise RuntimeError(f"{arm}: only {len(done)} of {rounds} rounds committed: {outcome.rounds}")
         round_s = _median_after_first([float(r["seconds"]) - float(r.get("evaluate_s", 0.0)) for r in done])
         accuracy: float | None = float(done[-1].get("accuracy", float("nan")))
+        stages = _stage_breakdown(traffic, done, SECURE_STAGES if arm == "fedseal" else ("train",))
     else:
         times: list[float] = []
         kind = "secagg" if arm == "flower-secagg" else "fedavg"
@@ -258,6 +288,7 @@ def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path, 
         if len(times) != rounds:
             raise RuntimeError(f"{arm}: {len(times)} of {rounds} rounds finished")
         round_s, accuracy = _median_after_first(times), None
+        stages = {}
     wall = time.monotonic() - t0
     peak = _rss_kib("VmHWM")
     upload, site_s, site_cpu_s = _uploads(traffic, n, rounds)
@@ -266,6 +297,7 @@ def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path, 
         "site_cpu_s": site_cpu_s, "wall_s": wall,
         "upload_bytes": upload, "peak_mib": peak / 1024,
         "growth_mib": (peak - before) / 1024 if reset else float("nan"), "accuracy": accuracy,
+        "stages": stages,
     }
 
 
@@ -311,6 +343,24 @@ def _fmt_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _fmt_stages(results: list[dict[str, Any]]) -> str:
+    """Where the fedseal and plain rounds' seconds go, exchange by exchange."""
+    lines = [
+        "| N sites | M params | arm | exchange | stage s | sites' ClientApp s | sites' ClientApp CPU s | "
+        "stage s - sites' ClientApp s / actors |",
+        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        actors = max(1, int(r.get("actors", 1)))
+        for stage, v in (r.get("stages") or {}).items():
+            rest = v["stage_s"] - v["site_s"] / actors
+            lines.append(
+                f"| {r['sites']} | {r['params']:,} | {r['arm']} | {stage} | {v['stage_s']:.2f} | "
+                f"{v['site_s']:.2f} | {v['site_cpu_s']:.2f} | {rest:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def table_from_log(path: Path) -> str:
     """Rebuild the table from the JSON result lines a run printed (``  {...}``)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("  {")]
@@ -343,6 +393,8 @@ def scale(args: argparse.Namespace) -> None:
                 print(f"  {json.dumps(res)}", flush=True)
     print()
     print(_fmt_table(results))
+    print()
+    print(_fmt_stages(results))
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
