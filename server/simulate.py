@@ -264,8 +264,9 @@ class SimulatedSites(ClientApp):
     ``factory`` (``"module:callable"``, called as ``factory(site_dir)``) another ClientApp is
     built instead (the benchmark's Flower SecAgg+ baseline). ``extra_models`` are added to the
     models the sites allow (the benchmark's models of a given size). With ``traffic_log``, one
-    JSON line per reply (partition, message type, :func:`message_bytes`, wall seconds and CPU
-    seconds of the calling thread the site's ClientApp took, the process that ran it) is
+    JSON line per reply (partition, message type, the Unix time the site's ClientApp started on
+    it, :func:`message_bytes`, wall seconds and CPU seconds of the calling thread the ClientApp
+    took, the process that ran it) is
     appended there. CPU seconds do not count time the thread waited for a busy core, so they
     compare site work across runs on a shared machine.
     """
@@ -313,7 +314,7 @@ class SimulatedSites(ClientApp):
 
     def __call__(self, message: Message, context: Context) -> Message:
         partition = int(str(context.node_config["partition-id"]))
-        t0, cpu0 = time.perf_counter(), time.thread_time()
+        t0, cpu0, t_start = time.perf_counter(), time.thread_time(), time.time()
         profile_dir = os.environ.get(PROFILE_ENV)
         if profile_dir:
             reply = self._profiled(Path(profile_dir), partition, message, context)
@@ -322,7 +323,7 @@ class SimulatedSites(ClientApp):
         if self.traffic_log is not None:
             line = json.dumps(
                 {
-                    "site": partition, "type": message.metadata.message_type,
+                    "site": partition, "type": message.metadata.message_type, "start": round(t_start, 6),
                     "bytes": message_bytes(reply), "seconds": round(time.perf_counter() - t0, 6),
                     "cpu_seconds": round(time.thread_time() - cpu0, 6), "pid": os.getpid(),
                 }

@@ -102,6 +102,7 @@ def test_a_small_secure_simulation_commits_every_round_learns_and_leaves_a_verif
     # Every site answered every stage; the masked inputs carry the model-sized vector.
     lines = [json.loads(line) for line in traffic.read_text().splitlines()]
     assert {line["site"] for line in lines} == {0, 1, 2, 3}
+    assert all(line["start"] > 1.7e9 and line["seconds"] > 0 for line in lines)  # Unix start times
     nodes = json.loads((fed.server_toml.parent / "state" / "nodes.json").read_text())
     assert sorted(nodes.values()) == ["site-0", "site-1", "site-2", "site-3"]
 
