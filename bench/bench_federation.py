@@ -22,13 +22,17 @@ fedseal's pinned one site per actor for the whole run, Flower's arms in any idle
   reconstruction_threshold=2)`` and ``secaggplus_mod`` on the client.
 
 Measured per arm: round time (median of rounds 2..R; fedseal's federated evaluation excluded, Flower's
-arms evaluate nothing), bytes each site uploads per round (array buffers + bytes/strings of its
+arms evaluate nothing), for fedseal's two arms also round + evaluation time (with
+``run.setup_with_evaluation``, the default, a secure round's setup rides on the previous round's
+evaluation messages, so only this column compares the secure and plain arms' whole work), bytes each site uploads per round (array buffers + bytes/strings of its
 replies to training messages, :func:`fedseal.server.simulate.message_bytes`, the same count for
 every arm), and the coordinator's peak memory: the peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs`` before each arm) of this process, which runs the ServerApp and Flower's
 in-memory link state (all messages in flight) but not the sites (they run in the Ray actor),
 minus its RSS just before the arm. The sites' ClientApp time per round is given as wall seconds
-and as CPU seconds of the thread running the ClientApp (``time.thread_time``): on a shared
+and as CPU seconds of the thread running the ClientApp (``time.thread_time``); for fedseal's arms
+they include the evaluation messages (which carry the next round's setup with
+``run.setup_with_evaluation``), for Flower's arms only the training messages; on a shared
 machine the wall seconds include waiting for a core, the CPU seconds do not, so the CPU column
 is the one to compare the sites' work across arms and runs.
 
@@ -63,7 +67,9 @@ from fedseal.server.simulate import (
     run_fedseal_simulation,
 )
 
-ARMS = ("plain", "fedseal", "flower-fedavg", "flower-secagg")
+ARMS = ("plain", "fedseal", "flower-fedavg", "flower-secagg", "fedseal-setup-exchange")
+FEDSEAL_ARMS = ("plain", "fedseal", "fedseal-setup-exchange")
+DEFAULT_ARMS = ARMS[:4]
 BASELINE = "plain"
 NUM_FEATURES = 784
 NUM_CLASSES = 10
@@ -234,26 +240,40 @@ SECURE_STAGES = ("advertise", "share", "masked-input", "consistency", "unmask")
 def _stage_breakdown(traffic: Path, done: list[dict[str, Any]], stages: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Per exchange of a round, median of rounds 2..R: its wall seconds as the coordinator saw
     them (``<stage>_s``: first message out to last reply in and checked) and the sites' ClientApp
-    wall and CPU seconds on its messages, summed over sites. Empty when a round had dropouts or
-    a second setup attempt (a site's n-th training message is then not the n-th stage)."""
+    wall and CPU seconds on its messages, summed over sites. A round whose setup rode on the
+    previous evaluation (``setup_with_evaluation``) has no setup exchange: its ``advertise``
+    row counts only the coordinator taking the adverts, and the sites' setup work is in the
+    previous round's evaluation. Empty when a round had dropouts or a second setup attempt (a
+    site's n-th training message is then not the n-th stage)."""
     by_site: dict[int, list[dict[str, Any]]] = {}
+    evals: dict[int, list[dict[str, Any]]] = {}
     for line in traffic.read_text().splitlines():
         rec = json.loads(line)
         if str(rec["type"]).startswith("train"):
             by_site.setdefault(int(rec["site"]), []).append(rec)
-    rounds, k = len(done), len(stages)
-    if not by_site or any(len(v) != rounds * k for v in by_site.values()):
+        elif rec["type"] == "evaluate":
+            evals.setdefault(int(rec["site"]), []).append(rec)
+    per_round = [stages[1:] if r.get("setup_with_evaluation") else stages for r in done]
+    if not by_site or any(len(v) != sum(len(p) for p in per_round) for v in by_site.values()):
         return {}
-    out: dict[str, dict[str, float]] = {}
-    for i, stage in enumerate(stages):
-        per_round: dict[str, list[float]] = {"stage_s": [], "site_s": [], "site_cpu_s": []}
-        for rnd in range(rounds):
-            recs = [v[rnd * k + i] for v in by_site.values()]
-            per_round["stage_s"].append(float(done[rnd].get(f"{stage}_s", float("nan"))))
-            per_round["site_s"].append(sum(float(r["seconds"]) for r in recs))
-            per_round["site_cpu_s"].append(sum(float(r["cpu_seconds"]) for r in recs))
-        out[stage] = {key: _median_after_first(vals) for key, vals in per_round.items()}
-    return out
+    series: dict[str, dict[str, list[float]]] = {
+        stage: {"stage_s": [], "site_s": [], "site_cpu_s": []} for stage in stages
+    }
+    offset = 0
+    for rnd, names in enumerate(per_round):
+        for stage in stages:
+            recs = [v[offset + names.index(stage)] for v in by_site.values()] if stage in names else []
+            series[stage]["stage_s"].append(float(done[rnd].get(f"{stage}_s", float("nan"))))
+            series[stage]["site_s"].append(sum(float(r["seconds"]) for r in recs))
+            series[stage]["site_cpu_s"].append(sum(float(r["cpu_seconds"]) for r in recs))
+        offset += len(names)
+    if evals and all(len(v) == len(done) for v in evals.values()):  # the evaluation exchange
+        series["evaluate"] = {
+            "stage_s": [float(r.get("evaluate_s", float("nan"))) for r in done],
+            "site_s": [sum(float(v[i]["seconds"]) for v in evals.values()) for i in range(len(done))],
+            "site_cpu_s": [sum(float(v[i]["cpu_seconds"]) for v in evals.values()) for i in range(len(done))],
+        }
+    return {stage: {k: _median_after_first(v) for k, v in vals.items()} for stage, vals in series.items()}
 
 
 def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path, actors: int = 1) -> dict[str, Any]:
@@ -264,18 +284,21 @@ def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path, 
     traffic.unlink(missing_ok=True)
     traffic.touch()
     n = len(fed.sites)
-    _set_secure(fed, arm == "fedseal", params, rounds)
+    _set_secure(fed, arm != "plain", params, rounds, setup_with_evaluation=arm != "fedseal-setup-exchange")
     reset = _reset_peak()
     before = _rss_kib("VmRSS")
     t0 = time.monotonic()
-    if arm in ("plain", "fedseal"):
+    if arm in FEDSEAL_ARMS:
         outcome = run_fedseal_simulation(fed, extra_models=(model_name(params),), traffic_log=traffic, actors=actors)
         done = [r for r in outcome.rounds if r.get("outcome") == "committed"]
         if len(done) != rounds:
             raise RuntimeError(f"{arm}: only {len(done)} of {rounds} rounds committed: {outcome.rounds}")
         round_s = _median_after_first([float(r["seconds"]) - float(r.get("evaluate_s", 0.0)) for r in done])
+        # With run.setup_with_evaluation (default) a secure round's setup exchange rides on the
+        # previous round's evaluation, so the fair comparison of fedseal with plain includes it.
+        round_eval_s: float | None = _median_after_first([float(r["seconds"]) for r in done])
         accuracy: float | None = float(done[-1].get("accuracy", float("nan")))
-        stages = _stage_breakdown(traffic, done, SECURE_STAGES if arm == "fedseal" else ("train",))
+        stages = _stage_breakdown(traffic, done, SECURE_STAGES if arm != "plain" else ("train",))
     else:
         times: list[float] = []
         kind = "secagg" if arm == "flower-secagg" else "fedavg"
@@ -288,12 +311,17 @@ def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path, 
         if len(times) != rounds:
             raise RuntimeError(f"{arm}: {len(times)} of {rounds} rounds finished")
         round_s, accuracy = _median_after_first(times), None
+        round_eval_s = None  # Flower's arms evaluate nothing
         stages = {}
     wall = time.monotonic() - t0
     peak = _rss_kib("VmHWM")
     upload, site_s, site_cpu_s = _uploads(traffic, n, rounds)
+    if stages:  # fedseal's arms: training and evaluation messages, exchange by exchange
+        site_s = sum(v["site_s"] for v in stages.values())
+        site_cpu_s = sum(v["site_cpu_s"] for v in stages.values())
     return {
-        "arm": arm, "sites": n, "params": params, "actors": actors, "round_s": round_s, "site_s": site_s,
+        "arm": arm, "sites": n, "params": params, "actors": actors, "round_s": round_s,
+        "round_eval_s": round_eval_s, "site_s": site_s,
         "site_cpu_s": site_cpu_s, "wall_s": wall,
         "upload_bytes": upload, "peak_mib": peak / 1024,
         "growth_mib": (peak - before) / 1024 if reset else float("nan"), "accuracy": accuracy,
@@ -301,7 +329,7 @@ def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path, 
     }
 
 
-def _set_secure(fed: Federation, secure: bool, params: int, rounds: int) -> None:
+def _set_secure(fed: Federation, secure: bool, params: int, rounds: int, *, setup_with_evaluation: bool = True) -> None:
     from fedseal.server.cli import write_server_toml
     from fedseal.server.config import load_server_config
 
@@ -314,16 +342,18 @@ def _set_secure(fed: Federation, secure: bool, params: int, rounds: int) -> None
             "max_weight": MAX_WEIGHT,
             "epochs": EPOCHS, "batch_size": BATCH, "learning_rate": LR, "clip_norm": CLIP,
             "stage_timeout_s": 600.0, "sites_wait_timeout_s": 120.0,
+            "setup_with_evaluation": setup_with_evaluation,
         },
     )
 
 
 def _fmt_table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| N sites | M params | arm | round s | vs plain | vs Flower FedAvg | sites' ClientApp s / round | "
+        "| N sites | M params | arm | round s | vs plain | vs Flower FedAvg | round + evaluation s | vs plain | "
+        "sites' ClientApp s / round | "
         "sites' ClientApp CPU s / round | vs plain | upload / site | vs plain | coordinator peak RSS MiB | "
         "growth MiB | wall s |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = {(r["sites"], r["params"]): r for r in results if r["arm"] == BASELINE}
     flwr = {(r["sites"], r["params"]): r for r in results if r["arm"] == "flower-fedavg"}
@@ -335,8 +365,12 @@ def _fmt_table(results: list[dict[str, Any]]) -> str:
         up = f"{r['upload_bytes'] / b['upload_bytes']:.3f}x" if b else "-"
         cpu = r.get("site_cpu_s", float("nan"))
         rc = f"{cpu / b['site_cpu_s']:.2f}x" if b and b.get("site_cpu_s") else "-"
+        re_s = r.get("round_eval_s")
+        re_txt = f"{re_s:.2f}" if re_s is not None else "-"
+        re_x = f"{re_s / b['round_eval_s']:.2f}x" if re_s is not None and b and b.get("round_eval_s") else "-"
         lines.append(
-            f"| {r['sites']} | {r['params']:,} | {r['arm']} | {r['round_s']:.2f} | {rt} | {rf} | {r['site_s']:.2f} | "
+            f"| {r['sites']} | {r['params']:,} | {r['arm']} | {r['round_s']:.2f} | {rt} | {rf} | {re_txt} | {re_x} | "
+            f"{r['site_s']:.2f} | "
             f"{cpu:.2f} | {rc} | {r['upload_bytes'] / 1e6:.3f} MB | {up} | {r['peak_mib']:.0f} | {r['growth_mib']:.0f} | "
             f"{r['wall_s']:.0f} |"
         )
@@ -486,7 +520,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--sites", default="10,100")
     p.add_argument("--params", default="100000,1000000")
     p.add_argument("--rounds", type=int, default=None, help="default: 3 (scale; median of rounds 2..R), 10 (quality)")
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument(
+        "--arms", default=",".join(DEFAULT_ARMS),
+        help=f"of {', '.join(ARMS)} (fedseal-setup-exchange: secure rounds with run.setup_with_evaluation = false)",
+    )
     p.add_argument(
         "--actors", type=int, default=1,
         help="Ray actors (processes) running the sites; fedseal pins each site to one, Flower's arms use any",

@@ -131,6 +131,23 @@ class SiteRuntime:
         return self._models[key]
 
 
+SETUP_RECORD = "secagg"
+"""Record holding a protocol message (``payload``): every ``train.secagg`` message, and an
+``evaluate`` message that also carries the next round's setup."""
+SETUP_CONFIG_RECORD = "train-config"
+"""In an ``evaluate`` message carrying the next round's setup: that round's training config."""
+SETUP_ERROR_RECORD = "secagg-error"
+"""In an ``evaluate`` reply: why the site refused the setup it carried (``reason``)."""
+
+
+def _secagg_payload(msg: Message) -> bytes:
+    sec = msg.content.get(SETUP_RECORD)
+    payload = sec.get("payload") if isinstance(sec, ConfigRecord) else None
+    if not isinstance(payload, bytes):
+        raise ValueError("secagg message without payload")
+    return payload
+
+
 def _cfg(msg: Message) -> ConfigRecord:
     rec = msg.content.get("config")
     if not isinstance(rec, ConfigRecord):
@@ -316,52 +333,50 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         )
         return Message(content, reply_to=msg)
 
-    @app.train("secagg")
-    def secagg_handler(msg: Message, context: Context) -> Message:
-        """One stage of a secure round: the protocol's client session answers it."""
-        from fedseal.protocol import ClientSession, ClientStage, LocalUpdate, RoundInfo
+    def start_session(msg: Message, rec: ConfigRecord) -> None:
+        """A round setup: a fresh client session that trains from the model in ``msg``."""
+        from fedseal.protocol import ClientSession, LocalUpdate, RoundInfo
 
         if runtime.identity_key is None or runtime.coordinator_key is None:
             raise ValueError("this site has no identity key / pinned coordinator key")
-        sec = msg.content.get("secagg")
-        payload = sec.get("payload") if isinstance(sec, ConfigRecord) else None
-        if not isinstance(payload, bytes):
-            raise ValueError("secagg message without payload")
-        if "arrays" in msg.content:  # round setup: a fresh session trains from this model
-            rec = _cfg(msg)
-            model = _load_global(runtime, msg, rec)
-            global_flat = model_flat(model)
-            req = runtime.limits.clamp(
-                _train_request(rec)
-            )
-            round_ = _get(rec, "round", int, 0, 10**9)
-            runtime._session = None  # a refused setup leaves no session of an earlier round
-            if runtime.receipts is not None:
-                runtime.receipts.before_round()  # raises (an error reply) once blocked
-            runtime._round = (_run_id(rec), round_)
+        model = _load_global(runtime, msg, rec)
+        global_flat = model_flat(model)
+        req = runtime.limits.clamp(
+            _train_request(rec)
+        )
+        round_ = _get(rec, "round", int, 0, 10**9)
+        runtime._session = None  # a refused setup leaves no session of an earlier round
+        if runtime.receipts is not None:
+            runtime.receipts.before_round()  # raises (an error reply) once blocked
+        runtime._round = (_run_id(rec), round_)
 
-            def update_fn(info: RoundInfo) -> LocalUpdate:
-                if info.model_digest != float32_digest(global_flat):
-                    raise ValueError("the round setup names another global model than the one received")
-                result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=round_)
-                delta = model_delta(model, global_flat)
-                log.info("round %d: trained on %d examples, loss %.4f (secure)", round_, result.num_examples, result.mean_loss)
-                return LocalUpdate(
-                    vector=delta,
-                    example_count=result.num_examples,
-                    dataset_root=bytes.fromhex(runtime.data.root_hex),
-                )
-
-            guard = runtime.guard()
-            runtime._session = ClientSession(
-                runtime.name,
-                runtime.identity_key,
-                runtime.coordinator_key,
-                update_fn=update_fn,
-                rng=np.random.default_rng(secrets.randbits(128)),
-                policy=guard.policy,
-                guard=guard,
+        def update_fn(info: RoundInfo) -> LocalUpdate:
+            if info.model_digest != float32_digest(global_flat):
+                raise ValueError("the round setup names another global model than the one received")
+            result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=round_)
+            delta = model_delta(model, global_flat)
+            log.info("round %d: trained on %d examples, loss %.4f (secure)", round_, result.num_examples, result.mean_loss)
+            return LocalUpdate(
+                vector=delta,
+                example_count=result.num_examples,
+                dataset_root=bytes.fromhex(runtime.data.root_hex),
             )
+
+        guard = runtime.guard()
+        runtime._session = ClientSession(
+            runtime.name,
+            runtime.identity_key,
+            runtime.coordinator_key,
+            update_fn=update_fn,
+            rng=np.random.default_rng(secrets.randbits(128)),
+            policy=guard.policy,
+            guard=guard,
+        )
+
+    def answer(payload: bytes) -> RecordDict:
+        """The client session's answer to one stage's message, as reply content."""
+        from fedseal.protocol import ClientStage
+
         if runtime._session is None:
             raise ValueError("secagg stage without a round setup")
         try:
@@ -382,7 +397,15 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         content = RecordDict({"secagg": ConfigRecord({"payload": reply.payload if reply else b""})})
         if reply is not None and reply.bulk is not None:
             content["bulk"] = ArrayRecord({"masked": numpy_to_array(reply.bulk)})
-        return Message(content, reply_to=msg)
+        return content
+
+    @app.train("secagg")
+    def secagg_handler(msg: Message, context: Context) -> Message:
+        """One stage of a secure round: the protocol's client session answers it."""
+        payload = _secagg_payload(msg)
+        if "arrays" in msg.content:  # round setup: a fresh session trains from this model
+            start_session(msg, _cfg(msg))
+        return Message(answer(payload), reply_to=msg)
 
     @app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
@@ -400,6 +423,21 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
                 "macro-f1": res.macro_f1,
             }
         )
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        content = RecordDict({"metrics": metrics})
+        if SETUP_RECORD in msg.content:
+            # The next round's setup rides on this evaluation: the model just evaluated is the
+            # one it trains from. A refused setup still returns the metrics, with the reason.
+            try:
+                payload = _secagg_payload(msg)
+                train_rec = msg.content.get(SETUP_CONFIG_RECORD)
+                if not isinstance(train_rec, ConfigRecord):
+                    raise ValueError("round setup without its training config")
+                start_session(msg, train_rec)
+                content[SETUP_RECORD] = answer(payload)[SETUP_RECORD]
+            except Exception as exc:  # reported to the coordinator: the site sits the round out
+                reason = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("round setup carried with the evaluation refused: %s", reason)
+                content[SETUP_ERROR_RECORD] = ConfigRecord({"reason": reason})
+        return Message(content, reply_to=msg)
 
     return app

@@ -20,7 +20,9 @@ explicit. Layout (all keys optional except where noted)::
                     learning_rate, clip_norm, stage_timeout_s, sites_wait_timeout_s,
                     secure = true (SecAgg+ rounds; false = plain, updates in the clear),
                     update_clip, quant_levels, max_weight (quantization of the updates),
-                    threshold = 0 (Shamir threshold per neighbourhood; 0 = protocol default)
+                    threshold = 0 (Shamir threshold per neighbourhood; 0 = protocol default),
+                    setup_with_evaluation = true (the next round's setup rides on this
+                    round's evaluation messages: one exchange less per secure round)
     [run.strategy_options]   keyword arguments for the Flower strategy (floats)
     [limits]        max_message_bytes, max_sites, max_rounds
 """
@@ -110,6 +112,9 @@ class RunSection:
     quant_levels: int = 4096
     max_weight: int = 100_000
     threshold: int = 0  # Shamir threshold per neighbourhood; 0 = the protocol's default
+    # Secure rounds: the next round's setup goes out with this round's evaluation messages
+    # (one exchange less per round); false = every round starts with its own setup exchange.
+    setup_with_evaluation: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +278,7 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
         quant_levels=_typed(r, "run", "quant_levels", int, dr.quant_levels),
         max_weight=_typed(r, "run", "max_weight", int, dr.max_weight),
         threshold=_typed(r, "run", "threshold", int, dr.threshold),
+        setup_with_evaluation=_typed(r, "run", "setup_with_evaluation", bool, dr.setup_with_evaluation),
     )
     _ranged("run.rounds", run.rounds, 1, limits.max_rounds)
     _ranged("run.min_sites", run.min_sites, 1, limits.max_sites)

@@ -14,6 +14,17 @@ weighted mean of the sites' deltas is handed to the Flower strategy as one synth
 A failed round (``ProtocolError``: too few survivors, reconstruction failure) leaves the model
 unchanged. Evaluation and checkpointing then proceed as below.
 
+With ``run.setup_with_evaluation`` (the default) the next round's setup rides on this round's
+evaluation messages: the model they carry is the one the next round trains from, so each site
+evaluates, adopts the setup and returns its key advert with its metrics (or, in
+``secagg-error``, why it refused the setup); the next round then starts at the advert bundle,
+one exchange less per round. The setup is built and signed exactly as it would be a moment
+later (cohort fixed before any advert exists), so the protocol is unchanged. It is not sent
+along when the next cohort differs from the evaluated sites (a site joined or left, or the
+strategy evaluates a sample); that round starts with a setup exchange as before. The status
+names the next round from the moment its setup leaves, so a coordinator restarted during the
+evaluation abandons that round rather than set it up twice.
+
 A plain round (``run.secure = false``; updates in the clear inside TLS)::
 
     sample    online nodes that map to active enrolled sites (>= run.min_sites, else the round fails)
@@ -44,7 +55,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +80,12 @@ ROUNDS_FILE = "rounds.jsonl"
 #: The ServerApp process's pid, so a restarted coordinator can end one its predecessor left.
 SERVERAPP_PID_FILE = "serverapp.pid"
 MAX_EXAMPLES = 10**9
+#: Record names of a secure round's messages; the sites' ClientApp (client/flower_app.py)
+#: reads the same: the protocol message, and in an evaluation message that carries the next
+#: round's setup, that round's training config; in its reply, a refused setup's reason.
+SETUP_RECORD = "secagg"
+SETUP_CONFIG_RECORD = "train-config"
+SETUP_ERROR_RECORD = "secagg-error"
 #: ``status.json``'s ``reason`` is one line for a terminal; the traceback is in serverapp.log.
 MAX_REASON_CHARS = 300
 
@@ -476,6 +493,22 @@ def flat_digest(flat: npt.NDArray[np.float32]) -> bytes:
     return hashlib.sha256(np.ascontiguousarray(flat, dtype="<f4").tobytes()).digest()
 
 
+@dataclass
+class SetupAhead:
+    """A secure round's setup built during the previous round's evaluation and sent with it.
+
+    ``adverts``: the key adverts (envelope bytes) that came back with the evaluation replies;
+    ``refused``: sites that answered the evaluation but refused the setup, with their reason.
+    """
+
+    rnd: int
+    nodes: list[int]
+    server: Any
+    outbound: Mapping[str, Any]
+    adverts: dict[str, bytes] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
 class _SecureCoordinator:
     """Drives :class:`fedseal.protocol.SecAggServer` over the Flower grid, stage by stage."""
 
@@ -555,62 +588,106 @@ class _SecureCoordinator:
             return cfg
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def round(
-        self, rnd: int, nodes: list[int], arrays: Mapping[str, npt.NDArray[Any]], train_cfg: ConfigRecord,
-        rec: dict[str, Any],
-    ) -> npt.NDArray[np.float64] | None:
-        """One secure round; returns the weighted mean of the sites' deltas, or None if failed."""
-        from fedseal.protocol import ProtocolError, Rejection, SecAggServer
+    def begin(self, rnd: int, nodes: list[int], arrays: Mapping[str, npt.NDArray[Any]]) -> SetupAhead:
+        """Build round ``rnd``'s setup now, to send with the current round's evaluation.
 
-        run, cfg = self.run, self.run.cfg
-        site_of = {n: run.node_sites[n] for n in nodes}
-        node_of = {s: n for n, s in site_of.items()}
-        flat = flat_model(arrays)
-        server = SecAggServer(
-            self._config(flat.size, len(nodes)), self._roster(), sorted(site_of.values()),
+        Raises:
+            fedseal.protocol.ProtocolError: The round cannot be set up (e.g. its configuration).
+        """
+        server = self._server(rnd, nodes, flat_model(arrays))
+        return SetupAhead(rnd=rnd, nodes=list(nodes), server=server, outbound=server.start())
+
+    def _server(self, rnd: int, nodes: list[int], flat: npt.NDArray[np.float32]) -> Any:
+        from fedseal.protocol import SecAggServer
+
+        sites = sorted(self.run.node_sites[n] for n in nodes)
+        return SecAggServer(
+            self._config(flat.size, len(nodes)), self._roster(), sites,
             identity_key=self.key, run_id=self.run_id, round=rnd, model_digest=flat_digest(flat),
             now=time.time(),
         )
+
+    def round(
+        self, rnd: int, nodes: list[int], arrays: Mapping[str, npt.NDArray[Any]], train_cfg: ConfigRecord,
+        rec: dict[str, Any], ahead: SetupAhead | None = None,
+    ) -> npt.NDArray[np.float64] | None:
+        """One secure round; returns the weighted mean of the sites' deltas, or None if failed.
+
+        With ``ahead`` (built by :meth:`begin` for this round and sent with the previous round's
+        evaluation), the setup stage takes the key adverts that came back with the evaluation
+        replies instead of an exchange of its own.
+        """
+        from fedseal.protocol import ProtocolError, Rejection
+
+        run, cfg = self.run, self.run.cfg
+        if ahead is not None and ahead.rnd != rnd:
+            ahead = None
+        if ahead is not None:
+            nodes = ahead.nodes
+        site_of = {n: run.node_sites[n] for n in nodes}
+        node_of = {s: n for n, s in site_of.items()}
+        server = ahead.server if ahead is not None else self._server(rnd, nodes, flat_model(arrays))
         model_rec = _numpy_to_record(arrays)
         payloads: dict[tuple[str, str], bytes] = {}
         logged = 0
         self.last_aggregate = None
+
+        def take(
+            site: str, stage_name: str, payload: object, bulk: npt.NDArray[Any] | None,
+            why: str = "site error or empty reply",
+        ) -> None:
+            if not isinstance(payload, bytes) or not payload:
+                server.drop(site, why)
+                run.metrics.rejected.labels(reason="site-error").inc()
+                return
+            run.metrics.bytes_received.inc(len(payload) + (bulk.nbytes if bulk is not None else 0))
+            payloads[(site, stage_name)] = payload
+            receipt = server.receive(site, payload, bulk)
+            if isinstance(receipt, Rejection):
+                run.metrics.rejected.labels(reason=type(receipt.error).__name__).inc()
+                rec["rejected"] = rec.get("rejected", 0) + 1
+                log.warning("round %d: rejected %s at %s: %s", rnd, site, stage_name, receipt.reason)
+
         try:
-            outbound = server.start()
+            outbound = ahead.outbound if ahead is not None else server.start()
             stage = 0
             while outbound:
                 stage_name = server.stage.value
                 run.status(phase="training", round=rnd, run_id=self.run_id.hex(), stage=stage_name)
-                msgs = []
-                for site, pkt in outbound.items():
-                    content = RecordDict({"secagg": ConfigRecord({"payload": pkt.payload})})
-                    if stage == 0:  # the setup carries the global model and training config
-                        content["arrays"] = model_rec
-                        content["config"] = train_cfg
-                    msgs.append(Message(content, dst_node_id=node_of[site], message_type="train.secagg"))
-                    run.metrics.bytes_sent.inc(len(pkt.payload))
                 ts = time.monotonic()
-                # Each reply is verified and (a masked input) added to the running sum before
-                # the next is pulled: memory holds one model-sized vector per pulled batch.
-                for reply in exchange_iter(run.grid, msgs, cfg.run.stage_timeout_s):
-                    site = site_of.get(int(reply.metadata.src_node_id))
-                    if site is None:
-                        continue
-                    sec = None if reply.has_error() else reply.content.get("secagg")
-                    payload = sec.get("payload") if isinstance(sec, ConfigRecord) else None
-                    if not isinstance(payload, bytes) or not payload:
-                        server.drop(site, "site error or empty reply")
-                        run.metrics.rejected.labels(reason="site-error").inc()
-                        continue
-                    bulk_rec = reply.content.get("bulk")
-                    bulk = bulk_rec["masked"].numpy() if isinstance(bulk_rec, ArrayRecord) and "masked" in bulk_rec else None
-                    run.metrics.bytes_received.inc(len(payload) + (bulk.nbytes if bulk is not None else 0))
-                    payloads[(site, stage_name)] = payload
-                    receipt = server.receive(site, payload, bulk)
-                    if isinstance(receipt, Rejection):
-                        run.metrics.rejected.labels(reason=type(receipt.error).__name__).inc()
-                        rec["rejected"] = rec.get("rejected", 0) + 1
-                        log.warning("round %d: rejected %s at %s: %s", rnd, site, stage_name, receipt.reason)
+                if stage == 0 and ahead is not None:
+                    # The setup went out with the last evaluation; its adverts came back with it.
+                    rec["setup_with_evaluation"] = True
+                    for site in outbound:
+                        if site in ahead.refused:
+                            why = f"refused the setup: {ahead.refused[site]}"
+                            log.warning("round %d: %s %s", rnd, site, why)
+                            take(site, stage_name, None, None, why)
+                        elif site in ahead.adverts:
+                            take(site, stage_name, ahead.adverts[site], None)
+                else:
+                    msgs = []
+                    for site, pkt in outbound.items():
+                        content = RecordDict({"secagg": ConfigRecord({"payload": pkt.payload})})
+                        if stage == 0:  # the setup carries the global model and training config
+                            content["arrays"] = model_rec
+                            content["config"] = train_cfg
+                        msgs.append(Message(content, dst_node_id=node_of[site], message_type="train.secagg"))
+                        run.metrics.bytes_sent.inc(len(pkt.payload))
+                    # Each reply is verified and (a masked input) added to the running sum before
+                    # the next is pulled: memory holds one model-sized vector per pulled batch.
+                    for reply in exchange_iter(run.grid, msgs, cfg.run.stage_timeout_s):
+                        site = site_of.get(int(reply.metadata.src_node_id))
+                        if site is None:
+                            continue
+                        sec = None if reply.has_error() else reply.content.get("secagg")
+                        payload = sec.get("payload") if isinstance(sec, ConfigRecord) else None
+                        bulk_rec = reply.content.get("bulk") if payload else None
+                        bulk = (
+                            bulk_rec["masked"].numpy()
+                            if isinstance(bulk_rec, ArrayRecord) and "masked" in bulk_rec else None
+                        )
+                        take(site, stage_name, payload, bulk)
                 rec[f"{stage_name}_s"] = time.monotonic() - ts
                 run.metrics.stage_seconds.labels(stage=stage_name).observe(rec[f"{stage_name}_s"])
                 # The stage's envelopes are durably logged before the next stage's messages
@@ -634,6 +711,61 @@ class _SecureCoordinator:
         mean: npt.NDArray[np.float64] = np.asarray(result.weighted_mean, np.float64)
         rec["total_weight"] = int(result.total_weight)
         return mean
+
+
+def _setup_with_evaluation(
+    run: _Run, secure: _SecureCoordinator, emsgs: list[Message], rnd: int,
+    arrays: Mapping[str, npt.NDArray[Any]], train_cfg: ConfigRecord,
+) -> SetupAhead | None:
+    """Put round ``rnd``'s setup into the evaluation messages (which carry the model it trains
+    from; ``emsgs`` is changed in place); returns it, or None when the next cohort is not exactly the evaluated sites (a site
+    joined, or the strategy evaluates a sample) or the setup cannot be built: that round then
+    starts with a setup exchange of its own.
+
+    From here on the status names round ``rnd``, so a coordinator restarted before it ends
+    abandons it (its sites have seen its setup) instead of setting it up a second time.
+    """
+    from fedseal.protocol import ProtocolError
+
+    targets = {int(m.metadata.dst_node_id): m for m in emsgs}
+    nodes = run.enrolled_online()
+    if len(nodes) < run.cfg.run.min_sites or set(nodes) != set(targets):
+        log.info("round %d: setup not sent with the evaluation (cohort differs from the evaluated sites)", rnd)
+        return None
+    try:
+        ahead = secure.begin(rnd, nodes, arrays)
+    except ProtocolError as exc:
+        log.warning("round %d: setup not sent with the evaluation: %s", rnd, exc)
+        return None
+    run.status(phase="training", round=rnd, run_id=secure.run_id.hex(), stage="advertise")
+    node_of = {run.node_sites[n]: n for n in nodes}
+    for site, pkt in ahead.outbound.items():
+        node = node_of[site]
+        # A strategy's evaluation messages share one RecordDict: each gets its own here.
+        content = RecordDict(dict(targets[node].content.items()))
+        content[SETUP_RECORD] = ConfigRecord({"payload": pkt.payload})
+        content[SETUP_CONFIG_RECORD] = train_cfg
+        targets[node] = Message(content, dst_node_id=node, message_type=targets[node].metadata.message_type)
+        run.metrics.bytes_sent.inc(len(pkt.payload))
+    emsgs[:] = [targets[int(m.metadata.dst_node_id)] for m in emsgs]
+    return ahead
+
+
+def _collect_adverts(run: _Run, ahead: SetupAhead, replies: list[Message]) -> None:
+    """Take the key adverts (or the refusals) the evaluation replies brought back."""
+    wanted = set(ahead.outbound)
+    for reply in replies:
+        site = run.node_sites.get(int(reply.metadata.src_node_id))
+        if site not in wanted or reply.has_error():
+            continue
+        sec = reply.content.get(SETUP_RECORD)
+        payload = sec.get("payload") if isinstance(sec, ConfigRecord) else None
+        if isinstance(payload, bytes) and payload:
+            ahead.adverts[site] = payload
+            continue
+        err = reply.content.get(SETUP_ERROR_RECORD)
+        reason = err.get("reason") if isinstance(err, ConfigRecord) else None
+        ahead.refused[site] = str(reason) if reason else "evaluation reply without a key advert"
 
 
 def _summary(round_: int, total: int, rec: dict[str, Any]) -> str:
@@ -823,14 +955,20 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
     first_round = state.round + 1
     if latest is not None:
         state, arrays, first_round = _reconcile_restart(run, secure, state, arrays, previous, rounds_log)
+    ahead: SetupAhead | None = None  # this round's setup, sent with the last evaluation
     for rnd in range(first_round, cfg.run.rounds + 1):
         t0 = time.monotonic()
         run.status(phase="training", round=rnd, run_id=run_id)
-        nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s)
+        if ahead is not None and ahead.rnd == rnd:
+            nodes = ahead.nodes
+        else:
+            ahead = None
+            nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s)
         rec: dict[str, Any] = {"round": rnd, "sampled": len(nodes), "accepted": 0, "rejected": 0}
         new_arrays = None
         if len(nodes) >= cfg.run.min_sites and secure is not None:
-            mean_delta = secure.round(rnd, nodes, arrays, _train_config(cfg, rnd, run_id), rec)
+            mean_delta = secure.round(rnd, nodes, arrays, _train_config(cfg, rnd, run_id), rec, ahead)
+            ahead = None
             if mean_delta is not None:
                 # The strategy sees one reply: the secure weighted mean of the sites' new models.
                 mean = unflat_model(flat_model(arrays).astype(np.float64) + mean_delta, arrays)
@@ -932,10 +1070,16 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
                     rnd, _numpy_to_record(arrays), _train_config(cfg, rnd, run_id), view,  # type: ignore[arg-type, unused-ignore]
                 )
             )
+            if secure is not None and cfg.run.setup_with_evaluation and rnd < cfg.run.rounds:
+                ahead = _setup_with_evaluation(run, secure, emsgs, rnd + 1, arrays, _train_config(cfg, rnd + 1, run_id))
             te = time.monotonic()
+            replies = exchange(grid, emsgs, cfg.run.stage_timeout_s)
+            if ahead is not None:
+                _collect_adverts(run, ahead, replies)
+                rec["next_setup_adverts"] = len(ahead.adverts)
             ereplies = [
                 r
-                for r in exchange(grid, emsgs, cfg.run.stage_timeout_s)
+                for r in replies
                 if not r.has_error()
                 and isinstance(r.content.get("metrics"), MetricRecord)
                 and run.node_sites.get(int(r.metadata.src_node_id)) is not None

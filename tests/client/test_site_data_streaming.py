@@ -394,3 +394,44 @@ def test_a_streamed_part_becomes_aligned_arrays_when_numpy_asks_for_them(ids_dir
     assert np.array_equal(y, x[:, 0].astype(np.int64) % 5)  # features and labels stay aligned
     assert sorted(x[:, 0].astype(int).tolist()) == list(range(TOTAL))
     assert np.asarray(data.y_val, dtype=np.int32).dtype == np.int32
+
+
+def test_an_evaluation_carrying_a_setup_the_site_refuses_still_returns_its_metrics_and_the_reason(
+    mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run.setup_with_evaluation: the next round's setup rides on the evaluation message; a
+    setup the site cannot accept must not cost the coordinator the site's evaluation."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedseal.client.flower_app import SETUP_ERROR_RECORD, SETUP_RECORD, SiteRuntime, make_client_app
+    from fedseal.crypto import generate_identity_key
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    data = load_site_data(mnist_dir, validation_fraction=0.2, seed=7)
+    weights = ArrayRecord({k: Array(v) for k, v in state_dict_to_numpy(build_model("mlp", seed=0)).items()})
+    config = ConfigRecord(
+        {"model": "mlp", "seed": 0, "epochs": 1, "batch-size": 64, "learning-rate": 0.05, "clip-norm": 5.0,
+         "round": 2, "run-id": "ab" * 16}
+    )
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    keyed = SiteRuntime(
+        name="site-a", data=data, identity_key=generate_identity_key(),
+        coordinator_key=generate_identity_key().public_key(),
+    )
+    cases = [
+        (keyed, {"secagg": ConfigRecord({"payload": b"FSE1 junk"}), "train-config": config}, "DecodeError"),
+        (keyed, {"secagg": ConfigRecord({"payload": b"x"})}, "without its training config"),
+        (SiteRuntime(name="site-a", data=data), {"secagg": ConfigRecord({"payload": b"x"}), "train-config": config},
+         "no identity key"),
+    ]
+    for runtime, extra, why in cases:
+        app = make_client_app(runtime)
+        content = RecordDict({"config": config, "arrays": weights, **extra})
+        reply = app(Message(content, dst_node_id=1, message_type="evaluate"), context)
+        assert not reply.has_error()
+        assert reply.content["metrics"]["num-examples"] == data.validation.num_rows
+        assert SETUP_RECORD not in reply.content
+        assert why in str(reply.content[SETUP_ERROR_RECORD]["reason"])
+        assert runtime._session is None or runtime._session.stage.value != "await-adverts"  # no advert went out

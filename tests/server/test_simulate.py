@@ -165,7 +165,28 @@ def test_secure_rounds_over_two_actors_keep_every_site_in_one_process_and_commit
     assert all(len(p) == 1 for p in pids.values()), pids
     assert pids[0] == pids[2] and pids[1] == pids[3] and pids[0] != pids[1]  # partition % 2
     secure = [line for line in lines if line["type"] == "train.secagg"]
-    assert len(secure) == 4 * 2 * 5  # every site answered the 5 stages of both rounds
+    # Every site answered the 5 stages of round 1; round 2's setup went out with round 1's
+    # evaluation (run.setup_with_evaluation, the default), so round 2 needed 4 exchanges.
+    assert len(secure) == 4 * (5 + 4)
+    assert "setup_with_evaluation" not in outcome.rounds[0]
+    assert outcome.rounds[0]["next_setup_adverts"] == 4
+    assert outcome.rounds[1]["setup_with_evaluation"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(sys.platform != "linux", reason="Ray backend, Linux only here")
+def test_without_setup_with_evaluation_every_round_has_its_own_setup_exchange(tmp_path: Path) -> None:
+    fed = prepare_simulation(
+        tmp_path / "sim", sites=3, scheme="iid", seed=5,
+        run_overrides={"rounds": 2, "secure": True, "setup_with_evaluation": False},
+    )
+    traffic = tmp_path / "traffic.jsonl"
+    outcome = run_fedseal_simulation(fed, traffic_log=traffic)
+    assert [r["outcome"] for r in outcome.rounds] == ["committed", "committed"]
+    assert not any("setup_with_evaluation" in r or "next_setup_adverts" in r for r in outcome.rounds)
+    lines = [json.loads(line) for line in traffic.read_text().splitlines()]
+    assert len([line for line in lines if line["type"] == "train.secagg"]) == 3 * 2 * 5
 
 
 def test_the_backend_config_sizes_ray_to_the_actors_asked_for() -> None:
