@@ -300,12 +300,23 @@ def demo(
     secure: Annotated[
         bool, typer.Option("--secure/--plain", help="Secure rounds (default) or plain FedAvg for comparison.")
     ] = True,
+    setup_with_evaluation: Annotated[
+        bool,
+        typer.Option(
+            "--setup-with-evaluation/--setup-exchange",
+            help="A secure round's setup rides on the previous round's evaluation (default), or "
+            "every round starts with a setup exchange of its own (run.setup_with_evaluation).",
+        ),
+    ] = True,
 ) -> None:
     """Prepare MNIST-5k for 3 sites, start coordinator + sites on loopback with TLS, train."""
     from fedseal.server.demo import run_demo
 
     raise typer.Exit(
-        run_demo(workdir=workdir, rounds=rounds, num_sites=sites, console=console, secure=secure)
+        run_demo(
+            workdir=workdir, rounds=rounds, num_sites=sites, console=console, secure=secure,
+            setup_with_evaluation=setup_with_evaluation,
+        )
     )
 
 

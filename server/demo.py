@@ -204,7 +204,8 @@ def start_site(site_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
 
 
 def run_demo(
-    *, workdir: Path | None, rounds: int, num_sites: int, console: Console, secure: bool = True
+    *, workdir: Path | None, rounds: int, num_sites: int, console: Console, secure: bool = True,
+    setup_with_evaluation: bool = True,
 ) -> int:
     """Run the demo; return the process exit code."""
     t_start = time.monotonic()
@@ -226,7 +227,10 @@ def run_demo(
         fed = prepare_federation(
             workdir,
             num_sites=num_sites,
-            run_overrides={"rounds": rounds, "min_sites": 3, "stage_timeout_s": 60.0, "secure": secure},
+            run_overrides={
+                "rounds": rounds, "min_sites": 3, "stage_timeout_s": 60.0, "secure": secure,
+                "setup_with_evaluation": setup_with_evaluation,
+            },
         )
     except DeployError as exc:
         console.print(f"[red]demo failed:[/red] {exc}")

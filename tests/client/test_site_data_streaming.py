@@ -404,7 +404,12 @@ def test_an_evaluation_carrying_a_setup_the_site_refuses_still_returns_its_metri
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedseal.client.flower_app import SETUP_ERROR_RECORD, SETUP_RECORD, SiteRuntime, make_client_app
+    from fedseal.client.flower_app import (
+        SETUP_ERROR_RECORD,
+        SETUP_RECORD,
+        SiteRuntime,
+        make_client_app,
+    )
     from fedseal.crypto import generate_identity_key
 
     for name in ("_run_id", "_node_id", "_task_id"):

@@ -79,3 +79,14 @@ def test_a_file_that_is_not_toml_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "s.toml").write_text("[run\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_server_config(tmp_path / "s.toml")
+
+
+def test_setup_with_evaluation_defaults_on_and_must_be_a_boolean(tmp_path: Path) -> None:
+    tls = "[tls]\nca_cert='a'\nserver_cert='b'\nserver_key='c'\n"
+    (tmp_path / "s.toml").write_text(tls)
+    assert load_server_config(tmp_path / "s.toml").run.setup_with_evaluation is True
+    (tmp_path / "s.toml").write_text(tls + "[run]\nsetup_with_evaluation = false\n")
+    assert load_server_config(tmp_path / "s.toml").run.setup_with_evaluation is False
+    (tmp_path / "s.toml").write_text(tls + "[run]\nsetup_with_evaluation = 'no'\n")
+    with pytest.raises(ConfigError, match="setup_with_evaluation"):
+        load_server_config(tmp_path / "s.toml")

@@ -9,7 +9,12 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedseal.server import flower_app
-from fedseal.server.flower_app import SETUP_CONFIG_RECORD, SETUP_ERROR_RECORD, SETUP_RECORD, SetupAhead
+from fedseal.server.flower_app import (
+    SETUP_CONFIG_RECORD,
+    SETUP_ERROR_RECORD,
+    SETUP_RECORD,
+    SetupAhead,
+)
 
 
 @pytest.fixture(autouse=True)
