@@ -718,11 +718,14 @@ def run_fedseal_simulation(
     extra_models: tuple[str, ...] = (),
     traffic_log: Path | None = None,
     actors: int = 1,
+    site_factory: str | None = None,
 ) -> SimulationOutcome:
     """Run the prepared federation's ServerApp and ClientApp on the simulation engine.
 
     Returns after the ServerApp finished; every round is in ``outcome.rounds`` (also printed by
-    the ServerApp as ``fedseal: round ...`` lines).
+    the ServerApp as ``fedseal: round ...`` lines). ``site_factory`` (``"module:callable"``,
+    importable in the engine's processes) builds each virtual site's ClientApp from its
+    directory instead of the real one: fault injection in tests.
 
     Raises:
         SimulationError: The engine or the ServerApp failed (e.g. too few sites answered).
@@ -742,7 +745,7 @@ def run_fedseal_simulation(
         doc = {str(node): names[part] for node, part in mapping.items()}
         (state_dir / NODES_FILE).write_text(json.dumps(doc, indent=1))
 
-    client_app = SimulatedSites(sites, extra_models, str(traffic_log) if traffic_log else None)
+    client_app = SimulatedSites(sites, extra_models, str(traffic_log) if traffic_log else None, site_factory)
     t0 = time.monotonic()
     run_apps_on_engine(
         server_app, client_app, len(sites),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -187,6 +188,44 @@ def test_without_setup_with_evaluation_every_round_has_its_own_setup_exchange(tm
     assert not any("setup_with_evaluation" in r or "next_setup_adverts" in r for r in outcome.rounds)
     lines = [json.loads(line) for line in traffic.read_text().splitlines()]
     assert len([line for line in lines if line["type"] == "train.secagg"]) == 3 * 2 * 5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(sys.platform != "linux", reason="Ray backend, Linux only here")
+def test_a_site_that_misses_the_setup_riding_on_the_evaluation_is_left_out_by_a_new_setup_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """site-1's first evaluation fails, so round 2's setup (carried by it) never reaches it: the
+    coordinator starts round 2 with the other sites' adverts, sees site-1's missing, sends the
+    others a second setup attempt without it, and the round commits with them."""
+    helpers = Path(__file__).parent / "simfaults"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(helpers), os.environ.get("PYTHONPATH")])))
+    monkeypatch.syspath_prepend(str(helpers))
+    fed = prepare_simulation(
+        tmp_path / "sim", sites=4, scheme="iid", seed=6,
+        run_overrides={"rounds": 2, "secure": True, "stage_timeout_s": 60.0},
+    )
+    traffic = tmp_path / "traffic.jsonl"
+    outcome = run_fedseal_simulation(
+        fed, traffic_log=traffic, site_factory="sim_faults:site_down_for_first_evaluation"
+    )
+    assert [r["outcome"] for r in outcome.rounds] == ["committed", "committed"], outcome.rounds
+    first, second = outcome.rounds
+    assert first["accepted"] == 4 and first["next_setup_adverts"] == 3
+    assert second["setup_with_evaluation"] is True
+    assert second["accepted"] == 3 and "site-1" not in second["sites"]
+    assert "accuracy" in first  # the other sites' evaluation counted
+    lines = [json.loads(line) for line in traffic.read_text().splitlines()]
+    by_site = {s: [x["type"] for x in lines if x["site"] == s] for s in range(4)}
+    # Round 2 for the others: no bundle for the carried setup (an advert was missing) but a
+    # second setup attempt, then its bundle, the shares, survivors and signatures: 5 messages,
+    # as many as a round with its own setup exchange.
+    others = [by_site[s].count("train.secagg") for s in range(4) if s != 1]
+    assert others == [5 + 5] * 3, by_site
+    assert by_site[1].count("train.secagg") == 5  # round 1 only
+    verified = verify_audit_log(fed, Path(str(outcome.audit_log)))
+    assert verified.rejected_envelopes == 0
 
 
 def test_the_backend_config_sizes_ray_to_the_actors_asked_for() -> None:
