@@ -394,7 +394,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             run_id, round_ = runtime._round
             sent = Envelope.from_bytes(reply.payload, Limits())
             runtime.receipts.sent_masked_input(run_id, round_, sent.payload)
-        content = RecordDict({"secagg": ConfigRecord({"payload": reply.payload if reply else b""})})
+        content = RecordDict({SETUP_RECORD: ConfigRecord({"payload": reply.payload if reply else b""})})
         if reply is not None and reply.bulk is not None:
             content["bulk"] = ArrayRecord({"masked": numpy_to_array(reply.bulk)})
         return content

@@ -668,7 +668,7 @@ class _SecureCoordinator:
                 else:
                     msgs = []
                     for site, pkt in outbound.items():
-                        content = RecordDict({"secagg": ConfigRecord({"payload": pkt.payload})})
+                        content = RecordDict({SETUP_RECORD: ConfigRecord({"payload": pkt.payload})})
                         if stage == 0:  # the setup carries the global model and training config
                             content["arrays"] = model_rec
                             content["config"] = train_cfg
@@ -680,7 +680,7 @@ class _SecureCoordinator:
                         site = site_of.get(int(reply.metadata.src_node_id))
                         if site is None:
                             continue
-                        sec = None if reply.has_error() else reply.content.get("secagg")
+                        sec = None if reply.has_error() else reply.content.get(SETUP_RECORD)
                         payload = sec.get("payload") if isinstance(sec, ConfigRecord) else None
                         bulk_rec = reply.content.get("bulk") if payload else None
                         bulk = (
