@@ -79,14 +79,17 @@ def test_the_cli_exits_2_on_a_bad_scheme(tmp_path: Path) -> None:
 def test_a_small_secure_simulation_commits_every_round_learns_and_leaves_a_verifiable_audit_log(
     tmp_path: Path,
 ) -> None:
+    # Every round with a setup exchange of its own (the option's default, the setup riding on
+    # the evaluation, runs in the tests below).
     fed = prepare_simulation(
         tmp_path / "sim", sites=4, scheme="dirichlet", alpha=1.0, seed=3,
-        run_overrides={"rounds": 2, "secure": True, "stage_timeout_s": 120.0},
+        run_overrides={"rounds": 2, "secure": True, "stage_timeout_s": 120.0, "setup_with_evaluation": False},
     )
     traffic = tmp_path / "traffic.jsonl"
     outcome = run_fedseal_simulation(fed, traffic_log=traffic)
 
     assert [r["outcome"] for r in outcome.rounds] == ["committed", "committed"]
+    assert not any("setup_with_evaluation" in r or "next_setup_adverts" in r for r in outcome.rounds)
     assert all(r["accepted"] == 4 and r["dropouts"] == 0 for r in outcome.rounds)
     # MNIST-5k, MLP, 2 rounds of 1 local epoch: far above chance (0.1), and improving.
     accuracies = [float(r["accuracy"]) for r in outcome.rounds]
@@ -104,6 +107,7 @@ def test_a_small_secure_simulation_commits_every_round_learns_and_leaves_a_verif
     lines = [json.loads(line) for line in traffic.read_text().splitlines()]
     assert {line["site"] for line in lines} == {0, 1, 2, 3}
     assert all(line["start"] > 1.7e9 and line["seconds"] > 0 for line in lines)  # Unix start times
+    assert len([line for line in lines if line["type"] == "train.secagg"]) == 4 * 2 * 5
     nodes = json.loads((fed.server_toml.parent / "state" / "nodes.json").read_text())
     assert sorted(nodes.values()) == ["site-0", "site-1", "site-2", "site-3"]
 
@@ -172,22 +176,6 @@ def test_secure_rounds_over_two_actors_keep_every_site_in_one_process_and_commit
     assert "setup_with_evaluation" not in outcome.rounds[0]
     assert outcome.rounds[0]["next_setup_adverts"] == 4
     assert outcome.rounds[1]["setup_with_evaluation"] is True
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-@pytest.mark.skipif(sys.platform != "linux", reason="Ray backend, Linux only here")
-def test_without_setup_with_evaluation_every_round_has_its_own_setup_exchange(tmp_path: Path) -> None:
-    fed = prepare_simulation(
-        tmp_path / "sim", sites=3, scheme="iid", seed=5,
-        run_overrides={"rounds": 2, "secure": True, "setup_with_evaluation": False},
-    )
-    traffic = tmp_path / "traffic.jsonl"
-    outcome = run_fedseal_simulation(fed, traffic_log=traffic)
-    assert [r["outcome"] for r in outcome.rounds] == ["committed", "committed"]
-    assert not any("setup_with_evaluation" in r or "next_setup_adverts" in r for r in outcome.rounds)
-    lines = [json.loads(line) for line in traffic.read_text().splitlines()]
-    assert len([line for line in lines if line["type"] == "train.secagg"]) == 3 * 2 * 5
 
 
 @pytest.mark.slow
