@@ -94,6 +94,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedseal.server.config import ServerConfig
 from fedseal.server.flower_app import (
+    MAX_REASON_CHARS,
     NODES_FILE,
     ROUNDS_FILE,
     SERVERAPP_PID_FILE,
@@ -390,14 +391,13 @@ def failure_reason(state: Path, status_doc: dict[str, Any]) -> str:
     if status_doc.get("phase") == "failed" and isinstance(reason, str) and reason:
         return reason
     log_path = state / "superlink.log"
-    last = ""
     try:
         with log_path.open("rb") as f:
             f.seek(max(0, log_path.stat().st_size - LOG_TAIL_BYTES))
             tail = f.read().decode("utf-8", "replace")
     except OSError as exc:
         return f"the ServerApp ended without recording a reason, and {log_path} is unreadable: {exc}"
-    last_error = ""
+    last = last_error = ""
     for line in tail.splitlines():
         text = _ANSI.sub("", line).strip()
         if _EXCEPTION_LINE.match(text):  # a traceback's last line: "SomeError: message"
@@ -405,13 +405,12 @@ def failure_reason(state: Path, status_doc: dict[str, Any]) -> str:
         elif "ERROR" in text:
             last_error = text
     last = last or last_error
-    found = f"; its last error in {log_path}: {last[:MAX_LOG_LINE]}" if last else f"; see {log_path}"
+    found = f"; its last error in {log_path}: {last[:MAX_REASON_CHARS]}" if last else f"; see {log_path}"
     return f"the ServerApp ended without recording a reason{found}"
 
 
 _EXCEPTION_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception)(: |$)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-MAX_LOG_LINE = 300
 
 
 @contextlib.contextmanager

@@ -163,6 +163,8 @@ def _fast_reply_pulls(initial: float, cap: float) -> None:
 
 #: First wait between empty pulls of an exchange; it doubles up to the exchange's ``poll``.
 MIN_POLL_S = 0.005
+
+
 class ReplySignal:
     """What a grid whose replies are stored in this process (the simulation engine) can tell
     an exchange: which of its messages have a reply waiting, and an event set on every stored
@@ -613,21 +615,16 @@ class _SecureCoordinator:
     ) -> npt.NDArray[np.float64] | None:
         """One secure round; returns the weighted mean of the sites' deltas, or None if failed.
 
-        With ``ahead`` (built by :meth:`begin` for this round and sent with the previous round's
-        evaluation), the setup stage takes the key adverts that came back with the evaluation
-        replies instead of an exchange of its own.
+        With ``ahead`` (built by :meth:`begin` for this round and these ``nodes``, and sent with
+        the previous round's evaluation), the setup stage takes the key adverts that came back
+        with the evaluation replies instead of an exchange of its own.
         """
         from fedseal.protocol import ProtocolError, Rejection
 
         run, cfg = self.run, self.run.cfg
-        if ahead is not None and ahead.rnd != rnd:
-            ahead = None
-        if ahead is not None:
-            nodes = ahead.nodes
         site_of = {n: run.node_sites[n] for n in nodes}
         node_of = {s: n for n, s in site_of.items()}
         server = ahead.server if ahead is not None else self._server(rnd, nodes, flat_model(arrays))
-        model_rec = _numpy_to_record(arrays)
         payloads: dict[tuple[str, str], bytes] = {}
         logged = 0
         self.last_aggregate = None
@@ -667,9 +664,11 @@ class _SecureCoordinator:
                             take(site, stage_name, ahead.adverts[site], None)
                 else:
                     msgs = []
+                    # The setup carries the global model and training config.
+                    model_rec = _numpy_to_record(arrays) if stage == 0 else None
                     for site, pkt in outbound.items():
                         content = RecordDict({SETUP_RECORD: ConfigRecord({"payload": pkt.payload})})
-                        if stage == 0:  # the setup carries the global model and training config
+                        if model_rec is not None:
                             content["arrays"] = model_rec
                             content["config"] = train_cfg
                         msgs.append(Message(content, dst_node_id=node_of[site], message_type="train.secagg"))
@@ -718,9 +717,9 @@ def _setup_with_evaluation(
     arrays: Mapping[str, npt.NDArray[Any]], train_cfg: ConfigRecord,
 ) -> SetupAhead | None:
     """Put round ``rnd``'s setup into the evaluation messages (which carry the model it trains
-    from; ``emsgs`` is changed in place); returns it, or None when the next cohort is not exactly the evaluated sites (a site
-    joined, or the strategy evaluates a sample) or the setup cannot be built: that round then
-    starts with a setup exchange of its own.
+    from; ``emsgs`` is changed in place); returns it, or None when the next cohort is not
+    exactly the evaluated sites (a site joined, or the strategy evaluates a sample) or the setup
+    cannot be built: that round then starts with a setup exchange of its own.
 
     From here on the status names round ``rnd``, so a coordinator restarted before it ends
     abandons it (its sites have seen its setup) instead of setting it up a second time.
@@ -959,10 +958,9 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
     for rnd in range(first_round, cfg.run.rounds + 1):
         t0 = time.monotonic()
         run.status(phase="training", round=rnd, run_id=run_id)
-        if ahead is not None and ahead.rnd == rnd:
+        if ahead is not None:  # built for this round during the last evaluation
             nodes = ahead.nodes
         else:
-            ahead = None
             nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s)
         rec: dict[str, Any] = {"round": rnd, "sampled": len(nodes), "accepted": 0, "rejected": 0}
         new_arrays = None

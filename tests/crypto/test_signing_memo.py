@@ -140,16 +140,13 @@ def test_turning_it_on_again_keeps_what_it_remembers(checks: list[bytes]) -> Non
     assert checks == [sig]
 
 
-def test_the_memo_tells_key_objects_apart_by_their_point(checks: list[bytes]) -> None:
-    """The memo keeps each key object's encoded point; another key must never hit it."""
+def test_the_memo_knows_a_key_by_its_point_not_by_its_object(checks: list[bytes]) -> None:
+    """The memo caches each key object's encoded point; another object holding the same key
+    hits the remembered check (a substituted key is refused: see the test above)."""
     from fedseal.crypto import public_key_from_der, public_key_to_der
 
     sig = sign(SK, "t", b"p")
     verify(PK, "t", b"p", sig)
-    other = generate_identity_key().public_key()
-    for _ in range(2):
-        with pytest.raises(SignatureError):
-            verify(other, "t", b"p", sig)
     fresh = public_key_from_der(bytes(public_key_to_der(PK)))  # another object, the same key
     verify(fresh, "t", b"p", sig)
-    assert len(checks) == 3  # the first check, the two refusals; the same key's again is remembered
+    assert checks == [sig]
