@@ -46,8 +46,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import cast
 
 from .errors import ThresholdError
+from .memo import shared
 from .types import SiteId, site_sort_key
 
 __all__ = ["NeighbourGraph", "build_graph", "graph_seed"]
@@ -74,7 +77,7 @@ class NeighbourGraph:
     Attributes:
         seed: The public seed it was derived from.
         degree: Degree of every node.
-        neighbours: Site -> its neighbours, sorted by site id.
+        neighbours: Site -> its neighbours, sorted by site id (read-only).
     """
 
     seed: bytes
@@ -111,7 +114,18 @@ def build_graph(
     Raises:
         ThresholdError: If too few sites remain for neighbourhoods of ``threshold``.
     """
-    members = sorted(set(sites), key=site_sort_key)
+    members = tuple(sorted(set(sites), key=site_sort_key))
+    memo = shared("graphs")
+    if memo is None:
+        return _build_graph(members, seed, degree, threshold)
+    key = (members, bytes(seed), degree, threshold)
+    graph = memo.get(key, lambda: _build_graph(members, seed, degree, threshold))
+    return cast(NeighbourGraph, graph)
+
+
+def _build_graph(
+    members: tuple[SiteId, ...], seed: bytes, degree: int, threshold: int
+) -> NeighbourGraph:
     m = len(members)
     k = min(degree, m - 1)
     if k < threshold:
@@ -120,7 +134,7 @@ def build_graph(
         )
     if k >= m - 1:
         full = {s: tuple(x for x in members if x != s) for s in members}
-        return NeighbourGraph(seed=seed, degree=m - 1, neighbours=full)
+        return NeighbourGraph(seed=seed, degree=m - 1, neighbours=MappingProxyType(full))
     if k % 2:
         raise ValueError("a sparse graph needs an even degree")
     ring = sorted(
@@ -133,4 +147,4 @@ def build_graph(
             ring[(pos - d) % m] for d in range(1, half + 1)
         }
         adjacency[site] = tuple(sorted(around, key=site_sort_key))
-    return NeighbourGraph(seed=seed, degree=k, neighbours=adjacency)
+    return NeighbourGraph(seed=seed, degree=k, neighbours=MappingProxyType(adjacency))

@@ -22,11 +22,12 @@ import hashlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from .config import Limits, QuantizationConfig, RoundParameters
 from .encoding import Reader, Writer
 from .errors import ConfigError, DecodeError
+from .memo import MAX_KEY_BYTES, shared
 from .types import DIGEST_BYTES, RUN_ID_BYTES, MessageKind, SiteId, site_sort_key
 
 __all__ = [
@@ -546,9 +547,20 @@ _CLASSES: dict[MessageKind, type[Message]] = {
 def decode_payload(kind: MessageKind, payload: bytes, limits: Limits) -> Message:
     """Decode a payload of the given kind.
 
+    With :func:`fedseal.protocol.memo.share_decoded` on (simulations), a payload decoded
+    before in this process gives the same (frozen) message without decoding it again.
+
     Raises:
         DecodeError: Malformed, truncated, trailing bytes, or over a size bound.
     """
+    memo = shared("decoded")
+    if memo is None or len(payload) > MAX_KEY_BYTES:
+        return _decode_payload(kind, payload, limits)
+    key = (kind, bytes(payload), limits)
+    return cast(Message, memo.get(key, lambda: _decode_payload(kind, payload, limits)))
+
+
+def _decode_payload(kind: MessageKind, payload: bytes, limits: Limits) -> Message:
     r = Reader(payload, what=kind.type_name)
     header = Header.decode(r, limits)
     message = _CLASSES[kind]._decode_body(header, r, limits)

@@ -44,9 +44,12 @@ the same N signatures, one after another (at N = 100 about 15-20 ms of each site
 CPU per round). Each actor process therefore turns on
 :func:`fedseal.crypto.signing.share_verified`: a verification that succeeded for exactly the
 same key, message and signature bytes is not repeated; failures are never remembered, so what
-every site accepts or refuses is unchanged. A deployed site is its own process and checks
-everything itself. ``FEDSEAL_SIM_SHARE_VERIFIED=0`` turns it off (to measure a site's full
-cost).
+every site accepts or refuses is unchanged. Likewise
+:func:`fedseal.protocol.memo.share_decoded`: the broadcast messages (setup, advert bundle,
+survivor set, unmask request) are decoded, and each round's neighbour graph built, once per
+process, not once per virtual site (pure functions of their bytes, frozen results, failures
+never kept). A deployed site is its own process and does all of it itself.
+``FEDSEAL_SIM_SHARE_VERIFIED=0`` turns both off (to measure a site's full cost).
 
 Layering: the coordinator's modules never import ``fedseal.client`` or torch
 (``tests/test_layering.py``). Simulation is the one place where the site code runs in the
@@ -355,6 +358,7 @@ def _real_site_app(site_dir: Path, extra_models: tuple[str, ...]) -> ClientApp:
     """What ``fl-client run`` builds for a site, minus the SuperNode (see module docstring)."""
     from fedseal.crypto.keys import load_private_key, load_public_key
     from fedseal.crypto.signing import share_verified
+    from fedseal.protocol.memo import share_decoded
 
     config = importlib.import_module("fedseal.client.config")
     node = importlib.import_module("fedseal.client.node")
@@ -366,6 +370,7 @@ def _real_site_app(site_dir: Path, extra_models: tuple[str, ...]) -> ClientApp:
     importlib.import_module("torch").set_num_threads(int(os.environ.get("FEDSEAL_TORCH_THREADS", "1")))
     if shares_verified():
         share_verified()  # this actor's virtual sites check each signature once (docstring)
+        share_decoded()  # ... and decode each broadcast message, build each graph, once
     try:
         root = node.attest_dataset(cfg, re_enrol=False)  # refuses a dataset changed since approval
     except node.SiteRunError as exc:

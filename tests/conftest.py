@@ -18,10 +18,14 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 @pytest.fixture(autouse=True)
 def _no_shared_signature_checks_across_tests() -> Iterator[None]:
-    """Building a simulated site turns on :func:`fedseal.crypto.signing.share_verified` for
-    its process; each test starts and ends with it off, as a deployed process runs."""
+    """Building a simulated site turns on :func:`fedseal.crypto.signing.share_verified` and
+    :func:`fedseal.protocol.memo.share_decoded` for its process; each test starts and ends
+    with both off, as a deployed process runs."""
     from fedseal.crypto import signing
+    from fedseal.protocol import memo
 
     signing.share_verified(None)
+    memo.share_decoded(None)
     yield
     signing.share_verified(None)
+    memo.share_decoded(None)

@@ -129,8 +129,10 @@ def test_a_process_of_virtual_sites_shares_its_signature_checks_unless_told_not_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
 ) -> None:
     from fedseal.crypto import signing
+    from fedseal.protocol import memo
 
     monkeypatch.setattr(signing, "_memo", None)
+    memo.share_decoded(None)
     if setting:
         monkeypatch.setenv("FEDSEAL_SIM_SHARE_VERIFIED", setting)
     else:
@@ -138,6 +140,8 @@ def test_a_process_of_virtual_sites_shares_its_signature_checks_unless_told_not_
     fed = prepare_simulation(tmp_path / "sim", sites=2, scheme="iid", seed=2)
     SimulatedSites(tuple(str(p) for p in fed.sites)).site_app(0)
     assert (signing._memo is not None) is (setting != "0")
+    assert (memo.shared("decoded") is not None) is (setting != "0")  # and its decoding
+    assert (memo.shared("graphs") is not None) is (setting != "0")
 
 
 def _dataset_dir(site_dir: Path) -> Path:

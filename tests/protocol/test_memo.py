@@ -1,0 +1,153 @@
+"""Shared decoding for simulations (fedseal.protocol.memo): same answers, failures never kept."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from fedseal.crypto import signing
+from fedseal.protocol import DecodeError, ThresholdError, memo
+from fedseal.protocol import graph as graph_mod
+from fedseal.protocol import messages as messages_mod
+from fedseal.protocol.config import Limits
+from fedseal.protocol.graph import build_graph
+from fedseal.protocol.messages import Header, SurvivorSet, decode_payload
+from fedseal.protocol.server import ServerStage
+from fedseal.protocol.types import MessageKind, SiteId
+from tests.protocol._support import expected_sum, make_fed
+
+HEADER = Header(
+    run_id=bytes(16), round=3, sender=SiteId(""), recipient=SiteId("a"),
+    model_digest=bytes(32), setup_digest=bytes(32),
+)
+SITES = tuple(SiteId(s) for s in ("a", "b", "c", "d"))
+
+
+def survivor_payload(sites: tuple[SiteId, ...] = SITES) -> bytes:
+    return SurvivorSet(header=HEADER, survivors=sites).to_payload()
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
+    """Turns shared decoding on (capacity 2) and records every real decode."""
+    seen: list[bytes] = []
+    real = messages_mod._decode_payload
+
+    def counted(kind: MessageKind, payload: bytes, limits: Limits) -> object:
+        seen.append(payload)
+        return real(kind, payload, limits)
+
+    monkeypatch.setattr(messages_mod, "_decode_payload", counted)
+    memo.share_decoded(capacity=2)
+    yield seen  # tests/conftest.py turns it off again
+
+
+def test_it_is_off_unless_turned_on() -> None:
+    code = "from fedseal.protocol import memo; print(memo.shared('decoded'), memo.shared('graphs'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None None"
+
+
+def test_when_off_every_payload_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    real = messages_mod._decode_payload
+    monkeypatch.setattr(
+        messages_mod, "_decode_payload", lambda k, p, lim: (calls.append(p), real(k, p, lim))[1]
+    )
+    for _ in range(3):
+        decode_payload(MessageKind.SURVIVOR_SET, survivor_payload(), Limits())
+    assert len(calls) == 3
+
+
+def test_a_payload_decoded_once_gives_the_same_frozen_message(decodes: list[bytes]) -> None:
+    first = decode_payload(MessageKind.SURVIVOR_SET, survivor_payload(), Limits())
+    again = decode_payload(MessageKind.SURVIVOR_SET, bytearray(survivor_payload()), Limits())
+    assert again is first
+    assert len(decodes) == 1
+    assert first == messages_mod._decode_payload(MessageKind.SURVIVOR_SET, survivor_payload(), Limits())
+    with pytest.raises(AttributeError):
+        first.survivors = ()  # type: ignore[misc]
+
+
+def test_the_limits_are_part_of_the_key(decodes: list[bytes]) -> None:
+    payload = survivor_payload()
+    decode_payload(MessageKind.SURVIVOR_SET, payload, Limits())
+    with pytest.raises(DecodeError):  # decoded under loose limits before: still refused here
+        decode_payload(MessageKind.SURVIVOR_SET, payload, Limits(max_cohort=2))
+
+
+def test_a_malformed_payload_is_decoded_and_refused_every_time(decodes: list[bytes]) -> None:
+    bad = survivor_payload()[:-1]
+    for _ in range(3):
+        with pytest.raises(DecodeError):
+            decode_payload(MessageKind.SURVIVOR_SET, bad, Limits())
+    assert len(decodes) == 3
+    assert len(memo.shared("decoded") or ()) == 0
+
+
+def test_memory_is_bounded_and_large_payloads_are_never_kept(
+    decodes: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(2, 5):
+        decode_payload(MessageKind.SURVIVOR_SET, survivor_payload(SITES[:n]), Limits())
+    assert len(memo.shared("decoded") or ()) == 2  # capacity 2: the oldest was dropped
+    monkeypatch.setattr(messages_mod, "MAX_KEY_BYTES", 8)
+    decodes.clear()
+    for _ in range(2):
+        decode_payload(MessageKind.SURVIVOR_SET, survivor_payload(), Limits())
+    assert len(decodes) == 2
+
+
+def test_turning_it_on_again_keeps_what_is_remembered_and_off_forgets() -> None:
+    memo.share_decoded(capacity=8)
+    decode_payload(MessageKind.SURVIVOR_SET, survivor_payload(), Limits())
+    memo.share_decoded(capacity=8)
+    assert len(memo.shared("decoded") or ()) == 1
+    memo.share_decoded(None)
+    assert memo.shared("decoded") is None and memo.shared("graphs") is None
+    with pytest.raises(ValueError):
+        memo.share_decoded(0)
+    with pytest.raises(ValueError):
+        memo.shared("other")
+
+
+def test_graphs_are_built_once_per_seed_and_are_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    builds: list[bytes] = []
+    real = graph_mod._build_graph
+    monkeypatch.setattr(
+        graph_mod, "_build_graph", lambda m, s, d, t: (builds.append(s), real(m, s, d, t))[1]
+    )
+    memo.share_decoded()
+    sites = [SiteId(f"s{i:02d}") for i in range(40)]
+    g1 = build_graph(sites, b"\x01" * 32, 6, 4)
+    g2 = build_graph(list(reversed(sites)), b"\x01" * 32, 6, 4)  # same set, other order
+    g3 = build_graph(sites, b"\x02" * 32, 6, 4)
+    assert g2 is g1 and g3 is not g1 and g3 != g1
+    assert len(builds) == 2
+    with pytest.raises(TypeError):
+        g1.neighbours[sites[0]] = ()  # type: ignore[index]
+    for _ in range(2):  # a refusal is made again each time, never remembered
+        with pytest.raises(ThresholdError):
+            build_graph(sites[:3], b"\x01" * 32, 6, 4)
+    assert len(builds) == 4
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_round_with_dropouts_sums_the_same_with_shared_work(share: bool) -> None:
+    if share:
+        signing.share_verified()
+        memo.share_decoded()
+    fed, updates = make_fed(
+        40, length=64, seed=5, dropouts={ServerStage.MASKED_INPUT: ["site-007", "site-021"]}
+    )
+    for rnd in (1, 2):  # round 2 meets a warm memo (same cohort and keys, other messages)
+        outcome = fed.run_round(rnd)
+        result = outcome.result
+        assert result is not None, outcome.failure
+        survivors = sorted(result.survivors)
+        assert "site-007" not in survivors and len(survivors) == 38
+        np.testing.assert_array_equal(result.aggregate, expected_sum(fed, updates, survivors, 5))
