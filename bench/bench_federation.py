@@ -61,6 +61,7 @@ from typing import Any
 
 from fedseal.server.demo import Federation
 from fedseal.server.simulate import (
+    DEFAULT_BATCH,
     SimulatedSites,
     prepare_simulation,
     run_apps_on_engine,
@@ -276,7 +277,10 @@ def _stage_breakdown(traffic: Path, done: list[dict[str, Any]], stages: tuple[st
     return {stage: {k: _median_after_first(v) for k, v in vals.items()} for stage, vals in series.items()}
 
 
-def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path, actors: int = 1) -> dict[str, Any]:
+def run_arm(
+    arm: str, fed: Federation, params: int, rounds: int, workdir: Path, actors: int = 1,
+    batch: int = DEFAULT_BATCH,
+) -> dict[str, Any]:
     """One arm on the engine; returns round time, uploads per site and peak RSS growth."""
     state = fed.server_toml.parent / "state"
     shutil.rmtree(state, ignore_errors=True)
@@ -289,7 +293,9 @@ def run_arm(arm: str, fed: Federation, params: int, rounds: int, workdir: Path, 
     before = _rss_kib("VmRSS")
     t0 = time.monotonic()
     if arm in FEDSEAL_ARMS:
-        outcome = run_fedseal_simulation(fed, extra_models=(model_name(params),), traffic_log=traffic, actors=actors)
+        outcome = run_fedseal_simulation(
+            fed, extra_models=(model_name(params),), traffic_log=traffic, actors=actors, batch=batch
+        )
         done = [r for r in outcome.rounds if r.get("outcome") == "committed"]
         if len(done) != rounds:
             raise RuntimeError(f"{arm}: only {len(done)} of {rounds} rounds committed: {outcome.rounds}")
@@ -422,7 +428,7 @@ def scale(args: argparse.Namespace) -> None:
         fed = prepare_simulation(root / f"n{n}", sites=n, scheme="iid", seed=1)
         for m in sizes:
             for arm in arms:
-                res = run_arm(arm, fed, m, args.rounds, root / f"n{n}", actors=args.actors)
+                res = run_arm(arm, fed, m, args.rounds, root / f"n{n}", actors=args.actors, batch=args.batch)
                 results.append(res)
                 print(f"  {json.dumps(res)}", flush=True)
     print()
@@ -527,6 +533,10 @@ def main(argv: list[str]) -> None:
     p.add_argument(
         "--actors", type=int, default=1,
         help="Ray actors (processes) running the sites; fedseal pins each site to one, Flower's arms use any",
+    )
+    p.add_argument(
+        "--batch", type=int, default=DEFAULT_BATCH,
+        help="fedseal's arms (plain included): messages per Ray call to a site actor (1: one per message, as Flower)",
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workdir", default=None)
