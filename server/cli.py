@@ -342,6 +342,15 @@ def simulate(
             "round session never leaves its process).",
         ),
     ] = 2,
+    batch: Annotated[
+        int,
+        typer.Option(
+            min=1, max=256,
+            help="Messages handed to a site actor in one Ray call, at most (1: one call per "
+            "message). Each reply of a batch is a model-sized vector held at once: lower it "
+            "for large models.",
+        ),
+    ] = 8,
 ) -> None:
     """The same ServerApp and ClientApp on Flower's simulation engine, N virtual sites over split
     MNIST-5k; prints accuracy per round and verifies the audit log (secure runs).
@@ -358,7 +367,7 @@ def simulate(
         run_simulate_command(
             sites=sites, rounds=rounds, scheme=scheme, alpha=alpha, seed=seed, model=model,
             secure=secure, workdir=workdir, echo=lambda s: console.print(s, markup=False, highlight=False),
-            actors=actors,
+            actors=actors, batch=batch,
         )
     )
 

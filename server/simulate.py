@@ -969,15 +969,20 @@ def run_simulate_command(
     workdir: Path | None,
     echo: Callable[[str], None],
     actors: int = 1,
+    batch: int = DEFAULT_BATCH,
 ) -> int:
     """``fl-server simulate``: prepare, run, print accuracy per round, verify the audit log.
 
     Returns the exit code: 0 when every round committed (and, when secure, the audit log
     verifies), 1 otherwise, 2 for bad arguments. ``actors``: Ray actors running the sites
-    (each site pinned to one, see :func:`run_apps_on_engine`).
+    (each site pinned to one), ``batch``: messages per Ray call to an actor at most (see
+    :func:`run_apps_on_engine`).
     """
     if not 1 <= actors <= MAX_ACTORS:
         echo(f"error: --actors must be in [1, {MAX_ACTORS}], got {actors}")
+        return 2
+    if not 1 <= batch <= MAX_BATCH:
+        echo(f"error: --batch must be in [1, {MAX_BATCH}], got {batch}")
         return 2
     import tempfile
 
@@ -1001,7 +1006,7 @@ def run_simulate_command(
         echo(f"error: {exc}")
         return 2 if exc.step == "arguments" else 1
     try:
-        outcome = run_fedseal_simulation(fed, actors=actors)
+        outcome = run_fedseal_simulation(fed, actors=actors, batch=batch)
     except SimulationError as exc:
         echo(f"error: {exc}")
         return 1

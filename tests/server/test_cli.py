@@ -69,3 +69,19 @@ def test_simulate_refuses_an_actor_count_outside_one_to_sixty_four(tmp_path: Pat
         assert out.exit_code == 2, out.output
         assert "actors" in out.output
         assert not (tmp_path / bad).exists()  # refused before preparing anything
+
+
+def test_simulate_refuses_a_batch_size_outside_one_to_256(tmp_path: Path) -> None:
+    from fedseal.server.simulate import run_simulate_command
+
+    for bad in ("0", "257"):
+        out = runner.invoke(app, ["simulate", "--sites", "3", "--batch", bad, "--workdir", str(tmp_path / bad)])
+        assert out.exit_code == 2, out.output
+        assert "batch" in out.output
+        assert not (tmp_path / bad).exists()  # refused before preparing anything
+    said: list[str] = []
+    code = run_simulate_command(  # the library entry point checks it too
+        sites=3, rounds=1, scheme="iid", alpha=0.5, seed=1, model="mlp", secure=True,
+        workdir=tmp_path / "lib", echo=said.append, batch=0,
+    )
+    assert code == 2 and "--batch" in said[0] and not (tmp_path / "lib").exists()
