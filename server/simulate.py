@@ -107,6 +107,8 @@ MAX_SITES = 10_000
 
 MAX_ACTORS = 64
 MAX_BATCH = 256
+DEFAULT_BATCH = 8
+"""Messages one Ray call hands a site actor at most (``run_apps_on_engine(batch=...)``)."""
 
 #: ``0`` makes each virtual site repeat every signature check (see the module docstring).
 SHARE_VERIFIED_ENV = "FEDSEAL_SIM_SHARE_VERIFIED"
@@ -507,9 +509,10 @@ def pinned_ray_backend() -> Any:
             return reply, updated
 
         def process_batch(
-            self, items: list[tuple[Message, Context]]
+            self, items: list[tuple[Message, Context]], per_call: int = DEFAULT_BATCH
         ) -> list[tuple[Message | None, Context, int, str]]:
-            """Run ``items`` with one Ray call per actor (each site in its pinned actor).
+            """Run ``items``, each site in its pinned actor, at most ``per_call`` per Ray call
+            (an actor runs its calls one after another, in the order they were made).
 
             Returns, in the order of ``items``, each message's (reply, updated context, 0, "")
             or (None, context, error code, reason); a call that fails as a whole (a lost actor)
@@ -521,32 +524,35 @@ def pinned_ray_backend() -> Any:
             for i, (_, context) in enumerate(items):
                 partition = int(str(context.node_config[PARTITION_ID_KEY]))
                 groups.setdefault(partition % len(self.actors), []).append(i)
-            calls = {
-                a: self.actors[a].run_batch.remote(  # type: ignore[attr-defined]
-                    self.app_fn,
-                    [(items[i][0], str(items[i][1].node_config[PARTITION_ID_KEY]), items[i][1]) for i in idx],
+            calls = [
+                (
+                    a, idx[k : k + per_call],
+                    self.actors[a].run_batch.remote(  # type: ignore[attr-defined]
+                        self.app_fn,
+                        [
+                            (items[i][0], str(items[i][1].node_config[PARTITION_ID_KEY]), items[i][1])
+                            for i in idx[k : k + per_call]
+                        ],
+                    ),
                 )
                 for a, idx in groups.items()
-            }
+                for k in range(0, len(idx), per_call)
+            ]
             out: list[tuple[Message | None, Context, int, str]] = [
                 (None, context, ErrorCode.UNKNOWN, "not run") for _, context in items
             ]
-            for a, idx in groups.items():
+            for a, part, call in calls:
                 try:
-                    results = ray.get(calls[a])
+                    results = ray.get(call)
                 except Exception as ex:  # the actor is gone: each of its messages failed
-                    log.error("site actor %d failed a batch of %d messages: %s", a, len(idx), ex)
-                    results = [(None, items[i][1], ErrorCode.UNKNOWN, f"{type(ex)}:<'{ex}'>") for i in idx]
-                for i, result in zip(idx, results, strict=True):
+                    log.error("site actor %d failed a batch of %d messages: %s", a, len(part), ex)
+                    results = [(None, items[i][1], ErrorCode.UNKNOWN, f"{type(ex)}:<'{ex}'>") for i in part]
+                for i, result in zip(part, results, strict=True):
                     out[i] = result
             return out
 
     _PINNED_BACKEND = PinnedRayBackend
     return _PINNED_BACKEND
-
-
-DEFAULT_BATCH = 8
-"""Messages one Ray call hands a site actor at most (``run_apps_on_engine(batch=...)``)."""
 
 
 def _batched_worker(
@@ -598,7 +604,7 @@ def _batched_worker(
             continue
         started = time.perf_counter()
         try:
-            results = backend.process_batch(items)
+            results = backend.process_batch(items, per_call=batch)
         except Exception as ex:  # the backend itself failed: every message gets an error reply
             log.error("the site actors failed a batch of %d messages: %s", len(items), ex)
             results = [(None, context, ErrorCode.UNKNOWN, f"{type(ex)}:<'{ex}'>") for _, context in items]

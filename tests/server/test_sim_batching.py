@@ -48,8 +48,11 @@ class Backend:
     def __init__(self) -> None:
         self.calls: list[list[int]] = []
 
-    def process_batch(self, items: list[tuple[Message, Context]]) -> list[tuple[Any, Context, int, str]]:
+    def process_batch(
+        self, items: list[tuple[Message, Context]], per_call: int = 8
+    ) -> list[tuple[Any, Context, int, str]]:
         self.calls.append([int(str(c.node_config["partition-id"])) for _, c in items])
+        self.per_call = per_call
         out: list[tuple[Any, Context, int, str]] = []
         for message, context in items:
             p = int(str(context.node_config["partition-id"]))
@@ -92,7 +95,7 @@ def test_waiting_messages_reach_the_actors_together_and_each_gets_its_reply() ->
         worker.join(timeout=10)
     assert not worker.is_alive()
     # Up to batch x actors = 4 messages per turn; node 999 never reaches the backend.
-    assert backend.calls == [[0, 1, 2, 3], [4, 5, 6]]
+    assert backend.calls == [[0, 1, 2, 3], [4, 5, 6]] and backend.per_call == 2
     by_source = {r.metadata.reply_to_message_id: r for r in replies}
     assert set(by_source) == {f"in-{n}" for n in [*range(100, 107), 999]}
     assert len({r.metadata.message_id for r in replies}) == 8  # each reply has its own id
@@ -111,7 +114,9 @@ def test_waiting_messages_reach_the_actors_together_and_each_gets_its_reply() ->
 
 def test_a_backend_failing_a_whole_batch_gives_each_message_an_error_reply() -> None:
     class Broken(Backend):
-        def process_batch(self, items: list[tuple[Message, Context]]) -> list[tuple[Any, Context, int, str]]:
+        def process_batch(
+            self, items: list[tuple[Message, Context]], per_call: int = 8
+        ) -> list[tuple[Any, Context, int, str]]:
             raise RuntimeError("actor lost")
 
     inq: queue.Queue[Message] = queue.Queue()
@@ -137,3 +142,34 @@ def test_a_backend_failing_a_whole_batch_gives_each_message_an_error_reply() -> 
 def test_a_batch_size_out_of_range_is_refused(batch: int) -> None:
     with pytest.raises(SimulationError, match="batch"):
         run_apps_on_engine(None, None, 2, batch=batch)
+
+
+def test_the_pinned_backend_runs_a_batch_on_real_actors_in_order_and_in_calls_of_per_call() -> None:
+    """Real Ray actors: sites 0, 2, 4 pinned to actor 0 and 1, 3 to actor 1; per_call=2 splits
+    actor 0's three messages over two calls; site 3's ClientApp raises: an error for it alone."""
+    from flwr.clientapp import ClientApp
+
+    from fedseal.server.simulate import default_backend_config, pinned_ray_backend
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        p = int(str(context.node_config["partition-id"]))
+        if p == 3:
+            raise RuntimeError("site 3 broke")
+        return Message(RecordDict({"r": ConfigRecord({"p": p, "pid": __import__("os").getpid()})}), reply_to=msg)
+
+    backend = pinned_ray_backend()(default_backend_config(2))
+    backend.build(lambda: app)
+    try:
+        items = [(message_for(100 + p), Store(p).retrieve_context(run_id=1)) for p in range(5)]
+        results = backend.process_batch(items, per_call=2)
+    finally:
+        backend.terminate()
+    assert [r[2] for r in results] == [0, 0, 0, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, 0]
+    assert "site 3 broke" in results[3][3]
+    replies = {p: results[p][0] for p in (0, 1, 2, 4)}
+    assert all(r is not None and r.metadata.reply_to_message_id == f"in-{100 + p}" for p, r in replies.items())
+    pids = {p: r.content["r"]["pid"] for p, r in replies.items() if r is not None}
+    assert pids[0] == pids[2] == pids[4] != pids[1]  # each site in its pinned actor
