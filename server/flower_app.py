@@ -679,8 +679,7 @@ class _SecureCoordinator:
                         site = site_of.get(int(reply.metadata.src_node_id))
                         if site is None:
                             continue
-                        sec = None if reply.has_error() else reply.content.get(SETUP_RECORD)
-                        payload = sec.get("payload") if isinstance(sec, ConfigRecord) else None
+                        payload = None if reply.has_error() else _reply_payload(reply)
                         bulk_rec = reply.content.get("bulk") if payload else None
                         bulk = (
                             bulk_rec["masked"].numpy()
@@ -710,6 +709,13 @@ class _SecureCoordinator:
         mean: npt.NDArray[np.float64] = np.asarray(result.weighted_mean, np.float64)
         rec["total_weight"] = int(result.total_weight)
         return mean
+
+
+def _reply_payload(reply: Message) -> object:
+    """The protocol message a site's reply carries (``SETUP_RECORD``'s ``payload``), unchecked:
+    the caller treats anything but non-empty bytes as no answer."""
+    sec = reply.content.get(SETUP_RECORD)
+    return sec.get("payload") if isinstance(sec, ConfigRecord) else None
 
 
 def _setup_with_evaluation(
@@ -757,8 +763,7 @@ def _collect_adverts(run: _Run, ahead: SetupAhead, replies: list[Message]) -> No
         site = run.node_sites.get(int(reply.metadata.src_node_id))
         if site not in wanted or reply.has_error():
             continue
-        sec = reply.content.get(SETUP_RECORD)
-        payload = sec.get("payload") if isinstance(sec, ConfigRecord) else None
+        payload = _reply_payload(reply)
         if isinstance(payload, bytes) and payload:
             ahead.adverts[site] = payload
             continue

@@ -77,23 +77,32 @@ def message_for(node: int) -> Message:
     return msg
 
 
-def test_waiting_messages_reach_the_actors_together_and_each_gets_its_reply() -> None:
+def run_worker(
+    nodes: list[int], stores: dict[int, Store], backend: Backend, metrics: Metrics, batch: int
+) -> list[Message]:
+    """Queue a message for each node, run the batched worker until each has its reply, stop it."""
     inq: queue.Queue[Message] = queue.Queue()
     outq: queue.Queue[Message] = queue.Queue()
-    stores = {100 + p: Store(p) for p in range(7)}
-    for node in [*range(100, 107), 999]:  # node 999 has no context: an error reply of its own
+    for node in nodes:
         inq.put(message_for(node))
-    backend, metrics, stop = Backend(), Metrics(), threading.Event()
+    stop = threading.Event()
     worker = threading.Thread(
-        target=_batched_worker, args=(inq, outq, stores, backend, stop, metrics), kwargs={"batch": 2}
+        target=_batched_worker, args=(inq, outq, stores, backend, stop, metrics), kwargs={"batch": batch}
     )
     worker.start()
     try:
-        replies = [outq.get(timeout=10) for _ in range(8)]
+        return [outq.get(timeout=10) for _ in nodes]
     finally:
         stop.set()
         worker.join(timeout=10)
-    assert not worker.is_alive()
+        assert not worker.is_alive()
+
+
+def test_waiting_messages_reach_the_actors_together_and_each_gets_its_reply() -> None:
+    stores = {100 + p: Store(p) for p in range(7)}
+    backend, metrics = Backend(), Metrics()
+    # node 999 has no context: an error reply of its own
+    replies = run_worker([*range(100, 107), 999], stores, backend, metrics, batch=2)
     # Up to batch x actors = 4 messages per turn; node 999 never reaches the backend.
     assert backend.calls == [[0, 1, 2, 3], [4, 5, 6]] and backend.per_call == 2
     by_source = {r.metadata.reply_to_message_id: r for r in replies}
@@ -119,22 +128,7 @@ def test_a_backend_failing_a_whole_batch_gives_each_message_an_error_reply() -> 
         ) -> list[tuple[Any, Context, int, str]]:
             raise RuntimeError("actor lost")
 
-    inq: queue.Queue[Message] = queue.Queue()
-    outq: queue.Queue[Message] = queue.Queue()
-    for node in (100, 101):
-        inq.put(message_for(node))
-    stop = threading.Event()
-    worker = threading.Thread(
-        target=_batched_worker,
-        args=(inq, outq, {100: Store(0), 101: Store(1)}, Broken(), stop, Metrics()),
-        kwargs={"batch": 8},
-    )
-    worker.start()
-    try:
-        replies = [outq.get(timeout=10) for _ in range(2)]
-    finally:
-        stop.set()
-        worker.join(timeout=10)
+    replies = run_worker([100, 101], {100: Store(0), 101: Store(1)}, Broken(), Metrics(), batch=8)
     assert all(r.has_error() and "actor lost" in str(r.error.reason) for r in replies)
 
 
