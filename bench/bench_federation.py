@@ -36,6 +36,14 @@ they include the evaluation messages (which carry the next round's setup with
 machine the wall seconds include waiting for a core, the CPU seconds do not, so the CPU column
 is the one to compare the sites' work across arms and runs.
 
+Last, with the plain arm in the run (``--no-floor`` skips it): the least any secure round +
+evaluation could take on this engine, from the same run's numbers: plain's round + evaluation,
+plus each site's unavoidable cryptography for that N and M (``bench.bench_protocol.site_floor``:
+key agreements, signatures, Shamir, share encryption, quantization, mask keystreams, digest;
+signature checks left out) summed over the sites and divided over the actors, plus the engine's
+own cost of the three extra exchanges (the least it cost plain's exchanges). A goal below that
+ratio cannot be met on this engine by any implementation of the protocol.
+
 Quality::
 
     .venv/bin/python -m bench federation --quality [--rounds=10] [--seed=1]
@@ -401,6 +409,54 @@ def _fmt_stages(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: Exchanges a secure round + evaluation has beyond plain's train + evaluate: share, consistency,
+#: unmask (the key adverts ride on the evaluation, the masked input on the training exchange).
+EXTRA_EXCHANGES = 3
+
+
+def _fmt_floor(results: list[dict[str, Any]], floors: dict[tuple[int, int], dict[str, float]]) -> str:
+    """How close any secure round could come to plain's, from this run's own measurements: plain's
+    round + evaluation, plus every site's unavoidable cryptography run site after site on the
+    actors (``bench.bench_protocol.site_floor``, signature checks left out), plus the engine's
+    own cost of the extra exchanges (the least it cost plain per exchange)."""
+    lines = [
+        "| N sites | M params | plain round + evaluation s | engine s / exchange (plain's least) | "
+        "site floor ms (no signature checks) | floor over the actors s | lowest secure round + evaluation s | "
+        "lowest vs plain | fedseal measured vs plain |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        floor = floors.get((r["sites"], r["params"]))
+        if r["arm"] != BASELINE or floor is None or not r.get("round_eval_s"):
+            continue
+        actors = max(1, int(r.get("actors", 1)))
+        engine = min(
+            (max(0.0, v["stage_s"] - v["site_s"] / actors) for v in (r.get("stages") or {}).values()),
+            default=0.0,
+        )
+        spread = r["sites"] * floor["total, no verification"] / 1000 / actors
+        lowest = r["round_eval_s"] + spread + EXTRA_EXCHANGES * engine
+        secure = next(
+            (x for x in results if x["arm"] == "fedseal" and (x["sites"], x["params"]) == (r["sites"], r["params"])),
+            None,
+        )
+        measured = f"{secure['round_eval_s'] / r['round_eval_s']:.2f}x" if secure and secure.get("round_eval_s") else "-"
+        lines.append(
+            f"| {r['sites']} | {r['params']:,} | {r['round_eval_s']:.2f} | {engine:.3f} | "
+            f"{floor['total, no verification']:.1f} | {spread:.2f} | {lowest:.2f} | "
+            f"{lowest / r['round_eval_s']:.2f}x | {measured} |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt_floor_pieces(floors: dict[tuple[int, int], dict[str, float]]) -> str:
+    lines = ["| N sites | M params | piece | CPU ms per site |", "| ---: | ---: | --- | ---: |"]
+    for (n, m), floor in floors.items():
+        for piece, ms in floor.items():
+            lines.append(f"| {n} | {m:,} | {piece} | {ms:.2f} |")
+    return "\n".join(lines)
+
+
 def table_from_log(path: Path) -> str:
     """Rebuild the table from the JSON result lines a run printed (``  {...}``)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("  {")]
@@ -435,6 +491,14 @@ def scale(args: argparse.Namespace) -> None:
     print(_fmt_table(results))
     print()
     print(_fmt_stages(results))
+    if BASELINE in arms and not args.no_floor:
+        from bench.bench_protocol import site_floor
+
+        floors = {(n, m): site_floor(n, m) for n in sites for m in sizes}
+        print("\nThe least a secure round + evaluation could take on this engine (same run):\n")
+        print(_fmt_floor(results, floors))
+        print()
+        print(_fmt_floor_pieces(floors))
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
@@ -539,6 +603,10 @@ def main(argv: list[str]) -> None:
         help="fedseal's arms (plain included): messages per Ray call to a site actor (1: one per message, as Flower)",
     )
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--no-floor", action="store_true",
+        help="skip the closing table of the least a secure round could take (the per-site cryptography floor)",
+    )
     p.add_argument("--workdir", default=None)
     p.add_argument("--keep", action="store_true", help="keep the working directory")
     args = p.parse_args(argv)

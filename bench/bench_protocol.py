@@ -259,6 +259,76 @@ def micro_benchmarks(update: np.ndarray, q: QuantizationConfig, degree: int) -> 
         print(f"| {label} | {ms:.2f} |")
 
 
+def site_floor(n: int, m: int, *, complete_graph_max: int = 32) -> dict[str, float]:
+    """CPU milliseconds of the cryptography one site cannot skip in one secure round of ``n``
+    sites and ``m`` parameters, whatever the implementation (best of 5 each, this process):
+    the pieces SecAgg+ needs with the degree and threshold fedseal picks for ``n``
+    (:func:`~fedseal.protocol.config.default_degree`, ``default_threshold``), on the primitives
+    DESIGN.md names (P-256 ECDH + HKDF, ECDSA P-256, ChaCha20-Poly1305, AES-256-CTR, SHA-256).
+
+    Keys: one entry per piece, ``"total, no verification"`` (every piece but the signature
+    checks: a lower bound for any variant of the protocol) and ``"verify one"`` (one ECDSA
+    check, to price a design's O(N) or O(k) checks).
+    """
+    import os
+
+    from fedseal.crypto.aead import open_sealed
+    from fedseal.crypto.aead import seal as aead_seal
+    from fedseal.crypto.agreement import AgreementKey, derive_shared_key
+    from fedseal.crypto.keys import generate_identity_key
+    from fedseal.crypto.shamir import split_many
+    from fedseal.crypto.signing import sign, verify
+    from fedseal.protocol.config import default_degree, default_threshold
+
+    k = default_degree(n, complete_graph_max)
+    t = default_threshold(k)
+    peers = [AgreementKey.generate().public_bytes() for _ in range(2 * k)]
+    identity = generate_identity_key()
+    message = os.urandom(200)
+    signature = sign(identity, "bench", message)
+    aead_key = os.urandom(32)
+    pair = os.urandom(2 * 40)
+    sealed = aead_seal(aead_key, pair, b"ad")
+    masks = [Mask(bytes([i + 1]) * 32, b"bench", negate=i % 2 == 1) for i in range(k + 1)]
+    scratch = np.empty(m, dtype=np.uint32)
+    update = np.random.default_rng(0).standard_normal(m) * 0.1
+    q = QuantizationConfig.from_clip(1.0, 1 << 16)
+    rng = np.random.default_rng(1)
+    vector = quantize(update, 100, q, rng).vector
+    def agreements() -> None:  # fresh keys: an AgreementKey remembers its secrets per peer
+        share_key, mask_key = AgreementKey.generate(), AgreementKey.generate()
+        for i, peer in enumerate(peers):
+            derive_shared_key(mask_key if i % 2 else share_key, peer, info=b"bench")
+
+    pieces = {
+        f"2 key pairs + {2 * k} ECDH agreements + HKDF (share and mask keys, {k} neighbours)": _best_ms(
+            agreements, 5
+        ),
+        "5 ECDSA signatures (advert, shares, masked input, consistency, unmask)": _best_ms(
+            lambda: [sign(identity, "bench", message) for _ in range(5)], 5
+        ),
+        f"Shamir: 2 secrets into {k} shares, threshold {t}": _best_ms(
+            lambda: split_many([os.urandom(32), os.urandom(32)], t, k), 5
+        ),
+        f"{k} AEAD seals + {k} opens of the share pairs": _best_ms(
+            lambda: [open_sealed(aead_key, sealed, b"ad") for _ in range(k)]
+            + [aead_seal(aead_key, pair, b"ad") for _ in range(k)],
+            5,
+        ),
+        "quantize the update (fixed point)": _best_ms(lambda: quantize(update, 100, q, rng), 5),
+        f"{k + 1} AES-256-CTR mask keystreams of M values": _best_ms(
+            lambda: [prg.expand(mk.seed, m, domain=mk.domain, out=scratch) for mk in masks], 5
+        ),
+        "SHA-256 of the masked vector": _best_ms(lambda: hashlib.sha256(vector.data).digest(), 5),
+    }
+    floor = dict(pieces)
+    floor["total, no verification"] = sum(pieces.values())
+    floor["verify one"] = _best_ms(
+        lambda: [verify(identity.public_key(), "bench", message, signature) for _ in range(20)], 5
+    ) / 20
+    return floor
+
+
 def coordinator_micro_benchmarks(m: int, survivors: int, pairwise: int) -> None:
     """The coordinator's per-round floors at this M, same run: removing ``survivors`` self masks
     and ``pairwise`` dropped-site masks in one chunk-major pass against the keystreams alone, and

@@ -6,14 +6,19 @@ set, the unmask request) and builds the same neighbour graph from the same publi
 doing O(N) work each, one after another on a few cores, where deployed sites work in parallel.
 :func:`share_decoded` makes :func:`fedseal.protocol.messages.decode_payload` and
 :func:`fedseal.protocol.graph.build_graph` remember their results for exactly the same input,
-the way :func:`fedseal.crypto.signing.share_verified` remembers signature checks:
+the way :func:`fedseal.crypto.signing.share_verified` remembers signature checks, and lets a
+site remember each key advert of the bundle it opened (frame decoded, signature verified under
+the key with the advert's signer key id, payload decoded: the ``"adverts"`` memo, used by
+:class:`fedseal.protocol.client.ClientSession`):
 
 * both are pure functions of their arguments and return frozen values (tuples, frozen
   dataclasses, read-only mappings), so a remembered result is the one a fresh call would give;
 * only successes are kept: malformed bytes are decoded, and refused, every time;
 * nothing a check depends on is skipped: a site still verifies each signature (through the
   signature memo's rules), and still checks every header, cohort and sender against its own
-  session, on the shared decoded value.
+  session, on the shared decoded value. A remembered advert says only that its signature
+  verified under the key whose id it names (a key id is the SHA-256 of the key's one canonical
+  DER, so one key); each site still maps that id to a member of its own cohort, or refuses it.
 
 A deployed site is its own process and never turns it on. Memory is bounded: at most
 ``capacity`` entries per memo, least recently used dropped first, and inputs over
@@ -72,6 +77,7 @@ class Memo(Generic[T]):
 
 _decoded: Memo[object] | None = None
 _graphs: Memo[object] | None = None
+_adverts: Memo[object] | None = None
 
 
 def share_decoded(capacity: int | None = 1024) -> None:
@@ -82,20 +88,23 @@ def share_decoded(capacity: int | None = 1024) -> None:
     Raises:
         ValueError: ``capacity`` is not positive.
     """
-    global _decoded, _graphs
+    global _decoded, _graphs, _adverts
     if capacity is None:
-        _decoded = _graphs = None
+        _decoded = _graphs = _adverts = None
         return
     if capacity <= 0:
         raise ValueError("capacity must be positive")
     if _decoded is None or _decoded.capacity != capacity:
-        _decoded, _graphs = Memo(capacity), Memo(capacity)
+        _decoded, _graphs, _adverts = Memo(capacity), Memo(capacity), Memo(capacity)
 
 
 def shared(which: str) -> Memo[object] | None:
-    """The memo named ``"decoded"`` or ``"graphs"``, or ``None`` while sharing is off."""
+    """The memo named ``"decoded"``, ``"graphs"`` or ``"adverts"``, or ``None`` while sharing
+    is off."""
     if which == "decoded":
         return _decoded
     if which == "graphs":
         return _graphs
+    if which == "adverts":
+        return _adverts
     raise ValueError(f"no memo named {which!r}")

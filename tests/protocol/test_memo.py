@@ -13,9 +13,12 @@ from fedseal.crypto import signing
 from fedseal.protocol import DecodeError, ThresholdError, memo
 from fedseal.protocol import graph as graph_mod
 from fedseal.protocol import messages as messages_mod
+from fedseal.protocol.client import ClientSession
 from fedseal.protocol.config import Limits
+from fedseal.protocol.envelope import Envelope
+from fedseal.protocol.errors import CoordinatorMisbehaviourError
 from fedseal.protocol.graph import build_graph
-from fedseal.protocol.messages import Header, SurvivorSet, decode_payload
+from fedseal.protocol.messages import AdvertBundle, Header, SurvivorSet, decode_payload
 from fedseal.protocol.server import ServerStage
 from fedseal.protocol.types import MessageKind, SiteId
 from tests.protocol._support import expected_sum, make_fed
@@ -47,9 +50,12 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
 
 
 def test_it_is_off_unless_turned_on() -> None:
-    code = "from fedseal.protocol import memo; print(memo.shared('decoded'), memo.shared('graphs'))"
+    code = (
+        "from fedseal.protocol import memo; "
+        "print(memo.shared('decoded'), memo.shared('graphs'), memo.shared('adverts'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "None None"
+    assert out.stdout.strip() == "None None None"
 
 
 def test_when_off_every_payload_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,3 +157,58 @@ def test_a_round_with_dropouts_sums_the_same_with_shared_work(share: bool) -> No
         survivors = sorted(result.survivors)
         assert "site-007" not in survivors and len(survivors) == 38
         np.testing.assert_array_equal(result.aggregate, expected_sum(fed, updates, survivors, 5))
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_each_key_advert_is_opened_once_per_process_with_shared_work(
+    monkeypatch: pytest.MonkeyPatch, share: bool
+) -> None:
+    opened: list[bytes] = []
+    real = ClientSession._open_advert
+
+    def counted(self: ClientSession, data: bytes) -> object:
+        opened.append(bytes(data))
+        return real(self, data)
+
+    monkeypatch.setattr(ClientSession, "_open_advert", counted)
+    if share:
+        memo.share_decoded()
+    fed, updates = make_fed(12, length=32, seed=7)
+    outcome = fed.run_round(1)
+    result = outcome.result
+    assert result is not None, outcome.failure
+    assert len(set(opened)) == 12
+    assert len(opened) == (12 if share else 12 * 12)
+    survivors = sorted(result.survivors)
+    np.testing.assert_array_equal(result.aggregate, expected_sum(fed, updates, survivors, 7))
+
+
+def test_a_remembered_advert_must_still_name_a_member_of_the_sites_own_cohort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    memo.share_decoded()
+    seen: list[tuple[ClientSession, AdvertBundle]] = []
+    real = ClientSession._on_adverts
+
+    def spy(self: ClientSession, bundle: AdvertBundle) -> object:
+        seen.append((self, bundle))
+        return real(self, bundle)
+
+    monkeypatch.setattr(ClientSession, "_on_adverts", spy)
+    fed, _ = make_fed(5, seed=3)
+    assert fed.run_round(1).result is not None
+    session, bundle = seen[-1]
+    data = bundle.adverts[0]
+    assert session._verify_advert(data)[1] is memo_entry(data, session)[1]  # a memo hit
+    signer = Envelope.from_bytes(data, session.limits).signer
+    del session._by_key_id[signer]  # this site's cohort no longer holds the advert's signer
+    with pytest.raises(CoordinatorMisbehaviourError, match="outside the cohort"):
+        session._verify_advert(data)
+
+
+def memo_entry(data: bytes, session: ClientSession) -> tuple[object, ...]:
+    adverts = memo.shared("adverts")
+    assert adverts is not None
+    entry = adverts.get((bytes(data), session.limits), lambda: pytest.fail("advert not remembered"))
+    assert isinstance(entry, tuple)
+    return entry
