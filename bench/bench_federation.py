@@ -38,11 +38,13 @@ is the one to compare the sites' work across arms and runs.
 
 Last, with the plain arm in the run (``--no-floor`` skips it): the least any secure round +
 evaluation could take on this engine, from the same run's numbers: plain's round + evaluation,
-plus each site's unavoidable cryptography for that N and M (``bench.bench_protocol.site_floor``:
-key agreements, signatures, Shamir, share encryption, quantization, mask keystreams, digest;
-signature checks left out) summed over the sites and divided over the actors, plus the engine's
-own cost of the three extra exchanges (the least it cost plain's exchanges). A goal below that
-ratio cannot be met on this engine by any implementation of the protocol.
+plus each site's cryptography that fedseal's protocol (DESIGN.md section 3) cannot skip for
+that N and M (``bench.bench_protocol.site_floor``: key agreements, signatures, Shamir, share
+encryption, quantization, mask keystreams, digest; signature checks left out) summed over the
+sites and divided over the actors, plus three times what one exchange of N near-empty messages
+takes on the same engine (:func:`noop_exchange_s`: SecAgg+'s share, consistency and unmask
+exchanges, which plain does not have). A goal below that ratio cannot be met on this engine by
+any implementation of this protocol.
 
 Quality::
 
@@ -343,6 +345,62 @@ def run_arm(
     }
 
 
+# --------------------------------------------------------------------------- the engine's floor
+
+NOOP_EXCHANGES = 6
+"""Exchanges of the no-op measurement (the first is left out of the median, as a round 1)."""
+
+
+def noop_site_app(site_dir: str) -> Any:
+    """A ClientApp that answers a query with a one-entry record and does nothing else."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.query()  # type: ignore[misc]
+    def _answer(msg: Message, context: Any) -> Message:
+        return Message(RecordDict({"ack": ConfigRecord({"ok": 1})}), reply_to=msg)
+
+    return app
+
+
+def noop_exchange_s(fed: Federation, *, actors: int, batch: int) -> float:
+    """Median seconds of one exchange of N near-empty messages on this engine, as fedseal's
+    ServerApp exchanges them (:func:`fedseal.server.flower_app.exchange`), with the sites pinned
+    to ``actors`` Ray actors as in fedseal's arms: what any exchange costs on this engine before
+    the sites or the coordinator do any work."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.serverapp import ServerApp
+
+    from fedseal.server.flower_app import exchange
+
+    n = len(fed.sites)
+    times: list[float] = []
+    app = ServerApp()
+
+    @app.main()  # type: ignore[misc]
+    def _main(grid: Any, context: Any) -> None:
+        nodes = list(grid.get_node_ids())
+        for i in range(NOOP_EXCHANGES):
+            msgs = [
+                Message(RecordDict({"q": ConfigRecord({"i": i})}), dst_node_id=node, message_type="query")
+                for node in nodes
+            ]
+            t0 = time.monotonic()
+            replies = exchange(grid, msgs, timeout=300.0)
+            times.append(time.monotonic() - t0)
+            failed = [r for r in replies if r.has_error()]
+            if len(replies) != len(nodes) or failed:
+                raise RuntimeError(f"no-op exchange {i}: {len(replies)} replies, {len(failed)} errors")
+
+    sites = SimulatedSites(tuple(str(p) for p in fed.sites), (), None, factory="bench.bench_federation:noop_site_app")
+    run_apps_on_engine(app, sites, n, actors=actors, pin_sites=True, batch=batch)
+    if len(times) != NOOP_EXCHANGES:
+        raise RuntimeError(f"no-op exchanges: {len(times)} of {NOOP_EXCHANGES} finished")
+    return _median_after_first(times)
+
+
 def _set_secure(fed: Federation, secure: bool, params: int, rounds: int, *, setup_with_evaluation: bool = True) -> None:
     from fedseal.server.cli import write_server_toml
     from fedseal.server.config import load_server_config
@@ -414,26 +472,26 @@ def _fmt_stages(results: list[dict[str, Any]]) -> str:
 EXTRA_EXCHANGES = 3
 
 
-def _fmt_floor(results: list[dict[str, Any]], floors: dict[tuple[int, int], dict[str, float]]) -> str:
-    """How close any secure round could come to plain's, from this run's own measurements: plain's
-    round + evaluation, plus every site's unavoidable cryptography run site after site on the
-    actors (``bench.bench_protocol.site_floor``, signature checks left out), plus the engine's
-    own cost of the extra exchanges (the least it cost plain per exchange)."""
+def _fmt_floor(
+    results: list[dict[str, Any]], floors: dict[tuple[int, int], dict[str, float]], noop: dict[int, float]
+) -> str:
+    """How close a secure round could come to plain's, from this run's own measurements: plain's
+    round + evaluation, plus every site's cryptography that fedseal's protocol cannot skip
+    (``bench.bench_protocol.site_floor``, signature checks left out) run site after site on the
+    actors, plus what the engine takes for each of the three extra exchanges before anybody
+    works (``noop``: the median exchange of N near-empty messages, by N)."""
     lines = [
-        "| N sites | M params | plain round + evaluation s | engine s / exchange (plain's least) | "
+        "| N sites | M params | plain round + evaluation s | no-op exchange s | "
         "site floor ms (no signature checks) | floor over the actors s | lowest secure round + evaluation s | "
         "lowest vs plain | fedseal measured vs plain |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         floor = floors.get((r["sites"], r["params"]))
-        if r["arm"] != BASELINE or floor is None or not r.get("round_eval_s"):
+        engine = noop.get(r["sites"])
+        if r["arm"] != BASELINE or floor is None or engine is None or not r.get("round_eval_s"):
             continue
         actors = max(1, int(r.get("actors", 1)))
-        engine = min(
-            (max(0.0, v["stage_s"] - v["site_s"] / actors) for v in (r.get("stages") or {}).values()),
-            default=0.0,
-        )
         spread = r["sites"] * floor["total, no verification"] / 1000 / actors
         lowest = r["round_eval_s"] + spread + EXTRA_EXCHANGES * engine
         secure = next(
@@ -480,8 +538,9 @@ def scale(args: argparse.Namespace) -> None:
     import fedseal.server.flower_app  # noqa: F401
 
     print(f"machine: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; workdir {root}", flush=True)
+    feds: dict[int, Federation] = {}
     for n in sites:
-        fed = prepare_simulation(root / f"n{n}", sites=n, scheme="iid", seed=1)
+        fed = feds[n] = prepare_simulation(root / f"n{n}", sites=n, scheme="iid", seed=1)
         for m in sizes:
             for arm in arms:
                 res = run_arm(arm, fed, m, args.rounds, root / f"n{n}", actors=args.actors, batch=args.batch)
@@ -495,8 +554,9 @@ def scale(args: argparse.Namespace) -> None:
         from bench.bench_protocol import site_floor
 
         floors = {(n, m): site_floor(n, m) for n in sites for m in sizes}
+        noop = {n: noop_exchange_s(feds[n], actors=args.actors, batch=args.batch) for n in sites}
         print("\nThe least a secure round + evaluation could take on this engine (same run):\n")
-        print(_fmt_floor(results, floors))
+        print(_fmt_floor(results, floors, noop))
         print()
         print(_fmt_floor_pieces(floors))
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")

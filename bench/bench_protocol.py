@@ -267,8 +267,9 @@ def site_floor(n: int, m: int, *, complete_graph_max: int = 32) -> dict[str, flo
     DESIGN.md names (P-256 ECDH + HKDF, ECDSA P-256, ChaCha20-Poly1305, AES-256-CTR, SHA-256).
 
     Keys: one entry per piece, ``"total, no verification"`` (every piece but the signature
-    checks: a lower bound for any variant of the protocol) and ``"verify one"`` (one ECDSA
-    check, to price a design's O(N) or O(k) checks).
+    checks: a lower bound for any implementation of this protocol; the signatures and the
+    digest of the masked vector are this design's, DESIGN.md section 3, not SecAgg+'s) and
+    ``"verify one"`` (one ECDSA check, to price a design's O(N) or O(k) checks).
     """
     import os
 

@@ -245,11 +245,34 @@ def _optimizer(model: nn.Module, req: TrainRequest, device: torch.device) -> tor
     return torch.optim.SGD(model.parameters(), lr=req.learning_rate, momentum=0.9, fused=fused)
 
 
-def _mean(losses: list[torch.Tensor]) -> float:
-    """Mean of the steps' losses, read from the device once (0.0 for no steps)."""
-    if not losses:
-        return 0.0
-    return float(torch.stack(losses).double().mean())
+class _Losses:
+    """The steps' losses, kept on the device and read once: :meth:`add` holds up to
+    :data:`FOLD_EVERY` of them, then folds them into one float64 running sum (one kernel per
+    ``FOLD_EVERY`` steps, memory bounded however long the training)."""
+
+    FOLD_EVERY = 256
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self._pending: list[torch.Tensor] = []
+        self._total: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        self._pending.append(loss)
+        self.steps += 1
+        if len(self._pending) >= self.FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        part = torch.stack(self._pending).double().sum()
+        self._total = part if self._total is None else self._total + part
+        self._pending = []
+
+    def mean(self) -> float:
+        """Mean loss over all steps (0.0 for none): the one wait for the device."""
+        if self._pending:
+            self._fold()
+        return 0.0 if self._total is None else float(self._total) / self.steps
 
 
 class _Proximal:
@@ -296,16 +319,15 @@ def train(model: nn.Module, x: Features, y: Labels, req: TrainRequest, seed: int
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    losses: list[torch.Tensor] = []
+    losses = _Losses()
     for _ in range(req.epochs):
         order = torch.randperm(len(xt), generator=gen).to(device)
         for start in range(0, len(xt), req.batch_size):
             idx = order[start : start + req.batch_size]
-            losses.append(_step(model, opt, xt[idx], yt[idx], req.clip_norm, device, prox))
-    steps = len(losses)
-    mean_loss = _mean(losses)
+            losses.add(_step(model, opt, xt[idx], yt[idx], req.clip_norm, device, prox))
+    mean_loss = losses.mean()
     model.to("cpu")
-    return TrainResult(num_examples=len(x), mean_loss=mean_loss, steps=steps)
+    return TrainResult(num_examples=len(x), mean_loss=mean_loss, steps=losses.steps)
 
 
 def train_stream(model: nn.Module, source: BatchSource, req: TrainRequest, *, seed: int) -> TrainResult:
@@ -336,22 +358,21 @@ def train_stream(model: nn.Module, source: BatchSource, req: TrainRequest, *, se
     model.to(device).train()
     opt = _optimizer(model, req, device)
     prox = _Proximal.of(model, req)
-    losses: list[torch.Tensor] = []
+    losses = _Losses()
     try:
         for epoch in range(req.epochs):
             rows = 0
             for xb, yb in source.batches(batch_size=req.batch_size, seed=seed, epoch=epoch, shuffle=True):
                 xb = xb.to(device, non_blocking=True)
                 yb = yb.to(device, non_blocking=True)
-                losses.append(_step(model, opt, xb, yb, req.clip_norm, device, prox))
+                losses.add(_step(model, opt, xb, yb, req.clip_norm, device, prox))
                 rows += len(yb)
             if rows != expected:
                 raise ValueError(f"bad training data: epoch {epoch} streamed {rows} rows, the source has {expected}")
-        steps = len(losses)
-        mean_loss = _mean(losses)
+        mean_loss = losses.mean()
     finally:
         model.to("cpu")
-    return TrainResult(num_examples=expected, mean_loss=mean_loss, steps=steps)
+    return TrainResult(num_examples=expected, mean_loss=mean_loss, steps=losses.steps)
 
 
 class _Confusion:

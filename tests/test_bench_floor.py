@@ -19,15 +19,10 @@ def test_site_floor_prices_every_piece_and_adds_them_up() -> None:
 
 
 def test_the_lowest_ratio_adds_the_spread_floor_and_the_extra_exchanges() -> None:
-    plain = {
-        "arm": "plain", "sites": 100, "params": 1000, "actors": 2, "round_eval_s": 2.0,
-        "stages": {
-            "train": {"stage_s": 1.5, "site_s": 2.0},  # engine: 1.5 - 2.0 / 2 = 0.5
-            "evaluate": {"stage_s": 0.5, "site_s": 0.6},  # engine: 0.5 - 0.3 = 0.2 (the least)
-        },
-    }
+    plain = {"arm": "plain", "sites": 100, "params": 1000, "actors": 2, "round_eval_s": 2.0}
     secure = {"arm": "fedseal", "sites": 100, "params": 1000, "round_eval_s": 5.0}
-    table = _fmt_floor([plain, secure], {(100, 1000): {"total, no verification": 10.0}})
+    floors = {(100, 1000): {"total, no verification": 10.0}}
+    table = _fmt_floor([plain, secure], floors, {100: 0.2, 10: 9.9})
     (row,) = [line for line in table.splitlines() if line.startswith("| 100 |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     lowest = 2.0 + 100 * 10.0 / 1000 / 2 + EXTRA_EXCHANGES * 0.2  # 2.0 + 0.5 + 0.6
@@ -38,4 +33,9 @@ def test_the_lowest_ratio_adds_the_spread_floor_and_the_extra_exchanges() -> Non
 
 def test_no_plain_arm_no_row() -> None:
     secure = {"arm": "fedseal", "sites": 10, "params": 10, "round_eval_s": 1.0}
-    assert len(_fmt_floor([secure], {(10, 10): {"total, no verification": 1.0}}).splitlines()) == 2
+    assert len(_fmt_floor([secure], {(10, 10): {"total, no verification": 1.0}}, {10: 0.1}).splitlines()) == 2
+
+
+def test_no_noop_measurement_no_row() -> None:
+    plain = {"arm": "plain", "sites": 10, "params": 10, "actors": 1, "round_eval_s": 1.0}
+    assert len(_fmt_floor([plain], {(10, 10): {"total, no verification": 1.0}}, {}).splitlines()) == 2

@@ -206,6 +206,47 @@ def test_a_remembered_advert_must_still_name_a_member_of_the_sites_own_cohort(
         session._verify_advert(data)
 
 
+def test_a_remembered_advert_is_opened_again_under_other_limits_and_keeps_its_sender(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    memo.share_decoded()
+    seen: list[tuple[ClientSession, AdvertBundle]] = []
+    opened: list[bytes] = []
+    real_adverts, real_open = ClientSession._on_adverts, ClientSession._open_advert
+
+    def spy(self: ClientSession, bundle: AdvertBundle) -> object:
+        seen.append((self, bundle))
+        return real_adverts(self, bundle)
+
+    def counted(self: ClientSession, data: bytes) -> object:
+        opened.append(bytes(data))
+        return real_open(self, data)
+
+    monkeypatch.setattr(ClientSession, "_on_adverts", spy)
+    monkeypatch.setattr(ClientSession, "_open_advert", counted)
+    fed, _ = make_fed(5, seed=4)
+    assert fed.run_round(1).result is not None
+    session, bundle = seen[-1]
+    data = bundle.adverts[0]
+    before = len(opened)
+    session._verify_advert(data)
+    assert len(opened) == before  # remembered under these limits
+    session.limits = Limits(max_message_bytes=len(data) - 1)
+    with pytest.raises(DecodeError):  # other limits: opened again, and refused by them
+        session._verify_advert(data)
+    assert len(opened) == before + 1
+
+    # A cohort that lists the advert's key under another site's name: the remembered advert
+    # still names its own sender, so this site refuses it.
+    session.limits = Limits()
+    owner, _, _ = session._verify_advert(data)
+    signer = Envelope.from_bytes(data, session.limits).signer
+    other = next(s for s in session._by_key_id.values() if s != owner)
+    session._by_key_id[signer] = other
+    with pytest.raises(CoordinatorMisbehaviourError, match="wrong sender"):
+        session._verify_advert(data)
+
+
 def memo_entry(data: bytes, session: ClientSession) -> tuple[object, ...]:
     adverts = memo.shared("adverts")
     assert adverts is not None
