@@ -112,7 +112,7 @@ from .masking import (
     pairwise_seed,
     seed_commitment,
 )
-from .memo import MAX_KEY_BYTES, shared
+from .memo import MAX_KEY_BYTES, remembered
 from .messages import (
     AGREEMENT_PUBLIC_BYTES,
     AdvertBundle,
@@ -655,13 +655,9 @@ class ClientSession:
     # -- stage 1: adverts -> encrypted shares ----------------------------------------------
 
     def _verify_advert(self, data: bytes) -> tuple[SiteId, KeyAdvert, bytes]:
-        memo = shared("adverts")
-        if memo is None or len(data) > MAX_KEY_BYTES:
-            envelope, advert, digest = self._open_advert(data)
-        else:
-            # Simulations: another virtual site of this process opened these very bytes.
-            opened = memo.get((bytes(data), self.limits), lambda: self._open_advert(data))
-            envelope, advert, digest = opened  # type: ignore[misc]
+        # Simulations: another virtual site of this process may have opened these very bytes.
+        key = (bytes(data), self.limits) if len(data) <= MAX_KEY_BYTES else None
+        envelope, advert, digest = remembered("adverts", key, lambda: self._open_advert(data))
         owner = self._by_key_id.get(envelope.signer)
         if owner is None:
             raise CoordinatorMisbehaviourError("key advert signed by a key outside the cohort")

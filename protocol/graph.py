@@ -47,10 +47,9 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import cast
 
 from .errors import ThresholdError
-from .memo import shared
+from .memo import remembered
 from .types import SiteId, site_sort_key
 
 __all__ = ["NeighbourGraph", "build_graph", "graph_seed"]
@@ -115,12 +114,8 @@ def build_graph(
         ThresholdError: If too few sites remain for neighbourhoods of ``threshold``.
     """
     members = tuple(sorted(set(sites), key=site_sort_key))
-    memo = shared("graphs")
-    if memo is None:
-        return _build_graph(members, seed, degree, threshold)
     key = (members, bytes(seed), degree, threshold)
-    graph = memo.get(key, lambda: _build_graph(members, seed, degree, threshold))
-    return cast(NeighbourGraph, graph)
+    return remembered("graphs", key, lambda: _build_graph(members, seed, degree, threshold))
 
 
 def _build_graph(

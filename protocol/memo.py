@@ -29,9 +29,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
-__all__ = ["MAX_KEY_BYTES", "Memo", "share_decoded", "shared"]
+__all__ = ["MAX_KEY_BYTES", "Memo", "remembered", "share_decoded", "shared"]
 
 MAX_KEY_BYTES = 1 << 20
 """Payloads larger than this (1 MiB) are decoded every time, never remembered."""
@@ -108,3 +108,16 @@ def shared(which: str) -> Memo[object] | None:
     if which == "adverts":
         return _adverts
     raise ValueError(f"no memo named {which!r}")
+
+
+def remembered(which: str, key: Hashable | None, compute: Callable[[], T]) -> T:
+    """``compute()``, through the memo named ``which`` while sharing is on; a ``None`` key (an
+    input over :data:`MAX_KEY_BYTES`) is computed every time, never remembered.
+
+    The caller's ``compute`` must return what the key determines (see the module docstring);
+    its exceptions propagate and nothing is remembered.
+    """
+    memo = shared(which)
+    if memo is None or key is None:
+        return compute()
+    return cast(T, memo.get(key, compute))

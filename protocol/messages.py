@@ -22,12 +22,12 @@ import hashlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import ClassVar
 
 from .config import Limits, QuantizationConfig, RoundParameters
 from .encoding import Reader, Writer
 from .errors import ConfigError, DecodeError
-from .memo import MAX_KEY_BYTES, shared
+from .memo import MAX_KEY_BYTES, remembered
 from .types import DIGEST_BYTES, RUN_ID_BYTES, MessageKind, SiteId, site_sort_key
 
 __all__ = [
@@ -553,11 +553,8 @@ def decode_payload(kind: MessageKind, payload: bytes, limits: Limits) -> Message
     Raises:
         DecodeError: Malformed, truncated, trailing bytes, or over a size bound.
     """
-    memo = shared("decoded")
-    if memo is None or len(payload) > MAX_KEY_BYTES:
-        return _decode_payload(kind, payload, limits)
-    key = (kind, bytes(payload), limits)
-    return cast(Message, memo.get(key, lambda: _decode_payload(kind, payload, limits)))
+    key = (kind, bytes(payload), limits) if len(payload) <= MAX_KEY_BYTES else None
+    return remembered("decoded", key, lambda: _decode_payload(kind, payload, limits))
 
 
 def _decode_payload(kind: MessageKind, payload: bytes, limits: Limits) -> Message:

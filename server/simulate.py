@@ -502,10 +502,15 @@ def pinned_ray_backend() -> Any:
             pool_threads = min(32, (os.cpu_count() or 1) + 4)
             return max(len(self.actors), min(2 * len(self.actors), pool_threads))
 
-        def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        def pinned(self, context: Context) -> tuple[int, str]:
+            """The index of the actor that runs this node's site, always the same one, and the
+            site's partition id (Flower's ``cid``)."""
             partition = int(str(context.node_config[PARTITION_ID_KEY]))
-            actor = self.actors[partition % len(self.actors)]
-            _, reply, updated = ray.get(actor.run.remote(self.app_fn, message, str(partition), context))  # type: ignore[attr-defined]
+            return partition % len(self.actors), str(partition)
+
+        def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+            a, cid = self.pinned(context)
+            _, reply, updated = ray.get(self.actors[a].run.remote(self.app_fn, message, cid, context))  # type: ignore[attr-defined]
             return reply, updated
 
         def process_batch(
@@ -521,18 +526,16 @@ def pinned_ray_backend() -> Any:
             from flwr.common.constant import ErrorCode
 
             groups: dict[int, list[int]] = {}
+            cids: list[str] = []
             for i, (_, context) in enumerate(items):
-                partition = int(str(context.node_config[PARTITION_ID_KEY]))
-                groups.setdefault(partition % len(self.actors), []).append(i)
+                a, cid = self.pinned(context)
+                groups.setdefault(a, []).append(i)
+                cids.append(cid)
             calls = [
                 (
                     a, idx[k : k + per_call],
                     self.actors[a].run_batch.remote(  # type: ignore[attr-defined]
-                        self.app_fn,
-                        [
-                            (items[i][0], str(items[i][1].node_config[PARTITION_ID_KEY]), items[i][1])
-                            for i in idx[k : k + per_call]
-                        ],
+                        self.app_fn, [(items[i][0], cids[i], items[i][1]) for i in idx[k : k + per_call]],
                     ),
                 )
                 for a, idx in groups.items()
