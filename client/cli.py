@@ -17,7 +17,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import typer
 
-from fedseal.client import site_cli
+from fedseal.client import roster_cli, site_cli
 from fedseal.client.data import cli as data_cli
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app = typer.Typer(
 )
 data_cli.register(app)
 site_cli.register(app)
+roster_cli.register(app)
 
 
 def main() -> None:
