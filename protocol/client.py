@@ -18,6 +18,13 @@ Rules the site enforces (each violation raises a typed error):
       run, round, model digest, setup digest and this site as recipient;
     * the round parameters are safe (threshold > half a neighbourhood, no wrap-around) and
       the cohort holds at least ``SitePolicy.min_cohort`` sites (:class:`CohortTooSmallError`);
+    * every other cohort member is a site this site knows *independently of the coordinator*,
+      with exactly the key it trusts for it (``trusted_peers``: its pinned consortium roster
+      and ``[peers]`` table), and there are at least ``SitePolicy.min_known_peers`` of them
+      (:class:`UntrustedPeerError`): a coordinator cannot fill a cohort with its own keys;
+    * the degree, threshold and ``min_survivors`` meet the site's own floor for its
+      ``max_colluding_fraction`` (gamma) and ``security_bits`` (:mod:`fedseal.protocol.params`,
+      :class:`WeakRoundError`), whatever the coordinator proposes;
     * setup attempts: a new setup for the same run, round and model while the site waits
       for the advert bundle starts a new attempt (fresh ephemeral keys and seed); the site
       answers only attempts ``0..max_setup_attempts-1`` (:class:`SetupAttemptError`), each
@@ -33,10 +40,12 @@ Rules the site enforces (each violation raises a typed error):
       survivor statement every site signs, so sites shown different bundles never reach
       the consistency quorum;
     * at least ``t`` neighbours' shares arrived before the site masks its input;
+    * it signs a survivor set only if it holds at least ``min_known_peers`` other sites and
+      the consistency quorum, and no window of ``k/2`` consecutive ring positions holds more
+      dropped sites than the floor allows (claimed dropouts cannot cut honest sites off);
     * it reveals shares only after valid signatures over the *same* survivor set it signed
-      from ``max(t, n // 2 + 1)`` of the ``n`` cohort members (a majority, so a coordinator
-      cannot collect them for two different sets; ``t`` alone allows that in a sparse
-      graph);
+      from ``max(t, (n + c) // 2 + 1)`` of the ``n`` cohort members, ``c = floor(gamma n)``
+      (two sets can never both reach it, even with ``c`` colluders signing both);
     * for each neighbour it reveals either the self-mask seed share (survivor) or the
       mask-key share (dropped), never both, never for a non-neighbour, and only once.
 
@@ -79,7 +88,6 @@ from .config import (
     Limits,
     QuantizationConfig,
     SitePolicy,
-    consistency_quorum,
     validate_parameters,
 )
 from .encoding import Reader, Writer
@@ -95,7 +103,9 @@ from .errors import (
     StaleMessageError,
     ThresholdError,
     UnknownSignerError,
+    UntrustedPeerError,
     VerificationError,
+    WeakRoundError,
 )
 from .graph import NeighbourGraph, build_graph, graph_seed
 from .guard import SetupGuard
@@ -131,6 +141,7 @@ from .messages import (
     decode_payload,
     survivor_statement,
 )
+from .params import SecurityFloor, check_parameters, check_survivor_windows, site_floor
 from .types import (
     COORDINATOR,
     DIGEST_BYTES,
@@ -231,7 +242,11 @@ class ClientSession:
         randbytes: Source of seeds, ephemeral keys and nonces.
         now: Clock (seconds since the epoch) for the setup's expiry.
         limits: Size bounds for untrusted input.
-        pinned_peers: Optional site -> key id map; if given, the setup's cohort keys must match.
+        trusted_peers: The site's own trust anchor: site -> key id (SHA-256 of the DER
+            public key) of every peer it knows independently of the coordinator (its pinned
+            consortium roster and ``[peers]`` table). A cohort member not listed here with
+            exactly that key is refused (:class:`UntrustedPeerError`): a coordinator cannot
+            fill a cohort with keys of its own.
         expected_run: If given, the setup must be for this run id.
         min_round: If given, the setup's round must be at least this (no replay of old rounds).
         policy: What setups the site accepts (attempt cap, minimum cohort); default
@@ -250,8 +265,8 @@ class ClientSession:
         rng: np.random.Generator,
         randbytes: Callable[[int], bytes] = os.urandom,
         now: Callable[[], float] = time.time,
+        trusted_peers: Mapping[str, bytes],
         limits: Limits | None = None,
-        pinned_peers: Mapping[str, bytes] | None = None,
         expected_run: bytes | None = None,
         min_round: int | None = None,
         policy: SitePolicy | None = None,
@@ -269,7 +284,7 @@ class ClientSession:
         self._randbytes = randbytes
         self._now = now
         self.limits = limits if limits is not None else Limits()
-        self._pinned = dict(pinned_peers) if pinned_peers is not None else None
+        self._trusted = {SiteId(s): bytes(k) for s, k in trusted_peers.items()}
         self._expected_run = expected_run
         self._min_round = min_round
         if policy is None:
@@ -295,6 +310,7 @@ class ClientSession:
         self._graph: NeighbourGraph | None = None
         self._held: dict[SiteId, tuple[Share, Share]] = {}
         self._survivors: tuple[SiteId, ...] = ()
+        self._floor: SecurityFloor | None = None
 
     # -- public API ---------------------------------------------------------------------
 
@@ -515,6 +531,15 @@ class ClientSession:
             raise RuntimeError("no neighbour graph yet")
         return self._graph
 
+    def _quorum(self) -> int:
+        """Survivor-set signatures needed: see :func:`fedseal.protocol.config.consistency_quorum`."""
+        return max(self._require_floor().quorum, self._require_setup().params.threshold)
+
+    def _require_floor(self) -> SecurityFloor:
+        if self._floor is None:
+            raise RuntimeError("no security floor yet")
+        return self._floor
+
     def _require_setup(self) -> RoundSetup:
         if self._setup is None:
             raise RuntimeError("no setup yet")
@@ -590,9 +615,13 @@ class ClientSession:
                 raise CoordinatorMisbehaviourError(
                     "cohort lists one key for two sites", site=member.site
                 )
-            if self._pinned is not None and self._pinned.get(member.site) != kid:
-                raise CoordinatorMisbehaviourError(
-                    "cohort key differs from the pinned key", site=member.site
+            if member.site != self.site and self._trusted.get(member.site) != kid:
+                raise UntrustedPeerError(
+                    "cohort lists a key this site cannot tie to its trust anchor "
+                    "(consortium roster or [peers]): "
+                    + ("another key than the one it trusts for this site"
+                       if member.site in self._trusted else "a site it does not know"),
+                    site=member.site,
                 )
             peers[member.site] = _Peer(site=member.site, public_key=public_key)
             by_key[kid] = member.site
@@ -604,6 +633,26 @@ class ClientSession:
                 f"round setup cohort of {len(peers)} sites is below this site's minimum "
                 f"of {self.policy.min_cohort}"
             )
+        if len(peers) - 1 < self.policy.min_known_peers:
+            raise UntrustedPeerError(
+                f"round setup cohort holds {len(peers) - 1} other known sites, this site "
+                f"requires {self.policy.min_known_peers} (min_known_peers)"
+            )
+        gamma, bits = self.policy.max_colluding_fraction, self.policy.security_bits
+        try:
+            check_parameters(
+                len(peers),
+                setup.params.degree,
+                setup.params.threshold,
+                setup.params.min_survivors,
+                gamma,
+                bits,
+            )
+        except ConfigError as exc:
+            raise WeakRoundError(
+                f"round parameters below this site's floor: {exc.message}"
+            ) from exc
+        self._floor = site_floor(len(peers), setup.params.degree, gamma, bits)
         if own_der != self._identity_der:
             raise CoordinatorMisbehaviourError("cohort lists a different key for this site")
         self._setup = setup
@@ -864,6 +913,27 @@ class ClientSession:
             raise CoordinatorMisbehaviourError(
                 f"survivor set of {len(survivors)} below min_survivors {setup.params.min_survivors}"
             )
+        if len(survivors) - 1 < self.policy.min_known_peers:
+            raise UntrustedPeerError(
+                f"survivor set holds {len(survivors) - 1} other known sites, this site "
+                f"requires {self.policy.min_known_peers} (min_known_peers)"
+            )
+        floor = self._require_floor()
+        if len(survivors) < self._quorum():
+            raise WeakRoundError(
+                f"survivor set of {len(survivors)} below this site's consistency quorum "
+                f"{self._quorum()} (cohort {len(setup.cohort)}, max_colluding_fraction "
+                f"{self.policy.max_colluding_fraction:.3g})"
+            )
+        graph = self._require_graph()
+        try:
+            # Dropouts the coordinator claims must not cut a group of honest sites off the
+            # rest of the ring (it would learn that group's sum).
+            check_survivor_windows(
+                graph.ring, survivors, graph.degree, floor.max_dropped_per_window
+            )
+        except ConfigError as exc:
+            raise WeakRoundError(f"survivor set refused: {exc.message}") from exc
         for s in survivors:
             if s != self.site and s in self.neighbours and s not in self._held:
                 raise CoordinatorMisbehaviourError(
@@ -891,7 +961,7 @@ class ClientSession:
         )
         # t signatures do not force one view when the cohort holds two disjoint groups of t
         # (any sparse graph): a majority of the cohort does (each honest site signs once).
-        needed = consistency_quorum(setup.params.threshold, len(setup.cohort))
+        needed = self._quorum()
         valid = 0
         for signer, signature in request.signatures:
             if signer not in self._survivors:

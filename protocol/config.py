@@ -31,6 +31,8 @@ __all__ = [
     "RoundConfig",
     "RoundParameters",
     "SitePolicy",
+    "check_colluding_fraction",
+    "check_security_bits",
     "consistency_quorum",
     "default_degree",
     "default_threshold",
@@ -51,9 +53,18 @@ def _check_attempts(value: object, where: str) -> None:
         )
 
 
+DEFAULT_COLLUDING_FRACTION = 1 / 3
+"""Default ``max_colluding_fraction`` (gamma): the coordinator may collude with a third of a cohort."""
+
+DEFAULT_SECURITY_BITS = 40
+"""Default security parameter: a graph/threshold choice fails with probability <= 2^-40."""
+
+
 @dataclass(frozen=True, slots=True)
 class SitePolicy:
-    """What a site accepts from a coordinator's round setups (checked before it answers).
+    """What a site accepts from a coordinator's rounds (checked before it answers).
+
+    Every field is the site's own (``client.toml`` ``[privacy]``), never the coordinator's.
 
     Attributes:
         max_setup_attempts: Setup attempts per round the site answers: it answers only
@@ -62,10 +73,22 @@ class SitePolicy:
             graphs per round (see :mod:`fedseal.protocol.graph`). 1..16, default 3.
         min_cohort: Smallest cohort (including this site) the site joins. At least 2,
             default 3: with two sites the sum reveals the other site's input.
+        min_known_peers: Fewest *other* sites, each tied to the site's own trust anchor,
+            that must be in the cohort and in the survivor set the site signs. Default 2.
+        max_colluding_fraction: gamma, the largest fraction of a cohort that may collude
+            with the coordinator (default 1/3). From it and ``security_bits`` the site
+            derives its floor for the neighbour-graph degree, the Shamir threshold, the
+            consistency quorum and the dropouts it tolerates per ring window
+            (:mod:`fedseal.protocol.params`).
+        security_bits: sigma: the floor's failure probability is at most ``2**-sigma``
+            (default 40).
     """
 
     max_setup_attempts: int = 3
     min_cohort: int = 3
+    min_known_peers: int = 2
+    max_colluding_fraction: float = DEFAULT_COLLUDING_FRACTION
+    security_bits: int = DEFAULT_SECURITY_BITS
 
     def __post_init__(self) -> None:
         _check_attempts(self.max_setup_attempts, "site_policy")
@@ -73,6 +96,29 @@ class SitePolicy:
             raise ConfigError(
                 f"site_policy.min_cohort must be an integer in 2..65536, got {self.min_cohort!r}"
             )
+        if not isinstance(self.min_known_peers, int) or not 1 <= self.min_known_peers <= 1 << 16:
+            raise ConfigError(
+                "site_policy.min_known_peers must be an integer in 1..65536, "
+                f"got {self.min_known_peers!r}"
+            )
+        check_colluding_fraction(self.max_colluding_fraction, "site_policy")
+        check_security_bits(self.security_bits, "site_policy")
+
+
+def check_colluding_fraction(value: object, where: str) -> None:
+    """Raise unless ``value`` is a number in [0, 1/2)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value < 0.5
+    ):
+        raise ConfigError(f"{where}.max_colluding_fraction must be in [0, 0.5), got {value!r}")
+
+
+def check_security_bits(value: object, where: str) -> None:
+    """Raise unless ``value`` is an integer in 8..128."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= 128:
+        raise ConfigError(f"{where}.security_bits must be an integer in 8..128, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,16 +216,23 @@ def default_degree(n: int, complete_graph_max: int) -> int:
     return min(k, n - 1)
 
 
-def consistency_quorum(threshold: int, cohort_size: int) -> int:
+def consistency_quorum(
+    threshold: int,
+    cohort_size: int,
+    max_colluding_fraction: float = DEFAULT_COLLUDING_FRACTION,
+) -> int:
     """Valid survivor-set signatures a site needs before it reveals shares.
 
-    ``max(threshold, cohort_size // 2 + 1)``: more than half the cohort, so no two disjoint
-    groups of honest signers can approve different survivor sets. ``t`` alone (any
-    ``t > k/2``) is not enough: a sparse graph, or a complete graph with ``2t <= n``, has
-    room for two groups of ``t``, and a coordinator showing them different sets gets one
-    site's self-mask seed from one group and its partners' mask keys from the other.
+    ``max(threshold, (n + c) // 2 + 1)`` with ``c = floor(gamma * n)`` colluders: honest
+    sites sign one survivor set each and colluders sign anything, so two different sets
+    could both reach ``q`` signatures only if ``2q - 2c <= n - c``. ``t`` alone (any
+    ``t > k/2``), or a bare majority, is not enough: a coordinator showing two groups
+    different sets gets one site's self-mask seed from one group and its partners' mask keys
+    from the other (see :func:`fedseal.protocol.params.safe_quorum`).
     """
-    return max(threshold, cohort_size // 2 + 1)
+    from .params import safe_quorum
+
+    return safe_quorum(cohort_size, max_colluding_fraction, threshold)
 
 
 def default_threshold(k: int) -> int:
@@ -264,6 +317,13 @@ class RoundConfig:
             members do not advertise keys it re-sends the setup to those that did (a new
             attempt with fresh keys) until this many attempts are spent. 1..16, default 3;
             sites answer at most their own :attr:`SitePolicy.max_setup_attempts`.
+        max_colluding_fraction: gamma the automatic degree, threshold and ``min_survivors``
+            are chosen for (sites refuse rounds below *their own* floor,
+            :mod:`fedseal.protocol.params`; keep this at least the sites' value).
+        security_bits: sigma of that floor (the same remark).
+        window_dropouts: Dropouts per window of ``k/2`` consecutive ring positions a sparse
+            round must tolerate (sites refuse survivor sets with more than their floor
+            allows); a larger value asks for a larger automatic degree.
     """
 
     vector_length: int
@@ -276,6 +336,9 @@ class RoundConfig:
     round_timeout_s: int = 3600
     limits: Limits = field(default_factory=Limits)
     max_setup_attempts: int = 3
+    max_colluding_fraction: float = DEFAULT_COLLUDING_FRACTION
+    security_bits: int = DEFAULT_SECURITY_BITS
+    window_dropouts: int = 2
 
     def resolve(self, cohort_size: int) -> RoundParameters:
         """Validate for ``cohort_size`` sites and fill in automatic values.
@@ -283,16 +346,32 @@ class RoundConfig:
         Raises:
             ConfigError: If any parameter is out of bounds (the message names it).
         """
+        from .params import least_degree, least_threshold
+
         if cohort_size < 2:
             raise ConfigError(f"cohort size {cohort_size} is below 2")
-        k = (
-            self.degree
-            if self.degree is not None
-            else default_degree(cohort_size, self.complete_graph_max)
+        check_colluding_fraction(self.max_colluding_fraction, "config")
+        check_security_bits(self.security_bits, "config")
+        n, gamma, bits = cohort_size, self.max_colluding_fraction, self.security_bits
+        if self.degree is not None:
+            k = self.degree
+        elif n <= self.complete_graph_max:
+            k = n - 1
+        else:
+            k = least_degree(n, gamma, bits, min_window_dropouts=self.window_dropouts)
+        k = min(k, n - 1)
+        if self.threshold is not None:
+            t = self.threshold
+        else:
+            # The least threshold the sites' floor accepts (colluders alone must stay below
+            # it); k if none is safe (validation then names the problem).
+            least = least_threshold(n, k, gamma, bits) if k == n - 1 or k % 2 == 0 else None
+            t = least if least is not None else k
+        min_survivors = (
+            self.min_survivors
+            if self.min_survivors is not None
+            else min(n, max(2, consistency_quorum(t, n, gamma)))
         )
-        k = min(k, cohort_size - 1)
-        t = self.threshold if self.threshold is not None else default_threshold(k)
-        min_survivors = self.min_survivors if self.min_survivors is not None else max(2, t)
         params = RoundParameters(
             vector_length=self.vector_length,
             quantization=self.quantization,

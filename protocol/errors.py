@@ -23,12 +23,14 @@ Tree::
     ├── DuplicateMessageError       same signed content seen twice / second submission
     ├── ThresholdError              too few parties left for the round to complete
     ├── ReconstructionError         shares do not reconstruct the committed secret
+    ├── AggregateOutOfRangeError    the unmasked sum lies outside what the signed counts allow
     └── ConfigError                 round configuration out of bounds (names the limit)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AggregateOutOfRangeError",
     "BadSignatureError",
     "BulkMismatchError",
     "CohortTooSmallError",
@@ -45,7 +47,9 @@ __all__ = [
     "ThresholdError",
     "UnapprovedDatasetError",
     "UnknownSignerError",
+    "UntrustedPeerError",
     "VerificationError",
+    "WeakRoundError",
 ]
 
 
@@ -165,5 +169,47 @@ class ReconstructionError(ProtocolError):
     """Shares do not reconstruct a secret matching its commitment and no subset does."""
 
 
+class AggregateOutOfRangeError(ProtocolError):
+    """The unmasked aggregate holds an element no honest inputs can sum to: some input wrapped
+    the field (e.g. a site added ``2**(b-1)`` to its masked vector and re-signed it).
+
+    Raised after unmasking when an element, read as a signed two's-complement integer, lies
+    outside ``[-bound, bound]`` with ``bound = levels * (sum of the survivors' signed example
+    counts)``. The round is abandoned: it has no result and nothing is applied. Which input
+    was out of range cannot be told from the masked sum.
+
+    Attributes:
+        count: How many elements lie outside the bound.
+        worst: The element of largest magnitude (signed).
+        bound: The bound the elements were checked against.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        count: int,
+        worst: int,
+        bound: int,
+        site: str | None = None,
+        round: int | None = None,
+        stage: str | None = None,
+    ) -> None:
+        super().__init__(message, site=site, round=round, stage=stage)
+        self.count = count
+        self.worst = worst
+        self.bound = bound
+
+
 class ConfigError(ProtocolError):
     """A round configuration is out of bounds; the message names the offending limit."""
+
+
+class UntrustedPeerError(CoordinatorMisbehaviourError):
+    """A round names a site whose key the site cannot tie to its own trust anchor (consortium
+    roster or ``[peers]`` table), or too few independently known peers."""
+
+
+class WeakRoundError(CoordinatorMisbehaviourError):
+    """Round parameters or a survivor set below the site's own security floor (degree,
+    threshold, quorum or dropouts for its ``max_colluding_fraction`` and security bits)."""

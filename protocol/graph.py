@@ -77,11 +77,14 @@ class NeighbourGraph:
         seed: The public seed it was derived from.
         degree: Degree of every node.
         neighbours: Site -> its neighbours, sorted by site id (read-only).
+        ring: The sites in ring order (a sparse graph's neighbours are the ``degree / 2``
+            nearest on either side); for the complete graph, sorted by site id.
     """
 
     seed: bytes
     degree: int
     neighbours: Mapping[SiteId, tuple[SiteId, ...]]
+    ring: tuple[SiteId, ...] = ()
 
     def of(self, site: SiteId) -> tuple[SiteId, ...]:
         """Neighbours of ``site`` (sorted); empty if ``site`` is not in the graph."""
@@ -129,7 +132,9 @@ def _build_graph(
         )
     if k >= m - 1:
         full = {s: tuple(x for x in members if x != s) for s in members}
-        return NeighbourGraph(seed=seed, degree=m - 1, neighbours=MappingProxyType(full))
+        return NeighbourGraph(
+            seed=seed, degree=m - 1, neighbours=MappingProxyType(full), ring=members
+        )
     if k % 2:
         raise ValueError("a sparse graph needs an even degree")
     ring = sorted(
@@ -142,4 +147,6 @@ def _build_graph(
             ring[(pos - d) % m] for d in range(1, half + 1)
         }
         adjacency[site] = tuple(sorted(around, key=site_sort_key))
-    return NeighbourGraph(seed=seed, degree=k, neighbours=MappingProxyType(adjacency))
+    return NeighbourGraph(
+        seed=seed, degree=k, neighbours=MappingProxyType(adjacency), ring=tuple(ring)
+    )

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedseal.crypto.keys import key_id
+
 from .client import ClientSession, LocalUpdate, RoundInfo
 from .config import RoundConfig, SitePolicy
 from .errors import ProtocolError
@@ -145,6 +147,10 @@ class Federation:
         timer: Optional clock (e.g. ``time.process_time``) to measure compute per stage.
         roster: Optional roster (default: every site active with its simulated root).
         site_policy: What every site accepts from setups (default :class:`SitePolicy()`).
+        trusted_peers: What each site's own trust anchor says (site -> key id per peer);
+            default: every site trusts the federation's own site keys (an honest
+            consortium roster). Sybil tests enrol extra keys in ``roster`` that no site
+            trusts.
     """
 
     def __init__(
@@ -160,6 +166,7 @@ class Federation:
         timer: Callable[[], float] | None = None,
         roster: Roster | None = None,
         site_policy: SitePolicy | None = None,
+        trusted_peers: Mapping[str, Mapping[str, bytes]] | None = None,
     ) -> None:
         self.config = config
         self.sites: tuple[SiteId, ...] = tuple(SiteId(s) for s in sites)
@@ -188,6 +195,12 @@ class Federation:
             )
         )
         self.site_policy = site_policy if site_policy is not None else SitePolicy()
+        consortium: dict[str, bytes] = {
+            s: bytes(key_id(k.public_key())) for s, k in self.site_keys.items()
+        }
+        self.trusted_peers: dict[SiteId, Mapping[str, bytes]] = {
+            s: (trusted_peers or {}).get(s, consortium) for s in self.sites
+        }
         self.guards: dict[SiteId, SetupGuard] = {
             s: SetupGuard(self.site_policy) for s in self.sites
         }
@@ -217,6 +230,7 @@ class Federation:
             ),
             now=lambda: now,
             limits=self.config.limits,
+            trusted_peers=self.trusted_peers.get(site, {}),
             guard=self.guards.setdefault(site, SetupGuard(self.site_policy)),
         )
 

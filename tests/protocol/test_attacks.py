@@ -30,6 +30,7 @@ from fedseal.protocol import (
     RevokedSignerError,
     Roster,
     RosterEntry,
+    SitePolicy,
     StaleMessageError,
     ThresholdError,
     UnapprovedDatasetError,
@@ -62,6 +63,7 @@ from tests.protocol._support import (
 
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 ATTACKER = deterministic_key(b"attacker")
+SPARSE_GAMMA = 0.1
 
 
 def rejections_of(outcome, site: str) -> list[Rejection]:  # type: ignore[no-untyped-def]
@@ -536,7 +538,9 @@ def test_an_unmask_request_with_a_survivor_set_other_than_the_signed_one_is_refu
 
 
 def _sparse_config():  # type: ignore[no-untyped-def]
-    return make_config(8, complete_graph_max=4)  # 12 sites: degree 8, threshold 6
+    # 12 sites, degree 8, threshold 5: a sparse graph that sites assuming at most a tenth of
+    # a cohort colludes accept (with the default third, 12 sites need the complete graph).
+    return make_config(8, degree=8, max_colluding_fraction=SPARSE_GAMMA)
 
 
 def test_a_coordinator_asking_for_shares_of_a_non_neighbour_gets_nothing() -> None:
@@ -548,6 +552,7 @@ def test_a_coordinator_asking_for_shares_of_a_non_neighbour_gets_nothing() -> No
     fed, updates = make_fed(
         12,
         config=_sparse_config(),
+        site_policy=SitePolicy(max_colluding_fraction=SPARSE_GAMMA),
         behaviour=RewriteCoordinator(ServerStage.UNMASK, add_stranger, {"site-005"}),
     )
     outcome = fed.run_round(1)
@@ -568,6 +573,7 @@ def test_a_coordinator_cannot_impose_its_own_neighbour_graph() -> None:
     fed, _ = make_fed(
         12,
         config=_sparse_config(),
+        site_policy=SitePolicy(max_colluding_fraction=SPARSE_GAMMA),
         behaviour=RewriteCoordinator(ServerStage.MASKED_INPUT, add_foreign_edge, {"site-007"}),
     )
     outcome = fed.run_round(1)
@@ -580,7 +586,10 @@ def test_the_graph_does_not_depend_on_the_order_the_coordinator_forwards_adverts
         return replace(bundle, adverts=tuple(reversed(bundle.adverts)))
 
     fed, updates = make_fed(
-        12, config=_sparse_config(), behaviour=RewriteCoordinator(ServerStage.SHARE, reverse)
+        12,
+        config=_sparse_config(),
+        site_policy=SitePolicy(max_colluding_fraction=SPARSE_GAMMA),
+        behaviour=RewriteCoordinator(ServerStage.SHARE, reverse),
     )
     outcome = fed.run_round(1)
     assert outcome.client_errors == {}

@@ -18,7 +18,7 @@ from fedseal.crypto.prg import add_mask_into
 from fedseal.crypto.shamir import Share, combine
 from fedseal.protocol import CoordinatorMisbehaviourError
 from fedseal.protocol.config import RoundParameters, SitePolicy, consistency_quorum
-from fedseal.protocol.errors import CohortTooSmallError
+from fedseal.protocol.errors import CohortTooSmallError, WeakRoundError
 from fedseal.protocol.masking import PAIR_DOMAIN, SELF_DOMAIN, pair_sign_negative, pairwise_seed
 from fedseal.protocol.messages import (
     AdvertBundle,
@@ -157,9 +157,15 @@ def test_a_complete_graph_with_threshold_half_the_cohort_cannot_split_views() ->
     # Threshold 2 of 4 passes validation (2t > degree 3) and is what the e2e federation
     # uses; the consistency quorum (3 of 4) stops two pairs from approving different sets.
     recovered: np.ndarray | None = None
-    with pytest.raises(CoordinatorMisbehaviourError, match="valid signatures"):
-        recovered = _split_view_attack(4, 2, 2, _VIEWS_OF_FOUR, "site-000")
+    with pytest.raises(CoordinatorMisbehaviourError, match=r"min_survivors|valid signatures"):
+        recovered = _split_view_attack(4, 2, 3, _VIEWS_OF_FOUR, "site-000")
     assert recovered is None
+
+
+def test_sites_refuse_a_setup_whose_min_survivors_is_below_their_quorum() -> None:
+    # The same attack with min_survivors = 2 is refused at the setup, before any key is sent.
+    with pytest.raises(WeakRoundError, match="below the consistency quorum 3"):
+        _split_view_attack(4, 2, 2, _VIEWS_OF_FOUR, "site-000")
 
 
 def test_the_split_view_attack_fails_with_the_default_threshold_too() -> None:
@@ -172,8 +178,11 @@ def test_a_two_site_round_cannot_show_one_site_a_survivor_set_of_itself() -> Non
     # would reveal site 1's mask key, site 1 signs {0, 1} and would reveal site 0's seed.
     # Sites that accept two-site cohorts (min_cohort=2) are still protected by the quorum.
     views = {"site-000": ("site-000",), "site-001": ("site-000", "site-001")}
-    with pytest.raises(CoordinatorMisbehaviourError, match="valid signatures"):
-        _split_view_attack(2, 1, 1, views, "site-000", SitePolicy(min_cohort=2))
+    with pytest.raises(CoordinatorMisbehaviourError, match=r"quorum|valid signatures"):
+        _split_view_attack(
+            2, 1, 1, views, "site-000",
+            SitePolicy(min_cohort=2, min_known_peers=1, max_colluding_fraction=0.0),
+        )
 
 
 def test_sites_with_the_default_policy_refuse_a_two_site_cohort_outright() -> None:
@@ -184,10 +193,13 @@ def test_sites_with_the_default_policy_refuse_a_two_site_cohort_outright() -> No
 
 @pytest.mark.parametrize(
     ("threshold", "cohort", "quorum"),
-    [(1, 2, 2), (2, 4, 3), (3, 4, 3), (3, 5, 3), (4, 6, 4), (9, 48, 25), (10, 100, 51)],
+    [(1, 2, 2), (2, 4, 3), (3, 4, 3), (3, 5, 4), (4, 6, 5), (9, 48, 33), (10, 100, 67)],
 )
-def test_the_consistency_quorum_is_a_majority_of_the_cohort_and_at_least_t(
+def test_the_consistency_quorum_outnumbers_colluders_signing_two_sets(
     threshold: int, cohort: int, quorum: int
 ) -> None:
-    assert consistency_quorum(threshold, cohort) == quorum
-    assert 2 * consistency_quorum(threshold, cohort) > cohort
+    # q = max(t, (n + c) // 2 + 1) with c = floor(n / 3) colluders (the default gamma).
+    q = consistency_quorum(threshold, cohort)
+    assert q == quorum
+    c = cohort // 3
+    assert 2 * (q - c) > cohort - c  # two sets would need more honest signers than exist

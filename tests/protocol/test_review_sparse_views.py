@@ -18,7 +18,7 @@ import pytest
 from fedseal.crypto.agreement import AgreementKey
 from fedseal.crypto.prg import add_mask_into
 from fedseal.crypto.shamir import Share, combine
-from fedseal.protocol import CoordinatorMisbehaviourError, Packet, ThresholdError
+from fedseal.protocol import CoordinatorMisbehaviourError, Packet, SitePolicy, ThresholdError
 from fedseal.protocol.errors import IncompleteBundleError
 from fedseal.protocol.graph import build_graph, graph_seed
 from fedseal.protocol.masking import PAIR_DOMAIN, SELF_DOMAIN, pair_sign_negative, pairwise_seed
@@ -79,7 +79,14 @@ def _plan(graph, sites, x, t):  # type: ignore[no-untyped-def]
 
 def _attack() -> np.ndarray | None:
     """Drive honest sessions as a malicious coordinator; return X's recovered update."""
-    fed, updates = make_fed(N)
+    # Sites that assume few colluders (gamma = 0.05) accept this sparse graph; their quorum
+    # (n + c) // 2 + 1 still stops the split view.
+    gamma = 0.05
+    fed, updates = make_fed(
+        N,
+        config=make_config(16, degree=12, threshold=9, max_colluding_fraction=gamma),
+        site_policy=SitePolicy(max_colluding_fraction=gamma),
+    )
     sites = [SiteId(s) for s in fed.sites]
     server = SecAggServer(
         fed.config,
@@ -180,7 +187,7 @@ def _attack() -> np.ndarray | None:
 
 def test_disjoint_groups_of_t_signers_cannot_split_views_in_a_sparse_graph() -> None:
     recovered = None
-    with pytest.raises(CoordinatorMisbehaviourError, match="valid signatures"):
+    with pytest.raises(CoordinatorMisbehaviourError, match=r"valid signatures|survivor set refused"):
         recovered = _attack()
     assert recovered is None
 
@@ -213,6 +220,6 @@ def test_the_coordinator_fails_a_round_whose_adverts_cannot_reach_the_quorum() -
     fed, _ = make_fed(40, length=4, config=make_config(4), dropouts={ServerStage.ADVERTISE: silent})
     outcome = fed.run_round(1)
     assert isinstance(outcome.failure, ThresholdError)
-    assert "quorum" in outcome.failure.message
+    assert "min_survivors" in outcome.failure.message  # min_survivors is the sites' quorum
     assert outcome.result is None
     assert not any(s.revealed for s in outcome.sessions.values())

@@ -46,6 +46,7 @@ def _server_and_sessions(n: int = 4, **session_kw):  # type: ignore[no-untyped-d
             rng=np.random.default_rng(0),
             randbytes=DeterministicRandom(s.encode()),
             now=lambda: 1_700_000_000.0,
+            trusted_peers=fed.trusted_peers[s],
             **session_kw,
         )
         for s in fed.sites
@@ -113,9 +114,9 @@ def test_a_site_with_pinned_peer_keys_refuses_a_setup_listing_another_key() -> N
         update_fn=lambda info: LocalUpdate(np.zeros(info.vector_length), 1, bytes(32)),
         rng=np.random.default_rng(0),
         now=lambda: 1_700_000_000.0,
-        pinned_peers=pinned,
+        trusted_peers=pinned,
     )
-    with pytest.raises(CoordinatorMisbehaviourError, match="pinned"):
+    with pytest.raises(CoordinatorMisbehaviourError, match="trust anchor"):
         session.handle(server.start()[SiteId("site-000")].payload)
     assert session.stage is ClientStage.FAILED
     with pytest.raises(StaleMessageError):
@@ -131,6 +132,7 @@ def test_a_site_refuses_a_setup_that_lists_another_key_for_the_site_itself() -> 
         update_fn=lambda info: LocalUpdate(np.zeros(info.vector_length), 1, bytes(32)),
         rng=np.random.default_rng(0),
         now=lambda: 1_700_000_000.0,
+        trusted_peers=fed.trusted_peers[SiteId("site-000")],
     )
     with pytest.raises(CoordinatorMisbehaviourError, match="different key for this site"):
         session.handle(server.start()[SiteId("site-000")].payload)
@@ -203,6 +205,7 @@ def test_a_session_survives_export_and_restore_between_every_message() -> None:
             rng=np.random.default_rng(0),
             randbytes=DeterministicRandom(site.encode() + b"/restored"),
             now=lambda: 1_700_000_000.0,
+            trusted_peers=fed.trusted_peers[site],
         )
 
     outbound = server.start()
@@ -233,6 +236,7 @@ def test_a_tampered_or_foreign_state_blob_is_refused() -> None:
     kwargs = {
         "update_fn": lambda info: LocalUpdate(np.zeros(info.vector_length), 1, bytes(32)),
         "rng": np.random.default_rng(0),
+        "trusted_peers": fed.trusted_peers[SiteId("site-000")],
     }
     for bad_blob, key, site in (
         (bytes(blob), b"x" * 32, "site-000"),
