@@ -104,6 +104,11 @@ class AuditSource(Protocol):
         """Index of this site's accepted masked input in ``round`` of ``run_id``."""
         ...
 
+    def find_model(self, run_id: bytes, model_digest: bytes) -> int | None:
+        """Index of the entry that committed ``model_digest`` in ``run_id`` (the run's start,
+        for its initial model, or a completed round's result), or ``None``."""
+        ...
+
 
 class ReceiptError(Exception):
     """The coordinator's log does not prove what it must; the site stops contributing.
@@ -356,6 +361,16 @@ class SiteReceipts:
         self._included: set[tuple[bytes, int]] = set()
         self._lock = threading.Lock()
         self.verified = 0
+
+    @property
+    def checker(self) -> ReceiptChecker:
+        """The receipt checker (its pinned coordinator key and stored tree heads)."""
+        return self._checker
+
+    @property
+    def source(self) -> AuditSource:
+        """The audit service client."""
+        return self._source
 
     def before_round(self) -> None:
         """Retry unfinished checks, then refuse if the site is blocked.
@@ -647,5 +662,23 @@ class GrpcAuditSource:
             method,
             _field_bytes(2, run_id) + _field_varint(3, round),
             audit_request_params(method, round, run_id=run_id),
+        )
+        return _one_int(fields, 2) if _one_int(fields, 1) else None
+
+    def find_model(self, run_id: bytes, model_digest: bytes) -> int | None:
+        """Index of the entry that committed ``model_digest`` in run ``run_id``: the run start
+        (initial model) or a completed round result, or ``None`` if the log committed no such
+        model in that run. Prove the entry with :meth:`inclusion_proof` and decode it before
+        trusting it.
+
+        Raises:
+            AuditServiceError: The call failed (``INVALID_ARGUMENT``: ``run_id`` is not 16
+                bytes or ``model_digest`` not 32).
+        """
+        method = "FindModel"
+        fields = self._call(
+            method,
+            _field_bytes(2, run_id) + _field_bytes(3, model_digest),
+            audit_request_params(method, run_id=run_id, model_digest=model_digest),
         )
         return _one_int(fields, 2) if _one_int(fields, 1) else None

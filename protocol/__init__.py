@@ -88,6 +88,7 @@ of the sampled cohort to advertise, submit and sign; fewer fail it with ``Thresh
 from .client import ClientSession, ClientStage, LocalUpdate, RoundInfo
 from .config import Limits, QuantizationConfig, RoundConfig, RoundParameters, SitePolicy
 from .errors import (
+    AggregateOutOfRangeError,
     BadSignatureError,
     BulkMismatchError,
     CohortTooSmallError,
@@ -104,7 +105,9 @@ from .errors import (
     ThresholdError,
     UnapprovedDatasetError,
     UnknownSignerError,
+    UntrustedPeerError,
     VerificationError,
+    WeakRoundError,
 )
 from .guard import SetupGuard
 from .roster import Roster, RosterEntry
@@ -123,6 +126,7 @@ from .types import COORDINATOR, MessageKind, Packet, SiteId
 __all__ = [
     "COORDINATOR",
     "Accepted",
+    "AggregateOutOfRangeError",
     "BadSignatureError",
     "BulkMismatchError",
     "ClientSession",
@@ -160,6 +164,8 @@ __all__ = [
     "ThresholdError",
     "UnapprovedDatasetError",
     "UnknownSignerError",
+    "UntrustedPeerError",
     "VerificationError",
     "VerifiedSubmission",
+    "WeakRoundError",
 ]

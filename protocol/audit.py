@@ -1006,16 +1006,21 @@ AUDIT_METHODS = (
     "GetConsistencyProof",
     "GetEntries",
     "FindMyInput",
+    "FindModel",
 )
 """The audit service's methods (``fedseal.audit.v1.AuditLog``)."""
 
 
-def audit_request_params(method: str, a: int = 0, b: int = 0, run_id: bytes = b"") -> bytes:
+def audit_request_params(
+    method: str, a: int = 0, b: int = 0, run_id: bytes = b"", model_digest: bytes = b""
+) -> bytes:
     """Canonical parameter bytes of an audit-service request (signed with the request).
 
     ``GetTreeHead``: none; ``GetInclusionProof``: ``u64 leaf_index | u64 tree_size``;
     ``GetConsistencyProof``: ``u64 old_size | u64 new_size``; ``GetEntries``:
-    ``u64 start | u64 end``; ``FindMyInput``: ``u32 round | run_id`` (``a`` is the round).
+    ``u64 start | u64 end``; ``FindMyInput``: ``u32 round | run_id`` (``a`` is the round);
+    ``FindModel``: ``blob run_id | blob model_digest`` (length-prefixed: the service checks
+    the lengths after authenticating the request).
 
     Raises:
         ValueError: For an unknown method or out-of-range values.
@@ -1026,6 +1031,8 @@ def audit_request_params(method: str, a: int = 0, b: int = 0, run_id: bytes = b"
         return Writer().u64(a).u64(b).to_bytes()
     if method == "FindMyInput":
         return Writer().u32(a).raw(run_id).to_bytes()
+    if method == "FindModel":
+        return Writer().blob(run_id).blob(model_digest).to_bytes()
     raise ValueError(f"unknown audit method {method!r}")
 
 

@@ -58,6 +58,29 @@ Rules:
       subsets, fewest exclusions first; if no subset matches, the round fails with
       :class:`~fedseal.protocol.errors.ReconstructionError`. It never returns a wrong
       aggregate silently.
+    * The unmasked aggregate is range-checked before it becomes a result (below); a violation
+      fails the round with :class:`~fedseal.protocol.errors.AggregateOutOfRangeError`.
+
+Aggregate range check (after unmasking, before any :class:`RoundResult` exists): every
+element of the aggregate, read as a signed two's-complement integer of ``Z_2^b``, must lie in
+``[-B, B]`` with ``B = levels * W`` and ``W`` the sum of the survivors' *signed* example
+counts. An honest site's element is ``w_i * q`` with ``q`` in ``[-levels, levels]``
+(:mod:`fedseal.protocol.quantize`), so honest sums never leave ``[-B, B]``, and ``B`` is
+reached exactly when every survivor sends ``+clip`` (or ``-clip``) with its full weight.
+Otherwise the round fails (``FAILED``, no result: nothing is applied) with the count of
+offending elements and the worst one. The check is vectorised: a min and a max reduction per
+chunk of :data:`~fedseal.protocol.quantize.CHUNK` elements over a signed view of the sum (no
+copy of the vector); the offending elements are counted, chunk by chunk, only if there are any.
+
+What it catches: an input that wraps the field, e.g. a site adding ``2**(b-1)`` (or any
+offset that takes an element of the sum beyond ``B``) to its masked vector and re-signing it,
+which before this check committed a mean of thousands of clip units. What it does *not*
+catch: a malicious input whose effect on the sum stays within ``[-B, B]`` -- a site sending
+``+-clip`` everywhere, an example count inflated up to ``max_weight`` (which widens ``B``), or
+an offset that other sites' values bring back inside the bound -- and it cannot say which
+site was out of range (only the masked sum is seen). Bounding each input on its own needs
+per-input range proofs (zero-knowledge proofs that each masked vector encodes values in
+``[-levels * w_i, levels * w_i]``): future work.
 """
 
 from __future__ import annotations
@@ -82,6 +105,7 @@ from fedseal.crypto.signing import verify
 from .config import RoundConfig, RoundParameters, consistency_quorum
 from .envelope import Envelope, OpenedMessage, open_envelope, seal
 from .errors import (
+    AggregateOutOfRangeError,
     BadSignatureError,
     BulkMismatchError,
     ConfigError,
@@ -122,7 +146,7 @@ from .messages import (
     UnmaskResponse,
     survivor_statement,
 )
-from .quantize import dequantize, vector_dtype
+from .quantize import CHUNK, dequantize, vector_dtype
 from .roster import Roster
 from .types import (
     COORDINATOR,
@@ -147,6 +171,7 @@ __all__ = [
     "SetupRestart",
     "StreamingSum",
     "VerifiedSubmission",
+    "check_aggregate_range",
 ]
 
 MAX_RECONSTRUCTION_ATTEMPTS = 2048
@@ -464,6 +489,12 @@ class SecAggServer:
         return self._setup.attempt
 
     @property
+    def survivors(self) -> tuple[SiteId, ...]:
+        """Sites whose masked inputs entered the sum (empty until the masked-input stage
+        closes); kept when the round fails after that, e.g. for the audit record."""
+        return self._u2
+
+    @property
     def result(self) -> RoundResult:
         """The round's result once ``stage`` is ``DONE``.
 
@@ -572,6 +603,8 @@ class SecAggServer:
         Raises:
             ThresholdError: Too few parties remain; the round is ``FAILED``.
             ReconstructionError: Shares cannot be reconciled with commitments; ``FAILED``.
+            AggregateOutOfRangeError: The unmasked sum is outside the range the signed example
+                counts allow (an input wrapped the field); ``FAILED``, no result.
         """
         if self.stage not in TRANSITIONS:
             raise RuntimeError(f"cannot advance from stage {self.stage.value}")
@@ -782,7 +815,9 @@ class SecAggServer:
 
     def _require_quorum(self, count: int, what: str) -> None:
         """Sites reveal only after a consistency quorum of signatures; fail early without."""
-        quorum = consistency_quorum(self.params.threshold, len(self.cohort))
+        quorum = consistency_quorum(
+            self.params.threshold, len(self.cohort), self.config.max_colluding_fraction
+        )
         if count < quorum:
             raise ThresholdError(
                 f"{count} {what}, below the consistency quorum {quorum} "
@@ -812,7 +847,9 @@ class SecAggServer:
             raise ThresholdError(
                 f"{len(advertised)} key adverts, min_survivors is {first.min_survivors}"
             )
-        quorum = consistency_quorum(first.threshold, len(self.initial_cohort))
+        quorum = consistency_quorum(
+            first.threshold, len(self.initial_cohort), self.config.max_colluding_fraction
+        )
         if len(advertised) < quorum:
             raise ThresholdError(
                 f"{len(advertised)} key adverts, below the consistency quorum {quorum} "
@@ -969,12 +1006,14 @@ class SecAggServer:
         add_masks_into(total, masks)
         q = self.params.quantization
         weights = {s: self._state[s].example_count for s in survivors}
+        total_weight = sum(weights.values())
         aggregate = total
+        check_aggregate_range(aggregate, q.levels * total_weight)
         self._result = RoundResult(
             run_id=self.run_id,
             round=self.round,
             weighted_sum=dequantize(aggregate, q),
-            total_weight=sum(weights.values()),
+            total_weight=total_weight,
             survivors=survivors,
             weights=weights,
             dataset_roots={s: self._state[s].dataset_root for s in survivors},
@@ -1040,6 +1079,53 @@ class SecAggServer:
         rejection = Rejection(site=holder, stage=ServerStage.UNMASK, error=err)
         self.rejections.append(rejection)
         self.log.append(rejection)
+
+
+def check_aggregate_range(aggregate: UIntVector, bound: int) -> None:
+    """Check every element of a wrapped sum, read as signed, against ``[-bound, bound]``.
+
+    Two reductions (min, max) per chunk of ``CHUNK`` elements over a signed *view* (no copy);
+    only when they show a violation are the offending elements counted, chunk by chunk.
+
+    Args:
+        aggregate: The unmasked sum modulo ``2**b`` (uint32 or uint64).
+        bound: ``levels * total weight`` (see the module docstring); below ``2**(b-1)``.
+
+    Raises:
+        AggregateOutOfRangeError: With the number of elements outside the bound and the
+            element of largest magnitude.
+    """
+    signed = _signed_view(aggregate)
+    length = signed.shape[0]
+    lowest, highest = 0, 0
+    for start in range(0, length, CHUNK):
+        part = signed[start : start + CHUNK]
+        lowest = min(lowest, int(np.minimum.reduce(part)))
+        highest = max(highest, int(np.maximum.reduce(part)))
+    if -bound <= lowest and highest <= bound:
+        return
+    count = 0
+    for start in range(0, length, CHUNK):
+        part = signed[start : start + CHUNK]
+        count += int(np.count_nonzero(part > bound)) + int(np.count_nonzero(part < -bound))
+    worst = lowest if -lowest > highest else highest
+    raise AggregateOutOfRangeError(
+        f"aggregate out of range: {count} of {length} elements outside +-{bound} "
+        f"(levels x the survivors' example counts), the largest is {worst}; an input wrapped "
+        "the field",
+        count=count,
+        worst=worst,
+        bound=bound,
+    )
+
+
+def _signed_view(total: UIntVector) -> npt.NDArray[np.int32] | npt.NDArray[np.int64]:
+    """The two's-complement reading of a wrapped sum, as a view (no copy)."""
+    if total.dtype == np.uint32:
+        return total.view(np.int32)
+    if total.dtype == np.uint64:
+        return total.view(np.int64)
+    raise ValueError(f"expected uint32 or uint64, got {total.dtype}")
 
 
 def _try_combine(shares: Sequence[Share], threshold: int, length: int) -> bytes | None:

@@ -18,7 +18,10 @@ not import the server's generated code)::
 
 Protocol: ``fedseal.server.audit_proto/audit.proto`` (generated code committed, see its package
 docstring). Methods: latest signed tree head, inclusion proof (with the leaf's entry bytes),
-consistency proof, entries by range, and the index of the caller's own accepted masked input.
+consistency proof, entries by range, the index of the caller's own accepted masked input, and
+the index of the entry that committed a model of a run (:func:`find_model`: a site checks that
+the model it is asked to train or evaluate is one the log committed, then proves that entry's
+inclusion like its receipts).
 
 Authentication — *signed requests*: every request carries ``RequestAuth`` (site id, timestamp,
 16-byte nonce, ECDSA signature by the site's enrolled identity key over
@@ -58,18 +61,25 @@ from fedseal.crypto.keys import public_key_from_der
 from fedseal.crypto.signing import verify
 from fedseal.protocol.audit import (
     AUDIT_REQUEST_TYPE,
+    EntryKind,
+    RoundResult,
+    RoundStatus,
+    RunStart,
     audit_request_params,
     audit_request_payload,
+    decode_entry,
     find_input,
 )
+from fedseal.protocol.errors import ProtocolError
 from fedseal.protocol.roster import Roster
-from fedseal.protocol.types import SiteId
+from fedseal.protocol.types import DIGEST_BYTES, RUN_ID_BYTES, SiteId
 from fedseal.server.audit_proto import audit_pb2, audit_pb2_grpc
 
 __all__ = [
     "AuditServiceConfig",
     "AuditServicer",
     "TlsServerConfig",
+    "find_model",
     "request_params",
     "serve_audit_log",
 ]
@@ -126,9 +136,53 @@ def request_params(method: str, request: Any) -> bytes:
         params = audit_request_params(method, request.start, request.end)
     elif method == "FindMyInput":
         params = audit_request_params(method, request.round, run_id=bytes(request.run_id))
+    elif method == "FindModel":
+        params = audit_request_params(
+            method, run_id=bytes(request.run_id), model_digest=bytes(request.model_digest)
+        )
     else:
         params = audit_request_params(method)
     return params
+
+
+def find_model(store: MerkleLogStore, run_id: bytes, model_digest: bytes) -> int | None:
+    """Index of the entry that committed ``model_digest`` in run ``run_id``, or ``None``.
+
+    A model is committed by the run's :class:`~fedseal.protocol.audit.RunStart` (its
+    ``initial_model_digest``) or by a *completed* :class:`~fedseal.protocol.audit.RoundResult`
+    of that run (its ``new_model_digest``); a failed or abandoned round commits nothing (its
+    digest is the unchanged model, committed by an earlier entry, which is the one returned).
+    The run start is checked first, then the run's round results newest first (a site usually
+    asks about the latest model), so the answer is the run start or the latest completed round
+    that produced the model.
+
+    Cost: the store's kind index lists the run starts and round results; the run starts are
+    decoded until the run is found (one per run), then at most the run's own round results
+    (those between its start and the next run's), one entry each. Candidates are decoded and
+    checked (the store's tags are only hints).
+    """
+    starts = store.find(int(EntryKind.RUN_START))
+    for position in range(len(starts) - 1, -1, -1):
+        start = starts[position]
+        entry = decode_entry(store.entries(start, start + 1)[0].data)
+        if isinstance(entry, RunStart) and entry.run_id == run_id:
+            break
+    else:
+        return None
+    if entry.initial_model_digest == model_digest:
+        return start
+    end = starts[position + 1] if position + 1 < len(starts) else store.size
+    results = [i for i in store.find(int(EntryKind.ROUND_RESULT)) if start < i < end]
+    for index in reversed(results):
+        result = decode_entry(store.entries(index, index + 1)[0].data)
+        if (
+            isinstance(result, RoundResult)
+            and result.run_id == run_id
+            and result.status == RoundStatus.COMPLETED
+            and result.new_model_digest == model_digest
+        ):
+            return index
+    return None
 
 
 class _Denied(Exception):
@@ -210,6 +264,8 @@ class AuditServicer(audit_pb2_grpc.AuditLogServicer):  # type: ignore[misc,unuse
             context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
         except AuditLogError as exc:
             context.abort(grpc.StatusCode.INTERNAL, f"log unavailable: {type(exc).__name__}")
+        except ProtocolError as exc:  # an entry the search decodes is corrupt
+            context.abort(grpc.StatusCode.INTERNAL, f"log entry unreadable: {type(exc).__name__}")
         raise RuntimeError("unreachable: context.abort raises")  # pragma: no cover
 
     # -- methods ---------------------------------------------------------------------------
@@ -273,6 +329,21 @@ class AuditServicer(audit_pb2_grpc.AuditLogServicer):  # type: ignore[misc,unuse
             return audit_pb2.FindInputResponse(found=True, leaf_index=index)
 
         return self._call("FindMyInput", request, context, body)
+
+    def FindModel(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def body(_: str) -> Any:
+            run_id, digest = bytes(request.run_id), bytes(request.model_digest)
+            if len(run_id) != RUN_ID_BYTES or len(digest) != DIGEST_BYTES:
+                raise _Denied(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"run_id must be {RUN_ID_BYTES} bytes and model_digest {DIGEST_BYTES}",
+                )
+            index = find_model(self._store, run_id, digest)
+            if index is None:
+                return audit_pb2.FindModelResponse(found=False)
+            return audit_pb2.FindModelResponse(found=True, leaf_index=index)
+
+        return self._call("FindModel", request, context, body)
 
 
 def serve_audit_log(

@@ -11,8 +11,15 @@ A secure round (``run.secure = true``, the default) is driven by
 config), replies are fed to ``server.receive`` (a site that does not answer within
 ``run.stage_timeout_s`` is a dropout), ``server.advance`` yields the next stage, and the secure
 weighted mean of the sites' deltas is handed to the Flower strategy as one synthetic reply.
-A failed round (``ProtocolError``: too few survivors, reconstruction failure) leaves the model
-unchanged. Evaluation and checkpointing then proceed as below.
+A failed round (``ProtocolError``: too few survivors, reconstruction failure, an unmasked
+aggregate out of the range the signed example counts allow) is *abandoned*: nothing of it is
+applied, the model is unchanged, the audit log records it as failed with the typed reason
+(and, as for every round result, the survivor set: the sites whose masked inputs it
+accepted), ``rounds.jsonl`` holds the reason, the kind and the survivors,
+``fedseal_rounds_abandoned_total{reason}`` counts it (``reason`` is the error kind, e.g.
+``aggregate-out-of-range``, ``threshold``, ``reconstruction``), and the operator's console gets
+the round's one summary line saying it was abandoned and why; the traceback goes to
+``serverapp.log`` only. Evaluation and checkpointing then proceed as below.
 
 With ``run.setup_with_evaluation`` (the default) the next round's setup rides on this round's
 evaluation messages: the model they carry is the one the next round trains from, so each site
@@ -36,6 +43,15 @@ A plain round (``run.secure = false``; updates in the clear inside TLS)::
               FedYogi apply their server-side step to the mean
     evaluate  federated evaluation (loss, accuracy, macro-F1), weighted by example count
     commit    checkpoint (safetensors + JSON), one summary line in the log and rounds.jsonl
+
+Site error replies (any round, any stage): a site may answer a message with a Flower error
+reply instead of content; one whose reason starts with ``refused:`` is a *refusal* (e.g. a site
+that does not allow plain training answers a plain ``train`` with
+``refused: plain training is disabled at this site ([privacy] allow_plain = false)``). Each
+error reply gives one console line naming the enrolled site and its reason, is recorded in the
+round's record (``refused``: site -> reason, other errors in ``site_errors``), and counted in
+``fedseal_site_errors_total{site, kind="refused"|"error"}``; the site is a dropout and the round
+goes on with the others if enough remain, else it fails with a message naming the refusals.
 
 Audit log (secure mode): ``state_dir/audit.sqlite`` (:mod:`fedseal.server.audit_hook`) gets the
 roster changes, the run start, every accepted/rejected envelope of each round (written after the
@@ -88,6 +104,8 @@ SETUP_CONFIG_RECORD = "train-config"
 SETUP_ERROR_RECORD = "secagg-error"
 #: ``status.json``'s ``reason`` is one line for a terminal; the traceback is in serverapp.log.
 MAX_REASON_CHARS = 300
+#: A site's error reply whose reason starts with this refuses the message (policy, not a fault).
+REFUSED_PREFIX = "refused:"
 
 app = ServerApp()
 
@@ -679,7 +697,12 @@ class _SecureCoordinator:
                         site = site_of.get(int(reply.metadata.src_node_id))
                         if site is None:
                             continue
-                        payload = None if reply.has_error() else _reply_payload(reply)
+                        if reply.has_error():
+                            reason = _error_reason(reply)
+                            _report_site_error(run, rnd, site, reason, rec, stage_name)
+                            take(site, stage_name, None, None, f"error reply: {reason}")
+                            continue
+                        payload = _reply_payload(reply)
                         bulk_rec = reply.content.get("bulk") if payload else None
                         bulk = (
                             bulk_rec["masked"].numpy()
@@ -696,8 +719,16 @@ class _SecureCoordinator:
             result = server.result
         except ProtocolError as exc:
             self._log_envelopes(rnd, server.log, logged, payloads)
-            log.warning("round %d failed cleanly: %s", rnd, exc)
-            rec["failure"] = str(exc)[:MAX_REASON_CHARS]
+            kind = _failure_kind(exc)
+            survivors = sorted(str(s) for s in server.survivors)
+            log.warning(
+                "round %d abandoned (%s; survivors %s): %s", rnd, kind, ", ".join(survivors) or "none",
+                exc, exc_info=exc,
+            )
+            rec.update(
+                failure=_one_line(f"{type(exc).__name__}: {exc}"), failure_kind=kind, abandoned=True,
+                survivors=survivors,
+            )
             return None
         rec["accepted"] = len(result.survivors)
         rec["sites"] = sorted(result.survivors)
@@ -709,6 +740,58 @@ class _SecureCoordinator:
         mean: npt.NDArray[np.float64] = np.asarray(result.weighted_mean, np.float64)
         rec["total_weight"] = int(result.total_weight)
         return mean
+
+
+def _site_of(run: _Run, reply: Message) -> str:
+    """The enrolled site name of a reply's sender (``node <id>`` for a node that maps to none)."""
+    node = int(reply.metadata.src_node_id)
+    return run.node_sites.get(node) or f"node {node}"
+
+
+def _failed_outcome(rec: dict[str, Any]) -> str:
+    """The outcome of a round that applied nothing: abandoned (a secure round's protocol
+    failure) or failed, with the reason and the sites that refused."""
+    reason = str(rec["failure"])
+    refused = sorted(rec.get("refused", {}))
+    if refused:
+        reason += f"; refused by {', '.join(refused)}"
+    if rec.get("abandoned"):
+        return f"abandoned ({reason}; nothing applied, model unchanged)"
+    return f"failed ({reason}; model unchanged)"
+
+
+def _failure_kind(exc: Exception) -> str:
+    """A round failure's kind for metrics and records: the error class in kebab case, without
+    ``Error`` (``AggregateOutOfRangeError`` -> ``aggregate-out-of-range``)."""
+    name = type(exc).__name__.removesuffix("Error") or type(exc).__name__
+    return "".join(f"-{c.lower()}" if c.isupper() else c for c in name).lstrip("-")
+
+
+def _one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` as one printable line of at most ``limit`` characters (a site's reason is
+    untrusted: no line break or terminal control sequence reaches the console)."""
+    printable = "".join(c if c.isprintable() else " " for c in text)
+    return " ".join(printable.split())[:limit]
+
+
+def _error_reason(reply: Message) -> str:
+    """The reason of a site's error reply, as one line."""
+    reason = getattr(reply.error, "reason", "")
+    return _one_line(str(reason or "")) or "error reply without a reason"
+
+
+def _report_site_error(run: _Run, rnd: int, site: str, reason: str, rec: dict[str, Any], stage: str) -> None:
+    """One console line naming the enrolled ``site`` and its ``reason``, the round's record
+    (``refused`` or ``site_errors``: site -> reason) and ``fedseal_site_errors_total``."""
+    refused = reason.startswith(REFUSED_PREFIX)
+    rec.setdefault("refused" if refused else "site_errors", {})[site] = reason
+    run.metrics.site_errors.labels(site=site, kind="refused" if refused else "error").inc()
+    if refused:
+        line = f"round {rnd}: {site} {reason}"
+    else:
+        line = f"round {rnd}: {site} answered {stage} with an error: {reason}"
+    log.warning("%s", line)
+    print(f"fedseal: {line}", flush=True)
 
 
 def _reply_payload(reply: Message) -> object:
@@ -1005,6 +1088,14 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
             accepted: list[_Accepted] = []
             # Each update is added to the running sum as it arrives (memory: one model).
             for reply in exchange_iter(grid, msgs, cfg.run.stage_timeout_s):
+                if reply.has_error():  # e.g. "refused: plain training is disabled at this site"
+                    reason = _error_reason(reply)
+                    _report_site_error(run, rnd, _site_of(run, reply), reason, rec, "train")
+                    run.metrics.rejected.labels(
+                        reason="site-refused" if reason.startswith(REFUSED_PREFIX) else "site-error"
+                    ).inc()
+                    rec["rejected"] += 1
+                    continue
                 verdict = _validate_reply(run, reply, arrays)
                 if isinstance(verdict, str):
                     run.metrics.rejected.labels(reason=verdict).inc()
@@ -1037,6 +1128,21 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
                 agg, _ = strategy.aggregate_train(rnd, [synthetic])
                 if agg is not None:
                     new_arrays = {k: a.astype(np.float32) for k, a in _arrays_to_numpy(agg).items()}
+            else:
+                rec.update(
+                    failure=(
+                        f"too few valid updates: {len(accepted)} of {len(nodes)} sites sent one, "
+                        f"run.min_sites = {cfg.run.min_sites}"
+                    ),
+                    failure_kind="too-few-valid-updates",
+                )
+        else:
+            rec.update(
+                failure=f"too few sites: {len(nodes)} online, run.min_sites = {cfg.run.min_sites}",
+                failure_kind="too-few-sites",
+            )
+        if new_arrays is None and "failure" not in rec:
+            rec.update(failure="the strategy returned no model", failure_kind="no-aggregate")
         if new_arrays is not None:
             # Commit order: checkpoint (local, not yet published), then the audit log's round
             # result and checkpoint entries, then evaluation (the first time the new model
@@ -1063,8 +1169,9 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
                     hashlib.sha256(model_file.read_bytes()).digest(), model_file.name,
                 )
         if new_arrays is None:
-            rec.update(outcome="failed (too few valid updates; model unchanged)")
+            rec["outcome"] = _failed_outcome(rec)
             run.metrics.rounds_failed.inc()
+            run.metrics.rounds_abandoned.labels(reason=rec["failure_kind"]).inc()
         else:
             # Federated evaluation of the new global model.
             view = _FixedNodes(grid, nodes)
@@ -1080,6 +1187,9 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
             if ahead is not None:
                 _collect_adverts(run, ahead, replies)
                 rec["next_setup_adverts"] = len(ahead.adverts)
+            for r in replies:
+                if r.has_error():
+                    _report_site_error(run, rnd, _site_of(run, r), _error_reason(r), rec, "evaluate")
             ereplies = [
                 r
                 for r in replies

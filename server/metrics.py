@@ -7,9 +7,13 @@ Usage::
     m.rounds.inc(); m.rejected.labels(reason="unknown-root").inc()
 
 Names: ``fedseal_rounds_committed_total``, ``fedseal_rounds_failed_total``,
+``fedseal_rounds_abandoned_total{reason}`` (the same rounds by kind, e.g.
+``aggregate-out-of-range``, ``threshold``, ``too-few-valid-updates``),
 ``fedseal_stage_seconds{stage}``, ``fedseal_updates_accepted_total``,
-``fedseal_updates_rejected_total{reason}``, ``fedseal_round_survivors``,
-``fedseal_bytes_received_total``, ``fedseal_bytes_sent_total``, ``fedseal_global_accuracy``.
+``fedseal_updates_rejected_total{reason}``, ``fedseal_site_errors_total{site, kind}`` (error
+replies; ``kind`` is ``refused`` for a site's refusal, else ``error``),
+``fedseal_round_survivors``, ``fedseal_bytes_received_total``, ``fedseal_bytes_sent_total``,
+``fedseal_global_accuracy``.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ class Metrics:
     registry: CollectorRegistry
     rounds: Counter
     rounds_failed: Counter
+    rounds_abandoned: Counter
     stage_seconds: Histogram
     accepted: Counter
     rejected: Counter
+    site_errors: Counter
     survivors: Gauge
     bytes_received: Counter
     bytes_sent: Counter
@@ -46,12 +52,24 @@ class Metrics:
             registry=reg,
             rounds=Counter("fedseal_rounds_committed", "Rounds committed", registry=reg),
             rounds_failed=Counter("fedseal_rounds_failed", "Rounds abandoned", registry=reg),
+            rounds_abandoned=Counter(
+                "fedseal_rounds_abandoned",
+                "Rounds that applied nothing, by reason",
+                ["reason"],
+                registry=reg,
+            ),
             stage_seconds=Histogram(
                 "fedseal_stage_seconds", "Duration of a round stage", ["stage"], registry=reg
             ),
             accepted=Counter("fedseal_updates_accepted", "Updates aggregated", registry=reg),
             rejected=Counter(
                 "fedseal_updates_rejected", "Updates rejected", ["reason"], registry=reg
+            ),
+            site_errors=Counter(
+                "fedseal_site_errors",
+                "Error replies from sites (kind: refused or error)",
+                ["site", "kind"],
+                registry=reg,
             ),
             survivors=Gauge("fedseal_round_survivors", "Sites in the last round", registry=reg),
             bytes_received=Counter(

@@ -113,3 +113,21 @@ class FindInputResponse(_message.Message):
     found: bool
     leaf_index: int
     def __init__(self, found: _Optional[bool] = ..., leaf_index: _Optional[int] = ...) -> None: ...
+
+class FindModelRequest(_message.Message):
+    __slots__ = ("auth", "run_id", "model_digest")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    run_id: bytes
+    model_digest: bytes
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., run_id: _Optional[bytes] = ..., model_digest: _Optional[bytes] = ...) -> None: ...
+
+class FindModelResponse(_message.Message):
+    __slots__ = ("found", "leaf_index")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    LEAF_INDEX_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    leaf_index: int
+    def __init__(self, found: _Optional[bool] = ..., leaf_index: _Optional[int] = ...) -> None: ...

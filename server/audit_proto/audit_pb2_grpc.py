@@ -59,6 +59,11 @@ class AuditLogStub:
                 request_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputRequest.SerializeToString,
                 response_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputResponse.FromString,
                 _registered_method=True)
+        self.FindModel = channel.unary_unary(
+                '/fedseal.audit.v1.AuditLog/FindModel',
+                request_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelRequest.SerializeToString,
+                response_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelResponse.FromString,
+                _registered_method=True)
 
 
 class AuditLogServicer:
@@ -94,6 +99,12 @@ class AuditLogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditLogServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_AuditLogServicer_to_server(servicer, server):
                     servicer.FindMyInput,
                     request_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputRequest.FromString,
                     response_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputResponse.SerializeToString,
+            ),
+            'FindModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindModel,
+                    request_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelRequest.FromString,
+                    response_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class AuditLog:
             '/fedseal.audit.v1.AuditLog/FindMyInput',
             fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputRequest.SerializeToString,
             fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedseal.audit.v1.AuditLog/FindModel',
+            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelRequest.SerializeToString,
+            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
