@@ -404,7 +404,9 @@ def noop_exchange_s(fed: Federation, *, actors: int, batch: int) -> float:
 def _set_secure(fed: Federation, secure: bool, params: int, rounds: int, *, setup_with_evaluation: bool = True) -> None:
     from fedseal.server.cli import write_server_toml
     from fedseal.server.config import load_server_config
+    from fedseal.server.demo import set_allow_plain
 
+    set_allow_plain(fed.sites, not secure)  # sites refuse plain training unless they opt in
     cfg = load_server_config(fed.server_toml)
     write_server_toml(
         fed.server_toml, fleet_port=cfg.network.fleet_port, internal_port=cfg.network.internal_port,
@@ -591,7 +593,9 @@ def quality(args: argparse.Namespace) -> None:
         shutil.rmtree(state, ignore_errors=True)
         from fedseal.server.cli import write_server_toml
         from fedseal.server.config import load_server_config
+        from fedseal.server.demo import set_allow_plain
 
+        set_allow_plain(fed.sites, arm == "plain")  # sites refuse plain training unless they opt in
         cfg = load_server_config(fed.server_toml)
         write_server_toml(
             fed.server_toml, fleet_port=cfg.network.fleet_port, internal_port=cfg.network.internal_port,

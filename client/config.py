@@ -14,11 +14,24 @@ Layout (relative paths are resolved against the file's directory)::
                                                      # when set, receipts are checked every round
     [data]          dataset_dir (required), approved_root (64 hex, required),
                     validation_fraction = 0.2
+    [privacy]       what the site accepts from a coordinator (safe defaults; the site's own):
+                    allow_plain = false          # plain (unmasked) training: refused unless true
+                    min_cohort = 3               # smallest secure-round cohort this site joins
+                    min_known_peers = 2          # other trusted sites needed in cohort and survivors
+                    max_colluding_fraction = 0.3333  # gamma: floor for degree/threshold/quorum
+                    security_bits = 40           # that floor fails with probability <= 2^-40
+                    max_setup_attempts = 3       # key-exchange restarts per round it answers
+    [trust]         roster = "consortium-roster.json"      # signed by the consortium's authority
+                    roster_authority = "roster-authority.pub"  # pinned authority public key
+    [peers]         "site-b" = "<64 hex key id>"  # peers known without a roster (optional)
     [limits]        max_epochs = 5, max_batch_size = 512, max_learning_rate = 1.0,
-                    allowed_models = ["mlp", "cnn"],
-                    min_cohort = 3          # smallest secure-round cohort this site joins
-                    max_setup_attempts = 3  # key-exchange restarts per round it answers
+                    max_clip_norm = 100.0, allowed_models = ["mlp", "cnn"],
+                    max_cohort = 1000, max_vector_length = 268435456,
+                    max_update_clip = 1000.0     # largest quantization clip a round may set
     [runtime]       port = 9094   # the SuperNode's Runtime API, bound to 127.0.0.1
+
+A site with neither ``[trust]`` nor ``[peers]`` knows no peer and so joins no secure round;
+``fl-client run`` refuses to start that way.
 """
 
 from __future__ import annotations
@@ -26,10 +39,11 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedseal.client.policy import SitePrivacy
 from fedseal.client.training import SiteLimits
 
 __all__ = ["ClientConfig", "ClientConfigError", "load_client_config"]
@@ -67,8 +81,10 @@ class ClientConfig:
     allowed_models: tuple[str, ...]
     runtime_port: int
     audit_address: str | None = None
-    min_cohort: int = 3
-    max_setup_attempts: int = 3
+    privacy: SitePrivacy = field(default_factory=SitePrivacy)
+    roster: Path | None = None
+    roster_authority: Path | None = None
+    peers: Mapping[str, str] = field(default_factory=dict)
 
 
 def _get(sec: Mapping[str, Any], prefix: str, key: str, kind: type[T], default: T | None) -> T:
@@ -120,7 +136,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
         q = Path(value).expanduser()
         return q if q.is_absolute() else base / q
 
-    _known(doc, "", {"site", "coordinator", "data", "limits", "runtime"})
+    _known(doc, "", {"site", "coordinator", "data", "limits", "runtime", "privacy", "trust", "peers"})
     s = _sec(doc, "site")
     _known(s, "site", {"name", "key", "passphrase_env", "state_dir"})
     c = _sec(doc, "coordinator")
@@ -128,9 +144,13 @@ def load_client_config(path: str | Path) -> ClientConfig:
     d = _sec(doc, "data")
     _known(d, "data", {"dataset_dir", "approved_root", "validation_fraction"})
     lim = _sec(doc, "limits")
+    for moved in ("min_cohort", "max_setup_attempts"):
+        if moved in lim:
+            raise ClientConfigError(f"limits.{moved}", f"moved to [privacy] {moved}")
     _known(
         lim, "limits",
-        {"max_epochs", "max_batch_size", "max_learning_rate", "allowed_models", "min_cohort", "max_setup_attempts"},
+        {"max_epochs", "max_batch_size", "max_learning_rate", "max_clip_norm", "allowed_models",
+         "max_cohort", "max_vector_length", "max_update_clip"},
     )
     rt = _sec(doc, "runtime")
     _known(rt, "runtime", {"port"})
@@ -157,7 +177,10 @@ def load_client_config(path: str | Path) -> ClientConfig:
         max_epochs=_get(lim, "limits", "max_epochs", int, dl.max_epochs),
         max_batch_size=_get(lim, "limits", "max_batch_size", int, dl.max_batch_size),
         max_learning_rate=_get(lim, "limits", "max_learning_rate", float, dl.max_learning_rate),
+        max_clip_norm=_get(lim, "limits", "max_clip_norm", float, dl.max_clip_norm),
     )
+    if not 0 < limits.max_clip_norm <= 1e6:
+        raise ClientConfigError("limits.max_clip_norm", "must be in (0, 1e6]")
     if not 1 <= limits.max_epochs <= 1000:
         raise ClientConfigError("limits.max_epochs", "must be in [1, 1000]")
     if not 1 <= limits.max_batch_size <= 1 << 16:
@@ -167,12 +190,8 @@ def load_client_config(path: str | Path) -> ClientConfig:
     models = lim.get("allowed_models", ["mlp", "cnn"])
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise ClientConfigError("limits.allowed_models", "must be a list of strings")
-    min_cohort = _get(lim, "limits", "min_cohort", int, 3)
-    if not 2 <= min_cohort <= 1 << 16:
-        raise ClientConfigError("limits.min_cohort", "must be in [2, 65536] (2 reveals the other site's input)")
-    attempts = _get(lim, "limits", "max_setup_attempts", int, 3)
-    if not 1 <= attempts <= 16:
-        raise ClientConfigError("limits.max_setup_attempts", "must be in [1, 16]")
+    privacy = _privacy(_sec(doc, "privacy"), lim)
+    roster, authority, peers = _trust(_sec(doc, "trust"), _sec(doc, "peers"), p)
     port = _get(rt, "runtime", "port", int, 9094)
     if not 1 <= port <= 65535:
         raise ClientConfigError("runtime.port", "must be in [1, 65535]")
@@ -194,6 +213,54 @@ def load_client_config(path: str | Path) -> ClientConfig:
         allowed_models=tuple(models),
         runtime_port=port,
         audit_address=audit_address,
-        min_cohort=min_cohort,
-        max_setup_attempts=attempts,
+        privacy=privacy,
+        roster=roster,
+        roster_authority=authority,
+        peers=peers,
+    )
+
+
+def _privacy(sec: Mapping[str, Any], lim: Mapping[str, Any]) -> SitePrivacy:
+    """``[privacy]`` and the protocol bounds of ``[limits]``, each range-checked."""
+    d = SitePrivacy()
+    _known(sec, "privacy", set(SitePrivacy.PRIVACY_KEYS))
+    values: dict[str, Any] = {}
+    for key in SitePrivacy.PRIVACY_KEYS:
+        default = getattr(d, key)
+        kind: type = bool if isinstance(default, bool) else type(default)
+        values[key] = _get(sec, "privacy", key, kind, default)
+    for key in SitePrivacy.LIMIT_KEYS:
+        default = getattr(d, key)
+        values[key] = _get(lim, "limits", key, type(default), default)
+    try:
+        return SitePrivacy(**values)
+    except ValueError as exc:
+        key, _, reason = str(exc).partition(": ")
+        raise ClientConfigError(key, reason) from exc
+
+
+def _trust(
+    trust: Mapping[str, Any], peers: Mapping[str, Any], p: Any
+) -> tuple[Path | None, Path | None, dict[str, str]]:
+    """``[trust]`` (roster + its pinned authority key, together) and ``[peers]``."""
+    _known(trust, "trust", {"roster", "roster_authority"})
+    roster = trust.get("roster")
+    authority = trust.get("roster_authority")
+    for key, value in (("roster", roster), ("roster_authority", authority)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ClientConfigError(f"trust.{key}", "must be a file path")
+    if (roster is None) != (authority is None):
+        missing = "roster_authority" if authority is None else "roster"
+        raise ClientConfigError(
+            f"trust.{missing}", "required with the other: a roster is trusted only under a pinned authority key"
+        )
+    table: dict[str, str] = {}
+    for site, kid in peers.items():
+        if not isinstance(kid, str) or not _HEX64.fullmatch(kid.lower()):
+            raise ClientConfigError(f"peers.{site}", "must be the site's key id (64 hex characters)")
+        table[site] = kid.lower()
+    return (
+        p(roster) if roster is not None else None,
+        p(authority) if authority is not None else None,
+        table,
     )

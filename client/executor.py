@@ -47,6 +47,7 @@ from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from fedseal.client.policy import SiteRefusal
 from fedseal.client.supernode import PullBackoff, loopback_backoff, pull_backoff
 
 #: How long a task may wait for its message's objects to reach the SuperNode. Flower's default
@@ -211,8 +212,12 @@ class PinnedExecutor:
             log.info("answered %s in %.2fs", message.metadata.message_type, time.monotonic() - t0)
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # any failure is reported back to the coordinator, not swallowed
-            log.exception("ClientApp task failed")
-            details = f"{type(exc).__name__}: {exc}"[:500]
+            if isinstance(exc, SiteRefusal):  # policy, not a fault: one line, no traceback
+                log.warning("%s: %s", getattr(message, "metadata", None) and message.metadata.message_type, exc)
+                details = str(exc)[:500]
+            else:
+                log.exception("ClientApp task failed")
+                details = f"{type(exc).__name__}: {exc}"[:500]
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
         finally:

@@ -8,14 +8,25 @@ Usage (what ``fl-client run`` does; the app is built in-process, never loaded fr
 Message types handled:
 
 * ``query.initial_model`` – build the named model with the coordinator's seed, return weights.
-* ``train`` – load the global weights, train locally (hyper-parameters clamped by
+* ``train`` – plain training, **refused** unless the site opted in (``[privacy] allow_plain``):
+  it would hand the coordinator this site's trained weights in the clear. If allowed: load the
+  global weights, train locally (hyper-parameters clamped by
   :class:`~fedseal.client.training.SiteLimits`), return the new weights, the example count and
   the dataset root this site committed to.
 * ``train.secagg`` – one stage of a secure round (DESIGN.md §5): the first message carries the
   global model, training config and the signed round setup; every stage's signed payload is
   answered by :class:`fedseal.protocol.ClientSession` (which calls back into local training at
   the masked-input stage); the masked vector travels beside the envelope as an array.
-* ``evaluate`` – loss, accuracy and macro-F1 of the global weights on the local validation part.
+* ``evaluate`` – loss, accuracy and macro-F1 of the global weights on the local validation part,
+  only for a model the coordinator's signed log committed (see below).
+
+Site trust (``[privacy]``, ``[trust]``, ``[peers]`` of ``client.toml``; :mod:`fedseal.client.policy`):
+every secure round's session gets the site's own policy and its trust anchor (the peers it
+knows independently of the coordinator). Local training draws its randomness from a site
+secret mixed with the *signed* run id and round (never from the coordinator's config), and the
+site's setup guard lets it train at most once per run and round, rounds only increasing. With
+an audit address, the model a round trains from, and every model the site evaluates, must be
+one the signed log committed (:class:`fedseal.client.commitments.ModelCommitments`).
 
 Receipts (``[coordinator] audit_address`` set, :class:`fedseal.client.receipts.SiteReceipts`):
 a secure round's setup first retries unfinished checks and is refused once the site is blocked;
@@ -30,6 +41,7 @@ locally built model. A malformed message is answered with a Flower error reply, 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import logging
 import os
@@ -48,12 +60,15 @@ from flwr.common.constant import SType
 from numpy.lib import format as npy_format
 from torch import nn
 
+from fedseal.client.commitments import ModelCommitments
 from fedseal.client.models import build_model, load_numpy_state_dict, state_dict_to_numpy
+from fedseal.client.policy import SitePrivacy, SiteRefusal
 from fedseal.client.receipts import SiteReceipts
 from fedseal.client.site_data import SiteData
 from fedseal.client.training import SiteLimits, TrainRequest, evaluate, train
 
 __all__ = [
+    "SiteRefusal",
     "SiteRuntime",
     "array_to_numpy",
     "float32_digest",
@@ -65,10 +80,18 @@ __all__ = [
 
 log = logging.getLogger("fedseal.client")
 
+_TRAIN_SEED_TAG = b"fedseal/v1/train-seed\x00"
+
 
 @dataclass
 class SiteRuntime:
-    """Everything the ClientApp needs, owned by the ``fl-client run`` process."""
+    """Everything the ClientApp needs, owned by the ``fl-client run`` process.
+
+    ``trusted_peers`` is the site's trust anchor (site -> key id, from its pinned consortium
+    roster and ``[peers]``); ``training_secret`` (32 bytes, kept in the site's state directory
+    by ``fl-client run``) makes local training unpredictable to the coordinator;
+    ``commitments`` (set with an audit address) checks models against the signed log.
+    """
 
     name: str
     data: SiteData
@@ -77,8 +100,10 @@ class SiteRuntime:
     identity_key: ec.EllipticCurvePrivateKey | None = None
     coordinator_key: ec.EllipticCurvePublicKey | None = None
     receipts: SiteReceipts | None = None
-    min_cohort: int = 3
-    max_setup_attempts: int = 3
+    privacy: SitePrivacy = field(default_factory=SitePrivacy)
+    trusted_peers: dict[str, bytes] = field(default_factory=dict)
+    training_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    commitments: ModelCommitments | None = None
     #: Where the setup guard (which setups this site answered, per run) is kept between
     #: restarts of the site; ``None`` keeps it in memory only.
     guard_path: Path | None = None
@@ -97,10 +122,10 @@ class SiteRuntime:
         Raises:
             ValueError: The stored guard is unreadable (the site refuses rather than forget).
         """
-        from fedseal.protocol import ProtocolError, SetupGuard, SitePolicy
+        from fedseal.protocol import ProtocolError, SetupGuard
 
         if self._guard is None:
-            policy = SitePolicy(max_setup_attempts=self.max_setup_attempts, min_cohort=self.min_cohort)
+            policy = self.privacy.protocol_policy()
             raw = self.guard_path.read_bytes() if self.guard_path is not None and self.guard_path.exists() else b""
             try:
                 self._guard = SetupGuard.from_bytes(raw, policy) if raw else SetupGuard(policy)
@@ -119,6 +144,33 @@ class SiteRuntime:
             tmp.write_bytes(raw)
             os.replace(tmp, self.guard_path)
             self._guard_saved = raw
+
+    def training_seed(self, run_id: bytes, round_: int) -> int:
+        """The seed of local training in ``round_`` of ``run_id``: HMAC-SHA256 of the signed
+        run and round under the site's secret, so the coordinator can neither predict it nor
+        make two trainings on one model identical (and difference them)."""
+        mac = hmac.new(
+            self.training_secret, _TRAIN_SEED_TAG + bytes(run_id) + round_.to_bytes(4, "big"), "sha256"
+        )
+        return int.from_bytes(mac.digest()[:8], "big") & ((1 << 63) - 1)
+
+    def check_model(self, run_id: bytes, digest: bytes, what: str) -> None:
+        """Refuse a model the coordinator's signed log did not commit (with an audit address).
+
+        Raises:
+            SiteRefusal: Not committed, or older than a model already verified for the run.
+        """
+        if self.commitments is None:
+            return
+        from fedseal.client.commitments import ModelNotCommittedError
+        from fedseal.client.receipts import AuditServiceError, ReceiptError
+
+        try:
+            committed = self.commitments.check(run_id, digest)
+        except (ModelNotCommittedError, ReceiptError, AuditServiceError) as exc:
+            raise SiteRefusal(f"{what}: {exc}") from exc
+        log.info("%s: model %s… committed by %s", what, digest.hex()[:16],
+                 "the run start" if committed == 0 else f"round {committed}")
 
     def model(self, name: str, seed: int) -> nn.Module:
         if name not in self.allowed_models:
@@ -310,13 +362,20 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
 
     @app.train()
     def train_handler(msg: Message, context: Context) -> Message:
+        if not runtime.privacy.allow_plain:
+            log.warning("plain training request refused: [privacy] allow_plain = false")
+            raise SiteRefusal(
+                "plain training is disabled at this site ([privacy] allow_plain = false): "
+                "it would send this site's trained weights in the clear"
+            )
         rec = _cfg(msg)
         model = _load_global(runtime, msg, rec)
         req = runtime.limits.clamp(
             _train_request(rec)
         )
         round_ = _get(rec, "round", int, 0, 10**9)
-        result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=round_)
+        seed = runtime.training_seed(_run_id(rec), round_)
+        result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=seed)
         weights = state_dict_to_numpy(model)
         log.info(
             "round %d: trained on %d examples (%d epochs, batch %d, lr %g), loss %.4f",
@@ -345,15 +404,29 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             _train_request(rec)
         )
         round_ = _get(rec, "round", int, 0, 10**9)
+        run_id = _run_id(rec)
         runtime._session = None  # a refused setup leaves no session of an earlier round
         if runtime.receipts is not None:
             runtime.receipts.before_round()  # raises (an error reply) once blocked
-        runtime._round = (_run_id(rec), round_)
+        runtime._round = (run_id, round_)
+        # Before any key is advertised: the model must be the one the signed log committed.
+        runtime.check_model(run_id, float32_digest(global_flat), f"round {round_} setup")
 
         def update_fn(info: RoundInfo) -> LocalUpdate:
             if info.model_digest != float32_digest(global_flat):
                 raise ValueError("the round setup names another global model than the one received")
-            result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=round_)
+            if (info.run_id, info.round) != (run_id, round_):
+                raise ValueError("the signed round setup names another run or round than its config")
+            clip = info.quantization.clip
+            if clip > runtime.privacy.max_update_clip:
+                raise SiteRefusal(
+                    f"the round's update clip {clip:g} is above this site's "
+                    f"[limits] max_update_clip {runtime.privacy.max_update_clip:g}"
+                )
+            # Randomness from the site's secret and the *signed* run and round: the guard lets
+            # the site train once per (run, round), and no two trainings are alike.
+            seed = runtime.training_seed(info.run_id, info.round)
+            result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=seed)
             delta = model_delta(model, global_flat)
             log.info("round %d: trained on %d examples, loss %.4f (secure)", round_, result.num_examples, result.mean_loss)
             return LocalUpdate(
@@ -369,6 +442,8 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             runtime.coordinator_key,
             update_fn=update_fn,
             rng=np.random.default_rng(secrets.randbits(128)),
+            trusted_peers=runtime.trusted_peers,
+            limits=runtime.privacy.limits(),
             policy=guard.policy,
             guard=guard,
         )
@@ -414,6 +489,9 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             # Sent after the round result and its signed tree head: our input must be proven.
             runtime.receipts.after_round(_run_id(rec), _get(rec, "round", int, 0, 10**9))
         model = _load_global(runtime, msg, rec)
+        if runtime.commitments is not None and not runtime.privacy.allow_plain:
+            # Only a committed model: a crafted one would probe this site's validation data.
+            runtime.check_model(_run_id(rec), float32_digest(model_flat(model)), "evaluation")
         res = evaluate(model, runtime.data.x_val, runtime.data.y_val, num_classes=runtime.data.num_classes)
         metrics = MetricRecord(
             {

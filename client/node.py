@@ -2,6 +2,8 @@
 
 Steps (each failure stops the site with a message naming the step):
 
+0. establish the site's trust anchor (``[trust]`` roster, ``[peers]``): a site that knows no
+   peer but itself is refused at once (step ``trust``);
 1. load the site key (``site.key``, 0600; passphrase from the env variable named in the config);
 2. re-attest the dataset (:func:`fedseal.client.data.verify_dataset`: the shards must be
    exactly what the manifest describes) and compare its root with ``data.approved_root``, the
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,7 @@ from fedseal.client.config import ClientConfig
 
 if TYPE_CHECKING:
     from fedseal.client.receipts import SiteReceipts
+    from fedseal.client.trust import SiteTrust
 
 __all__ = ["SiteRunError", "run_site"]
 
@@ -193,6 +196,16 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
     from fedseal.client.site_data import SiteDataError, load_site_data
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # First: a site that knows no peer (other than itself) would take its peers' keys from the
+    # coordinator; refuse before attesting data or waiting for the coordinator.
+    trust = site_trust(cfg)
+    if not any(site != cfg.name for site in trust.peers):
+        raise SiteRunError(
+            "trust",
+            "this site knows no peer: set [trust] roster + roster_authority (a consortium roster "
+            "signed by an authority the coordinator does not hold) or a [peers] table; without "
+            "them it would take its peers' keys from the coordinator",
+        )
     key = _load_key(cfg)
     root = attest_dataset(cfg, re_enrol=re_enrol)
     try:
@@ -220,10 +233,24 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
     receipts = _site_receipts(cfg, key, coordinator_key)  # type: ignore[arg-type, unused-ignore]
     if receipts is not None:
         on_info(f"site {cfg.name}: checking audit receipts at {cfg.audit_address} after every round")
+    commitments = None
+    if receipts is not None:
+        from fedseal.client.commitments import ModelCommitments
+
+        commitments = ModelCommitments(receipts.checker, receipts.source)
+    for line in effective_policy(cfg, trust.sources, commitments is not None):
+        on_info(f"site {cfg.name}: policy: {line}")
+        log.info("policy: %s", line)
+    if commitments is None:
+        log.warning(
+            "model commitments are NOT checked (no [coordinator] audit_address): this site "
+            "cannot tell whether the model it trains or evaluates is one the coordinator's log committed"
+        )
     runtime = SiteRuntime(
         name=cfg.name, data=data, limits=cfg.limits, allowed_models=cfg.allowed_models,
         identity_key=key, coordinator_key=coordinator_key,  # type: ignore[arg-type, unused-ignore]
-        receipts=receipts, min_cohort=cfg.min_cohort, max_setup_attempts=cfg.max_setup_attempts,
+        receipts=receipts, privacy=cfg.privacy, trusted_peers=dict(trust.peers),
+        training_secret=training_secret(cfg.state_dir), commitments=commitments,
         guard_path=cfg.state_dir / "setup-guard.bin",
     )
     app = make_client_app(runtime)
@@ -276,6 +303,58 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
             )
         raise SiteRunError("supernode", f"flower-supernode exited with code {proc.returncode}; see {node.log_path}")
     return 0
+
+
+def site_trust(cfg: ClientConfig) -> SiteTrust:
+    """The site's trust anchor from ``[trust]`` and ``[peers]`` (roster verified, no rollback).
+
+    Raises:
+        SiteRunError: The roster does not verify, was rolled back, or conflicts with ``[peers]``.
+    """
+    from fedseal.client.trust import TrustError, load_site_trust
+
+    try:
+        return load_site_trust(
+            roster_path=cfg.roster,
+            authority_key_path=cfg.roster_authority,
+            static_peers=cfg.peers,
+            state_dir=cfg.state_dir,
+        )
+    except TrustError as exc:
+        raise SiteRunError("trust", str(exc)) from exc
+
+
+def effective_policy(cfg: ClientConfig, trusted: Mapping[str, str], commitments: bool) -> list[str]:
+    """The lines ``fl-client run`` prints at start and ``fl-client policy show`` prints."""
+    from fedseal.client.policy import describe_policy
+
+    how = (
+        f"checked against the signed log at {cfg.audit_address} (train and evaluate only committed models)"
+        if commitments
+        else "NOT checked (no [coordinator] audit_address): the site cannot tell a committed model from another"
+    )
+    others = {s: src for s, src in trusted.items() if s != cfg.name}
+    return list(describe_policy(cfg.privacy, cfg.limits, others, commitments=how))
+
+
+def training_secret(state_dir: Path) -> bytes:
+    """The site's 32-byte training secret (``state_dir/training-secret``, 0600, made once).
+
+    Raises:
+        SiteRunError: The file exists but is not 32 bytes.
+    """
+    path = state_dir / "training-secret"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+            f.flush()
+            os.fsync(f.fileno())
+    secret = path.read_bytes()
+    if len(secret) != 32:
+        raise SiteRunError("state", f"{path} holds {len(secret)} bytes, expected 32")
+    return secret
 
 
 def _site_receipts(

@@ -83,3 +83,29 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]refused:[/red] {exc}")
             raise typer.Exit(EXIT_FAILED) from exc
         raise typer.Exit(code)
+
+    policy_app = typer.Typer(help="The site's privacy policy (client.toml [privacy], [limits], [trust], [peers]).", no_args_is_help=True)
+
+    @policy_app.command("show")
+    def policy_show(
+        config: Annotated[Path, typer.Option(help="client.toml")] = Path("client.toml"),
+    ) -> None:
+        """Print the effective policy this site enforces on every coordinator request."""
+        from fedseal.client.config import ClientConfigError, load_client_config
+        from fedseal.client.node import SiteRunError, effective_policy, site_trust
+
+        try:
+            cfg = load_client_config(config)
+        except ClientConfigError as exc:
+            console.print(f"[red]error:[/red] {config}: {exc}")
+            raise typer.Exit(EXIT_USAGE) from exc
+        try:
+            trust = site_trust(cfg)
+        except SiteRunError as exc:
+            console.print(f"[red]refused:[/red] {exc}")
+            raise typer.Exit(EXIT_FAILED) from exc
+        typer.echo(f"site {cfg.name} ({cfg.path})")
+        for line in effective_policy(cfg, trust.sources, cfg.audit_address is not None):
+            typer.echo(f"  {line}")
+
+    app.add_typer(policy_app, name="policy")

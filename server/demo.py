@@ -29,7 +29,9 @@ from rich.markup import escape
 
 from fedseal.crypto.keys import (
     generate_identity_key,
+    load_private_key,
     load_public_key,
+    public_key_to_der,
     save_private_key,
     save_public_key,
 )
@@ -63,9 +65,17 @@ def _check(argv: list[str], what: str) -> str:
 
 def write_client_toml(
     path: Path, *, name: str, superlink: str, ca: Path, dataset: Path, root: str, runtime_port: int,
-    audit_address: str | None = None,
+    audit_address: str | None = None, roster: Path | None = None, authority: Path | None = None,
+    allow_plain: bool = False,
 ) -> None:
     audit = [f'audit_address = "{audit_address}"'] if audit_address else []
+    trust = (
+        ["[trust]", f'roster = "{roster}"', f'roster_authority = "{authority}"', ""]
+        if roster is not None and authority is not None
+        else []
+    )
+    # The safe default is allow_plain = false; only a plain (comparison) run opts in.
+    privacy = ["[privacy]", "allow_plain = true", ""] if allow_plain else []
     path.write_text(
         "\n".join(
             [
@@ -84,6 +94,8 @@ def write_client_toml(
                 f'dataset_dir = "{dataset}"',
                 f'approved_root = "{root}"',
                 "",
+                *privacy,
+                *trust,
                 "[runtime]",
                 f"port = {runtime_port}",
                 "",
@@ -169,14 +181,19 @@ def prepare_federation(
     roster = Roster.load_or_create(cfg.coordinator.roster)
     ca = coord / "tls" / "ca.pem"
     site_dirs = []
-    for i, site in enumerate(split):
-        name = f"site-{i}"
+    names = [f"site-{i}" for i in range(len(split))]
+    for name in names:
         sdir = workdir / "sites" / name
         sdir.mkdir(parents=True, exist_ok=True)
         if not (sdir / "site.key").exists():  # what `fl-client keys init` does, without a process
             site_key = generate_identity_key()
             save_private_key(site_key, sdir / "site.key")
             save_public_key(site_key.public_key(), sdir / "site.key.pub")
+    consortium_roster, authority = write_consortium_roster(
+        workdir / "consortium", {name: workdir / "sites" / name / "site.key.pub" for name in names}
+    )
+    for name, site in zip(names, split, strict=True):
+        sdir = workdir / "sites" / name
         if roster.get(name) is None:
             roster = roster.enroll(
                 name, load_public_key(sdir / "site.key.pub"), [site["root"]], now_ms=int(time.time() * 1000)
@@ -185,12 +202,60 @@ def prepare_federation(
             sdir / "client.toml", name=name, superlink=f"localhost:{fleet_port}", ca=ca,
             dataset=Path(site["dir"]).resolve(), root=site["root"], runtime_port=free_port(),
             audit_address=f"localhost:{audit_port}" if audit_port else None,
+            roster=consortium_roster, authority=authority, allow_plain=not secure,
         )
         site_dirs.append(sdir)
     roster.save(cfg.coordinator.roster)
     return Federation(
         workdir, coord / "server.toml", ca, fleet_port, internal_port, tuple(site_dirs), audit_port
     )
+
+
+def set_allow_plain(site_dirs: tuple[Path, ...] | list[Path], allow: bool) -> None:
+    """Rewrite prepared sites' ``client.toml`` (as :func:`write_client_toml` wrote it) to allow
+    or refuse plain training: the opt-in a plain comparison run (``--plain``, benchmarks) needs."""
+    block = "[privacy]\nallow_plain = true\n\n"
+    for site_dir in site_dirs:
+        path = Path(site_dir) / "client.toml"
+        text = path.read_text().replace(block, "")
+        if allow:
+            text = text.replace("[runtime]\n", block + "[runtime]\n", 1)
+        path.write_text(text)
+
+
+def write_consortium_roster(directory: Path, site_keys: dict[str, Path]) -> tuple[Path, Path]:
+    """Stand in for the consortium's governance: an authority key (not the coordinator's) and
+    the roster of ``site_keys`` it signs. Returns (roster file, authority public key file).
+
+    What ``fl-client roster authority-init`` and ``fl-client roster create --site ...`` do; the
+    authority key is reused if present, the roster re-signed (a new version) when its sites
+    change.
+    """
+    from fedseal.protocol.consortium import (
+        ConsortiumRoster,
+        ConsortiumSite,
+        SignedConsortiumRoster,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path, roster_path = directory / "authority.key", directory / "authority.key.pub", directory / "roster.json"
+    if not key_path.exists():
+        authority = generate_identity_key()
+        save_private_key(authority, key_path)
+        save_public_key(authority.public_key(), pub_path)
+    authority_key = load_private_key(key_path)
+    sites = tuple(
+        ConsortiumSite(name, public_key_to_der(load_public_key(path))) for name, path in sorted(site_keys.items())
+    )
+    version = 1
+    if roster_path.exists():
+        old = SignedConsortiumRoster.from_json(roster_path.read_bytes()).verify(authority_key.public_key())
+        if old.sites == sites:
+            return roster_path, pub_path
+        version = old.version + 1
+    roster = ConsortiumRoster("fedseal-demo", version, int(time.time() * 1000), sites)
+    roster_path.write_text(SignedConsortiumRoster.sign(roster, authority_key).to_json())
+    return roster_path, pub_path
 
 
 def start_site(site_dir: Path, *extra: str) -> subprocess.Popen[bytes]:

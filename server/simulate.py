@@ -387,6 +387,10 @@ def _real_site_app(site_dir: Path, extra_models: tuple[str, ...]) -> ClientApp:
     if data.root_hex != root:
         raise SimulationError(f"site {cfg.name}", "manifest root differs from the attested root")
     passphrase = os.environ.get(cfg.passphrase_env) if cfg.passphrase_env else None
+    try:
+        trust = node.site_trust(cfg)  # the site's own anchor: its pinned consortium roster
+    except node.SiteRunError as exc:
+        raise SimulationError(f"site {cfg.name}", str(exc)) from exc
     runtime = flower_app.SiteRuntime(
         name=cfg.name,
         data=data,
@@ -395,6 +399,8 @@ def _real_site_app(site_dir: Path, extra_models: tuple[str, ...]) -> ClientApp:
         identity_key=load_private_key(cfg.key, passphrase.encode() if passphrase else None),
         coordinator_key=load_public_key(cfg.coordinator_key),
         receipts=None,
+        privacy=cfg.privacy,
+        trusted_peers=dict(trust.peers),
     )
     app: ClientApp = flower_app.make_client_app(runtime)
     return app
