@@ -40,6 +40,7 @@ locally built model. A malformed message is answered with a Flower error reply, 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import io
@@ -398,7 +399,10 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
 
         if runtime.identity_key is None or runtime.coordinator_key is None:
             raise ValueError("this site has no identity key / pinned coordinator key")
-        model = _load_global(runtime, msg, rec)
+        # The session trains its own copy: a later message (an evaluation, even a refused one)
+        # loads its weights into the shared cached model, and must not change the model this
+        # round trains from, i.e. the one the signed setup names and the audit log committed.
+        model = copy.deepcopy(_load_global(runtime, msg, rec))
         global_flat = model_flat(model)
         req = runtime.limits.clamp(
             _train_request(rec)
@@ -458,6 +462,12 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             reply = runtime._session.handle(payload)
         finally:
             runtime.save_guard()
+        setup = runtime._session.setup
+        if setup is not None and (setup.header.run_id, setup.header.round) != runtime._round:
+            # Checked before the key advert leaves: the signed setup must name the run and
+            # round of the config the model and commitments were checked for.
+            runtime._session = None
+            raise SiteRefusal("the signed round setup names another run or round than its config")
         if runtime.receipts is not None and runtime._session.stage is ClientStage.AWAIT_UNMASK:
             # We signed a survivor set naming ourselves: our input is in the aggregate.
             runtime.receipts.included(*runtime._round)
@@ -513,7 +523,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
                 start_session(msg, train_rec)
                 content[SETUP_RECORD] = answer(payload)[SETUP_RECORD]
             except Exception as exc:  # reported to the coordinator: the site sits the round out
-                reason = f"{type(exc).__name__}: {exc}"[:300]
+                reason = (str(exc) if isinstance(exc, SiteRefusal) else f"{type(exc).__name__}: {exc}")[:300]
                 log.warning("round setup carried with the evaluation refused: %s", reason)
                 content[SETUP_ERROR_RECORD] = ConfigRecord({"reason": reason})
         return Message(content, reply_to=msg)

@@ -364,6 +364,11 @@ class ClientSession:
         return reply
 
     @property
+    def setup(self) -> RoundSetup | None:
+        """The signed round setup this session answers (``None`` before one)."""
+        return self._setup
+
+    @property
     def attempt(self) -> int | None:
         """The setup attempt this session answers (``None`` before a setup)."""
         return self._setup.attempt if self._setup is not None else None

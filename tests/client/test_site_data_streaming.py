@@ -368,10 +368,14 @@ def test_the_sites_client_app_trains_and_evaluates_on_streamed_data_with_exact_c
     for name in ("_run_id", "_node_id", "_task_id"):  # what a SuperNode sets for its ClientApp
         monkeypatch.setattr(TaskIdentity, name, 1)
     data = load_site_data(mnist_dir, validation_fraction=0.2, seed=7)
-    app = make_client_app(SiteRuntime(name="site-a", data=data))
+    from fedseal.client.policy import SitePrivacy
+
+    # Plain training: only at a site that opted in.
+    app = make_client_app(SiteRuntime(name="site-a", data=data, privacy=SitePrivacy(allow_plain=True)))
     weights = ArrayRecord({k: Array(v) for k, v in state_dict_to_numpy(build_model("mlp", seed=0)).items()})
     config = ConfigRecord(
-        {"model": "mlp", "seed": 0, "epochs": 2, "batch-size": 64, "learning-rate": 0.05, "clip-norm": 5.0, "round": 1}
+        {"model": "mlp", "seed": 0, "epochs": 2, "batch-size": 64, "learning-rate": 0.05, "clip-norm": 5.0, "round": 1,
+         "run-id": "ab" * 16}
     )
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     replies = {
