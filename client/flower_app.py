@@ -141,8 +141,11 @@ class SiteRuntime:
             return
         raw = self._guard.to_bytes()
         if raw != self._guard_saved:
+            # 0600: it holds the graph nonces the site committed to, secret until revealed.
             tmp = self.guard_path.with_suffix(".tmp")
-            tmp.write_bytes(raw)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
             os.replace(tmp, self.guard_path)
             self._guard_saved = raw
 

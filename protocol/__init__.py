@@ -52,10 +52,12 @@ Site side (e.g. ``fedseal.client`` in a Flower ``ClientApp``), one session per r
         delta, n_examples = local_training(...)
         return LocalUpdate(vector=delta, example_count=n_examples, dataset_root=manifest_root)
 
-    guard = SetupGuard(SitePolicy())          # once per site process: caps setup attempts
+    guard = SetupGuard(SitePolicy())          # kept (and persisted) by the site: attempt caps,
+                                              # rounds answered, committed graph nonces
+    anchor = {"site-b": key_id_b, "site-c": key_id_c}  # peers from the site's own roster
     session = ClientSession(site_id, site_key, pinned_coordinator_public_key,
                             update_fn=train, rng=rounding_generator,  # a numpy Generator
-                            guard=guard)
+                            trusted_peers=anchor, guard=guard)
     reply = session.handle(message_bytes)     # -> Packet | None; send reply.payload (+ reply.bulk)
 
 A new setup attempt of the same round is handled by the same session (it answers with a
@@ -74,15 +76,17 @@ round in memory with scripted dropouts and adversarial hooks.
 Known limits (by design, as in Bonawitz et al.): a site that sends its neighbours
 undecryptable shares makes them abort (they drop out; nothing leaks); a site that masks its
 input with other seeds than it committed to corrupts the aggregate like any poisoned update
-(input integrity is out of scope); a coordinator cannot set the neighbour graph: the graph
-seed hashes the signed adverts of every cohort member (sites refuse a bundle missing one), each
-holding fresh keys drawn by its site; it can force at most ``SitePolicy.max_setup_attempts``
-re-draws per round, each a signed, logged restart (bias bound in :mod:`fedseal.protocol.graph`),
-while a cohort member colluding with it can still grind its own advert after seeing the
-others' (last-revealer bias; see :mod:`fedseal.protocol.graph`). Without ``pinned_peers`` a site trusts the coordinator's roster
-for its peers' identity keys. Sites reveal shares only after survivor-set signatures from more
-than half the round's cohort (``config.consistency_quorum``), so a round also needs a majority
-of the sampled cohort to advertise, submit and sign; fewer fail it with ``ThresholdError``.
+(input integrity is out of scope). Nobody sets the neighbour graph: its seed hashes graph
+nonces every cohort member committed to before the setup (in its previous round's advert, or a
+commit exchange the run's first round starts with), revealed one hash-chain step per attempt,
+so a colluding member cannot grind its advert; the coordinator can force at most
+``SitePolicy.max_setup_attempts`` re-draws per round, each a signed, logged restart (bias bound
+in :mod:`fedseal.protocol.graph`). A site takes part only with peers it can tie to its own trust
+anchor (``trusted_peers``: its consortium roster and ``[peers]``), and only in rounds that meet
+its own floor (:mod:`fedseal.protocol.params`): degree, threshold, and survivor-set signatures
+from ``max(t, (n + c) // 2 + 1)`` of the cohort (``config.consistency_quorum``), so a round
+also needs that many sites to advertise, submit and sign; fewer fail it with
+``ThresholdError``.
 """
 
 from .client import ClientSession, ClientStage, LocalUpdate, RoundInfo

@@ -107,7 +107,14 @@ from .errors import (
     VerificationError,
     WeakRoundError,
 )
-from .graph import NeighbourGraph, build_graph, graph_seed
+from .graph import (
+    NeighbourGraph,
+    build_graph,
+    bundle_digest,
+    graph_seed,
+    nonce_reveal,
+    opens,
+)
 from .guard import SetupGuard
 from .masking import (
     PAIR_DOMAIN,
@@ -311,6 +318,7 @@ class ClientSession:
         self._held: dict[SiteId, tuple[Share, Share]] = {}
         self._survivors: tuple[SiteId, ...] = ()
         self._floor: SecurityFloor | None = None
+        self._bundle = b""
 
     # -- public API ---------------------------------------------------------------------
 
@@ -358,10 +366,19 @@ class ClientSession:
             raise
         self._seen.add(opened.content_digest)
         if opened.envelope.kind is MessageKind.ROUND_SETUP:
+            if self._setup is None:  # a commit exchange: still waiting for the setup proper
+                self.stage = ClientStage.AWAIT_SETUP
+                return reply
             self._setup_envelope = bytes(payload)
             next_stage = ClientStage.AWAIT_ADVERTS
         self.stage = next_stage
         return reply
+
+    @property
+    def bundle(self) -> bytes:
+        """Digest of the advert bundle this site computed its graph from (``b""`` before):
+        what its survivor-set signature binds."""
+        return self._bundle
 
     @property
     def setup(self) -> RoundSetup | None:
@@ -400,7 +417,7 @@ class ClientSession:
         w.blob(self._seed).blob(self._advert_digest)
         graph_seed_bytes = self._graph.seed if self._graph is not None else b""
         advertisers = sorted(self._graph.neighbours, key=site_sort_key) if self._graph else []
-        w.blob(graph_seed_bytes).count(len(advertisers))
+        w.blob(graph_seed_bytes).blob(self._bundle).count(len(advertisers))
         for site in advertisers:
             peer = self._peers[site]
             w.text(site).fixed(peer.share_public, AGREEMENT_PUBLIC_BYTES)
@@ -464,7 +481,7 @@ class ClientSession:
         setup_envelope = r.blob(limits.max_message_bytes)
         share_priv, mask_priv = r.blob(32), r.blob(32)
         seed, advert_digest = r.blob(SEED_BYTES), r.blob(DIGEST_BYTES)
-        seed_of_graph = r.blob(DIGEST_BYTES)
+        seed_of_graph, bundle = r.blob(DIGEST_BYTES), r.blob(DIGEST_BYTES)
         advertisers: dict[SiteId, tuple[bytes, bytes]] = {}
         for _ in range(r.count(limits.max_cohort)):
             who = SiteId(r.text(limits.max_site_id_bytes))
@@ -511,6 +528,7 @@ class ClientSession:
                 advertisers, seed_of_graph, setup.params.degree, setup.params.threshold
             )
         self._held, self._survivors, self._seen = held, survivors, seen
+        self._bundle = bundle
         self.clipped, self.revealed, self.stage = clipped, revealed, stage
 
     # -- helpers --------------------------------------------------------------------------
@@ -684,8 +702,17 @@ class ClientSession:
                 raise CoordinatorMisbehaviourError("a new setup attempt names another model")
         if self._now() > setup.expires_at:
             raise StaleMessageError("round setup has expired")
+        commit_only = any(not m.nonce_commitment for m in setup.cohort)
+        if commit_only:
+            # A commit exchange (some member has no committed graph nonce yet): the site
+            # checks the cohort as for any setup, commits to a nonce and waits for the setup
+            # proper; it reveals nothing, and the exchange counts as no attempt.
+            self._adopt_setup(setup)
+            return self._commit_only_advert()
         self._guard.check(h.run_id, h.round, setup.attempt)
         self._adopt_setup(setup)
+        own = next(m for m in setup.cohort if m.site == self.site)
+        nonce = self._guard.nonce_for(h.run_id, h.round, own.nonce_commitment)
         self._guard.admit(h.run_id, h.round, setup.attempt)
         # Secrets of an earlier attempt are dropped: nothing of them was shared.
         self._graph = None
@@ -701,9 +728,29 @@ class ClientSession:
             share_public=self._share_key.public_bytes(),
             mask_public=self._mask_key.public_bytes(),
             seed_commitment=seed_commitment(h.run_id, h.round, self.site, self._seed),
+            graph_nonce=nonce_reveal(h.run_id, self.site, nonce, setup.attempt),
+            next_commitment=self._guard.new_commitment(h.run_id, self.site, self._randbytes),
         )
         data = self._seal(advert)
         self._advert_digest = Envelope.from_bytes(data, self.limits).content_digest
+        return Packet(data)
+
+    def _commit_only_advert(self) -> Packet:
+        """The answer to a commit exchange: a signed advert whose only content is the
+        commitment to a fresh graph nonce (its keys are never used); the session goes back to
+        waiting for the setup proper."""
+        setup = self._require_setup()
+        h = setup.header
+        advert = KeyAdvert(
+            header=self._header(),
+            share_public=AgreementKey.generate(self._randbytes).public_bytes(),
+            mask_public=AgreementKey.generate(self._randbytes).public_bytes(),
+            seed_commitment=bytes(DIGEST_BYTES),
+            next_commitment=self._guard.new_commitment(h.run_id, self.site, self._randbytes),
+        )
+        data = self._seal(advert)
+        self._setup, self._setup_digest, self._peers, self._by_key_id = None, b"", {}, {}
+        self._floor = None
         return Packet(data)
 
     # -- stage 1: adverts -> encrypted shares ----------------------------------------------
@@ -761,7 +808,7 @@ class ClientSession:
             adverts[owner] = advert
             digests[owner] = digest
         # Strict bundle: every cohort member's advert, so the graph seed is fixed by the
-        # signed setup and the sites' fresh keys; a coordinator that has seen the adverts
+        # committed nonces of the signed cohort; a coordinator that has seen the adverts
         # cannot re-draw the graph by leaving some out (it must start a new, logged attempt).
         missing = [m.site for m in setup.cohort if m.site not in adverts]
         if missing:
@@ -772,13 +819,25 @@ class ClientSession:
             )
         if digests.get(self.site) != self._advert_digest:
             raise CoordinatorMisbehaviourError("this site's own key advert was replaced")
+        h = setup.header
+        listed = {m.site: m.nonce_commitment for m in setup.cohort}
         for owner, advert in adverts.items():
+            # Every value was fixed (committed) before any of this attempt was revealed.
+            if not opens(h.run_id, owner, listed[owner], advert.graph_nonce, setup.attempt):
+                raise CoordinatorMisbehaviourError(
+                    "key advert reveals a graph nonce that does not open its listed commitment",
+                    site=owner,
+                )
             self._peers[owner].share_public = advert.share_public
             self._peers[owner].mask_public = advert.mask_public
         graph = build_graph(
-            adverts, graph_seed(digests), setup.params.degree, setup.params.threshold
+            adverts,
+            graph_seed({o: a.graph_nonce for o, a in adverts.items()}),
+            setup.params.degree,
+            setup.params.threshold,
         )
         self._graph = graph
+        self._bundle = bundle_digest(digests)
         self._guard.mark_shared(setup.header.run_id, setup.header.round, setup.attempt)
         neighbours = graph.of(self.site)
         share_key, mask_key = self._share_key, self._mask_key
@@ -790,7 +849,6 @@ class ClientSession:
             len(neighbours),
             randbytes=self._randbytes,
         )
-        h = setup.header
         items: list[tuple[SiteId, bytes]] = []
         for i, peer in enumerate(neighbours):
             plaintext = encode_share_pair(seed_shares[i].to_bytes(), key_shares[i].to_bytes())
@@ -946,9 +1004,7 @@ class ClientSession:
                 )
         self._survivors = survivors
         h = setup.header
-        statement = survivor_statement(
-            h.run_id, h.round, self._setup_digest, self._require_graph().seed, survivors
-        )
+        statement = survivor_statement(h.run_id, h.round, self._setup_digest, self._bundle, survivors)
         signature = sign(self._identity, SURVIVOR_STATEMENT_TYPE, statement)
         return Packet(self._seal(ConsistencySignature(header=self._header(), signature=signature)))
 
@@ -962,7 +1018,7 @@ class ClientSession:
                 "unmask request shows a different survivor set than was signed"
             )
         statement = survivor_statement(
-            h.run_id, h.round, self._setup_digest, self._require_graph().seed, self._survivors
+            h.run_id, h.round, self._setup_digest, self._bundle, self._survivors
         )
         # t signatures do not force one view when the cohort holds two disjoint groups of t
         # (any sparse graph): a majority of the cohort does (each honest site signs once).

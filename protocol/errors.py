@@ -39,6 +39,7 @@ __all__ = [
     "DecodeError",
     "DuplicateMessageError",
     "IncompleteBundleError",
+    "NonceError",
     "ProtocolError",
     "ReconstructionError",
     "RevokedSignerError",
@@ -213,3 +214,8 @@ class UntrustedPeerError(CoordinatorMisbehaviourError):
 class WeakRoundError(CoordinatorMisbehaviourError):
     """Round parameters or a survivor set below the site's own security floor (degree,
     threshold, quorum or dropouts for its ``max_colluding_fraction`` and security bits)."""
+
+
+class NonceError(CoordinatorMisbehaviourError):
+    """A round setup lists, for this site, a graph-nonce commitment it did not make for the
+    run (or forgot), or one it already opened in another round (:mod:`fedseal.protocol.graph`)."""

@@ -1,44 +1,42 @@
-"""SecAgg+ neighbour graph, derived from a public seed the coordinator cannot choose.
+"""SecAgg+ neighbour graph, from a seed that no party (nor a few colluding) can choose.
 
 Rules:
-    1. The seed is ``SHA-256("fedseal/v1/graph-seed" || for each cohort member in sorted
-       order: u16 len || site id || signed-content digest of its key advert)``. Each advert
-       contains fresh ephemeral public keys drawn by the site and binds the setup digest
-       (cohort, parameters, attempt number), so the coordinator learns the seed only after
-       every advert is fixed, and every site recomputes it from the forwarded, signed
-       adverts.
-    2. Sites accept only an advert bundle holding the adverts of *every* member of the
-       signed setup cohort (:class:`~fedseal.protocol.errors.IncompleteBundleError`), so a
-       coordinator that has seen the adverts cannot re-draw the graph by leaving some out.
-       A bundle differing between sites (only possible with a cohort member that signs two
-       adverts) gives them different seeds; the seed is part of the survivor statement each
-       site signs, so no group of them reaches the consistency quorum and none reveals a
-       share.
-    3. Sites are placed on a ring in the order of ``SHA-256(seed || site id)``; each site's
+    1. **Graph nonces, committed before they are revealed.** Every site commits to a secret
+       graph nonce ``N`` *before* the round setup that uses it: in its key advert of its
+       previous secure round of the run (``KeyAdvert.next_commitment``), or, in a site's
+       first round of a run (or after the coordinator lost the commitments), in a commit
+       exchange the round starts with. The commitment is the end of a hash chain,
+       ``C = step^16(N)`` with ``step(x) = SHA-256("fedseal/v1/graph-nonce" || run || site || x)``
+       (:func:`nonce_commitment`). The signed round setup lists each member's commitment; a
+       site refuses a setup that lists for *it* a commitment it did not make, or one it
+       already opened in an earlier round.
+    2. **Reveal per attempt.** In setup attempt ``a`` a site reveals ``step^(15 - a)(N)``
+       (:func:`nonce_reveal`) in its key advert; every site checks every member's reveal
+       against the listed commitment (:func:`opens`). Each attempt's value is a fresh preimage:
+       unknown to anyone before that attempt's setup is fixed, so a colluding member whose
+       commitment the coordinator lists anew in a later attempt still commits blind.
+    3. **Seed.** ``SHA-256("fedseal/v1/graph-seed" || for each member in sorted order: u16 len
+       || site id || revealed value)`` (:func:`graph_seed`). Every colluder's value was fixed
+       (listed in the signed setup) before any honest value of that attempt was revealed, and
+       each honest value is uniform to them: no member can grind its advert to steer the graph
+       (the residual of earlier versions, where the seed hashed the adverts themselves).
+    4. Sites accept only an advert bundle holding the adverts of *every* member of the signed
+       setup cohort (:class:`~fedseal.protocol.errors.IncompleteBundleError`): a coordinator
+       cannot re-draw the graph by leaving some out. The seed is part of the survivor
+       statement each site signs, so sites shown different bundles never reach the quorum.
+    5. Sites are placed on a ring in the order of ``SHA-256(seed || site id)``; each site's
        neighbours are the ``k/2`` nearest on either side (a Harary graph ``H_{k,m}``, as in
-       Bell et al., SecAgg+, CCS 2020). ``k >= m - 1`` gives the complete graph (cohorts up
-       to ``complete_graph_max``, 32 by default: there the seed changes nothing).
-    4. Neighbour lists are sorted by site id; the share a site hands its ``i``-th neighbour
+       Bell et al., SecAgg+, CCS 2020). ``k >= m - 1`` gives the complete graph.
+    6. Neighbour lists are sorted by site id; the share a site hands its ``i``-th neighbour
        has Shamir index ``i + 1``.
 
-Bias bound. A cohort member that does not advertise forces a new setup attempt (a fresh,
-signed ``RoundSetup`` with ``attempt + 1`` to the members that did advertise, who draw fresh
-keys: a new, independent seed). A coordinator can therefore make sites draw up to
-``SitePolicy.max_setup_attempts`` (default 3) independent graphs per round and continue with
-the one it likes (by withholding a member's advert to force the next attempt), but no more:
-sites answer only attempts ``0..max_setup_attempts-1``, each newer than the last they
-answered, none after they shared keys in the round (:mod:`fedseal.protocol.guard`), and
-never a cohort below ``SitePolicy.min_cohort``. Each attempt is visible: a signed setup that
-names its attempt number, and a :class:`~fedseal.protocol.server.SetupRestart` in the
-coordinator's log naming the sites left out. So for any set ``B`` of "bad" graphs (e.g. a
-target surrounded by colluders) of probability ``p`` under one draw, the coordinator alone
-lands in ``B`` with probability at most ``1 - (1 - p)**max_setup_attempts <=
-max_setup_attempts * p``.
-
-Residual (not closed here): a cohort member colluding with the coordinator can choose its
-own advert *after* seeing the honest ones (last-revealer bias) and so grind the seed by
-trying many ephemeral keys; closing that needs a commit-then-reveal of per-site graph
-nonces (one more round trip) or an external randomness beacon.
+Bias bound. A member that does not advertise (or reveals a value that does not open its
+commitment) forces a new setup attempt over the others: a new seed. The coordinator (with its
+colluders withholding) can therefore make sites draw up to ``SitePolicy.max_setup_attempts``
+(default 3) graphs per round and keep the one it likes, but no more: sites answer only attempts
+``0..max_setup_attempts-1``, each newer than the last, none after they shared keys in the round
+(:mod:`fedseal.protocol.guard`). For any set ``B`` of bad graphs of probability ``p`` under one
+draw, the coalition lands in ``B`` with probability at most ``max_setup_attempts * p``.
 """
 
 from __future__ import annotations
@@ -52,20 +50,76 @@ from .errors import ThresholdError
 from .memo import remembered
 from .types import SiteId, site_sort_key
 
-__all__ = ["NeighbourGraph", "build_graph", "graph_seed"]
+__all__ = [
+    "NONCE_BYTES",
+    "NeighbourGraph",
+    "build_graph",
+    "bundle_digest",
+    "graph_seed",
+    "nonce_commitment",
+    "nonce_reveal",
+    "opens",
+]
 
 _SEED_TAG = b"fedseal/v1/graph-seed"
 _RING_TAG = b"fedseal/v1/graph-ring"
+_NONCE_TAG = b"fedseal/v1/graph-nonce\x00"
+_BUNDLE_TAG = b"fedseal/v1/advert-bundle"
+
+NONCE_BYTES = 32
+"""Length of a graph nonce, of each value of its hash chain and of its commitment."""
+
+CHAIN_LENGTH = 16
+"""Hash-chain length: one fresh value per setup attempt (``MAX_SETUP_ATTEMPTS_LIMIT``)."""
 
 
-def graph_seed(advert_digests: Mapping[SiteId, bytes]) -> bytes:
-    """The public graph seed from each advertising site's signed-content digest."""
-    h = hashlib.sha256(_SEED_TAG)
+def _step(run_id: bytes, site: str, value: bytes, times: int) -> bytes:
+    prefix = _NONCE_TAG + bytes(run_id) + len(site.encode()).to_bytes(2, "big") + site.encode()
+    for _ in range(times):
+        value = hashlib.sha256(prefix + value).digest()
+    return value
+
+
+def nonce_commitment(run_id: bytes, site: str, nonce: bytes) -> bytes:
+    """The commitment to ``site``'s graph nonce in ``run_id``: the end of its hash chain."""
+    return _step(run_id, site, nonce, CHAIN_LENGTH)
+
+
+def nonce_reveal(run_id: bytes, site: str, nonce: bytes, attempt: int) -> bytes:
+    """The value ``site`` reveals in setup ``attempt`` (0-based): ``step^(15 - attempt)(N)``."""
+    if not 0 <= attempt < CHAIN_LENGTH:
+        raise ValueError(f"attempt {attempt} outside 0..{CHAIN_LENGTH - 1}")
+    return _step(run_id, site, nonce, CHAIN_LENGTH - 1 - attempt)
+
+
+def opens(run_id: bytes, site: str, commitment: bytes, value: bytes, attempt: int) -> bool:
+    """Whether ``value`` is ``site``'s reveal for ``attempt`` under ``commitment``."""
+    if len(value) != NONCE_BYTES or not 0 <= attempt < CHAIN_LENGTH:
+        return False
+    return _step(run_id, site, value, attempt + 1) == commitment
+
+
+def bundle_digest(advert_digests: Mapping[SiteId, bytes]) -> bytes:
+    """Digest of an advert bundle (each member's signed-content digest): what the survivor
+    statement binds, so sites shown different adverts of one member (a colluder signing two)
+    sign different statements, although the graph seed (from the nonces) is the same."""
+    h = hashlib.sha256(_BUNDLE_TAG)
     for site in sorted(advert_digests, key=site_sort_key):
         raw = site.encode("utf-8")
         h.update(len(raw).to_bytes(2, "big"))
         h.update(raw)
         h.update(advert_digests[site])
+    return h.digest()
+
+
+def graph_seed(revealed: Mapping[SiteId, bytes]) -> bytes:
+    """The public graph seed from each cohort member's revealed graph-nonce value."""
+    h = hashlib.sha256(_SEED_TAG)
+    for site in sorted(revealed, key=site_sort_key):
+        raw = site.encode("utf-8")
+        h.update(len(raw).to_bytes(2, "big"))
+        h.update(raw)
+        h.update(revealed[site])
     return h.digest()
 
 

@@ -4,7 +4,8 @@ Usage (one guard per site, kept by the adapter for the life of the site process 
 to every :class:`~fedseal.protocol.client.ClientSession`)::
 
     guard = SetupGuard(SitePolicy(max_setup_attempts=3, min_cohort=3))
-    session = ClientSession(site, key, coordinator_key, update_fn=train, rng=rng, guard=guard)
+    session = ClientSession(site, key, coordinator_key, update_fn=train, rng=rng,
+                            trusted_peers=anchor, guard=guard)
     ...
     blob = guard.to_bytes()                       # persist where processes are short-lived
     guard = SetupGuard.from_bytes(blob, policy)   # and restore before the next session
@@ -19,6 +20,13 @@ seed) that a coordinator could choose among. The guard caps this on the site sid
   round, nor any setup for an earlier round of the run (:class:`StaleMessageError`): a site
   never masks two inputs for one round.
 
+The guard also keeps the site's graph nonces (:mod:`fedseal.protocol.graph`): each key advert
+commits to a fresh nonce for the site's next round of the run (:meth:`SetupGuard.new_commitment`);
+a later setup listing that commitment for the site gets the nonce back
+(:meth:`SetupGuard.nonce_for`) for that one round only: a nonce opened in one round is never
+opened in another (its values would be known in advance). The last :data:`MAX_NONCES` per run
+are kept.
+
 A session without a guard makes a private one, which bounds attempts within that session;
 the bound spans sessions (an adapter that builds a fresh session per received setup) only
 if the adapter keeps one guard. The guard remembers the newest round of the last
@@ -28,19 +36,25 @@ if the adapter keeps one guard. The guard remembers the newest round of the last
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import SitePolicy
 from .encoding import Reader, Writer
-from .errors import DecodeError, SetupAttemptError, StaleMessageError
+from .errors import DecodeError, NonceError, SetupAttemptError, StaleMessageError
+from .graph import NONCE_BYTES, nonce_commitment
 from .types import RUN_ID_BYTES
 
-__all__ = ["MAX_RUNS", "SetupGuard"]
+__all__ = ["MAX_NONCES", "MAX_RUNS", "SetupGuard"]
 
 MAX_RUNS = 64
 """Runs a guard remembers."""
 
-_MAGIC = b"fedseal/v1/setup-guard\x00"
+MAX_NONCES = 8
+"""Graph nonces a guard keeps per run (the newest)."""
+
+_MAGIC = b"fedseal/v2/setup-guard\x00"
+_MAGIC_V1 = b"fedseal/v1/setup-guard\x00"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +71,49 @@ class SetupGuard:
         policy: The site's policy (``max_setup_attempts``); default :class:`SitePolicy()`.
     """
 
-    __slots__ = ("_runs", "policy")
+    __slots__ = ("_nonces", "_runs", "policy")
 
     def __init__(self, policy: SitePolicy | None = None) -> None:
         self.policy = policy if policy is not None else SitePolicy()
         self._runs: OrderedDict[bytes, _Entry] = OrderedDict()
+        #: run id -> commitment -> (nonce, round it was opened in; 0 = not yet).
+        self._nonces: OrderedDict[bytes, OrderedDict[bytes, tuple[bytes, int]]] = OrderedDict()
+
+    def new_commitment(self, run_id: bytes, site: str, randbytes: Callable[[int], bytes]) -> bytes:
+        """Draw a fresh graph nonce for the site's next round of ``run_id``; return its
+        commitment (:func:`fedseal.protocol.graph.nonce_commitment`)."""
+        nonce = randbytes(NONCE_BYTES)
+        if len(nonce) != NONCE_BYTES:
+            raise ValueError("randbytes returned the wrong number of bytes")
+        commitment = nonce_commitment(run_id, site, nonce)
+        table = self._nonces.setdefault(bytes(run_id), OrderedDict())
+        self._nonces.move_to_end(bytes(run_id))
+        table[commitment] = (nonce, 0)
+        while len(table) > MAX_NONCES:
+            table.popitem(last=False)
+        while len(self._nonces) > MAX_RUNS:
+            self._nonces.popitem(last=False)
+        return commitment
+
+    def nonce_for(self, run_id: bytes, round: int, commitment: bytes) -> bytes:
+        """The nonce behind ``commitment`` for ``round`` (recorded: no other round gets it).
+
+        Raises:
+            NonceError: The site made no such commitment in this run (or forgot it), or opened
+                it in another round.
+        """
+        entry = self._nonces.get(bytes(run_id), OrderedDict()).get(bytes(commitment))
+        if entry is None:
+            raise NonceError(
+                "the setup lists a graph-nonce commitment this site did not make for this run"
+            )
+        nonce, opened = entry
+        if opened not in (0, round):
+            raise NonceError(
+                f"the setup lists a graph-nonce commitment this site opened in round {opened}"
+            )
+        self._nonces[bytes(run_id)][bytes(commitment)] = (nonce, round)
+        return nonce
 
     def check(self, run_id: bytes, round: int, attempt: int) -> None:
         """Raise if the site must not answer this setup; records nothing.
@@ -120,11 +172,17 @@ class SetupGuard:
             self._runs.popitem(last=False)
 
     def to_bytes(self) -> bytes:
-        """Canonical bytes (for the adapter to persist; holds no secrets)."""
+        """Canonical bytes for the adapter to persist (the graph nonces not yet opened are
+        secret until the setup that uses them: keep the file site-local, mode 0600)."""
         w = Writer().raw(_MAGIC).count(len(self._runs))
         for run_id, entry in self._runs.items():
             w.fixed(run_id, RUN_ID_BYTES).u32(entry.round).u16(entry.attempt)
             w.u8(1 if entry.shared else 0)
+        w.count(len(self._nonces))
+        for run_id, table in self._nonces.items():
+            w.fixed(run_id, RUN_ID_BYTES).count(len(table))
+            for commitment, (nonce, opened) in table.items():
+                w.fixed(commitment, NONCE_BYTES).fixed(nonce, NONCE_BYTES).u32(opened)
         return w.to_bytes()
 
     @classmethod
@@ -136,7 +194,8 @@ class SetupGuard:
         """
         guard = cls(policy)
         r = Reader(data, what="setup guard")
-        if r.fixed(len(_MAGIC)) != _MAGIC:
+        magic = r.fixed(len(_MAGIC))
+        if magic not in (_MAGIC, _MAGIC_V1):
             raise DecodeError("setup guard: bad magic")
         for _ in range(r.count(MAX_RUNS)):
             run_id = r.fixed(RUN_ID_BYTES)
@@ -146,5 +205,17 @@ class SetupGuard:
             if run_id in guard._runs:
                 raise DecodeError("setup guard: a run appears twice")
             guard._runs[run_id] = _Entry(round_, attempt, shared=bool(shared))
+        if magic == _MAGIC:  # v1 (no graph nonces) is read as a guard holding none
+            for _ in range(r.count(MAX_RUNS)):
+                run_id = r.fixed(RUN_ID_BYTES)
+                if run_id in guard._nonces:
+                    raise DecodeError("setup guard: a run's nonces appear twice")
+                table: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()
+                for _ in range(r.count(MAX_NONCES)):
+                    commitment, nonce, opened = r.fixed(NONCE_BYTES), r.fixed(NONCE_BYTES), r.u32()
+                    if commitment in table:
+                        raise DecodeError("setup guard: a commitment appears twice")
+                    table[commitment] = (nonce, opened)
+                guard._nonces[run_id] = table
         r.finish()
         return guard

@@ -138,16 +138,26 @@ class _Message:
 
 @dataclass(frozen=True, slots=True)
 class CohortMember:
-    """A sampled site and its enrolled identity key (DER SubjectPublicKeyInfo)."""
+    """A sampled site, its enrolled identity key (DER SubjectPublicKeyInfo) and the commitment
+    to its graph nonce the coordinator holds for it (``b""``: none yet, the round starts with a
+    commit exchange; :mod:`fedseal.protocol.graph`)."""
 
     site: SiteId
     public_key_der: bytes
+    nonce_commitment: bytes = b""
 
 
 def _encode_params(w: Writer, p: RoundParameters, expires_at: int) -> None:
     q = p.quantization
     w.u64(p.vector_length).u8(q.modulus_bits).u64(q.clip_micros).u32(q.levels)
     w.u64(p.max_weight).u16(p.degree).u16(p.threshold).u16(p.min_survivors).u64(expires_at)
+
+
+def _read_commitment(r: Reader) -> bytes:
+    value = r.blob(DIGEST_BYTES)
+    if len(value) not in (0, DIGEST_BYTES):
+        raise DecodeError("a graph-nonce commitment must be empty or 32 bytes")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +181,7 @@ class RoundSetup(_Message):
         w = Writer()
         w.count(len(self.cohort))
         for m in self.cohort:
-            w.text(m.site).blob(m.public_key_der)
+            w.text(m.site).blob(m.public_key_der).blob(m.nonce_commitment)
         _encode_params(w, self.params, self.expires_at)
         w.u16(self.attempt)
         return w.to_bytes()
@@ -190,7 +200,9 @@ class RoundSetup(_Message):
     def _decode_body(cls, header: Header, r: Reader, limits: Limits) -> RoundSetup:
         n = r.count(limits.max_cohort)
         cohort = tuple(
-            CohortMember(_read_site(r, limits), r.blob(limits.max_public_key_bytes))
+            CohortMember(
+                _read_site(r, limits), r.blob(limits.max_public_key_bytes), _read_commitment(r)
+            )
             for _ in range(n)
         )
         _check_sorted([m.site for m in cohort], "round setup cohort")
@@ -245,12 +257,17 @@ class KeyAdvert(_Message):
     share_public: bytes
     mask_public: bytes
     seed_commitment: bytes
+    #: This attempt's value of the site's graph-nonce hash chain (``b""`` in a commit exchange).
+    graph_nonce: bytes = b""
+    #: Commitment to the graph nonce of the site's next round of the run.
+    next_commitment: bytes = bytes(DIGEST_BYTES)
 
     def _encode_body(self, w: Writer) -> None:
         w.fixed(self.share_public, AGREEMENT_PUBLIC_BYTES).fixed(
             self.mask_public, AGREEMENT_PUBLIC_BYTES
         )
         w.fixed(self.seed_commitment, DIGEST_BYTES)
+        w.blob(self.graph_nonce).fixed(self.next_commitment, DIGEST_BYTES)
 
     @classmethod
     def _decode_body(cls, header: Header, r: Reader, limits: Limits) -> KeyAdvert:
@@ -259,6 +276,8 @@ class KeyAdvert(_Message):
             share_public=r.fixed(AGREEMENT_PUBLIC_BYTES),
             mask_public=r.fixed(AGREEMENT_PUBLIC_BYTES),
             seed_commitment=r.fixed(DIGEST_BYTES),
+            graph_nonce=_read_commitment(r),
+            next_commitment=r.fixed(DIGEST_BYTES),
         )
 
 
@@ -382,19 +401,20 @@ def survivor_statement(
     run_id: bytes,
     round: int,
     setup_digest_: bytes,
-    graph_seed_: bytes,
+    bundle_digest_: bytes,
     survivors: Sequence[str],
 ) -> bytes:
     """The bytes each site signs in the consistency check (same for every signer).
 
-    Binds the setup digest (cohort, parameters, attempt) and the neighbour-graph seed the
-    signer computed from its advert bundle, so sites shown different bundles (e.g. a
-    colluding site's two different adverts) sign different statements and none of them
-    reaches the quorum it needs before revealing shares.
+    Binds the setup digest (cohort, parameters, attempt) and the digest of the advert bundle
+    the signer computed its graph from (:func:`fedseal.protocol.graph.bundle_digest`: it holds
+    every graph nonce, hence the seed), so sites shown different bundles (e.g. a colluding
+    site's two different adverts) sign different statements and none of them reaches the
+    quorum it needs before revealing shares.
     """
     w = Writer()
     w.fixed(run_id, RUN_ID_BYTES).u32(round).fixed(setup_digest_, DIGEST_BYTES)
-    w.fixed(graph_seed_, DIGEST_BYTES)
+    w.fixed(bundle_digest_, DIGEST_BYTES)
     _write_sites(w, _sorted_sites(survivors))
     return w.to_bytes()
 

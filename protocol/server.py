@@ -14,6 +14,7 @@ Driving it (the adapter seam; see ``fedseal.protocol`` for a full example)::
 Stages and transitions (``advance()`` closes the current stage)::
 
     stage          accepts                  advance() sends          next
+    COMMIT         KEY_ADVERT (commitment)  ROUND_SETUP (attempt 0)  ADVERTISE
     ADVERTISE      KEY_ADVERT               ADVERT_BUNDLE            SHARE
                    (a member was silent)    ROUND_SETUP (attempt+1)  ADVERTISE
     SHARE          ENCRYPTED_SHARES         SHARE_DELIVERY           MASKED_INPUT
@@ -21,6 +22,16 @@ Stages and transitions (``advance()`` closes the current stage)::
     CONSISTENCY    CONSISTENCY_SIGNATURE    UNMASK_REQUEST           UNMASK
     UNMASK         UNMASK_RESPONSE          (nothing: unmasks)       DONE
     any            --                       ThresholdError etc.      FAILED
+
+Graph nonces (:mod:`fedseal.protocol.graph`): the setup lists, per member, the commitment to
+its graph nonce the coordinator holds (``commitments``: from the member's key advert of its
+previous round of the run, ``next_commitments`` of that round's state machine). When a member
+has none (its first round of the run, or after the coordinator restarted), the round starts with
+a COMMIT stage: a setup listing the commitments known (empty for the others), answered by
+adverts that carry only a fresh commitment; then the setup proper (attempt 0) lists them all.
+That one extra exchange is paid only then: in steady state every advert commits to the nonce of
+the site's next round. An advert whose revealed value does not open its listed commitment is
+rejected (the site is a dropout of the stage, so a new attempt follows).
 
 Setup attempts: sites accept only an advert bundle holding the adverts of *every* member
 of the signed setup cohort (so a coordinator cannot re-draw the neighbour graph by leaving
@@ -119,7 +130,7 @@ from .errors import (
     UnknownSignerError,
     VerificationError,
 )
-from .graph import NeighbourGraph, build_graph, graph_seed
+from .graph import NeighbourGraph, build_graph, bundle_digest, graph_seed, opens
 from .masking import (
     PAIR_DOMAIN,
     SEED_BYTES,
@@ -184,6 +195,7 @@ class ServerStage(enum.Enum):
     """Where the coordinator is in the round."""
 
     SETUP = "setup"
+    COMMIT = "commit"
     ADVERTISE = "advertise"
     SHARE = "share"
     MASKED_INPUT = "masked-input"
@@ -194,6 +206,7 @@ class ServerStage(enum.Enum):
 
 
 TRANSITIONS: Mapping[ServerStage, tuple[MessageKind, ServerStage]] = {
+    ServerStage.COMMIT: (MessageKind.KEY_ADVERT, ServerStage.ADVERTISE),
     ServerStage.ADVERTISE: (MessageKind.KEY_ADVERT, ServerStage.SHARE),
     ServerStage.SHARE: (MessageKind.ENCRYPTED_SHARES, ServerStage.MASKED_INPUT),
     ServerStage.MASKED_INPUT: (MessageKind.MASKED_INPUT, ServerStage.CONSISTENCY),
@@ -398,6 +411,9 @@ class SecAggServer:
         round: Round number.
         model_digest: SHA-256 of the global model this round trains from.
         now: Current time (seconds since the epoch) for the setup's expiry.
+        commitments: Site -> commitment to its graph nonce, from its last key advert of this
+            run (:attr:`next_commitments` of an earlier round); a member without one makes
+            the round start with a commit exchange.
 
     Raises:
         ConfigError: Invalid configuration, unknown or revoked cohort member.
@@ -414,6 +430,7 @@ class SecAggServer:
         round: int,
         model_digest: bytes,
         now: float,
+        commitments: Mapping[str, bytes] | None = None,
     ) -> None:
         sites = sorted({SiteId(s) for s in cohort}, key=site_sort_key)
         if len(run_id) != RUN_ID_BYTES:
@@ -439,7 +456,12 @@ class SecAggServer:
         self.round = round
         self.model_digest = bytes(model_digest)
         self._identity = identity_key
-        members = tuple(CohortMember(s, roster[s].public_key_der) for s in sites)
+        known = commitments or {}
+        members = tuple(
+            CohortMember(s, roster[s].public_key_der, bytes(known.get(s, b""))) for s in sites
+        )
+        #: Site -> the commitment to the graph nonce of its next round (from its adverts).
+        self.next_commitments: dict[SiteId, bytes] = {}
         header = Header(
             run_id=self.run_id,
             round=round,
@@ -475,6 +497,7 @@ class SecAggServer:
         self._sum = StreamingSum(self.params.vector_length, self.params.quantization.modulus_bits)
         self._result: RoundResult | None = None
         self._liars: set[SiteId] = set()
+        self._bundle = b""
 
     # -- public API ---------------------------------------------------------------------
 
@@ -509,19 +532,21 @@ class SecAggServer:
         return self._result
 
     def start(self) -> dict[SiteId, Packet]:
-        """Send the signed round setup to every cohort member (stage 0)."""
+        """Send the signed round setup to every cohort member (stage 0; a commit exchange
+        first if a member has no committed graph nonce)."""
         if self.stage is not ServerStage.SETUP:
             raise RuntimeError("round already started")
-        return self._send_setups()
+        committed = all(m.nonce_commitment for m in self._setup.cohort)
+        return self._send_setups(ServerStage.ADVERTISE if committed else ServerStage.COMMIT)
 
-    def _send_setups(self) -> dict[SiteId, Packet]:
+    def _send_setups(self, stage: ServerStage = ServerStage.ADVERTISE) -> dict[SiteId, Packet]:
         out = {}
         for s in self.cohort:
             setup = dataclasses.replace(
                 self._setup, header=self._header(s, setup_digest=bytes(DIGEST_BYTES))
             )
             out[s] = Packet(seal(setup, self._identity))
-        self._enter(ServerStage.ADVERTISE, self.cohort)
+        self._enter(stage, self.cohort)
         return out
 
     def receive(self, site: str, payload: bytes, bulk: object = None) -> Receipt:
@@ -612,6 +637,8 @@ class SecAggServer:
             self.dropouts.append(Dropout(s, self.stage, "no reply before the stage closed"))
         answered = tuple(s for s in self.cohort if s in self.accepted)
         try:
+            if self.stage is ServerStage.COMMIT:
+                return self._after_commit(answered)
             if self.stage is ServerStage.ADVERTISE:
                 return self._after_adverts(answered)
             if self.stage is ServerStage.SHARE:
@@ -699,6 +726,14 @@ class SecAggServer:
                     raise VerificationError("advertised key is not a P-256 point") from exc
             if msg.share_public == msg.mask_public:
                 raise VerificationError("advertised share and mask keys must differ")
+            self.next_commitments[site] = msg.next_commitment
+            if self.stage is ServerStage.COMMIT:
+                return  # only the commitment counts; the keys are never used
+            listed = next(m.nonce_commitment for m in self._setup.cohort if m.site == site)
+            if not opens(self.run_id, site, listed, msg.graph_nonce, self._setup.attempt):
+                raise VerificationError(
+                    "the advert's graph nonce does not open the commitment listed for the site"
+                )
             state.advert = msg
             state.advert_bytes = opened.envelope.to_bytes()
             state.advert_digest = opened.content_digest
@@ -708,7 +743,7 @@ class SecAggServer:
             self._sum.add(self._verify_masked(site, msg, bulk))
         elif isinstance(msg, ConsistencySignature):
             statement = survivor_statement(
-                self.run_id, self.round, self.setup_digest, self._require_graph().seed, self._u2
+                self.run_id, self.round, self.setup_digest, self._bundle, self._u2
             )
             try:
                 verify(
@@ -824,13 +859,32 @@ class SecAggServer:
                 f"(threshold {self.params.threshold}, majority of {len(self.cohort)})"
             )
 
+    def _after_commit(self, committed: tuple[SiteId, ...]) -> dict[SiteId, Packet]:
+        """The setup proper (attempt 0) for the members that committed, listing every
+        commitment; a member that did not commit is a dropout, as one that does not advertise."""
+        self._check_enough(committed, "graph-nonce commitments")
+        self._earlier_setups.add(self.setup_digest)
+        if len(committed) < len(self.cohort):
+            self._set_cohort(committed)
+        self._setup = dataclasses.replace(
+            self._setup,
+            cohort=tuple(
+                dataclasses.replace(m, nonce_commitment=self.next_commitments[m.site])
+                for m in self._setup.cohort
+            ),
+        )
+        self.setup_digest = self._setup.digest
+        self._state = {s: _SiteState() for s in self.cohort}
+        return self._send_setups()
+
     def _after_adverts(self, advertised: tuple[SiteId, ...]) -> dict[SiteId, Packet]:
         if len(advertised) < len(self.cohort):
             return self._restart(advertised)
-        digests = {s: self._state[s].advert_digest for s in advertised}
+        nonces = {s: self._advert(s).graph_nonce for s in advertised}
         self.graph = build_graph(
-            advertised, graph_seed(digests), self.params.degree, self.params.threshold
+            advertised, graph_seed(nonces), self.params.degree, self.params.threshold
         )
+        self._bundle = bundle_digest({s: self._state[s].advert_digest for s in advertised})
         bundle = tuple(self._state[s].advert_bytes for s in advertised)
         out = {
             s: Packet(seal(AdvertBundle(header=self._header(s), adverts=bundle), self._identity))
@@ -839,47 +893,58 @@ class SecAggServer:
         self._enter(ServerStage.SHARE, advertised)
         return out
 
-    def _restart(self, advertised: tuple[SiteId, ...]) -> dict[SiteId, Packet]:
-        """Start a new setup attempt for the sites that advertised (see the module docstring)."""
+    def _advert(self, site: SiteId) -> KeyAdvert:
+        advert = self._state[site].advert
+        if advert is None:
+            raise RuntimeError("advertised site without an advert")
+        return advert
+
+    def _check_enough(self, remaining: tuple[SiteId, ...], what: str) -> None:
+        """A new setup over ``remaining`` needs the first attempt's ``min_survivors`` and
+        consistency quorum among them."""
         first = self.initial_params
-        dropped = tuple(s for s in self.cohort if s not in advertised)
-        if len(advertised) < first.min_survivors:
-            raise ThresholdError(
-                f"{len(advertised)} key adverts, min_survivors is {first.min_survivors}"
-            )
+        if len(remaining) < first.min_survivors:
+            raise ThresholdError(f"{len(remaining)} {what}, min_survivors is {first.min_survivors}")
         quorum = consistency_quorum(
             first.threshold, len(self.initial_cohort), self.config.max_colluding_fraction
         )
-        if len(advertised) < quorum:
+        if len(remaining) < quorum:
             raise ThresholdError(
-                f"{len(advertised)} key adverts, below the consistency quorum {quorum} "
-                f"(threshold {first.threshold}, majority of {len(self.initial_cohort)})"
+                f"{len(remaining)} {what}, below the consistency quorum {quorum} "
+                f"(threshold {first.threshold}, cohort of {len(self.initial_cohort)})"
             )
+
+    def _set_cohort(self, remaining: tuple[SiteId, ...]) -> None:
+        """Narrow the cohort (and re-resolve the parameters) to ``remaining``."""
+        try:
+            params = self.config.resolve(len(remaining))
+        except ConfigError as exc:
+            raise ThresholdError(
+                f"{len(remaining)} sites are too few for a new setup: {exc.message}"
+            ) from exc
+        kept = frozenset(remaining)
+        self.params = params
+        self.cohort = remaining
+        self._setup = dataclasses.replace(
+            self._setup, cohort=tuple(m for m in self._setup.cohort if m.site in kept), params=params
+        )
+        self._sum = StreamingSum(params.vector_length, params.quantization.modulus_bits)
+
+    def _restart(self, advertised: tuple[SiteId, ...]) -> dict[SiteId, Packet]:
+        """Start a new setup attempt for the sites that advertised (see the module docstring)."""
+        dropped = tuple(s for s in self.cohort if s not in advertised)
+        self._check_enough(advertised, "key adverts")
         attempt = self._setup.attempt + 1
         if attempt >= self.config.max_setup_attempts:
             raise ThresholdError(
                 f"{len(dropped)} cohort members did not advertise keys and all "
                 f"{self.config.max_setup_attempts} setup attempts are spent"
             )
-        try:
-            params = self.config.resolve(len(advertised))
-        except ConfigError as exc:
-            raise ThresholdError(
-                f"{len(advertised)} key adverts are too few for a new setup: {exc.message}"
-            ) from exc
         self._earlier_setups.add(self.setup_digest)
-        kept = frozenset(advertised)
-        self.params = params
-        self.cohort = advertised
-        self._setup = dataclasses.replace(
-            self._setup,
-            cohort=tuple(m for m in self._setup.cohort if m.site in kept),
-            params=params,
-            attempt=attempt,
-        )
+        self._set_cohort(advertised)
+        self._setup = dataclasses.replace(self._setup, attempt=attempt)
         self.setup_digest = self._setup.digest
         self._state = {s: _SiteState() for s in advertised}
-        self._sum = StreamingSum(params.vector_length, params.quantization.modulus_bits)
         restart = SetupRestart(
             attempt=attempt, cohort=advertised, dropped=dropped, setup_digest=self.setup_digest
         )

@@ -206,6 +206,9 @@ class Federation:
         }
         self.server: SecAggServer | None = None
         self.sessions: dict[SiteId, ClientSession] = {}
+        #: Each site's commitment to its next graph nonce, carried from round to round as
+        #: a coordinator does (the first round starts with a commit exchange).
+        self.commitments: dict[str, bytes] = {}
 
     def run_id_for(self, round: int) -> bytes:
         """The run id used for every round of this federation."""
@@ -255,6 +258,7 @@ class Federation:
             round=round,
             model_digest=self.model_digest_for(round),
             now=now,
+            commitments=self.commitments,
         )
         self.server = server
         self.sessions = {s: self.make_session(s, round, now) for s in members}
@@ -303,6 +307,7 @@ class Federation:
                 outcome.failure = exc
                 return outcome
             finally:
+                self.commitments.update((str(s), c) for s, c in server.next_commitments.items())
                 key = f"{stage.value} (close)"
                 outcome.server_seconds[key] = (
                     outcome.server_seconds.get(key, 0.0) + self._time() - t0

@@ -541,6 +541,10 @@ class _SecureCoordinator:
         self.key = load_private_key(run.cfg.coordinator.key, pass_env.encode() if pass_env else None)
         self.audit: Any = None
         self.last_aggregate: bytes | None = None
+        #: Each site's commitment to the graph nonce of its next round (from its last key
+        #: advert): listed in the next setup, so only a site's first round of the run (or the
+        #: first after a restart of the coordinator) needs a commit exchange.
+        self.commitments: dict[str, bytes] = {}
 
     def audit_call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         """Write to the audit log, durably; if it refuses or fails, the run stops (fail closed).
@@ -624,7 +628,7 @@ class _SecureCoordinator:
         return SecAggServer(
             self._config(flat.size, len(nodes)), self._roster(), sites,
             identity_key=self.key, run_id=self.run_id, round=rnd, model_digest=flat_digest(flat),
-            now=time.time(),
+            now=time.time(), commitments=self.commitments,
         )
 
     def round(
@@ -714,7 +718,10 @@ class _SecureCoordinator:
                 # The stage's envelopes are durably logged before the next stage's messages
                 # (which acknowledge them) go out.
                 logged = self._log_envelopes(rnd, server.log, logged, payloads)
-                outbound = server.advance()
+                try:
+                    outbound = server.advance()
+                finally:
+                    self.commitments.update(server.next_commitments)
                 stage += 1
             result = server.result
         except ProtocolError as exc:

@@ -385,7 +385,9 @@ def secure_round(
     outbound = server.start()
     first = True
     while outbound:
-        stage = server.stage.value
+        # The run's first round starts with a commit exchange (graph nonces): its reply is
+        # recorded as the setup's, under "advertise", unless the setup proper follows.
+        stage = "advertise" if server.stage.value == "commit" else server.stage.value
         if stage == stop_before:
             return out
         if before and stage in before:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
@@ -97,6 +98,15 @@ def expected_sum(
         enc = quantize(updates.vectors[SiteId(s)], weight_of(s), q, make(SiteId(s)))
         np.add(total, enc.vector, out=total)
     return total
+
+
+def precommit(fed: Federation, round: int = 1) -> dict[SiteId, bytes]:
+    """Each site commits to a graph nonce as in an earlier round of the run (in its guard,
+    ``fed.guards``); the commitments are what a coordinator then lists (``fed.commitments``)."""
+    run_id = fed.run_id_for(round)
+    for s in fed.sites:
+        fed.commitments[s] = fed.guards[s].new_commitment(run_id, s, os.urandom)
+    return dict(fed.commitments)
 
 
 def open_any(data: bytes) -> tuple[Envelope, Message]:

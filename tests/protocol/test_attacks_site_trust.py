@@ -49,7 +49,7 @@ from fedseal.protocol.params import colluders as colluder_count
 from fedseal.protocol.params import least_threshold, safe_quorum
 from fedseal.protocol.simulator import Federation
 from fedseal.protocol.types import COORDINATOR, SURVIVOR_STATEMENT_TYPE, SiteId, site_sort_key
-from tests.protocol._support import expected_sum, make_config, make_fed, open_any, resign
+from tests.protocol._support import expected_sum, make_config, make_fed, open_any, precommit, resign
 
 NOW = 1_700_000_000.0
 
@@ -105,7 +105,8 @@ def drive(
     key = fed.coordinator_key
     run_id, model = fed.run_id_for(1), fed.model_digest_for(1)
     sessions = {s: fed.make_session(s, 1, NOW) for s in sites}
-    cohort = tuple(CohortMember(s, fed.roster[s].public_key_der) for s in sites)
+    commitments = precommit(fed)  # graph nonces the sites committed to in an earlier round
+    cohort = tuple(CohortMember(s, fed.roster[s].public_key_der, commitments[s]) for s in sites)
     loot = Loot(params.threshold, sessions=sessions)
     payloads: dict[SiteId, bytes] = {}
 
@@ -159,7 +160,8 @@ def drive(
         if isinstance(msg, ConsistencySignature):
             signatures.setdefault(view, []).append((s, msg.signature))
     for view in {shown[s] for s in honest}:
-        statement = survivor_statement(run_id, 1, digest, graph.seed, view)
+        bundle = next(sessions[s].bundle for s in sites if sessions[s].bundle)
+        statement = survivor_statement(run_id, 1, digest, bundle, view)
         for c in bad:
             if c in view:  # a colluder signs every view it is named in
                 signatures.setdefault(view, []).append(

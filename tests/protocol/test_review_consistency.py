@@ -34,7 +34,7 @@ from fedseal.protocol.messages import (
     UnmaskResponse,
 )
 from fedseal.protocol.types import COORDINATOR, SiteId, site_sort_key
-from tests.protocol._support import expected_sum, make_config, make_fed, open_any, resign
+from tests.protocol._support import expected_sum, make_config, make_fed, open_any, precommit, resign
 
 NOW = 1_700_000_000.0
 
@@ -70,7 +70,8 @@ def _split_view_attack(
     run_id, model = fed.run_id_for(1), fed.model_digest_for(1)
     sessions = {s: fed.make_session(s, 1, NOW) for s in sites}
     params = _params(n, n - 1, threshold, min_survivors)
-    cohort = tuple(CohortMember(s, fed.roster[s].public_key_der) for s in sites)
+    commitments = precommit(fed)  # graph nonces the sites committed to in an earlier round
+    cohort = tuple(CohortMember(s, fed.roster[s].public_key_der, commitments[s]) for s in sites)
 
     def header(to: SiteId, setup_digest: bytes) -> Header:
         return Header(run_id, 1, COORDINATOR, to, model, setup_digest)

@@ -43,6 +43,7 @@ from tests.protocol._support import (
     make_config,
     make_fed,
     open_any,
+    precommit,
     replace,
     resign,
 )
@@ -97,6 +98,7 @@ def _attack() -> np.ndarray | None:
         round=1,
         model_digest=fed.model_digest_for(1),
         now=NOW,
+        commitments=precommit(fed),  # graph nonces the sites committed to in an earlier round
     )
     params, t = server.params, server.params.threshold
     key = fed.coordinator_key
@@ -117,7 +119,7 @@ def _attack() -> np.ndarray | None:
     decoded = {s: open_any(adverts[s]) for s in sites}
     graph = build_graph(
         sites,
-        graph_seed({s: env.content_digest for s, (env, _) in decoded.items()}),
+        graph_seed({s: msg.graph_nonce for s, (_, msg) in decoded.items()}),  # type: ignore[union-attr]
         params.degree,
         t,
     )

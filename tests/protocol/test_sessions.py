@@ -20,7 +20,7 @@ from fedseal.protocol import (
     StaleMessageError,
 )
 from fedseal.protocol.simulator import DeterministicRandom, dataset_root_for
-from tests.protocol._support import make_config, make_fed, site_names
+from tests.protocol._support import make_config, make_fed, precommit, site_names
 
 
 def _server_and_sessions(n: int = 4, **session_kw):  # type: ignore[no-untyped-def]
@@ -34,6 +34,7 @@ def _server_and_sessions(n: int = 4, **session_kw):  # type: ignore[no-untyped-d
         round=1,
         model_digest=fed.model_digest_for(1),
         now=1_700_000_000.0,
+        commitments=precommit(fed),  # the sites committed to graph nonces in an earlier round
     )
     sessions = {
         s: ClientSession(
@@ -47,6 +48,7 @@ def _server_and_sessions(n: int = 4, **session_kw):  # type: ignore[no-untyped-d
             randbytes=DeterministicRandom(s.encode()),
             now=lambda: 1_700_000_000.0,
             trusted_peers=fed.trusted_peers[s],
+            guard=fed.guards[s],
             **session_kw,
         )
         for s in fed.sites
@@ -206,6 +208,7 @@ def test_a_session_survives_export_and_restore_between_every_message() -> None:
             randbytes=DeterministicRandom(site.encode() + b"/restored"),
             now=lambda: 1_700_000_000.0,
             trusted_peers=fed.trusted_peers[site],
+            guard=fed.guards[site],  # the site's guard outlives its processes (graph nonces)
         )
 
     outbound = server.start()

@@ -56,6 +56,7 @@ from tests.protocol._support import (
     make_config,
     make_fed,
     open_any,
+    precommit,
     replace,
     resign,
     site_names,
@@ -178,11 +179,10 @@ class SplitBundles(Behaviour):
         if stage is not ServerStage.CONSISTENCY:
             return
         setup = fed.server.setup
-        b_graph = fed.sessions[min(self.group_b)].graph
-        assert b_graph is not None
-        b_seed = b_graph.seed
+        b_bundle = fed.sessions[min(self.group_b)].bundle
+        assert b_bundle
         statement = survivor_statement(
-            setup.header.run_id, setup.header.round, setup.digest, b_seed, self.survivors
+            setup.header.run_id, setup.header.round, setup.digest, b_bundle, self.survivors
         )
         signatures = dict(self.signatures)
         signatures[self.colluder] = sign(
@@ -207,15 +207,18 @@ class SplitBundles(Behaviour):
 
 
 def test_different_bundles_to_different_sites_are_detected_before_any_share_is_revealed() -> None:
-    # Six sites, quorum 4. site-005 colludes and signs two adverts; the coordinator shows
-    # sites 3 and 4 the second one. Their graph seed differs from everyone else's, so their
-    # survivor-set signatures verify for nobody else, and even with the colluder signing
-    # their statement too they hold 3 valid signatures, not 4: they reveal nothing.
+    # Six sites, quorum 4. site-005 colludes and signs two adverts (other keys, the same
+    # committed graph nonce); the coordinator shows sites 3 and 4 the second one. Their graph
+    # is the same (the seed comes from the nonces) but their advert bundle differs, so their
+    # survivor-set signatures verify for nobody else, and even with the colluder signing their
+    # statement too they hold 3 valid signatures, not 4: they reveal nothing.
     spy = SplitBundles("site-005", {"site-003", "site-004"})
     fed, _ = make_fed(6, behaviour=spy)
     outcome = fed.run_round(1)
     seeds = {s: outcome.sessions[s].graph.seed for s in fed.sites}  # type: ignore[union-attr]
-    assert seeds["site-003"] == seeds["site-004"] != seeds["site-000"] == seeds["site-005"]
+    assert len(set(seeds.values())) == 1
+    bundles = {s: outcome.sessions[s].bundle for s in fed.sites}
+    assert bundles["site-003"] == bundles["site-004"] != bundles["site-000"] == bundles["site-005"]
     # The group shown the other bundle refuses to unmask.
     assert set(spy.b_errors) == {"site-003", "site-004"}
     for error in spy.b_errors.values():
@@ -328,8 +331,19 @@ def test_a_fresh_session_refuses_a_setup_attempt_beyond_its_cap_and_records_noth
     assert fed.guards[SiteId("site-000")].answered(fed.run_id_for(1)) is None
 
 
+def _guard(fed, site: str, policy: SitePolicy | None = None, *, answers: bool = True) -> SetupGuard:  # type: ignore[no-untyped-def]
+    """A copy of ``site``'s guard (``fed.guards``: the graph nonces it committed to), without
+    the setups it answered if not ``answers`` (a process that lost that record)."""
+    guard = SetupGuard.from_bytes(fed.guards[SiteId(site)].to_bytes(), policy)
+    if not answers:
+        guard._runs.clear()
+    return guard
+
+
 def _session(fed, site: str, guard: SetupGuard | None, seed: bytes = b"") -> ClientSession:  # type: ignore[no-untyped-def]
     sid = SiteId(site)
+    if guard is None:
+        guard = _guard(fed, site)
     return ClientSession(
         sid,
         fed.site_keys[sid],
@@ -355,6 +369,7 @@ def fed_server(fed):  # type: ignore[no-untyped-def]
         round=1,
         model_digest=fed.model_digest_for(1),
         now=NOW,
+        commitments=fed.commitments or precommit(fed),  # committed in an earlier round
     )
 
 
@@ -440,7 +455,8 @@ def test_a_late_reply_to_an_earlier_attempt_is_rejected_without_dropping_the_sit
     assert late is not None
     receipt = server.receive("site-001", late.payload)
     assert isinstance(receipt, Rejection) and isinstance(receipt.error, DuplicateMessageError)
-    other = _session(fed, "site-001", None, b"other").handle(outbound[SiteId("site-001")].payload)
+    lost = _guard(fed, "site-001", answers=False)
+    other = _session(fed, "site-001", lost, b"other").handle(outbound[SiteId("site-001")].payload)
     assert other is not None
     receipt = server.receive("site-001", other.payload)
     assert isinstance(receipt, Rejection) and isinstance(receipt.error, StaleMessageError)
@@ -565,7 +581,7 @@ def test_a_session_answers_a_setup_exactly_when_its_attempt_is_below_the_cap(
 ) -> None:
     fed, _ = _FED
     setup = replace(_SETUP, attempt=attempt)
-    session = _session(fed, "site-000", SetupGuard(SitePolicy(max_setup_attempts=cap)))
+    session = _session(fed, "site-000", _guard(fed, "site-000", SitePolicy(max_setup_attempts=cap)))
     payload = resign(setup, fed.coordinator_key)
     if attempt < cap:
         reply = session.handle(payload)
@@ -622,7 +638,7 @@ def _attempt(setup: RoundSetup, attempt: int, cohort_without: str | None = None)
 
 
 def test_a_session_restored_between_attempts_answers_the_next_and_refuses_an_older_one() -> None:
-    fed, _ = make_fed(5)
+    fed, _ = _FED_OF_5
     site = "site-000"
     first = _session(fed, site, None)
     assert first.handle(resign(_SETUP_OF_5, fed.coordinator_key)) is not None
@@ -639,6 +655,7 @@ def test_a_session_restored_between_attempts_answers_the_next_and_refuses_an_old
         randbytes=DeterministicRandom(b"restored"),
         now=lambda: NOW,
         trusted_peers=fed.trusted_peers[sid],
+        guard=_guard(fed, site),
     )
     assert restored.stage is ClientStage.AWAIT_ADVERTS and restored.attempt == 0
     older = resign(replace(_SETUP_OF_5, expires_at=_SETUP_OF_5.expires_at - 1), fed.coordinator_key)
@@ -653,7 +670,7 @@ def test_a_session_restored_between_attempts_answers_the_next_and_refuses_an_old
 
 
 def test_a_new_attempt_for_another_round_or_model_is_refused() -> None:
-    fed, _ = make_fed(5)
+    fed, _ = _FED_OF_5
     session = _session(fed, "site-000", None)
     assert session.handle(resign(_SETUP_OF_5, fed.coordinator_key)) is not None
     h = _SETUP_OF_5.header

@@ -103,11 +103,12 @@ def test_a_small_secure_simulation_commits_every_round_learns_and_leaves_a_verif
     assert verified.runs and verified.runs[0][1] == "completed" and verified.runs[0][2] == 2
     assert verified.accepted_envelopes > 0 and verified.rejected_envelopes == 0
 
-    # Every site answered every stage; the masked inputs carry the model-sized vector.
+    # Every site answered every stage (and, in the run's first round, a commit exchange for
+    # the graph nonces); the masked inputs carry the model-sized vector.
     lines = [json.loads(line) for line in traffic.read_text().splitlines()]
     assert {line["site"] for line in lines} == {0, 1, 2, 3}
     assert all(line["start"] > 1.7e9 and line["seconds"] > 0 for line in lines)  # Unix start times
-    assert len([line for line in lines if line["type"] == "train.secagg"]) == 4 * 2 * 5
+    assert len([line for line in lines if line["type"] == "train.secagg"]) == 4 * (6 + 5)
     nodes = json.loads((fed.server_toml.parent / "state" / "nodes.json").read_text())
     assert sorted(nodes.values()) == ["site-0", "site-1", "site-2", "site-3"]
 
@@ -174,9 +175,10 @@ def test_secure_rounds_over_two_actors_keep_every_site_in_one_process_and_commit
     assert all(len(p) == 1 for p in pids.values()), pids
     assert pids[0] == pids[2] and pids[1] == pids[3] and pids[0] != pids[1]  # partition % 2
     secure = [line for line in lines if line["type"] == "train.secagg"]
-    # Every site answered the 5 stages of round 1; round 2's setup went out with round 1's
-    # evaluation (run.setup_with_evaluation, the default), so round 2 needed 4 exchanges.
-    assert len(secure) == 4 * (5 + 4)
+    # Every site answered the 5 stages of round 1 and its commit exchange (graph nonces: the
+    # run's first round); round 2's setup went out with round 1's evaluation
+    # (run.setup_with_evaluation, the default) and needed no commit exchange: 4 exchanges.
+    assert len(secure) == 4 * (6 + 4)
     assert "setup_with_evaluation" not in outcome.rounds[0]
     assert outcome.rounds[0]["next_setup_adverts"] == 4
     assert outcome.rounds[1]["setup_with_evaluation"] is True
@@ -210,12 +212,13 @@ def test_a_site_that_misses_the_setup_riding_on_the_evaluation_is_left_out_by_a_
     assert "accuracy" in first  # the other sites' evaluation counted
     lines = [json.loads(line) for line in traffic.read_text().splitlines()]
     by_site = {s: [x["type"] for x in lines if x["site"] == s] for s in range(4)}
-    # Round 2 for the others: no bundle for the carried setup (an advert was missing) but a
-    # second setup attempt, then its bundle, the shares, survivors and signatures: 5 messages,
-    # as many as a round with its own setup exchange.
+    # Round 1: the commit exchange (graph nonces, the run's first round) and 5 stages. Round 2
+    # for the others: no bundle for the carried setup (an advert was missing) but a second
+    # setup attempt, then its bundle, the shares, survivors and signatures: 5 messages, as
+    # many as a round with its own setup exchange.
     others = [by_site[s].count("train.secagg") for s in range(4) if s != 1]
-    assert others == [5 + 5] * 3, by_site
-    assert by_site[1].count("train.secagg") == 5  # round 1 only
+    assert others == [6 + 5] * 3, by_site
+    assert by_site[1].count("train.secagg") == 6  # round 1 only
     verified = verify_audit_log(fed, Path(str(outcome.audit_log)))
     assert verified.rejected_envelopes == 0
 
