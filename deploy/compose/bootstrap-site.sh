@@ -3,6 +3,9 @@
 #   $1 site name, $2 index of this site's share of the bundled MNIST-5k split.
 # Writes the site key, the site's dataset (attested), client.toml, and an enrolment request
 # (public key + dataset root) into the shared `enrolment` volume. Idempotent.
+# client.toml pins the consortium roster and its authority's public key ([trust]); the
+# `consortium` job writes both (after this job) into the volume the site mounts read-only at
+# /etc/fedseal/consortium. The [privacy] defaults apply (no plain training; cohorts >= 3).
 set -eu
 SITE=$1
 INDEX=$2
@@ -38,6 +41,11 @@ audit_address = "coordinator:9095"
 [data]
 dataset_dir = "/data"
 approved_root = "$ROOT"
+
+[trust]
+# Peers this site accepts: the consortium's roster, verified under the pinned authority key.
+roster = "/etc/fedseal/consortium/roster.json"
+roster_authority = "/etc/fedseal/consortium/authority.key.pub"
 TOML
 install -m 0644 "$KEYS/site.key.pub" "/enrolment/$SITE.pub"
 echo "$ROOT" > "/enrolment/$SITE.root"

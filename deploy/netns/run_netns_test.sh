@@ -3,7 +3,7 @@
 #
 #   run_netns_test.sh --selftest     network only: topology, TLS with SAN = coordinator address,
 #                                    link cut and heal, clock-skew tool; no fedseal run
-#   run_netns_test.sh                a secure run with one coordinator and three site "hosts",
+#   run_netns_test.sh                a secure run with one coordinator and four site "hosts",
 #                                    with faults injected, then `fl-audit verify`
 #
 # Options: --workdir DIR (default: a fresh temp dir, removed unless --keep), --keep,
@@ -20,17 +20,27 @@
 #     <p>-s1    10.231.0.11 --veth-+-- br0 in <p>-sw
 #     <p>-s2    10.231.0.12 --veth-+
 #     <p>-s3    10.231.0.13 --veth-+
+#     <p>-s4    10.231.0.14 --veth-+
+#    (<p>-s5    10.231.0.15 --veth-+   only with a --skew outside Flower's window, see below)
 #
 # The server certificate's SANs: the coordinator's address (what sites check) and 127.0.0.1
 # (fl-server's own loopback SuperLink is served with the same certificate).
 # A "link cut" sets the site's port on the bridge down; healing sets it up again.
+# Every site runs with the product's defaults and no opt-out: [privacy] is left out of its
+# client.toml (plain training refused, cohorts of at least 3 sites with at least 2 other known
+# sites, a survivor quorum of floor((n + floor(n/3))/2) + 1), and it trusts only the sites of the
+# consortium roster, signed by the consortium's roster authority (`fl-client roster`; a key
+# neither the coordinator nor any site holds) and pinned in client.toml [trust]. Four sites: a cut
+# site must be survivable: a 4-site cohort keeps its quorum of 3 with one site gone (a 3-site
+# cohort needs all 3).
 # Faults in the full run: site 2's link is cut during round 2 (a dropout) and healed after it;
 # site 1 is partitioned for a few seconds (healed well before the stage timeout); site 3 runs with
 # its wall clock skewed by --skew seconds (deploy/netns/clock_skew/sitecustomize.py: libfaketime
 # breaks CPython's timed waits, see that file).
 # Flower's SuperLink accepts a SuperNode's signed timestamp from 300 s in its past to 5 s in its
-# future: with a skew in that window site 3 must take part in a round with all three sites; with
-# a skew outside it site 3 is refused and the run must still finish without it;
+# future: with a skew in that window site 3 must take part in a round with all four sites; with
+# a skew outside it site 3 is refused and the run must still finish without it (a fifth site then
+# joins, so that the round with site 2 cut still keeps a quorum of 3 out of 4);
 # the coordinator is SIGKILLed after round 3 and restarted with --resume. The run must finish and
 # `fl-audit verify` must pass on its audit log.
 #
@@ -51,7 +61,7 @@ while [[ $# -gt 0 ]]; do
     --rounds) ROUNDS=$2; shift 2 ;;
     --skew) SKEW=$2; shift 2 ;;
     --bin) BIN=$2; shift 2 ;;
-    -h|--help) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,50p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "usage error: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -66,10 +76,19 @@ BIN=${BIN:-$(dirname "$PYTHON")}
 PREFIX=${FEDSEAL_NETNS_PREFIX:-fsn$$}
 SW="$PREFIX-sw"
 COORD="$PREFIX-coord"
-SITES=("$PREFIX-s1" "$PREFIX-s2" "$PREFIX-s3")
 COORD_IP=10.231.0.1
-SITE_IPS=(10.231.0.11 10.231.0.12 10.231.0.13)
 FLEET_PORT=9092
+SKEW_DIR="$DEPLOY/netns/clock_skew"
+clock_skew_tool() { [[ -f $SKEW_DIR/sitecustomize.py ]]; }
+skew_accepted() { (( SKEW > -300 && SKEW < 5 )); }
+# Four site hosts; a fifth stands in for site 3 when its skewed clock gets it refused.
+NSITES=4
+if [[ $SELFTEST == 0 ]] && clock_skew_tool && ! skew_accepted; then NSITES=5; fi
+SITES=() SITE_IPS=()
+for ((i = 1; i <= NSITES; i++)); do
+  SITES+=("$PREFIX-s$i")
+  SITE_IPS+=("10.231.0.$((10 + i))")
+done
 
 OK=0 FAILED=0 SKIPPED=0
 pass() { OK=$((OK + 1)); echo "netns: PASS $1"; }
@@ -145,7 +164,7 @@ build_topology() {
   add_ns "$COORD"
   attach "$COORD" coord "$COORD_IP"
   local i
-  for i in 0 1 2; do
+  for ((i = 0; i < NSITES; i++)); do
     add_ns "${SITES[$i]}"
     attach "${SITES[$i]}" "s$((i + 1))" "${SITE_IPS[$i]}"
   done
@@ -172,10 +191,7 @@ make_pki() {
     --san "ip:$COORD_IP" --san ip:127.0.0.1 >/dev/null
 }
 
-SKEW_DIR="$DEPLOY/netns/clock_skew"
-clock_skew_tool() { [[ -f $SKEW_DIR/sitecustomize.py ]]; }
 skew_env() { echo "env PYTHONPATH=$SKEW_DIR FEDSEAL_CLOCK_SKEW_S=$SKEW"; }
-skew_accepted() { (( SKEW > -300 && SKEW < 5 )); }
 
 # ---------------------------------------------------------------------------------------------
 selftest() {
@@ -200,7 +216,7 @@ EOF
   tls_pid=$!
   PIDS+=("$tls_pid")
   if wait_for 20 probe "${SITES[0]}"; then pass "listener-up"; else fail "listener-up" "no TLS listener on $COORD_IP:$FLEET_PORT"; return; fi
-  for i in 0 1 2; do
+  for ((i = 0; i < NSITES; i++)); do
     if probe "${SITES[$i]}"; then pass "tls-pinned-ca-san-${SITES[$i]#"$PREFIX"-}"; else fail "tls-pinned-ca-san-${SITES[$i]#"$PREFIX"-}" "handshake failed"; fi
   done
   if probe "${SITES[0]}" 10.231.0.2; then fail "tls-wrong-name-refused" "a name outside the SAN was accepted"; else pass "tls-wrong-name-refused"; fi
@@ -244,15 +260,16 @@ start_site() { # $1 index, $2 optional prefix command (the clock-skew env)
 }
 
 fullrun() {
-  local i name root roots rc
+  local i name root roots rc others
+  local -a members=()
   for tool in fl-server fl-client fl-audit; do
     [[ -x $BIN/$tool ]] || { fail "setup" "$BIN/$tool not found"; return; }
   done
   make_pki
   # Data and keys, as each site would prepare them.
-  "$BIN/fl-client" data split mnist-5k "$WORKDIR/data" --sites 3 --seed 1 --json >"$WORKDIR/split.json"
+  "$BIN/fl-client" data split mnist-5k "$WORKDIR/data" --sites "$NSITES" --seed 1 --json >"$WORKDIR/split.json"
   mapfile -t roots < <("$PYTHON" -c 'import json,sys; [print(s["root"]) for s in json.load(open(sys.argv[1]))["sites"]]' "$WORKDIR/split.json")
-  mkdir -p "$WORKDIR/coord/state"
+  mkdir -p "$WORKDIR/coord/state" "$WORKDIR/consortium"
   "$BIN/fl-server" init "$WORKDIR/coord-init" --san "$COORD_IP" >/dev/null 2>&1
   install -m 0600 "$WORKDIR/coord-init/coordinator.key" "$WORKDIR/coord/coordinator.key"
   install -m 0644 "$WORKDIR/coord-init/coordinator.pub" "$WORKDIR/coord/coordinator.pub"
@@ -276,25 +293,42 @@ metrics_port = 9464
 [run]
 rounds = $ROUNDS
 model = "mlp"
-min_sites = 2
+min_sites = 3
 epochs = 1
 batch_size = 64
 stage_timeout_s = 40.0
 sites_wait_timeout_s = 90.0
-# Every round starts with a setup exchange of its own. Fault 1 tests the key-exchange restart
-# over a real network: a 3-site round (threshold 2) survives a dropout only before key sharing,
-# i.e. at its setup; with the default (the setup riding on the last round's evaluation) that
-# window is the evaluation itself, too short to hit reliably. The default path, and a dropout
-# after key sharing, are tested on loopback with 4 sites (tests/e2e).
+# Every round starts with a setup exchange of its own, so fault 1 (a site cut right after round 1)
+# lands in round 2's key exchange or just after it: the 4-site cohort either restarts the key
+# exchange with the 3 sites left (a 3-site cohort: the sites' default min_cohort) or keeps its
+# quorum of 3 with one dropout. The default (the setup riding on the last round's evaluation) is
+# tested on loopback (tests/e2e).
 setup_with_evaluation = false
 EOF
-  for i in 0 1 2; do
+  for ((i = 0; i < NSITES; i++)); do
     name="site-$((i + 1))"
     root=${roots[$i]}
-    mkdir -p "$WORKDIR/sites/$name/state"
+    mkdir -p "$WORKDIR/sites/$name/state" "$WORKDIR/sites/$name/trust"
     "$BIN/fl-client" keys init --out "$WORKDIR/sites/$name/site.key" >/dev/null 2>&1
     "$BIN/fl-server" enroll --config "$WORKDIR/coord/server.toml" --site "$name" \
       --key "$WORKDIR/sites/$name/site.key.pub" --dataset-root "$root" >/dev/null 2>&1
+    members+=(--site "$name=$WORKDIR/sites/$name/site.key.pub")
+  done
+  # The consortium's roster authority (neither the coordinator nor a site) signs the roster of
+  # the sites' keys; every site gets its own copy of the roster and of the authority's public
+  # key, as the consortium would hand them out.
+  if ! { "$BIN/fl-client" roster authority-init --out "$WORKDIR/consortium/authority.key" &&
+         "$BIN/fl-client" roster create --authority-key "$WORKDIR/consortium/authority.key" \
+           --consortium fedseal-netns --out "$WORKDIR/consortium/roster.json" "${members[@]}"; } \
+       >"$WORKDIR/consortium.log" 2>&1; then
+    fail "setup" "could not create the consortium roster: $(tail -1 "$WORKDIR/consortium.log")"
+    return
+  fi
+  for ((i = 0; i < NSITES; i++)); do
+    name="site-$((i + 1))"
+    root=${roots[$i]}
+    install -m 0644 "$WORKDIR/consortium/roster.json" "$WORKDIR/consortium/authority.key.pub" \
+      "$WORKDIR/sites/$name/trust/"
     cat >"$WORKDIR/sites/$name/client.toml" <<EOF
 [site]
 name = "$name"
@@ -310,13 +344,32 @@ public_key = "$WORKDIR/coord/coordinator.pub"
 dataset_dir = "$WORKDIR/data/site-$i"
 approved_root = "$root"
 
-[limits]
-# Three sites, one of which the test cuts off: a key-exchange restart then has two. A real
-# federation keeps the default of 3 (with two, each site can tell the other's update).
-min_cohort = 2
+# No [privacy] and no [limits]: the product's defaults, with no opt-out.
+[trust]
+roster = "$WORKDIR/sites/$name/trust/roster.json"
+roster_authority = "$WORKDIR/sites/$name/trust/authority.key.pub"
 EOF
   done
   pass "setup"
+  # Each site's effective policy: the defaults, and every other site known from the roster.
+  others=0
+  for ((i = 0; i < NSITES; i++)); do
+    name="site-$((i + 1))"
+    if "$BIN/fl-client" policy show --config "$WORKDIR/sites/$name/client.toml" >"$WORKDIR/policy-$name.log" 2>&1 &&
+       grep -q "known peers ($((NSITES - 1))): .*(roster)" "$WORKDIR/policy-$name.log" &&
+       grep -q "plain training: refused" "$WORKDIR/policy-$name.log" &&
+       grep -q "cohort >= 3 sites with >= 2 other known sites" "$WORKDIR/policy-$name.log"; then
+      others=$((others + 1))
+    else
+      log "$name's policy: $(tr '\n' ' ' <"$WORKDIR/policy-$name.log")"
+    fi
+  done
+  if (( others == NSITES )); then
+    pass "sites-trust-the-consortium-roster"
+  else
+    fail "sites-trust-the-consortium-roster" "$((NSITES - others)) site(s) without the default policy and $((NSITES - 1)) roster peers (see policy-*.log)"
+    return
+  fi
 
   start_coordinator 1 ""
   if wait_for 120 probe "${SITES[0]}"; then pass "coordinator-reachable-over-tls"; else fail "coordinator-reachable-over-tls" "no TLS on $COORD_IP:$FLEET_PORT (see coord-1.log)"; return; fi
@@ -330,8 +383,11 @@ EOF
     start_site 2
     skip "clock-skew" "$SKEW_DIR/sitecustomize.py missing"
   fi
+  for ((i = 3; i < NSITES; i++)); do start_site "$i"; done
 
   # Fault 1: cut site 2's link once round 1 is done, i.e. during round 2; heal after round 2.
+  # The other three keep the quorum of 3 (of a 4-site cohort), or form a 3-site cohort of their
+  # own when the key exchange restarts without site 2.
   if wait_for 420 round_seen 1; then pass "round-1-done"; else fail "round-1-done" "no round result (see coord-1.log)"; return; fi
   link_cut s2
   log "cut site-2's link during round 2"
@@ -361,9 +417,9 @@ EOF
   if (( committed >= ROUNDS - 1 )); then pass "rounds-committed($committed)"; else fail "rounds-committed" "only $committed committed rounds"; fi
   if clock_skew_tool; then
     local full_rounds
-    full_rounds=$(grep -Eh "$ROUND_RE" "$WORKDIR"/coord-*.log | grep -c "committed  sites 3/3" || true)
+    full_rounds=$(grep -Eh "$ROUND_RE" "$WORKDIR"/coord-*.log | grep -c "committed  sites $NSITES/$NSITES" || true)
     if skew_accepted; then
-      if (( full_rounds > 0 )); then pass "clock-skewed-site-took-part"; else fail "clock-skewed-site-took-part" "site 3 (clock ${SKEW}s off, inside Flower's window) never joined a committed round"; fi
+      if (( full_rounds > 0 )); then pass "clock-skewed-site-took-part"; else fail "clock-skewed-site-took-part" "site 3 (clock ${SKEW}s off, inside Flower's window) never joined a committed round of all $NSITES sites"; fi
     else
       if (( full_rounds == 0 )); then pass "clock-skewed-site-refused"; else fail "clock-skewed-site-refused" "site 3 (clock ${SKEW}s off, outside Flower's window) took part"; fi
     fi

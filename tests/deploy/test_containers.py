@@ -8,6 +8,7 @@ interpolation, no engine needed), and the entrypoints are checked to be the real
 from __future__ import annotations
 
 import http.server
+import json
 import re
 import socket
 import subprocess
@@ -111,7 +112,7 @@ def load_compose() -> dict[str, Any]:
 
 def test_compose_runs_everything_non_root_read_only_and_publishes_only_the_coordinator_ports() -> None:
     services = load_compose()["services"]
-    assert {"coordinator", "site-a", "site-b", "site-c", "pki", "enrol"} <= services.keys()
+    assert {"coordinator", "site-a", "site-b", "site-c", "pki", "enrol", "consortium"} <= services.keys()
     for name, svc in services.items():
         assert svc["read_only"] is True, name
         assert svc["user"] == "10001:10001", name
@@ -131,8 +132,32 @@ def test_compose_sites_reach_only_the_internal_fleet_network_and_mount_data_read
         assert f"{site}-data:/data:ro" in svc["volumes"]
         assert f"{site}-keys:/etc/fedseal/keys:ro" in svc["volumes"]
         assert svc["command"] == ["run", "--config", "/var/lib/fedseal/client.toml"]
-    for job in ("pki", "enrol", "site-a-init"):
+    for job in ("pki", "enrol", "site-a-init", "consortium"):
         assert doc["services"][job]["network_mode"] == "none"
+
+
+def test_compose_consortium_job_signs_the_roster_that_sites_pin_and_alone_holds_the_authority_key() -> None:
+    services = load_compose()["services"]
+    job = services["consortium"]
+    # The site image (fl-client roster ...), hardened like every service, after every site-init.
+    assert job["image"] == services["site-a"]["image"]
+    assert job["entrypoint"] == ["/bin/sh", "/opt/fedseal-compose/bootstrap-consortium.sh"]
+    assert job["command"] == ["site-a", "site-b", "site-c"]
+    assert job["restart"] == "no"
+    assert {f"site-{s}-init": {"condition": "service_completed_successfully"} for s in "abc"} == job["depends_on"]
+    assert "consortium-keys:/consortium-keys" in job["volumes"]
+    assert "consortium:/consortium" in job["volumes"]
+    assert "enrolment:/enrolment:ro" in job["volumes"]
+    # The authority key stands in for the consortium's offline key: no other service mounts it.
+    for name, svc in services.items():
+        mounts = [v.split(":")[0] for v in svc.get("volumes", [])]
+        if name != "consortium":
+            assert "consortium-keys" not in mounts, f"{name} must not mount the roster authority's key"
+    for site in ("site-a", "site-b", "site-c"):
+        svc = services[site]
+        assert "consortium:/etc/fedseal/consortium:ro" in svc["volumes"]
+        assert svc["depends_on"]["consortium"] == {"condition": "service_completed_successfully"}
+        assert svc["depends_on"]["coordinator"] == {"condition": "service_healthy"}
 
 
 def test_compose_server_toml_is_accepted_by_the_coordinator_config_loader() -> None:
@@ -158,6 +183,64 @@ def test_client_toml_written_by_the_compose_site_bootstrap_is_accepted_by_the_si
     cfg = config.load_client_config(tmp_path / "client.toml")
     assert cfg.name == "site-b" and cfg.superlink == "coordinator:9092" and cfg.approved_root == "cd" * 32
     assert cfg.coordinator_key == Path("/etc/fedseal/keys/coordinator.pub")
+    # The trust anchor: the roster the `consortium` job signs, under its pinned authority key.
+    assert cfg.roster == Path("/etc/fedseal/consortium/roster.json")
+    assert cfg.roster_authority == Path("/etc/fedseal/consortium/authority.key.pub")
+    # No privacy opt-out: the product's defaults hold.
+    assert cfg.privacy.allow_plain is False and cfg.privacy.min_cohort == 3
+
+
+def test_compose_consortium_job_signs_a_roster_of_the_enrolled_keys_idempotently(tmp_path: Path) -> None:
+    """The job's script, run outside a container (its volume paths moved under tmp_path)."""
+    fl_client = VENV_BIN / "fl-client"
+    if not fl_client.exists():
+        pytest.skip("fl-client is not installed in this venv")
+    require_tool("openssl")
+    keys, out, enrolment, bin_dir = (tmp_path / d for d in ("consortium-keys", "consortium", "enrolment", "bin"))
+    for d in (keys, out, enrolment, bin_dir):
+        d.mkdir()
+    (bin_dir / "fedseal-pki").symlink_to(DEPLOY / "pki" / "fedseal-pki")
+    script = (DEPLOY / "compose" / "bootstrap-consortium.sh").read_text()
+    for old, new in {"/consortium-keys": str(keys), "OUT=/consortium": f"OUT={out}", "/enrolment": str(enrolment),
+                     "/tmp/roster.json": str(tmp_path / "show.json")}.items():
+        assert old in script
+        script = script.replace(old, new)
+    (tmp_path / "job.sh").write_text(script)
+    env = {"PATH": f"{VENV_BIN}:{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def site_key(name: str) -> None:
+        run([str(fl_client), "keys", "init", "--out", str(tmp_path / f"{name}.key")], check=True, timeout=120)
+        (enrolment / f"{name}.pub").write_bytes((tmp_path / f"{name}.key.pub").read_bytes())
+
+    def job(*sites: str) -> subprocess.CompletedProcess[str]:
+        return run(["sh", str(tmp_path / "job.sh"), *sites], env=env, timeout=300)
+
+    def roster() -> dict[str, Any]:
+        proc = run([str(fl_client), "roster", "show", "--roster", str(out / "roster.json"),
+                    "--authority", str(out / "authority.key.pub"), "--json"], check=True, timeout=120)
+        return json.loads(proc.stdout)
+
+    for name in ("site-a", "site-b", "site-c"):
+        site_key(name)
+    first = job("site-a", "site-b", "site-c")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (keys / "authority.key").stat().st_mode & 0o077 == 0
+    assert not (out / "authority.key").exists(), "the authority's private key never leaves its volume"
+    doc = roster()
+    assert doc["version"] == 1 and [s["site"] for s in doc["sites"]] == ["site-a", "site-b", "site-c"]
+    again = job("site-a", "site-b", "site-c")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert roster()["version"] == 1, "an unchanged site set keeps the roster as it is"
+    site_key("site-d")
+    grown = job("site-a", "site-b", "site-c", "site-d")
+    assert grown.returncode == 0, grown.stdout + grown.stderr
+    doc = roster()
+    assert doc["version"] == 2 and [s["site"] for s in doc["sites"]][-1] == "site-d"
+    # A listed site whose key changed is the authority's decision, not the job's.
+    (enrolment / "site-b.pub").write_bytes((tmp_path / "site-d.key.pub").read_bytes())
+    rekeyed = job("site-a", "site-b", "site-c", "site-d")
+    assert rekeyed.returncode == 1 and "site-b is in the roster" in rekeyed.stderr
+    assert roster()["version"] == 2
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)

@@ -9,7 +9,9 @@ What is checked, exactly:
   checked by assertions below.
 - ``values.schema.json`` is a valid draft-07 schema, the default values satisfy it, and Helm
   refuses values that break the chart's rules.
-- The server.toml / client.toml the charts render are accepted by fedseal's own config loaders.
+- The server.toml / client.toml the charts render are accepted by fedseal's own config loaders;
+  the site chart renders a trust anchor ([trust] roster + pinned authority key and/or [peers]) and
+  [privacy], and refuses to render without a trust anchor.
 - Security properties: non-root, read-only root filesystem, no privilege escalation, only
   9092/9095 on the public Service, metrics only to the monitoring namespace, site egress only to
   the coordinator.
@@ -38,7 +40,9 @@ COORD = DEPLOY / "helm" / "fedseal-coordinator"
 SITE = DEPLOY / "helm" / "fedseal-site"
 K8S_VERSION = "1.30.0"
 ROOT_HEX = "0f" * 32
-SITE_MIN = {"data": {"hostPath": "/srv/fedseal-data"}, "approvedRoot": ROOT_HEX}
+KID_B, KID_C = "ab" * 32, "CD" * 32
+TRUST_ROSTER = {"rosterConfigMap": "fedseal-consortium"}
+SITE_MIN = {"data": {"hostPath": "/srv/fedseal-data"}, "approvedRoot": ROOT_HEX, "trust": TRUST_ROSTER}
 
 
 @contextmanager
@@ -83,7 +87,10 @@ SITE_VARIANTS = [
     SITE_MIN,
     {**SITE_MIN, "gpu": {"enabled": True, "count": 2}, "image": {"repository": "fedseal-site-cuda", "tag": "0.1.0"}},
     {**SITE_MIN, "persistence": {"enabled": False}},
-    {"data": {"existingClaim": "hospital-data", "subPath": "v3"}, "approvedRoot": ROOT_HEX},
+    {"data": {"existingClaim": "hospital-data", "subPath": "v3"}, "approvedRoot": ROOT_HEX, "trust": TRUST_ROSTER},
+    {**SITE_MIN, "trust": {"rosterSecret": "consortium", "peers": {"site-b": KID_B}},
+     "privacy": {"min_cohort": 4, "max_colluding_fraction": 0.25}},
+    {**SITE_MIN, "trust": {"peers": {"site-b": KID_B, "site-c": KID_C}}},
 ]
 
 
@@ -142,6 +149,15 @@ def test_values_schema_is_valid_draft7_and_accepts_the_default_values(path: Path
         (SITE, {**SITE_MIN, "approvedRoot": "xyz"}, "approvedRoot"),
         (SITE, {**SITE_MIN, "siteName": "bad name!"}, "siteName"),
         (SITE, {**SITE_MIN, "config": {"site": {"name": "other"}}}, "site"),
+        (SITE, {**SITE_MIN, "config": {"limits": {"min_cohort": 2}}}, "min_cohort"),
+        (SITE, {**SITE_MIN, "config": {"privacy": {"allow_plain": True}}}, "privacy"),
+        (SITE, {**SITE_MIN, "privacy": {"min_cohort": 1}}, "min_cohort"),
+        (SITE, {**SITE_MIN, "privacy": {"max_colluding_fraction": 0.5}}, "max_colluding_fraction"),
+        (SITE, {**SITE_MIN, "privacy": {"allow_plain": "yes"}}, "allow_plain"),
+        (SITE, {**SITE_MIN, "privacy": {"min_cohorts": 3}}, "min_cohorts"),
+        (SITE, {**SITE_MIN, "trust": {"peers": {"site-b": "not-a-key-id"}}}, "peers"),
+        (SITE, {**SITE_MIN, "trust": {"peers": {"bad name!": KID_B}}}, "bad name!"),
+        (SITE, {**SITE_MIN, "trust": {"roster": "roster.json"}}, "roster"),
     ],
 )
 def test_helm_refuses_values_that_break_the_schema(path: Path, values: dict[str, Any], what: str) -> None:
@@ -155,7 +171,25 @@ def test_site_chart_refuses_to_render_without_a_dataset_or_approved_root() -> No
         with pytest.raises(helm.HelmError, match=r"data\.existingClaim or data\.hostPath"):
             c.render({"approvedRoot": ROOT_HEX}, name="fl", namespace="x")
         with pytest.raises(helm.HelmError, match="approvedRoot"):
-            c.render({"data": {"hostPath": "/d"}}, name="fl", namespace="x")
+            c.render({"data": {"hostPath": "/d"}, "trust": TRUST_ROSTER}, name="fl", namespace="x")
+
+
+def test_site_chart_refuses_to_render_without_a_trust_anchor() -> None:
+    base = {"data": {"hostPath": "/d"}, "approvedRoot": ROOT_HEX}
+    with chart(SITE) as c:
+        with pytest.raises(helm.HelmError, match=r"set a trust anchor: trust\.rosterConfigMap"):
+            c.render(base, name="fl", namespace="x")
+        with pytest.raises(helm.HelmError, match="set a trust anchor"):
+            c.render({**base, "trust": {"rosterConfigMap": "", "rosterSecret": "", "peers": {}}}, name="fl", namespace="x")
+        with pytest.raises(helm.HelmError, match=r"only one of trust\.rosterConfigMap and trust\.rosterSecret"):
+            c.render({**base, "trust": {"rosterConfigMap": "a", "rosterSecret": "b"}}, name="fl", namespace="x")
+        # Without a roster, [peers] must name enough other sites for min_known_peers (default 2);
+        # the site's own entry does not count.
+        with pytest.raises(helm.HelmError, match=r"names 1 other site\(s\).*min_known_peers = 2"):
+            c.render({**base, "siteName": "site-a", "trust": {"peers": {"site-a": KID_C, "site-b": KID_B}}},
+                     name="fl", namespace="x")
+        assert c.render({**base, "trust": {"peers": {"site-b": KID_B}}, "privacy": {"min_known_peers": 1}},
+                        name="fl", namespace="x")
 
 
 def test_coordinator_public_service_exposes_only_the_fleet_api_and_the_audit_service() -> None:
@@ -230,7 +264,7 @@ def test_every_container_runs_non_root_read_only_without_privilege_escalation(
         assert sc["capabilities"]["drop"] == ["ALL"]
         assert all("valueFrom" not in e for e in c.get("env", [])), "keys come from files, not env"
     secret_vols = [v for v in spec["volumes"] if "secret" in v]
-    assert len(secret_vols) == 1
+    assert len(secret_vols) == 1 and secret_vols[0]["name"] == "keys-secret"
     # The private keys reach the main container only through the 0600 copy (install-keys).
     (main,) = spec["containers"]
     assert secret_vols[0]["name"] not in {m["name"] for m in main["volumeMounts"]}
@@ -266,6 +300,61 @@ def test_rendered_client_toml_is_accepted_by_the_site_config_loader(tmp_path: Pa
     assert cfg.coordinator_key == Path("/etc/fedseal/keys/coordinator.pub")
     assert cfg.limits.max_epochs == 2
     assert cfg.insecure is False
+    assert cfg.roster == Path("/etc/fedseal/consortium/roster.json")
+    assert cfg.roster_authority == Path("/etc/fedseal/consortium/authority.key.pub")
+    assert dict(cfg.peers) == {}
+    # No privacy values: the product's safe defaults, and no [privacy] table at all.
+    assert cfg.privacy == type(cfg.privacy)()
+    assert cfg.privacy.allow_plain is False and cfg.privacy.min_cohort == 3
+    assert "privacy" not in tomllib.loads(path.read_text())
+
+
+def test_rendered_trust_anchor_and_privacy_reach_the_site_config_loader(tmp_path: Path) -> None:
+    config = pytest.importorskip("fedseal.client.config")
+    values = {
+        **SITE_MIN,
+        "trust": {"rosterSecret": "consortium", "rosterKey": "roster-v3.json", "peers": {"site-b": KID_B, "site.c": KID_C}},
+        "privacy": {"min_cohort": 4, "min_known_peers": 3, "max_colluding_fraction": 0.25, "security_bits": 48,
+                    "max_setup_attempts": 2},
+    }
+    docs = render(SITE, values)
+    path = tmp_path / "client.toml"
+    path.write_text(one(docs, "ConfigMap")["data"]["client.toml"])
+    cfg = config.load_client_config(path)
+    assert cfg.roster == Path("/etc/fedseal/consortium/roster.json")
+    assert cfg.roster_authority == Path("/etc/fedseal/consortium/authority.key.pub")
+    assert dict(cfg.peers) == {"site-b": KID_B, "site.c": KID_C.lower()}
+    p = cfg.privacy
+    assert (p.allow_plain, p.min_cohort, p.min_known_peers, p.max_colluding_fraction, p.security_bits,
+            p.max_setup_attempts) == (False, 4, 3, 0.25, 48, 2)
+    # Peers alone (no roster): no [trust] table, no consortium volume.
+    alone = render(SITE, {**SITE_MIN, "trust": {"peers": {"site-b": KID_B, "site-c": KID_C}}})
+    path.write_text(one(alone, "ConfigMap")["data"]["client.toml"])
+    cfg = config.load_client_config(path)
+    assert cfg.roster is None and cfg.roster_authority is None and sorted(cfg.peers) == ["site-b", "site-c"]
+    assert "consortium" not in {v["name"] for v in pod_spec(alone)["volumes"]}
+
+
+@pytest.mark.parametrize(
+    ("trust", "source"),
+    [({"rosterConfigMap": "fedseal-consortium"}, "configMap"), ({"rosterSecret": "fedseal-consortium"}, "secret")],
+    ids=["configmap", "secret"],
+)
+def test_site_mounts_the_consortium_roster_and_authority_key_read_only(trust: dict[str, str], source: str) -> None:
+    spec = pod_spec(render(SITE, {**SITE_MIN, "trust": {**trust, "authorityKey": "authority.pem"}}))
+    (main,) = spec["containers"]
+    mount = next(m for m in main["volumeMounts"] if m["name"] == "consortium")
+    assert mount["mountPath"] == "/etc/fedseal/consortium" and mount["readOnly"] is True
+    vol = next(v for v in spec["volumes"] if v["name"] == "consortium")
+    body = vol[source]
+    assert body.get("name", body.get("secretName")) == "fedseal-consortium"
+    assert body["items"] == [
+        {"key": "roster.json", "path": "roster.json"},
+        {"key": "authority.pem", "path": "authority.key.pub"},
+    ]
+    # The roster is mounted into the site only, never into the key-installing init container.
+    (init,) = spec["initContainers"]
+    assert "consortium" not in {m["name"] for m in init["volumeMounts"]}
 
 
 def test_site_network_policy_allows_egress_only_to_the_coordinator_and_no_ingress() -> None:

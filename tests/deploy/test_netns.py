@@ -2,9 +2,10 @@
 
 Needs root and working ``ip netns``; skipped with the reason otherwise. The selftest (topology,
 TLS with the SAN = coordinator address, link cut and heal, clock-skew tool, cleanup) always runs
-where namespaces can be made. The full secure run with injected faults (about 2 minutes) runs
-too, unless FEDSEAL_NETNS_FULL=0, and is skipped while ``fl-server run`` is not implemented (it
-exits 2 saying so).
+where namespaces can be made. The full secure run with injected faults (about 2-4 minutes: four
+sites on the product's default privacy policy, no opt-out, trusting a consortium roster made
+with ``fl-client roster``) runs too, unless FEDSEAL_NETNS_FULL=0, and is skipped while
+``fl-server run`` is not implemented (it exits 2 saying so).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,7 @@ def test_selftest_builds_the_hosts_checks_tls_and_link_faults_and_removes_every_
     prefix = f"fst{os.getpid()}"
     proc = harness("--selftest", "--time-limit", "90", prefix=prefix, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for check in ("topology", "listener-up", "tls-pinned-ca-san-s1", "tls-pinned-ca-san-s3",
+    for check in ("topology", "listener-up", "tls-pinned-ca-san-s1", "tls-pinned-ca-san-s3", "tls-pinned-ca-san-s4",
                   "tls-wrong-name-refused", "link-cut", "link-cut-isolated-to-one-site", "link-heal"):
         assert f"netns: PASS {check}\n" in proc.stdout
     assert "netns: PASS clock-skew-tool" in proc.stdout
@@ -92,7 +94,7 @@ def fl_server_run_unimplemented() -> str | None:
 @pytest.mark.timeout(960)
 @pytest.mark.skipif(
     os.environ.get("FEDSEAL_NETNS_FULL") == "0",
-    reason="FEDSEAL_NETNS_FULL=0: the full multi-host run (about 2 minutes on 2 cores: 4 hosts, 4 rounds, "
+    reason="FEDSEAL_NETNS_FULL=0: the full multi-host run (a few minutes on 2 cores: 5 hosts, 4 rounds, "
     "a cut link, a partition, a skewed clock, a coordinator SIGKILL + --resume) was switched off",
 )
 def test_secure_run_across_namespaces_survives_dropout_partition_skew_and_restart_and_its_log_verifies(
@@ -103,8 +105,19 @@ def test_secure_run_across_namespaces_survives_dropout_partition_skew_and_restar
         pytest.skip(reason)
     prefix = f"fsr{os.getpid()}"
     proc = harness("--workdir", str(tmp_path / "w"), "--time-limit", "900", prefix=prefix, timeout=940)
+    print(proc.stdout)  # the harness's PASS/FAIL lines (pytest -rP shows them)
     assert namespaces(prefix) == []
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for check in ("setup", "coordinator-reachable-over-tls", "round-1-done", "round-2-done-with-site-2-cut",
-                  "round-3-done-after-healed-partition", "resumed-run-finished", "audit-verify"):
+    for check in ("setup", "sites-trust-the-consortium-roster", "coordinator-reachable-over-tls", "round-1-done",
+                  "round-2-done-with-site-2-cut", "round-3-done-after-healed-partition", "coordinator-sigkilled",
+                  "resumed-run-finished", "rounds-committed(", "clock-skewed-site-took-part", "audit-verify"):
         assert f"netns: PASS {check}" in proc.stdout
+    # No opt-out: every site's client.toml keeps the product's privacy defaults and pins the roster.
+    config = pytest.importorskip("fedseal.client.config")
+    sites = sorted((tmp_path / "w" / "sites").glob("site-*/client.toml"))
+    assert len(sites) == 4
+    for path in sites:
+        doc = tomllib.loads(path.read_text())
+        assert "privacy" not in doc and "limits" not in doc, f"{path}: an opt-out table"
+        cfg = config.load_client_config(path)
+        assert cfg.privacy == type(cfg.privacy)() and cfg.roster is not None and cfg.roster_authority is not None
