@@ -263,7 +263,7 @@ def site_floor(n: int, m: int, *, complete_graph_max: int = 32) -> dict[str, flo
     """CPU milliseconds of the cryptography one site cannot skip in one secure round of ``n``
     sites and ``m`` parameters, whatever the implementation (best of 5 each, this process):
     the pieces SecAgg+ needs with the degree and threshold fedseal picks for ``n``
-    (:func:`~fedseal.protocol.config.default_degree`, ``default_threshold``), on the primitives
+    (:meth:`~fedseal.protocol.config.RoundConfig.resolve`: the sites' default floor), on the primitives
     DESIGN.md names (P-256 ECDH + HKDF, ECDSA P-256, ChaCha20-Poly1305, AES-256-CTR, SHA-256).
 
     Keys: one entry per piece, ``"total, no verification"`` (every piece but the signature
@@ -279,10 +279,13 @@ def site_floor(n: int, m: int, *, complete_graph_max: int = 32) -> dict[str, flo
     from fedseal.crypto.keys import generate_identity_key
     from fedseal.crypto.shamir import split_many
     from fedseal.crypto.signing import sign, verify
-    from fedseal.protocol.config import default_degree, default_threshold
+    from fedseal.protocol.config import RoundConfig
 
-    k = default_degree(n, complete_graph_max)
-    t = default_threshold(k)
+    params = RoundConfig(
+        vector_length=1, quantization=QuantizationConfig(1, 1), max_weight=1,
+        complete_graph_max=complete_graph_max,
+    ).resolve(n)
+    k, t = params.degree, params.threshold
     peers = [AgreementKey.generate().public_bytes() for _ in range(2 * k)]
     identity = generate_identity_key()
     message = os.urandom(200)

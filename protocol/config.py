@@ -9,8 +9,10 @@
   neighbour-graph degree and Shamir threshold (``None`` = automatic), minimum survivors.
 
 :class:`SitePolicy` is the site-side counterpart: how many setup attempts per round a site
-answers (each is a fresh neighbour-graph draw a coordinator could choose among) and the
-smallest cohort it joins (a coordinator must not shrink a cohort to isolate a site).
+answers (each is a fresh neighbour-graph draw a coordinator could choose among), the smallest
+cohort it joins, how many independently known peers it needs, and the colluding fraction and
+security bits its floor for degree, threshold and quorum is computed for
+(:mod:`fedseal.protocol.params`).
 
 :meth:`RoundConfig.resolve` validates the configuration for a concrete cohort size and
 returns the :class:`RoundParameters` that go, signed, into the round setup message. The
@@ -34,8 +36,6 @@ __all__ = [
     "check_colluding_fraction",
     "check_security_bits",
     "consistency_quorum",
-    "default_degree",
-    "default_threshold",
     "validate_parameters",
 ]
 
@@ -204,18 +204,6 @@ class QuantizationConfig:
         return self.clip / self.levels
 
 
-def default_degree(n: int, complete_graph_max: int) -> int:
-    """Neighbour-graph degree for ``n`` sites: complete graph up to ``complete_graph_max``.
-
-    Above that, ``k = 2 * ceil(log2 n)`` (even, as the Harary graph needs), i.e. O(log n)
-    as in SecAgg+ (Bell et al. 2020).
-    """
-    if n <= complete_graph_max:
-        return n - 1
-    k = 2 * math.ceil(math.log2(n))
-    return min(k, n - 1)
-
-
 def consistency_quorum(
     threshold: int,
     cohort_size: int,
@@ -233,11 +221,6 @@ def consistency_quorum(
     from .params import safe_quorum
 
     return safe_quorum(cohort_size, max_colluding_fraction, threshold)
-
-
-def default_threshold(k: int) -> int:
-    """Smallest threshold strictly above two thirds of a neighbourhood of ``k``."""
-    return (2 * k) // 3 + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,10 +289,12 @@ class RoundConfig:
         vector_length: Elements in the update vector.
         quantization: Clip / levels / modulus.
         max_weight: Largest example count a site may claim (bounds the sum).
-        degree: Neighbour-graph degree, or ``None`` for :func:`default_degree`.
-        threshold: Shamir threshold per neighbourhood, or ``None`` for
-            :func:`default_threshold` (> 2k/3).
-        min_survivors: Fewest masked inputs in a sum, or ``None`` for ``max(2, threshold)``.
+        degree: Neighbour-graph degree, or ``None``: the complete graph up to
+            ``complete_graph_max`` sites, above it the least degree the sites' floor accepts
+            (:func:`fedseal.protocol.params.least_degree` with ``window_dropouts``).
+        threshold: Shamir threshold per neighbourhood, or ``None`` for the least the floor
+            accepts (:func:`fedseal.protocol.params.least_threshold`).
+        min_survivors: Fewest masked inputs in a sum, or ``None`` for the consistency quorum.
         complete_graph_max: Cohorts up to this size use the complete graph.
         round_timeout_s: Seconds a round setup stays valid (its ``expires_at``).
         limits: Size bounds for untrusted input.

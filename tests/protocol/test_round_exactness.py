@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from fedseal.protocol import ServerStage, ThresholdError
-from fedseal.protocol.config import default_degree, default_threshold
 from fedseal.protocol.simulator import Behaviour, SimulationOutcome
 from fedseal.protocol.types import SiteId
 from tests.protocol._support import expected_sum, make_config, make_fed, site_names, weight_of
@@ -78,9 +77,11 @@ def test_random_rounds_with_dropouts_at_every_stage_sum_exactly(seed: int) -> No
     rng = np.random.default_rng(1000 + seed)
     n = int(rng.integers(3, 31))
     complete_graph_max = int(rng.choice([4, 8, 32]))
-    k = default_degree(n, complete_graph_max)
-    t = default_threshold(k)
-    dropouts = _random_dropouts(rng, n, budget=min(k - t, n - max(2, t)))
+    p = make_config(1, complete_graph_max=complete_graph_max).resolve(n)
+    # Within what every neighbourhood, the quorum and the sites' window floor (2 dropouts per
+    # k/2 ring positions by default) allow.
+    budget = min(p.degree - p.threshold, n - p.min_survivors, 2)
+    dropouts = _random_dropouts(rng, n, budget=budget)
     _check_round(n, int(rng.integers(1, 40)), seed, dropouts, complete_graph_max=complete_graph_max)
 
 

@@ -32,11 +32,11 @@ from fedseal.protocol import (
     ThresholdError,
     UnknownSignerError,
 )
-from fedseal.protocol.config import default_degree, default_threshold
 from fedseal.protocol.encoding import Reader, Writer
 from fedseal.protocol.envelope import Envelope, open_envelope, seal
 from fedseal.protocol.graph import build_graph, graph_seed
 from fedseal.protocol.messages import Header, SurvivorSet, decode_payload
+from fedseal.protocol.params import check_parameters, least_degree, least_threshold, safe_quorum
 from fedseal.protocol.quantize import dequantize, quantize, signed_sum
 from fedseal.protocol.simulator import deterministic_key
 from fedseal.protocol.types import COORDINATOR, MessageKind, SiteId
@@ -81,13 +81,18 @@ def test_the_reader_refuses_trailing_bytes_oversized_fields_and_bad_utf8() -> No
 # -- configuration ------------------------------------------------------------------------------
 
 
-def test_the_default_graph_is_complete_for_small_cohorts_and_logarithmic_above() -> None:
-    assert default_degree(10, 32) == 9
-    assert default_degree(100, 32) == 14
-    assert default_degree(1000, 32) == 20
-    for k in range(1, 40):
-        t = default_threshold(k)
-        assert 3 * t > 2 * k and t <= k
+@pytest.mark.parametrize("n", [3, 4, 10, 32, 33, 100, 200, 1000])
+def test_the_default_parameters_are_the_least_the_sites_default_floor_accepts(n: int) -> None:
+    p = RoundConfig(
+        vector_length=1, quantization=QuantizationConfig(1, 1), max_weight=1
+    ).resolve(n)
+    if n <= 32:
+        assert p.degree == n - 1  # complete graph up to complete_graph_max
+    else:
+        assert p.degree == least_degree(n, 1 / 3, 40, min_window_dropouts=2)
+    assert p.threshold == least_threshold(n, p.degree, 1 / 3, 40)
+    assert p.min_survivors == safe_quorum(n, 1 / 3, p.threshold)
+    check_parameters(n, p.degree, p.threshold, p.min_survivors, 1 / 3, 40)  # sites accept them
 
 
 def test_a_threshold_at_or_below_half_a_neighbourhood_is_a_config_error() -> None:
@@ -170,8 +175,8 @@ def test_a_non_finite_update_is_refused() -> None:
 def test_the_graph_is_symmetric_regular_and_deterministic(n, degree_half, seed) -> None:  # type: ignore[no-untyped-def]
     sites = [SiteId(f"s{i}") for i in range(n)]
     k = min(2 * degree_half, n - 1)
-    g = build_graph(sites, seed, k, default_threshold(k))
-    assert g == build_graph(list(reversed(sites)), seed, k, default_threshold(k))
+    g = build_graph(sites, seed, k, k // 2 + 1)
+    assert g == build_graph(list(reversed(sites)), seed, k, k // 2 + 1)
     for s in sites:
         assert len(g.of(s)) == g.degree and s not in g.of(s)
         assert all(g.adjacent(t, s) for t in g.of(s))
