@@ -4,6 +4,7 @@ Example (coordinator side)::
 
     log = AuditLog.open("audit.sqlite", signer=coordinator_key, now_ms=now(), log_id=os.urandom(16))
     log.append_roster_change(RosterAction.ENROL, "site-a", public_key_der=der, approved_roots=[root], now_ms=now())
+    log.append_consortium_roster(signed_roster, authority_public_key, now_ms=now())  # verified first
     log.append_run_start(run_id, config_digest=c, initial_model_digest=m0, code_version="0.1.0", started_at_ms=now())
     log.append_envelope(MessageKind.MASKED_INPUT.type_name, payload, signature, key_id, accepted=True,
                         reason=None, site="site-a", round=1, stage="masked_input",
@@ -26,7 +27,10 @@ unmasked individual update, no personal data. Envelope entries keep the signer's
 signature verbatim *and* the facts the coordinator decoded from them (site, round, dataset
 root, bulk digest, example count, model digest) as explicit fields; the verifier checks both
 the signature and, for message types of :class:`~fedseal.protocol.types.MessageKind`, that the
-explicit fields agree with the decoded payload.
+explicit fields agree with the decoded payload. Consortium roster entries
+(:class:`ConsortiumRosterRecord`) keep the roster authority's signed roster bytes and
+signature verbatim with the authority's public key, so an auditor can re-verify offline which
+consortium roster (version, sites, keys) the sites ran under.
 
 A signed tree head (STH) is ``log_id (16) | u64 tree_size | root (32) | u64 timestamp_ms``,
 signed with :func:`fedseal.crypto.signing.sign` under message type :data:`TREE_HEAD_TYPE`.
@@ -59,6 +63,7 @@ This module does no I/O of its own: :meth:`AuditLog.open` opens the SQLite store
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 import math
 import struct
@@ -73,9 +78,17 @@ from fedseal.crypto.auditlog import MerkleLogStore, StoredEntry, StoredTreeHead
 from fedseal.crypto.errors import CryptoError, SignatureError
 from fedseal.crypto.keys import key_id, public_key_from_der, public_key_to_der
 from fedseal.crypto.merkle import EMPTY_ROOT, leaf_hash, node_hash
-from fedseal.crypto.signing import sign, signed_content_digest, verify
+from fedseal.crypto.signing import MAX_SIGNATURE_SIZE, sign, signed_content_digest, verify
 
 from .config import Limits
+from .consortium import (
+    MAX_CONSORTIUM_NAME_BYTES,
+    ROSTER_TYPE,
+    ConsortiumRoster,
+    RosterFormatError,
+    SignedConsortiumRoster,
+    decode_roster,
+)
 from .encoding import Reader, Writer
 from .errors import BadSignatureError, DecodeError, ProtocolError
 from .messages import MaskedInput, decode_payload
@@ -96,6 +109,7 @@ __all__ = [
     "AuditVerificationError",
     "AuditVerifier",
     "Checkpoint",
+    "ConsortiumRosterRecord",
     "EntryKind",
     "EnvelopeRecord",
     "Genesis",
@@ -139,6 +153,9 @@ _MAX_SIGNATURE = 80
 _MAX_KEY = 256
 _MAX_LIST = 100_000
 _MAX_METRIC_NAME = 64
+_MAX_CONSORTIUM_ROSTER = 4 << 20
+"""Bound on a consortium roster's signed bytes in an entry (10,000 sites with the longest ids
+and keys :func:`~fedseal.protocol.consortium.decode_roster` accepts take about 3.3 MB)."""
 _LIMITS = Limits()
 _E = TypeVar("_E", bound=enum.IntEnum)
 
@@ -208,6 +225,7 @@ class EntryKind(enum.IntEnum):
     ROUND_RESULT = 4
     CHECKPOINT = 5
     RUN_END = 6
+    CONSORTIUM_ROSTER = 7
 
     @property
     def label(self) -> str:
@@ -849,10 +867,105 @@ class RunEnd:
         )  # fmt: skip
 
 
-AuditEntry = Genesis | RunStart | RosterChange | EnvelopeRecord | RoundResult | Checkpoint | RunEnd
+@dataclass(frozen=True, slots=True)
+class ConsortiumRosterRecord:
+    """The consortium roster the sites run under, exactly as its roster authority signed it.
+
+    ``payload`` and ``signature`` are the authority's signed bytes and signature verbatim
+    (:func:`fedseal.protocol.consortium.encode_roster`, message type
+    :data:`~fedseal.protocol.consortium.ROSTER_TYPE`); ``authority_key_der`` is the authority's
+    public key the coordinator verified it under. ``consortium``, ``version`` and
+    ``roster_digest`` (SHA-256 of ``payload``) repeat what the payload says, for readers that do
+    not decode it; a record whose payload does not decode or disagrees with them is refused.
+    An auditor re-verifies it offline with :meth:`signed` and the authority's public key::
+
+        roster = record.signed().verify(pinned_authority_key)
+
+    Not run-scoped: the roster in force for a run is the latest one logged before its round.
+    """
+
+    KIND: ClassVar[EntryKind] = EntryKind.CONSORTIUM_ROSTER
+    consortium: str
+    version: int
+    roster_digest: bytes
+    payload: bytes
+    signature: bytes
+    authority_key_der: bytes
+    at_ms: int = 0
+
+    def __post_init__(self) -> None:
+        _check_digest("roster_digest", self.roster_digest)
+        for name in ("payload", "signature", "authority_key_der"):
+            if type(getattr(self, name)) is not bytes:
+                raise ValueError(f"{name} must be bytes")
+        if not 8 <= len(self.signature) <= MAX_SIGNATURE_SIZE:
+            raise ValueError(f"signature must be 8 to {MAX_SIGNATURE_SIZE} bytes")
+        if not hmac.compare_digest(hashlib.sha256(self.payload).digest(), self.roster_digest):
+            raise ValueError("roster_digest is not the SHA-256 of the signed roster bytes")
+        try:
+            roster = decode_roster(self.payload)
+        except RosterFormatError as exc:
+            raise ValueError(
+                f"the signed consortium roster does not decode: {exc.message}"
+            ) from exc
+        if roster.consortium != self.consortium or roster.version != self.version:
+            raise ValueError(
+                "consortium or version differ from the signed roster "
+                f"({roster.consortium!r} version {roster.version})"
+            )
+        try:
+            public_key_from_der(self.authority_key_der)
+        except CryptoError as exc:
+            raise ValueError("authority_key_der is not a canonical P-256 public key") from exc
+
+    @property
+    def authority_key_id(self) -> bytes:
+        """Key id (SHA-256 of the DER public key) of the roster authority."""
+        return hashlib.sha256(self.authority_key_der).digest()
+
+    @property
+    def roster(self) -> ConsortiumRoster:
+        """The decoded roster (*unverified*: use :meth:`signed` and ``verify`` to trust it)."""
+        return decode_roster(self.payload)
+
+    def signed(self) -> SignedConsortiumRoster:
+        """The signed roster, as the authority issued it (``.to_json()`` gives its roster file)."""
+        return SignedConsortiumRoster(self.roster, self.signature, self.authority_key_id)
+
+    def _encode(self, w: Writer) -> None:
+        w.text(self.consortium).u64(self.version).fixed(self.roster_digest, DIGEST_BYTES)
+        w.blob(self.payload).blob(self.signature).blob(self.authority_key_der).u64(self.at_ms)
+
+    @classmethod
+    def _decode(cls, r: _Cursor) -> ConsortiumRosterRecord:
+        consortium, version = r.text(MAX_CONSORTIUM_NAME_BYTES), r.u64()
+        digest, payload = r.fixed(DIGEST_BYTES), r.blob(_MAX_CONSORTIUM_ROSTER)
+        signature, der = r.blob(MAX_SIGNATURE_SIZE), r.blob(_MAX_KEY)
+        return cls(consortium, version, digest, payload, signature, der, r.u64())
+
+
+AuditEntry = (
+    Genesis
+    | RunStart
+    | RosterChange
+    | EnvelopeRecord
+    | RoundResult
+    | Checkpoint
+    | RunEnd
+    | ConsortiumRosterRecord
+)
 _CLASSES: dict[EntryKind, type[AuditEntry]] = {
     c.KIND: c
-    for c in (Genesis, RunStart, RosterChange, EnvelopeRecord, RoundResult, Checkpoint, RunEnd)
+    for c in (
+        Genesis,
+        RunStart,
+        RosterChange,
+        EnvelopeRecord,
+        RoundResult,
+        Checkpoint,
+        RunEnd,
+        ConsortiumRosterRecord,
+    )
 }
 _CLASSES_BY_TAG: dict[int, type[AuditEntry]] = {int(k): c for k, c in _CLASSES.items()}
 
@@ -1166,9 +1279,18 @@ class _Fail(Exception):
 class _Semantics:
     """The run's rules, applied entry by entry (see :class:`AuditVerifier`)."""
 
-    def __init__(self, trusted_roster: Roster | None = None, *, inline_checks: bool = True) -> None:
+    def __init__(
+        self,
+        trusted_roster: Roster | None = None,
+        *,
+        inline_checks: bool = True,
+        consortium_authority: bytes | None = None,
+    ) -> None:
         self.inline_checks = inline_checks  # cross-check payloads here (else in the jobs)
         self.genesis: Genesis | None = None
+        self.authority = consortium_authority  # pinned roster authority key (DER), if any
+        self.consortia: dict[str, ConsortiumRosterRecord] = {}  # latest roster per consortium
+        self.last_consortium: ConsortiumRosterRecord | None = None
         self.sites: dict[str, _Site] = {}
         self.run: _Run | None = None
         self.run_ids: set[bytes] = set()
@@ -1202,6 +1324,9 @@ class _Semantics:
             return None
         if isinstance(entry, RunStart):
             self._run_start(index, entry)
+            return None
+        if isinstance(entry, ConsortiumRosterRecord):
+            self._consortium_roster(entry, replay=replay)
             return None
         if isinstance(entry, EnvelopeRecord):
             return self.envelope(index, entry, data, replay=replay)
@@ -1279,6 +1404,39 @@ class _Semantics:
             current.roots = frozenset(entry.approved_roots)
         else:
             current.active = False
+
+    def _consortium_roster(self, entry: ConsortiumRosterRecord, *, replay: bool) -> None:
+        what = f"consortium roster {entry.consortium!r} version {entry.version}"
+        if self.authority is not None and entry.authority_key_der != self.authority:
+            raise _Fail(
+                "consortium-authority",
+                f"{what} is signed by authority key {entry.authority_key_id.hex()[:16]}…, "
+                "not by the pinned roster authority",
+            )
+        if not replay:
+            try:
+                key = _cached_public_key(entry.authority_key_der)
+                verify(key, ROSTER_TYPE, entry.payload, entry.signature)
+            except CryptoError as exc:
+                raise _Fail(
+                    "consortium-signature",
+                    f"{what}: the authority's signature does not verify under the authority key "
+                    "recorded with it",
+                ) from exc
+        previous = self.consortia.get(entry.consortium)
+        if previous is not None:
+            if entry.version < previous.version:
+                raise _Fail(
+                    "consortium-version",
+                    f"{what} follows version {previous.version}: roster versions never go down",
+                )
+            if entry.version == previous.version and entry.roster_digest != previous.roster_digest:
+                raise _Fail(
+                    "consortium-version",
+                    f"{what} differs from the roster logged earlier with the same version",
+                )
+        self.consortia[entry.consortium] = entry
+        self.last_consortium = entry
 
     def _run_start(self, index: int, entry: RunStart) -> None:
         if self.run is not None:
@@ -1482,6 +1640,8 @@ class VerifiedLog:
         rejected_envelopes: Rejected envelopes.
         root_hash: Root of the whole log.
         warnings: Facts that are not failures (an open run, entries after the last tree head).
+        consortium_rosters: ``(consortium, latest version, roster digest hex, authority key id
+            hex)`` per consortium whose signed roster the log records.
     """
 
     entries: int
@@ -1492,6 +1652,7 @@ class VerifiedLog:
     rejected_envelopes: int
     root_hash: bytes
     warnings: tuple[str, ...]
+    consortium_rosters: tuple[tuple[str, int, str, str], ...] = ()
 
 
 class AuditVerifier:
@@ -1503,6 +1664,10 @@ class AuditVerifier:
       key if one is given);
     * roster: enrol only unenrolled sites with valid, unshared keys (equal to the trusted
       roster's if given); roots replaced / revocations only for active sites;
+    * consortium rosters: the signed roster decodes and agrees with the recorded consortium,
+      version and digest, its signature verifies under the authority key recorded with it (the
+      pinned authority key, if given), and a consortium's version never goes down (the same
+      version is always the same roster);
     * runs: a run starts only when none is open, with a fresh run id and the log roster's
       digest; run-scoped entries name the open run;
     * accepted envelopes: for the open round only, from an active enrolled site, signed by its
@@ -1525,6 +1690,7 @@ class AuditVerifier:
         *,
         coordinator_key: ec.EllipticCurvePublicKey | None = None,
         trusted_roster: Roster | None = None,
+        consortium_authority: ec.EllipticCurvePublicKey | None = None,
         check_signatures: SignatureBatchCheck = check_signatures_serial,
         submit_signatures: SignatureBatchSubmit | None = None,
         batch_size: int = 1024,
@@ -1534,6 +1700,8 @@ class AuditVerifier:
         """Args:
         coordinator_key: Pinned coordinator key (else the genesis key is used).
         trusted_roster: Sites' keys and approved roots the log must agree with.
+        consortium_authority: Pinned roster authority key: every consortium roster entry
+            must be signed by it.
         check_signatures: Checks a batch synchronously (used if ``submit_signatures`` is None).
         submit_signatures: Starts checking a batch and returns a function that waits for
             the result, so signature checks overlap with the in-order semantic checks.
@@ -1543,6 +1711,9 @@ class AuditVerifier:
         """
         self._pinned = coordinator_key
         self._trusted = trusted_roster
+        self._authority = (
+            None if consortium_authority is None else public_key_to_der(consortium_authority)
+        )
         check = check_signatures
         self._submit: SignatureBatchSubmit = submit_signatures or (lambda jobs: _ready(check(jobs)))
         self._batch = batch_size
@@ -1571,7 +1742,7 @@ class AuditVerifier:
         Raises:
             AuditVerificationError: The first failure (lowest entry index).
         """
-        sem = _Semantics(self._trusted, inline_checks=False)
+        sem = _Semantics(self._trusted, inline_checks=False, consortium_authority=self._authority)
         heads = _decode_heads(tree_heads)
         by_size: dict[int, list[tuple[int, SignedTreeHead]]] = {}
         for seq, head in heads:
@@ -1746,6 +1917,10 @@ class AuditVerifier:
             rejected_envelopes=sem.rejected,
             root_hash=_fold(frontier),
             warnings=tuple(warnings),
+            consortium_rosters=tuple(
+                (c.consortium, c.version, c.roster_digest.hex(), c.authority_key_id.hex())
+                for c in sem.consortia.values()
+            ),
         )
 
     def _check_head(
@@ -1832,15 +2007,18 @@ def verify_audit_log(
     *,
     coordinator_key: ec.EllipticCurvePublicKey | None = None,
     trusted_roster: Roster | None = None,
+    consortium_authority: ec.EllipticCurvePublicKey | None = None,
 ) -> None:
     """Verify a whole log (see :class:`AuditVerifier`).
 
     Raises:
         AuditVerificationError: Naming the first bad entry or tree head.
     """
-    AuditVerifier(coordinator_key=coordinator_key, trusted_roster=trusted_roster).run(
-        entries, tree_heads
-    )
+    AuditVerifier(
+        coordinator_key=coordinator_key,
+        trusted_roster=trusted_roster,
+        consortium_authority=consortium_authority,
+    ).run(entries, tree_heads)
 
 
 # --- the coordinator's API -----------------------------------------------------------------
@@ -1879,7 +2057,9 @@ class AuditLog:
        (an existing log resumes: roster and open run are rebuilt from indexed entries, and a
        round result left without a tree head by a crash is covered at once);
     2. ``append_roster_change`` for every enrolment (key DER + approved dataset roots), roots
-       change and revocation — before the run that depends on it;
+       change and revocation — before the run that depends on it; ``append_consortium_roster``
+       for the signed consortium roster the sites run under, at run start and whenever its
+       version changes;
     3. ``append_run_start(run_id, config_digest=..., initial_model_digest=..., code_version=...)``;
     4. for each stage, every envelope received, accepted or rejected with its reason, *before*
        acting on it: ``append_envelope`` or, for a stage's replies at once, ``append_envelopes``
@@ -1963,6 +2143,7 @@ class AuditLog:
         sem.apply(0, self._genesis)
         wanted = sorted(
             store.find(int(EntryKind.ROSTER_CHANGE))
+            + store.find(int(EntryKind.CONSORTIUM_ROSTER))
             + store.find(int(EntryKind.RUN_START))
             + store.find(int(EntryKind.RUN_END))
             + store.find(int(EntryKind.ROUND_RESULT))
@@ -1987,7 +2168,7 @@ class AuditLog:
             try:
                 # Closed runs: only the roster and run-id bookkeeping matter.
                 if open_start is None or index < open_start:
-                    if isinstance(entry, RosterChange):
+                    if isinstance(entry, RosterChange | ConsortiumRosterRecord):
                         sem.apply(index, entry, replay=True)
                     elif isinstance(entry, RunStart):
                         sem.run_ids.add(entry.run_id)
@@ -2035,6 +2216,11 @@ class AuditLog:
     def roster(self) -> Roster:
         """The roster as recorded in the log."""
         return self._sem.roster()
+
+    @property
+    def consortium_roster(self) -> ConsortiumRosterRecord | None:
+        """The consortium roster logged last (of any consortium), or ``None``."""
+        return self._sem.last_consortium
 
     def close(self) -> None:
         """Close the store."""
@@ -2096,6 +2282,36 @@ class AuditLog:
             RosterChange(RosterAction(action), site, public_key_der, roots, reason, now_ms),
             site=site,
         )
+
+    def append_consortium_roster(
+        self,
+        signed: SignedConsortiumRoster,
+        authority_key: ec.EllipticCurvePublicKey,
+        *,
+        now_ms: int,
+    ) -> int:
+        """Record the signed consortium roster the sites run under (verify it first).
+
+        The entry keeps the authority's signed bytes and signature verbatim and the authority's
+        public key, so an auditor can re-verify it offline. Logging the same roster again (at
+        the next run start) is allowed; an older version or another roster with a logged
+        version is not.
+
+        Returns:
+            The entry's index (durable on return).
+
+        Raises:
+            AuditStateError: The signature does not verify under ``authority_key``, or the
+                version is lower than the consortium's last logged one (or equal, with other
+                contents).
+            ValueError: Malformed fields (e.g. a roster over the entry's size bound).
+        """
+        payload = signed.payload
+        entry = ConsortiumRosterRecord(
+            signed.roster.consortium, signed.roster.version, hashlib.sha256(payload).digest(),
+            payload, bytes(signed.signature), public_key_to_der(authority_key), now_ms,
+        )  # fmt: skip
+        return self._append(entry)
 
     def append_run_start(
         self,

@@ -3,6 +3,7 @@
 Example::
 
     fl-audit verify audit.sqlite --coordinator-key coordinator.pub.pem --roster roster.json
+    fl-audit verify audit.sqlite --consortium-authority authority.key.pub
     fl-audit prove audit.sqlite --site site-a --round 3 --json > receipt.json
     fl-audit consistency audit.sqlite 120
     fl-audit show audit.sqlite
@@ -59,6 +60,7 @@ from fedseal.protocol.audit import (
     AuditVerificationError,
     AuditVerifier,
     Checkpoint,
+    ConsortiumRosterRecord,
     EnvelopeRecord,
     Genesis,
     JobFailure,
@@ -194,6 +196,7 @@ def verify_log(
     *,
     coordinator_key: ec.EllipticCurvePublicKey | None = None,
     roster: Roster | None = None,
+    consortium_authority: ec.EllipticCurvePublicKey | None = None,
     jobs: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> VerifiedLog:
@@ -209,6 +212,7 @@ def verify_log(
         return AuditVerifier(
             coordinator_key=coordinator_key,
             trusted_roster=roster,
+            consortium_authority=consortium_authority,
             submit_signatures=checker,
             progress=progress,
         ).run_rows(store.iter_leaf_rows(), store.tree_heads())
@@ -227,6 +231,13 @@ def verify_cmd(
     coordinator_key: Annotated[
         Path | None,
         typer.Option(help="Pinned coordinator public key (PEM); else the log's genesis key."),
+    ] = None,
+    consortium_authority: Annotated[
+        Path | None,
+        typer.Option(
+            help="Pinned consortium roster authority public key (PEM): every consortium roster "
+            "in the log must be signed by it."
+        ),
     ] = None,
     jobs: Annotated[
         int,
@@ -251,6 +262,14 @@ def verify_cmd(
             pinned = load_public_key(coordinator_key)
         except (OSError, CryptoError) as exc:
             raise _fail(EXIT_UNREADABLE, f"coordinator key {coordinator_key}: {exc}") from exc
+    authority = None
+    if consortium_authority is not None:
+        try:
+            authority = load_public_key(consortium_authority)
+        except (OSError, CryptoError) as exc:
+            raise _fail(
+                EXIT_UNREADABLE, f"consortium authority key {consortium_authority}: {exc}"
+            ) from exc
     trusted = _load_roster(roster) if roster is not None else None
     store = _open(log)
     total = store.size
@@ -264,6 +283,7 @@ def verify_cmd(
                 log,
                 coordinator_key=pinned,
                 roster=trusted,
+                consortium_authority=authority,
                 jobs=n_jobs,
                 progress=lambda done: bar.update(task, completed=done),
             )
@@ -301,6 +321,15 @@ def verify_cmd(
                     ],
                     "accepted_envelopes": result.accepted_envelopes,
                     "rejected_envelopes": result.rejected_envelopes,
+                    "consortium_rosters": [
+                        {
+                            "consortium": c,
+                            "version": v,
+                            "roster_digest": d,
+                            "authority_key_id": k,
+                        }
+                        for c, v, d, k in result.consortium_rosters
+                    ],
                     "warnings": list(result.warnings),
                 }
             )
@@ -312,6 +341,11 @@ def verify_cmd(
         )
         for run_id, status, done, failed in result.runs:
             typer.echo(f"  run {run_id}: {status}, {done} rounds completed, {failed} failed")
+        for name, version, digest, kid in result.consortium_rosters:
+            typer.echo(
+                f"  consortium roster {name!r}: version {version}, digest {digest[:16]}…, "
+                f"authority key {kid[:16]}…"
+            )
         for warning in result.warnings:
             typer.echo(f"  warning: {warning}")
     if strict and result.warnings:
@@ -442,6 +476,18 @@ class _RoundView:
 
 
 @dataclass
+class _ConsortiumView:
+    index: int
+    run: str  # the run open when it was logged ("" between runs)
+    consortium: str
+    version: int
+    sites: int  # active sites
+    revoked: int
+    digest: str
+    authority_key_id: str
+
+
+@dataclass
 class _LogView:
     entries: int = 0
     undecodable: list[int] = field(default_factory=list)
@@ -454,6 +500,7 @@ class _LogView:
     inputs: dict[tuple[str, tuple[int, int]], str] = field(default_factory=dict)
     checkpoints: list[tuple[str, int, str]] = field(default_factory=list)
     tree_heads: list[tuple[int, int, str, int]] = field(default_factory=list)
+    consortium: list[_ConsortiumView] = field(default_factory=list)
 
 
 def _collect(store: MerkleLogStore) -> _LogView:
@@ -500,6 +547,17 @@ def _collect(store: MerkleLogStore) -> _LogView:
             view.checkpoints.append((entry.name, entry.round, entry.model_digest.hex()))
         elif isinstance(entry, RunEnd) and view.runs:
             view.runs[-1] = (view.runs[-1][0], entry.status.name.lower())
+            current = ""
+        elif isinstance(entry, ConsortiumRosterRecord):
+            roster = entry.roster
+            active = sum(1 for s in roster.sites if s.active)
+            view.consortium.append(
+                _ConsortiumView(
+                    stored.index, current[:8], entry.consortium, entry.version, active,
+                    len(roster.sites) - active, entry.roster_digest.hex(),
+                    entry.authority_key_id.hex(),
+                )
+            )  # fmt: skip
     for head in store.tree_heads():
         view.tree_heads.append((head.seq, head.tree_size, head.root_hash.hex(), head.timestamp_ms))
     return view
@@ -525,6 +583,15 @@ def show_cmd(log: LogArg) -> None:
     t.add_column("status")
     for site, action in sorted(view.roster.items()):
         t.add_row(site, "revoked" if action == "revoke" else "enrolled")
+    console.print(t)
+    t = Table(title="Consortium rosters (as signed by the roster authority)")
+    for col in ("entry", "run", "consortium", "version", "sites", "revoked", "digest", "authority"):
+        t.add_column(col, overflow="fold")
+    for c in view.consortium:
+        t.add_row(
+            str(c.index), c.run, c.consortium, str(c.version), str(c.sites), str(c.revoked),
+            c.digest[:12], c.authority_key_id[:12],
+        )  # fmt: skip
     console.print(t)
     t = Table(title="Rounds")
     for col in ("run", "round", "entry", "status", "survivors", "accuracy", "loss", "new model"):
@@ -679,6 +746,12 @@ def render_report(view: _LogView, title: str, verdict: str) -> str:
         f"<td>{html.escape(st)}</td><td>{html.escape(reason)}</td></tr>"
         for i, lbl, _, s, st, reason in view.rejections
     )
+    consortium = "".join(
+        f"<tr><td>{c.index}</td><td>{html.escape(c.run)}</td><td>{html.escape(c.consortium)}</td>"
+        f"<td>{c.version}</td><td>{c.sites}</td><td>{c.revoked}</td><td>{c.digest[:16]}</td>"
+        f"<td>{c.authority_key_id[:16]}</td></tr>"
+        for c in view.consortium
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}
@@ -692,6 +765,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;fo
 <h2>Participation per site per round</h2>
 <p>green: masked input accepted; red: rejected; grey: none.</p>{_svg_participation(view)}
 <h2>Rejection reasons</h2>{_svg_bars(reasons, "rejection reasons")}
+<h2>Consortium rosters</h2><table><tr><th>entry</th><th>run</th><th>consortium</th>
+<th>version</th><th>sites</th><th>revoked</th><th>digest</th><th>authority</th></tr>{consortium}</table>
 <h2>Rounds</h2><table><tr><th>run</th><th>round</th><th>status</th><th>survivors</th>
 <th>new model</th></tr>{rows}</table>
 <h2>Rejected envelopes</h2><table><tr><th>entry</th><th>run/round</th><th>site</th><th>stage</th>

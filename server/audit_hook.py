@@ -3,7 +3,10 @@
 Usage (inside the ServerApp)::
 
     audit = RunAudit.open(state_dir / "audit.sqlite", coordinator_key, roster)  # mirrors roster
+    watch = ConsortiumWatch(cfg.consortium)      # [consortium] in server.toml, if set
+    audit.consortium_roster(watch.check(), again=True)   # verified; raises ConsortiumRefusedError
     audit.run_start(run_id, config_bytes, initial_digest, rounds)       # skipped on --resume
+    changed = watch.check()                # at the start of each round: None if unchanged
     audit.envelopes(rnd, server.log)       # every accepted/rejected envelope of the round
     audit.round_result(rnd, aggregate_digest, new_digest)   # + a signed tree head
     audit.checkpoint(rnd, model_digest, file_sha256, name)
@@ -11,7 +14,10 @@ Usage (inside the ServerApp)::
 
 Roster changes are mirrored from the roster file's hash-chained events (``roster.events``):
 the count already mirrored is the number of roster entries in the log, so re-opening is
-idempotent. Envelopes are recorded after the protocol state machine verified them (the
+idempotent. The consortium roster the sites run under (``[consortium]`` in ``server.toml``)
+is verified under the roster authority's public key and recorded as the authority signed it
+(:class:`fedseal.protocol.audit.ConsortiumRosterRecord`) at run start and whenever the file's
+version changes; a version lower than the one in force is refused. Envelopes are recorded after the protocol state machine verified them (the
 machine verifies and sums in one call); the round result, which the auditor checks against
 them, is always written after.
 """
@@ -22,11 +28,14 @@ import hashlib
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedseal.crypto.errors import KeyFormatError
+from fedseal.crypto.keys import key_id, load_public_key
 from fedseal.protocol import Accepted, Limits, MessageKind, ProtocolError, Rejection
 from fedseal.protocol.audit import (
     AuditLog,
@@ -35,11 +44,24 @@ from fedseal.protocol.audit import (
     RoundStatus,
     RunStatus,
 )
+from fedseal.protocol.consortium import (
+    MAX_ROSTER_JSON_BYTES,
+    ConsortiumRoster,
+    ConsortiumRosterError,
+    SignedConsortiumRoster,
+)
 from fedseal.protocol.envelope import Envelope
 from fedseal.protocol.messages import MaskedInput, decode_payload
+from fedseal.server.config import ConsortiumSection
 from fedseal.server.roster import Roster
 
-__all__ = ["RunAudit"]
+__all__ = [
+    "ConsortiumRefusedError",
+    "ConsortiumWatch",
+    "LoadedConsortiumRoster",
+    "RunAudit",
+    "load_consortium_roster",
+]
 
 _ACTIONS = {"enroll": RosterAction.ENROL, "approve-root": RosterAction.SET_ROOTS, "revoke": RosterAction.REVOKE}
 
@@ -53,6 +75,104 @@ UNPARSEABLE_KEEP = 4096
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class ConsortiumRefusedError(RuntimeError):
+    """The configured consortium roster cannot be used: unreadable, malformed, not signed by
+    the roster authority, or older than the one in force. The message is one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConsortiumRoster:
+    """A consortium roster file verified under the roster authority's public key."""
+
+    signed: SignedConsortiumRoster
+    roster: ConsortiumRoster  # as verified
+    authority: ec.EllipticCurvePublicKey
+    path: Path
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the signed roster bytes."""
+        return self.roster.digest()
+
+    def describe(self) -> str:
+        active = sum(1 for s in self.roster.sites if s.active)
+        return (
+            f"consortium roster {self.roster.consortium!r} version {self.roster.version} "
+            f"({active} active sites, authority key {bytes(key_id(self.authority)).hex()[:16]}…)"
+        )
+
+
+def load_consortium_roster(section: ConsortiumSection) -> LoadedConsortiumRoster:
+    """Read ``[consortium]``'s roster file and verify it under the authority's public key.
+
+    Raises:
+        ConsortiumRefusedError: Naming the file and what is wrong (one line).
+    """
+    try:
+        authority = load_public_key(section.authority)
+    except FileNotFoundError as exc:
+        raise ConsortiumRefusedError(
+            f"consortium.authority {section.authority}: roster authority public key not found"
+        ) from exc
+    except OSError as exc:
+        raise ConsortiumRefusedError(
+            f"consortium.authority {section.authority}: cannot read: {exc.strerror or exc}"
+        ) from exc
+    except KeyFormatError as exc:
+        raise ConsortiumRefusedError(
+            f"consortium.authority {section.authority}: not a usable authority key: {exc}"
+        ) from exc
+    try:
+        with section.roster.open("rb") as fh:
+            data = fh.read(MAX_ROSTER_JSON_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise ConsortiumRefusedError(
+            f"consortium.roster {section.roster}: consortium roster not found"
+        ) from exc
+    except OSError as exc:
+        raise ConsortiumRefusedError(
+            f"consortium.roster {section.roster}: cannot read: {exc.strerror or exc}"
+        ) from exc
+    try:
+        signed = SignedConsortiumRoster.from_json(data)
+        roster = signed.verify(authority)
+    except ConsortiumRosterError as exc:
+        raise ConsortiumRefusedError(f"consortium roster {section.roster}: {exc}") from exc
+    return LoadedConsortiumRoster(signed, roster, authority, section.roster)
+
+
+class ConsortiumWatch:
+    """The consortium roster in force: verified when the run starts, checked again before every
+    round (the coordinator holds no roster of its own: the file is the authority's)."""
+
+    def __init__(self, section: ConsortiumSection) -> None:
+        self.section = section
+        self.current: LoadedConsortiumRoster | None = None
+
+    def check(self) -> LoadedConsortiumRoster | None:
+        """Read and verify the file; return it if it differs from the roster in force (always
+        on the first call), else ``None``.
+
+        Raises:
+            ConsortiumRefusedError: It does not verify, or its version is lower than the one in
+                force (or the same version with other contents).
+        """
+        loaded = load_consortium_roster(self.section)
+        current = self.current
+        if current is not None:
+            if loaded.digest == current.digest:
+                return None
+            old, new = current.roster, loaded.roster
+            if new.consortium == old.consortium and new.version <= old.version:
+                raise ConsortiumRefusedError(
+                    f"consortium roster {loaded.path}: version {new.version} is "
+                    + ("older than" if new.version < old.version else "a different roster than")
+                    + f" version {old.version} in force (roster versions never go down)"
+                )
+        self.current = loaded
+        return loaded
 
 
 class RunAudit:
@@ -88,6 +208,21 @@ class RunAudit:
             )
             marker.write_text(str(event.seq + 1))
         return audit
+
+    def consortium_roster(self, loaded: LoadedConsortiumRoster, *, again: bool = False) -> bool:
+        """Record the verified consortium roster unless the log's last one is the same roster
+        (``again``: record it anyway, e.g. at a new run's start). Returns whether it did.
+
+        Raises:
+            fedseal.protocol.audit.AuditStateError: The log refuses it (a version lower than
+                the one it last recorded for the consortium, or a different roster with the
+                same version).
+        """
+        last = self.log.consortium_roster
+        if not again and last is not None and last.roster_digest == loaded.digest:
+            return False
+        self.log.append_consortium_roster(loaded.signed, loaded.authority, now_ms=_now_ms())
+        return True
 
     def run_start(self, run_id: str, config_bytes: bytes, initial_digest: bytes, rounds: int) -> None:
         self.log.append_run_start(

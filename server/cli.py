@@ -64,8 +64,13 @@ def write_server_toml(
     audit_port: int = 9095,
     audit_host: str = "0.0.0.0",  # noqa: S104
     run_overrides: dict[str, object] | None = None,
+    consortium: tuple[Path, Path] | None = None,
 ) -> None:
-    """Write a server.toml with the layout ``fl-server init`` creates (paths relative)."""
+    """Write a server.toml with the layout ``fl-server init`` creates (paths relative).
+
+    ``consortium``: (signed consortium roster file, roster authority public key) for a
+    ``[consortium]`` table; left out when ``None``.
+    """
     run = {
         "rounds": 5,
         "strategy": "FedAvg",
@@ -112,6 +117,14 @@ def write_server_toml(
         *(f"{k} = {val(v)}" for k, v in run.items()),
         "",
     ]
+    if consortium is not None:
+        roster, authority = consortium
+        lines += [
+            "[consortium]",
+            f"roster = {val(str(roster))}",
+            f"authority = {val(str(authority))}",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 

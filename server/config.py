@@ -25,6 +25,14 @@ explicit. Layout (all keys optional except where noted)::
                     round's evaluation messages: one exchange less per secure round)
     [run.strategy_options]   keyword arguments for the Flower strategy (floats)
     [limits]        max_message_bytes, max_sites, max_rounds
+    [consortium]    roster = "consortium/roster.json",      # the signed consortium roster the
+                    authority = "consortium/authority.key.pub"  # sites run under, and the roster
+                                                                # authority's PUBLIC key (PEM)
+
+``[consortium]`` is optional; ``roster`` and ``authority`` are given both or neither. With it,
+the coordinator verifies the roster under the authority key when a run starts (and refuses to
+start the run if it does not verify), records it in the audit log, and checks the file again
+at the start of every round: a new version is recorded, a lower one stops the run.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "ConfigError",
+    "ConsortiumSection",
     "CoordinatorSection",
     "LimitsSection",
     "NetworkSection",
@@ -125,6 +134,14 @@ class LimitsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsortiumSection:
+    """The signed consortium roster file and the roster authority's public key (PEM)."""
+
+    roster: Path
+    authority: Path
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     path: Path
     coordinator: CoordinatorSection
@@ -132,6 +149,7 @@ class ServerConfig:
     network: NetworkSection
     run: RunSection
     limits: LimitsSection
+    consortium: ConsortiumSection | None = None
 
 
 def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -169,7 +187,7 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
     Raises:
         ConfigError: Naming the first offending key.
     """
-    _unknown(doc, "", {"coordinator", "tls", "network", "run", "limits"})
+    _unknown(doc, "", {"coordinator", "tls", "network", "run", "limits", "consortium"})
 
     def p(sec: Mapping[str, Any], prefix: str, key: str, default: str) -> Path:
         raw = _typed(sec, prefix, key, str, default)
@@ -293,6 +311,25 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
     _ranged("run.quant_levels", run.quant_levels, 2, 1 << 30)
     _ranged("run.max_weight", run.max_weight, 1, 1 << 40)
     _ranged("run.threshold", run.threshold, 0, limits.max_sites)
+
+    consortium = None
+    if "consortium" in doc:
+        k = _section(doc, "consortium")
+        _unknown(k, "consortium", {"roster", "authority"})
+        for key, other in (("roster", "authority"), ("authority", "roster")):
+            if key not in k:
+                raise ConfigError(
+                    f"consortium.{key}",
+                    ("required with consortium." + other if other in k else "required")
+                    + " (give both the signed roster file and the roster authority's public "
+                    "key, or leave [consortium] out)",
+                )
+            if not _typed(k, "consortium", key, str, ""):
+                raise ConfigError(f"consortium.{key}", "must be a non-empty path")
+        consortium = ConsortiumSection(
+            roster=p(k, "consortium", "roster", ""),
+            authority=p(k, "consortium", "authority", ""),
+        )
     return ServerConfig(
         path=path,
         coordinator=coordinator,
@@ -300,6 +337,7 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
         network=network,
         run=run,
         limits=limits,
+        consortium=consortium,
     )
 
 

@@ -1,10 +1,13 @@
 """``fl-server demo``: a whole federation on loopback, one command.
 
 Steps: split MNIST-5k into per-site Parquet datasets (``fl-client data split``), create each
-site's key (``fl-client keys init``), create the coordinator (key, demo CA, TLS certificate,
-``server.toml``), enroll the sites with their dataset roots, start ``fl-client run`` for every
-site as a separate process, then run the coordinator (SuperLink + fleet gateway + ServerApp) in
-this process, print accuracy per round, and stop every process it started.
+site's key (``fl-client keys init``), create the coordinator (key, demo CA, TLS certificate),
+sign a consortium roster of the sites with a roster authority key that is not the
+coordinator's (``consortium/``: the sites pin its public key in ``client.toml``; the
+coordinator verifies and audit-logs the roster through ``[consortium]`` in ``server.toml``),
+write ``server.toml``, enroll the sites with their dataset roots, start ``fl-client run`` for
+every site as a separate process, then run the coordinator (SuperLink + fleet gateway +
+ServerApp) in this process, print accuracy per round, and stop every process it started.
 
 Sites are driven through the ``fl-client`` command line (subprocesses), so this module imports
 nothing from ``fedseal.client`` (the coordinator never imports torch).
@@ -167,20 +170,6 @@ def prepare_federation(
     internal_port = internal_port or free_port()
     secure = bool((run_overrides or {}).get("secure", True))
     audit_port = free_port() if secure else None
-    write_server_toml(
-        coord / "server.toml",
-        fleet_port=fleet_port,
-        internal_port=internal_port,
-        metrics_port=0,
-        fleet_host="127.0.0.1",
-        audit_host="127.0.0.1",
-        audit_port=audit_port or free_port(),
-        run_overrides={"sites_wait_timeout_s": 60.0} | (run_overrides or {}),
-    )
-    cfg = load_server_config(coord / "server.toml")
-    roster = Roster.load_or_create(cfg.coordinator.roster)
-    ca = coord / "tls" / "ca.pem"
-    site_dirs = []
     names = [f"site-{i}" for i in range(len(split))]
     for name in names:
         sdir = workdir / "sites" / name
@@ -192,6 +181,21 @@ def prepare_federation(
     consortium_roster, authority = write_consortium_roster(
         workdir / "consortium", {name: workdir / "sites" / name / "site.key.pub" for name in names}
     )
+    write_server_toml(
+        coord / "server.toml",
+        fleet_port=fleet_port,
+        internal_port=internal_port,
+        metrics_port=0,
+        fleet_host="127.0.0.1",
+        audit_host="127.0.0.1",
+        audit_port=audit_port or free_port(),
+        run_overrides={"sites_wait_timeout_s": 60.0} | (run_overrides or {}),
+        consortium=(consortium_roster, authority),
+    )
+    cfg = load_server_config(coord / "server.toml")
+    roster = Roster.load_or_create(cfg.coordinator.roster)
+    ca = coord / "tls" / "ca.pem"
+    site_dirs = []
     for name, site in zip(names, split, strict=True):
         sdir = workdir / "sites" / name
         if roster.get(name) is None:

@@ -58,6 +58,14 @@ roster changes, the run start, every accepted/rejected envelope of each round (w
 state machine verified it, before the round result), each round result with a signed tree
 head, each checkpoint and the run end. An entry the log refuses disables audit logging for the
 rest of the run with an error in ``serverapp.log`` and ``status.json`` (training continues).
+
+Consortium roster (``[consortium]`` in ``server.toml``): before it waits for the sites, the run
+verifies the signed consortium roster under the roster authority's public key and refuses to
+start (``status.json``: ``phase = "failed"`` with the one-line reason) if it does not verify.
+A secure run records it in the audit log as the authority signed it before the run start (a
+resumed run only if it changed), and the file is checked again at the start of every round: a
+new version is recorded, one that does not verify or is older than the one in force (or in the
+log) stops the run, like an audit refusal.
 """
 
 from __future__ import annotations
@@ -81,7 +89,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp import Grid, ServerApp
 
 from fedseal.server.checkpoint import CheckpointError, CheckpointStore, RunState, model_digest
-from fedseal.server.config import ServerConfig, env_seconds, load_server_config
+from fedseal.server.config import ConsortiumSection, ServerConfig, env_seconds, load_server_config
 from fedseal.server.metrics import Metrics
 from fedseal.server.roster import Roster
 from fedseal.server.strategies import build_strategy
@@ -119,6 +127,50 @@ def _main(grid: Grid, context: Context) -> None:
 
 class AuditHaltError(RuntimeError):
     """The audit log could not take an entry; the run stops rather than continue unrecorded."""
+
+
+class _ConsortiumCheck:
+    """``[consortium]``: the signed consortium roster in force, verified at run start and at
+    the start of every round, and recorded in the audit log (secure runs) when it changes."""
+
+    def __init__(self, run: _Run, section: ConsortiumSection) -> None:
+        from fedseal.server.audit_hook import ConsortiumWatch
+
+        self.run = run
+        self.watch = ConsortiumWatch(section)
+        self.secure: _SecureCoordinator | None = None  # set once the audit log is open
+
+    def check(self, what: str) -> None:
+        """Verify the file; record it if it changed.
+
+        Raises:
+            ConsortiumRefusedError: It does not verify or went back (status failed, logged).
+            AuditHaltError: The audit log refused it.
+        """
+        from fedseal.server.audit_hook import ConsortiumRefusedError
+
+        try:
+            changed = self.watch.check()
+        except ConsortiumRefusedError as exc:
+            reason = f"{what}: {exc}"[:MAX_REASON_CHARS]
+            log.error("%s", reason)
+            self.run.status(phase="failed", reason=reason)
+            raise
+        if changed is not None:
+            log.info("%s verified (%s)", changed.describe(), changed.path)
+            self.record()
+
+    def record(self, *, again: bool = False) -> None:
+        """Record the roster in force in the audit log unless the log's last one is the same
+        roster (``again``: record it anyway, as at a new run's start).
+
+        Raises:
+            AuditHaltError: The audit log refused it (e.g. a version lower than it holds).
+        """
+        secure, current = self.secure, self.watch.current
+        if secure is None or secure.audit is None or current is None:
+            return
+        secure.audit_call("the consortium roster", secure.audit.consortium_roster, current, again=again)
 
 
 class _FixedNodes:
@@ -1004,6 +1056,9 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
             "(plain FedAvg-style rounds)"
         )
     previous = run.read_status() if resume else {}
+    consortium = _ConsortiumCheck(run, cfg.consortium) if cfg.consortium is not None else None
+    if consortium is not None:
+        consortium.check("refusing to start the run")
     run.status(phase="waiting-for-sites", round=0)
     nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s, want_all=True)
     if len(nodes) < cfg.run.min_sites:
@@ -1040,6 +1095,9 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
             log.error("%s", reason)
             run.status(phase="failed", reason=reason)
             raise AuditHaltError(reason) from exc
+        if consortium is not None:
+            consortium.secure = secure
+            consortium.record(again=latest is None)
         if secure.audit is not None and latest is None:
             secure.audit_call(
                 "run start", secure.audit.run_start, run_id, cfg.path.read_bytes(),
@@ -1053,6 +1111,8 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
     for rnd in range(first_round, cfg.run.rounds + 1):
         t0 = time.monotonic()
         run.status(phase="training", round=rnd, run_id=run_id)
+        if consortium is not None:
+            consortium.check(f"stopping the run at round {rnd}")
         if ahead is not None:  # built for this round during the last evaluation
             nodes = ahead.nodes
         else:

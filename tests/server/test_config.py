@@ -90,3 +90,59 @@ def test_setup_with_evaluation_defaults_on_and_must_be_a_boolean(tmp_path: Path)
     (tmp_path / "s.toml").write_text(tls + "[run]\nsetup_with_evaluation = 'no'\n")
     with pytest.raises(ConfigError, match="setup_with_evaluation"):
         load_server_config(tmp_path / "s.toml")
+
+
+def test_the_consortium_table_is_optional_and_loads_both_paths(tmp_path: Path) -> None:
+    tls = "[tls]\nca_cert='a'\nserver_cert='b'\nserver_key='c'\n"
+    (tmp_path / "s.toml").write_text(tls)
+    assert load_server_config(tmp_path / "s.toml").consortium is None
+    table = "[consortium]\nroster = 'consortium/roster.json'\nauthority = '/etc/fedseal/a.pub'\n"
+    (tmp_path / "s.toml").write_text(tls + table)
+    section = load_server_config(tmp_path / "s.toml").consortium
+    assert section is not None
+    assert section.roster == tmp_path / "consortium" / "roster.json"  # relative to the file
+    assert section.authority == Path("/etc/fedseal/a.pub")
+
+
+def test_write_server_toml_writes_the_consortium_table(tmp_path: Path) -> None:
+    write_server_toml(tmp_path / "server.toml")
+    assert load_server_config(tmp_path / "server.toml").consortium is None
+    roster, authority = tmp_path / "c d" / "roster.json", tmp_path / "c d" / "authority.key.pub"
+    write_server_toml(tmp_path / "server.toml", consortium=(roster, authority))
+    section = load_server_config(tmp_path / "server.toml").consortium
+    assert section is not None and (section.roster, section.authority) == (roster, authority)
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "reason"),
+    [
+        (
+            "[consortium]\nroster = 'r.json'\n",
+            "consortium.authority",
+            "required with consortium.roster",
+        ),
+        (
+            "[consortium]\nauthority = 'a.pub'\n",
+            "consortium.roster",
+            "required with consortium.authority",
+        ),
+        ("[consortium]\n", "consortium.roster", "required"),
+        ("[consortium]\nroster = 'r.json'\nauthority = 3\n", "consortium.authority", "must be str"),
+        ("[consortium]\nroster = ''\nauthority = 'a.pub'\n", "consortium.roster", "non-empty"),
+        (
+            "[consortium]\nroster = 'r'\nauthority = 'a'\nkey = 'k'\n",
+            "consortium.key",
+            "unknown key",
+        ),
+        ("consortium = 'r.json'\n", "consortium", "must be a table"),
+    ],
+)
+def test_a_bad_consortium_table_names_the_key(
+    tmp_path: Path, body: str, key: str, reason: str
+) -> None:
+    tls = "[tls]\nca_cert='a'\nserver_cert='b'\nserver_key='c'\n"
+    (tmp_path / "s.toml").write_text(body + tls if not body.startswith("[") else tls + body)
+    with pytest.raises(ConfigError) as info:
+        load_server_config(tmp_path / "s.toml")
+    assert info.value.key == key and reason in info.value.reason
+    assert str(info.value).startswith(f"{key}: ")
