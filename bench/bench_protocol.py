@@ -52,7 +52,8 @@ STAGE_NAMES = {
 
 class DropAfterKeySharing(Behaviour):
     """Once the graph is known, drop a random fraction of sites after key sharing, keeping
-    every needed neighbourhood at or above the threshold (else the round fails by design)."""
+    every needed neighbourhood at or above the threshold and every window of k/2 ring positions
+    within the sites' floor (else the round fails by design)."""
 
     def __init__(self, fraction: float, rng: np.random.Generator) -> None:
         self.fraction, self.rng = fraction, rng
@@ -61,17 +62,36 @@ class DropAfterKeySharing(Behaviour):
     def before_advance(self, fed: Federation, stage: ServerStage) -> None:
         if stage is not ServerStage.SHARE or fed.server is None or fed.server.graph is None:
             return
+        from fedseal.protocol.config import ConfigError
+        from fedseal.protocol.params import check_survivor_windows, site_floor
+
         graph, t = fed.server.graph, fed.server.params.threshold
         members = sorted(graph.neighbours)
         count = round(self.fraction * len(members))
         if count == 0:
             return
+        policy = fed.site_policy
+        floor = site_floor(
+            len(members), graph.degree, policy.max_colluding_fraction, policy.security_bits
+        )
+
+        def within_floor(picked: set[SiteId]) -> bool:
+            try:
+                check_survivor_windows(
+                    graph.ring, set(members) - picked, graph.degree, floor.max_dropped_per_window
+                )
+            except ConfigError:
+                return False
+            return True
+
         for _ in range(1000):
             picked = {members[i] for i in self.rng.choice(len(members), size=count, replace=False)}
-            if all(sum(1 for j in graph.of(s) if j not in picked) >= t for s in members):
+            if within_floor(picked) and all(
+                sum(1 for j in graph.of(s) if j not in picked) >= t for s in members
+            ):
                 break
         else:
-            raise RuntimeError("no dropout set within the threshold")
+            raise RuntimeError("no dropout set within the threshold and the sites' window floor")
         self.dropped = sorted(picked)
         fed.dropouts[ServerStage.MASKED_INPUT] = frozenset(picked)
 
@@ -86,10 +106,14 @@ def main(argv: list[str]) -> None:
         "--degree", type=int, default=None, help="neighbour-graph degree (default: automatic)"
     )
     parser.add_argument(
-        "--threshold", type=int, default=None, help="Shamir threshold (default: > 2k/3)"
+        "--threshold", type=int, default=None, help="Shamir threshold (default: the least the sites accept)"
     )
     parser.add_argument(
         "--advert-dropouts", type=int, default=0, help="sites silent at the key adverts (restart)"
+    )
+    parser.add_argument(
+        "--window-dropouts", type=int, default=5,
+        help="dropouts per k/2 ring positions the automatic degree must allow (the sites refuse more)",
     )
     parser.add_argument(
         "--no-micro", action="store_true", help="skip the per-site stage-3 micro-benchmarks"
@@ -104,6 +128,7 @@ def main(argv: list[str]) -> None:
         max_weight=1 << 10,
         degree=args.degree,
         threshold=args.threshold,
+        window_dropouts=args.window_dropouts,
     )
     training_s: dict[SiteId, float] = {}
 

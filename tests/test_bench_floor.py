@@ -13,7 +13,7 @@ def test_site_floor_prices_every_piece_and_adds_them_up() -> None:
     floor = site_floor(40, 2_000)
     pieces = {k: v for k, v in floor.items() if k not in ("total, no verification", "verify one")}
     assert len(pieces) == 7
-    assert any(k.startswith("2 key pairs + 24 ECDH") for k in pieces)  # degree 12 at N = 40
+    assert any(k.startswith("2 key pairs + 64 ECDH") for k in pieces)  # degree 32 at N = 40 (the floor)
     assert all(v > 0 for v in floor.values())
     assert floor["total, no verification"] == pytest.approx(sum(pieces.values()))
 
