@@ -41,6 +41,7 @@ locally built model. A malformed message is answered with a Flower error reply, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import hmac
 import io
@@ -148,6 +149,15 @@ class SiteRuntime:
                 f.write(raw)
             os.replace(tmp, self.guard_path)
             self._guard_saved = raw
+
+    def train_request(self, rec: ConfigRecord) -> TrainRequest:
+        """The coordinator's hyper-parameters, clamped by the site's limits, with at least two
+        minibatches per epoch: with one, training would not depend on the site's secret seed
+        (the order and split of the batches), and one model trained twice would give the same
+        update twice, which a coordinator could difference across cohorts."""
+        req = self.limits.clamp(_train_request(rec))
+        rows = len(self.data.y_train)
+        return dataclasses.replace(req, batch_size=max(1, min(req.batch_size, rows // 2)))
 
     def training_seed(self, run_id: bytes, round_: int) -> int:
         """The seed of local training in ``round_`` of ``run_id``: HMAC-SHA256 of the signed
@@ -374,9 +384,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             )
         rec = _cfg(msg)
         model = _load_global(runtime, msg, rec)
-        req = runtime.limits.clamp(
-            _train_request(rec)
-        )
+        req = runtime.train_request(rec)
         round_ = _get(rec, "round", int, 0, 10**9)
         seed = runtime.training_seed(_run_id(rec), round_)
         result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=seed)
@@ -407,9 +415,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         # round trains from, i.e. the one the signed setup names and the audit log committed.
         model = copy.deepcopy(_load_global(runtime, msg, rec))
         global_flat = model_flat(model)
-        req = runtime.limits.clamp(
-            _train_request(rec)
-        )
+        req = runtime.train_request(rec)
         round_ = _get(rec, "round", int, 0, 10**9)
         run_id = _run_id(rec)
         runtime._session = None  # a refused setup leaves no session of an earlier round
@@ -451,6 +457,10 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             rng=np.random.default_rng(secrets.randbits(128)),
             trusted_peers=runtime.trusted_peers,
             limits=runtime.privacy.limits(),
+            # The model and commitments were checked for the config's run and round: a signed
+            # setup for another is refused before the guard records anything.
+            expected_run=run_id,
+            expected_round=round_,
             policy=guard.policy,
             guard=guard,
         )

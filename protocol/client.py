@@ -256,6 +256,8 @@ class ClientSession:
             fill a cohort with keys of its own.
         expected_run: If given, the setup must be for this run id.
         min_round: If given, the setup's round must be at least this (no replay of old rounds).
+        expected_round: If given, the setup must be for exactly this round (an adapter that
+            checked a model for a run and round binds the session to them).
         policy: What setups the site accepts (attempt cap, minimum cohort); default
             ``guard.policy`` if a guard is given, else :class:`SitePolicy()`.
         guard: The site's :class:`~fedseal.protocol.guard.SetupGuard`, shared by its
@@ -276,6 +278,7 @@ class ClientSession:
         limits: Limits | None = None,
         expected_run: bytes | None = None,
         min_round: int | None = None,
+        expected_round: int | None = None,
         policy: SitePolicy | None = None,
         guard: SetupGuard | None = None,
     ) -> None:
@@ -294,6 +297,10 @@ class ClientSession:
         self._trusted = {SiteId(s): bytes(k) for s, k in trusted_peers.items()}
         self._expected_run = expected_run
         self._min_round = min_round
+        self._expected_round = expected_round
+        #: (run, round, model) of a commit exchange this session answered: the setup proper
+        #: must match it.
+        self._committed: tuple[bytes, int, bytes] | None = None
         if policy is None:
             policy = guard.policy if guard is not None else SitePolicy()
         self.policy = policy
@@ -689,6 +696,14 @@ class ClientSession:
             raise StaleMessageError("setup for another run")
         if self._min_round is not None and h.round < self._min_round:
             raise StaleMessageError(f"setup for old round {h.round}")
+        if self._expected_round is not None and h.round != self._expected_round:
+            raise StaleMessageError(
+                f"setup for round {h.round}, this session answers round {self._expected_round}"
+            )
+        if self._committed is not None and self._committed != (h.run_id, h.round, h.model_digest):
+            raise CoordinatorMisbehaviourError(
+                "a setup after a commit exchange must be for its run, round and model"
+            )
         current = self._setup
         if current is not None:  # a new setup attempt while waiting for the advert bundle
             c = current.header
@@ -703,6 +718,8 @@ class ClientSession:
         if self._now() > setup.expires_at:
             raise StaleMessageError("round setup has expired")
         commit_only = any(not m.nonce_commitment for m in setup.cohort)
+        if commit_only and current is not None:
+            raise CoordinatorMisbehaviourError("a commit exchange after the setup of the round")
         if commit_only:
             # A commit exchange (some member has no committed graph nonce yet): the site
             # checks the cohort as for any setup, commits to a nonce and waits for the setup
@@ -712,7 +729,7 @@ class ClientSession:
         self._guard.check(h.run_id, h.round, setup.attempt)
         self._adopt_setup(setup)
         own = next(m for m in setup.cohort if m.site == self.site)
-        nonce = self._guard.nonce_for(h.run_id, h.round, own.nonce_commitment)
+        nonce = self._guard.nonce_for(h.run_id, h.round, own.nonce_commitment, setup.attempt)
         self._guard.admit(h.run_id, h.round, setup.attempt)
         # Secrets of an earlier attempt are dropped: nothing of them was shared.
         self._graph = None
@@ -749,6 +766,7 @@ class ClientSession:
             next_commitment=self._guard.new_commitment(h.run_id, self.site, self._randbytes),
         )
         data = self._seal(advert)
+        self._committed = (h.run_id, h.round, h.model_digest)
         self._setup, self._setup_digest, self._peers, self._by_key_id = None, b"", {}, {}
         self._floor = None
         return Packet(data)

@@ -38,6 +38,7 @@ __all__ = [
     "CoordinatorMisbehaviourError",
     "DecodeError",
     "DuplicateMessageError",
+    "GuardFullError",
     "IncompleteBundleError",
     "NonceError",
     "ProtocolError",
@@ -219,3 +220,8 @@ class WeakRoundError(CoordinatorMisbehaviourError):
 class NonceError(CoordinatorMisbehaviourError):
     """A round setup lists, for this site, a graph-nonce commitment it did not make for the
     run (or forgot), or one it already opened in another round (:mod:`fedseal.protocol.graph`)."""
+
+
+class GuardFullError(StaleMessageError):
+    """The site's setup guard holds the most runs it keeps: no setup of a new run is answered
+    (a guard that forgot runs would let a coordinator replay or roll back their rounds)."""

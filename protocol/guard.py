@@ -23,14 +23,16 @@ seed) that a coordinator could choose among. The guard caps this on the site sid
 The guard also keeps the site's graph nonces (:mod:`fedseal.protocol.graph`): each key advert
 commits to a fresh nonce for the site's next round of the run (:meth:`SetupGuard.new_commitment`);
 a later setup listing that commitment for the site gets the nonce back
-(:meth:`SetupGuard.nonce_for`) for that one round only: a nonce opened in one round is never
-opened in another (its values would be known in advance). The last :data:`MAX_NONCES` per run
-are kept.
+(:meth:`SetupGuard.nonce_for`) for that one round only, and for each attempt at most once, in
+increasing order: a value already revealed is never revealed again for a new draw (the
+coordinator would know it in advance and could grind the others). The last :data:`MAX_NONCES`
+per run are kept (a forgotten nonce only makes the site refuse).
 
 A session without a guard makes a private one, which bounds attempts within that session;
 the bound spans sessions (an adapter that builds a fresh session per received setup) only
-if the adapter keeps one guard. The guard remembers the newest round of the last
-:data:`MAX_RUNS` runs (least recently used forgotten first).
+if the adapter keeps one guard. The guard never forgets a run it answered (forgetting one would
+let a coordinator replay or roll back its rounds): it holds at most :data:`MAX_RUNS` runs and
+then answers no setup of a new run (:class:`GuardFullError`) until an operator archives it.
 """
 
 from __future__ import annotations
@@ -41,14 +43,20 @@ from dataclasses import dataclass
 
 from .config import SitePolicy
 from .encoding import Reader, Writer
-from .errors import DecodeError, NonceError, SetupAttemptError, StaleMessageError
+from .errors import (
+    DecodeError,
+    GuardFullError,
+    NonceError,
+    SetupAttemptError,
+    StaleMessageError,
+)
 from .graph import NONCE_BYTES, nonce_commitment
 from .types import RUN_ID_BYTES
 
 __all__ = ["MAX_NONCES", "MAX_RUNS", "SetupGuard"]
 
-MAX_RUNS = 64
-"""Runs a guard remembers."""
+MAX_RUNS = 4096
+"""Runs a guard remembers (about 100 KiB); beyond, it answers no new run."""
 
 MAX_NONCES = 8
 """Graph nonces a guard keeps per run (the newest)."""
@@ -76,8 +84,11 @@ class SetupGuard:
     def __init__(self, policy: SitePolicy | None = None) -> None:
         self.policy = policy if policy is not None else SitePolicy()
         self._runs: OrderedDict[bytes, _Entry] = OrderedDict()
-        #: run id -> commitment -> (nonce, round it was opened in; 0 = not yet).
-        self._nonces: OrderedDict[bytes, OrderedDict[bytes, tuple[bytes, int]]] = OrderedDict()
+        #: run id -> commitment -> (nonce, round it was opened in (0: not yet), the highest
+        #: attempt it was opened for).
+        self._nonces: OrderedDict[bytes, OrderedDict[bytes, tuple[bytes, int, int]]] = (
+            OrderedDict()
+        )
 
     def new_commitment(self, run_id: bytes, site: str, randbytes: Callable[[int], bytes]) -> bytes:
         """Draw a fresh graph nonce for the site's next round of ``run_id``; return its
@@ -88,31 +99,37 @@ class SetupGuard:
         commitment = nonce_commitment(run_id, site, nonce)
         table = self._nonces.setdefault(bytes(run_id), OrderedDict())
         self._nonces.move_to_end(bytes(run_id))
-        table[commitment] = (nonce, 0)
+        table[commitment] = (nonce, 0, 0)
         while len(table) > MAX_NONCES:
             table.popitem(last=False)
         while len(self._nonces) > MAX_RUNS:
             self._nonces.popitem(last=False)
         return commitment
 
-    def nonce_for(self, run_id: bytes, round: int, commitment: bytes) -> bytes:
-        """The nonce behind ``commitment`` for ``round`` (recorded: no other round gets it).
+    def nonce_for(self, run_id: bytes, round: int, commitment: bytes, attempt: int) -> bytes:
+        """The nonce behind ``commitment`` for ``attempt`` of ``round`` (recorded: no other
+        round gets it, and no attempt at or below one it was opened for).
 
         Raises:
-            NonceError: The site made no such commitment in this run (or forgot it), or opened
-                it in another round.
+            NonceError: The site made no such commitment in this run (or forgot it), opened it
+                in another round, or already revealed its value for this or a later attempt.
         """
         entry = self._nonces.get(bytes(run_id), OrderedDict()).get(bytes(commitment))
         if entry is None:
             raise NonceError(
                 "the setup lists a graph-nonce commitment this site did not make for this run"
             )
-        nonce, opened = entry
+        nonce, opened, highest = entry
         if opened not in (0, round):
             raise NonceError(
                 f"the setup lists a graph-nonce commitment this site opened in round {opened}"
             )
-        self._nonces[bytes(run_id)][bytes(commitment)] = (nonce, round)
+        if opened == round and attempt <= highest:
+            raise NonceError(
+                f"the graph nonce was already revealed for attempt {highest} of this round: "
+                f"attempt {attempt} would reveal a value the coordinator knows"
+            )
+        self._nonces[bytes(run_id)][bytes(commitment)] = (nonce, round, attempt)
         return nonce
 
     def check(self, run_id: bytes, round: int, attempt: int) -> None:
@@ -129,6 +146,11 @@ class SetupGuard:
                 f"setup attempt {attempt} is beyond this site's limit of {cap} attempts per round"
             )
         entry = self._runs.get(bytes(run_id))
+        if entry is None and len(self._runs) >= MAX_RUNS:
+            raise GuardFullError(
+                f"this site's setup guard holds {MAX_RUNS} runs, the most it keeps: it answers "
+                "no setup of a new run until an operator archives the guard"
+            )
         if entry is None or round > entry.round:
             return
         if round < entry.round:
@@ -166,10 +188,9 @@ class SetupGuard:
         return None if entry is None else (entry.round, entry.attempt, entry.shared)
 
     def _put(self, key: bytes, entry: _Entry) -> None:
+        if key not in self._runs and len(self._runs) >= MAX_RUNS:
+            raise GuardFullError(f"this site's setup guard holds {MAX_RUNS} runs")
         self._runs[key] = entry
-        self._runs.move_to_end(key)
-        while len(self._runs) > MAX_RUNS:
-            self._runs.popitem(last=False)
 
     def to_bytes(self) -> bytes:
         """Canonical bytes for the adapter to persist (the graph nonces not yet opened are
@@ -181,8 +202,9 @@ class SetupGuard:
         w.count(len(self._nonces))
         for run_id, table in self._nonces.items():
             w.fixed(run_id, RUN_ID_BYTES).count(len(table))
-            for commitment, (nonce, opened) in table.items():
+            for commitment, (nonce, opened, highest) in table.items():
                 w.fixed(commitment, NONCE_BYTES).fixed(nonce, NONCE_BYTES).u32(opened)
+                w.u16(highest)
         return w.to_bytes()
 
     @classmethod
@@ -210,12 +232,13 @@ class SetupGuard:
                 run_id = r.fixed(RUN_ID_BYTES)
                 if run_id in guard._nonces:
                     raise DecodeError("setup guard: a run's nonces appear twice")
-                table: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()
+                table: OrderedDict[bytes, tuple[bytes, int, int]] = OrderedDict()
                 for _ in range(r.count(MAX_NONCES)):
                     commitment, nonce, opened = r.fixed(NONCE_BYTES), r.fixed(NONCE_BYTES), r.u32()
+                    highest = r.u16()
                     if commitment in table:
                         raise DecodeError("setup guard: a commitment appears twice")
-                    table[commitment] = (nonce, opened)
+                    table[commitment] = (nonce, opened, highest)
                 guard._nonces[run_id] = table
         r.finish()
         return guard

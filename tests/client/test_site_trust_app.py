@@ -617,7 +617,7 @@ def test_a_setup_whose_signed_round_differs_from_its_config_is_refused_before_tr
     # Refused at the setup, before its key advert leaves (the model and commitments were
     # checked for the config's run and round).
     assert set(errors) == {"advertise"}, errors  # the stage whose reply is the key advert
-    assert "refused: the signed round setup names another run or round" in errors["advertise"]
+    assert "setup for round 2, this session answers round 1" in errors["advertise"]
     assert trained.seeds == [] and not run.completed
 
 
@@ -882,3 +882,26 @@ def test_fl_client_run_refuses_to_start_without_a_known_peer(tmp_path: Path, ext
         run_site(cfg, re_enrol=False, on_info=lines.append)
     assert info.value.step == "trust" and "knows no peer" in info.value.reason
     assert lines == []  # before the dataset, the coordinator or the SuperNode
+
+
+def test_a_request_for_one_batch_per_epoch_still_trains_differently_under_two_seeds(
+    data: SiteData,
+) -> None:
+    # With every row in one batch, training would not depend on the seed at all (the review's
+    # finding): the same model trained twice gives the same update, which a coordinator can
+    # difference across cohorts. The site keeps at least two minibatches per epoch.
+    from fedseal.client.models import build_model
+    from fedseal.client.training import train
+
+    rt = runtime(data)
+    rec = train_config(RUN_1, 1)
+    rec["batch-size"] = 1 << 16
+    req = rt.train_request(rec)
+    rows = len(data.y_train)
+    assert req.batch_size == rows // 2
+    updates = []
+    for seed in (rt.training_seed(RUN_1, 1), rt.training_seed(RUN_2, 1)):
+        model = build_model("mlp", seed=0, num_features=data.num_features, num_classes=data.num_classes)
+        train(model, data.x_train, data.y_train, req, seed=seed)
+        updates.append(model_flat(model))
+    assert float(np.abs(updates[0] - updates[1]).max()) > 1e-5

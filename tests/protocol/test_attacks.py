@@ -56,6 +56,7 @@ from tests.protocol._support import (
     make_config,
     make_fed,
     open_any,
+    precommit,
     replace,
     resign,
     site_names,
@@ -614,6 +615,18 @@ def test_a_coordinator_handing_a_site_another_model_digest_is_detected() -> None
     fed, updates = make_fed(
         5, behaviour=RewriteCoordinator(ServerStage.ADVERTISE, other_model, {"site-001"})
     )
+    outcome = fed.run_round(1)
+    # The site answered the run's commit exchange for the real model: it refuses the setup
+    # naming another (before, it advertised and the coordinator rejected the advert).
+    error = outcome.client_errors[SiteId("site-001")]
+    assert isinstance(error, CoordinatorMisbehaviourError) and "commit exchange" in error.message
+    assert_exact_without(outcome, fed, updates, {"site-001"})
+    # Without a commit exchange (the site committed in an earlier round), the coordinator's
+    # own check rejects the advert binding another model.
+    fed, updates = make_fed(
+        5, behaviour=RewriteCoordinator(ServerStage.ADVERTISE, other_model, {"site-001"})
+    )
+    precommit(fed)
     outcome = fed.run_round(1)
     [rej] = rejections_of(outcome, "site-001")
     assert "model digest" in rej.error.message

@@ -169,15 +169,49 @@ def test_the_guard_keeps_its_nonces_across_a_restart_of_the_site() -> None:
     guard = SetupGuard()
     c = guard.new_commitment(RUN, "site-a", os.urandom)
     restored = SetupGuard.from_bytes(guard.to_bytes())
-    nonce = restored.nonce_for(RUN, 5, c)
+    nonce = restored.nonce_for(RUN, 5, c, 0)
     assert nonce_commitment(RUN, "site-a", nonce) == c
-    assert restored.nonce_for(RUN, 5, c) == nonce  # the same round again (a new attempt)
+    again = SetupGuard.from_bytes(restored.to_bytes())
+    assert again.nonce_for(RUN, 5, c, 1) == nonce  # the same round, a newer attempt
+    with pytest.raises(NonceError, match="already revealed for attempt 1"):
+        SetupGuard.from_bytes(again.to_bytes()).nonce_for(RUN, 5, c, 1)
     with pytest.raises(NonceError, match="opened in round 5"):
-        SetupGuard.from_bytes(restored.to_bytes()).nonce_for(RUN, 6, c)
+        SetupGuard.from_bytes(again.to_bytes()).nonce_for(RUN, 6, c, 0)
+
+
+def test_a_value_once_revealed_is_never_revealed_again_for_a_new_draw() -> None:
+    # The attack of the review: a site made to answer attempt 0 of a round twice would reveal
+    # a value the coordinator knows, and it could grind the colluders' values against it.
+    guard = SetupGuard()
+    c = guard.new_commitment(RUN, "site-a", os.urandom)
+    guard.nonce_for(RUN, 3, c, 0)
+    with pytest.raises(NonceError, match="already revealed"):
+        guard.nonce_for(RUN, 3, c, 0)
+
+
+def test_the_guard_never_forgets_a_run_it_answered() -> None:
+    from fedseal.protocol import StaleMessageError
+    from fedseal.protocol.guard import MAX_RUNS
+
+    guard = SetupGuard()
+    first = b"\x01" * 16
+    guard.admit(first, 2, 0)
+    guard.mark_shared(first, 2, 0)
+    for i in range(MAX_RUNS - 1):  # a coordinator opening throw-away runs
+        guard.admit(i.to_bytes(16, "big"), 1, 0)
+    with pytest.raises(StaleMessageError, match="already shared keys"):
+        guard.check(first, 2, 1)  # run 1's record is still there: no replay of round 2
+    with pytest.raises(StaleMessageError, match="a later round was answered"):
+        guard.check(first, 1, 0)  # no rollback either
+    with pytest.raises(StaleMessageError, match="holds 4096 runs"):
+        guard.check(b"\xff" * 16, 1, 0)  # full: no new run (an operator archives the guard)
+    restored = SetupGuard.from_bytes(guard.to_bytes())
+    with pytest.raises(StaleMessageError, match="already shared keys"):
+        restored.check(first, 2, 1)
 
 
 def test_a_guard_written_before_graph_nonces_is_read_as_holding_none() -> None:
     v1 = b"fedseal/v1/setup-guard\x00" + (0).to_bytes(4, "big")
     guard = SetupGuard.from_bytes(v1)
     with pytest.raises(NonceError):
-        guard.nonce_for(RUN, 1, bytes(32))
+        guard.nonce_for(RUN, 1, bytes(32), 0)

@@ -331,13 +331,9 @@ def test_a_fresh_session_refuses_a_setup_attempt_beyond_its_cap_and_records_noth
     assert fed.guards[SiteId("site-000")].answered(fed.run_id_for(1)) is None
 
 
-def _guard(fed, site: str, policy: SitePolicy | None = None, *, answers: bool = True) -> SetupGuard:  # type: ignore[no-untyped-def]
-    """A copy of ``site``'s guard (``fed.guards``: the graph nonces it committed to), without
-    the setups it answered if not ``answers`` (a process that lost that record)."""
-    guard = SetupGuard.from_bytes(fed.guards[SiteId(site)].to_bytes(), policy)
-    if not answers:
-        guard._runs.clear()
-    return guard
+def _guard(fed, site: str, policy: SitePolicy | None = None) -> SetupGuard:  # type: ignore[no-untyped-def]
+    """A copy of ``site``'s guard (``fed.guards``: the graph nonces it committed to)."""
+    return SetupGuard.from_bytes(fed.guards[SiteId(site)].to_bytes(), policy)
 
 
 def _session(fed, site: str, guard: SetupGuard | None, seed: bytes = b"") -> ClientSession:  # type: ignore[no-untyped-def]
@@ -455,10 +451,12 @@ def test_a_late_reply_to_an_earlier_attempt_is_rejected_without_dropping_the_sit
     assert late is not None
     receipt = server.receive("site-001", late.payload)
     assert isinstance(receipt, Rejection) and isinstance(receipt.error, DuplicateMessageError)
-    lost = _guard(fed, "site-001", answers=False)
-    other = _session(fed, "site-001", lost, b"other").handle(outbound[SiteId("site-001")].payload)
-    assert other is not None
-    receipt = server.receive("site-001", other.payload)
+    # (An honest site never answers attempt 0 twice: its graph nonce was revealed for it. A
+    # misbehaving one can sign another attempt-0 advert.)
+    _, advert = open_any(late.payload)
+    fresh_key = AgreementKey.generate().public_bytes()
+    other = resign(replace(advert, share_public=fresh_key), fed.site_keys[SiteId("site-001")])
+    receipt = server.receive("site-001", other)
     assert isinstance(receipt, Rejection) and isinstance(receipt.error, StaleMessageError)
     assert "earlier setup attempt" in receipt.error.message
     assert SiteId("site-001") in server.awaiting
