@@ -58,7 +58,7 @@ test: lint typecheck unit
 lint-deploy: $(STAMP)
 	$(BIN)/python -m pytest -q tests/deploy
 
-# Only the multi-host run in network namespaces (root; about 2 minutes on 2 cores; also in make test).
+# Only the multi-host run in network namespaces (root; about 3 minutes on 2 cores; also in make test).
 netns-test: $(STAMP)
 	$(BIN)/python -m pytest -q tests/deploy/test_netns.py
 
