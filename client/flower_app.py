@@ -46,7 +46,6 @@ import hashlib
 import hmac
 import io
 import logging
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +67,7 @@ from fedseal.client.policy import SitePrivacy, SiteRefusal
 from fedseal.client.receipts import SiteReceipts
 from fedseal.client.site_data import SiteData
 from fedseal.client.training import SiteLimits, TrainRequest, evaluate, train
+from fedseal.crypto.keys import write_atomic
 
 __all__ = [
     "SiteRefusal",
@@ -143,11 +143,7 @@ class SiteRuntime:
         raw = self._guard.to_bytes()
         if raw != self._guard_saved:
             # 0600: it holds the graph nonces the site committed to, secret until revealed.
-            tmp = self.guard_path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(raw)
-            os.replace(tmp, self.guard_path)
+            write_atomic(self.guard_path, raw, 0o600)
             self._guard_saved = raw
 
     def train_request(self, rec: ConfigRecord) -> TrainRequest:

@@ -110,7 +110,7 @@ def _load_verified(roster_path: Path, authority: ec.EllipticCurvePublicKey) -> C
 
 
 def _save(roster: ConsortiumRoster, key: ec.EllipticCurvePrivateKey, out: Path) -> None:
-    from fedseal.client.trust import write_atomic
+    from fedseal.crypto.keys import write_atomic
     from fedseal.protocol.consortium import SignedConsortiumRoster
 
     text = SignedConsortiumRoster.sign(roster, key).to_json()

@@ -27,9 +27,7 @@ Every refusal raises :class:`TrustError` naming the file or ``peers.<site>`` key
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +35,7 @@ from types import MappingProxyType
 from typing import Any
 
 from fedseal.crypto.errors import KeyFormatError
-from fedseal.crypto.keys import key_id, load_public_key
+from fedseal.crypto.keys import key_id, load_public_key, write_atomic
 from fedseal.protocol.consortium import (
     MAX_ROSTER_JSON_BYTES,
     ConsortiumRoster,
@@ -56,7 +54,6 @@ __all__ = [
     "load_site_trust",
     "read_bounded",
     "read_roster_file",
-    "write_atomic",
 ]
 
 SEEN_FILE = "consortium-roster.seen"
@@ -122,33 +119,6 @@ def read_bounded(path: Path, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise TrustError(str(path), f"file is larger than {max_bytes} bytes")
     return data
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically (temporary file, fsync, rename, fsync dir).
-
-    Raises:
-        OSError: If it cannot be written.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def read_roster_file(path: Path, max_bytes: int = MAX_ROSTER_JSON_BYTES) -> SignedConsortiumRoster:

@@ -138,7 +138,7 @@ def save_public_key(public_key: ec.EllipticCurvePublicKey, path: str | os.PathLi
     pem = _require_p256_public(public_key).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_atomic(Path(path), pem, 0o644)
+    write_atomic(Path(path), pem, 0o644)
 
 
 def load_public_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePublicKey:
@@ -189,7 +189,7 @@ def save_private_key(
     pem = _require_p256_private(key).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-    _write_atomic(Path(path), pem, 0o600)
+    write_atomic(Path(path), pem, 0o600)
 
 
 def load_private_key(
@@ -230,7 +230,13 @@ def load_private_key(
     return key
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically: a temporary file of ``mode`` beside it,
+    fsync, rename, fsync of the directory (a crash leaves the old file or the new one).
+
+    Raises:
+        OSError: If it cannot be written.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
@@ -242,3 +248,11 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -103,23 +103,22 @@ def bundle_digest(advert_digests: Mapping[SiteId, bytes]) -> bytes:
     """Digest of an advert bundle (each member's signed-content digest): what the survivor
     statement binds, so sites shown different adverts of one member (a colluder signing two)
     sign different statements, although the graph seed (from the nonces) is the same."""
-    h = hashlib.sha256(_BUNDLE_TAG)
-    for site in sorted(advert_digests, key=site_sort_key):
-        raw = site.encode("utf-8")
-        h.update(len(raw).to_bytes(2, "big"))
-        h.update(raw)
-        h.update(advert_digests[site])
-    return h.digest()
+    return _per_site_hash(_BUNDLE_TAG, advert_digests)
 
 
 def graph_seed(revealed: Mapping[SiteId, bytes]) -> bytes:
     """The public graph seed from each cohort member's revealed graph-nonce value."""
-    h = hashlib.sha256(_SEED_TAG)
-    for site in sorted(revealed, key=site_sort_key):
+    return _per_site_hash(_SEED_TAG, revealed)
+
+
+def _per_site_hash(tag: bytes, values: Mapping[SiteId, bytes]) -> bytes:
+    """SHA-256 of ``tag`` then, per site in sorted order, ``u16 len || site id || value``."""
+    h = hashlib.sha256(tag)
+    for site in sorted(values, key=site_sort_key):
         raw = site.encode("utf-8")
         h.update(len(raw).to_bytes(2, "big"))
         h.update(raw)
-        h.update(revealed[site])
+        h.update(values[site])
     return h.digest()
 
 
