@@ -21,6 +21,8 @@ Layout (relative paths are resolved against the file's directory)::
                     max_colluding_fraction = 0.3333  # gamma: floor for degree/threshold/quorum
                     security_bits = 40           # that floor fails with probability <= 2^-40
                     max_setup_attempts = 3       # key-exchange restarts per round it answers
+                    evaluate_unverified = false  # evaluate models not provably committed
+                                                 # (only matters without an audit_address)
     [trust]         roster = "consortium-roster.json"      # signed by the consortium's authority
                     roster_authority = "roster-authority.pub"  # pinned authority public key
     [peers]         "site-b" = "<64 hex key id>"  # peers known without a roster (optional)

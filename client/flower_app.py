@@ -199,6 +199,8 @@ SETUP_RECORD = "secagg"
 SETUP_CONFIG_RECORD = "train-config"
 """In an ``evaluate`` message carrying the next round's setup: that round's training config."""
 SETUP_ERROR_RECORD = "secagg-error"
+EVALUATION_REFUSED_RECORD = "evaluation-refused"
+"""In an ``evaluate`` reply without metrics: why the site did not evaluate (``reason``)."""
 """In an ``evaluate`` reply: why the site refused the setup it carried (``reason``)."""
 
 
@@ -508,19 +510,30 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             # Sent after the round result and its signed tree head: our input must be proven.
             runtime.receipts.after_round(_run_id(rec), _get(rec, "round", int, 0, 10**9))
         model = _load_global(runtime, msg, rec)
+        content = RecordDict()
         if runtime.commitments is not None and not runtime.privacy.allow_plain:
             # Only a committed model: a crafted one would probe this site's validation data.
             runtime.check_model(_run_id(rec), float32_digest(model_flat(model)), "evaluation")
-        res = evaluate(model, runtime.data.x_val, runtime.data.y_val, num_classes=runtime.data.num_classes)
-        metrics = MetricRecord(
-            {
-                "num-examples": res.num_examples,
-                "loss": res.loss,
-                "accuracy": res.accuracy,
-                "macro-f1": res.macro_f1,
-            }
-        )
-        content = RecordDict({"metrics": metrics})
+        privacy = runtime.privacy
+        if runtime.commitments is None and not (privacy.evaluate_unverified or privacy.allow_plain):
+            # No way to tie the model to the signed log: no metrics (a carried setup is still
+            # answered below; its model is the one the setup names).
+            reason = (
+                "refused: evaluation: this site cannot tie the model to the coordinator's signed "
+                "log (no [coordinator] audit_address; [privacy] evaluate_unverified = false)"
+            )
+            log.warning("%s", reason)
+            content[EVALUATION_REFUSED_RECORD] = ConfigRecord({"reason": reason})
+        else:
+            res = evaluate(model, runtime.data.x_val, runtime.data.y_val, num_classes=runtime.data.num_classes)
+            content["metrics"] = MetricRecord(
+                {
+                    "num-examples": res.num_examples,
+                    "loss": res.loss,
+                    "accuracy": res.accuracy,
+                    "macro-f1": res.macro_f1,
+                }
+            )
         if SETUP_RECORD in msg.content:
             # The next round's setup rides on this evaluation: the model just evaluated is the
             # one it trains from. A refused setup still returns the metrics, with the reason.

@@ -244,7 +244,9 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
     if commitments is None:
         log.warning(
             "model commitments are NOT checked (no [coordinator] audit_address): this site "
-            "cannot tell whether the model it trains or evaluates is one the coordinator's log committed"
+            "cannot tell whether the model it trains is one the coordinator's log committed, "
+            "and evaluates %s", "any model (evaluate_unverified)" if cfg.privacy.evaluate_unverified
+            else "none"
         )
     runtime = SiteRuntime(
         name=cfg.name, data=data, limits=cfg.limits, allowed_models=cfg.allowed_models,
@@ -331,7 +333,12 @@ def effective_policy(cfg: ClientConfig, trusted: Mapping[str, str], commitments:
     how = (
         f"checked against the signed log at {cfg.audit_address} (train and evaluate only committed models)"
         if commitments
-        else "NOT checked (no [coordinator] audit_address): the site cannot tell a committed model from another"
+        else (
+            "NOT checked (no [coordinator] audit_address): the site cannot tell a committed model "
+            "from another; it trains on the setup's model and "
+            + ("evaluates any model (evaluate_unverified = true)" if cfg.privacy.evaluate_unverified
+               else "evaluates none")
+        )
     )
     others = {s: src for s, src in trusted.items() if s != cfg.name}
     return list(describe_policy(cfg.privacy, cfg.limits, others, commitments=how))

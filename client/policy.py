@@ -53,6 +53,7 @@ class SitePrivacy:
         "max_colluding_fraction",
         "security_bits",
         "max_setup_attempts",
+        "evaluate_unverified",
     )
     LIMIT_KEYS: ClassVar[tuple[str, ...]] = ("max_cohort", "max_vector_length", "max_update_clip")
 
@@ -62,6 +63,9 @@ class SitePrivacy:
     max_colluding_fraction: float = DEFAULT_COLLUDING_FRACTION
     security_bits: int = DEFAULT_SECURITY_BITS
     max_setup_attempts: int = 3
+    #: Evaluate models the site cannot tie to the coordinator's signed log (no audit address):
+    #: a crafted model would probe the site's validation data. Off by default.
+    evaluate_unverified: bool = False
     max_cohort: int = Limits().max_cohort
     max_vector_length: int = Limits().max_vector_length
     max_update_clip: float = 1000.0

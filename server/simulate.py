@@ -64,6 +64,7 @@ the Ray actor process, never in the process running the ServerApp.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import json
@@ -399,7 +400,9 @@ def _real_site_app(site_dir: Path, extra_models: tuple[str, ...]) -> ClientApp:
         identity_key=load_private_key(cfg.key, passphrase.encode() if passphrase else None),
         coordinator_key=load_public_key(cfg.coordinator_key),
         receipts=None,
-        privacy=cfg.privacy,
+        # Injected for the simulation only: its virtual sites have no audit service to check
+        # model commitments against, and the experiment wants their evaluation.
+        privacy=dataclasses.replace(cfg.privacy, evaluate_unverified=True),
         trusted_peers=dict(trust.peers),
     )
     app: ClientApp = flower_app.make_client_app(runtime)

@@ -425,15 +425,19 @@ def test_an_evaluation_carrying_a_setup_the_site_refuses_still_returns_its_metri
          "round": 2, "run-id": "ab" * 16}
     )
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    from fedseal.client.policy import SitePrivacy
+
+    # No audit service here: the sites evaluate unverified models only because they say so.
+    unverified = SitePrivacy(evaluate_unverified=True)
     keyed = SiteRuntime(
         name="site-a", data=data, identity_key=generate_identity_key(),
-        coordinator_key=generate_identity_key().public_key(),
+        coordinator_key=generate_identity_key().public_key(), privacy=unverified,
     )
     cases = [
         (keyed, {"secagg": ConfigRecord({"payload": b"FSE1 junk"}), "train-config": config}, "DecodeError"),
         (keyed, {"secagg": ConfigRecord({"payload": b"x"})}, "without its training config"),
-        (SiteRuntime(name="site-a", data=data), {"secagg": ConfigRecord({"payload": b"x"}), "train-config": config},
-         "no identity key"),
+        (SiteRuntime(name="site-a", data=data, privacy=unverified),
+         {"secagg": ConfigRecord({"payload": b"x"}), "train-config": config}, "no identity key"),
     ]
     for runtime, extra, why in cases:
         app = make_client_app(runtime)

@@ -905,3 +905,25 @@ def test_a_request_for_one_batch_per_epoch_still_trains_differently_under_two_se
         train(model, data.x_train, data.y_train, req, seed=seed)
         updates.append(model_flat(model))
     assert float(np.abs(updates[0] - updates[1]).max()) > 1e-5
+
+
+def test_without_an_audit_address_the_site_evaluates_no_model_unless_it_says_so(
+    data: SiteData, deliver: Deliver
+) -> None:
+    # It cannot tie the model to the signed log: no metrics, a reason instead (a setup carried
+    # by the evaluation is still answered, with its own checks).
+    from fedseal.client.flower_app import EVALUATION_REFUSED_RECORD
+
+    weights = initial_model(data)
+    for privacy, evaluated in (
+        (SitePrivacy(), False),
+        (SitePrivacy(evaluate_unverified=True), True),
+        (SitePrivacy(allow_plain=True), True),
+    ):
+        app = make_client_app(runtime(data, privacy=privacy))
+        reply = deliver(app, message("evaluate", weights, train_config(RUN_1, 1)))
+        assert not reply.error
+        assert ("metrics" in reply.message.content) is evaluated
+        if not evaluated:
+            reason = reply.message.content[EVALUATION_REFUSED_RECORD]["reason"]
+            assert "cannot tie the model to the coordinator's signed log" in str(reason)
