@@ -361,16 +361,16 @@ def test_spread_dropouts_within_the_window_floor_still_commit() -> None:
 
 
 @st.composite
-def _attacks(draw: st.DrawFn):  # type: ignore[no-untyped-def]
+def _attacks(draw: st.DrawFn, sizes: st.SearchStrategy[int] = st.integers(3, 28)):  # type: ignore[no-untyped-def]
     gamma = draw(st.sampled_from([1 / 3, 0.2, 0.1]))
-    n = draw(st.integers(3, 28))
+    n = draw(sizes)
     c = colluder_count(n, gamma)
     sparse = n > 9 and draw(st.booleans())
     from fedseal.protocol.params import least_degree
 
     k = least_degree(n, gamma, 40, 0) if sparse else n - 1
     if k < n - 1:
-        k = draw(st.sampled_from([d for d in range(k, n - 1, 2)] or [k]))
+        k = draw(st.sampled_from([d for d in range(k, min(n - 1, k + 8), 2)] or [k]))
     t_min = least_threshold(n, k, gamma)
     assert t_min is not None
     # Targeted: the strongest coalition the sites allow (c colluders, the least threshold and
@@ -389,6 +389,18 @@ def _attacks(draw: st.DrawFn):  # type: ignore[no-untyped-def]
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_attacks())
 def test_no_coalition_within_the_sites_gamma_exposes_an_honest_site(attack) -> None:  # type: ignore[no-untyped-def]
+    _no_exposure(attack)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_attacks(st.integers(29, 200)))
+def test_no_coalition_exposes_an_honest_site_in_cohorts_up_to_two_hundred(attack) -> None:  # type: ignore[no-untyped-def]
+    """The same property for large cohorts (sparse graphs at the sites' least degree): a few
+    examples per run, each a whole round of up to 200 real sessions."""
+    _no_exposure(attack)
+
+
+def _no_exposure(attack) -> None:  # type: ignore[no-untyped-def]
     """Random cohorts, colluders up to the sites' gamma, a coordinator showing up to three
     groups different survivor views (each a random set around the group, colluders signing all)
     and making random alive/dropped claims within what a view allows: no honest site's
