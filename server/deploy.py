@@ -5,6 +5,7 @@ What runs where (Flower 1.42 deployment runtime)::
     fl-server run (this process)
      ├─ flower-superlink  --host 127.0.0.1 --port {internal_port}   TLS, --enable-supernode-auth
      │    (via :mod:`fedseal.server.superlink`, which throttles its per-request state clean-up)
+     │    Control API only on the Unix socket state_dir/control/superlink.sock (0600, this user)
      │    └─ flower-superexec -> flwr-serverapp -> fedseal.server.flower_app:app (installed code)
      ├─ FleetGateway on {fleet_host}:{fleet_port}, TLS: forwards /v1/fleet/* only
      └─ audit service (gRPC, TLS with the server certificate) on {audit_host}:{audit_port}:
@@ -22,10 +23,11 @@ on loopback and sites reach only the gateway (see :mod:`fedseal.server.gateway`)
 registered with the SuperLink's Control API (the request ``flwr supernode register`` sends,
 made from this process) from the roster's active entries; their SuperNodes authenticate with
 the site key (the SuperLink checks a signed timestamp per request and rejects unregistered
-keys). The run is submitted with ``flwr run``
-over a generated app directory holding only a ``pyproject.toml`` whose components name the
-installed ``fedseal.server.flower_app:app`` (and ``fedseal.client.flower_app``; partner sites
-ignore the FAB, see :mod:`fedseal.client.executor`).
+keys). The run is submitted with the ``StartRun`` request ``flwr run`` sends, over the
+control socket (:func:`fedseal.server.superlink.start_run`), from a generated app directory
+holding only a ``pyproject.toml`` whose components name the installed
+``fedseal.server.flower_app:app`` (and ``fedseal.client.flower_app``; partner sites ignore the
+FAB, see :mod:`fedseal.client.executor`).
 
 Child processes get ``PR_SET_PDEATHSIG`` (Linux), so a SIGKILLed coordinator takes its SuperLink
 down with it; the SuperLink's own children watch their parent's pid.
@@ -239,21 +241,6 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _flwr(args: list[str], env: dict[str, str], step: str) -> dict[str, object]:
-    out = subprocess.run(
-        [flower_bin("flwr"), *args, "--format", "json"],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
-    )
-    try:
-        doc = json.loads(out.stdout[out.stdout.index("{"):]) if "{" in out.stdout else {}
-    except ValueError:
-        doc = {}
-    if out.returncode != 0 or not doc.get("success", False):
-        detail = (doc.get("error-message") or out.stderr or out.stdout).strip()[-400:]
-        raise DeployError(step, f"flwr {args[0]} failed: {detail}")
-    return doc
-
-
 def _wait_http(url: str, ca: Path | None, timeout: float, proc: subprocess.Popen[bytes]) -> None:
     ctx = ssl.create_default_context(cafile=str(ca)) if ca else None
     deadline = time.monotonic() + timeout
@@ -292,25 +279,18 @@ def _register_sites(cfg: ServerConfig, roster: Roster, control: _ControlApi) -> 
 
 
 class _ControlApi:
-    """The SuperLink's Control API (loopback only), called from this process.
+    """The SuperLink's Control API, on its control socket (this user only), from this process.
 
-    Does what ``flwr supernode register/unregister`` and ``flwr list --run-id`` do, with the
-    same requests, without a ``flwr`` subprocess per call (a Python start-up, about a
-    CPU-second each on the demo host, competing with the sites and the run). No account
-    authentication is configured on this SuperLink, as for the ``flwr`` CLI here.
+    Does what ``flwr supernode register/unregister``, ``flwr run`` and ``flwr list --run-id``
+    do, with the same requests, without a ``flwr`` subprocess per call (the ``flwr`` CLI cannot
+    reach a Unix socket; see :mod:`fedseal.server.superlink` for why the Control API is there).
     """
 
-    def __init__(self, cfg: ServerConfig) -> None:
-        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
-        from flwr.supercore.control.control_http_client import ControlHttpClient
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    def __init__(self, socket_path: Path) -> None:
+        from fedseal.server.superlink import control_client
 
-        self._client = ControlHttpClient.from_server_address(
-            server_address=f"127.0.0.1:{cfg.network.internal_port}",
-            insecure=cfg.tls.insecure,
-            root_certificates=None if cfg.tls.insecure else str(cfg.tls.ca_cert),
-            interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
-        )
+        self.socket_path = socket_path
+        self._client = control_client(socket_path)
 
     def _call(self, step: str, fn: Callable[[Any], Any], request: Any) -> Any:
         try:
@@ -342,6 +322,19 @@ class _ControlApi:
         from flwr.proto.control_pb2 import UnregisterNodeRequest
 
         self._call(f"unregister {site}", self._client.UnregisterNode, UnregisterNodeRequest(node_id=node_id))
+
+    def start_run(self, app_dir: Path, run_config: str) -> int:
+        """Submit the app directory as a run (what ``flwr run APP_DIR --run-config`` sends).
+
+        Raises:
+            DeployError: The SuperLink refused the run or did not answer.
+        """
+        from fedseal.server.superlink import start_run
+
+        try:
+            return start_run(self._client, app_dir, run_config)
+        except Exception as exc:  # httpx transport/status errors and Flower's API errors alike
+            raise DeployError("start run", f"Control API StartRun failed: {type(exc).__name__}: {exc}") from exc
 
     def run_status(self, run_id: int) -> str:
         """``pending``, ``starting``, ``running`` or ``finished:<sub-status>`` (as ``flwr list``).
@@ -425,16 +418,22 @@ def _deployment(
         home = _flwr_home(cfg)
         env = _env(home)
         state = cfg.coordinator.state_dir
-        from fedseal.server.superlink import cleanup_interval
+        from fedseal.server.superlink import (
+            ControlSocketError,
+            cleanup_interval,
+            control_socket_path,
+        )
 
         try:  # the launcher and the ServerApp read them too; a bad value is named here
             cleanup_interval()
             reply_pull_backoff()
-        except ValueError as exc:
+            control_socket = control_socket_path(state)
+        except (ValueError, ControlSocketError) as exc:
             raise DeployError("superlink", str(exc)) from None
         # flower-superlink, with its per-request SQL clean-up throttled (fedseal.server.superlink).
         argv = [
             sys.executable, "-m", "fedseal.server.superlink",
+            "--control-socket", str(control_socket),
             "--host", "127.0.0.1",
             "--port", str(cfg.network.internal_port),
             "--database", str(state / "superlink.db"),
@@ -454,7 +453,7 @@ def _deployment(
         _wait_http(
             f"{scheme}://127.0.0.1:{cfg.network.internal_port}/health", cfg.tls.ca_cert, 60, proc
         )
-        control = _ControlApi(cfg)
+        control = _ControlApi(control_socket)
         nodes = _register_sites(cfg, roster, control)
         gw = FleetGateway(
             f"{scheme}://127.0.0.1:{cfg.network.internal_port}",
@@ -554,6 +553,10 @@ def audit_service(cfg: ServerConfig, roster: Roster) -> Iterator[int | None]:
         if server is not None:
             server.stop(grace=2).wait(5)
         store.close()
+        # Clean stop: checkpoint the WAL into audit.sqlite (the last connection to close also
+        # removes the -wal file), so the file alone is the whole log, e.g. for a backup copy.
+        with contextlib.suppress(Exception):
+            MerkleLogStore.open(path, create=False).close()
 
 
 def _end_stale_serverapp(state_dir: Path, on_info: Callable[[str], None], grace_s: float = 5.0) -> None:
@@ -626,8 +629,9 @@ def run_coordinator(
         for name in (ROUNDS_FILE, STATUS_FILE):
             (state / name).unlink(missing_ok=True)
     _end_stale_serverapp(state, on_info)
-    with _deployment(cfg, roster) as (env, children, nodes, control), audit_service(cfg, roster) as audit_port:
-        on_info(f"SuperLink up on 127.0.0.1:{cfg.network.internal_port} (loopback only); "
+    with _deployment(cfg, roster) as (_env_vars, children, nodes, control), audit_service(cfg, roster) as audit_port:
+        on_info(f"SuperLink up on 127.0.0.1:{cfg.network.internal_port} (loopback only, no Control API; "
+                f"Control API on {control.socket_path}, this user only); "
                 f"fleet gateway on {cfg.network.fleet_host}:{cfg.network.fleet_port}; "
                 f"{len(nodes)} sites registered")
         if audit_port is not None:
@@ -637,11 +641,8 @@ def run_coordinator(
             on_ready()
         app_dir = _app_dir(cfg)
         run_cfg = f'fedseal-config="{cfg.path}" fedseal-resume={"true" if resume else "false"}'
-        doc = _flwr(["run", str(app_dir), FEDERATION, "--run-config", run_cfg], env, "start run")
-        run_id = str(doc.get("run-id", ""))
+        run_id = str(control.start_run(app_dir, run_cfg))
         on_info(f"Flower run {run_id} started")
-        if not run_id.isdigit():
-            raise DeployError("start run", f"flwr run returned no run id: {run_id!r}")
         seen = len(read_rounds(state / ROUNDS_FILE))
         status = "running"
         last_poll = 0.0
