@@ -43,6 +43,7 @@ from fedseal.protocol.audit import (
     RunStart,
     SignedTreeHead,
     encode_entry,
+    entry_tags,
 )
 from fedseal.protocol.messages import Header, MaskedInput
 from fedseal.protocol.roster import Roster, RosterEntry
@@ -69,7 +70,9 @@ def generate_signed_log(
     items: list[tuple[int, bytes, str | None, int | None]] = []
 
     def add(entry: object, site: str | None = None, rnd: int | None = None) -> None:
-        items.append((int(entry.KIND), encode_entry(entry), site, rnd))  # type: ignore[attr-defined]
+        # The index columns exactly as AuditLog writes them (verify checks them).
+        kind, site, rnd = entry_tags(entry)  # type: ignore[arg-type]
+        items.append((kind, encode_entry(entry), site, rnd))
 
     add(Genesis(log_id, public_key_to_der(coordinator.public_key()), 1, "bench"))
     for s in names:

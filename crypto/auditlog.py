@@ -11,8 +11,16 @@ Example::
 
 The store knows nothing about what an entry *means*: it keeps opaque entry bytes (the
 canonical encoding is defined in :mod:`fedseal.protocol.audit`), a small integer ``kind`` and
-optional ``site``/``round`` tags used only to *find* entries (a verifier never trusts them;
-it re-derives everything from the entry bytes), plus opaque signed tree heads.
+optional ``site``/``round`` tags used only to *find* entries, plus opaque signed tree heads.
+
+Unsigned copies: the ``kind``/``site``/``round`` tags, the stored leaf hashes, the ``nodes``
+cache and the ``tree_size``/``root_hash``/``timestamp_ms`` columns of ``tree_heads`` repeat what
+the entry bytes and the signed tree heads say, so that look-ups and proofs need no scan. Nothing
+here trusts them, and neither may a reader: the verifier
+(:meth:`fedseal.protocol.audit.AuditVerifier.verify_store`) reads them raw
+(:meth:`MerkleLogStore.iter_index_rows`, :meth:`MerkleLogStore.iter_node_rows`,
+:meth:`MerkleLogStore.tree_head_rows`) and checks every one against the entries and the signed
+tree heads, so a log that verifies serves proofs and look-ups that are as good as the signed data.
 
 Storage layout (schema version 1):
 
@@ -30,6 +38,14 @@ Durability: the database runs in WAL mode with ``synchronous=FULL``; every ``app
 ``BEGIN IMMEDIATE … COMMIT`` transaction, so when it returns the entry is on disk (the WAL is
 fsynced at commit). A process killed at any point loses at most the append in flight. One
 writer at a time (SQLite's lock enforces it); readers may run in other threads or processes.
+
+WAL: committed entries live in ``<log>-wal`` until SQLite checkpoints them into the main file,
+so while a writer has the log open (or after a writer was killed) the main file alone is *not*
+the log: ``cp audit.sqlite`` can silently drop entries. :meth:`MerkleLogStore.close` of a
+writable store checkpoints the WAL into the main file and truncates it
+(``PRAGMA wal_checkpoint(TRUNCATE)``), as does :meth:`MerkleLogStore.checkpoint`; take copies
+of a live log with SQLite's online backup API (``fedseal-backup``, or ``sqlite3 LOG ".backup
+COPY"``), never with ``cp``. :func:`wal_file` names the file to look for.
 
 Errors::
 
@@ -68,6 +84,8 @@ __all__ = [
     "MerkleLogStore",
     "StoredEntry",
     "StoredTreeHead",
+    "node_id",
+    "wal_file",
 ]
 
 SCHEMA_VERSION = 1
@@ -153,8 +171,14 @@ class StoredTreeHead:
     blob: bytes
 
 
-def _node_id(height: int, k: int) -> int:
+def node_id(height: int, k: int) -> int:
+    """Key of the stored root of the complete subtree ``[k * 2**height, (k + 1) * 2**height)``."""
     return (height << _LEVEL_SHIFT) | k
+
+
+def wal_file(path: str | Path) -> Path:
+    """The write-ahead log SQLite keeps beside the log at ``path`` (``<path>-wal``)."""
+    return Path(f"{path}-wal")
 
 
 class MerkleLogStore:
@@ -203,6 +227,9 @@ class MerkleLogStore:
                 )
             else:
                 conn = sqlite3.connect(str(p), isolation_level=None, check_same_thread=False)
+            # A TEXT value that is not UTF-8 (only a tampered row holds one) reads back with
+            # its bytes escaped rather than failing the whole query: the verifier names it.
+            conn.text_factory = _text
             conn.execute("PRAGMA busy_timeout=10000")
             if not read_only:
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -218,15 +245,44 @@ class MerkleLogStore:
         elif app_id != _APPLICATION_ID:
             conn.close()
             raise LogFormatError("the file is not a fedseal audit log")
-        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None or row[0] != SCHEMA_VERSION:
+        try:
+            rows = conn.execute("SELECT key, value FROM meta").fetchall()
+        except sqlite3.DatabaseError as exc:
             conn.close()
-            raise LogFormatError(f"unsupported audit-log schema version {row[0] if row else None}")
+            raise LogFormatError(f"meta table unreadable: {exc}") from exc
+        # Exactly one meta row, the integer schema version (a REAL 1.0 or TEXT '1' is not it).
+        version = rows[0][1] if len(rows) == 1 and rows[0][0] == "schema_version" else None
+        if type(version) is not int or version != SCHEMA_VERSION:
+            conn.close()
+            raise LogFormatError(
+                f"unsupported audit-log schema (meta table: {rows[:3]!r}; "
+                f"expected [('schema_version', {SCHEMA_VERSION})])"
+            )
         return cls(conn, p, read_only=read_only)
 
-    def close(self) -> None:
-        """Close the database connection."""
+    def checkpoint(self) -> bool:
+        """Copy every committed page from the WAL into the main file and truncate the WAL
+        (``PRAGMA wal_checkpoint(TRUNCATE)``), so that the main file alone holds the whole log.
+
+        Returns:
+            Whether it completed (``False``: a reader kept it from finishing within the busy
+            timeout, or the store is read-only; the log is intact either way).
+        """
+        if self._read_only:
+            return False
         with self._lock:
+            try:
+                row = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error:
+                return False
+        return row is not None and int(row[0]) == 0
+
+    def close(self) -> None:
+        """Close the database connection; a writable store first checkpoints the WAL into the
+        main file (:meth:`checkpoint`), so a clean stop leaves a self-contained file."""
+        with self._lock:
+            if not self._read_only:
+                self.checkpoint()
             self._conn.close()
 
     def __enter__(self) -> MerkleLogStore:
@@ -284,7 +340,7 @@ class MerkleLogStore:
         else:
             height = width.bit_length() - 1
             row = self._conn.execute(
-                "SELECT hash FROM nodes WHERE id=?", (_node_id(height, start >> height),)
+                "SELECT hash FROM nodes WHERE id=?", (node_id(height, start >> height),)
             ).fetchone()
         if row is None or not isinstance(row[0], bytes) or len(row[0]) != HASH_SIZE:
             raise LogFormatError(
@@ -352,7 +408,7 @@ class MerkleLogStore:
                         carry = node_hash(frontier.pop(), carry)
                         k >>= 1
                         height += 1
-                        nodes.append((_node_id(height, k), carry))
+                        nodes.append((node_id(height, k), carry))
                     frontier.append(carry)
                     size += 1
                 conn.executemany(
@@ -474,11 +530,11 @@ class MerkleLogStore:
             for idx, kind, data, lh in rows:
                 if end is not None and idx >= end:
                     return
-                yield StoredEntry(int(idx), int(kind), _as_bytes(data), _as_bytes(lh))
+                yield StoredEntry(int(idx), _as_int(kind), _as_bytes(data), _as_bytes(lh))
             pos = int(rows[-1][0]) + 1
 
     def iter_leaf_rows(
-        self, start: int = 0, end: int | None = None, *, batch: int = 16384
+        self, start: int = 0, end: int | None = None, *, batch: int = 16384, raw: bool = False
     ) -> Iterator[tuple[int, bytes, bytes]]:
         """Yield ``(index, data, stored leaf hash)`` tuples in index order (a verifier's scan).
 
@@ -486,7 +542,8 @@ class MerkleLogStore:
         row: each query reads ``batch`` rows after the last index seen (keyset pagination
         over the primary key, so no row is skipped or repeated at a batch boundary, and the
         lock is released between batches). Gaps (deleted rows) show as a jump in ``index``;
-        a BLOB column holding another type is converted as :meth:`iter_entries` does.
+        a BLOB column holding another type is converted as :meth:`iter_entries` does, unless
+        ``raw``: then the values come as SQLite hands them back (a verifier checks their types).
 
         Raises:
             LogFormatError: If the database cannot be read.
@@ -510,13 +567,80 @@ class MerkleLogStore:
                     rows: list[tuple[int, bytes, bytes]] = cursor.fetchall()
                 except sqlite3.DatabaseError as exc:
                     raise LogFormatError(f"database is corrupt: {exc}", index=pos) from exc
-            for row in rows:
-                if type(row[1]) is not bytes or type(row[2]) is not bytes:
-                    row = (row[0], _as_bytes(row[1]), _as_bytes(row[2]))
-                yield row
+            if raw:
+                yield from rows
+            else:
+                for row in rows:
+                    if type(row[1]) is not bytes or type(row[2]) is not bytes:
+                        row = (row[0], _as_bytes(row[1]), _as_bytes(row[2]))
+                    yield row
             if len(rows) < batch:
                 return
             pos = rows[-1][0] + 1
+
+    def iter_index_rows(
+        self, start: int = 0, *, batch: int = 16384
+    ) -> Iterator[tuple[int, object, object, object]]:
+        """Yield the raw index columns ``(idx, kind, site, round)`` of every entry from
+        ``start``, in index order, as SQLite stores them (unconverted: a verifier compares
+        them, types included, with what the entry bytes say). Reads no entry bytes.
+
+        Raises:
+            LogFormatError: If the database cannot be read.
+        """
+        pos = start
+        while True:
+            with self._lock:
+                try:
+                    rows: list[tuple[int, object, object, object]] = self._conn.execute(
+                        "SELECT idx, kind, site, round FROM entries WHERE idx >= ? "
+                        "ORDER BY idx LIMIT ?",
+                        (pos, batch),
+                    ).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise LogFormatError(f"database is corrupt: {exc}", index=pos) from exc
+            yield from rows
+            if len(rows) < batch:
+                return
+            pos = rows[-1][0] + 1
+
+    def iter_node_rows(self, height: int, *, batch: int = 4096) -> Iterator[tuple[int, object]]:
+        """Yield the raw ``(id, hash)`` rows of the ``nodes`` cache at ``height`` (``>= 1``) in
+        ``id`` order, i.e. subtree by subtree from the left (see :func:`node_id`).
+
+        Raises:
+            LogFormatError: If the database cannot be read.
+        """
+        pos, end = node_id(height, 0), node_id(height + 1, 0)
+        while True:
+            with self._lock:
+                try:
+                    rows: list[tuple[int, object]] = self._conn.execute(
+                        "SELECT id, hash FROM nodes WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+                        (pos, end, batch),
+                    ).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise LogFormatError(f"database is corrupt: {exc}") from exc
+            yield from rows
+            if len(rows) < batch:
+                return
+            pos = rows[-1][0] + 1
+
+    def node_ids_outside(self, max_height: int, *, limit: int = 3) -> list[int]:
+        """Ids of ``nodes`` rows that no height ``1..max_height`` can hold (at most ``limit``).
+
+        Raises:
+            LogFormatError: If the database cannot be read.
+        """
+        with self._lock:
+            try:
+                rows = self._conn.execute(
+                    "SELECT id FROM nodes WHERE id < ? OR id >= ? ORDER BY id LIMIT ?",
+                    (node_id(1, 0), node_id(max_height + 1, 0), limit),
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise LogFormatError(f"database is corrupt: {exc}") from exc
+        return [int(r[0]) for r in rows]
 
     def _iter(self, start: int, end: int) -> Iterator[StoredEntry]:
         expected = start
@@ -601,9 +725,26 @@ class MerkleLogStore:
             except sqlite3.DatabaseError as exc:
                 raise LogFormatError(f"database is corrupt: {exc}") from exc
         return [
-            StoredTreeHead(int(s), int(n), _as_bytes(r), int(t), _as_bytes(b))
+            StoredTreeHead(int(s), _as_int(n), _as_bytes(r), _as_int(t), _as_bytes(b))
             for s, n, r, t, b in rows
         ]
+
+    def tree_head_rows(self) -> list[tuple[int, object, object, object, object]]:
+        """The raw ``(seq, tree_size, root_hash, timestamp_ms, blob)`` rows of ``tree_heads`` in
+        ``seq`` order, unconverted (a verifier checks the columns against the signed blob).
+
+        Raises:
+            LogFormatError: If the database cannot be read.
+        """
+        with self._lock:
+            try:
+                rows: list[tuple[int, object, object, object, object]] = self._conn.execute(
+                    "SELECT seq, tree_size, root_hash, timestamp_ms, blob FROM tree_heads "
+                    "ORDER BY seq"
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise LogFormatError(f"database is corrupt: {exc}") from exc
+        return rows
 
     def latest_tree_head(self) -> StoredTreeHead | None:
         """The most recently stored tree head, if any."""
@@ -615,7 +756,7 @@ class MerkleLogStore:
         if row is None:
             return None
         s, n, r, t, b = row
-        return StoredTreeHead(int(s), int(n), _as_bytes(r), int(t), _as_bytes(b))
+        return StoredTreeHead(int(s), _as_int(n), _as_bytes(r), _as_int(t), _as_bytes(b))
 
 
 def _as_bytes(value: object) -> bytes:
@@ -627,3 +768,19 @@ def _as_bytes(value: object) -> bytes:
     if isinstance(value, int):
         return str(value).encode()
     return b""
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _as_int(value: object) -> int:
+    """SQLite hands back INTEGERs as int; anything else (a tampered row) becomes -1."""
+    if type(value) is int:
+        return value
+    if isinstance(value, float | str | bytes):
+        try:
+            return int(value)
+        except (ValueError, OverflowError):
+            return -1
+    return -1

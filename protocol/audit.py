@@ -11,14 +11,22 @@ Example (coordinator side)::
                         dataset_root=root, bulk_digest=d, num_examples=120, model_digest=m0)
     log.append_round_result(1, aggregate_digest=agg, new_model_digest=m1)   # survivors/inputs from the log
     head = log.sign_tree_head(now())                                        # after every round
+    log.append_evaluation(1, metrics={"accuracy": 0.91, "loss": 0.3}, num_examples=600, sites=s)
     ...
     log.append_run_end(RunStatus.COMPLETED, ended_at_ms=now()); log.sign_tree_head(now())
 
 Example (auditor side)::
 
+    # what fl-audit verify does: the entries, the signed tree heads, and every unsigned copy
+    # the store keeps (index columns, tree-head columns, the nodes cache):
+    summary = AuditVerifier(coordinator_key=pinned).verify_store(store)
+    # the entries and tree heads only (e.g. entries obtained from elsewhere):
     summary = AuditVerifier(coordinator_key=pinned).run(store.iter_entries(), store.tree_heads())
-    # the same, without a StoredEntry object per row (what fl-audit verify does):
-    summary = AuditVerifier(coordinator_key=pinned).run_rows(store.iter_leaf_rows(), store.tree_heads())
+
+Trust anchor: without ``coordinator_key`` the verifier checks the tree heads against the key the
+log's own genesis entry names, so a log forged wholesale under a fresh key verifies. An auditor
+pins the coordinator's public key (``fl-audit verify --coordinator-key``); ``VerifiedLog``
+records which key was used and whether it was pinned.
 
 Every entry is canonical bytes (:mod:`fedseal.protocol.encoding`): ``u8 version = 1 | u8 kind |
 body``; the Merkle leaf is those bytes (leaf hash ``SHA-256(0x00 || bytes)``, RFC 9162 §2.1.1).
@@ -43,7 +51,17 @@ The verifier, in numbered steps, for each entry in index order:
 4. the run semantics hold (:class:`AuditVerifier` lists them); accepted envelopes queue a
    signature check against the key enrolled *in the log* (and in a trusted roster if given);
 5. every tree head whose size is reached has a valid coordinator signature and the root
-   recomputed from the entries so far.
+   recomputed from the entries so far;
+6. with :meth:`AuditVerifier.verify_store`, the store's unsigned copies (index columns, tree
+   head columns, the ``nodes`` cache) equal what the entries and signed tree heads say.
+
+Evaluation metrics: a round's result is logged (and its tree head signed) before the new model
+leaves the coordinator for evaluation, so the round's aggregated evaluation metrics (accuracy,
+loss, macro-F1, example count, the sites counted) are a separate entry kind,
+:class:`Evaluation`, written once the evaluation is aggregated: after the round's result and
+checkpoint, before the next round's result or the run end (whose signed tree head covers it).
+``RoundResult.metrics`` stays for metrics known when the round commits (the coordinator logs
+none today).
 
 Signature checks run in batches (a caller may pass a parallel checker); the failure reported is
 always the one at the lowest entry index.
@@ -67,14 +85,14 @@ import hashlib
 import hmac
 import math
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, NoReturn, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.crypto.auditlog import MerkleLogStore, StoredEntry, StoredTreeHead
+from fedseal.crypto.auditlog import MerkleLogStore, StoredEntry, StoredTreeHead, node_id
 from fedseal.crypto.errors import CryptoError, SignatureError
 from fedseal.crypto.keys import key_id, public_key_from_der, public_key_to_der
 from fedseal.crypto.merkle import EMPTY_ROOT, leaf_hash, node_hash
@@ -112,6 +130,7 @@ __all__ = [
     "ConsortiumRosterRecord",
     "EntryKind",
     "EnvelopeRecord",
+    "Evaluation",
     "Genesis",
     "JobFailure",
     "ReceivedEnvelope",
@@ -132,6 +151,7 @@ __all__ = [
     "check_signatures_serial",
     "decode_entry",
     "encode_entry",
+    "entry_tags",
     "find_input",
     "metric_to_micros",
     "roster_from_log",
@@ -226,6 +246,7 @@ class EntryKind(enum.IntEnum):
     CHECKPOINT = 5
     RUN_END = 6
     CONSORTIUM_ROSTER = 7
+    EVALUATION = 8
 
     @property
     def label(self) -> str:
@@ -746,6 +767,33 @@ def metric_to_micros(value: float) -> int:
     return micros
 
 
+def _check_metrics(metrics: Sequence[tuple[str, int]]) -> None:
+    _check_sorted_unique([n.encode() for n, _ in metrics], "metrics")
+    for name, value in metrics:
+        if not name or len(name.encode()) > _MAX_METRIC_NAME:
+            raise ValueError("metric names must be 1 to 64 bytes")
+        if not -(1 << 63) <= value < 1 << 63:
+            raise ValueError("metric out of range")
+
+
+def _encode_metrics(w: Writer, metrics: Sequence[tuple[str, int]]) -> None:
+    w.count(len(metrics))
+    for name, value in metrics:
+        w.text(name).u64(value & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+def _decode_metrics(r: _Cursor) -> tuple[tuple[str, int], ...]:
+    metrics = []
+    for _ in range(r.count(_MAX_LIST)):
+        name, raw = r.text(_MAX_METRIC_NAME), r.u64()
+        metrics.append((name, raw - (1 << 64) if raw >> 63 else raw))
+    return tuple(metrics)
+
+
+def _metric_items(metrics: Mapping[str, float] | None) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted((k, metric_to_micros(v)) for k, v in (metrics or {}).items()))
+
+
 @dataclass(frozen=True, slots=True)
 class RoundResult:
     """A round's outcome: survivors, the exact accepted inputs, aggregate and new model."""
@@ -769,12 +817,7 @@ class RoundResult:
         _check_digests("accepted input digest", self.accepted_input_digests)
         _check_sorted_unique(self.accepted_input_digests, "accepted_input_digests")
         _check_sorted_unique([s.encode() for s in self.survivors], "survivors")  # site_sort_key
-        _check_sorted_unique([n.encode() for n, _ in self.metrics], "metrics")
-        for name, value in self.metrics:
-            if not name or len(name.encode()) > _MAX_METRIC_NAME:
-                raise ValueError("metric names must be 1 to 64 bytes")
-            if not -(1 << 63) <= value < 1 << 63:
-                raise ValueError("metric out of range")
+        _check_metrics(self.metrics)
 
     @property
     def metric_values(self) -> dict[str, float]:
@@ -792,9 +835,7 @@ class RoundResult:
             w.fixed(d, DIGEST_BYTES)
         _opt_digest(w, self.aggregate_digest)
         w.fixed(self.new_model_digest, DIGEST_BYTES).text(self.reason)
-        w.count(len(self.metrics))
-        for name, value in self.metrics:
-            w.text(name).u64(value & 0xFFFF_FFFF_FFFF_FFFF)
+        _encode_metrics(w, self.metrics)
 
     @classmethod
     def _decode(cls, r: _Cursor) -> RoundResult:
@@ -805,11 +846,8 @@ class RoundResult:
         digests = r.digests(r.count(_MAX_LIST))
         agg = _read_opt_digest(r)
         new, reason = r.fixed(DIGEST_BYTES), r.text(_MAX_TEXT)
-        metrics = []
-        for _ in range(r.count(_MAX_LIST)):
-            name, raw = r.text(_MAX_METRIC_NAME), r.u64()
-            metrics.append((name, raw - (1 << 64) if raw >> 63 else raw))
-        return cls(run_id, rnd, status, base, survivors, digests, agg, new, reason, tuple(metrics))
+        metrics = _decode_metrics(r)
+        return cls(run_id, rnd, status, base, survivors, digests, agg, new, reason, metrics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -838,6 +876,65 @@ class Checkpoint:
             r.fixed(RUN_ID_BYTES), r.u32(), r.fixed(DIGEST_BYTES), r.fixed(DIGEST_BYTES),
             r.text(_MAX_TEXT),
         )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """The federated evaluation of a round's new global model: aggregated metrics, signed.
+
+    The coordinator logs a round's result (and signs a tree head) *before* the new model leaves
+    it for evaluation (the commit order), so the evaluation cannot ride in the
+    :class:`RoundResult`: it is this separate entry, written once the evaluation replies are
+    aggregated, after the round's result and checkpoint and before the next round's result (or
+    the run end), whose tree head then covers it. A round whose evaluation got no usable reply
+    has none.
+
+    ``metrics`` are the aggregated metrics in millionths (:func:`metric_to_micros`), sorted by
+    name: ``accuracy``, ``loss`` and ``macro-f1`` (example-weighted means over the sites);
+    ``num_examples`` is the number of evaluation examples they cover and ``sites`` the sites
+    whose replies were aggregated. ``model_digest`` names the model evaluated: the round's new
+    model.
+    """
+
+    KIND: ClassVar[EntryKind] = EntryKind.EVALUATION
+    run_id: bytes
+    round: int
+    model_digest: bytes
+    num_examples: int
+    sites: tuple[str, ...]
+    metrics: tuple[tuple[str, int], ...]
+    at_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.run_id) != RUN_ID_BYTES:
+            raise ValueError(f"run_id must be {RUN_ID_BYTES} bytes")
+        _check_digest("model_digest", self.model_digest)
+        _check_sorted_unique([s.encode() for s in self.sites], "sites")
+        if any(not s for s in self.sites):
+            raise ValueError("site ids must be non-empty")
+        _check_metrics(self.metrics)
+
+    @property
+    def metric_values(self) -> dict[str, float]:
+        """Metrics as floats (from millionths)."""
+        return {name: micros / 1_000_000 for name, micros in self.metrics}
+
+    def _encode(self, w: Writer) -> None:
+        w.fixed(self.run_id, RUN_ID_BYTES).u32(self.round)
+        w.fixed(self.model_digest, DIGEST_BYTES).u64(self.num_examples)
+        w.count(len(self.sites))
+        for s in self.sites:
+            w.text(s)
+        _encode_metrics(w, self.metrics)
+        w.u64(self.at_ms)
+
+    @classmethod
+    def _decode(cls, r: _Cursor) -> Evaluation:
+        run_id, rnd = r.fixed(RUN_ID_BYTES), r.u32()
+        model, examples = r.fixed(DIGEST_BYTES), r.u64()
+        sites = r.texts(r.count(_MAX_LIST), _MAX_TEXT)
+        metrics = _decode_metrics(r)
+        return cls(run_id, rnd, model, examples, sites, metrics, r.u64())
 
 
 @dataclass(frozen=True, slots=True)
@@ -953,6 +1050,7 @@ AuditEntry = (
     | Checkpoint
     | RunEnd
     | ConsortiumRosterRecord
+    | Evaluation
 )
 _CLASSES: dict[EntryKind, type[AuditEntry]] = {
     c.KIND: c
@@ -965,6 +1063,7 @@ _CLASSES: dict[EntryKind, type[AuditEntry]] = {
         Checkpoint,
         RunEnd,
         ConsortiumRosterRecord,
+        Evaluation,
     )
 }
 _CLASSES_BY_TAG: dict[int, type[AuditEntry]] = {int(k): c for k, c in _CLASSES.items()}
@@ -981,6 +1080,23 @@ def _bool(value: int) -> bool:
     if value not in (0, 1):
         raise DecodeError("audit entry: bad boolean")
     return value == 1
+
+
+def entry_tags(entry: AuditEntry) -> tuple[int, str | None, int | None]:
+    """The store's index columns ``(kind, site, round)`` for an entry, as :class:`AuditLog`
+    writes them and :meth:`AuditVerifier.verify_store` requires them.
+
+    ``site`` is set for roster changes and envelopes, ``round`` for envelopes, round results,
+    checkpoints and evaluations; every other tag is ``NULL``.
+    """
+    kind = int(entry.KIND)
+    if isinstance(entry, EnvelopeRecord):
+        return kind, entry.site, entry.round
+    if isinstance(entry, RosterChange):
+        return kind, entry.site, None
+    if isinstance(entry, RoundResult | Checkpoint | Evaluation):
+        return kind, None, entry.round
+    return kind, None, None
 
 
 def encode_entry(entry: AuditEntry) -> bytes:
@@ -1267,6 +1383,8 @@ class _Run:
     seen: set[bytes] = field(default_factory=set)
     rounds_completed: int = 0
     rounds_failed: int = 0
+    last_status: RoundStatus | None = None
+    evaluated: int = 0  # the last round whose evaluation is logged
 
 
 class _Fail(Exception):
@@ -1343,6 +1461,8 @@ class _Semantics:
                 raise _Fail(
                     "checkpoint", f"checkpoint model differs from round {entry.round}'s model"
                 )
+        elif isinstance(entry, Evaluation):
+            self._evaluation(run, entry)
         else:
             if entry.final_round != run.last_round:
                 raise _Fail(
@@ -1545,9 +1665,30 @@ class _Semantics:
                 )
             run.rounds_failed += 1
         run.last_round = e.round
+        run.last_status = e.status
         run.model = e.new_model_digest
         run.models[e.round] = e.new_model_digest
         run.inputs = {}
+
+    def _evaluation(self, run: _Run, e: Evaluation) -> None:
+        if e.round != run.last_round or e.round == 0:
+            raise _Fail(
+                "evaluation",
+                f"evaluation of round {e.round} after round {run.last_round}'s result "
+                "(only the last round's new model is evaluated, before the next round ends)",
+            )
+        if run.last_status != RoundStatus.COMPLETED:
+            raise _Fail("evaluation", f"evaluation of round {e.round}, which failed")
+        if run.evaluated == e.round:
+            raise _Fail("evaluation", f"a second evaluation of round {e.round}")
+        if e.model_digest != run.model:
+            raise _Fail("model-chain", f"the evaluated model is not round {e.round}'s new model")
+        for site in e.sites:
+            if site not in self.sites:
+                raise _Fail(
+                    "not-enrolled", f"evaluation counts site {site!r}, which is not enrolled"
+                )
+        run.evaluated = e.round
 
 
 # A payload header opens with run id (16), u32 round, u16 sender length; after its two texts a
@@ -1642,6 +1783,11 @@ class VerifiedLog:
         warnings: Facts that are not failures (an open run, entries after the last tree head).
         consortium_rosters: ``(consortium, latest version, roster digest hex, authority key id
             hex)`` per consortium whose signed roster the log records.
+        coordinator_key_id: Key id (hex) of the coordinator key the tree heads verified under:
+            the pinned key, or, without one, the key the log's own genesis entry names.
+        coordinator_key_pinned: Whether that key was pinned by the caller (a trust anchor) or
+            only taken from the log itself.
+        evaluations: Number of evaluation entries (per-round evaluation metrics).
     """
 
     entries: int
@@ -1653,6 +1799,9 @@ class VerifiedLog:
     root_hash: bytes
     warnings: tuple[str, ...]
     consortium_rosters: tuple[tuple[str, int, str, str], ...] = ()
+    coordinator_key_id: str = ""
+    coordinator_key_pinned: bool = False
+    evaluations: int = 0
 
 
 class AuditVerifier:
@@ -1677,6 +1826,8 @@ class AuditVerifier:
     * round results: consecutive rounds (none missing or duplicated), starting from the
       previous model, listing exactly the accepted inputs and their senders; a failed round
       leaves the model unchanged; checkpoints and run ends name the right model;
+    * evaluations: at most one per round, of the last round logged, a completed one, naming
+      its new model, counting only enrolled sites;
     * a signed tree head covers every round result before the next round's result (or the run
       end) and the run end itself; tree heads never go backwards in size or time.
 
@@ -1730,19 +1881,50 @@ class AuditVerifier:
         """
         return self.run_rows(((e.index, e.data, e.leaf_hash) for e in entries), tree_heads)
 
+    def verify_store(self, store: MerkleLogStore) -> VerifiedLog:
+        """Verify the log in ``store`` *and every unsigned copy the store keeps*, i.e. every
+        value any reader of the store (look-ups, proofs, ``fl-audit show``) relies on:
+
+        * ``entries``: the ``data`` and ``leaf_hash`` columns are BLOBs, the leaf hash is the
+          hash of the data, and the index columns ``kind``, ``site`` and ``round`` are exactly
+          :func:`entry_tags` of the decoded entry (types included);
+        * ``tree_heads``: ``seq`` runs 1, 2, 3, … (none deleted or renumbered), ``blob`` decodes,
+          and ``tree_size``, ``root_hash`` and ``timestamp_ms`` equal the signed values;
+        * ``nodes``: every row is the root of a complete subtree of the tree recomputed from the
+          entry bytes, under its key, and every such subtree has its row (none missing, edited
+          or added).
+
+        A failure names the table, the row and the column.
+
+        Raises:
+            AuditVerificationError: The first failure.
+            fedseal.crypto.auditlog.LogFormatError: The database cannot be read.
+        """
+        heads = _check_tree_head_rows(store.tree_head_rows())
+        return self.run_rows(store.iter_leaf_rows(raw=True), heads, store=store)
+
     def run_rows(
-        self, rows: Iterable[tuple[int, bytes, bytes]], tree_heads: Sequence[StoredTreeHead]
+        self,
+        rows: Iterable[tuple[int, bytes, bytes]],
+        tree_heads: Sequence[StoredTreeHead],
+        *,
+        store: MerkleLogStore | None = None,
     ) -> VerifiedLog:
         """:meth:`run` over plain ``(index, entry bytes, stored leaf hash)`` rows, e.g.
         :meth:`fedseal.crypto.auditlog.MerkleLogStore.iter_leaf_rows` (no per-entry objects).
 
         The stored leaf hash is only compared with the one recomputed from the bytes; the tree
-        is always rebuilt from the recomputed hashes.
+        is always rebuilt from the recomputed hashes. With ``store`` (the store ``rows`` come
+        from), its index columns and its ``nodes`` cache are checked too (see
+        :meth:`verify_store`, which also checks the tree-head columns).
 
         Raises:
             AuditVerificationError: The first failure (lowest entry index).
         """
         sem = _Semantics(self._trusted, inline_checks=False, consortium_authority=self._authority)
+        index_rows = None if store is None else iter(store.iter_index_rows())
+        node_rows: list[Iterator[tuple[int, object]]] = []  # per height - 1, from the store
+        evaluations = 0
         heads = _decode_heads(tree_heads)
         by_size: dict[int, list[tuple[int, SignedTreeHead]]] = {}
         for seq, head in heads:
@@ -1795,6 +1977,32 @@ class AuditVerifier:
                 check, detail, index=index, entry_type=entry_type, tree_head_seq=tree_head_seq
             )
 
+        def check_node(source: MerkleLogStore, height: int, k: int, value: bytes) -> None:
+            """The stored node of subtree ``k`` at ``height`` (just recomputed) is ``value``."""
+            while len(node_rows) < height:
+                node_rows.append(iter(source.iter_node_rows(len(node_rows) + 1)))
+            want = node_id(height, k)
+            what = f"(height {height}, entries [{k << height}, {(k + 1) << height}))"
+            row = next(node_rows[height - 1], None)
+            if row is None or row[0] > want:
+                fail("node-cache", f"nodes row id={want} {what} is missing", None, None)
+            if row[0] < want:
+                fail(
+                    "node-cache",
+                    f"nodes row id={row[0]} is not a subtree of the tree (next expected: id={want} "
+                    f"{what})",
+                    None,
+                    None,
+                )
+            if type(row[1]) is not bytes or not compare(row[1], value):
+                fail(
+                    "node-cache",
+                    f"nodes row id={want} {what}: column hash holds {_sql_repr(row[1])}, not the "
+                    "root of those entries recomputed from their bytes",
+                    None,
+                    None,
+                )
+
         compare = hmac.compare_digest
         batch = self._batch
         progress = self._progress
@@ -1803,6 +2011,16 @@ class AuditVerifier:
             if index != n:
                 fail(
                     "missing-entry", f"entry {n} is missing (next stored index is {index})", n, None
+                )
+            if type(data) is not bytes or type(stored_lh) is not bytes:
+                column, value = (
+                    ("data", data) if type(data) is not bytes else ("leaf_hash", stored_lh)
+                )
+                fail(
+                    "column-type",
+                    f"entries row idx={index}: column {column} holds {_sql_repr(value)}, not a BLOB",
+                    index,
+                    None,
                 )
             lh = leaf_hash(data)  # recomputed from the bytes; the stored copy is only compared
             if not compare(lh, stored_lh):
@@ -1849,24 +2067,36 @@ class AuditVerifier:
                     fail(exc.check, exc.detail, index, kind_label)
                 if isinstance(entry, Genesis):
                     coordinator = public_key_from_der(entry.coordinator_key_der)
-                    if (
-                        self._pinned is not None
-                        and public_key_to_der(self._pinned) != entry.coordinator_key_der
-                    ):
+                    pinned_der = None if self._pinned is None else public_key_to_der(self._pinned)
+                    if pinned_der is not None and pinned_der != entry.coordinator_key_der:
                         fail(
                             "coordinator-key",
-                            "genesis names another coordinator key than the pinned one",
+                            "the log's genesis names coordinator key "
+                            f"{hashlib.sha256(entry.coordinator_key_der).hexdigest()}, not the "
+                            f"pinned coordinator key {hashlib.sha256(pinned_der).hexdigest()}",
                             index,
                             kind_label,
                         )
                 if closing:
                     need_head_after, last_kind = index, kind_label
+                elif type(entry) is Evaluation:
+                    evaluations += 1
+            if index_rows is not None:
+                tags = next(index_rows, None)
+                if tags is None or tags[0] != index:
+                    fail("index-column", f"entries row idx={index}: index columns unreadable",
+                         index, _LABELS[entry.KIND])  # fmt: skip
+                _check_tags(index, tags[1:], entry, fail)
             # RFC 9162 §2.1.1 by a compact range: the frontier holds one subtree root per set
             # bit of n (largest first); appending leaf n merges one per trailing one bit.
             k = n
+            height = 0
             while k & 1:
                 lh = node_hash(frontier.pop(), lh)
                 k >>= 1
+                height += 1
+                if store is not None:
+                    check_node(store, height, k, lh)
             frontier.append(lh)
             n += 1
             if n in by_size:
@@ -1880,6 +2110,21 @@ class AuditVerifier:
         flush(None, resolve=True)
         if n == 0:
             raise AuditVerificationError("empty", "the log holds no entries")
+        if store is not None:
+            for h, stream in enumerate(node_rows, 1):
+                extra = next(stream, None)
+                if extra is not None:
+                    raise AuditVerificationError(
+                        "node-cache",
+                        f"nodes row id={extra[0]} (height {h}) is not a complete subtree of the "
+                        f"{n} entries",
+                    )
+            stray = store.node_ids_outside(max(len(node_rows), 1))
+            if stray:
+                raise AuditVerificationError(
+                    "node-cache",
+                    f"nodes row id={stray[0]} is not a complete subtree of the {n} entries",
+                )
         for seq, head in heads:
             if head.tree_size > n:
                 raise AuditVerificationError(
@@ -1921,7 +2166,13 @@ class AuditVerifier:
                 (c.consortium, c.version, c.roster_digest.hex(), c.authority_key_id.hex())
                 for c in sem.consortia.values()
             ),
-        )
+            coordinator_key_id=(
+                "" if sem.genesis is None
+                else hashlib.sha256(sem.genesis.coordinator_key_der).hexdigest()
+            ),
+            coordinator_key_pinned=self._pinned is not None,
+            evaluations=evaluations,
+        )  # fmt: skip
 
     def _check_head(
         self,
@@ -1972,6 +2223,89 @@ def _fold(frontier: Sequence[bytes]) -> bytes:
     for h in reversed(frontier[:-1]):
         acc = node_hash(h, acc)
     return acc
+
+
+def _sql_repr(value: object) -> str:
+    """A stored value as a reader sees it: its SQLite type and a short rendering."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bytes):
+        shown = value[:16].hex() + ("…" if len(value) > 16 else "")
+        return f"BLOB {shown or '(empty)'} ({len(value)} bytes)"
+    if isinstance(value, str):
+        return f"TEXT {value[:40]!r}"
+    if isinstance(value, int):
+        return f"INTEGER {value}"
+    if isinstance(value, float):
+        return f"REAL {value!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+_TAG_COLUMNS = ("kind", "site", "round")
+
+
+def _check_tags(
+    index: int, stored: Sequence[object], entry: AuditEntry, fail: Callable[..., NoReturn]
+) -> None:
+    """The index columns ``(kind, site, round)`` of row ``index`` are :func:`entry_tags`."""
+    for column, have, want in zip(_TAG_COLUMNS, stored, entry_tags(entry), strict=True):
+        if type(have) is not type(want) or have != want:
+            fail(
+                "index-column",
+                f"entries row idx={index}: column {column} holds {_sql_repr(have)}, the entry "
+                f"says {_sql_repr(want)}",
+                index,
+                _LABELS[entry.KIND],
+            )
+
+
+def _check_tree_head_rows(
+    rows: Sequence[tuple[int, object, object, object, object]],
+) -> list[StoredTreeHead]:
+    """Check the raw ``tree_heads`` rows against their signed blobs; return them as heads.
+
+    ``seq`` must run 1, 2, 3, … (a gap is a deleted tree head), ``blob`` must be a BLOB that
+    decodes, and ``tree_size``, ``root_hash`` and ``timestamp_ms`` must be the signed values
+    (types included). Signatures are checked later, with the entries.
+
+    Raises:
+        AuditVerificationError: Naming the row and the column.
+    """
+    heads = []
+    for expected, (seq, size, root, ts, blob) in enumerate(rows, 1):
+        if seq != expected:
+            raise AuditVerificationError(
+                "tree-head-seq",
+                f"tree_heads row seq={seq}: expected seq={expected} (tree heads are numbered "
+                "from 1 without gaps: one was deleted or renumbered)",
+                tree_head_seq=seq,
+            )
+        if type(blob) is not bytes:
+            raise AuditVerificationError(
+                "tree-head-column",
+                f"tree_heads row seq={seq}: column blob holds {_sql_repr(blob)}, not a BLOB",
+                tree_head_seq=seq,
+            )
+        try:
+            head = SignedTreeHead.from_bytes(blob)
+        except DecodeError as exc:
+            raise AuditVerificationError(
+                "tree-head-decode", f"tree_heads row seq={seq}: {exc.message}", tree_head_seq=seq
+            ) from exc
+        for column, have, want in (
+            ("tree_size", size, head.tree_size),
+            ("root_hash", root, head.root_hash),
+            ("timestamp_ms", ts, head.timestamp_ms),
+        ):
+            if type(have) is not type(want) or have != want:
+                raise AuditVerificationError(
+                    "tree-head-column",
+                    f"tree_heads row seq={seq}: column {column} holds {_sql_repr(have)}, the "
+                    f"signed tree head says {_sql_repr(want)}",
+                    tree_head_seq=seq,
+                )
+        heads.append(StoredTreeHead(seq, head.tree_size, head.root_hash, head.timestamp_ms, blob))
+    return heads
 
 
 def _decode_heads(tree_heads: Sequence[StoredTreeHead]) -> list[tuple[int, SignedTreeHead]]:
@@ -2067,7 +2401,8 @@ class AuditLog:
        the model digest they were trained from;
     5. ``append_round_result(round, aggregate_digest=..., new_model_digest=..., metrics=...)``
        (survivors and input digests default to the accepted inputs), then ``sign_tree_head``;
-       ``append_checkpoint`` for each checkpoint written;
+       ``append_checkpoint`` for each checkpoint written; ``append_evaluation`` once the new
+       model's federated evaluation is aggregated;
     6. ``append_run_end(status, ended_at_ms=...)``, then ``sign_tree_head``.
     """
 
@@ -2147,6 +2482,7 @@ class AuditLog:
             + store.find(int(EntryKind.RUN_START))
             + store.find(int(EntryKind.RUN_END))
             + store.find(int(EntryKind.ROUND_RESULT))
+            + store.find(int(EntryKind.EVALUATION))
         )
         starts = store.find(int(EntryKind.RUN_START))
         ends = store.find(int(EntryKind.RUN_END))
@@ -2228,19 +2564,18 @@ class AuditLog:
 
     # -- appends ---------------------------------------------------------------------------
 
-    def _append(
-        self, entry: AuditEntry, *, site: str | None = None, round: int | None = None
-    ) -> int:
-        return self._append_many([(entry, site, round)])[0]
+    def _append(self, entry: AuditEntry) -> int:
+        return self._append_many([entry])[0]
 
-    def _append_many(self, items: Sequence[tuple[AuditEntry, str | None, int | None]]) -> list[int]:
-        """Check every entry against the rules, then write them all in one durable commit.
+    def _append_many(self, items: Sequence[AuditEntry]) -> list[int]:
+        """Check every entry against the rules, then write them all in one durable commit
+        (index columns from :func:`entry_tags`, which the verifier checks them against).
 
         On any failure nothing is written and the in-memory state is rebuilt from the log.
         """
         first = self._store.size
         try:
-            for k, (entry, _, _) in enumerate(items):
+            for k, entry in enumerate(items):
                 try:
                     self._sem.apply(first + k, entry, replay=False)
                 except _Fail as exc:
@@ -2249,7 +2584,11 @@ class AuditLog:
                         + (f" (item {k} of the batch)" if len(items) > 1 else "")
                         + f": {exc.detail}"
                     ) from exc
-            rows = [(int(e.KIND), _encode_checked(e), site, rnd) for e, site, rnd in items]
+            rows = [
+                (kind, _encode_checked(e), site, rnd)
+                for e in items
+                for kind, site, rnd in (entry_tags(e),)
+            ]
             start: int = self._store.append_many(rows)
         except BaseException:
             self._sem = _Semantics()
@@ -2279,8 +2618,7 @@ class AuditLog:
         """
         roots = tuple(sorted(set(approved_roots)))
         return self._append(
-            RosterChange(RosterAction(action), site, public_key_der, roots, reason, now_ms),
-            site=site,
+            RosterChange(RosterAction(action), site, public_key_der, roots, reason, now_ms)
         )
 
     def append_consortium_roster(
@@ -2369,7 +2707,7 @@ class AuditLog:
             reason or "", bytes(payload), bytes(signature), dataset_root, bulk_digest,
             num_examples, model_digest,
         )  # fmt: skip
-        return self._append(entry, site=site, round=round)
+        return self._append(entry)
 
     def append_envelopes(self, envelopes: Sequence[ReceivedEnvelope]) -> list[int]:
         """Record a batch of received envelopes in one durable commit (group commit).
@@ -2388,14 +2726,14 @@ class AuditLog:
         run = self._sem.run
         if run is None:
             raise AuditStateError("no run is open")
-        items: list[tuple[AuditEntry, str | None, int | None]] = []
+        items: list[AuditEntry] = []
         for e in envelopes:
             record = EnvelopeRecord(
                 run.run_id, e.round, e.stage, e.site, e.message_type, bytes(e.signer_key_id),
                 e.accepted, e.reason or "", bytes(e.payload), bytes(e.signature), e.dataset_root,
                 e.bulk_digest, e.num_examples, e.model_digest,
             )  # fmt: skip
-            items.append((record, e.site, e.round))
+            items.append(record)
         return self._append_many(items)
 
     def append_round_result(
@@ -2433,13 +2771,13 @@ class AuditLog:
                 )
             )
         )
-        metric_items = tuple(sorted((k, metric_to_micros(v)) for k, v in (metrics or {}).items()))
+        metric_items = _metric_items(metrics)
         entry = RoundResult(
             run.run_id, round, RoundStatus(status), run.model, surv, digests, aggregate_digest,
             new_model_digest, reason, metric_items,
         )  # fmt: skip
         self._require_covered()
-        index = self._append(entry, round=round)
+        index = self._append(entry)
         self._uncovered = index
         return index
 
@@ -2461,9 +2799,43 @@ class AuditLog:
         run = self._sem.run
         if run is None:
             raise AuditStateError("no run is open")
-        return self._append(
-            Checkpoint(run.run_id, round, model_digest, file_digest, name), round=round
-        )
+        return self._append(Checkpoint(run.run_id, round, model_digest, file_digest, name))
+
+    def append_evaluation(
+        self,
+        round: int,
+        *,
+        metrics: Mapping[str, float],
+        num_examples: int,
+        sites: Iterable[str] = (),
+        model_digest: bytes | None = None,
+        now_ms: int = 0,
+    ) -> int:
+        """Record the federated evaluation of ``round``'s new model (see :class:`Evaluation`):
+        after its round result and checkpoint, before the next round's result.
+
+        Args:
+            round: The round whose new model was evaluated (the last round logged).
+            metrics: Aggregated metrics (e.g. ``accuracy``, ``loss``, ``macro-f1``), finite.
+            num_examples: Evaluation examples the metrics cover.
+            sites: The sites whose evaluation replies were aggregated.
+            model_digest: The model evaluated (default: the round's new model; if given, it
+                must be that).
+            now_ms: When the evaluation was aggregated.
+
+        Raises:
+            AuditStateError: No run open, not the last round, a failed round, a second
+                evaluation of the round, another model, or a site that is not enrolled.
+            ValueError: A metric that is not finite or out of range, or a bad metric name.
+        """
+        run = self._sem.run
+        if run is None:
+            raise AuditStateError("no run is open")
+        entry = Evaluation(
+            run.run_id, round, run.model if model_digest is None else model_digest, num_examples,
+            tuple(sorted(set(sites), key=site_sort_key)), _metric_items(metrics), now_ms,
+        )  # fmt: skip
+        return self._append(entry)
 
     def append_run_end(self, status: RunStatus, *, ended_at_ms: int, reason: str = "") -> int:
         """Record the end of the open run (with its final model). Sign a tree head after it.

@@ -2,21 +2,32 @@
 
 Example::
 
-    fl-audit verify audit.sqlite --coordinator-key coordinator.pub.pem --roster roster.json
-    fl-audit verify audit.sqlite --consortium-authority authority.key.pub
-    fl-audit prove audit.sqlite --site site-a --round 3 --json > receipt.json
+    fl-audit verify audit.sqlite --coordinator-key coordinator.pub --roster roster.json
+    fl-audit verify audit.sqlite --coordinator-key coordinator.pub --consortium-authority authority.key.pub
+    fl-audit prove audit.sqlite --coordinator-key coordinator.pub --site site-a --round 3 --json > receipt.json
     fl-audit consistency audit.sqlite 120
     fl-audit show audit.sqlite
-    fl-audit report audit.sqlite --out report.html
+    fl-audit report audit.sqlite --coordinator-key coordinator.pub --out report.html
     fl-audit export audit.sqlite --format jsonl > audit.jsonl
+
+Trust anchor: the commands that vouch for the log (``verify``, ``prove``, ``report``) need the
+coordinator's public key as the auditor obtained it out of band (``--coordinator-key PUB.pem``,
+e.g. the ``coordinator.pub`` the sites pin): the log's genesis entry must name exactly that key,
+and every signed tree head must verify under it. Without it a log forged wholesale under a
+fresh key would verify. ``--trust-log-key`` runs the checks against the key the log names itself
+instead: a warning on stderr and exit 3, never 0. (Further anchors, e.g. ``--witness FILE`` with
+tree heads the sites kept, are options beside these.)
 
 Exit codes (every command):
 
-* 0 — success (``verify``: every check holds);
+* 0 — success (``verify``: every check holds against the pinned key, the run has ended);
 * 1 — verification failed / the requested proof or entry does not exist or does not verify;
-* 2 — usage error (bad option or argument);
-* 3 — ``verify --strict`` only: the log verifies but is incomplete (an open run, or entries
-  not yet covered by a signed tree head);
+* 2 — usage error (bad option or argument; no trust anchor);
+* 3 — the checks hold, but the verdict is qualified: only against the log's own key
+  (``--trust-log-key``), a run that has not ended (unless ``--allow-open``), a non-empty
+  ``-wal`` file beside the log (unless ``--allow-wal``: a copy of the main file alone is then
+  not the whole log), ``prove`` against a root no signed tree head covers, or with
+  ``verify --strict`` any warning (entries not yet covered by a signed tree head);
 * 4 — the log (or a key / roster file) cannot be read: missing, not a fedseal log, malformed.
 
 Imports neither flwr nor torch (tests/test_layering.py checks it).
@@ -33,6 +44,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import hashlib
 import html
 import json
 import os
@@ -51,9 +63,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from fedseal.crypto.auditlog import AuditLogError, MerkleLogStore
+from fedseal.crypto.auditlog import AuditLogError, MerkleLogStore, wal_file
 from fedseal.crypto.errors import CryptoError, MerkleProofError
-from fedseal.crypto.keys import load_public_key, public_key_to_der
+from fedseal.crypto.keys import load_public_key, public_key_from_der, public_key_to_der
 from fedseal.crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
 from fedseal.protocol.audit import (
     AuditEntry,
@@ -62,6 +74,7 @@ from fedseal.protocol.audit import (
     Checkpoint,
     ConsortiumRosterRecord,
     EnvelopeRecord,
+    Evaluation,
     Genesis,
     JobFailure,
     RosterChange,
@@ -88,8 +101,12 @@ app = typer.Typer(
     name="fl-audit",
     help=(
         "Verify a fedseal audit log offline, prove inclusion of a site's update, report a run.\n\n"
-        "Exit codes: 0 ok; 1 verification failed / proof not found; 2 usage error; "
-        "3 incomplete log (verify --strict); 4 unreadable log, key or roster file."
+        "verify, prove and report need a trust anchor: --coordinator-key PUB.pem, the "
+        "coordinator's public key obtained out of band (the log's own genesis key must equal "
+        "it); --trust-log-key checks against the key the log names itself and exits 3.\n\n"
+        "Exit codes: 0 ok; 1 verification failed / proof not found; 2 usage error (e.g. no "
+        "trust anchor); 3 checks hold but qualified (log's own key only, open run, -wal file "
+        "beside the log, verify --strict warnings); 4 unreadable log, key or roster file."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -100,11 +117,86 @@ LogArg = Annotated[
     typer.Argument(help="The audit log (SQLite file written by fl-server).", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead.")]
+CoordinatorKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--coordinator-key",
+        help="Trust anchor: the coordinator's public key (PEM), obtained out of band (e.g. the "
+        "coordinator.pub the sites pin). The log's genesis key must be this key and every "
+        "signed tree head must verify under it.",
+        show_default=False,
+    ),
+]
+TrustLogKeyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-log-key",
+        help="No trust anchor: check against the coordinator key the log names itself (a log "
+        "forged under a fresh key passes too). Prints a warning and exits 3, never 0.",
+    ),
+]
 
 
 def _fail(code: int, message: str) -> typer.Exit:
     typer.echo(f"fl-audit: {message}", err=True)
     return typer.Exit(code)
+
+
+@dataclass(frozen=True)
+class _Anchor:
+    """What the auditor trusts: a pinned coordinator key, or (explicitly) the log's own key.
+
+    Witness files (tree heads the sites kept, ``--witness FILE``) are further anchors that
+    belong here, beside the key.
+    """
+
+    key: ec.EllipticCurvePublicKey | None
+    trust_log_key: bool
+
+
+def _anchor(command: str, coordinator_key: Path | None, trust_log_key: bool) -> _Anchor:
+    if coordinator_key is not None and trust_log_key:
+        raise _fail(EXIT_USAGE, "--coordinator-key and --trust-log-key exclude each other")
+    if coordinator_key is None and not trust_log_key:
+        raise _fail(
+            EXIT_USAGE,
+            f"{command} needs a trust anchor: --coordinator-key PUB.pem (the coordinator's "
+            "public key, obtained out of band: the log's genesis key must be this key), or "
+            "--trust-log-key to check against the key the log names itself (exit 3: a log "
+            "forged under a fresh key would pass that too)",
+        )
+    if coordinator_key is None:
+        return _Anchor(None, True)
+    try:
+        return _Anchor(load_public_key(coordinator_key), False)
+    except (OSError, CryptoError) as exc:
+        raise _fail(EXIT_UNREADABLE, f"coordinator key {coordinator_key}: {exc}") from exc
+
+
+def _unpinned_warning(key_id_hex: str) -> str:
+    return (
+        "warning: verified only against the log's own key (coordinator key "
+        f"{key_id_hex or '?'}, named by the log's genesis entry), not against a pinned one: a log "
+        "forged under a fresh key verifies too. Pin the coordinator's public key with "
+        "--coordinator-key PUB.pem. Exit 3."
+    )
+
+
+def _wal_warning(log: Path, size: int) -> str:
+    return (
+        f"warning: {wal_file(log)} exists beside the log ({size} bytes of committed pages not "
+        f"yet checkpointed into {log.name}): the log is open in a running coordinator, or its "
+        "writer did not stop cleanly. This check read both files, but a copy of "
+        f"{log.name} alone may silently miss entries: back up a live log with fedseal-backup "
+        f'or sqlite3 {log} ".backup COPY.sqlite" (SQLite\'s online backup), never with cp.'
+    )
+
+
+def _wal_bytes(log: Path) -> int:
+    try:
+        return wal_file(log).stat().st_size
+    except OSError:
+        return 0
 
 
 def _open(path: Path) -> MerkleLogStore:
@@ -200,10 +292,16 @@ def verify_log(
     jobs: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> VerifiedLog:
-    """Verify the log at ``path`` (library entry point of ``fl-audit verify``).
+    """Verify the log at ``path`` (library entry point of ``fl-audit verify``): the entries,
+    the signed tree heads and every unsigned copy the store keeps
+    (:meth:`~fedseal.protocol.audit.AuditVerifier.verify_store`).
+
+    ``coordinator_key`` is the trust anchor; without it the tree heads are checked against the
+    key the log's genesis names (the result says so: ``coordinator_key_pinned`` is false), which
+    proves nothing about who wrote the log.
 
     Raises:
-        AuditVerificationError: The first bad entry or tree head.
+        AuditVerificationError: The first bad entry, tree head or stored copy.
         fedseal.crypto.auditlog.AuditLogError: The file is not a readable fedseal log.
     """
     store = MerkleLogStore.open(path, read_only=True)
@@ -215,7 +313,7 @@ def verify_log(
             consortium_authority=consortium_authority,
             submit_signatures=checker,
             progress=progress,
-        ).run_rows(store.iter_leaf_rows(), store.tree_heads())
+        ).verify_store(store)
     finally:
         checker.close()
         store.close()
@@ -224,13 +322,11 @@ def verify_log(
 @app.command("verify")
 def verify_cmd(
     log: LogArg,
+    coordinator_key: CoordinatorKeyOpt = None,
+    trust_log_key: TrustLogKeyOpt = False,
     roster: Annotated[
         Path | None,
         typer.Option(help="Trusted roster (JSON) the log's enrolments and roots must agree with."),
-    ] = None,
-    coordinator_key: Annotated[
-        Path | None,
-        typer.Option(help="Pinned coordinator public key (PEM); else the log's genesis key."),
     ] = None,
     consortium_authority: Annotated[
         Path | None,
@@ -247,21 +343,34 @@ def verify_cmd(
             help="Processes for signature checks (0: CPUs - 1 up to 8 on 4+ CPUs, else 1).",
         ),
     ] = 0,
+    allow_open: Annotated[
+        bool,
+        typer.Option(
+            "--allow-open", help="Exit 0 (not 3) when the last run has not ended (a live log)."
+        ),
+    ] = False,
+    allow_wal: Annotated[
+        bool,
+        typer.Option(
+            "--allow-wal",
+            help="Exit 0 (not 3) when a non-empty LOG-wal file lies beside the log (a live log); "
+            "the warning is printed all the same.",
+        ),
+    ] = False,
     strict: Annotated[
-        bool, typer.Option(help="Exit 3 if the log is incomplete (open run, uncovered entries).")
+        bool, typer.Option(help="Exit 3 on any warning (e.g. entries after the last tree head).")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Recompute the Merkle tree and check every signature, tree head and run rule.
+    """Recompute the Merkle tree and check every signature, tree head, run rule and stored copy.
 
-    Names the first bad entry (index, type, failed check) and exits 1 if anything fails.
+    Needs a trust anchor: --coordinator-key PUB.pem (the log's genesis key must be that key),
+    or --trust-log-key (checks against the log's own key; warns and exits 3). Names the first
+    bad entry, tree head or stored row (table, row, column) and exits 1 if anything fails;
+    exits 3 if the checks hold but the run has not ended (--allow-open), a -wal file lies
+    beside the log (--allow-wal), or the key was not pinned.
     """
-    pinned = None
-    if coordinator_key is not None:
-        try:
-            pinned = load_public_key(coordinator_key)
-        except (OSError, CryptoError) as exc:
-            raise _fail(EXIT_UNREADABLE, f"coordinator key {coordinator_key}: {exc}") from exc
+    anchor = _anchor("verify", coordinator_key, trust_log_key)
     authority = None
     if consortium_authority is not None:
         try:
@@ -274,6 +383,7 @@ def verify_cmd(
     store = _open(log)
     total = store.size
     store.close()
+    wal_size = _wal_bytes(log)
     n_jobs = jobs or _default_jobs()
     show_progress = not as_json and sys.stderr.isatty()
     try:
@@ -281,7 +391,7 @@ def verify_cmd(
             task = bar.add_task("verifying", total=total)
             result = verify_log(
                 log,
-                coordinator_key=pinned,
+                coordinator_key=anchor.key,
                 roster=trusted,
                 consortium_authority=authority,
                 jobs=n_jobs,
@@ -306,11 +416,31 @@ def verify_cmd(
         raise typer.Exit(EXIT_FAILED) from exc
     except AuditLogError as exc:
         raise _fail(EXIT_UNREADABLE, f"{log}: {exc}") from exc
+    # Why the verdict is qualified (exit 3), and the warnings that go to stderr.
+    qualified: list[str] = []
+    notes: list[str] = []
+    if anchor.trust_log_key:
+        qualified.append("log-key-only")
+        notes.append(_unpinned_warning(result.coordinator_key_id))
+    if wal_size:
+        notes.append(_wal_warning(log, wal_size))
+        if not allow_wal:
+            qualified.append("wal-file")
+    if any(status == "open" for _, status, _, _ in result.runs) and not allow_open:
+        qualified.append("open-run")
+        notes.append("warning: the last run has not ended (--allow-open for a live log). Exit 3.")
+    if strict and result.warnings:
+        qualified.append("warnings")
+    code = EXIT_INCOMPLETE if qualified else EXIT_OK
     if as_json:
         typer.echo(
             json.dumps(
                 {
                     "ok": True,
+                    "exit_code": code,
+                    "qualified": qualified,
+                    "coordinator_key_id": result.coordinator_key_id,
+                    "trust_anchor": "coordinator-key" if anchor.key is not None else "log-key",
                     "entries": result.entries,
                     "tree_heads": result.tree_heads,
                     "signatures": result.signatures,
@@ -321,6 +451,7 @@ def verify_cmd(
                     ],
                     "accepted_envelopes": result.accepted_envelopes,
                     "rejected_envelopes": result.rejected_envelopes,
+                    "evaluations": result.evaluations,
                     "consortium_rosters": [
                         {
                             "consortium": c,
@@ -330,6 +461,7 @@ def verify_cmd(
                         }
                         for c, v, d, k in result.consortium_rosters
                     ],
+                    "wal_bytes": wal_size,
                     "warnings": list(result.warnings),
                 }
             )
@@ -338,6 +470,14 @@ def verify_cmd(
         typer.echo(
             f"OK: {result.entries} entries, {result.tree_heads} signed tree heads, "
             f"{result.signatures} site signatures, root {result.root_hash.hex()}"
+        )
+        typer.echo(
+            f"  coordinator key {result.coordinator_key_id}: "
+            + (
+                "pinned (--coordinator-key)"
+                if anchor.key is not None
+                else "the log's own, NOT pinned"
+            )
         )
         for run_id, status, done, failed in result.runs:
             typer.echo(f"  run {run_id}: {status}, {done} rounds completed, {failed} failed")
@@ -348,23 +488,75 @@ def verify_cmd(
             )
         for warning in result.warnings:
             typer.echo(f"  warning: {warning}")
-    if strict and result.warnings:
-        raise typer.Exit(EXIT_INCOMPLETE)
+    for note in notes:
+        typer.echo(f"fl-audit: {note}", err=True)
+    if code != EXIT_OK:
+        raise typer.Exit(code)
+
+
+def _signed_heads(store: MerkleLogStore) -> list[tuple[SignedTreeHead, bytes]]:
+    """The stored tree heads as signed (decoded from their blobs, not from the unsigned
+    columns), with their bytes; blobs that do not decode are left out."""
+    heads = []
+    for stored in store.tree_heads():
+        try:
+            heads.append((SignedTreeHead.from_bytes(stored.blob), stored.blob))
+        except ProtocolError:
+            continue
+    return heads
 
 
 def _head_for(
     store: MerkleLogStore, min_size: int, tree_size: int | None
-) -> tuple[int, bytes, str]:
-    """(size, root, signed tree head b64 or "") to prove against."""
+) -> tuple[int, bytes, str, SignedTreeHead | None]:
+    """(size, root, signed tree head b64 or "", the signed tree head or None) to prove against."""
+    heads = _signed_heads(store)
     if tree_size is None:
-        latest = store.latest_tree_head()
-        if latest is not None and latest.tree_size >= min_size:
-            return latest.tree_size, latest.root_hash, base64.b64encode(latest.blob).decode()
+        if heads and heads[-1][0].tree_size >= min_size:
+            latest, blob = heads[-1]
+            return latest.tree_size, latest.root_hash, base64.b64encode(blob).decode(), latest
         tree_size = store.size
-    for head in store.tree_heads():
+    for head, blob in heads:
         if head.tree_size == tree_size:
-            return tree_size, head.root_hash, base64.b64encode(head.blob).decode()
-    return tree_size, store.root(tree_size), ""
+            return tree_size, head.root_hash, base64.b64encode(blob).decode(), head
+    return tree_size, store.root(tree_size), "", None
+
+
+def _check_anchor_head(store: MerkleLogStore, anchor: _Anchor, head: SignedTreeHead | None) -> str:
+    """Check the log's genesis key against the anchor and ``head``'s signature under it;
+    return the coordinator key id (hex).
+
+    Raises:
+        typer.Exit: EXIT_FAILED naming what does not hold.
+    """
+    try:
+        genesis = decode_entry(store.entries(0, 1)[0].data)
+    except (AuditLogError, ProtocolError) as exc:
+        raise _fail(EXIT_FAILED, f"the log's genesis entry is unreadable: {exc}") from exc
+    if not isinstance(genesis, Genesis):
+        raise _fail(EXIT_FAILED, "entry 0 is not the log's genesis entry")
+    log_kid = hashlib.sha256(genesis.coordinator_key_der).hexdigest()
+    if anchor.key is not None:
+        pinned_kid = hashlib.sha256(public_key_to_der(anchor.key)).hexdigest()
+        if pinned_kid != log_kid:
+            raise _fail(
+                EXIT_FAILED,
+                f"the log's genesis names coordinator key {log_kid}, not the pinned coordinator "
+                f"key {pinned_kid}",
+            )
+    if head is not None:
+        try:
+            key = anchor.key or public_key_from_der(genesis.coordinator_key_der)
+            if head.log_id != genesis.log_id:
+                raise _fail(EXIT_FAILED, "the signed tree head names another log")
+            head.verify(key)
+        except (CryptoError, ProtocolError) as exc:
+            raise _fail(
+                EXIT_FAILED,
+                f"the signed tree head of size {head.tree_size} does not verify under the "
+                f"coordinator key {log_kid}: {exc}",
+            ) from exc
+    return log_kid
 
 
 @app.command("prove")
@@ -372,6 +564,8 @@ def prove_cmd(
     log: LogArg,
     site: Annotated[str, typer.Option(help="Site id whose accepted masked input to prove.")],
     round: Annotated[int, typer.Option("--round", min=1, help="Round number.")],
+    coordinator_key: CoordinatorKeyOpt = None,
+    trust_log_key: TrustLogKeyOpt = False,
     run_id: Annotated[
         str | None, typer.Option(help="Run id (hex); default: the latest run.")
     ] = None,
@@ -382,23 +576,27 @@ def prove_cmd(
 ) -> None:
     """Print an inclusion proof of a site's accepted masked-input envelope for a round.
 
-    The proof is checked before it is printed; a site verifies it with
-    fedseal.crypto.merkle.verify_inclusion against a signed tree head it trusts.
+    Needs a trust anchor (--coordinator-key PUB.pem, or --trust-log-key: exit 3). The proof
+    is checked before it is printed, against the root of a signed tree head whose signature
+    verifies under the anchor; a site verifies it with fedseal.crypto.merkle.verify_inclusion
+    against a signed tree head it trusts. A root no signed tree head covers exits 3.
     """
+    anchor = _anchor("prove", coordinator_key, trust_log_key)
     store = _open(log)
     try:
         rid = bytes.fromhex(run_id) if run_id else None
         index = find_input(store, site, round, rid)
         if index is None:
             raise _fail(EXIT_FAILED, f"no accepted masked input from {site!r} in round {round}")
-        size, root, sth = _head_for(store, index + 1, tree_size)
+        size, root, sth, head = _head_for(store, index + 1, tree_size)
         if not index < size <= store.size:
             raise _fail(EXIT_FAILED, f"tree size {size} does not contain entry {index}")
+        kid = _check_anchor_head(store, anchor, head)
         entry = store.entries(index, index + 1)[0]
         lh = leaf_hash(entry.data)
         proof = store.inclusion_proof(index, size)
         verify_inclusion(lh, index, size, proof, root)
-    except (AuditLogError, MerkleProofError, ValueError) as exc:
+    except (AuditLogError, MerkleProofError, ValueError, ProtocolError) as exc:
         raise _fail(EXIT_FAILED, f"cannot prove: {exc}") from exc
     finally:
         store.close()
@@ -421,6 +619,19 @@ def prove_cmd(
         for i, h in enumerate(proof):
             typer.echo(f"  path[{i}] {h.hex()}")
         typer.echo("proof verifies")
+    code = EXIT_OK
+    if not sth:
+        typer.echo(
+            f"fl-audit: warning: no signed tree head covers size {size}: the root is the log "
+            "file's own, signed by nobody. Exit 3.",
+            err=True,
+        )
+        code = EXIT_INCOMPLETE
+    if anchor.trust_log_key:
+        typer.echo(f"fl-audit: {_unpinned_warning(kid)}", err=True)
+        code = EXIT_INCOMPLETE
+    if code != EXIT_OK:
+        raise typer.Exit(code)
 
 
 @app.command("consistency")
@@ -436,7 +647,7 @@ def consistency_cmd(
     """Print (and check) a consistency proof that the log at OLD_SIZE is a prefix of a newer one."""
     store = _open(log)
     try:
-        size, new_root, sth = _head_for(store, old_size, new_size)
+        size, new_root, sth, _ = _head_for(store, old_size, new_size)
         old_root = store.root(old_size)
         proof = store.consistency_proof(old_size, size)
         verify_consistency(old_size, size, old_root, new_root, proof)
@@ -471,8 +682,10 @@ class _RoundView:
     index: int
     status: str
     survivors: tuple[str, ...]
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # the round result's, then the evaluation's (which win)
     new_model: str
+    eval_examples: int | None = None  # from the round's evaluation entry, if logged
+    eval_sites: tuple[str, ...] = ()
 
 
 @dataclass
@@ -545,6 +758,13 @@ def _collect(store: MerkleLogStore) -> _LogView:
             )
         elif isinstance(entry, Checkpoint):
             view.checkpoints.append((entry.name, entry.round, entry.model_digest.hex()))
+        elif isinstance(entry, Evaluation):
+            for r in reversed(view.rounds):
+                if r.run == current[:8] and r.round == entry.round:
+                    r.metrics = {**r.metrics, **entry.metric_values}
+                    r.eval_examples = entry.num_examples
+                    r.eval_sites = entry.sites
+                    break
         elif isinstance(entry, RunEnd) and view.runs:
             view.runs[-1] = (view.runs[-1][0], entry.status.name.lower())
             current = ""
@@ -559,13 +779,20 @@ def _collect(store: MerkleLogStore) -> _LogView:
                 )
             )  # fmt: skip
     for head in store.tree_heads():
-        view.tree_heads.append((head.seq, head.tree_size, head.root_hash.hex(), head.timestamp_ms))
+        try:  # the signed values, not the table's unsigned copies of them
+            sth = SignedTreeHead.from_bytes(head.blob)
+            view.tree_heads.append((head.seq, sth.tree_size, sth.root_hash.hex(), sth.timestamp_ms))
+        except ProtocolError:
+            view.tree_heads.append((head.seq, -1, "undecodable", -1))
     return view
 
 
 @app.command("show")
 def show_cmd(log: LogArg) -> None:
-    """Print runs, rounds (survivors, metrics), rejections and tree heads as tables."""
+    """Print runs, rounds (survivors, evaluation metrics), rejections and tree heads as tables.
+
+    A view, not a verdict: it checks nothing (run fl-audit verify for that).
+    """
     store = _open(log)
     try:
         view = _collect(store)
@@ -575,6 +802,7 @@ def show_cmd(log: LogArg) -> None:
     console.print(
         f"[bold]{log}[/bold]: {view.entries} entries, {len(view.tree_heads)} signed tree heads"
         + (f", log id {view.genesis.log_id.hex()}" if view.genesis else "")
+        + " (not verified: fl-audit verify LOG --coordinator-key PUB.pem checks it)"
     )
     if view.undecodable:
         console.print(f"[red]undecodable entries: {view.undecodable[:20]}[/red]")
@@ -593,8 +821,11 @@ def show_cmd(log: LogArg) -> None:
             c.digest[:12], c.authority_key_id[:12],
         )  # fmt: skip
     console.print(t)
-    t = Table(title="Rounds")
-    for col in ("run", "round", "entry", "status", "survivors", "accuracy", "loss", "new model"):
+    t = Table(title="Rounds (accuracy, loss, macro-F1: federated evaluation of the new model)")
+    for col in (
+        "run", "round", "entry", "status", "survivors", "accuracy", "loss", "macro-F1",
+        "eval examples", "new model",
+    ):  # fmt: skip
         t.add_column(col)
     for r in view.rounds:
         t.add_row(
@@ -605,6 +836,8 @@ def show_cmd(log: LogArg) -> None:
             ", ".join(r.survivors),
             _fmt(r.metrics.get("accuracy")),
             _fmt(r.metrics.get("loss")),
+            _fmt(r.metrics.get("macro-f1")),
+            "" if r.eval_examples is None else str(r.eval_examples),
             r.new_model[:16],
         )
     console.print(t)
@@ -733,12 +966,15 @@ def render_report(view: _LogView, title: str, verdict: str) -> str:
     for idx, r in enumerate(view.rounds, 1):
         for name, value in r.metrics.items():
             series.setdefault(name, []).append((idx, value))
-    acc = {k: v for k, v in series.items() if "acc" in k}
-    loss = {k: v for k, v in series.items() if "acc" not in k}
+    loss = {k: v for k, v in series.items() if "loss" in k}
+    acc = {k: v for k, v in series.items() if "loss" not in k}
     reasons = Counter(reason for *_, reason in view.rejections)
     rows = "".join(
         f"<tr><td>{html.escape(r.run)}</td><td>{r.round}</td><td>{r.status}</td>"
-        f"<td>{html.escape(', '.join(r.survivors))}</td><td>{r.new_model[:16]}</td></tr>"
+        f"<td>{html.escape(', '.join(r.survivors))}</td><td>{_fmt(r.metrics.get('accuracy'))}</td>"
+        f"<td>{_fmt(r.metrics.get('loss'))}</td><td>{_fmt(r.metrics.get('macro-f1'))}</td>"
+        f"<td>{'' if r.eval_examples is None else r.eval_examples}</td>"
+        f"<td>{r.new_model[:16]}</td></tr>"
         for r in view.rounds
     )
     rej = "".join(
@@ -760,15 +996,17 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;fo
 <h1>fedseal audit report</h1>
 <p>{html.escape(title)}: {view.entries} entries, {len(view.tree_heads)} signed tree heads.</p>
 <p><b>Verification:</b> {html.escape(verdict)}</p>
-<h2>Accuracy per round</h2>{_svg_lines(acc, "accuracy per round")}
+<h2>Accuracy and macro-F1 per round</h2>{_svg_lines(acc, "accuracy per round")}
 <h2>Loss per round</h2>{_svg_lines(loss, "loss per round")}
 <h2>Participation per site per round</h2>
 <p>green: masked input accepted; red: rejected; grey: none.</p>{_svg_participation(view)}
 <h2>Rejection reasons</h2>{_svg_bars(reasons, "rejection reasons")}
 <h2>Consortium rosters</h2><table><tr><th>entry</th><th>run</th><th>consortium</th>
 <th>version</th><th>sites</th><th>revoked</th><th>digest</th><th>authority</th></tr>{consortium}</table>
-<h2>Rounds</h2><table><tr><th>run</th><th>round</th><th>status</th><th>survivors</th>
-<th>new model</th></tr>{rows}</table>
+<h2>Rounds</h2>
+<p>Accuracy, loss and macro-F1: the federated evaluation of the round's new model, as logged.</p>
+<table><tr><th>run</th><th>round</th><th>status</th><th>survivors</th><th>accuracy</th>
+<th>loss</th><th>macro-F1</th><th>eval examples</th><th>new model</th></tr>{rows}</table>
 <h2>Rejected envelopes</h2><table><tr><th>entry</th><th>run/round</th><th>site</th><th>stage</th>
 <th>reason</th></tr>{rej}</table>
 </body></html>
@@ -779,25 +1017,53 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;fo
 def report_cmd(
     log: LogArg,
     out: Annotated[Path, typer.Option(help="Where to write the HTML report.")],
-    verify: Annotated[bool, typer.Option(help="Also verify the log and state the verdict.")] = True,
+    coordinator_key: CoordinatorKeyOpt = None,
+    trust_log_key: TrustLogKeyOpt = False,
+    verify: Annotated[
+        bool,
+        typer.Option(help="Also verify the log and state the verdict (needs a trust anchor)."),
+    ] = True,
 ) -> None:
-    """Write a self-contained HTML report: accuracy/loss, participation, rejection reasons."""
+    """Write a self-contained HTML report: accuracy/loss, participation, rejection reasons.
+
+    With --verify (the default) the report states the verdict of fl-audit verify, so it needs a
+    trust anchor: --coordinator-key PUB.pem, or --trust-log-key (verdict and exit 3 say the
+    key was not pinned). Exits 1 (after writing the report) if verification fails.
+    """
+    anchor = _anchor("report", coordinator_key, trust_log_key) if verify else None
     store = _open(log)
     try:
         view = _collect(store)
     finally:
         store.close()
     verdict = "not checked"
-    if verify:
+    code = EXIT_OK
+    if anchor is not None:
         try:
-            result = verify_log(log, jobs=_default_jobs())
-            verdict = f"all checks hold ({result.entries} entries)" + "".join(
-                f"; warning: {w}" for w in result.warnings
-            )
-        except AuditVerificationError as exc:
+            result = verify_log(log, coordinator_key=anchor.key, jobs=_default_jobs())
+            if anchor.key is not None:
+                verdict = (
+                    f"all checks hold against the pinned coordinator key "
+                    f"{result.coordinator_key_id} ({result.entries} entries, "
+                    f"{result.tree_heads} signed tree heads)"
+                )
+            else:
+                verdict = (
+                    f"checks hold ({result.entries} entries), but only against the coordinator "
+                    f"key the log names itself ({result.coordinator_key_id}), NOT a pinned one: "
+                    "a log forged under a fresh key would pass too"
+                )
+                typer.echo(f"fl-audit: {_unpinned_warning(result.coordinator_key_id)}", err=True)
+                code = EXIT_INCOMPLETE
+            verdict += "".join(f"; warning: {w}" for w in result.warnings)
+        except (AuditVerificationError, AuditLogError) as exc:
             verdict = f"FAILED: {exc}"
+            code = EXIT_FAILED
     out.write_text(render_report(view, str(log), verdict), encoding="utf-8")
     typer.echo(f"wrote {out}")
+    if code != EXIT_OK:
+        typer.echo(f"fl-audit: verification: {verdict}", err=True)
+        raise typer.Exit(code)
 
 
 def _jsonable(entry: AuditEntry) -> dict[str, Any]:

@@ -10,7 +10,9 @@ Usage (inside the ServerApp)::
     audit.envelopes(rnd, server.log)       # every accepted/rejected envelope of the round
     audit.round_result(rnd, aggregate_digest, new_digest)   # + a signed tree head
     audit.checkpoint(rnd, model_digest, file_sha256, name)
-    audit.run_end()
+    audit.evaluation(rnd, {"accuracy": .., "loss": .., "macro-f1": ..}, examples, sites)
+    audit.run_end()                        # + a signed tree head; the WAL checkpointed
+    audit.close()                          # checkpoints the WAL into audit.sqlite again
 
 Roster changes are mirrored from the roster file's hash-chained events (``roster.events``):
 the count already mirrored is the number of roster entries in the log, so re-opening is
@@ -19,12 +21,20 @@ is verified under the roster authority's public key and recorded as the authorit
 (:class:`fedseal.protocol.audit.ConsortiumRosterRecord`) at run start and whenever the file's
 version changes; a version lower than the one in force is refused. Envelopes are recorded after the protocol state machine verified them (the
 machine verifies and sums in one call); the round result, which the auditor checks against
-them, is always written after.
+them, is always written after. A round's federated evaluation (aggregated accuracy, loss,
+macro-F1, example count, the sites counted) is its own signed entry
+(:class:`fedseal.protocol.audit.Evaluation`), written once the evaluation of the round's new
+model is aggregated: the round result precedes the model leaving the coordinator.
+
+The log runs in SQLite WAL mode: after the run end (and on :meth:`RunAudit.close`) the WAL is
+checkpointed into ``audit.sqlite`` and truncated, so the file alone is the whole log once a run
+has ended; copies of a live log are made with SQLite's online backup (``fedseal-backup``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -305,9 +315,35 @@ class RunAudit:
     def checkpoint(self, rnd: int, model_digest: bytes, file_sha256: bytes, name: str) -> None:
         self.log.append_checkpoint(rnd, model_digest=model_digest, file_digest=file_sha256, name=name)
 
+    def evaluation(
+        self, rnd: int, metrics: dict[str, float], num_examples: int, sites: Iterable[str]
+    ) -> bool:
+        """Record round ``rnd``'s aggregated evaluation of its new model (finite numeric metrics
+        only; names over 64 bytes are left out). Returns whether there was anything to record.
+
+        Raises:
+            fedseal.protocol.audit.AuditStateError: The log refuses it (not the last round, a
+                failed round, a second evaluation).
+        """
+        values = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            and 0 < len(k.encode()) <= 64 and abs(v) < 9.2e12
+        }  # fmt: skip
+        if not values:
+            return False
+        self.log.append_evaluation(
+            rnd, metrics=values, num_examples=max(0, int(num_examples)), sites=sites,
+            now_ms=_now_ms(),
+        )  # fmt: skip
+        return True
+
     def run_end(self) -> None:
         self.log.append_run_end(RunStatus.COMPLETED, ended_at_ms=_now_ms())
         self.log.sign_tree_head(_now_ms())
+        # The run is over: make audit.sqlite alone the whole log (a reader may keep it open).
+        self.log.store.checkpoint()
 
     def close(self) -> None:
         self.log.close()

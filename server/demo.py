@@ -272,6 +272,30 @@ def start_site(site_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
         )
 
 
+def _verify_audit_log(console: Console, log: Path, pub: Path) -> bool:
+    """What an auditor does: ``fl-audit verify`` against the coordinator's public key (the trust
+    anchor the sites pin), then print the commands to do it by hand. Returns whether it held."""
+    from fedseal.crypto.auditlog import AuditLogError
+    from fedseal.protocol.audit import AuditVerificationError
+    from fedseal.server.audit_cli import verify_log
+
+    try:
+        result = verify_log(log, coordinator_key=load_public_key(pub))
+    except (AuditVerificationError, AuditLogError, OSError) as exc:
+        console.print(f"[red]audit log verification failed[/red]: {escape(str(exc))}")
+        return False
+    console.print(
+        f"audit log verified against the pinned coordinator key: {result.entries} entries, "
+        f"{result.tree_heads} signed tree heads, {result.signatures} site signatures, "
+        f"{result.evaluations} round evaluations"
+    )
+    fl_audit = _bin("fl-audit")
+    hint = f"{fl_audit} verify {log} --coordinator-key {pub}"
+    console.print(f"verify it yourself: {escape(hint)}", soft_wrap=True)
+    console.print(f"rounds with their accuracy: {escape(f'{fl_audit} show {log}')}", soft_wrap=True)
+    return True
+
+
 def run_demo(
     *, workdir: Path | None, rounds: int, num_sites: int, console: Console, secure: bool = True,
     setup_with_evaluation: bool = True,
@@ -288,7 +312,8 @@ def run_demo(
     console.print(
         "Secure rounds (SecAgg+, signed envelopes, dataset roots checked against the roster) "
         "over Flower with TLS and SuperNode key authentication; every envelope, round result "
-        "and checkpoint goes into the signed Merkle audit log (check it with `fl-audit verify`)."
+        "and checkpoint goes into the signed Merkle audit log (checked at the end with "
+        "`fl-audit verify` against the pinned coordinator key)."
         if secure
         else "[yellow]--plain:[/yellow] updates reach the coordinator in the clear (inside TLS)."
     )
@@ -338,6 +363,9 @@ def run_demo(
     console.print(f"accuracy per round: {', '.join(f'{a:.3f}' for a in accs if isinstance(a, float))}")
     console.print(f"final model: {outcome.model}")
     console.print(f"audit log: {outcome.audit_log or 'none (see serverapp.log)'}")
+    if outcome.audit_log:
+        if not _verify_audit_log(console, Path(outcome.audit_log), fed.server_toml.parent / "coordinator.pub"):
+            return 1
     if fed.audit_port is not None:
         counts = {sdir.name: len(site_receipts(sdir)) for sdir in fed.sites}
         console.print(

@@ -56,7 +56,9 @@ goes on with the others if enough remain, else it fails with a message naming th
 Audit log (secure mode): ``state_dir/audit.sqlite`` (:mod:`fedseal.server.audit_hook`) gets the
 roster changes, the run start, every accepted/rejected envelope of each round (written after the
 state machine verified it, before the round result), each round result with a signed tree
-head, each checkpoint and the run end. An entry the log refuses disables audit logging for the
+head, each checkpoint, each round's aggregated evaluation metrics (an ``evaluation`` entry
+written after the evaluation: the round result is committed before the new model leaves the
+coordinator) and the run end. An entry the log refuses disables audit logging for the
 rest of the run with an error in ``serverapp.log`` and ``status.json`` (training continues).
 
 Consortium roster (``[consortium]`` in ``server.toml``): before it waits for the sites, the run
@@ -914,6 +916,16 @@ def _collect_adverts(run: _Run, ahead: SetupAhead, replies: list[Message]) -> No
         ahead.refused[site] = str(reason) if reason else "evaluation reply without a key advert"
 
 
+def _eval_examples(replies: list[Message]) -> int:
+    """The evaluation examples the replies' metrics cover (their ``num-examples``)."""
+    total = 0
+    for r in replies:
+        n = r.content["metrics"].get("num-examples", 0)
+        if isinstance(n, int | float) and not isinstance(n, bool) and 0 <= n <= 10**12:
+            total += int(n)
+    return total
+
+
 def _summary(round_: int, total: int, rec: dict[str, Any]) -> str:
     acc = rec.get("accuracy")
     parts = [
@@ -1272,6 +1284,14 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
                 rec["macro_f1"] = float(agg_eval.get("macro-f1", float("nan")))
                 rec["loss"] = float(agg_eval.get("loss", float("nan")))
                 run.metrics.accuracy.set(rec["accuracy"])
+                if secure is not None and secure.audit is not None:
+                    # The round's result went into the log before the model left for
+                    # evaluation; its aggregated metrics follow as their own signed entry.
+                    metrics = {k: v for k, v in agg_eval.items() if k != "num-examples"}
+                    evaluated = sorted({run.node_sites[int(r.metadata.src_node_id)] for r in ereplies})
+                    secure.audit_call(
+                        "evaluation", secure.audit.evaluation, rnd, metrics, _eval_examples(ereplies), evaluated
+                    )
             run.metrics.rounds.inc()
             run.metrics.survivors.set(rec["accepted"])
         rec["seconds"] = time.monotonic() - t0

@@ -429,7 +429,7 @@ EOF
   auditlog=$(find "$WORKDIR/coord/state" -maxdepth 2 -type f -name 'audit*' ! -name '*-wal' ! -name '*-shm' -print -quit)
   if [[ -z $auditlog ]]; then
     fail "audit-verify" "fl-server wrote no audit log (audit*) under $WORKDIR/coord/state"
-  elif "$BIN/fl-audit" verify "$auditlog" >"$WORKDIR/audit.log" 2>&1; then
+  elif "$BIN/fl-audit" verify "$auditlog" --coordinator-key "$WORKDIR/coord/coordinator.pub" >"$WORKDIR/audit.log" 2>&1; then
     pass "audit-verify"
   else
     fail "audit-verify" "fl-audit verify failed: $(tail -1 "$WORKDIR/audit.log")"

@@ -4,14 +4,17 @@
 Usage::
 
     fedseal-backup /var/lib/fedseal/audit.sqlite /backup/fedseal            # one backup
-    fedseal-backup /var/lib/fedseal/audit.sqlite /backup/fedseal --keep 14 --verify
+    fedseal-backup /var/lib/fedseal/audit.sqlite /backup/fedseal --keep 14 \
+        --verify --coordinator-key /etc/fedseal/keys/coordinator.pub
 
 Uses SQLite's online backup API (``sqlite3.Connection.backup``), which copies a consistent
 snapshot page by page while fl-server keeps appending (WAL mode): never ``cp`` a live WAL
 database, the copy can miss committed pages that are still in the ``-wal`` file. The copy is
 checked with ``PRAGMA integrity_check``, fsynced, renamed into place atomically as
 ``<stem>-<UTC timestamp>.sqlite`` and described by a ``.sha256`` file next to it. With
-``--verify`` the copy must also pass ``fl-audit verify`` (the Merkle tree and every signature).
+``--verify`` the copy must also pass ``fl-audit verify --coordinator-key KEY --allow-open``
+(the Merkle tree and every signature, anchored on the coordinator's public key; a copy taken
+during a run holds an open run).
 ``--keep N`` deletes all but the newest N backups of that database in the destination.
 
 Stdlib only (runs in the coordinator image without fedseal on the import path).
@@ -112,8 +115,8 @@ def backup(source: Path, dest_dir: Path, *, now: datetime) -> BackupResult:
     return BackupResult(path=final, sha256=digest, size=final.stat().st_size, pages=int(pages))
 
 
-def verify_with_fl_audit(copy: Path, fl_audit: str) -> None:
-    """Run ``fl-audit verify`` on the copy.
+def verify_with_fl_audit(copy: Path, fl_audit: str, coordinator_key: Path) -> None:
+    """Run ``fl-audit verify`` on the copy, anchored on ``coordinator_key``.
 
     Raises:
         BackupError: If fl-audit is missing or reports a failure.
@@ -121,7 +124,8 @@ def verify_with_fl_audit(copy: Path, fl_audit: str) -> None:
     exe = shutil.which(fl_audit)
     if exe is None:
         raise BackupError(copy, f"{fl_audit} not found on PATH (needed for --verify)")
-    proc = subprocess.run([exe, "verify", str(copy)], capture_output=True, text=True, check=False)
+    argv = [exe, "verify", str(copy), "--coordinator-key", str(coordinator_key), "--allow-open"]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
         raise BackupError(copy, f"fl-audit verify exited {proc.returncode}: {' '.join(tail)}")
@@ -144,13 +148,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep", type=int, default=0, help="keep only the newest N backups (0: keep all)")
     parser.add_argument("--verify", action="store_true", help="also run `fl-audit verify` on the copy")
     parser.add_argument("--fl-audit", default="fl-audit", help="fl-audit executable")
+    parser.add_argument(
+        "--coordinator-key", type=Path, help="the coordinator's public key (needed with --verify)"
+    )
     args = parser.parse_args(argv)
     if args.keep < 0:
         parser.error("--keep must be >= 0")
+    if args.verify and args.coordinator_key is None:
+        parser.error("--verify needs --coordinator-key (fl-audit verifies against a pinned key)")
     try:
         result = backup(args.database, args.dest, now=datetime.now(UTC))
         if args.verify:
-            verify_with_fl_audit(result.path, args.fl_audit)
+            verify_with_fl_audit(result.path, args.fl_audit, args.coordinator_key)
     except BackupError as exc:
         print(f"fedseal-backup: error: {exc}", file=sys.stderr)
         return 1

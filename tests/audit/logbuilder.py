@@ -84,8 +84,13 @@ def build_run_log(
     sites: dict[str, ec.EllipticCurvePrivateKey] | None = None,
     end_run: bool = True,
     revoke_last_after_round: int | None = 2,
+    evaluations: bool = False,
 ) -> BuiltLog:
-    """A complete run; site ``n_sites-1`` is revoked after ``revoke_last_after_round``."""
+    """A complete run; site ``n_sites-1`` is revoked after ``revoke_last_after_round``.
+
+    With ``evaluations``, each round's checkpoint is followed by its evaluation entry
+    (accuracy, loss, macro-F1 of the new model over the sites' validation examples), as the
+    coordinator logs it."""
     clock = Clock()
     coordinator = coordinator or generate_identity_key()
     if sites is None:
@@ -187,6 +192,18 @@ def build_run_log(
             file_digest=digest("ckpt", rnd),
             name=f"round-{rnd}.safetensors",
         )
+        if evaluations:
+            log.append_evaluation(
+                rnd,
+                metrics={
+                    "accuracy": 0.6 + 0.1 * rnd,
+                    "loss": 1.5 / rnd,
+                    "macro-f1": 0.5 + 0.1 * rnd,
+                },
+                num_examples=500 * len(names),
+                sites=[s for s in names if s not in revoked],
+                now_ms=clock(),
+            )
         model = new_model
         built.models.append(model)
         if revoke_last_after_round == rnd:

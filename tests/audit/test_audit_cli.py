@@ -13,13 +13,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from typer.testing import CliRunner
 
 from fedseal.crypto import merkle
-from fedseal.crypto.keys import generate_identity_key, save_public_key
+from fedseal.crypto.keys import generate_identity_key, key_id, save_public_key
 from fedseal.protocol.audit import EnvelopeRecord, SignedTreeHead, decode_entry
 from fedseal.server.audit_cli import (
     EXIT_FAILED,
     EXIT_INCOMPLETE,
     EXIT_OK,
     EXIT_UNREADABLE,
+    EXIT_USAGE,
     app,
 )
 from tests.audit.logbuilder import BuiltLog, build_run_log
@@ -30,6 +31,18 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> BuiltLog:
     return build_run_log(tmp_path_factory.mktemp("cli") / "audit.sqlite")
+
+
+def anchor(pub: str) -> list[str]:
+    return ["--coordinator-key", pub]
+
+
+@pytest.fixture(scope="module")
+def pub(built: BuiltLog, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The coordinator's public key file: the auditor's trust anchor."""
+    path = tmp_path_factory.mktemp("anchor") / "coordinator.pub"
+    save_public_key(built.coordinator.public_key(), path)
+    return str(path)
 
 
 def test_verify_exits_zero_and_reports_counts_for_a_good_log(
@@ -45,7 +58,9 @@ def test_verify_exits_zero_and_reports_counts_for_a_good_log(
     assert out["ok"] and out["entries"] == 40 and out["runs"][0]["completed_rounds"] == 3
 
 
-def test_verify_accepts_a_matching_trusted_roster_file(built: BuiltLog, tmp_path: Path) -> None:
+def test_verify_accepts_a_matching_trusted_roster_file(
+    built: BuiltLog, pub: str, tmp_path: Path
+) -> None:
     roster = {
         "sites": [
             {
@@ -60,14 +75,21 @@ def test_verify_accepts_a_matching_trusted_roster_file(built: BuiltLog, tmp_path
     }
     path = tmp_path / "roster.json"
     path.write_text(json.dumps(roster))
-    result = runner.invoke(app, ["verify", str(built.path), "--roster", str(path), "--jobs", "1"])
+    result = runner.invoke(
+        app,
+        ["verify", str(built.path), "--roster", str(path), "--jobs", "1", "--coordinator-key", pub],
+    )
     assert result.exit_code == EXIT_OK, result.output
     path.write_text("{not json")
-    result = runner.invoke(app, ["verify", str(built.path), "--roster", str(path)])
+    result = runner.invoke(
+        app, ["verify", str(built.path), "--roster", str(path), "--coordinator-key", pub]
+    )
     assert result.exit_code == EXIT_UNREADABLE
 
 
-def test_verify_names_the_first_bad_entry_and_exits_one(built: BuiltLog, tmp_path: Path) -> None:
+def test_verify_names_the_first_bad_entry_and_exits_one(
+    built: BuiltLog, pub: str, tmp_path: Path
+) -> None:
     path = tmp_path / "bad.sqlite"
     shutil.copy(built.path, path)
     conn = sqlite3.connect(path)
@@ -75,36 +97,53 @@ def test_verify_names_the_first_bad_entry_and_exits_one(built: BuiltLog, tmp_pat
     conn.execute("UPDATE entries SET data=? WHERE idx=14", (data[:-1] + bytes([data[-1] ^ 1]),))
     conn.commit()
     conn.close()
-    result = runner.invoke(app, ["verify", str(path), "--json", "--jobs", "2"])
+    result = runner.invoke(
+        app, ["verify", str(path), "--json", "--jobs", "2", "--coordinator-key", pub]
+    )
     assert result.exit_code == EXIT_FAILED
     out = json.loads(result.output)
     assert out == {**out, "ok": False, "index": 14, "check": "leaf-hash", "entry_type": "envelope"}
-    text = runner.invoke(app, ["verify", str(path)])
+    text = runner.invoke(app, ["verify", str(path), "--coordinator-key", pub])
     assert text.exit_code == EXIT_FAILED and "entry 14 (envelope): leaf-hash" in text.output
 
 
-def test_verify_of_a_missing_or_foreign_file_exits_four(tmp_path: Path) -> None:
+def test_verify_of_a_missing_or_foreign_file_exits_four(pub: str, tmp_path: Path) -> None:
     assert (
-        runner.invoke(app, ["verify", str(tmp_path / "nope.sqlite")]).exit_code == EXIT_UNREADABLE
+        runner.invoke(
+            app, ["verify", str(tmp_path / "nope.sqlite"), "--coordinator-key", pub]
+        ).exit_code
+        == EXIT_UNREADABLE
     )
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"garbage" * 1000)
-    assert runner.invoke(app, ["verify", str(junk)]).exit_code == EXIT_UNREADABLE
+    assert (
+        runner.invoke(app, ["verify", str(junk), "--coordinator-key", pub]).exit_code
+        == EXIT_UNREADABLE
+    )
 
 
-def test_strict_verify_flags_a_run_that_has_not_ended(tmp_path: Path) -> None:
+def test_verify_exits_three_on_a_run_that_has_not_ended_unless_allowed(tmp_path: Path) -> None:
     built = build_run_log(tmp_path / "open.sqlite", rounds=1, end_run=False)
-    assert runner.invoke(app, ["verify", str(built.path)]).exit_code == EXIT_OK
-    result = runner.invoke(app, ["verify", str(built.path), "--strict"])
+    pub = tmp_path / "coordinator.pub"
+    save_public_key(built.coordinator.public_key(), pub)
+    result = runner.invoke(app, ["verify", str(built.path), "--coordinator-key", str(pub)])
+    assert result.exit_code == EXIT_INCOMPLETE, result.output
+    assert "has not ended" in result.output
+    allowed = ["verify", str(built.path), "--coordinator-key", str(pub), "--allow-open"]
+    assert runner.invoke(app, allowed).exit_code == EXIT_OK
+    result = runner.invoke(app, [*allowed, "--strict"])
     assert result.exit_code == EXIT_INCOMPLETE
     assert "has not ended" in result.output
+    out = json.loads(runner.invoke(app, [*allowed[:-1], "--json"]).stdout)
+    assert out["ok"] and out["exit_code"] == EXIT_INCOMPLETE and out["qualified"] == ["open-run"]
 
 
 def test_prove_prints_an_inclusion_proof_that_verifies_against_the_signed_head(
-    built: BuiltLog,
+    built: BuiltLog, pub: str
 ) -> None:
     result = runner.invoke(
-        app, ["prove", str(built.path), "--site", "site-b", "--round", "2", "--json"]
+        app,
+        ["prove", str(built.path), "--site", "site-b", "--round", "2", "--json", *anchor(pub)],
     )
     assert result.exit_code == EXIT_OK, result.output
     out = json.loads(result.output)
@@ -123,9 +162,12 @@ def test_prove_prints_an_inclusion_proof_that_verifies_against_the_signed_head(
     assert isinstance(record, EnvelopeRecord) and record.site == "site-b" and record.accepted
 
 
-def test_prove_for_a_rejected_input_exits_one(built: BuiltLog) -> None:
+def test_prove_for_a_rejected_input_exits_one(built: BuiltLog, pub: str) -> None:
     # site-a's round-2 input was rejected (unapproved dataset root).
-    result = runner.invoke(app, ["prove", str(built.path), "--site", "site-a", "--round", "2"])
+    result = runner.invoke(
+        app,
+        ["prove", str(built.path), "--site", "site-a", "--round", "2", "--coordinator-key", pub],
+    )
     assert result.exit_code == EXIT_FAILED
 
 
@@ -154,10 +196,12 @@ def test_show_prints_rounds_rejections_and_tree_heads(built: BuiltLog) -> None:
 
 
 def test_report_writes_a_self_contained_html_page_with_plots(
-    built: BuiltLog, tmp_path: Path
+    built: BuiltLog, pub: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "report.html"
-    result = runner.invoke(app, ["report", str(built.path), "--out", str(out)])
+    result = runner.invoke(
+        app, ["report", str(built.path), "--out", str(out), "--coordinator-key", pub]
+    )
     assert result.exit_code == EXIT_OK, result.output
     page = out.read_text()
     assert page.count("<svg") == 4
@@ -195,16 +239,93 @@ def test_a_pinned_key_file_that_cannot_be_read_exits_four(built: BuiltLog, tmp_p
         runner.invoke(app, ["verify", str(built.path), "--coordinator-key", str(bad)]).exit_code
         == EXIT_UNREADABLE
     )
+
+
+def test_verify_refuses_a_log_whose_genesis_names_another_key_naming_both_key_ids(
+    built: BuiltLog, tmp_path: Path
+) -> None:
+    other_key = generate_identity_key()
     other = tmp_path / "other.pem"
-    save_public_key(generate_identity_key().public_key(), other)
-    assert (
-        runner.invoke(app, ["verify", str(built.path), "--coordinator-key", str(other)]).exit_code
-        == EXIT_FAILED
+    save_public_key(other_key.public_key(), other)
+    result = runner.invoke(app, ["verify", str(built.path), "--coordinator-key", str(other)])
+    assert result.exit_code == EXIT_FAILED
+    log_kid = bytes(key_id(built.coordinator.public_key())).hex()
+    pinned_kid = bytes(key_id(other_key.public_key())).hex()
+    assert "coordinator-key" in result.output
+    assert log_kid in result.output and pinned_kid in result.output
+
+
+def test_a_log_forged_under_a_fresh_key_fails_against_the_pinned_key(
+    built: BuiltLog, pub: str, tmp_path: Path
+) -> None:
+    # The attacker rebuilds the whole log under a key of its own: internally consistent.
+    forged = build_run_log(tmp_path / "forged.sqlite", sites=built.sites, seed=7)
+    result = runner.invoke(app, ["verify", str(forged.path), "--coordinator-key", pub])
+    assert result.exit_code == EXIT_FAILED and "coordinator-key" in result.output
+    # Against its own key it passes the checks, but never with exit 0, and says why.
+    result = runner.invoke(app, ["verify", str(forged.path), "--trust-log-key"])
+    assert result.exit_code == EXIT_INCOMPLETE
+    assert "OK:" in result.stdout and "NOT pinned" in result.stdout
+    assert "verified only against the log's own key" in result.stderr
+    out = json.loads(
+        runner.invoke(app, ["verify", str(forged.path), "--trust-log-key", "--json"]).stdout
     )
+    assert out["trust_anchor"] == "log-key" and out["qualified"] == ["log-key-only"]
+    assert out["coordinator_key_id"] == bytes(key_id(forged.coordinator.public_key())).hex()
+
+
+@pytest.mark.parametrize("command", ["verify", "prove", "report"])
+def test_commands_that_vouch_for_the_log_need_a_trust_anchor(
+    built: BuiltLog, pub: str, tmp_path: Path, command: str
+) -> None:
+    extra = {
+        "verify": [],
+        "prove": ["--site", "site-b", "--round", "2"],
+        "report": ["--out", str(tmp_path / "r.html")],
+    }[command]
+    result = runner.invoke(app, [command, str(built.path), *extra])
+    assert result.exit_code == EXIT_USAGE
+    assert "needs a trust anchor" in result.stderr and "--coordinator-key" in result.stderr
+    both = [command, str(built.path), *extra, "--coordinator-key", pub, "--trust-log-key"]
+    assert runner.invoke(app, both).exit_code == EXIT_USAGE
+    unpinned = runner.invoke(app, [command, str(built.path), *extra, "--trust-log-key"])
+    assert unpinned.exit_code == EXIT_INCOMPLETE, unpinned.output
+    assert "verified only against the log's own key" in unpinned.stderr
+    pinned = runner.invoke(app, [command, str(built.path), *extra, "--coordinator-key", pub])
+    assert pinned.exit_code == EXIT_OK, pinned.output
+
+
+def test_prove_checks_the_tree_head_signature_under_the_pinned_key(
+    built: BuiltLog, pub: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "resigned.sqlite"
+    shutil.copy(built.path, path)
+    conn = sqlite3.connect(path)
+    seq, blob = conn.execute(
+        "SELECT seq, blob FROM tree_heads ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    head = SignedTreeHead.from_bytes(blob)
+    forged = SignedTreeHead.create(
+        generate_identity_key(), log_id=head.log_id, tree_size=head.tree_size,
+        root_hash=head.root_hash, timestamp_ms=head.timestamp_ms,
+    )  # fmt: skip
+    conn.execute("UPDATE tree_heads SET blob=? WHERE seq=?", (forged.to_bytes(), seq))
+    conn.commit()
+    conn.close()
+    args = ["prove", str(path), "--site", "site-b", "--round", "2", "--coordinator-key", pub]
+    result = runner.invoke(app, args)
+    assert result.exit_code == EXIT_FAILED and "does not verify" in result.stderr
+
+
+def test_prove_against_a_size_no_tree_head_covers_exits_three(built: BuiltLog, pub: str) -> None:
+    args = ["prove", str(built.path), "--site", "site-b", "--round", "1", "--coordinator-key", pub]
+    result = runner.invoke(app, [*args, "--tree-size", "30"])
+    assert result.exit_code == EXIT_INCOMPLETE and "(unsigned)" in result.stdout
+    assert "no signed tree head covers size 30" in result.stderr
 
 
 def test_verify_accepts_the_coordinators_roster_file_as_the_trusted_roster(
-    built: BuiltLog, tmp_path: Path
+    built: BuiltLog, pub: str, tmp_path: Path
 ) -> None:
     from fedseal.server.roster import Roster as ServerRoster
 
@@ -213,13 +334,14 @@ def test_verify_accepts_the_coordinators_roster_file_as_the_trusted_roster(
         roster = roster.enroll(s, k.public_key(), [built.roots[s].hex()], now_ms=1)
     roster.save(tmp_path / "roster.json")
     result = runner.invoke(
-        app, ["verify", str(built.path), "--roster", str(tmp_path / "roster.json")]
+        app,
+        ["verify", str(built.path), "--roster", str(tmp_path / "roster.json"), *anchor(pub)],
     )
     assert result.exit_code == EXIT_OK, result.output
 
 
 def test_worker_processes_report_a_bad_signature_at_its_entry(
-    built: BuiltLog, tmp_path: Path
+    built: BuiltLog, pub: str, tmp_path: Path
 ) -> None:
     import dataclasses
 
@@ -240,7 +362,9 @@ def test_worker_processes_report_a_bad_signature_at_its_entry(
     )
     conn.commit()
     conn.close()
-    result = runner.invoke(app, ["verify", str(path), "--json", "--jobs", "2"])
+    result = runner.invoke(
+        app, ["verify", str(path), "--json", "--jobs", "2", "--coordinator-key", pub]
+    )
     assert result.exit_code == EXIT_FAILED
     out = json.loads(result.output)
     assert (out["index"], out["check"]) == (i, "signature")

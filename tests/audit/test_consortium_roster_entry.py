@@ -318,21 +318,26 @@ def test_fl_audit_verify_show_and_report_list_the_consortium_roster(
     consortium: Consortium, tmp_path: Path
 ) -> None:
     path = tmp_path / "audit.sqlite"
-    _run_log(path, consortium, [(0, 1), (2, 2)])
+    coordinator = _run_log(path, consortium, [(0, 1), (2, 2)])
+    pub = tmp_path / "coordinator.pub"
+    save_public_key(coordinator.public_key(), pub)
+    anchor = ["--coordinator-key", str(pub)]
     authority = tmp_path / "authority.key.pub"
     save_public_key(consortium.public, authority)
     result = runner.invoke(
-        app, ["verify", str(path), "--jobs", "1", "--consortium-authority", str(authority)]
+        app,
+        ["verify", str(path), "--jobs", "1", "--consortium-authority", str(authority), *anchor],
     )
     assert result.exit_code == EXIT_OK, result.output
     assert "consortium roster 'eu-hospitals': version 2" in result.output
-    result = runner.invoke(app, ["verify", str(path), "--jobs", "1", "--json"])
+    result = runner.invoke(app, ["verify", str(path), "--jobs", "1", "--json", *anchor])
     out = json.loads(result.output)
     assert out["consortium_rosters"][0]["version"] == 2
     stranger = tmp_path / "stranger.pub"
     save_public_key(generate_identity_key().public_key(), stranger)
     result = runner.invoke(
-        app, ["verify", str(path), "--jobs", "1", "--consortium-authority", str(stranger)]
+        app,
+        ["verify", str(path), "--jobs", "1", "--consortium-authority", str(stranger), *anchor],
     )
     assert result.exit_code == EXIT_FAILED and "consortium-authority" in result.output
     result = runner.invoke(app, ["show", str(path)], env={"COLUMNS": "160"})
@@ -343,7 +348,7 @@ def test_fl_audit_verify_show_and_report_list_the_consortium_roster(
     assert [line.split("│")[4].strip() for line in rows] == ["1", "2"]  # version
     assert [line.split("│")[5].strip() for line in rows] == ["3", "2"]  # active sites
     report = tmp_path / "report.html"
-    result = runner.invoke(app, ["report", str(path), "--out", str(report)])
+    result = runner.invoke(app, ["report", str(path), "--out", str(report), *anchor])
     assert result.exit_code == EXIT_OK, result.output
     html = report.read_text()
     assert "Consortium rosters" in html and "eu-hospitals" in html and "all checks hold" in html

@@ -91,8 +91,33 @@ def test_backup_with_verify_fails_when_fl_audit_rejects_the_copy(tmp_path: Path)
     fake = tmp_path / "fl-audit"
     fake.write_text("#!/bin/sh\necho 'entry 3: signature invalid' >&2\nexit 1\n")
     fake.chmod(0o755)
-    code, _, err = backup(src, tmp_path / "b", "--verify", "--fl-audit", str(fake))
+    key = tmp_path / "coordinator.pub"
+    code, _, err = backup(
+        src, tmp_path / "b", "--verify", "--fl-audit", str(fake), "--coordinator-key", str(key)
+    )
     assert code == 1 and "fl-audit verify exited 1: entry 3: signature invalid" in err
+
+
+def test_backup_with_verify_needs_the_coordinator_key(tmp_path: Path) -> None:
+    src = tmp_path / "audit.sqlite"
+    make_wal_db(src, 5)
+    code, _, err = backup(src, tmp_path / "b", "--verify")
+    assert code == 2 and "--verify needs --coordinator-key" in err
+
+
+def test_backup_with_verify_anchors_fl_audit_on_the_key_and_allows_an_open_run(tmp_path: Path) -> None:
+    src = tmp_path / "audit.sqlite"
+    make_wal_db(src, 5)
+    fake = tmp_path / "fl-audit"
+    args = tmp_path / "args"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {args}\nexit 0\n')
+    fake.chmod(0o755)
+    key = tmp_path / "coordinator.pub"
+    code, _, _ = backup(
+        src, tmp_path / "b", "--verify", "--fl-audit", str(fake), "--coordinator-key", str(key)
+    )
+    assert code == 0
+    assert f"--coordinator-key {key} --allow-open" in args.read_text()
 
 
 # --- Grafana dashboard ---------------------------------------------------------------------

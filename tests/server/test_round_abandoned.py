@@ -107,3 +107,24 @@ def test_an_honest_secure_run_commits_every_round(
         RoundStatus.COMPLETED,
     ]
     assert fx.metric("fedseal_rounds_abandoned_total", {"reason": "aggregate-out-of-range"}) is None
+    # Each committed round's federated evaluation is in the signed log, after its result.
+    from fedseal.crypto.keys import load_private_key
+    from fedseal.protocol.audit import Evaluation
+    from fedseal.server.audit_cli import verify_log
+    from tests.server._fedgrid import EXAMPLES
+
+    path = fx.cfg.coordinator.state_dir / "audit.sqlite"
+    with MerkleLogStore.open(path, read_only=True) as store:
+        evals = [
+            (i, decode_entry(store.entries(i, i + 1)[0].data))
+            for i in store.find(int(EntryKind.EVALUATION))
+        ]
+        results = store.find(int(EntryKind.ROUND_RESULT))
+    assert [e.round for _, e in evals if isinstance(e, Evaluation)] == [1, 2]
+    assert all(i > r for (i, _), r in zip(evals, results, strict=True))
+    for _, e in evals:
+        assert isinstance(e, Evaluation)
+        assert e.metric_values == {"accuracy": 0.75, "loss": 0.5, "macro-f1": 0.7}
+        assert e.num_examples == EXAMPLES * len(SITES) and e.sites == tuple(SITES)
+    key = load_private_key(fx.cfg.coordinator.key).public_key()
+    assert verify_log(path, coordinator_key=key).evaluations == 2
