@@ -36,6 +36,11 @@ What the coordinator must provide: an audit service (or any :class:`AuditSource`
 the latest STH, inclusion and consistency proofs, and the index of the site's accepted input;
 and it must sign a tree head after every round result (``AuditLog.sign_tree_head``), so the
 site's entry is covered when it checks.
+
+The stored tree heads are the site's outside view of the log: ``fl-client receipts export``
+writes them (:func:`witness_records`, one JSON object a line) for an auditor, whose
+``fl-audit verify LOG --coordinator-key PUB --witness FILE`` fails on a log that was cut back
+below, or rewritten under, a head the site saw.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ __all__ = [
     "ReceiptError",
     "ReceiptPendingError",
     "SiteReceipts",
+    "read_tree_heads",
+    "witness_records",
 ]
 
 log = logging.getLogger("fedseal.client")
@@ -144,6 +151,57 @@ class Receipt:
     root_hash: bytes
 
 
+def read_tree_heads(receipts_dir: str | os.PathLike[str]) -> list[SignedTreeHead]:
+    """The tree heads a :class:`ReceiptChecker` stored in ``receipts_dir``, in the order seen
+    (each was checked when stored: signature, log id, consistency with all seen before).
+
+    Raises:
+        ReceiptError: If the stored state is corrupt.
+    """
+    path = Path(receipts_dir) / _HEADS
+    if not path.exists():
+        return []
+    heads = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            heads.append(SignedTreeHead.from_bytes(base64.b64decode(json.loads(line)["sth"])))
+        except (ValueError, KeyError, TypeError, DecodeError) as exc:
+            raise ReceiptError("state", f"{path} line {number} is corrupt") from exc
+    return heads
+
+
+def witness_records(receipts_dir: str | os.PathLike[str], site: str) -> list[dict[str, str | int]]:
+    """The site's witnessed tree heads as ``fl-client receipts export`` writes them (one JSON
+    object a line; ``fl-audit verify --witness FILE`` reads them): each distinct head once, in
+    the order first seen.
+
+    Each record: ``site``, ``log_id`` (hex), ``tree_size``, ``root_hash`` (hex),
+    ``timestamp_ms`` and ``sth_b64``, the signed tree head's canonical bytes (base64). Only
+    ``sth_b64`` is signed; the auditor checks the other fields against it.
+
+    Raises:
+        ReceiptError: If the stored state is corrupt.
+    """
+    records: list[dict[str, str | int]] = []
+    seen: set[bytes] = set()
+    for head in read_tree_heads(receipts_dir):
+        blob = head.to_bytes()
+        if blob in seen:
+            continue
+        seen.add(blob)
+        records.append(
+            {
+                "site": site,
+                "log_id": head.log_id.hex(),
+                "tree_size": head.tree_size,
+                "root_hash": head.root_hash.hex(),
+                "timestamp_ms": head.timestamp_ms,
+                "sth_b64": base64.b64encode(blob).decode(),
+            }
+        )
+    return records
+
+
 class ReceiptChecker:
     """Checks receipts and tree-head consistency; keeps its state in ``state_dir``."""
 
@@ -167,16 +225,7 @@ class ReceiptChecker:
         Raises:
             ReceiptError: If the stored state is corrupt.
         """
-        path = self._dir / _HEADS
-        if not path.exists():
-            return []
-        heads = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                heads.append(SignedTreeHead.from_bytes(base64.b64decode(json.loads(line)["sth"])))
-            except (ValueError, KeyError, TypeError, DecodeError) as exc:
-                raise ReceiptError("state", f"{path} line {number} is corrupt") from exc
-        return heads
+        return read_tree_heads(self._dir)
 
     def _append_line(self, name: str, record: dict[str, object]) -> None:
         with (self._dir / name).open("a", encoding="utf-8") as fh:

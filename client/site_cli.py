@@ -1,4 +1,5 @@
-"""``fl-client keys init`` and ``fl-client run``.
+"""``fl-client keys init``, ``fl-client run``, ``fl-client policy show`` and
+``fl-client receipts export``.
 
 Exit codes: 0 success; 1 the site was refused or stopped on an error at a named step
 (dataset changed, key not enrolled, TLS failure, ...); 2 bad usage or configuration.
@@ -7,12 +8,14 @@ Heavy imports (torch, flwr) happen inside the commands, never at import time.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -109,3 +112,69 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  {line}")
 
     app.add_typer(policy_app, name="policy")
+
+    receipts_app = typer.Typer(
+        help="The signed tree heads this site verified (its audit receipts).", no_args_is_help=True
+    )
+
+    @receipts_app.command("export")
+    def receipts_export(
+        config: Annotated[Path, typer.Option(help="client.toml")] = Path("client.toml"),
+        out: Annotated[Path | None, typer.Option(help="Write here instead of to stdout.")] = None,
+    ) -> None:
+        """Write the coordinator's signed tree heads this site verified, one JSON object a line.
+
+        Give the file to the auditor: fl-audit verify LOG --coordinator-key PUB --witness FILE
+        fails if the log was cut back below, or rewritten under, any of these heads.
+        """
+        from fedseal.client.config import ClientConfigError, load_client_config
+        from fedseal.client.receipts import ReceiptError, witness_records
+        from fedseal.crypto.keys import write_atomic
+
+        try:
+            cfg = load_client_config(config)
+        except ClientConfigError as exc:
+            console.print(f"[red]error:[/red] {escape(str(config))}: {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(EXIT_USAGE) from exc
+        receipts_dir = cfg.state_dir / "receipts"
+        try:
+            records = witness_records(receipts_dir, cfg.name)
+        except ReceiptError as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(EXIT_FAILED) from exc
+        if not records:
+            console.print(
+                f"[red]error:[/red] site {escape(cfg.name)} has no witnessed tree heads in "
+                f"{escape(str(receipts_dir))}: a site keeps them only with \\[coordinator] "
+                "audit_address set, from its first checked round on",
+                soft_wrap=True,
+            )
+            raise typer.Exit(EXIT_FAILED)
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            try:
+                write_atomic(out, text.encode(), mode=0o644)
+            except OSError as exc:
+                console.print(
+                    f"[red]error:[/red] cannot write {escape(str(out))}: {escape(str(exc))}",
+                    soft_wrap=True,
+                )
+                raise typer.Exit(EXIT_USAGE) from exc
+        sizes = [int(r["tree_size"]) for r in records]
+        console.print(
+            f"wrote {len(records)} signed tree heads of site {escape(cfg.name)} (sizes "
+            f"{min(sizes)} to {max(sizes)}, log {records[0]['log_id']}) to "
+            f"{escape(str(out or 'stdout'))}",
+            soft_wrap=True,
+        )
+        if (receipts_dir / "BLOCKED").exists():
+            console.print(
+                f"[yellow]note:[/yellow] this site is blocked "
+                f"({escape(str(receipts_dir / 'BLOCKED'))}): a "
+                "receipt check failed; the heads above all passed their checks when stored",
+                soft_wrap=True,
+            )
+
+    app.add_typer(receipts_app, name="receipts")

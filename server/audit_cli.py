@@ -4,6 +4,7 @@ Example::
 
     fl-audit verify audit.sqlite --coordinator-key coordinator.pub --roster roster.json
     fl-audit verify audit.sqlite --coordinator-key coordinator.pub --consortium-authority authority.key.pub
+    fl-audit verify audit.sqlite --coordinator-key coordinator.pub --witness site-a.heads --witness site-b.heads
     fl-audit prove audit.sqlite --coordinator-key coordinator.pub --site site-a --round 3 --json > receipt.json
     fl-audit consistency audit.sqlite 120
     fl-audit show audit.sqlite
@@ -15,20 +16,31 @@ coordinator's public key as the auditor obtained it out of band (``--coordinator
 e.g. the ``coordinator.pub`` the sites pin): the log's genesis entry must name exactly that key,
 and every signed tree head must verify under it. Without it a log forged wholesale under a
 fresh key would verify. ``--trust-log-key`` runs the checks against the key the log names itself
-instead: a warning on stderr and exit 3, never 0. (Further anchors, e.g. ``--witness FILE`` with
-tree heads the sites kept, are options beside these.)
+instead: a warning on stderr and exit 3, never 0.
+
+Witnesses (``--witness FILE``, repeatable, ``verify`` and ``report``, only with
+``--coordinator-key``): the signed tree heads a site kept, as ``fl-client receipts export`` writes
+them. The log alone cannot show that it was cut back to an earlier tree head or rewritten and
+re-signed with the coordinator's own key; a witness can. Every witnessed head must verify under
+the pinned key, name the log's id, and be consistent with the log (a prefix of it, by an RFC 6962
+consistency proof to the root recomputed from the entries); a head larger than the log means
+truncation. A failure names the witness file, line, site and tree size (exit 1); see
+``fedseal.server.audit_witness``.
 
 Exit codes (every command):
 
 * 0 — success (``verify``: every check holds against the pinned key, the run has ended);
-* 1 — verification failed / the requested proof or entry does not exist or does not verify;
-* 2 — usage error (bad option or argument; no trust anchor);
+* 1 — verification failed (a witnessed tree head included) / the requested proof or entry does
+  not exist or does not verify;
+* 2 — usage error (bad option or argument; no trust anchor; ``--witness`` without
+  ``--coordinator-key``);
 * 3 — the checks hold, but the verdict is qualified: only against the log's own key
   (``--trust-log-key``), a run that has not ended (unless ``--allow-open``), a non-empty
   ``-wal`` file beside the log (unless ``--allow-wal``: a copy of the main file alone is then
   not the whole log), ``prove`` against a root no signed tree head covers, or with
   ``verify --strict`` any warning (entries not yet covered by a signed tree head);
-* 4 — the log (or a key / roster file) cannot be read: missing, not a fedseal log, malformed.
+* 4 — the log (or a key / roster / witness file) cannot be read: missing, not a fedseal log,
+  malformed.
 
 Imports neither flwr nor torch (tests/test_layering.py checks it).
 
@@ -90,6 +102,14 @@ from fedseal.protocol.audit import (
 )
 from fedseal.protocol.errors import ProtocolError
 from fedseal.protocol.roster import Roster, RosterEntry
+from fedseal.server.audit_witness import (
+    LogView,
+    WitnessFile,
+    WitnessFormatError,
+    WitnessResult,
+    check_witness_file,
+    read_witness_file,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -103,7 +123,9 @@ app = typer.Typer(
         "Verify a fedseal audit log offline, prove inclusion of a site's update, report a run.\n\n"
         "verify, prove and report need a trust anchor: --coordinator-key PUB.pem, the "
         "coordinator's public key obtained out of band (the log's own genesis key must equal "
-        "it); --trust-log-key checks against the key the log names itself and exits 3.\n\n"
+        "it); --trust-log-key checks against the key the log names itself and exits 3. "
+        "--witness FILE (with --coordinator-key) adds the signed tree heads a site kept "
+        "(fl-client receipts export): a log cut back or rewritten under them fails.\n\n"
         "Exit codes: 0 ok; 1 verification failed / proof not found; 2 usage error (e.g. no "
         "trust anchor); 3 checks hold but qualified (log's own key only, open run, -wal file "
         "beside the log, verify --strict warnings); 4 unreadable log, key or roster file."
@@ -135,6 +157,16 @@ TrustLogKeyOpt = Annotated[
         "forged under a fresh key passes too). Prints a warning and exits 3, never 0.",
     ),
 ]
+WitnessOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--witness",
+        help="A site's witnessed tree heads (fl-client receipts export; repeatable; needs "
+        "--coordinator-key): each must verify under the pinned key, name this log and be a "
+        "prefix of it. A log cut back below, or rewritten under, a witnessed head fails (exit 1).",
+        show_default=False,
+    ),
+]
 
 
 def _fail(code: int, message: str) -> typer.Exit:
@@ -144,19 +176,28 @@ def _fail(code: int, message: str) -> typer.Exit:
 
 @dataclass(frozen=True)
 class _Anchor:
-    """What the auditor trusts: a pinned coordinator key, or (explicitly) the log's own key.
-
-    Witness files (tree heads the sites kept, ``--witness FILE``) are further anchors that
-    belong here, beside the key.
-    """
+    """What the auditor trusts: a pinned coordinator key, or (explicitly) the log's own key;
+    with the pinned key, the tree heads the sites kept (``--witness FILE``)."""
 
     key: ec.EllipticCurvePublicKey | None
     trust_log_key: bool
+    witnesses: tuple[WitnessFile, ...] = ()
 
 
-def _anchor(command: str, coordinator_key: Path | None, trust_log_key: bool) -> _Anchor:
+def _anchor(
+    command: str,
+    coordinator_key: Path | None,
+    trust_log_key: bool,
+    witness: Sequence[Path] | None = None,
+) -> _Anchor:
     if coordinator_key is not None and trust_log_key:
         raise _fail(EXIT_USAGE, "--coordinator-key and --trust-log-key exclude each other")
+    if witness and coordinator_key is None:
+        raise _fail(
+            EXIT_USAGE,
+            "--witness needs --coordinator-key PUB.pem: a witnessed tree head counts only if the "
+            "pinned coordinator key signed it",
+        )
     if coordinator_key is None and not trust_log_key:
         raise _fail(
             EXIT_USAGE,
@@ -168,9 +209,43 @@ def _anchor(command: str, coordinator_key: Path | None, trust_log_key: bool) -> 
     if coordinator_key is None:
         return _Anchor(None, True)
     try:
-        return _Anchor(load_public_key(coordinator_key), False)
+        key = load_public_key(coordinator_key)
     except (OSError, CryptoError) as exc:
         raise _fail(EXIT_UNREADABLE, f"coordinator key {coordinator_key}: {exc}") from exc
+    try:
+        files = tuple(read_witness_file(path) for path in witness or ())
+    except WitnessFormatError as exc:
+        raise _fail(EXIT_UNREADABLE, str(exc)) from exc
+    return _Anchor(key, False, files)
+
+
+def _check_witnesses(log: Path, anchor: _Anchor, result: VerifiedLog) -> list[WitnessResult]:
+    """Check the anchor's witness files against ``log``, which verified as ``result`` (its
+    entries and recomputed root); one result per file."""
+    if not anchor.witnesses or anchor.key is None:
+        return []
+    store = _open(log)
+    try:
+        genesis = decode_entry(store.entries(0, 1)[0].data)
+        if not isinstance(genesis, Genesis):  # verify_log checked it; the file changed since
+            raise _fail(EXIT_FAILED, f"{log}: entry 0 is no longer the genesis entry")
+        view = LogView(genesis.log_id, result.entries, result.root_hash, store.consistency_proof)
+        key = anchor.key
+        return [check_witness_file(w, coordinator_key=key, log=view) for w in anchor.witnesses]
+    except (AuditLogError, ProtocolError) as exc:
+        raise _fail(EXIT_UNREADABLE, f"{log}: {exc}") from exc
+    finally:
+        store.close()
+
+
+def _witness_summary(results: Sequence[WitnessResult]) -> str:
+    """``N witnessed tree heads from F file(s) (site(s) ...; up to size S)``."""
+    heads = sum(len(r.file.heads) for r in results)
+    sites = sorted({s for r in results for s in r.file.sites})
+    return (
+        f"{heads} witnessed tree heads from {len(results)} file(s) (site(s) {', '.join(sites)}; "
+        f"up to size {max(r.file.largest for r in results)})"
+    )
 
 
 def _unpinned_warning(key_id_hex: str) -> str:
@@ -324,6 +399,7 @@ def verify_cmd(
     log: LogArg,
     coordinator_key: CoordinatorKeyOpt = None,
     trust_log_key: TrustLogKeyOpt = False,
+    witness: WitnessOpt = None,
     roster: Annotated[
         Path | None,
         typer.Option(help="Trusted roster (JSON) the log's enrolments and roots must agree with."),
@@ -365,12 +441,15 @@ def verify_cmd(
     """Recompute the Merkle tree and check every signature, tree head, run rule and stored copy.
 
     Needs a trust anchor: --coordinator-key PUB.pem (the log's genesis key must be that key),
-    or --trust-log-key (checks against the log's own key; warns and exits 3). Names the first
+    or --trust-log-key (checks against the log's own key; warns and exits 3).
+    With --witness FILE (a site's exported receipts) every witnessed tree head must verify under
+    the pinned key and be a prefix of the log: a log cut back below one, or rewritten under one,
+    fails, naming the witness file, line, site and tree size. Names the first
     bad entry, tree head or stored row (table, row, column) and exits 1 if anything fails;
     exits 3 if the checks hold but the run has not ended (--allow-open), a -wal file lies
     beside the log (--allow-wal), or the key was not pinned.
     """
-    anchor = _anchor("verify", coordinator_key, trust_log_key)
+    anchor = _anchor("verify", coordinator_key, trust_log_key, witness)
     authority = None
     if consortium_authority is not None:
         try:
@@ -416,6 +495,33 @@ def verify_cmd(
         raise typer.Exit(EXIT_FAILED) from exc
     except AuditLogError as exc:
         raise _fail(EXIT_UNREADABLE, f"{log}: {exc}") from exc
+    witnessed = _check_witnesses(log, anchor, result)
+    contradicted = [r.failure for r in witnessed if r.failure is not None]
+    if contradicted:
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "ok": False,
+                        "check": "witness",
+                        "witnesses": [
+                            {
+                                "file": str(f.path),
+                                "line": f.line,
+                                "site": f.site,
+                                "tree_size": f.tree_size,
+                                "check": f.check,
+                                "detail": f.detail,
+                            }
+                            for f in contradicted
+                        ],
+                    }
+                )
+            )
+        else:
+            for failure in contradicted:
+                typer.echo(f"FAILED: {failure}", err=True)
+        raise typer.Exit(EXIT_FAILED)
     # Why the verdict is qualified (exit 3), and the warnings that go to stderr.
     qualified: list[str] = []
     notes: list[str] = []
@@ -463,6 +569,15 @@ def verify_cmd(
                     ],
                     "wal_bytes": wal_size,
                     "warnings": list(result.warnings),
+                    "witnesses": [
+                        {
+                            "file": str(r.file.path),
+                            "sites": list(r.file.sites),
+                            "tree_heads": r.checked,
+                            "largest_tree_size": r.file.largest,
+                        }
+                        for r in witnessed
+                    ],
                 }
             )
         )
@@ -470,6 +585,11 @@ def verify_cmd(
         typer.echo(
             f"OK: {result.entries} entries, {result.tree_heads} signed tree heads, "
             f"{result.signatures} site signatures, root {result.root_hash.hex()}"
+            + (
+                f"; {_witness_summary(witnessed)}: all consistent with the log"
+                if witnessed
+                else "; no witnesses (--witness FILE: the sites' receipts)"
+            )
         )
         typer.echo(
             f"  coordinator key {result.coordinator_key_id}: "
@@ -960,7 +1080,37 @@ def _svg_bars(counts: Counter[str], title: str) -> str:
     return "".join(parts)
 
 
-def render_report(view: _LogView, title: str, verdict: str) -> str:
+def _witness_rows(results: Sequence[WitnessResult]) -> str:
+    if not results:
+        return (
+            "<p>No witnesses checked: nothing outside the log shows that it was not cut back to "
+            "an earlier signed tree head, or rewritten and re-signed with the coordinator's key. "
+            "Collect the sites' receipts (<code>fl-client receipts export</code>) and pass them "
+            "with <code>--witness FILE</code>.</p>"
+        )
+    rows = "".join(
+        f"<tr><td>{html.escape(str(r.file.path))}</td><td>{html.escape(', '.join(r.file.sites))}"
+        f"</td><td>{len(r.file.heads)}</td><td>{r.file.largest}</td>"
+        + (
+            f'<td class="ok">consistent: all {r.checked} verify under the pinned key and are '
+            "prefixes of this log</td></tr>"
+            if r.failure is None
+            else f'<td class="bad">FAILED ({html.escape(r.failure.check)}): '
+            f"{html.escape(str(r.failure))}</td></tr>"
+        )
+        for r in results
+    )
+    return (
+        "<p>Signed tree heads the sites kept (their receipts), checked against this log: "
+        "signature under the pinned coordinator key, log id, and consistency (a witnessed head "
+        "must be a prefix of the log).</p><table><tr><th>witness file</th><th>site(s)</th>"
+        f"<th>tree heads</th><th>largest size</th><th>result</th></tr>{rows}</table>"
+    )
+
+
+def render_report(
+    view: _LogView, title: str, verdict: str, witnesses: Sequence[WitnessResult] = ()
+) -> str:
     """A self-contained HTML page (inline CSS and SVG, no scripts, no external resources)."""
     series: dict[str, list[tuple[int, float]]] = {}
     for idx, r in enumerate(view.rounds, 1):
@@ -996,6 +1146,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;fo
 <h1>fedseal audit report</h1>
 <p>{html.escape(title)}: {view.entries} entries, {len(view.tree_heads)} signed tree heads.</p>
 <p><b>Verification:</b> {html.escape(verdict)}</p>
+<h2>Witnesses</h2>{_witness_rows(witnesses)}
 <h2>Accuracy and macro-F1 per round</h2>{_svg_lines(acc, "accuracy per round")}
 <h2>Loss per round</h2>{_svg_lines(loss, "loss per round")}
 <h2>Participation per site per round</h2>
@@ -1019,6 +1170,7 @@ def report_cmd(
     out: Annotated[Path, typer.Option(help="Where to write the HTML report.")],
     coordinator_key: CoordinatorKeyOpt = None,
     trust_log_key: TrustLogKeyOpt = False,
+    witness: WitnessOpt = None,
     verify: Annotated[
         bool,
         typer.Option(help="Also verify the log and state the verdict (needs a trust anchor)."),
@@ -1028,9 +1180,16 @@ def report_cmd(
 
     With --verify (the default) the report states the verdict of fl-audit verify, so it needs a
     trust anchor: --coordinator-key PUB.pem, or --trust-log-key (verdict and exit 3 say the
-    key was not pinned). Exits 1 (after writing the report) if verification fails.
+    key was not pinned). With --witness FILE (needs --coordinator-key) the report lists each
+    witness file and whether the log is consistent with its tree heads. Exits 1 (after writing
+    the report) if verification or a witness fails.
     """
-    anchor = _anchor("report", coordinator_key, trust_log_key) if verify else None
+    if witness and not verify:
+        raise _fail(
+            EXIT_USAGE,
+            "--witness needs --verify: witnesses are checked against a log that verified",
+        )
+    anchor = _anchor("report", coordinator_key, trust_log_key, witness) if verify else None
     store = _open(log)
     try:
         view = _collect(store)
@@ -1038,14 +1197,25 @@ def report_cmd(
         store.close()
     verdict = "not checked"
     code = EXIT_OK
+    witnessed: list[WitnessResult] = []
     if anchor is not None:
         try:
             result = verify_log(log, coordinator_key=anchor.key, jobs=_default_jobs())
-            if anchor.key is not None:
+            witnessed = _check_witnesses(log, anchor, result)
+            contradicted = [r.failure for r in witnessed if r.failure is not None]
+            if contradicted:
+                verdict = "FAILED: " + "; ".join(str(f) for f in contradicted)
+                code = EXIT_FAILED
+            elif anchor.key is not None:
                 verdict = (
                     f"all checks hold against the pinned coordinator key "
                     f"{result.coordinator_key_id} ({result.entries} entries, "
-                    f"{result.tree_heads} signed tree heads)"
+                    f"{result.tree_heads} signed tree heads"
+                    + (
+                        f"; {_witness_summary(witnessed)}: all consistent with the log)"
+                        if witnessed
+                        else "; no witnesses checked)"
+                    )
                 )
             else:
                 verdict = (
@@ -1055,11 +1225,12 @@ def report_cmd(
                 )
                 typer.echo(f"fl-audit: {_unpinned_warning(result.coordinator_key_id)}", err=True)
                 code = EXIT_INCOMPLETE
-            verdict += "".join(f"; warning: {w}" for w in result.warnings)
+            if code != EXIT_FAILED:
+                verdict += "".join(f"; warning: {w}" for w in result.warnings)
         except (AuditVerificationError, AuditLogError) as exc:
             verdict = f"FAILED: {exc}"
             code = EXIT_FAILED
-    out.write_text(render_report(view, str(log), verdict), encoding="utf-8")
+    out.write_text(render_report(view, str(log), verdict, witnessed), encoding="utf-8")
     typer.echo(f"wrote {out}")
     if code != EXIT_OK:
         typer.echo(f"fl-audit: verification: {verdict}", err=True)
