@@ -841,6 +841,11 @@ def _error_reason(reply: Message) -> str:
     return _one_line(str(reason or "")) or "error reply without a reason"
 
 
+EVALUATION_REFUSED_RECORD = "evaluation-refused"
+"""In a site's ``evaluate`` reply without metrics: why it did not evaluate (``reason``; the site's
+``fedseal.client.flower_app.EVALUATION_REFUSED_RECORD``)."""
+
+
 def _report_site_error(run: _Run, rnd: int, site: str, reason: str, rec: dict[str, Any], stage: str) -> None:
     """One console line naming the enrolled ``site`` and its ``reason``, the round's record
     (``refused`` or ``site_errors``: site -> reason) and ``fedseal_site_errors_total``."""
@@ -1269,6 +1274,11 @@ def _run_federation(run: _Run, grid: Grid, cfg: ServerConfig, *, resume: bool) -
             for r in replies:
                 if r.has_error():
                     _report_site_error(run, rnd, _site_of(run, r), _error_reason(r), rec, "evaluate")
+                    continue
+                withheld = r.content.get(EVALUATION_REFUSED_RECORD)
+                if isinstance(withheld, ConfigRecord):  # the site returned no metrics, and why
+                    why = _one_line(str(withheld.get("reason", ""))) or "evaluation withheld"
+                    _report_site_error(run, rnd, _site_of(run, r), why, rec, "evaluate")
             ereplies = [
                 r
                 for r in replies

@@ -76,12 +76,15 @@ class FakeSite:
         fed: Federation,
         *,
         refuse_plain: bool = False,
+        withhold_evaluation: str = "",
         error_at: tuple[int, str, str] | None = None,
         tamper: Tamper | None = None,
     ) -> None:
         self.name = SiteId(name)
         self.fed = fed
         self.refuse_plain = refuse_plain
+        self.withhold_evaluation = withhold_evaluation  # a reason: no metrics, as a site
+        # without an audit address answers (client/flower_app.py)
         self.error_at = error_at  # (round, message type, reason): answered with an error reply
         self.tamper = tamper
         self.session: Any = None
@@ -113,6 +116,10 @@ class FakeSite:
             )
         if kind == "train.secagg":
             return self._secure(content)
+        if kind == "evaluate" and self.withhold_evaluation:
+            return RecordDict(
+                {"evaluation-refused": ConfigRecord({"reason": self.withhold_evaluation})}
+            )
         if kind == "evaluate":
             metrics = {"num-examples": EXAMPLES, "loss": 0.5, "accuracy": 0.75, "macro-f1": 0.7}
             return RecordDict({"metrics": MetricRecord(metrics)})

@@ -107,3 +107,18 @@ def test_any_other_error_reply_is_recorded_apart_from_refusals(
     )
     assert fx.metric("fedseal_site_errors_total", {"site": "site-a", "kind": "error"}) == 1
     assert fx.metric("fedseal_updates_rejected_total", {"reason": "site-error"}) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_site_withholding_its_evaluation_is_named_and_the_others_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reason = "refused: evaluation: this site cannot tie the model to the coordinator's signed log"
+    fx = Federated(
+        tmp_path, SITES, secure=False, rounds=1, **{"site-b": {"withhold_evaluation": reason}}
+    )
+    fx.run(monkeypatch)
+    (rec,) = fx.rounds()
+    assert rec["outcome"] == "committed" and rec["refused"] == {"site-b": reason}
+    assert "accuracy" in rec  # the other sites' evaluation
+    assert f"fedseal: round 1: site-b {reason}" in _console(capsys.readouterr().out)
