@@ -120,6 +120,22 @@ COMMIT;
 # The script's literals must match these.
 
 
+_SCHEMA: list[tuple[object, ...]] = []
+
+
+def _expected_schema() -> list[tuple[object, ...]]:
+    """``sqlite_master`` rows of a freshly created log, sorted (computed once)."""
+    if not _SCHEMA:
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            conn.executescript(_CREATE_SCRIPT)
+            rows = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
+        finally:
+            conn.close()
+        _SCHEMA.extend(sorted((tuple(r) for r in rows), key=repr))
+    return _SCHEMA
+
+
 class AuditLogError(CryptoError):
     """Base of the audit-log store's errors."""
 
@@ -654,7 +670,7 @@ class MerkleLogStore:
 
     def find(self, kind: int, *, round: int | None = None, site: str | None = None) -> list[int]:
         """Indices of entries with the given kind (and ``round``/``site`` tags), in order."""
-        sql = "SELECT idx FROM entries WHERE kind=?"
+        sql = "SELECT idx FROM entries WHERE idx >= 0 AND kind=?"
         args: list[object] = [kind]
         if round is not None:
             sql += " AND round=?"
@@ -728,6 +744,39 @@ class MerkleLogStore:
             StoredTreeHead(int(s), _as_int(n), _as_bytes(r), _as_int(t), _as_bytes(b))
             for s, n, r, t, b in rows
         ]
+
+    def integrity_problem(self) -> str | None:
+        """What is wrong with the database file itself, or ``None``: SQLite's
+        ``PRAGMA integrity_check`` must say ``ok`` (an index that disagrees with its table,
+        e.g. one redeclared through ``writable_schema``, makes look-ups see other rows than a
+        scan), the schema (``sqlite_master``) of the store's tables must be exactly the one it
+        creates (no other index or trigger on them), and the entries must start at ``idx`` 0 (a row at a
+        negative index is invisible to a verifier's scan but not to :meth:`find`).
+
+        Raises:
+            LogFormatError: If the database cannot be read.
+        """
+        with self._lock:
+            try:
+                check = [str(r[0]) for r in self._conn.execute("PRAGMA integrity_check(20)")]
+                rows = self._conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
+                own = {str(r[2]) for r in _expected_schema()}
+                schema = sorted((tuple(r) for r in rows if str(r[2]) in own), key=repr)
+                low = self._conn.execute("SELECT min(idx) FROM entries").fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                raise LogFormatError(f"database is corrupt: {exc}") from exc
+        if check != ["ok"]:
+            return "PRAGMA integrity_check: " + "; ".join(check[:5])
+        if schema != _expected_schema():
+            have = {(r[0], r[1]): r for r in schema}
+            want = {(r[0], r[1]): r for r in _expected_schema()}
+            odd = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+            return "the schema (sqlite_master) differs from a fedseal log's: " + ", ".join(
+                f"{kind} {name}" for kind, name in odd[:5]
+            )
+        if low is not None and low != 0:
+            return f"entries row idx={low}: entries are numbered from 0"
+        return None
 
     def tree_head_rows(self) -> list[tuple[int, object, object, object, object]]:
         """The raw ``(seq, tree_size, root_hash, timestamp_ms, blob)`` rows of ``tree_heads`` in

@@ -1364,6 +1364,10 @@ def check_signatures_serial(jobs: Sequence[SignatureJob]) -> JobFailure | None:
     return None
 
 
+MAX_EVALUATION_EXAMPLES = 10**12
+"""The most evaluation examples an :class:`Evaluation` may claim (a sanity bound)."""
+
+
 @dataclass(slots=True)
 class _Site:
     key_der: bytes
@@ -1688,6 +1692,27 @@ class _Semantics:
                 raise _Fail(
                     "not-enrolled", f"evaluation counts site {site!r}, which is not enrolled"
                 )
+            if not self.sites[site].active:
+                raise _Fail("evaluation", f"evaluation counts site {site!r}, which is revoked")
+        if not e.sites:
+            raise _Fail("evaluation", f"evaluation of round {e.round} names no site")
+        if e.num_examples > MAX_EVALUATION_EXAMPLES:
+            raise _Fail(
+                "evaluation",
+                f"evaluation of round {e.round} claims {e.num_examples} examples (more than "
+                f"{MAX_EVALUATION_EXAMPLES})",
+            )
+        values = dict(e.metrics)
+        for name in ("accuracy", "macro-f1"):
+            if name in values and not 0 <= values[name] <= 1_000_000:
+                raise _Fail(
+                    "evaluation",
+                    f"evaluation of round {e.round}: {name} {values[name] / 1e6} is outside [0, 1]",
+                )
+        if "loss" in values and values["loss"] < 0:
+            raise _Fail(
+                "evaluation", f"evaluation of round {e.round}: loss {values['loss'] / 1e6} < 0"
+            )
         run.evaluated = e.round
 
 
@@ -1788,6 +1813,10 @@ class VerifiedLog:
         coordinator_key_pinned: Whether that key was pinned by the caller (a trust anchor) or
             only taken from the log itself.
         evaluations: Number of evaluation entries (per-round evaluation metrics).
+        signed_entries: Entries covered by the largest signed tree head (``[0, signed_entries)``);
+            any after it (``entries - signed_entries``) are signed by nobody: anyone who can
+            write the file can append them.
+        open_run: Whether the last run has not ended (its run end is not in the log).
     """
 
     entries: int
@@ -1802,6 +1831,8 @@ class VerifiedLog:
     coordinator_key_id: str = ""
     coordinator_key_pinned: bool = False
     evaluations: int = 0
+    signed_entries: int = 0
+    open_run: bool = False
 
 
 class AuditVerifier:
@@ -1900,6 +1931,9 @@ class AuditVerifier:
             AuditVerificationError: The first failure.
             fedseal.crypto.auditlog.LogFormatError: The database cannot be read.
         """
+        problem = store.integrity_problem()
+        if problem is not None:
+            raise AuditVerificationError("integrity", problem)
         heads = _check_tree_head_rows(store.tree_head_rows())
         return self.run_rows(store.iter_leaf_rows(raw=True), heads, store=store)
 
@@ -2144,7 +2178,10 @@ class AuditVerifier:
             warnings.append(f"no signed tree head yet after {last_kind} entry {need_head_after}")
         covered = max((h.tree_size for _, h in heads), default=0)
         if covered < n:
-            warnings.append(f"entries {covered}..{n - 1} are not yet covered by a signed tree head")
+            warnings.append(
+                f"entries {covered}..{n - 1} are not covered by a signed tree head (unsigned: "
+                "anyone who can write the file can append them)"
+            )
         runs = [(r.hex(), s.name.lower() if s else "open", c, f) for r, s, c, f, _ in sem.runs]
         if sem.run is not None:
             warnings.append(f"run {sem.run.run_id.hex()} has not ended")
@@ -2172,6 +2209,8 @@ class AuditVerifier:
             ),
             coordinator_key_pinned=self._pinned is not None,
             evaluations=evaluations,
+            signed_entries=covered,
+            open_run=sem.run is not None,
         )  # fmt: skip
 
     def _check_head(
@@ -2272,6 +2311,7 @@ def _check_tree_head_rows(
         AuditVerificationError: Naming the row and the column.
     """
     heads = []
+    seen: dict[bytes, int] = {}
     for expected, (seq, size, root, ts, blob) in enumerate(rows, 1):
         if seq != expected:
             raise AuditVerificationError(
@@ -2304,6 +2344,13 @@ def _check_tree_head_rows(
                     f"signed tree head says {_sql_repr(want)}",
                     tree_head_seq=seq,
                 )
+        if blob in seen:
+            raise AuditVerificationError(
+                "tree-head-duplicate",
+                f"tree_heads row seq={seq} repeats the signed tree head of row seq={seen[blob]}",
+                tree_head_seq=seq,
+            )
+        seen[blob] = seq
         heads.append(StoredTreeHead(seq, head.tree_size, head.root_hash, head.timestamp_ms, blob))
     return heads
 

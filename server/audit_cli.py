@@ -61,6 +61,7 @@ import html
 import json
 import os
 import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -72,6 +73,7 @@ import typer
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -169,8 +171,32 @@ WitnessOpt = Annotated[
 ]
 
 
+def _clean(text: str) -> str:
+    """``text`` with every control or format character (terminal escape sequences, bidi
+    overrides, newlines) shown as an escape: strings from the log or a witness file reach the
+    terminal only through this (or :func:`_markup`)."""
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp", "Co", "Cn"):
+            out.append(c)
+        else:
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+    return "".join(out)
+
+
+def _markup(text: str) -> str:
+    """``text`` (from the log) made safe for rich: control characters escaped, markup inert."""
+    return escape(_clean(text))
+
+
+def _echo(text: str, *, err: bool = False) -> None:
+    typer.echo(_clean(text), err=err)
+
+
 def _fail(code: int, message: str) -> typer.Exit:
-    typer.echo(f"fl-audit: {message}", err=True)
+    _echo(f"fl-audit: {message}", err=True)
     return typer.Exit(code)
 
 
@@ -248,6 +274,32 @@ def _witness_summary(results: Sequence[WitnessResult]) -> str:
     )
 
 
+def _unsigned_tail(result: VerifiedLog) -> str:
+    """The entries no signed tree head covers, in words ("" if none)."""
+    if result.signed_entries >= result.entries:
+        return ""
+    return (
+        f"entries {result.signed_entries}..{result.entries - 1} follow the last signed tree head "
+        f"(size {result.signed_entries}): they are UNSIGNED, anyone who can write the file can "
+        "have appended them"
+    )
+
+
+def _unwitnessed(result: VerifiedLog, witnessed: Sequence[WitnessResult]) -> tuple[int, int] | None:
+    """``(first, last)`` entries that no witnessed tree head covers (only with witnesses)."""
+    if not witnessed:
+        return None
+    largest = max(r.file.largest for r in witnessed)
+    return None if largest >= result.entries else (largest, result.entries - 1)
+
+
+def _unwitnessed_text(span: tuple[int, int]) -> str:
+    return (
+        f"entries {span[0]}..{span[1]} are witnessed by no site: only the coordinator's own "
+        "signature covers them (a site's receipts end before the run's last tree head)"
+    )
+
+
 def _unpinned_warning(key_id_hex: str) -> str:
     return (
         "warning: verified only against the log's own key (coordinator key "
@@ -268,8 +320,10 @@ def _wal_warning(log: Path, size: int) -> str:
 
 
 def _wal_bytes(log: Path) -> int:
+    """Size of the ``-wal`` file beside the log's real file (a symlink resolved first: SQLite
+    keeps the WAL beside the file it opens, not beside the link)."""
     try:
-        return wal_file(log).stat().st_size
+        return wal_file(log.resolve()).stat().st_size
     except OSError:
         return 0
 
@@ -422,7 +476,10 @@ def verify_cmd(
     allow_open: Annotated[
         bool,
         typer.Option(
-            "--allow-open", help="Exit 0 (not 3) when the last run has not ended (a live log)."
+            "--allow-open",
+            help="Exit 0 (not 3) when the last run has not ended (a live log); entries after "
+            "the last signed tree head with no run open (a live coordinator between runs) then "
+            "exit 3, not 1.",
         ),
     ] = False,
     allow_wal: Annotated[
@@ -491,7 +548,7 @@ def verify_cmd(
                 )
             )
         else:
-            typer.echo(f"FAILED: {exc}", err=True)
+            _echo(f"FAILED: {exc}", err=True)
         raise typer.Exit(EXIT_FAILED) from exc
     except AuditLogError as exc:
         raise _fail(EXIT_UNREADABLE, f"{log}: {exc}") from exc
@@ -520,8 +577,33 @@ def verify_cmd(
             )
         else:
             for failure in contradicted:
-                typer.echo(f"FAILED: {failure}", err=True)
+                _echo(f"FAILED: {failure}", err=True)
         raise typer.Exit(EXIT_FAILED)
+    tail = _unsigned_tail(result)
+    if tail and not result.open_run and not allow_open:
+        detail = (
+            f"{tail}; no run is open, and a finished run's log must be fully signed (the run "
+            "end's tree head covers every entry before it)"
+        )
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "ok": False,
+                        "index": result.signed_entries,
+                        "entry_type": None,
+                        "tree_head_seq": None,
+                        "check": "unsigned-tail",
+                        "detail": detail,
+                        "signed_entries": result.signed_entries,
+                        "entries": result.entries,
+                    }
+                )
+            )
+        else:
+            _echo(f"FAILED: {detail}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    unwitnessed = _unwitnessed(result, witnessed)
     # Why the verdict is qualified (exit 3), and the warnings that go to stderr.
     qualified: list[str] = []
     notes: list[str] = []
@@ -535,6 +617,11 @@ def verify_cmd(
     if any(status == "open" for _, status, _, _ in result.runs) and not allow_open:
         qualified.append("open-run")
         notes.append("warning: the last run has not ended (--allow-open for a live log). Exit 3.")
+    if tail and result.open_run:  # "open-run" qualifies the verdict (exit 3 or --allow-open)
+        notes.append(f"warning: {tail} (the run is still open: --allow-open for a live log)")
+    elif tail:  # no run open, --allow-open: a live coordinator between runs, never exit 0
+        qualified.append("unsigned-tail")
+        notes.append(f"warning: {tail} (no run is open: exit 3 even with --allow-open)")
     if strict and result.warnings:
         qualified.append("warnings")
     code = EXIT_INCOMPLETE if qualified else EXIT_OK
@@ -548,6 +635,17 @@ def verify_cmd(
                     "coordinator_key_id": result.coordinator_key_id,
                     "trust_anchor": "coordinator-key" if anchor.key is not None else "log-key",
                     "entries": result.entries,
+                    "signed_entries": result.signed_entries,
+                    "unsigned_entries": (
+                        None
+                        if not tail
+                        else {"first": result.signed_entries, "last": result.entries - 1}
+                    ),
+                    "unwitnessed_entries": (
+                        None
+                        if unwitnessed is None
+                        else {"first": unwitnessed[0], "last": unwitnessed[1]}
+                    ),
                     "tree_heads": result.tree_heads,
                     "signatures": result.signatures,
                     "root_hash": result.root_hash.hex(),
@@ -582,8 +680,9 @@ def verify_cmd(
             )
         )
     else:
-        typer.echo(
-            f"OK: {result.entries} entries, {result.tree_heads} signed tree heads, "
+        _echo(
+            f"OK: {result.entries} entries ({result.signed_entries} signed), "
+            f"{result.tree_heads} signed tree heads, "
             f"{result.signatures} site signatures, root {result.root_hash.hex()}"
             + (
                 f"; {_witness_summary(witnessed)}: all consistent with the log"
@@ -591,7 +690,9 @@ def verify_cmd(
                 else "; no witnesses (--witness FILE: the sites' receipts)"
             )
         )
-        typer.echo(
+        if unwitnessed is not None:
+            _echo(f"  {_unwitnessed_text(unwitnessed)}")
+        _echo(
             f"  coordinator key {result.coordinator_key_id}: "
             + (
                 "pinned (--coordinator-key)"
@@ -600,16 +701,16 @@ def verify_cmd(
             )
         )
         for run_id, status, done, failed in result.runs:
-            typer.echo(f"  run {run_id}: {status}, {done} rounds completed, {failed} failed")
+            _echo(f"  run {run_id}: {status}, {done} rounds completed, {failed} failed")
         for name, version, digest, kid in result.consortium_rosters:
-            typer.echo(
+            _echo(
                 f"  consortium roster {name!r}: version {version}, digest {digest[:16]}…, "
                 f"authority key {kid[:16]}…"
             )
         for warning in result.warnings:
-            typer.echo(f"  warning: {warning}")
+            _echo(f"  warning: {warning}")
     for note in notes:
-        typer.echo(f"fl-audit: {note}", err=True)
+        _echo(f"fl-audit: {note}", err=True)
     if code != EXIT_OK:
         raise typer.Exit(code)
 
@@ -802,8 +903,9 @@ class _RoundView:
     index: int
     status: str
     survivors: tuple[str, ...]
-    metrics: dict[str, float]  # the round result's, then the evaluation's (which win)
+    metrics: dict[str, float]  # the round result's (training metrics, not an evaluation)
     new_model: str
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # the evaluation entry's only
     eval_examples: int | None = None  # from the round's evaluation entry, if logged
     eval_sites: tuple[str, ...] = ()
 
@@ -822,7 +924,8 @@ class _ConsortiumView:
 
 @dataclass
 class _LogView:
-    entries: int = 0
+    entries: int = 0  # shown: those the latest signed tree head covers
+    total: int = 0  # in the file, signed or not
     undecodable: list[int] = field(default_factory=list)
     genesis: Genesis | None = None
     rounds: list[_RoundView] = field(default_factory=list)
@@ -836,10 +939,21 @@ class _LogView:
     consortium: list[_ConsortiumView] = field(default_factory=list)
 
 
-def _collect(store: MerkleLogStore) -> _LogView:
+def _collect(store: MerkleLogStore, signed: int | None = None) -> _LogView:
+    """The entries ``[0, signed)`` (default: those the largest stored signed tree head covers),
+    decoded leniently; entries after them are signed by nobody and only counted."""
     view = _LogView()
+    for head in store.tree_heads():
+        try:  # the signed values, not the table's unsigned copies of them
+            sth = SignedTreeHead.from_bytes(head.blob)
+            view.tree_heads.append((head.seq, sth.tree_size, sth.root_hash.hex(), sth.timestamp_ms))
+        except ProtocolError:
+            view.tree_heads.append((head.seq, -1, "undecodable", -1))
+    if signed is None:
+        signed = max((size for _, size, _, _ in view.tree_heads), default=0)
+    view.total = store.size
     current = ""
-    for stored in store.iter_entries():
+    for stored in store.iter_entries(0, min(signed, view.total)):
         view.entries += 1
         try:
             entry = decode_entry(stored.data)
@@ -881,7 +995,7 @@ def _collect(store: MerkleLogStore) -> _LogView:
         elif isinstance(entry, Evaluation):
             for r in reversed(view.rounds):
                 if r.run == current[:8] and r.round == entry.round:
-                    r.metrics = {**r.metrics, **entry.metric_values}
+                    r.eval_metrics = entry.metric_values
                     r.eval_examples = entry.num_examples
                     r.eval_sites = entry.sites
                     break
@@ -898,13 +1012,16 @@ def _collect(store: MerkleLogStore) -> _LogView:
                     entry.authority_key_id.hex(),
                 )
             )  # fmt: skip
-    for head in store.tree_heads():
-        try:  # the signed values, not the table's unsigned copies of them
-            sth = SignedTreeHead.from_bytes(head.blob)
-            view.tree_heads.append((head.seq, sth.tree_size, sth.root_hash.hex(), sth.timestamp_ms))
-        except ProtocolError:
-            view.tree_heads.append((head.seq, -1, "undecodable", -1))
     return view
+
+
+def _unsigned_note(view: _LogView) -> str:
+    if view.total <= view.entries:
+        return ""
+    return (
+        f"entries {view.entries}..{view.total - 1} ({view.total - view.entries}) follow the last "
+        "signed tree head: UNSIGNED (anyone who can write the file can append them), not shown"
+    )
 
 
 @app.command("show")
@@ -920,28 +1037,35 @@ def show_cmd(log: LogArg) -> None:
         store.close()
     console = Console()
     console.print(
-        f"[bold]{log}[/bold]: {view.entries} entries, {len(view.tree_heads)} signed tree heads"
+        f"[bold]{_markup(str(log))}[/bold]: {view.entries} signed entries"
+        + (f" (of {view.total})" if view.total != view.entries else "")
+        + f", {len(view.tree_heads)} signed tree heads"
         + (f", log id {view.genesis.log_id.hex()}" if view.genesis else "")
         + " (not verified: fl-audit verify LOG --coordinator-key PUB.pem checks it)"
     )
+    if view.total > view.entries:
+        console.print(f"[bold red]{_markup(_unsigned_note(view))}[/bold red]")
     if view.undecodable:
         console.print(f"[red]undecodable entries: {view.undecodable[:20]}[/red]")
     t = Table(title="Roster (latest action per site)")
     t.add_column("site")
     t.add_column("status")
     for site, action in sorted(view.roster.items()):
-        t.add_row(site, "revoked" if action == "revoke" else "enrolled")
+        t.add_row(_markup(site), "revoked" if action == "revoke" else "enrolled")
     console.print(t)
     t = Table(title="Consortium rosters (as signed by the roster authority)")
     for col in ("entry", "run", "consortium", "version", "sites", "revoked", "digest", "authority"):
         t.add_column(col, overflow="fold")
     for c in view.consortium:
         t.add_row(
-            str(c.index), c.run, c.consortium, str(c.version), str(c.sites), str(c.revoked),
-            c.digest[:12], c.authority_key_id[:12],
+            str(c.index), c.run, _markup(c.consortium), str(c.version), str(c.sites),
+            str(c.revoked), c.digest[:12], c.authority_key_id[:12],
         )  # fmt: skip
     console.print(t)
-    t = Table(title="Rounds (accuracy, loss, macro-F1: federated evaluation of the new model)")
+    t = Table(
+        title="Rounds (accuracy, loss, macro-F1: the coordinator's claimed federated evaluation "
+        "of the new model, from its evaluation entry; no site signature backs them)"
+    )
     for col in (
         "run", "round", "entry", "status", "survivors", "accuracy", "loss", "macro-F1",
         "eval examples", "new model",
@@ -953,10 +1077,10 @@ def show_cmd(log: LogArg) -> None:
             str(r.round),
             str(r.index),
             r.status,
-            ", ".join(r.survivors),
-            _fmt(r.metrics.get("accuracy")),
-            _fmt(r.metrics.get("loss")),
-            _fmt(r.metrics.get("macro-f1")),
+            _markup(", ".join(r.survivors)),
+            _fmt(r.eval_metrics.get("accuracy")),
+            _fmt(r.eval_metrics.get("loss")),
+            _fmt(r.eval_metrics.get("macro-f1")),
             "" if r.eval_examples is None else str(r.eval_examples),
             r.new_model[:16],
         )
@@ -965,7 +1089,7 @@ def show_cmd(log: LogArg) -> None:
     for col in ("entry", "run/round", "site", "stage", "reason"):
         t.add_column(col)
     for index, label, _, site, stage, reason in view.rejections:
-        t.add_row(str(index), label, site, stage, reason)
+        t.add_row(str(index), label, _markup(site), _markup(stage), _markup(reason))
     console.print(t)
     t = Table(title="Signed tree heads")
     for col in ("seq", "size", "root", "timestamp (ms)"):
@@ -1114,15 +1238,16 @@ def render_report(
     """A self-contained HTML page (inline CSS and SVG, no scripts, no external resources)."""
     series: dict[str, list[tuple[int, float]]] = {}
     for idx, r in enumerate(view.rounds, 1):
-        for name, value in r.metrics.items():
+        for name, value in r.eval_metrics.items():
             series.setdefault(name, []).append((idx, value))
     loss = {k: v for k, v in series.items() if "loss" in k}
     acc = {k: v for k, v in series.items() if "loss" not in k}
     reasons = Counter(reason for *_, reason in view.rejections)
     rows = "".join(
         f"<tr><td>{html.escape(r.run)}</td><td>{r.round}</td><td>{r.status}</td>"
-        f"<td>{html.escape(', '.join(r.survivors))}</td><td>{_fmt(r.metrics.get('accuracy'))}</td>"
-        f"<td>{_fmt(r.metrics.get('loss'))}</td><td>{_fmt(r.metrics.get('macro-f1'))}</td>"
+        f"<td>{html.escape(', '.join(r.survivors))}</td><td>{_fmt(r.eval_metrics.get('accuracy'))}</td>"
+        f"<td>{_fmt(r.eval_metrics.get('loss'))}</td>"
+        f"<td>{_fmt(r.eval_metrics.get('macro-f1'))}</td>"
         f"<td>{'' if r.eval_examples is None else r.eval_examples}</td>"
         f"<td>{r.new_model[:16]}</td></tr>"
         for r in view.rounds
@@ -1138,13 +1263,16 @@ def render_report(
         f"<td>{c.authority_key_id[:16]}</td></tr>"
         for c in view.consortium
     )
+    unsigned = ""
+    if view.total > view.entries:
+        unsigned = f' <b class="bad">({html.escape(_unsigned_note(view))})</b>'
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}}
 .ok{{color:#2ca02c}}.bad{{color:#d62728}}</style></head><body>
 <h1>fedseal audit report</h1>
-<p>{html.escape(title)}: {view.entries} entries, {len(view.tree_heads)} signed tree heads.</p>
+<p>{html.escape(title)}: {view.entries} signed entries{unsigned}, {len(view.tree_heads)} signed tree heads.</p>
 <p><b>Verification:</b> {html.escape(verdict)}</p>
 <h2>Witnesses</h2>{_witness_rows(witnesses)}
 <h2>Accuracy and macro-F1 per round</h2>{_svg_lines(acc, "accuracy per round")}
@@ -1155,7 +1283,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;fo
 <h2>Consortium rosters</h2><table><tr><th>entry</th><th>run</th><th>consortium</th>
 <th>version</th><th>sites</th><th>revoked</th><th>digest</th><th>authority</th></tr>{consortium}</table>
 <h2>Rounds</h2>
-<p>Accuracy, loss and macro-F1: the federated evaluation of the round's new model, as logged.</p>
+<p>Accuracy, loss and macro-F1: the federated evaluation of the round's new model, from its
+evaluation entry: the coordinator's claim (signed by it; no site's signature backs them).</p>
 <table><tr><th>run</th><th>round</th><th>status</th><th>survivors</th><th>accuracy</th>
 <th>loss</th><th>macro-F1</th><th>eval examples</th><th>new model</th></tr>{rows}</table>
 <h2>Rejected envelopes</h2><table><tr><th>entry</th><th>run/round</th><th>site</th><th>stage</th>
@@ -1190,17 +1319,15 @@ def report_cmd(
             "--witness needs --verify: witnesses are checked against a log that verified",
         )
     anchor = _anchor("report", coordinator_key, trust_log_key, witness) if verify else None
-    store = _open(log)
-    try:
-        view = _collect(store)
-    finally:
-        store.close()
+    _open(log).close()
+    signed: int | None = None  # entries the verified signed tree heads cover
     verdict = "not checked"
     code = EXIT_OK
     witnessed: list[WitnessResult] = []
     if anchor is not None:
         try:
             result = verify_log(log, coordinator_key=anchor.key, jobs=_default_jobs())
+            signed = result.signed_entries
             witnessed = _check_witnesses(log, anchor, result)
             contradicted = [r.failure for r in witnessed if r.failure is not None]
             if contradicted:
@@ -1225,15 +1352,29 @@ def report_cmd(
                 )
                 typer.echo(f"fl-audit: {_unpinned_warning(result.coordinator_key_id)}", err=True)
                 code = EXIT_INCOMPLETE
+            tail = _unsigned_tail(result)
+            if code != EXIT_FAILED and tail and not result.open_run:
+                verdict = (
+                    f"FAILED: {tail}; no run is open, and a finished run's log must be fully signed"
+                )
+                code = EXIT_FAILED
             if code != EXIT_FAILED:
+                span = _unwitnessed(result, witnessed)
+                if span is not None:
+                    verdict += f"; note: {_unwitnessed_text(span)}"
                 verdict += "".join(f"; warning: {w}" for w in result.warnings)
         except (AuditVerificationError, AuditLogError) as exc:
             verdict = f"FAILED: {exc}"
             code = EXIT_FAILED
+    store = _open(log)
+    try:
+        view = _collect(store, signed)
+    finally:
+        store.close()
     out.write_text(render_report(view, str(log), verdict, witnessed), encoding="utf-8")
-    typer.echo(f"wrote {out}")
+    _echo(f"wrote {out}")
     if code != EXIT_OK:
-        typer.echo(f"fl-audit: verification: {verdict}", err=True)
+        _echo(f"fl-audit: verification: {verdict}", err=True)
         raise typer.Exit(code)
 
 

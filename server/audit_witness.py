@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 MAX_WITNESS_BYTES = 64 * 1024 * 1024
+_SITE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _FIELDS = ("site", "log_id", "tree_size", "root_hash", "timestamp_ms", "sth_b64")
 
 
@@ -165,6 +167,11 @@ def _parse_line(text: str) -> tuple[str, SignedTreeHead]:
     site, blob = record["site"], record["sth_b64"]
     if not isinstance(site, str) or not site or not isinstance(blob, str):
         raise ValueError("site and sth_b64 must be non-empty strings")
+    if _SITE_ID.fullmatch(site) is None:
+        raise ValueError(
+            f"site {site[:80]!r} is not a site id ([a-z0-9][a-z0-9_-]{{0,62}}; the field is not "
+            "signed, so it must not be able to carry arbitrary text)"
+        )
     head = SignedTreeHead.from_bytes(base64.b64decode(blob, validate=True))
     copies = {
         "log_id": (_hex(record, "log_id", len(head.log_id)), head.log_id),

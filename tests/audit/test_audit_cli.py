@@ -195,12 +195,14 @@ def test_show_prints_rounds_rejections_and_tree_heads(built: BuiltLog) -> None:
         assert text in result.output
 
 
-def test_report_writes_a_self_contained_html_page_with_plots(
-    built: BuiltLog, pub: str, tmp_path: Path
-) -> None:
+def test_report_writes_a_self_contained_html_page_with_plots(tmp_path: Path) -> None:
+    # The accuracy and loss plots come from evaluation entries only (not round results).
+    built = build_run_log(tmp_path / "eval.sqlite", evaluations=True)
+    pub = tmp_path / "coordinator.pub"
+    save_public_key(built.coordinator.public_key(), pub)
     out = tmp_path / "report.html"
     result = runner.invoke(
-        app, ["report", str(built.path), "--out", str(out), "--coordinator-key", pub]
+        app, ["report", str(built.path), "--out", str(out), "--coordinator-key", str(pub)]
     )
     assert result.exit_code == EXIT_OK, result.output
     page = out.read_text()
