@@ -692,6 +692,8 @@ class ClientSession:
 
     def _on_setup(self, setup: RoundSetup) -> Packet:
         h = setup.header
+        if h.round < 1:
+            raise CoordinatorMisbehaviourError(f"setup for round {h.round}: rounds start at 1")
         if self._expected_run is not None and h.run_id != self._expected_run:
             raise StaleMessageError("setup for another run")
         if self._min_round is not None and h.round < self._min_round:

@@ -114,6 +114,8 @@ class SetupGuard:
             NonceError: The site made no such commitment in this run (or forgot it), opened it
                 in another round, or already revealed its value for this or a later attempt.
         """
+        if round < 1:  # 0 marks a nonce not yet opened: rounds start at 1
+            raise NonceError(f"a graph nonce is opened only for rounds 1 and up, not {round}")
         entry = self._nonces.get(bytes(run_id), OrderedDict()).get(bytes(commitment))
         if entry is None:
             raise NonceError(

@@ -215,3 +215,25 @@ def test_a_guard_written_before_graph_nonces_is_read_as_holding_none() -> None:
     guard = SetupGuard.from_bytes(v1)
     with pytest.raises(NonceError):
         guard.nonce_for(RUN, 1, bytes(32), 0)
+
+
+def test_round_zero_opens_no_nonce_so_no_later_round_reveals_known_values() -> None:
+    # The re-review's attack: 0 marked a nonce as unopened, so a nonce opened in a "round 0"
+    # could be opened again in round 1 and its values known in advance. Rounds start at 1.
+    guard = SetupGuard()
+    c = guard.new_commitment(RUN, "site-a", os.urandom)
+    with pytest.raises(NonceError, match="rounds 1 and up"):
+        guard.nonce_for(RUN, 0, c, 2)
+    guard.nonce_for(RUN, 1, c, 0)  # still unopened, round 1 gets it
+
+
+def test_a_site_refuses_a_setup_for_round_zero() -> None:
+    from fedseal.protocol import CoordinatorMisbehaviourError
+
+    fed, _ = make_fed(4)
+    outcome = fed.run_round(0)
+    assert outcome.result is None
+    assert all(
+        isinstance(e, CoordinatorMisbehaviourError) and "rounds start at 1" in e.message
+        for e in outcome.client_errors.values()
+    )
