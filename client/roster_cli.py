@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -47,6 +48,9 @@ AUTHORITY_KEY_OPT = typer.Option(
 )
 
 
+T = TypeVar("T")
+
+
 def _fail(code: int, message: str) -> NoReturn:
     from rich.markup import escape
 
@@ -68,27 +72,25 @@ def _now_ms() -> int:
 
 
 def _private_key(path: Path, passphrase_env: str | None) -> ec.EllipticCurvePrivateKey:
-    from fedseal.crypto.errors import KeyFormatError
     from fedseal.crypto.keys import load_private_key
 
-    try:
-        return load_private_key(path, _passphrase(passphrase_env))
-    except FileNotFoundError:
-        _fail(EXIT_USAGE, f"{path}: authority key not found")
-    except OSError as exc:
-        _fail(EXIT_USAGE, f"{path}: cannot read: {exc.strerror or exc}")
-    except KeyFormatError as exc:
-        _fail(EXIT_USAGE, f"{path}: {exc}")
+    return _read_key(path, "authority key", lambda p: load_private_key(p, _passphrase(passphrase_env)))
 
 
 def _public_key_der(path: Path) -> bytes:
-    from fedseal.crypto.errors import KeyFormatError
     from fedseal.crypto.keys import load_public_key, public_key_to_der
 
+    return _read_key(path, "public key", lambda p: public_key_to_der(load_public_key(p)))
+
+
+def _read_key(path: Path, what: str, load: Callable[[Path], T]) -> T:
+    """``load(path)``, or exit 2 with a line saying why the key file cannot be used."""
+    from fedseal.crypto.errors import KeyFormatError
+
     try:
-        return public_key_to_der(load_public_key(path))
+        return load(path)
     except FileNotFoundError:
-        _fail(EXIT_USAGE, f"{path}: public key not found")
+        _fail(EXIT_USAGE, f"{path}: {what} not found")
     except OSError as exc:
         _fail(EXIT_USAGE, f"{path}: cannot read: {exc.strerror or exc}")
     except KeyFormatError as exc:
