@@ -25,11 +25,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.crypto import merkle
-from fedseal.crypto.auditlog import MerkleLogStore
-from fedseal.crypto.keys import generate_identity_key, key_id, public_key_to_der
-from fedseal.crypto.signing import sign
-from fedseal.protocol.audit import (
+from fedseal.audit.log import (
     INPUT_MESSAGE_TYPE,
     AuditLog,
     EntryKind,
@@ -45,6 +41,10 @@ from fedseal.protocol.audit import (
     encode_entry,
     entry_tags,
 )
+from fedseal.audit.store import MerkleLogStore
+from fedseal.crypto import merkle
+from fedseal.crypto.keys import generate_identity_key, key_id, public_key_to_der
+from fedseal.crypto.signing import sign
 from fedseal.protocol.messages import Header, MaskedInput
 from fedseal.protocol.roster import Roster, RosterEntry
 from fedseal.protocol.types import SiteId
@@ -152,7 +152,7 @@ def generate_signed_log(
 def bench_verify(
     n_signed: int, jobs: int, rows: list[tuple[str, str, str]], repeat: int = 2
 ) -> None:
-    from fedseal.server.audit_cli import verify_log
+    from fedseal.audit.cli import verify_log
 
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         path = Path(tmp) / "verify.sqlite"

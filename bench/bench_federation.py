@@ -9,7 +9,7 @@ Scale (default)::
 
 For every N (sites) and M (parameters), four arms run one after the other in this process, each
 on Flower 1.42's simulation engine (in-memory link state, Ray backend with one actor holding
-every virtual site, :mod:`fedseal.server.simulate`; ``--actors=K`` runs the sites in K actors,
+every virtual site, :mod:`fedseal.sim.simulate`; ``--actors=K`` runs the sites in K actors,
 fedseal's pinned one site per actor for the whole run, Flower's arms in any idle one), over the same split of MNIST-5k, with an MLP
 784-H-10 whose H gives about M parameters, 1 local epoch (batch 32, lr 0.05):
 
@@ -25,7 +25,7 @@ Measured per arm: round time (median of rounds 2..R; fedseal's federated evaluat
 arms evaluate nothing), for fedseal's two arms also round + evaluation time (with
 ``run.setup_with_evaluation``, the default, a secure round's setup rides on the previous round's
 evaluation messages, so only this column compares the secure and plain arms' whole work), bytes each site uploads per round (array buffers + bytes/strings of its
-replies to training messages, :func:`fedseal.server.simulate.message_bytes`, the same count for
+replies to training messages, :func:`fedseal.sim.simulate.message_bytes`, the same count for
 every arm), and the coordinator's peak memory: the peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs`` before each arm) of this process, which runs the ServerApp and Flower's
 in-memory link state (all messages in flight) but not the sites (they run in the Ray actor),
@@ -69,8 +69,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedseal.server.demo import Federation
-from fedseal.server.simulate import (
+from fedseal.sim.demo import Federation
+from fedseal.sim.simulate import (
     DEFAULT_BATCH,
     SimulatedSites,
     prepare_simulation,
@@ -404,7 +404,7 @@ def noop_exchange_s(fed: Federation, *, actors: int, batch: int) -> float:
 def _set_secure(fed: Federation, secure: bool, params: int, rounds: int, *, setup_with_evaluation: bool = True) -> None:
     from fedseal.server.cli import write_server_toml
     from fedseal.server.config import load_server_config
-    from fedseal.server.demo import set_allow_plain
+    from fedseal.sim.demo import set_allow_plain
 
     set_allow_plain(fed.sites, not secure)  # sites refuse plain training unless they opt in
     cfg = load_server_config(fed.server_toml)
@@ -593,7 +593,7 @@ def quality(args: argparse.Namespace) -> None:
         shutil.rmtree(state, ignore_errors=True)
         from fedseal.server.cli import write_server_toml
         from fedseal.server.config import load_server_config
-        from fedseal.server.demo import set_allow_plain
+        from fedseal.sim.demo import set_allow_plain
 
         set_allow_plain(fed.sites, arm == "plain")  # sites refuse plain training unless they opt in
         cfg = load_server_config(fed.server_toml)

@@ -1,6 +1,6 @@
 """Secure-round cost: N sites, M parameters, 10% dropouts after key sharing (issue 4).
 
-Runs one round of the in-memory federation (``fedseal.protocol.simulator``) and measures CPU
+Runs one round of the in-memory federation (``fedseal.sim.inmemory``) and measures CPU
 time (``time.process_time``) per stage for the sites and for the coordinator, against the
 unavoidable part measured in the same run: one plain float32 sum of the same N update
 vectors. The training callback (drawing the random update) is excluded from site time.
@@ -36,7 +36,7 @@ from fedseal.protocol import LocalUpdate, QuantizationConfig, RoundConfig, Round
 from fedseal.protocol.masking import encode_masked
 from fedseal.protocol.quantize import quantize
 from fedseal.protocol.server import ServerStage
-from fedseal.protocol.simulator import Behaviour, Federation, dataset_root_for
+from fedseal.sim.inmemory import Behaviour, Federation, dataset_root_for
 
 FLOWER_CLIENT_TOTAL_S = 5.0  # issue 4: Flower 1.42 SecAgg+, 100 sites, 1M params, no dropouts
 FLOWER_SERVER_S = 0.8

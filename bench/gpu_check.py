@@ -14,7 +14,7 @@ smoke test). Output: a Markdown table, then one ``gpu_check-json: {...}`` line f
    Reported: samples/s of both and fedseal / baseline (goal >= 0.90). Then the path as
    ``fl-client`` runs it on a site's data: the same tensors written as Parquet shards and
    streamed by the site's loader (``--stream-workers``), each against the same baseline.
-2. **Secure round.** Three in-process sites (:class:`fedseal.protocol.simulator.Federation`)
+2. **Secure round.** Three in-process sites (:class:`fedseal.sim.inmemory.Federation`)
    each train the CNN on their third of the tensors through the same training path, then run a
    full SecAgg+ round (key adverts, encrypted shares, masked inputs, consistency check, unmask)
    on the flattened weight deltas. Checked: the unmasked weighted mean equals the plain weighted
@@ -168,7 +168,7 @@ def secure_round(x: np.ndarray, y: np.ndarray, batch_size: int, lr: float, seed:
     from fedseal.client.training import TrainRequest, train
     from fedseal.protocol.client import LocalUpdate, RoundInfo
     from fedseal.protocol.config import QuantizationConfig, RoundConfig
-    from fedseal.protocol.simulator import Federation, dataset_root_for
+    from fedseal.sim.inmemory import Federation, dataset_root_for
 
     sites = ["site-a", "site-b", "site-c"]
     shares = dict(zip(sites, np.array_split(np.arange(len(x)), len(sites)), strict=True))
@@ -234,7 +234,7 @@ def main(argv: list[str]) -> int:
         import torch
 
         from fedseal.client import training  # noqa: F401
-        from fedseal.protocol import simulator  # noqa: F401
+        from fedseal.sim import inmemory  # noqa: F401
     except ImportError as exc:
         print(f"gpu_check: SKIP: fedseal's training path or protocol simulator is missing ({exc})")
         return 0

@@ -6,7 +6,7 @@ and evaluates only a model that the coordinator's log committed: the run's initi
 (``RunStart.initial_model_digest``) or the new model of a completed round
 (``RoundResult.new_model_digest``), proven by an inclusion proof under a signed tree head that
 is consistent with every tree head the site has seen (the same checks as its receipts,
-:class:`fedseal.client.receipts.ReceiptChecker`). It also refuses to go back: a model
+:class:`fedseal.audit.receipts.ReceiptChecker`). It also refuses to go back: a model
 committed by an earlier round than one it already verified for the run is refused.
 
 Example::
@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import threading
 
-from fedseal.client.receipts import AuditSource, ReceiptChecker, ReceiptError
+from fedseal.audit.log import RoundResult, RoundStatus, RunStart, decode_entry
+from fedseal.audit.receipts import AuditSource, ReceiptChecker, ReceiptError
 from fedseal.crypto.errors import MerkleProofError
 from fedseal.crypto.merkle import leaf_hash, verify_inclusion
-from fedseal.protocol.audit import RoundResult, RoundStatus, RunStart, decode_entry
 from fedseal.protocol.errors import DecodeError
 
 __all__ = ["ModelCommitments", "ModelNotCommittedError"]

@@ -28,7 +28,7 @@ site's setup guard lets it train at most once per run and round, rounds only inc
 an audit address, the model a round trains from, and every model the site evaluates, must be
 one the signed log committed (:class:`fedseal.client.commitments.ModelCommitments`).
 
-Receipts (``[coordinator] audit_address`` set, :class:`fedseal.client.receipts.SiteReceipts`):
+Receipts (``[coordinator] audit_address`` set, :class:`fedseal.audit.receipts.SiteReceipts`):
 a secure round's setup first retries unfinished checks and is refused once the site is blocked;
 the exact payload of the site's signed masked-input envelope is kept; the ``evaluate`` message
 of a committed round, sent only after the coordinator signed the tree head over the round
@@ -61,10 +61,10 @@ from flwr.common.constant import SType
 from numpy.lib import format as npy_format
 from torch import nn
 
+from fedseal.audit.receipts import SiteReceipts
 from fedseal.client.commitments import ModelCommitments
 from fedseal.client.models import build_model, load_numpy_state_dict, state_dict_to_numpy
 from fedseal.client.policy import SitePrivacy, SiteRefusal
-from fedseal.client.receipts import SiteReceipts
 from fedseal.client.site_data import SiteData
 from fedseal.client.training import SiteLimits, TrainRequest, evaluate, train
 from fedseal.crypto.keys import write_atomic
@@ -172,8 +172,8 @@ class SiteRuntime:
         """
         if self.commitments is None:
             return
+        from fedseal.audit.receipts import AuditServiceError, ReceiptError
         from fedseal.client.commitments import ModelNotCommittedError
-        from fedseal.client.receipts import AuditServiceError, ReceiptError
 
         try:
             committed = self.commitments.check(run_id, digest)

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedseal.client.config import ClientConfig
 
 if TYPE_CHECKING:
-    from fedseal.client.receipts import SiteReceipts
+    from fedseal.audit.receipts import SiteReceipts
     from fedseal.client.trust import SiteTrust
 
 __all__ = ["SiteRunError", "run_site"]
@@ -376,7 +376,7 @@ def _site_receipts(
         return None
     import grpc
 
-    from fedseal.client.receipts import (
+    from fedseal.audit.receipts import (
         ContributionBlockedError,
         GrpcAuditSource,
         ReceiptChecker,

@@ -127,8 +127,8 @@ def register(app: typer.Typer) -> None:
         Give the file to the auditor: fl-audit verify LOG --coordinator-key PUB --witness FILE
         fails if the log was cut back below, or rewritten under, any of these heads.
         """
+        from fedseal.audit.receipts import ReceiptError, witness_records
         from fedseal.client.config import ClientConfigError, load_client_config
-        from fedseal.client.receipts import ReceiptError, witness_records
         from fedseal.crypto.keys import write_atomic
 
         try:

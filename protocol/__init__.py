@@ -70,7 +70,7 @@ between messages with ``blob = session.export_state(state_key)`` (AEAD-sealed: i
 secrets) and ``ClientSession.restore(blob, state_key, site_id, site_key, coordinator_key,
 update_fn=..., rng=...)``.
 
-For tests and benchmarks, :class:`~fedseal.protocol.simulator.Federation` runs a whole
+For tests and benchmarks, :class:`~fedseal.sim.inmemory.Federation` runs a whole
 round in memory with scripted dropouts and adversarial hooks.
 
 Known limits (by design, as in Bonawitz et al.): a site that sends its neighbours

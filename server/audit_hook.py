@@ -1,4 +1,4 @@
-"""Feeding the coordinator's audit log (:class:`fedseal.protocol.audit.AuditLog`) from a run.
+"""Feeding the coordinator's audit log (:class:`fedseal.audit.log.AuditLog`) from a run.
 
 Usage (inside the ServerApp)::
 
@@ -18,12 +18,12 @@ Roster changes are mirrored from the roster file's hash-chained events (``roster
 the count already mirrored is the number of roster entries in the log, so re-opening is
 idempotent. The consortium roster the sites run under (``[consortium]`` in ``server.toml``)
 is verified under the roster authority's public key and recorded as the authority signed it
-(:class:`fedseal.protocol.audit.ConsortiumRosterRecord`) at run start and whenever the file's
+(:class:`fedseal.audit.log.ConsortiumRosterRecord`) at run start and whenever the file's
 version changes; a version lower than the one in force is refused. Envelopes are recorded after the protocol state machine verified them (the
 machine verifies and sums in one call); the round result, which the auditor checks against
 them, is always written after. A round's federated evaluation (aggregated accuracy, loss,
 macro-F1, example count, the sites counted) is its own signed entry
-(:class:`fedseal.protocol.audit.Evaluation`), written once the evaluation of the round's new
+(:class:`fedseal.audit.log.Evaluation`), written once the evaluation of the round's new
 model is aggregated: the round result precedes the model leaving the coordinator.
 
 The log runs in SQLite WAL mode: after the run end (and on :meth:`RunAudit.close`) the WAL is
@@ -44,16 +44,16 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.crypto.errors import KeyFormatError
-from fedseal.crypto.keys import key_id, load_public_key
-from fedseal.protocol import Accepted, Limits, MessageKind, ProtocolError, Rejection
-from fedseal.protocol.audit import (
+from fedseal.audit.log import (
     AuditLog,
     ReceivedEnvelope,
     RosterAction,
     RoundStatus,
     RunStatus,
 )
+from fedseal.crypto.errors import KeyFormatError
+from fedseal.crypto.keys import key_id, load_public_key
+from fedseal.protocol import Accepted, Limits, MessageKind, ProtocolError, Rejection
 from fedseal.protocol.consortium import (
     MAX_ROSTER_JSON_BYTES,
     ConsortiumRoster,
@@ -198,7 +198,7 @@ class RunAudit:
         """Open (or create) the log and mirror roster changes it does not hold yet.
 
         Raises:
-            fedseal.protocol.audit.AuditError: The log refuses an entry (names the reason).
+            fedseal.audit.log.AuditError: The log refuses an entry (names the reason).
         """
         log = AuditLog.open(path, signer=key, now_ms=_now_ms(), log_id=os.urandom(16))
         audit = cls(log, path)
@@ -224,7 +224,7 @@ class RunAudit:
         (``again``: record it anyway, e.g. at a new run's start). Returns whether it did.
 
         Raises:
-            fedseal.protocol.audit.AuditStateError: The log refuses it (a version lower than
+            fedseal.audit.log.AuditStateError: The log refuses it (a version lower than
                 the one it last recorded for the consortium, or a different roster with the
                 same version).
         """
@@ -322,7 +322,7 @@ class RunAudit:
         only; names over 64 bytes are left out). Returns whether there was anything to record.
 
         Raises:
-            fedseal.protocol.audit.AuditStateError: The log refuses it (not the last round, a
+            fedseal.audit.log.AuditStateError: The log refuses it (not the last round, a
                 failed round, a second evaluation).
         """
         values = {

@@ -15,7 +15,7 @@ The audit log is written by the ServerApp (:mod:`fedseal.server.audit_hook`), an
 ``fl-server run`` creates it (genesis and roster entries) before submitting the run, then serves
 it read-only: each request re-reads the SQLite file, so sites see every signed tree head as soon
 as the ServerApp commits it. The roster the service authenticates sites against is the one the
-log records (:func:`fedseal.protocol.audit.roster_from_log`), so a revocation logged by the
+log records (:func:`fedseal.audit.log.roster_from_log`), so a revocation logged by the
 coordinator takes effect on the next request.
 
 Flower 1.42 serves Runtime (ServerAppIo), Control and Fleet on one HTTP port, so that port stays
@@ -119,7 +119,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from fedseal.crypto.auditlog import MerkleLogStore
+    from fedseal.audit.store import MerkleLogStore
     from fedseal.protocol.roster import Roster as LogRoster
 
 FEDERATION = "fedseal"
@@ -487,7 +487,7 @@ class _LogRoster:
         self._lock = threading.Lock()
 
     def __call__(self) -> LogRoster:
-        from fedseal.protocol.audit import roster_from_log
+        from fedseal.audit.log import roster_from_log
 
         with self._lock:
             size = int(self._store.size)
@@ -510,11 +510,11 @@ def audit_service(cfg: ServerConfig, roster: Roster) -> Iterator[int | None]:
     if not cfg.run.secure:
         yield None
         return
-    from fedseal.crypto.auditlog import MerkleLogStore
+    from fedseal.audit.service import TlsServerConfig, serve_audit_log
+    from fedseal.audit.store import MerkleLogStore
     from fedseal.crypto.errors import KeyFormatError
     from fedseal.crypto.keys import load_private_key
     from fedseal.server.audit_hook import RunAudit
-    from fedseal.server.audit_service import TlsServerConfig, serve_audit_log
 
     path = cfg.coordinator.state_dir / AUDIT_FILE
     pass_env = os.environ.get("FEDSEAL_COORDINATOR_PASSPHRASE")

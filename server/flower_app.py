@@ -610,7 +610,7 @@ class _SecureCoordinator:
         Raises:
             AuditHaltError: The audit log refused or failed to store the entry.
         """
-        from fedseal.protocol.audit import AuditError
+        from fedseal.audit.log import AuditError
 
         if self.audit is None:
             return

@@ -11,38 +11,85 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"crypto": "crypto", "protocol": "protocol", "server": "server", "client": "client"}
+# crypto -> protocol -> audit -> adapters (server, client) -> sim; bench sits beside sim.
+LAYERS = {
+    "crypto": "crypto", "protocol": "protocol", "audit": "audit",
+    "server": "server", "client": "client", "sim": "sim",
+}
 
 STDLIB = set(sys.stdlib_module_names)
 # Third-party top-level modules each layer may import (stdlib is always allowed unless banned).
 ALLOWED_THIRD_PARTY = {
     "crypto": {"cryptography", "numpy"},
     "protocol": {"cryptography", "numpy"},
+    # the SQLite store, the gRPC audit service (grpc + protobuf) and fl-audit's console (typer, rich)
+    "audit": {"cryptography", "numpy", "grpc", "google", "typer", "rich"},
 }
 # fedseal layers each layer may import.
 ALLOWED_FEDSEAL = {
     "crypto": {"crypto"},
     "protocol": {"crypto", "protocol"},
-    "server": {"crypto", "protocol", "server"},
-    "client": {"crypto", "protocol", "client"},
+    "audit": {"crypto", "protocol", "audit"},
+    "server": {"crypto", "protocol", "audit", "server"},
+    "client": {"crypto", "protocol", "audit", "client"},
+    "sim": {"crypto", "protocol", "audit", "server", "client", "sim"},
 }
 BANNED_STDLIB = {"crypto": {"random"}, "protocol": {"random", "socket", "asyncio", "threading"}}
-# Modules only the client may import.
+# Modules only the client (and the simulation above it) may import.
 CLIENT_ONLY = {"torch", "pyarrow", "torchvision"}
+# Functions that import a module named by a string.
+DYNAMIC_IMPORTERS = {"import_module", "__import__", "find_spec", "run_module"}
+# String references to another layer's code that are not imports: the Flower app bundle the
+# coordinator describes names the site's ClientApp, which only a site's Flower loads.
+NOT_IMPORTS = {("server/deploy.py", "fedseal.client.flower_app:app")}
 
 
 def _python_files(folder: str) -> Iterator[Path]:
     yield from sorted((ROOT / folder).rglob("*.py"))
 
 
+def _string_constants(tree: ast.AST) -> dict[str, str]:
+    """Module-level ``NAME = "text"`` assignments (a dynamic import often names its module so)."""
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            if isinstance(node.value.value, str):
+                for target in node.targets:
+                    if isinstance(target, ast.Name):
+                        found[target.id] = node.value.value
+    return found
+
+
 def _imports(path: Path) -> Iterator[tuple[int, str]]:
+    """Every module ``path`` imports: import statements, ``import_module``/``__import__`` calls
+    with a literal (or a module constant) and ``"package.module:attr"`` references to fedseal."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    constants = _string_constants(tree)
+    rel = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             yield node.lineno, node.module
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in DYNAMIC_IMPORTERS:
+                arg = node.args[0]
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    yield node.lineno, arg.value
+                elif isinstance(arg, ast.Name) and arg.id in constants:
+                    yield node.lineno, constants[arg.id]
+                elif isinstance(arg, ast.JoinedStr) and arg.values:
+                    head = arg.values[0]
+                    if isinstance(head, ast.Constant) and str(head.value).startswith("fedseal."):
+                        yield node.lineno, str(head.value).rstrip(".")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+            if text.startswith("fedseal.") and ":" in text and " " not in text:
+                if (rel, text) not in NOT_IMPORTS:
+                    yield node.lineno, text.split(":", 1)[0]
 
 
 def _violations(layer: str) -> list[str]:
@@ -91,9 +138,34 @@ def test_the_checker_itself_catches_a_forbidden_edge(tmp_path: Path) -> None:
     assert [m for _, m in _imports(bad)] == ["torch", "fedseal.server"]
 
 
+def test_the_checker_sees_dynamic_imports(tmp_path: Path) -> None:
+    hidden = tmp_path / "x.py"
+    hidden.write_text(
+        "import importlib\n"
+        "SITE = 'fedseal.client.node'\n"
+        "a = importlib.import_module('fedseal.client.config')\n"
+        "b = importlib.import_module(SITE)\n"
+        "c = __import__('fedseal.sim.demo')\n"
+        "d = importlib.import_module(f'fedseal.client.{SITE}')\n"
+        "APP = 'fedseal.client.flower_app:app'\n",
+        encoding="utf-8",
+    )
+    assert sorted(m for _, m in _imports(hidden)) == sorted([
+        "importlib", "fedseal.client.config", "fedseal.client.node", "fedseal.sim.demo",
+        "fedseal.client", "fedseal.client.flower_app",
+    ])
+
+
+def test_layers_import_only_downward() -> None:
+    # server and client share a floor and import neither each other nor anything above them
+    floor = {"crypto": 0, "protocol": 1, "audit": 2, "server": 3, "client": 3, "sim": 4}
+    for layer, allowed in ALLOWED_FEDSEAL.items():
+        assert all(floor[other] < floor[layer] for other in allowed - {layer}), layer
+
+
 def test_fl_audit_imports_neither_flwr_nor_torch() -> None:
     code = (
-        "import sys, fedseal.server.audit_cli\n"
+        "import sys, fedseal.audit.cli\n"
         "bad = [m for m in ('flwr', 'torch') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

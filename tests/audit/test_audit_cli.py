@@ -12,10 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from typer.testing import CliRunner
 
-from fedseal.crypto import merkle
-from fedseal.crypto.keys import generate_identity_key, key_id, save_public_key
-from fedseal.protocol.audit import EnvelopeRecord, SignedTreeHead, decode_entry
-from fedseal.server.audit_cli import (
+from fedseal.audit.cli import (
     EXIT_FAILED,
     EXIT_INCOMPLETE,
     EXIT_OK,
@@ -23,6 +20,9 @@ from fedseal.server.audit_cli import (
     EXIT_USAGE,
     app,
 )
+from fedseal.audit.log import EnvelopeRecord, SignedTreeHead, decode_entry
+from fedseal.crypto import merkle
+from fedseal.crypto.keys import generate_identity_key, key_id, save_public_key
 from tests.audit.logbuilder import BuiltLog, build_run_log
 
 runner = CliRunner()
@@ -347,7 +347,7 @@ def test_worker_processes_report_a_bad_signature_at_its_entry(
 ) -> None:
     import dataclasses
 
-    from fedseal.protocol.audit import encode_entry
+    from fedseal.audit.log import encode_entry
 
     path = tmp_path / "bad.sqlite"
     shutil.copy(built.path, path)

@@ -9,9 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedseal.crypto.keys import generate_identity_key, key_id, public_key_to_der
-from fedseal.crypto.signing import sign
-from fedseal.protocol.audit import (
+from fedseal.audit.log import (
     INPUT_MESSAGE_TYPE,
     AuditLog,
     AuditStateError,
@@ -30,6 +28,8 @@ from fedseal.protocol.audit import (
     encode_entry,
     metric_to_micros,
 )
+from fedseal.crypto.keys import generate_identity_key, key_id, public_key_to_der
+from fedseal.crypto.signing import sign
 from fedseal.protocol.errors import BadSignatureError, DecodeError
 from tests.audit.logbuilder import digest, masked_input_payload
 
@@ -251,7 +251,7 @@ def test_tree_heads_cannot_go_back_in_time(log: AuditLog) -> None:
 
 
 def test_a_batch_of_envelopes_is_written_all_or_nothing(log: AuditLog) -> None:
-    from fedseal.protocol.audit import ReceivedEnvelope
+    from fedseal.audit.log import ReceivedEnvelope
 
     keys = {name: _enrol(log, name, name.encode() * 32) for name in ("a", "b")}
     _start(log, b"m" * 32)

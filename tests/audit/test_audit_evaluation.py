@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from fedseal.crypto.auditlog import MerkleLogStore
-from fedseal.crypto.keys import save_public_key
-from fedseal.protocol.audit import (
+from fedseal.audit.cli import EXIT_OK, app, verify_log
+from fedseal.audit.log import (
     AuditLog,
     AuditStateError,
     AuditVerificationError,
@@ -24,7 +23,8 @@ from fedseal.protocol.audit import (
     encode_entry,
     entry_tags,
 )
-from fedseal.server.audit_cli import EXIT_OK, app, verify_log
+from fedseal.audit.store import MerkleLogStore
+from fedseal.crypto.keys import save_public_key
 from tests.audit.logbuilder import CLOCK0, BuiltLog, build_run_log, digest
 
 runner = CliRunner()

@@ -19,11 +19,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedseal.crypto.auditlog import MerkleLogStore
-from fedseal.crypto.keys import generate_identity_key, public_key_to_der
-from fedseal.crypto.signing import sign
-from fedseal.protocol import audit as audit_mod
-from fedseal.protocol.audit import (
+from fedseal.audit import log as audit_mod
+from fedseal.audit.cli import verify_log
+from fedseal.audit.log import (
     INPUT_MESSAGE_TYPE,
     AuditVerificationError,
     AuditVerifier,
@@ -34,11 +32,13 @@ from fedseal.protocol.audit import (
     decode_entry,
     encode_entry,
 )
+from fedseal.audit.store import MerkleLogStore
+from fedseal.crypto.keys import generate_identity_key, public_key_to_der
+from fedseal.crypto.signing import sign
 from fedseal.protocol.config import Limits
 from fedseal.protocol.errors import DecodeError, ProtocolError
 from fedseal.protocol.messages import MaskedInput, decode_payload
 from fedseal.protocol.types import MessageKind
-from fedseal.server.audit_cli import verify_log
 from tests.audit.logbuilder import BuiltLog, build_run_log, digest, masked_input_payload
 
 

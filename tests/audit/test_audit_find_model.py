@@ -13,11 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from fedseal.client.receipts import AuditServiceError, GrpcAuditSource
-from fedseal.crypto import merkle
-from fedseal.crypto.auditlog import MerkleLogStore
-from fedseal.crypto.keys import generate_identity_key
-from fedseal.protocol.audit import (
+from fedseal.audit.log import (
     AuditLog,
     EntryKind,
     RoundResult,
@@ -29,8 +25,12 @@ from fedseal.protocol.audit import (
     encode_entry,
     roster_from_log,
 )
-from fedseal.server.audit_proto import audit_pb2
-from fedseal.server.audit_service import find_model, serve_audit_log
+from fedseal.audit.proto import audit_pb2
+from fedseal.audit.receipts import AuditServiceError, GrpcAuditSource
+from fedseal.audit.service import find_model, serve_audit_log
+from fedseal.audit.store import MerkleLogStore
+from fedseal.crypto import merkle
+from fedseal.crypto.keys import generate_identity_key
 from tests.audit.logbuilder import CLOCK0, BuiltLog, build_run_log, digest
 from tests.audit.test_audit_service import _tls
 
@@ -173,7 +173,7 @@ def test_find_model_is_authenticated_like_every_method(fx: Fixture) -> None:
 
 
 def test_the_clients_find_model_encoding_matches_the_generated_code() -> None:
-    from fedseal.client import receipts
+    from fedseal.audit import receipts
 
     run_id, model = b"r" * 16, b"m" * 32
     raw = receipts._field_bytes(2, run_id) + receipts._field_bytes(3, model)
@@ -209,6 +209,6 @@ def test_the_search_reads_only_run_starts_and_that_runs_round_results(
 
 
 def test_the_site_side_protocol_declares_find_model() -> None:
-    from fedseal.client.receipts import AuditSource
+    from fedseal.audit.receipts import AuditSource
 
     assert "find_model" in AuditSource.__dict__

@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.crypto.auditlog import AuditLogError
-from fedseal.protocol.audit import AuditVerificationError
-from fedseal.server.audit_cli import verify_log
+from fedseal.audit.cli import verify_log
+from fedseal.audit.log import AuditVerificationError
+from fedseal.audit.store import AuditLogError
 from tests.audit.logbuilder import build_run_log
 
 FIXED_SEED = 15_2_1000

@@ -15,29 +15,29 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fedseal.client.receipts import (
-    AuditServiceError,
-    ContributionBlockedError,
-    GrpcAuditSource,
-    ReceiptChecker,
-    ReceiptError,
-)
-from fedseal.crypto import merkle
-from fedseal.crypto.auditlog import MerkleLogStore
-from fedseal.crypto.keys import generate_identity_key
-from fedseal.protocol.audit import (
+from fedseal.audit.log import (
     INPUT_MESSAGE_TYPE,
     EnvelopeRecord,
     SignedTreeHead,
     decode_entry,
     roster_from_log,
 )
-from fedseal.server.audit_proto import audit_pb2, audit_pb2_grpc
-from fedseal.server.audit_service import (
+from fedseal.audit.proto import audit_pb2, audit_pb2_grpc
+from fedseal.audit.receipts import (
+    AuditServiceError,
+    ContributionBlockedError,
+    GrpcAuditSource,
+    ReceiptChecker,
+    ReceiptError,
+)
+from fedseal.audit.service import (
     AuditServiceConfig,
     TlsServerConfig,
     serve_audit_log,
 )
+from fedseal.audit.store import MerkleLogStore
+from fedseal.crypto import merkle
+from fedseal.crypto.keys import generate_identity_key
 from tests.audit.logbuilder import CLOCK0, BuiltLog, build_run_log
 
 NOW = CLOCK0 + 60_000
@@ -256,7 +256,7 @@ class LocalSource:
         return self.store.consistency_proof(old_size, new_size)
 
     def find_input(self, round: int, run_id: bytes) -> int | None:
-        from fedseal.protocol.audit import find_input
+        from fedseal.audit.log import find_input
 
         return find_input(self.store, self.site, round, run_id)
 
@@ -351,7 +351,7 @@ def test_a_missing_input_or_a_head_signed_by_someone_else_blocks_the_site(tmp_pa
 
 
 def test_the_clients_wire_encoding_matches_the_generated_protobuf_code() -> None:
-    from fedseal.client import receipts
+    from fedseal.audit import receipts
 
     auth = (
         receipts._field_bytes(1, b"site-a")

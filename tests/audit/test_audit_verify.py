@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseal.crypto import merkle
-from fedseal.crypto.auditlog import LogFormatError, MerkleLogStore, StoredEntry, StoredTreeHead
-from fedseal.crypto.keys import generate_identity_key, public_key_to_der
-from fedseal.protocol.audit import (
+from fedseal.audit.log import (
     AuditVerificationError,
     AuditVerifier,
     EnvelopeRecord,
@@ -23,6 +20,9 @@ from fedseal.protocol.audit import (
     decode_entry,
     encode_entry,
 )
+from fedseal.audit.store import LogFormatError, MerkleLogStore, StoredEntry, StoredTreeHead
+from fedseal.crypto import merkle
+from fedseal.crypto.keys import generate_identity_key, public_key_to_der
 from fedseal.protocol.roster import Roster, RosterEntry
 from tests.audit.logbuilder import BuiltLog, build_run_log
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedseal.crypto.auditlog import AuditLogError, MerkleLogStore, wal_file
+from fedseal.audit.cli import EXIT_INCOMPLETE, EXIT_OK, app, verify_log
+from fedseal.audit.log import AuditLog, AuditVerificationError, RosterAction
+from fedseal.audit.store import AuditLogError, MerkleLogStore, wal_file
 from fedseal.crypto.keys import generate_identity_key, public_key_to_der, save_public_key
-from fedseal.protocol.audit import AuditLog, AuditVerificationError, RosterAction
-from fedseal.server.audit_cli import EXIT_INCOMPLETE, EXIT_OK, app, verify_log
 from tests.audit.logbuilder import CLOCK0, build_run_log, digest
 
 runner = CliRunner()

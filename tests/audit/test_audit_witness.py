@@ -25,19 +25,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedseal.client.cli import app as client_app
-from fedseal.client.receipts import ReceiptChecker
-from fedseal.crypto.auditlog import MerkleLogStore
-from fedseal.crypto.keys import generate_identity_key, save_public_key
-from fedseal.protocol.audit import (
-    INPUT_MESSAGE_TYPE,
-    RoundResult,
-    SignedTreeHead,
-    decode_entry,
-    encode_entry,
-    entry_tags,
-)
-from fedseal.server.audit_cli import (
+from fedseal.audit.cli import (
     EXIT_FAILED,
     EXIT_INCOMPLETE,
     EXIT_OK,
@@ -45,12 +33,24 @@ from fedseal.server.audit_cli import (
     EXIT_USAGE,
     app,
 )
+from fedseal.audit.log import (
+    INPUT_MESSAGE_TYPE,
+    RoundResult,
+    SignedTreeHead,
+    decode_entry,
+    encode_entry,
+    entry_tags,
+)
+from fedseal.audit.receipts import ReceiptChecker
+from fedseal.audit.store import MerkleLogStore
+from fedseal.client.cli import app as client_app
+from fedseal.crypto.keys import generate_identity_key, save_public_key
 from tests.audit.logbuilder import BuiltLog, build_run_log
 from tests.audit.test_audit_service import LocalSource, _payload
 
 runner = CliRunner()
 SITES = ("site-b", "site-c")
-_LEVEL_SHIFT = 48  # node ids: height << 48 | k (fedseal.crypto.auditlog.node_id)
+_LEVEL_SHIFT = 48  # node ids: height << 48 | k (fedseal.audit.store.node_id)
 
 
 def truncate(src: Path, dst: Path, size: int) -> Path:

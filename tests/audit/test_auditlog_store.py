@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fedseal.audit.store import LogFormatError, LogRangeError, MerkleLogStore
 from fedseal.crypto import merkle
-from fedseal.crypto.auditlog import LogFormatError, LogRangeError, MerkleLogStore
 
 
 def _leaves(n: int) -> list[bytes]:

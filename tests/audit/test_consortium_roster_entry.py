@@ -14,9 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
-from fedseal.crypto.auditlog import MerkleLogStore
-from fedseal.crypto.keys import generate_identity_key, public_key_to_der, save_public_key
-from fedseal.protocol.audit import (
+from fedseal.audit.cli import EXIT_FAILED, EXIT_OK, app
+from fedseal.audit.log import (
     AuditLog,
     AuditStateError,
     AuditVerificationError,
@@ -31,6 +30,8 @@ from fedseal.protocol.audit import (
     decode_entry,
     encode_entry,
 )
+from fedseal.audit.store import MerkleLogStore
+from fedseal.crypto.keys import generate_identity_key, public_key_to_der, save_public_key
 from fedseal.protocol.consortium import (
     ConsortiumRoster,
     ConsortiumSite,
@@ -38,7 +39,6 @@ from fedseal.protocol.consortium import (
     with_revoked,
 )
 from fedseal.protocol.errors import DecodeError
-from fedseal.server.audit_cli import EXIT_FAILED, EXIT_OK, app
 from tests.audit.logbuilder import Clock, build_run_log, digest
 
 runner = CliRunner()

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from fedseal.client.receipts import (
+from fedseal.audit.log import INPUT_MESSAGE_TYPE
+from fedseal.audit.receipts import (
     AuditServiceError,
     ContributionBlockedError,
     ReceiptChecker,
     SiteReceipts,
 )
-from fedseal.crypto.auditlog import MerkleLogStore
-from fedseal.protocol.audit import INPUT_MESSAGE_TYPE
+from fedseal.audit.store import MerkleLogStore
 from tests.audit.logbuilder import build_run_log
 from tests.audit.test_audit_service import LocalSource, _payload
 

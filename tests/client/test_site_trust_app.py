@@ -37,6 +37,10 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from typer.testing import CliRunner
 
+from fedseal.audit.log import INPUT_MESSAGE_TYPE, AuditLog, RosterAction, roster_from_log
+from fedseal.audit.receipts import GrpcAuditSource, ReceiptChecker
+from fedseal.audit.service import serve_audit_log
+from fedseal.audit.store import MerkleLogStore
 from fedseal.client import executor as executor_module
 from fedseal.client import flower_app
 from fedseal.client.commitments import ModelCommitments
@@ -50,9 +54,7 @@ from fedseal.client.flower_app import (
 )
 from fedseal.client.models import build_model, state_dict_to_numpy
 from fedseal.client.policy import SitePrivacy
-from fedseal.client.receipts import GrpcAuditSource, ReceiptChecker
 from fedseal.client.site_data import SiteData, load_site_data
-from fedseal.crypto.auditlog import MerkleLogStore
 from fedseal.crypto.keys import (
     generate_identity_key,
     key_id,
@@ -74,10 +76,8 @@ from fedseal.protocol import (
     RoundConfig,
     SecAggServer,
 )
-from fedseal.protocol.audit import INPUT_MESSAGE_TYPE, AuditLog, RosterAction, roster_from_log
 from fedseal.protocol.envelope import Envelope
-from fedseal.protocol.simulator import dataset_root_for, deterministic_key
-from fedseal.server.audit_service import serve_audit_log
+from fedseal.sim.inmemory import dataset_root_for, deterministic_key
 from tests.audit.logbuilder import masked_input_payload
 from tests.audit.test_audit_service import _tls
 from tests.client._data_support import make_dataset

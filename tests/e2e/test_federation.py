@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseal.server.demo import Federation, free_port, prepare_federation, site_receipts, start_site
+from fedseal.sim.demo import Federation, free_port, prepare_federation, site_receipts, start_site
 
 from .conftest import BIN, Procs, read_rounds, tail, wait_for
 

@@ -13,8 +13,8 @@ from fedseal.protocol.envelope import Envelope, seal
 from fedseal.protocol.messages import Message, decode_payload
 from fedseal.protocol.quantize import quantize
 from fedseal.protocol.server import ServerStage
-from fedseal.protocol.simulator import Behaviour, Federation, dataset_root_for
 from fedseal.protocol.types import SiteId
+from fedseal.sim.inmemory import Behaviour, Federation, dataset_root_for
 
 LIMITS_DEFAULT = RoundConfig(
     vector_length=1, quantization=QuantizationConfig(1, 1), max_weight=1

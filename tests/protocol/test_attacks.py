@@ -48,8 +48,8 @@ from fedseal.protocol.messages import (
     UnmaskResponse,
 )
 from fedseal.protocol.server import SecAggServer, ServerStage
-from fedseal.protocol.simulator import Behaviour, Federation, dataset_root_for, deterministic_key
 from fedseal.protocol.types import SiteId
+from fedseal.sim.inmemory import Behaviour, Federation, dataset_root_for, deterministic_key
 from tests.protocol._support import (
     LIMITS_DEFAULT,
     expected_sum,

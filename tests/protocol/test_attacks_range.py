@@ -18,8 +18,8 @@ from fedseal.protocol import LocalUpdate, Packet
 from fedseal.protocol.errors import AggregateOutOfRangeError
 from fedseal.protocol.messages import MaskedInput
 from fedseal.protocol.server import ServerStage, check_aggregate_range
-from fedseal.protocol.simulator import Behaviour, dataset_root_for
 from fedseal.protocol.types import SiteId
+from fedseal.sim.inmemory import Behaviour, dataset_root_for
 from tests.protocol._support import (
     expected_sum,
     make_config,

@@ -47,8 +47,8 @@ from fedseal.protocol.messages import (
 )
 from fedseal.protocol.params import colluders as colluder_count
 from fedseal.protocol.params import least_threshold, safe_quorum
-from fedseal.protocol.simulator import Federation
 from fedseal.protocol.types import COORDINATOR, SURVIVOR_STATEMENT_TYPE, SiteId, site_sort_key
+from fedseal.sim.inmemory import Federation
 from tests.protocol._support import expected_sum, make_config, make_fed, open_any, precommit, resign
 
 NOW = 1_700_000_000.0

@@ -20,8 +20,8 @@ from fedseal.protocol.encoding import Reader
 from fedseal.protocol.envelope import Envelope, seal
 from fedseal.protocol.messages import decode_payload
 from fedseal.protocol.server import Accepted, Rejection, ServerStage
-from fedseal.protocol.simulator import Behaviour
 from fedseal.protocol.types import MessageKind, SiteId
+from fedseal.sim.inmemory import Behaviour
 from tests.protocol._support import LIMITS_DEFAULT, make_fed
 
 STAGES = [

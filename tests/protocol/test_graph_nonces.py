@@ -26,8 +26,8 @@ from fedseal.protocol.graph import (
 )
 from fedseal.protocol.messages import AdvertBundle, KeyAdvert
 from fedseal.protocol.server import Rejection, ServerStage
-from fedseal.protocol.simulator import Behaviour
 from fedseal.protocol.types import SiteId
+from fedseal.sim.inmemory import Behaviour
 from tests.protocol._support import make_fed, open_any, replace, resign
 
 RUN = b"r" * 16

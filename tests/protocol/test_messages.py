@@ -25,8 +25,8 @@ from fedseal.protocol.messages import (
     UnmaskResponse,
     decode_payload,
 )
-from fedseal.protocol.simulator import DeterministicRandom
 from fedseal.protocol.types import SiteId, site_sort_key
+from fedseal.sim.inmemory import DeterministicRandom
 
 LIMITS = Limits()
 site_ids = st.text(

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fedseal.protocol import ServerStage, ThresholdError
-from fedseal.protocol.simulator import Behaviour, SimulationOutcome
 from fedseal.protocol.types import SiteId
+from fedseal.sim.inmemory import Behaviour, SimulationOutcome
 from tests.protocol._support import expected_sum, make_config, make_fed, site_names, weight_of
 
 STAGES = [
@@ -149,7 +149,7 @@ def test_masked_inputs_do_not_reveal_the_quantized_update() -> None:
         def __init__(self) -> None:
             self.seen: dict[str, np.ndarray] = {}
 
-    from fedseal.protocol.simulator import Behaviour
+    from fedseal.sim.inmemory import Behaviour
 
     cap = Capture()
 

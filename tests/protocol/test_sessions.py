@@ -19,7 +19,7 @@ from fedseal.protocol import (
     SiteId,
     StaleMessageError,
 )
-from fedseal.protocol.simulator import DeterministicRandom, dataset_root_for
+from fedseal.sim.inmemory import DeterministicRandom, dataset_root_for
 from tests.protocol._support import make_config, make_fed, precommit, site_names
 
 

@@ -48,8 +48,8 @@ from fedseal.protocol.messages import (
     survivor_statement,
 )
 from fedseal.protocol.server import ServerStage
-from fedseal.protocol.simulator import Behaviour, DeterministicRandom
 from fedseal.protocol.types import COORDINATOR, SURVIVOR_STATEMENT_TYPE, SiteId, site_sort_key
+from fedseal.sim.inmemory import Behaviour, DeterministicRandom
 from tests.protocol._support import (
     LIMITS_DEFAULT,
     expected_sum,

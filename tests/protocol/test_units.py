@@ -38,8 +38,8 @@ from fedseal.protocol.graph import build_graph, graph_seed
 from fedseal.protocol.messages import Header, SurvivorSet, decode_payload
 from fedseal.protocol.params import check_parameters, least_degree, least_threshold, safe_quorum
 from fedseal.protocol.quantize import dequantize, quantize, signed_sum
-from fedseal.protocol.simulator import deterministic_key
 from fedseal.protocol.types import COORDINATOR, MessageKind, SiteId
+from fedseal.sim.inmemory import deterministic_key
 
 # -- encoding ---------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 :class:`FedGrid` stands in for Flower's ``Grid``: every pushed message is answered at once by
 a :class:`FakeSite`, whose secure-round side is the protocol's own client session
-(:meth:`fedseal.protocol.simulator.Federation.make_session`, keyed with the sites' enrolled
+(:meth:`fedseal.sim.inmemory.Federation.make_session`, keyed with the sites' enrolled
 keys and the coordinator's real key), and whose plain side returns the global model plus a
 small step. Sites can refuse plain training with a Flower error reply, answer a stage with an
 error, or tamper with their masked input (re-signed with their own key).
@@ -27,7 +27,6 @@ from fedseal.protocol import LocalUpdate, Packet, QuantizationConfig, RoundConfi
 from fedseal.protocol.envelope import Envelope, seal
 from fedseal.protocol.errors import ProtocolError
 from fedseal.protocol.messages import decode_payload
-from fedseal.protocol.simulator import Federation, dataset_root_for
 from fedseal.protocol.types import SiteId
 from fedseal.server import flower_app
 from fedseal.server.cli import init as init_cmd
@@ -35,6 +34,7 @@ from fedseal.server.cli import write_server_toml
 from fedseal.server.config import ServerConfig, load_server_config
 from fedseal.server.metrics import Metrics
 from fedseal.server.roster import Roster
+from fedseal.sim.inmemory import Federation, dataset_root_for
 
 MODEL_SIZE = 12
 STEP = 0.01

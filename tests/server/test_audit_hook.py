@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedseal.crypto.auditlog import MerkleLogStore
+from fedseal.audit.store import MerkleLogStore
 from fedseal.crypto.keys import generate_identity_key
 from fedseal.server.audit_hook import RunAudit
 from fedseal.server.roster import Roster
@@ -32,8 +32,8 @@ def test_roster_events_reach_the_log_once_even_when_reopened(tmp_path: Path) -> 
 
 
 def test_a_frame_that_is_not_an_envelope_is_recorded_rejected_and_the_log_still_verifies(tmp_path: Path) -> None:
+    from fedseal.audit.log import EnvelopeRecord, decode_entry, verify_audit_log
     from fedseal.protocol import DecodeError, Rejection, ServerStage
-    from fedseal.protocol.audit import EnvelopeRecord, decode_entry, verify_audit_log
     from fedseal.server.audit_hook import UNPARSEABLE_FRAME
 
     coordinator = generate_identity_key()
@@ -62,8 +62,8 @@ def test_a_frame_that_is_not_an_envelope_is_recorded_rejected_and_the_log_still_
 def test_the_run_end_checkpoints_the_wal_so_audit_sqlite_alone_is_the_whole_log(tmp_path: Path) -> None:
     import shutil
 
-    from fedseal.crypto.auditlog import wal_file
-    from fedseal.server.audit_cli import verify_log
+    from fedseal.audit.cli import verify_log
+    from fedseal.audit.store import wal_file
 
     coordinator = generate_identity_key()
     roster = Roster().enroll("site-a", generate_identity_key().public_key(), ["aa" * 32], now_ms=1)
@@ -86,7 +86,7 @@ def test_the_run_end_checkpoints_the_wal_so_audit_sqlite_alone_is_the_whole_log(
 
 
 def test_an_evaluation_is_recorded_with_its_finite_metrics_only(tmp_path: Path) -> None:
-    from fedseal.protocol.audit import AuditLog, EntryKind, Evaluation, decode_entry
+    from fedseal.audit.log import AuditLog, EntryKind, Evaluation, decode_entry
     from tests.audit.logbuilder import CLOCK0, build_run_log
 
     built = build_run_log(tmp_path / "audit.sqlite", rounds=2, end_run=False)

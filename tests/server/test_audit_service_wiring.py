@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedseal.client.receipts import AuditServiceError, GrpcAuditSource
+from fedseal.audit.log import Genesis, RosterChange, decode_entry
+from fedseal.audit.receipts import AuditServiceError, GrpcAuditSource
 from fedseal.crypto.keys import generate_identity_key
-from fedseal.protocol.audit import Genesis, RosterChange, decode_entry
 from fedseal.server.cli import init as init_cmd
 from fedseal.server.cli import write_server_toml
 from fedseal.server.config import load_server_config

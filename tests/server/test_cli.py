@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedseal.crypto.keys import generate_identity_key, save_public_key
-from fedseal.server.cli import app
+from fedseal.sim.commands import app
 
 runner = CliRunner()
 
@@ -73,7 +73,7 @@ def test_simulate_refuses_an_actor_count_or_batch_size_out_of_range(tmp_path: Pa
 
 
 def test_the_simulate_library_entry_point_refuses_a_batch_size_out_of_range(tmp_path: Path) -> None:
-    from fedseal.server.simulate import run_simulate_command
+    from fedseal.sim.simulate import run_simulate_command
 
     said: list[str] = []
     code = run_simulate_command(  # the library entry point checks it too

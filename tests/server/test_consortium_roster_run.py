@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.crypto.auditlog import MerkleLogStore
-from fedseal.crypto.keys import generate_identity_key, public_key_to_der, save_public_key
-from fedseal.protocol.audit import (
+from fedseal.audit.log import (
     AuditVerifier,
     ConsortiumRosterRecord,
     RunStart,
     VerifiedLog,
     decode_entry,
 )
+from fedseal.audit.store import MerkleLogStore
+from fedseal.crypto.keys import generate_identity_key, public_key_to_der, save_public_key
 from fedseal.protocol.consortium import (
     ConsortiumRoster,
     ConsortiumSite,

@@ -35,8 +35,8 @@ from typing import Any
 import pytest
 
 from fedseal.server import superlink
-from fedseal.server.demo import free_port
 from fedseal.server.pki import create_ca, issue_server_certificate
+from fedseal.sim.demo import free_port
 
 # ---------------------------------------------------------------------------------------------
 # Units: path filter, argument, socket directory, peer check.

@@ -9,8 +9,8 @@ from typing import Any
 
 from flwr.server.superlink.fleet.vce import vce_api
 
-import fedseal.server.simulate as simulate
-from fedseal.server.simulate import _WAKE_ATTR, _wake_engine_on_store
+import fedseal.sim.simulate as simulate
+from fedseal.sim.simulate import _WAKE_ATTR, _wake_engine_on_store
 
 
 def msg(node: int, name: str) -> Any:

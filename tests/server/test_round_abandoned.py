@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedseal.crypto.auditlog import MerkleLogStore
-from fedseal.protocol.audit import EntryKind, RoundResult, RoundStatus, decode_entry
+from fedseal.audit.log import EntryKind, RoundResult, RoundStatus, decode_entry
+from fedseal.audit.store import MerkleLogStore
 from fedseal.server.checkpoint import CheckpointStore
 from tests.server._fedgrid import STEP, Federated, shift_masked_input
 
@@ -108,9 +108,9 @@ def test_an_honest_secure_run_commits_every_round(
     ]
     assert fx.metric("fedseal_rounds_abandoned_total", {"reason": "aggregate-out-of-range"}) is None
     # Each committed round's federated evaluation is in the signed log, after its result.
+    from fedseal.audit.cli import verify_log
+    from fedseal.audit.log import Evaluation
     from fedseal.crypto.keys import load_private_key
-    from fedseal.protocol.audit import Evaluation
-    from fedseal.server.audit_cli import verify_log
     from tests.server._fedgrid import EXAMPLES
 
     path = fx.cfg.coordinator.state_dir / "audit.sqlite"

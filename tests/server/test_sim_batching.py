@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedseal.server.simulate import SimulationError, _batched_worker, run_apps_on_engine
+from fedseal.sim.simulate import SimulationError, _batched_worker, run_apps_on_engine
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +143,7 @@ def test_the_pinned_backend_runs_a_batch_on_real_actors_in_order_and_in_calls_of
     actor 0's three messages over two calls; site 3's ClientApp raises: an error for it alone."""
     from flwr.clientapp import ClientApp
 
-    from fedseal.server.simulate import default_backend_config, pinned_ray_backend
+    from fedseal.sim.simulate import default_backend_config, pinned_ray_backend
 
     app = ClientApp()
 

@@ -13,8 +13,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from typer.testing import CliRunner
 
-from fedseal.server.cli import app as cli_app
-from fedseal.server.simulate import (
+from fedseal.sim.commands import app as cli_app
+from fedseal.sim.simulate import (
     SimulatedSites,
     SimulationError,
     content_bytes,
@@ -236,7 +236,7 @@ def test_the_backend_config_sizes_ray_to_the_actors_asked_for() -> None:
 def test_the_pinned_backend_keeps_two_calls_per_actor_in_flight() -> None:
     """One engine thread per actor left an actor idle whenever both threads held messages of
     sites pinned to the other; two per actor keep every actor's queue fed."""
-    from fedseal.server.simulate import pinned_ray_backend
+    from fedseal.sim.simulate import pinned_ray_backend
 
     backend = object.__new__(pinned_ray_backend())
     backend.actors = ("a0", "a1")
@@ -246,7 +246,7 @@ def test_the_pinned_backend_keeps_two_calls_per_actor_in_flight() -> None:
 
 
 def test_the_shared_checks_setting_accepts_0_or_1_and_names_anything_else() -> None:
-    from fedseal.server.simulate import shares_verified
+    from fedseal.sim.simulate import shares_verified
 
     assert shares_verified({}) is True
     assert shares_verified({"FEDSEAL_SIM_SHARE_VERIFIED": "1"}) is True

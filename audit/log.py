@@ -75,7 +75,7 @@ every leaf hash and tree node is recomputed from the entry bytes, every signatur
 head is verified.
 
 This module does no I/O of its own: :meth:`AuditLog.open` opens the SQLite store of
-:mod:`fedseal.crypto.auditlog`, and the verifier reads whatever entries it is given.
+:mod:`fedseal.audit.store`, and the verifier reads whatever entries it is given.
 """
 
 from __future__ import annotations
@@ -92,14 +92,13 @@ from typing import ClassVar, NoReturn, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.crypto.auditlog import MerkleLogStore, StoredEntry, StoredTreeHead, node_id
+from fedseal.audit.store import MerkleLogStore, StoredEntry, StoredTreeHead, node_id
 from fedseal.crypto.errors import CryptoError, SignatureError
 from fedseal.crypto.keys import key_id, public_key_from_der, public_key_to_der
 from fedseal.crypto.merkle import EMPTY_ROOT, leaf_hash, node_hash
 from fedseal.crypto.signing import MAX_SIGNATURE_SIZE, sign, signed_content_digest, verify
-
-from .config import Limits
-from .consortium import (
+from fedseal.protocol.config import Limits
+from fedseal.protocol.consortium import (
     MAX_CONSORTIUM_NAME_BYTES,
     ROSTER_TYPE,
     ConsortiumRoster,
@@ -107,11 +106,11 @@ from .consortium import (
     SignedConsortiumRoster,
     decode_roster,
 )
-from .encoding import Reader, Writer
-from .errors import BadSignatureError, DecodeError, ProtocolError
-from .messages import MaskedInput, decode_payload
-from .roster import Roster, RosterEntry
-from .types import DIGEST_BYTES, RUN_ID_BYTES, MessageKind, SiteId, site_sort_key
+from fedseal.protocol.encoding import Reader, Writer
+from fedseal.protocol.errors import BadSignatureError, DecodeError, ProtocolError
+from fedseal.protocol.messages import MaskedInput, decode_payload
+from fedseal.protocol.roster import Roster, RosterEntry
+from fedseal.protocol.types import DIGEST_BYTES, RUN_ID_BYTES, MessageKind, SiteId, site_sort_key
 
 __all__ = [
     "AUDIT_METHODS",
@@ -1929,7 +1928,7 @@ class AuditVerifier:
 
         Raises:
             AuditVerificationError: The first failure.
-            fedseal.crypto.auditlog.LogFormatError: The database cannot be read.
+            fedseal.audit.store.LogFormatError: The database cannot be read.
         """
         problem = store.integrity_problem()
         if problem is not None:
@@ -1945,7 +1944,7 @@ class AuditVerifier:
         store: MerkleLogStore | None = None,
     ) -> VerifiedLog:
         """:meth:`run` over plain ``(index, entry bytes, stored leaf hash)`` rows, e.g.
-        :meth:`fedseal.crypto.auditlog.MerkleLogStore.iter_leaf_rows` (no per-entry objects).
+        :meth:`fedseal.audit.store.MerkleLogStore.iter_leaf_rows` (no per-entry objects).
 
         The stored leaf hash is only compared with the one recomputed from the bytes; the tree
         is always rebuilt from the recomputed hashes. With ``store`` (the store ``rows`` come
@@ -2494,7 +2493,7 @@ class AuditLog:
                 or the existing log's roster / open run is inconsistent.
             fedseal.protocol.errors.DecodeError: If an entry needed to resume does not decode.
             ValueError: If a new log is created without a 16-byte ``log_id``.
-            fedseal.crypto.auditlog.LogFormatError: If the file is not a fedseal log.
+            fedseal.audit.store.LogFormatError: If the file is not a fedseal log.
         """
         store = MerkleLogStore.open(path)
         der = public_key_to_der(signer.public_key())

@@ -25,7 +25,7 @@ re-signed with the coordinator's own key; a witness can. Every witnessed head mu
 the pinned key, name the log's id, and be consistent with the log (a prefix of it, by an RFC 6962
 consistency proof to the root recomputed from the entries); a head larger than the log means
 truncation. A failure names the witness file, line, site and tree size (exit 1); see
-``fedseal.server.audit_witness``.
+``fedseal.audit.witness``.
 
 Exit codes (every command):
 
@@ -77,11 +77,7 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from fedseal.crypto.auditlog import AuditLogError, MerkleLogStore, wal_file
-from fedseal.crypto.errors import CryptoError, MerkleProofError
-from fedseal.crypto.keys import load_public_key, public_key_from_der, public_key_to_der
-from fedseal.crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
-from fedseal.protocol.audit import (
+from fedseal.audit.log import (
     AuditEntry,
     AuditVerificationError,
     AuditVerifier,
@@ -102,9 +98,8 @@ from fedseal.protocol.audit import (
     decode_entry,
     find_input,
 )
-from fedseal.protocol.errors import ProtocolError
-from fedseal.protocol.roster import Roster, RosterEntry
-from fedseal.server.audit_witness import (
+from fedseal.audit.store import AuditLogError, MerkleLogStore, wal_file
+from fedseal.audit.witness import (
     LogView,
     WitnessFile,
     WitnessFormatError,
@@ -112,6 +107,11 @@ from fedseal.server.audit_witness import (
     check_witness_file,
     read_witness_file,
 )
+from fedseal.crypto.errors import CryptoError, MerkleProofError
+from fedseal.crypto.keys import load_public_key, public_key_from_der, public_key_to_der
+from fedseal.crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
+from fedseal.protocol.errors import ProtocolError
+from fedseal.protocol.roster import Roster, RosterEntry
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -423,7 +423,7 @@ def verify_log(
 ) -> VerifiedLog:
     """Verify the log at ``path`` (library entry point of ``fl-audit verify``): the entries,
     the signed tree heads and every unsigned copy the store keeps
-    (:meth:`~fedseal.protocol.audit.AuditVerifier.verify_store`).
+    (:meth:`~fedseal.audit.log.AuditVerifier.verify_store`).
 
     ``coordinator_key`` is the trust anchor; without it the tree heads are checked against the
     key the log's genesis names (the result says so: ``coordinator_key_pinned`` is false), which
@@ -431,7 +431,7 @@ def verify_log(
 
     Raises:
         AuditVerificationError: The first bad entry, tree head or stored copy.
-        fedseal.crypto.auditlog.AuditLogError: The file is not a readable fedseal log.
+        fedseal.audit.store.AuditLogError: The file is not a readable fedseal log.
     """
     store = MerkleLogStore.open(path, read_only=True)
     checker = _ParallelChecker(jobs)

@@ -9,14 +9,14 @@ Example (coordinator)::
     ...
     server.stop(grace=5)
 
-Example (site; the client lives in ``fedseal.client.receipts`` because the client layer may
+Example (site; the client lives in ``fedseal.audit.receipts`` because the client layer may
 not import the server's generated code)::
 
     channel = grpc.secure_channel("coordinator:9093", grpc.ssl_channel_credentials(ca_pem))
     source = GrpcAuditSource(channel, site="site-a", key=site_key, clock=now_ms)
     head_bytes = source.latest_tree_head()
 
-Protocol: ``fedseal.server.audit_proto/audit.proto`` (generated code committed, see its package
+Protocol: ``fedseal.audit.proto/audit.proto`` (generated code committed, see its package
 docstring). Methods: latest signed tree head, inclusion proof (with the leaf's entry bytes),
 consistency proof, entries by range, the index of the caller's own accepted masked input, and
 the index of the entry that committed a model of a run (:func:`find_model`: a site checks that
@@ -25,7 +25,7 @@ inclusion like its receipts).
 
 Authentication — *signed requests*: every request carries ``RequestAuth`` (site id, timestamp,
 16-byte nonce, ECDSA signature by the site's enrolled identity key over
-:func:`fedseal.protocol.audit.audit_request_payload` with the method name and the request's
+:func:`fedseal.audit.log.audit_request_payload` with the method name and the request's
 parameters in canonical bytes). The service answers only if, in this order:
 
 1. the site is enrolled and active in the log's roster (else ``PERMISSION_DENIED``);
@@ -55,11 +55,7 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.crypto.auditlog import AuditLogError, LogRangeError, MerkleLogStore
-from fedseal.crypto.errors import SignatureError
-from fedseal.crypto.keys import public_key_from_der
-from fedseal.crypto.signing import verify
-from fedseal.protocol.audit import (
+from fedseal.audit.log import (
     AUDIT_REQUEST_TYPE,
     EntryKind,
     RoundResult,
@@ -70,10 +66,14 @@ from fedseal.protocol.audit import (
     decode_entry,
     find_input,
 )
+from fedseal.audit.proto import audit_pb2, audit_pb2_grpc
+from fedseal.audit.store import AuditLogError, LogRangeError, MerkleLogStore
+from fedseal.crypto.errors import SignatureError
+from fedseal.crypto.keys import public_key_from_der
+from fedseal.crypto.signing import verify
 from fedseal.protocol.errors import ProtocolError
 from fedseal.protocol.roster import Roster
 from fedseal.protocol.types import DIGEST_BYTES, RUN_ID_BYTES, SiteId
-from fedseal.server.audit_proto import audit_pb2, audit_pb2_grpc
 
 __all__ = [
     "AuditServiceConfig",
@@ -148,8 +148,8 @@ def request_params(method: str, request: Any) -> bytes:
 def find_model(store: MerkleLogStore, run_id: bytes, model_digest: bytes) -> int | None:
     """Index of the entry that committed ``model_digest`` in run ``run_id``, or ``None``.
 
-    A model is committed by the run's :class:`~fedseal.protocol.audit.RunStart` (its
-    ``initial_model_digest``) or by a *completed* :class:`~fedseal.protocol.audit.RoundResult`
+    A model is committed by the run's :class:`~fedseal.audit.log.RunStart` (its
+    ``initial_model_digest``) or by a *completed* :class:`~fedseal.audit.log.RoundResult`
     of that run (its ``new_model_digest``); a failed or abandoned round commits nothing (its
     digest is the unchanged model, committed by an earlier entry, which is the one returned).
     The run start is checked first, then the run's round results newest first (a site usually

@@ -58,10 +58,7 @@ from typing import Protocol
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.crypto.errors import MerkleProofError
-from fedseal.crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
-from fedseal.crypto.signing import sign
-from fedseal.protocol.audit import (
+from fedseal.audit.log import (
     AUDIT_REQUEST_TYPE,
     EnvelopeRecord,
     SignedTreeHead,
@@ -69,6 +66,9 @@ from fedseal.protocol.audit import (
     audit_request_payload,
     decode_entry,
 )
+from fedseal.crypto.errors import MerkleProofError
+from fedseal.crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
+from fedseal.crypto.signing import sign
 from fedseal.protocol.errors import BadSignatureError, DecodeError
 
 __all__ = [
@@ -594,7 +594,7 @@ class GrpcAuditSource:
     """:class:`AuditSource` over the coordinator's gRPC audit service.
 
     Every request is signed with the site's identity key over a fresh 16-byte nonce and the
-    current time (see ``fedseal.server.audit_service`` for what the service checks).
+    current time (see ``fedseal.audit.service`` for what the service checks).
     """
 
     def __init__(

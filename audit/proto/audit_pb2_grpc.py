@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fedseal.server.audit_proto import audit_pb2 as fedseal_dot_server_dot_audit__proto_dot_audit__pb2
+from fedseal.audit.proto import audit_pb2 as fedseal_dot_audit_dot_proto_dot_audit__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fedseal/server/audit_proto/audit_pb2_grpc.py depends on'
+        + ' but the generated code in fedseal/audit/proto/audit_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,33 +36,33 @@ class AuditLogStub:
         """
         self.GetTreeHead = channel.unary_unary(
                 '/fedseal.audit.v1.AuditLog/GetTreeHead',
-                request_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.TreeHeadRequest.SerializeToString,
-                response_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.TreeHeadResponse.FromString,
+                request_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.TreeHeadRequest.SerializeToString,
+                response_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.TreeHeadResponse.FromString,
                 _registered_method=True)
         self.GetInclusionProof = channel.unary_unary(
                 '/fedseal.audit.v1.AuditLog/GetInclusionProof',
-                request_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.InclusionProofRequest.SerializeToString,
-                response_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.InclusionProofResponse.FromString,
+                request_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.InclusionProofRequest.SerializeToString,
+                response_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.InclusionProofResponse.FromString,
                 _registered_method=True)
         self.GetConsistencyProof = channel.unary_unary(
                 '/fedseal.audit.v1.AuditLog/GetConsistencyProof',
-                request_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.ConsistencyProofRequest.SerializeToString,
-                response_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.ConsistencyProofResponse.FromString,
+                request_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.ConsistencyProofRequest.SerializeToString,
+                response_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.ConsistencyProofResponse.FromString,
                 _registered_method=True)
         self.GetEntries = channel.unary_unary(
                 '/fedseal.audit.v1.AuditLog/GetEntries',
-                request_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.EntriesRequest.SerializeToString,
-                response_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.EntriesResponse.FromString,
+                request_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.EntriesRequest.SerializeToString,
+                response_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.EntriesResponse.FromString,
                 _registered_method=True)
         self.FindMyInput = channel.unary_unary(
                 '/fedseal.audit.v1.AuditLog/FindMyInput',
-                request_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputRequest.SerializeToString,
-                response_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputResponse.FromString,
+                request_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.FindInputRequest.SerializeToString,
+                response_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.FindInputResponse.FromString,
                 _registered_method=True)
         self.FindModel = channel.unary_unary(
                 '/fedseal.audit.v1.AuditLog/FindModel',
-                request_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelRequest.SerializeToString,
-                response_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelResponse.FromString,
+                request_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.FindModelRequest.SerializeToString,
+                response_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.FindModelResponse.FromString,
                 _registered_method=True)
 
 
@@ -110,33 +110,33 @@ def add_AuditLogServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetTreeHead': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTreeHead,
-                    request_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.TreeHeadRequest.FromString,
-                    response_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.TreeHeadResponse.SerializeToString,
+                    request_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.TreeHeadRequest.FromString,
+                    response_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.TreeHeadResponse.SerializeToString,
             ),
             'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInclusionProof,
-                    request_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.InclusionProofRequest.FromString,
-                    response_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.InclusionProofResponse.SerializeToString,
+                    request_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.InclusionProofRequest.FromString,
+                    response_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.InclusionProofResponse.SerializeToString,
             ),
             'GetConsistencyProof': grpc.unary_unary_rpc_method_handler(
                     servicer.GetConsistencyProof,
-                    request_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.ConsistencyProofRequest.FromString,
-                    response_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.ConsistencyProofResponse.SerializeToString,
+                    request_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.ConsistencyProofRequest.FromString,
+                    response_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.ConsistencyProofResponse.SerializeToString,
             ),
             'GetEntries': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEntries,
-                    request_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.EntriesRequest.FromString,
-                    response_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.EntriesResponse.SerializeToString,
+                    request_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.EntriesRequest.FromString,
+                    response_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.EntriesResponse.SerializeToString,
             ),
             'FindMyInput': grpc.unary_unary_rpc_method_handler(
                     servicer.FindMyInput,
-                    request_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputRequest.FromString,
-                    response_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputResponse.SerializeToString,
+                    request_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.FindInputRequest.FromString,
+                    response_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.FindInputResponse.SerializeToString,
             ),
             'FindModel': grpc.unary_unary_rpc_method_handler(
                     servicer.FindModel,
-                    request_deserializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelRequest.FromString,
-                    response_serializer=fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelResponse.SerializeToString,
+                    request_deserializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.FindModelRequest.FromString,
+                    response_serializer=fedseal_dot_audit_dot_proto_dot_audit__pb2.FindModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -164,8 +164,8 @@ class AuditLog:
             request,
             target,
             '/fedseal.audit.v1.AuditLog/GetTreeHead',
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.TreeHeadRequest.SerializeToString,
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.TreeHeadResponse.FromString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.TreeHeadRequest.SerializeToString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.TreeHeadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -191,8 +191,8 @@ class AuditLog:
             request,
             target,
             '/fedseal.audit.v1.AuditLog/GetInclusionProof',
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.InclusionProofRequest.SerializeToString,
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.InclusionProofResponse.FromString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.InclusionProofRequest.SerializeToString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.InclusionProofResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -218,8 +218,8 @@ class AuditLog:
             request,
             target,
             '/fedseal.audit.v1.AuditLog/GetConsistencyProof',
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.ConsistencyProofRequest.SerializeToString,
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.ConsistencyProofResponse.FromString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.ConsistencyProofRequest.SerializeToString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.ConsistencyProofResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -245,8 +245,8 @@ class AuditLog:
             request,
             target,
             '/fedseal.audit.v1.AuditLog/GetEntries',
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.EntriesRequest.SerializeToString,
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.EntriesResponse.FromString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.EntriesRequest.SerializeToString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.EntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -272,8 +272,8 @@ class AuditLog:
             request,
             target,
             '/fedseal.audit.v1.AuditLog/FindMyInput',
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputRequest.SerializeToString,
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindInputResponse.FromString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.FindInputRequest.SerializeToString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.FindInputResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -299,8 +299,8 @@ class AuditLog:
             request,
             target,
             '/fedseal.audit.v1.AuditLog/FindModel',
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelRequest.SerializeToString,
-            fedseal_dot_server_dot_audit__proto_dot_audit__pb2.FindModelResponse.FromString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.FindModelRequest.SerializeToString,
+            fedseal_dot_audit_dot_proto_dot_audit__pb2.FindModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -275,9 +275,9 @@ def start_site(site_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
 def _verify_audit_log(console: Console, log: Path, pub: Path) -> bool:
     """What an auditor does: ``fl-audit verify`` against the coordinator's public key (the trust
     anchor the sites pin), then print the commands to do it by hand. Returns whether it held."""
-    from fedseal.crypto.auditlog import AuditLogError
-    from fedseal.protocol.audit import AuditVerificationError
-    from fedseal.server.audit_cli import verify_log
+    from fedseal.audit.cli import verify_log
+    from fedseal.audit.log import AuditVerificationError
+    from fedseal.audit.store import AuditLogError
 
     try:
         result = verify_log(log, coordinator_key=load_public_key(pub))

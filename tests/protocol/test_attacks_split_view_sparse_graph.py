@@ -1,4 +1,4 @@
-"""Review finding: in a sparse graph, t signatures on a survivor set do not force one view.
+"""Attack: in a sparse graph, t signatures on a survivor set do not force one view.
 
 With the defaults for 48 sites (degree 12, threshold 9) the cohort holds several disjoint
 groups of ``t`` sites. A malicious coordinator (no colluding site needed) partitions the
@@ -36,8 +36,8 @@ from fedseal.protocol.messages import (
     UnmaskResponse,
 )
 from fedseal.protocol.server import SecAggServer, ServerStage
-from fedseal.protocol.simulator import Behaviour
 from fedseal.protocol.types import COORDINATOR, SiteId, site_sort_key
+from fedseal.sim.inmemory import Behaviour
 from tests.protocol._support import (
     expected_sum,
     make_config,

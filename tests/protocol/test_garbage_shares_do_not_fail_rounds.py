@@ -1,4 +1,4 @@
-"""Review finding: one garbage-share site must not be able to fail every round.
+"""One garbage-share site must not be able to fail every round.
 
 Before the fix the coordinator searched share subsets of size ``t`` in lexicographic order,
 capped at ``MAX_RECONSTRUCTION_ATTEMPTS``. A liar holding Shamir index 1 (the first
@@ -15,8 +15,8 @@ from fedseal.crypto.shamir import PRIME, Share
 from fedseal.protocol import Packet
 from fedseal.protocol.messages import UnmaskResponse
 from fedseal.protocol.server import MAX_RECONSTRUCTION_ATTEMPTS, ServerStage
-from fedseal.protocol.simulator import Behaviour
 from fedseal.protocol.types import SiteId
+from fedseal.sim.inmemory import Behaviour
 from tests.protocol._support import expected_sum, make_config, make_fed, open_any, replace, resign
 
 

@@ -35,14 +35,13 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedseal.crypto.keys import key_id
-
-from .client import ClientSession, LocalUpdate, RoundInfo
-from .config import RoundConfig, SitePolicy
-from .errors import ProtocolError
-from .guard import SetupGuard
-from .roster import Roster, RosterEntry
-from .server import Receipt, RoundResult, SecAggServer, ServerStage
-from .types import Packet, SiteId
+from fedseal.protocol.client import ClientSession, LocalUpdate, RoundInfo
+from fedseal.protocol.config import RoundConfig, SitePolicy
+from fedseal.protocol.errors import ProtocolError
+from fedseal.protocol.guard import SetupGuard
+from fedseal.protocol.roster import Roster, RosterEntry
+from fedseal.protocol.server import Receipt, RoundResult, SecAggServer, ServerStage
+from fedseal.protocol.types import Packet, SiteId
 
 __all__ = [
     "Behaviour",

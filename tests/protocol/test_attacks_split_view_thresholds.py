@@ -1,4 +1,4 @@
-"""Review findings on the consistency check: thresholds that let a coordinator split views.
+"""Attack: thresholds that would let a malicious coordinator split the sites' views of the survivors.
 
 A malicious coordinator drives four honest sessions by hand. With a complete graph of four
 and threshold 2 (valid: ``2 * 2 > degree 3``), two disjoint pairs could each produce ``t``

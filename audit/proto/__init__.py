@@ -2,7 +2,7 @@
 
 Example::
 
-    from fedseal.server.audit_proto import audit_pb2, audit_pb2_grpc
+    from fedseal.audit.proto import audit_pb2, audit_pb2_grpc
 
     stub = audit_pb2_grpc.AuditLogStub(channel)
     head = stub.GetTreeHead(audit_pb2.TreeHeadRequest(auth=...))
@@ -13,14 +13,14 @@ were generated with grpcio-tools 1.81.1 (protoc for protobuf 6.33.5), so the run
 protobuf >= 6.33.5 and grpcio >= 1.81.1. After editing ``audit.proto``, regenerate from the
 repository root with::
 
-    d=$(mktemp -d) && mkdir -p $d/fedseal/server/audit_proto && \\
-      cp server/audit_proto/audit.proto $d/fedseal/server/audit_proto/ && \\
+    d=$(mktemp -d) && mkdir -p $d/fedseal/audit/proto && \\
+      cp audit/proto/audit.proto $d/fedseal/audit/proto/ && \\
       (cd $d && python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. \\
-        fedseal/server/audit_proto/audit.proto) && \\
-      cp $d/fedseal/server/audit_proto/audit_pb2*.py* server/audit_proto/
+        fedseal/audit/proto/audit.proto) && \\
+      cp $d/fedseal/audit/proto/audit_pb2*.py* audit/proto/
 
-(the temporary ``fedseal/server/audit_proto`` prefix makes the generated gRPC module import
-``fedseal.server.audit_proto.audit_pb2`` rather than a top-level ``audit_pb2``).
+(the temporary ``fedseal/audit/proto`` prefix makes the generated gRPC module import
+``fedseal.audit.proto.audit_pb2`` rather than a top-level ``audit_pb2``).
 """
 
 __all__ = ["audit_pb2", "audit_pb2_grpc"]

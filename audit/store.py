@@ -2,7 +2,7 @@
 
 Example::
 
-    from fedseal.crypto.auditlog import MerkleLogStore
+    from fedseal.audit.store import MerkleLogStore
 
     with MerkleLogStore.open("audit.sqlite") as store:
         index = store.append(kind=1, data=b"canonical entry bytes")   # durable on return
@@ -10,14 +10,14 @@ Example::
         proof = store.inclusion_proof(index, store.size)
 
 The store knows nothing about what an entry *means*: it keeps opaque entry bytes (the
-canonical encoding is defined in :mod:`fedseal.protocol.audit`), a small integer ``kind`` and
+canonical encoding is defined in :mod:`fedseal.audit.log`), a small integer ``kind`` and
 optional ``site``/``round`` tags used only to *find* entries, plus opaque signed tree heads.
 
 Unsigned copies: the ``kind``/``site``/``round`` tags, the stored leaf hashes, the ``nodes``
 cache and the ``tree_size``/``root_hash``/``timestamp_ms`` columns of ``tree_heads`` repeat what
 the entry bytes and the signed tree heads say, so that look-ups and proofs need no scan. Nothing
 here trusts them, and neither may a reader: the verifier
-(:meth:`fedseal.protocol.audit.AuditVerifier.verify_store`) reads them raw
+(:meth:`fedseal.audit.log.AuditVerifier.verify_store`) reads them raw
 (:meth:`MerkleLogStore.iter_index_rows`, :meth:`MerkleLogStore.iter_node_rows`,
 :meth:`MerkleLogStore.tree_head_rows`) and checks every one against the entries and the signed
 tree heads, so a log that verifies serves proofs and look-ups that are as good as the signed data.
@@ -65,8 +65,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from .errors import CryptoError
-from .merkle import (
+from fedseal.crypto.errors import CryptoError
+from fedseal.crypto.merkle import (
     EMPTY_ROOT,
     HASH_SIZE,
     consistency_proof_from_subtrees,

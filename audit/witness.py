@@ -39,10 +39,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedseal.audit.log import SignedTreeHead
 from fedseal.crypto.errors import CryptoError, MerkleProofError
 from fedseal.crypto.keys import key_id
 from fedseal.crypto.merkle import EMPTY_ROOT, verify_consistency
-from fedseal.protocol.audit import SignedTreeHead
 from fedseal.protocol.errors import BadSignatureError, DecodeError
 
 __all__ = [

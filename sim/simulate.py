@@ -3,14 +3,14 @@ simulation engine, N virtual sites over a split of MNIST-5k.
 
 Usage::
 
-    from fedseal.server.simulate import prepare_simulation, run_fedseal_simulation
+    from fedseal.sim.simulate import prepare_simulation, run_fedseal_simulation
     fed = prepare_simulation(Path("/tmp/sim"), sites=10, scheme="dirichlet", alpha=0.5, seed=1,
                              run_overrides={"rounds": 5, "secure": True})
     outcome = run_fedseal_simulation(fed)
     outcome.rounds[-1]["accuracy"], outcome.audit_log
 
 What is the same as a real run (``fl-server run`` + ``fl-client run``): the federation is
-prepared by :func:`fedseal.server.demo.prepare_federation` (per-site Parquet datasets with their
+prepared by :func:`fedseal.sim.demo.prepare_federation` (per-site Parquet datasets with their
 own manifest and salt, site keys, the coordinator key, ``server.toml``, enrolment with the
 approved dataset roots); the coordinator is the installed ``fedseal.server.flower_app:app``
 (secure rounds, checkpoints, ``rounds.jsonl``, the signed audit log ``state/audit.sqlite``);
@@ -83,8 +83,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from fedseal.server.demo import Federation, prepare_federation
 from fedseal.server.flower_app import NODES_FILE, ROUNDS_FILE, STATUS_FILE
+from fedseal.sim.demo import Federation, prepare_federation
 
 __all__ = [
     "SimulatedSites",
@@ -99,7 +99,7 @@ __all__ = [
     "run_fedseal_simulation",
 ]
 
-log = logging.getLogger("fedseal.server.simulate")
+log = logging.getLogger("fedseal.sim.simulate")
 
 SITE_APP_MODULE = "fedseal.client.flower_app"
 """The installed ClientApp factory every virtual site runs (``make_client_app``)."""
@@ -176,7 +176,7 @@ def prepare_simulation(
     """Split MNIST-5k over ``sites`` virtual sites and prepare keys, coordinator and roster.
 
     The split is ``fl-client data split mnist-5k`` (IID or Dirichlet(alpha) over labels, seeded);
-    everything else is :func:`fedseal.server.demo.prepare_federation`, as for the demo. An
+    everything else is :func:`fedseal.sim.demo.prepare_federation`, as for the demo. An
     existing ``workdir`` with the same number of sites is reused (data, keys, enrolment).
 
     Raises:
@@ -188,8 +188,8 @@ def prepare_simulation(
         raise SimulationError("arguments", f"--scheme must be iid or dirichlet, got {scheme!r}")
     if not alpha > 0:
         raise SimulationError("arguments", "--alpha must be positive")
-    from fedseal.server.demo import _bin
     from fedseal.server.deploy import DeployError
+    from fedseal.sim.demo import _bin
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -965,11 +965,11 @@ def verify_audit_log(fed: Federation, audit_log: Path) -> Any:
     coordinator's public key; returns its ``VerifiedLog``.
 
     Raises:
-        fedseal.protocol.audit.AuditVerificationError: The first bad entry.
-        fedseal.crypto.auditlog.AuditLogError: The file is not a readable fedseal log.
+        fedseal.audit.log.AuditVerificationError: The first bad entry.
+        fedseal.audit.store.AuditLogError: The file is not a readable fedseal log.
     """
+    from fedseal.audit.cli import verify_log
     from fedseal.crypto.keys import load_public_key
-    from fedseal.server.audit_cli import verify_log
 
     pub = load_public_key(fed.server_toml.parent / "coordinator.pub")
     return verify_log(audit_log, coordinator_key=pub)
@@ -1004,8 +1004,8 @@ def run_simulate_command(
         return 2
     import tempfile
 
+    from fedseal.audit.log import AuditError
     from fedseal.crypto.errors import CryptoError
-    from fedseal.protocol.audit import AuditError
 
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="fedseal-sim-"))

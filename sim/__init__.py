@@ -1,0 +1,11 @@
+"""fedseal.sim: the top floor: whole federations on one machine.
+
+It imports the coordinator (:mod:`fedseal.server`) and the site (:mod:`fedseal.client`) openly;
+nothing below imports it. ``inmemory`` runs N protocol sessions and a coordinator exchanging
+bytes in memory (tests, benchmarks), ``simulate`` runs the real ServerApp and ClientApp on
+Flower's simulation engine, ``demo`` starts real ``fl-server``/``fl-client`` processes on
+loopback, and ``commands`` is ``fl-server`` (the coordinator's commands plus ``demo`` and
+``simulate``).
+"""
+
+__all__: list[str] = []
