@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedseal-installed
 DEMO_STAMP := $(VENV)/.fedseal-demo
 
+# The import packages, lowest layer first (tests/test_layering.py): fedseal.settings ... fedseal.sim.
+PACKAGES := settings crypto protocol audit server client sim
+
 .PHONY: demo test lint typecheck unit bench install clean lint-deploy netns-test
 
 # The demo needs only the runtime (torch, the project, MNIST-5k's data file): a fresh machine
@@ -47,8 +50,8 @@ lint: $(STAMP)
 # are then type-checked instead of resolving to Any.
 typecheck: $(STAMP)
 	rm -rf build/mypy && mkdir -p build/mypy/fedseal
-	for d in crypto protocol; do ln -s "$(CURDIR)/$$d" build/mypy/fedseal/$$d; done
-	cd build/mypy && $(CURDIR)/$(BIN)/mypy --strict --config-file $(CURDIR)/pyproject.toml -p fedseal.crypto -p fedseal.protocol
+	for d in $(PACKAGES); do ln -s "$(CURDIR)/$$d" build/mypy/fedseal/$$d; done
+	cd build/mypy && $(CURDIR)/$(BIN)/mypy --strict --config-file $(CURDIR)/pyproject.toml $(addprefix -p fedseal.,$(PACKAGES))
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q

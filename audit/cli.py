@@ -1,5 +1,8 @@
 """``fl-audit``: offline verification, proofs and reports over the coordinator's audit log.
 
+The command layer only: it parses options, calls the library (``fedseal.audit.auditor``,
+``fedseal.audit.verify_run``, ``fedseal.audit.report``), prints what it returns and exits.
+
 Example::
 
     fl-audit verify audit.sqlite --coordinator-key coordinator.pub --roster roster.json
@@ -53,71 +56,50 @@ Trusted roster file (``--roster``): the coordinator's ``roster.json`` (``fedseal
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import enum
-import hashlib
-import html
-import json
-import os
 import sys
 import unicodedata
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from fedseal.audit.log import (
-    AuditEntry,
-    AuditVerificationError,
-    AuditVerifier,
-    Checkpoint,
-    ConsortiumRosterRecord,
-    EnvelopeRecord,
-    Evaluation,
-    Genesis,
-    JobFailure,
-    RosterChange,
-    RoundResult,
-    RunEnd,
-    RunStart,
-    SignatureJob,
-    SignedTreeHead,
-    VerifiedLog,
-    check_signatures_serial,
-    decode_entry,
-    find_input,
+from fedseal.audit.auditor import (
+    EXIT_FAILED,
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_UNREADABLE,
+    EXIT_USAGE,
+    AuditCommandError,
+    Verdict,
+    load_anchor,
+    open_log,
+    prove_consistency,
+    prove_inclusion,
 )
-from fedseal.audit.store import AuditLogError, MerkleLogStore, wal_file
-from fedseal.audit.witness import (
-    LogView,
-    WitnessFile,
-    WitnessFormatError,
-    WitnessResult,
-    check_witness_file,
-    read_witness_file,
+from fedseal.audit.report import collect_view, export_lines, format_metric, unsigned_note
+from fedseal.audit.verify_run import (
+    ProgressTracker,
+    judge_report,
+    prepare_verify,
+    render_run_report,
+    verify_run,
 )
-from fedseal.crypto.errors import CryptoError, MerkleProofError
-from fedseal.crypto.keys import load_public_key, public_key_from_der, public_key_to_der
-from fedseal.crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
-from fedseal.protocol.errors import ProtocolError
-from fedseal.protocol.roster import Roster, RosterEntry
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INCOMPLETE = 3
-EXIT_UNREADABLE = 4
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INCOMPLETE",
+    "EXIT_OK",
+    "EXIT_UNREADABLE",
+    "EXIT_USAGE",
+    "app",
+    "main",
+]
 
 app = typer.Typer(
     name="fl-audit",
@@ -200,252 +182,35 @@ def _fail(code: int, message: str) -> typer.Exit:
     return typer.Exit(code)
 
 
-@dataclass(frozen=True)
-class _Anchor:
-    """What the auditor trusts: a pinned coordinator key, or (explicitly) the log's own key;
-    with the pinned key, the tree heads the sites kept (``--witness FILE``)."""
-
-    key: ec.EllipticCurvePublicKey | None
-    trust_log_key: bool
-    witnesses: tuple[WitnessFile, ...] = ()
-
-
-def _anchor(
-    command: str,
-    coordinator_key: Path | None,
-    trust_log_key: bool,
-    witness: Sequence[Path] | None = None,
-) -> _Anchor:
-    if coordinator_key is not None and trust_log_key:
-        raise _fail(EXIT_USAGE, "--coordinator-key and --trust-log-key exclude each other")
-    if witness and coordinator_key is None:
-        raise _fail(
-            EXIT_USAGE,
-            "--witness needs --coordinator-key PUB.pem: a witnessed tree head counts only if the "
-            "pinned coordinator key signed it",
-        )
-    if coordinator_key is None and not trust_log_key:
-        raise _fail(
-            EXIT_USAGE,
-            f"{command} needs a trust anchor: --coordinator-key PUB.pem (the coordinator's "
-            "public key, obtained out of band: the log's genesis key must be this key), or "
-            "--trust-log-key to check against the key the log names itself (exit 3: a log "
-            "forged under a fresh key would pass that too)",
-        )
-    if coordinator_key is None:
-        return _Anchor(None, True)
+@contextmanager
+def _exits() -> Iterator[None]:
+    """Turn the library's :class:`AuditCommandError` into ``fl-audit: MESSAGE`` and its exit."""
     try:
-        key = load_public_key(coordinator_key)
-    except (OSError, CryptoError) as exc:
-        raise _fail(EXIT_UNREADABLE, f"coordinator key {coordinator_key}: {exc}") from exc
-    try:
-        files = tuple(read_witness_file(path) for path in witness or ())
-    except WitnessFormatError as exc:
-        raise _fail(EXIT_UNREADABLE, str(exc)) from exc
-    return _Anchor(key, False, files)
+        yield
+    except AuditCommandError as exc:
+        raise _fail(exc.exit_code, exc.message) from exc
 
 
-def _check_witnesses(log: Path, anchor: _Anchor, result: VerifiedLog) -> list[WitnessResult]:
-    """Check the anchor's witness files against ``log``, which verified as ``result`` (its
-    entries and recomputed root); one result per file."""
-    if not anchor.witnesses or anchor.key is None:
-        return []
-    store = _open(log)
-    try:
-        genesis = decode_entry(store.entries(0, 1)[0].data)
-        if not isinstance(genesis, Genesis):  # verify_log checked it; the file changed since
-            raise _fail(EXIT_FAILED, f"{log}: entry 0 is no longer the genesis entry")
-        view = LogView(genesis.log_id, result.entries, result.root_hash, store.consistency_proof)
-        key = anchor.key
-        return [check_witness_file(w, coordinator_key=key, log=view) for w in anchor.witnesses]
-    except (AuditLogError, ProtocolError) as exc:
-        raise _fail(EXIT_UNREADABLE, f"{log}: {exc}") from exc
-    finally:
-        store.close()
+def _emit(verdict: Verdict) -> None:
+    """Print a verdict (its lines on stdout, then its warnings on stderr) and exit with it."""
+    for line in verdict.lines:
+        _echo(line)
+    for warning in verdict.warnings:
+        _echo(warning, err=True)
+    if verdict.exit_code != EXIT_OK:
+        raise typer.Exit(verdict.exit_code)
 
 
-def _witness_summary(results: Sequence[WitnessResult]) -> str:
-    """``N witnessed tree heads from F file(s) (site(s) ...; up to size S)``."""
-    heads = sum(len(r.file.heads) for r in results)
-    sites = sorted({s for r in results for s in r.file.sites})
-    return (
-        f"{heads} witnessed tree heads from {len(results)} file(s) (site(s) {', '.join(sites)}; "
-        f"up to size {max(r.file.largest for r in results)})"
-    )
+def _progress_bar(show: bool) -> ProgressTracker:
+    """A progress tracker for :func:`verify_run`: a bar on stderr when ``show``."""
 
+    @contextmanager
+    def track(total: int) -> Iterator[Callable[[int], None]]:
+        with Progress(console=Console(stderr=True), disable=not show) as bar:
+            task = bar.add_task("verifying", total=total)
+            yield lambda done: bar.update(task, completed=done)
 
-def _unsigned_tail(result: VerifiedLog) -> str:
-    """The entries no signed tree head covers, in words ("" if none)."""
-    if result.signed_entries >= result.entries:
-        return ""
-    return (
-        f"entries {result.signed_entries}..{result.entries - 1} follow the last signed tree head "
-        f"(size {result.signed_entries}): they are UNSIGNED, anyone who can write the file can "
-        "have appended them"
-    )
-
-
-def _unwitnessed(result: VerifiedLog, witnessed: Sequence[WitnessResult]) -> tuple[int, int] | None:
-    """``(first, last)`` entries that no witnessed tree head covers (only with witnesses)."""
-    if not witnessed:
-        return None
-    largest = max(r.file.largest for r in witnessed)
-    return None if largest >= result.entries else (largest, result.entries - 1)
-
-
-def _unwitnessed_text(span: tuple[int, int]) -> str:
-    return (
-        f"entries {span[0]}..{span[1]} are witnessed by no site: only the coordinator's own "
-        "signature covers them (a site's receipts end before the run's last tree head)"
-    )
-
-
-def _unpinned_warning(key_id_hex: str) -> str:
-    return (
-        "warning: verified only against the log's own key (coordinator key "
-        f"{key_id_hex or '?'}, named by the log's genesis entry), not against a pinned one: a log "
-        "forged under a fresh key verifies too. Pin the coordinator's public key with "
-        "--coordinator-key PUB.pem. Exit 3."
-    )
-
-
-def _wal_warning(log: Path, size: int) -> str:
-    return (
-        f"warning: {wal_file(log)} exists beside the log ({size} bytes of committed pages not "
-        f"yet checkpointed into {log.name}): the log is open in a running coordinator, or its "
-        "writer did not stop cleanly. This check read both files, but a copy of "
-        f"{log.name} alone may silently miss entries: back up a live log with fedseal-backup "
-        f'or sqlite3 {log} ".backup COPY.sqlite" (SQLite\'s online backup), never with cp.'
-    )
-
-
-def _wal_bytes(log: Path) -> int:
-    """Size of the ``-wal`` file beside the log's real file (a symlink resolved first: SQLite
-    keeps the WAL beside the file it opens, not beside the link)."""
-    try:
-        return wal_file(log.resolve()).stat().st_size
-    except OSError:
-        return 0
-
-
-def _open(path: Path) -> MerkleLogStore:
-    try:
-        return MerkleLogStore.open(path, read_only=True)
-    except FileNotFoundError as exc:
-        raise _fail(EXIT_UNREADABLE, f"{path}: no such file") from exc
-    except AuditLogError as exc:
-        raise _fail(EXIT_UNREADABLE, f"{path}: {exc}") from exc
-
-
-# --- parallel signature checks -----------------------------------------------------------
-
-
-class _ParallelChecker:
-    """Checks batches of site signatures in worker processes (ECDSA is CPU-bound), so they
-    overlap with the verifier's in-order semantic checks in this process."""
-
-    def __init__(self, jobs: int) -> None:
-        self._jobs = jobs
-        self._pool = ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else None
-
-    def __call__(self, batch: Sequence[SignatureJob]) -> Callable[[], JobFailure | None]:
-        if self._pool is None:
-            result: JobFailure | None = check_signatures_serial(batch)
-            return lambda: result
-        size = max(64, -(-len(batch) // self._jobs))
-        offsets = range(0, len(batch), size)
-        futures = [
-            self._pool.submit(check_signatures_serial, list(batch[i : i + size])) for i in offsets
-        ]
-
-        def wait() -> JobFailure | None:
-            for offset, future in zip(offsets, futures, strict=True):
-                bad: JobFailure | None = future.result()
-                if bad is not None:
-                    for other in futures:
-                        other.cancel()
-                    return JobFailure(offset + bad.position, bad.check, bad.detail)
-            return None
-
-        return wait
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-
-
-def _default_jobs() -> int:
-    """Worker processes: this process needs a core for the in-order checks; on fewer than
-    4 CPUs, workers only add contention (measured in BENCHMARKS.md)."""
-    cpus = os.cpu_count() or 1
-    return 1 if cpus < 4 else min(8, cpus - 1)
-
-
-def _load_roster(path: Path) -> Roster:
-    """Read a trusted roster: the coordinator's ``roster.json`` (fedseal.server.roster) or the
-    documented auditor format (see the module docstring)."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        entries = []
-        for item in raw["sites"]:
-            if "public_key_pem" in item:
-                key = load_pem_public_key(item["public_key_pem"].encode())
-                if not isinstance(key, ec.EllipticCurvePublicKey):
-                    raise ValueError("not an EC key")
-                der = public_key_to_der(key)
-            else:
-                der = bytes.fromhex(item["public_key_der"])
-            roots = item.get("approved_roots", item.get("dataset_roots", []))
-            active = (
-                item["active"] if "active" in item else item.get("status", "active") == "active"
-            )
-            entries.append(
-                RosterEntry.from_der(
-                    item.get("site", item.get("name")),
-                    der,
-                    [bytes.fromhex(r) for r in roots],
-                    active=bool(active),
-                )
-            )
-        return Roster(entries)
-    except (OSError, ValueError, KeyError, TypeError, CryptoError, ProtocolError) as exc:
-        raise _fail(EXIT_UNREADABLE, f"roster {path}: {type(exc).__name__}: {exc}") from exc
-
-
-def verify_log(
-    path: Path,
-    *,
-    coordinator_key: ec.EllipticCurvePublicKey | None = None,
-    roster: Roster | None = None,
-    consortium_authority: ec.EllipticCurvePublicKey | None = None,
-    jobs: int = 1,
-    progress: Callable[[int], None] | None = None,
-) -> VerifiedLog:
-    """Verify the log at ``path`` (library entry point of ``fl-audit verify``): the entries,
-    the signed tree heads and every unsigned copy the store keeps
-    (:meth:`~fedseal.audit.log.AuditVerifier.verify_store`).
-
-    ``coordinator_key`` is the trust anchor; without it the tree heads are checked against the
-    key the log's genesis names (the result says so: ``coordinator_key_pinned`` is false), which
-    proves nothing about who wrote the log.
-
-    Raises:
-        AuditVerificationError: The first bad entry, tree head or stored copy.
-        fedseal.audit.store.AuditLogError: The file is not a readable fedseal log.
-    """
-    store = MerkleLogStore.open(path, read_only=True)
-    checker = _ParallelChecker(jobs)
-    try:
-        return AuditVerifier(
-            coordinator_key=coordinator_key,
-            trusted_roster=roster,
-            consortium_authority=consortium_authority,
-            submit_signatures=checker,
-            progress=progress,
-        ).verify_store(store)
-    finally:
-        checker.close()
-        store.close()
+    return track
 
 
 @app.command("verify")
@@ -506,278 +271,23 @@ def verify_cmd(
     exits 3 if the checks hold but the run has not ended (--allow-open), a -wal file lies
     beside the log (--allow-wal), or the key was not pinned.
     """
-    anchor = _anchor("verify", coordinator_key, trust_log_key, witness)
-    authority = None
-    if consortium_authority is not None:
-        try:
-            authority = load_public_key(consortium_authority)
-        except (OSError, CryptoError) as exc:
-            raise _fail(
-                EXIT_UNREADABLE, f"consortium authority key {consortium_authority}: {exc}"
-            ) from exc
-    trusted = _load_roster(roster) if roster is not None else None
-    store = _open(log)
-    total = store.size
-    store.close()
-    wal_size = _wal_bytes(log)
-    n_jobs = jobs or _default_jobs()
-    show_progress = not as_json and sys.stderr.isatty()
-    try:
-        with Progress(console=Console(stderr=True), disable=not show_progress) as bar:
-            task = bar.add_task("verifying", total=total)
-            result = verify_log(
-                log,
-                coordinator_key=anchor.key,
-                roster=trusted,
-                consortium_authority=authority,
-                jobs=n_jobs,
-                progress=lambda done: bar.update(task, completed=done),
-            )
-    except AuditVerificationError as exc:
-        if as_json:
-            typer.echo(
-                json.dumps(
-                    {
-                        "ok": False,
-                        "index": exc.index,
-                        "entry_type": exc.entry_type,
-                        "tree_head_seq": exc.tree_head_seq,
-                        "check": exc.check,
-                        "detail": exc.detail,
-                    }
-                )
-            )
-        else:
-            _echo(f"FAILED: {exc}", err=True)
-        raise typer.Exit(EXIT_FAILED) from exc
-    except AuditLogError as exc:
-        raise _fail(EXIT_UNREADABLE, f"{log}: {exc}") from exc
-    witnessed = _check_witnesses(log, anchor, result)
-    contradicted = [r.failure for r in witnessed if r.failure is not None]
-    if contradicted:
-        if as_json:
-            typer.echo(
-                json.dumps(
-                    {
-                        "ok": False,
-                        "check": "witness",
-                        "witnesses": [
-                            {
-                                "file": str(f.path),
-                                "line": f.line,
-                                "site": f.site,
-                                "tree_size": f.tree_size,
-                                "check": f.check,
-                                "detail": f.detail,
-                            }
-                            for f in contradicted
-                        ],
-                    }
-                )
-            )
-        else:
-            for failure in contradicted:
-                _echo(f"FAILED: {failure}", err=True)
-        raise typer.Exit(EXIT_FAILED)
-    tail = _unsigned_tail(result)
-    if tail and not result.open_run and not allow_open:
-        detail = (
-            f"{tail}; no run is open, and a finished run's log must be fully signed (the run "
-            "end's tree head covers every entry before it)"
+    with _exits():
+        plan = prepare_verify(
+            log,
+            load_anchor("verify", coordinator_key, trust_log_key, witness),
+            roster=roster,
+            consortium_authority=consortium_authority,
+            jobs=jobs,
         )
-        if as_json:
-            typer.echo(
-                json.dumps(
-                    {
-                        "ok": False,
-                        "index": result.signed_entries,
-                        "entry_type": None,
-                        "tree_head_seq": None,
-                        "check": "unsigned-tail",
-                        "detail": detail,
-                        "signed_entries": result.signed_entries,
-                        "entries": result.entries,
-                    }
-                )
-            )
-        else:
-            _echo(f"FAILED: {detail}", err=True)
-        raise typer.Exit(EXIT_FAILED)
-    unwitnessed = _unwitnessed(result, witnessed)
-    # Why the verdict is qualified (exit 3), and the warnings that go to stderr.
-    qualified: list[str] = []
-    notes: list[str] = []
-    if anchor.trust_log_key:
-        qualified.append("log-key-only")
-        notes.append(_unpinned_warning(result.coordinator_key_id))
-    if wal_size:
-        notes.append(_wal_warning(log, wal_size))
-        if not allow_wal:
-            qualified.append("wal-file")
-    if any(status == "open" for _, status, _, _ in result.runs) and not allow_open:
-        qualified.append("open-run")
-        notes.append("warning: the last run has not ended (--allow-open for a live log). Exit 3.")
-    if tail and result.open_run:  # "open-run" qualifies the verdict (exit 3 or --allow-open)
-        notes.append(f"warning: {tail} (the run is still open: --allow-open for a live log)")
-    elif tail:  # no run open, --allow-open: a live coordinator between runs, never exit 0
-        qualified.append("unsigned-tail")
-        notes.append(f"warning: {tail} (no run is open: exit 3 even with --allow-open)")
-    if strict and result.warnings:
-        qualified.append("warnings")
-    code = EXIT_INCOMPLETE if qualified else EXIT_OK
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "ok": True,
-                    "exit_code": code,
-                    "qualified": qualified,
-                    "coordinator_key_id": result.coordinator_key_id,
-                    "trust_anchor": "coordinator-key" if anchor.key is not None else "log-key",
-                    "entries": result.entries,
-                    "signed_entries": result.signed_entries,
-                    "unsigned_entries": (
-                        None
-                        if not tail
-                        else {"first": result.signed_entries, "last": result.entries - 1}
-                    ),
-                    "unwitnessed_entries": (
-                        None
-                        if unwitnessed is None
-                        else {"first": unwitnessed[0], "last": unwitnessed[1]}
-                    ),
-                    "tree_heads": result.tree_heads,
-                    "signatures": result.signatures,
-                    "root_hash": result.root_hash.hex(),
-                    "runs": [
-                        {"run_id": r, "status": s, "completed_rounds": c, "failed_rounds": f}
-                        for r, s, c, f in result.runs
-                    ],
-                    "accepted_envelopes": result.accepted_envelopes,
-                    "rejected_envelopes": result.rejected_envelopes,
-                    "evaluations": result.evaluations,
-                    "consortium_rosters": [
-                        {
-                            "consortium": c,
-                            "version": v,
-                            "roster_digest": d,
-                            "authority_key_id": k,
-                        }
-                        for c, v, d, k in result.consortium_rosters
-                    ],
-                    "wal_bytes": wal_size,
-                    "warnings": list(result.warnings),
-                    "witnesses": [
-                        {
-                            "file": str(r.file.path),
-                            "sites": list(r.file.sites),
-                            "tree_heads": r.checked,
-                            "largest_tree_size": r.file.largest,
-                        }
-                        for r in witnessed
-                    ],
-                }
-            )
+        verdict = verify_run(
+            plan,
+            allow_open=allow_open,
+            allow_wal=allow_wal,
+            strict=strict,
+            as_json=as_json,
+            track=_progress_bar(not as_json and sys.stderr.isatty()),
         )
-    else:
-        _echo(
-            f"OK: {result.entries} entries ({result.signed_entries} signed), "
-            f"{result.tree_heads} signed tree heads, "
-            f"{result.signatures} site signatures, root {result.root_hash.hex()}"
-            + (
-                f"; {_witness_summary(witnessed)}: all consistent with the log"
-                if witnessed
-                else "; no witnesses (--witness FILE: the sites' receipts)"
-            )
-        )
-        if unwitnessed is not None:
-            _echo(f"  {_unwitnessed_text(unwitnessed)}")
-        _echo(
-            f"  coordinator key {result.coordinator_key_id}: "
-            + (
-                "pinned (--coordinator-key)"
-                if anchor.key is not None
-                else "the log's own, NOT pinned"
-            )
-        )
-        for run_id, status, done, failed in result.runs:
-            _echo(f"  run {run_id}: {status}, {done} rounds completed, {failed} failed")
-        for name, version, digest, kid in result.consortium_rosters:
-            _echo(
-                f"  consortium roster {name!r}: version {version}, digest {digest[:16]}…, "
-                f"authority key {kid[:16]}…"
-            )
-        for warning in result.warnings:
-            _echo(f"  warning: {warning}")
-    for note in notes:
-        _echo(f"fl-audit: {note}", err=True)
-    if code != EXIT_OK:
-        raise typer.Exit(code)
-
-
-def _signed_heads(store: MerkleLogStore) -> list[tuple[SignedTreeHead, bytes]]:
-    """The stored tree heads as signed (decoded from their blobs, not from the unsigned
-    columns), with their bytes; blobs that do not decode are left out."""
-    heads = []
-    for stored in store.tree_heads():
-        try:
-            heads.append((SignedTreeHead.from_bytes(stored.blob), stored.blob))
-        except ProtocolError:
-            continue
-    return heads
-
-
-def _head_for(
-    store: MerkleLogStore, min_size: int, tree_size: int | None
-) -> tuple[int, bytes, str, SignedTreeHead | None]:
-    """(size, root, signed tree head b64 or "", the signed tree head or None) to prove against."""
-    heads = _signed_heads(store)
-    if tree_size is None:
-        if heads and heads[-1][0].tree_size >= min_size:
-            latest, blob = heads[-1]
-            return latest.tree_size, latest.root_hash, base64.b64encode(blob).decode(), latest
-        tree_size = store.size
-    for head, blob in heads:
-        if head.tree_size == tree_size:
-            return tree_size, head.root_hash, base64.b64encode(blob).decode(), head
-    return tree_size, store.root(tree_size), "", None
-
-
-def _check_anchor_head(store: MerkleLogStore, anchor: _Anchor, head: SignedTreeHead | None) -> str:
-    """Check the log's genesis key against the anchor and ``head``'s signature under it;
-    return the coordinator key id (hex).
-
-    Raises:
-        typer.Exit: EXIT_FAILED naming what does not hold.
-    """
-    try:
-        genesis = decode_entry(store.entries(0, 1)[0].data)
-    except (AuditLogError, ProtocolError) as exc:
-        raise _fail(EXIT_FAILED, f"the log's genesis entry is unreadable: {exc}") from exc
-    if not isinstance(genesis, Genesis):
-        raise _fail(EXIT_FAILED, "entry 0 is not the log's genesis entry")
-    log_kid = hashlib.sha256(genesis.coordinator_key_der).hexdigest()
-    if anchor.key is not None:
-        pinned_kid = hashlib.sha256(public_key_to_der(anchor.key)).hexdigest()
-        if pinned_kid != log_kid:
-            raise _fail(
-                EXIT_FAILED,
-                f"the log's genesis names coordinator key {log_kid}, not the pinned coordinator "
-                f"key {pinned_kid}",
-            )
-    if head is not None:
-        try:
-            key = anchor.key or public_key_from_der(genesis.coordinator_key_der)
-            if head.log_id != genesis.log_id:
-                raise _fail(EXIT_FAILED, "the signed tree head names another log")
-            head.verify(key)
-        except (CryptoError, ProtocolError) as exc:
-            raise _fail(
-                EXIT_FAILED,
-                f"the signed tree head of size {head.tree_size} does not verify under the "
-                f"coordinator key {log_kid}: {exc}",
-            ) from exc
-    return log_kid
+    _emit(verdict)
 
 
 @app.command("prove")
@@ -802,57 +312,12 @@ def prove_cmd(
     verifies under the anchor; a site verifies it with fedseal.crypto.merkle.verify_inclusion
     against a signed tree head it trusts. A root no signed tree head covers exits 3.
     """
-    anchor = _anchor("prove", coordinator_key, trust_log_key)
-    store = _open(log)
-    try:
-        rid = bytes.fromhex(run_id) if run_id else None
-        index = find_input(store, site, round, rid)
-        if index is None:
-            raise _fail(EXIT_FAILED, f"no accepted masked input from {site!r} in round {round}")
-        size, root, sth, head = _head_for(store, index + 1, tree_size)
-        if not index < size <= store.size:
-            raise _fail(EXIT_FAILED, f"tree size {size} does not contain entry {index}")
-        kid = _check_anchor_head(store, anchor, head)
-        entry = store.entries(index, index + 1)[0]
-        lh = leaf_hash(entry.data)
-        proof = store.inclusion_proof(index, size)
-        verify_inclusion(lh, index, size, proof, root)
-    except (AuditLogError, MerkleProofError, ValueError, ProtocolError) as exc:
-        raise _fail(EXIT_FAILED, f"cannot prove: {exc}") from exc
-    finally:
-        store.close()
-    out = {
-        "site": site,
-        "round": round,
-        "leaf_index": index,
-        "tree_size": size,
-        "leaf_hash": lh.hex(),
-        "root_hash": root.hex(),
-        "audit_path": [h.hex() for h in proof],
-        "entry_b64": base64.b64encode(entry.data).decode(),
-        "signed_tree_head_b64": sth,
-    }
-    if as_json:
-        typer.echo(json.dumps(out))
-    else:
-        typer.echo(f"entry {index} in tree of {size}: leaf {lh.hex()}")
-        typer.echo(f"root {root.hex()}" + (" (signed tree head)" if sth else " (unsigned)"))
-        for i, h in enumerate(proof):
-            typer.echo(f"  path[{i}] {h.hex()}")
-        typer.echo("proof verifies")
-    code = EXIT_OK
-    if not sth:
-        typer.echo(
-            f"fl-audit: warning: no signed tree head covers size {size}: the root is the log "
-            "file's own, signed by nobody. Exit 3.",
-            err=True,
+    with _exits():
+        anchor = load_anchor("prove", coordinator_key, trust_log_key)
+        verdict = prove_inclusion(
+            log, anchor, site=site, round=round, run_id=run_id, tree_size=tree_size, as_json=as_json
         )
-        code = EXIT_INCOMPLETE
-    if anchor.trust_log_key:
-        typer.echo(f"fl-audit: {_unpinned_warning(kid)}", err=True)
-        code = EXIT_INCOMPLETE
-    if code != EXIT_OK:
-        raise typer.Exit(code)
+    _emit(verdict)
 
 
 @app.command("consistency")
@@ -866,162 +331,9 @@ def consistency_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Print (and check) a consistency proof that the log at OLD_SIZE is a prefix of a newer one."""
-    store = _open(log)
-    try:
-        size, new_root, sth, _ = _head_for(store, old_size, new_size)
-        old_root = store.root(old_size)
-        proof = store.consistency_proof(old_size, size)
-        verify_consistency(old_size, size, old_root, new_root, proof)
-    except (AuditLogError, MerkleProofError, ValueError) as exc:
-        raise _fail(EXIT_FAILED, f"cannot prove consistency: {exc}") from exc
-    finally:
-        store.close()
-    out = {
-        "old_size": old_size,
-        "new_size": size,
-        "old_root": old_root.hex(),
-        "new_root": new_root.hex(),
-        "proof": [h.hex() for h in proof],
-        "signed_tree_head_b64": sth,
-    }
-    if as_json:
-        typer.echo(json.dumps(out))
-    else:
-        typer.echo(f"{old_size} -> {size}: old root {old_root.hex()}, new root {new_root.hex()}")
-        for i, h in enumerate(proof):
-            typer.echo(f"  proof[{i}] {h.hex()}")
-        typer.echo("proof verifies")
-
-
-# --- a lenient view of the log for show / report / export --------------------------------
-
-
-@dataclass
-class _RoundView:
-    run: str
-    round: int
-    index: int
-    status: str
-    survivors: tuple[str, ...]
-    metrics: dict[str, float]  # the round result's (training metrics, not an evaluation)
-    new_model: str
-    eval_metrics: dict[str, float] = field(default_factory=dict)  # the evaluation entry's only
-    eval_examples: int | None = None  # from the round's evaluation entry, if logged
-    eval_sites: tuple[str, ...] = ()
-
-
-@dataclass
-class _ConsortiumView:
-    index: int
-    run: str  # the run open when it was logged ("" between runs)
-    consortium: str
-    version: int
-    sites: int  # active sites
-    revoked: int
-    digest: str
-    authority_key_id: str
-
-
-@dataclass
-class _LogView:
-    entries: int = 0  # shown: those the latest signed tree head covers
-    total: int = 0  # in the file, signed or not
-    undecodable: list[int] = field(default_factory=list)
-    genesis: Genesis | None = None
-    rounds: list[_RoundView] = field(default_factory=list)
-    runs: list[tuple[str, str]] = field(default_factory=list)
-    roster: dict[str, str] = field(default_factory=dict)
-    rejections: list[tuple[int, str, int, str, str, str]] = field(default_factory=list)
-    # (site, (run number, round)) -> "accepted" / "rejected"
-    inputs: dict[tuple[str, tuple[int, int]], str] = field(default_factory=dict)
-    checkpoints: list[tuple[str, int, str]] = field(default_factory=list)
-    tree_heads: list[tuple[int, int, str, int]] = field(default_factory=list)
-    consortium: list[_ConsortiumView] = field(default_factory=list)
-
-
-def _collect(store: MerkleLogStore, signed: int | None = None) -> _LogView:
-    """The entries ``[0, signed)`` (default: those the largest stored signed tree head covers),
-    decoded leniently; entries after them are signed by nobody and only counted."""
-    view = _LogView()
-    for head in store.tree_heads():
-        try:  # the signed values, not the table's unsigned copies of them
-            sth = SignedTreeHead.from_bytes(head.blob)
-            view.tree_heads.append((head.seq, sth.tree_size, sth.root_hash.hex(), sth.timestamp_ms))
-        except ProtocolError:
-            view.tree_heads.append((head.seq, -1, "undecodable", -1))
-    if signed is None:
-        signed = max((size for _, size, _, _ in view.tree_heads), default=0)
-    view.total = store.size
-    current = ""
-    for stored in store.iter_entries(0, min(signed, view.total)):
-        view.entries += 1
-        try:
-            entry = decode_entry(stored.data)
-        except ProtocolError:
-            view.undecodable.append(stored.index)
-            continue
-        if isinstance(entry, Genesis):
-            view.genesis = entry
-        elif isinstance(entry, RosterChange):
-            view.roster[entry.site] = entry.action.name.lower()
-        elif isinstance(entry, RunStart):
-            current = entry.run_id.hex()
-            view.runs.append((current, "open"))
-        elif isinstance(entry, EnvelopeRecord):
-            label = f"{current[:8]}/{entry.round}"
-            if entry.accepted:
-                if entry.message_type.endswith("masked-input"):
-                    view.inputs[(entry.site, (len(view.runs), entry.round))] = "accepted"
-            else:
-                view.rejections.append(
-                    (stored.index, label, entry.round, entry.site, entry.stage, entry.reason)
-                )
-                if entry.message_type.endswith("masked-input"):
-                    view.inputs.setdefault((entry.site, (len(view.runs), entry.round)), "rejected")
-        elif isinstance(entry, RoundResult):
-            view.rounds.append(
-                _RoundView(
-                    current[:8],
-                    entry.round,
-                    stored.index,
-                    entry.status.name.lower(),
-                    entry.survivors,
-                    entry.metric_values,
-                    entry.new_model_digest.hex(),
-                )
-            )
-        elif isinstance(entry, Checkpoint):
-            view.checkpoints.append((entry.name, entry.round, entry.model_digest.hex()))
-        elif isinstance(entry, Evaluation):
-            for r in reversed(view.rounds):
-                if r.run == current[:8] and r.round == entry.round:
-                    r.eval_metrics = entry.metric_values
-                    r.eval_examples = entry.num_examples
-                    r.eval_sites = entry.sites
-                    break
-        elif isinstance(entry, RunEnd) and view.runs:
-            view.runs[-1] = (view.runs[-1][0], entry.status.name.lower())
-            current = ""
-        elif isinstance(entry, ConsortiumRosterRecord):
-            roster = entry.roster
-            active = sum(1 for s in roster.sites if s.active)
-            view.consortium.append(
-                _ConsortiumView(
-                    stored.index, current[:8], entry.consortium, entry.version, active,
-                    len(roster.sites) - active, entry.roster_digest.hex(),
-                    entry.authority_key_id.hex(),
-                )
-            )  # fmt: skip
-    return view
-
-
-def _unsigned_note(view: _LogView) -> str:
-    if view.total <= view.entries:
-        return ""
-    return (
-        f"entries {view.entries}..{view.total - 1} ({view.total - view.entries}) follow the last "
-        "signed tree head: UNSIGNED (anyone who can write the file can append them), not shown"
-    )
+    with _exits():
+        verdict = prove_consistency(log, old_size, new_size, as_json=as_json)
+    _emit(verdict)
 
 
 @app.command("show")
@@ -1030,9 +342,10 @@ def show_cmd(log: LogArg) -> None:
 
     A view, not a verdict: it checks nothing (run fl-audit verify for that).
     """
-    store = _open(log)
+    with _exits():
+        store = open_log(log)
     try:
-        view = _collect(store)
+        view = collect_view(store)
     finally:
         store.close()
     console = Console()
@@ -1044,7 +357,7 @@ def show_cmd(log: LogArg) -> None:
         + " (not verified: fl-audit verify LOG --coordinator-key PUB.pem checks it)"
     )
     if view.total > view.entries:
-        console.print(f"[bold red]{_markup(_unsigned_note(view))}[/bold red]")
+        console.print(f"[bold red]{_markup(unsigned_note(view))}[/bold red]")
     if view.undecodable:
         console.print(f"[red]undecodable entries: {view.undecodable[:20]}[/red]")
     t = Table(title="Roster (latest action per site)")
@@ -1078,9 +391,9 @@ def show_cmd(log: LogArg) -> None:
             str(r.index),
             r.status,
             _markup(", ".join(r.survivors)),
-            _fmt(r.eval_metrics.get("accuracy")),
-            _fmt(r.eval_metrics.get("loss")),
-            _fmt(r.eval_metrics.get("macro-f1")),
+            format_metric(r.eval_metrics.get("accuracy")),
+            format_metric(r.eval_metrics.get("loss")),
+            format_metric(r.eval_metrics.get("macro-f1")),
             "" if r.eval_examples is None else str(r.eval_examples),
             r.new_model[:16],
         )
@@ -1097,200 +410,6 @@ def show_cmd(log: LogArg) -> None:
     for seq, size, root, ts in view.tree_heads:
         t.add_row(str(seq), str(size), root[:16], str(ts))
     console.print(t)
-
-
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
-
-
-# --- HTML report with hand-made SVG plots --------------------------------------------------
-
-
-def _svg_lines(series: dict[str, list[tuple[int, float]]], title: str) -> str:
-    w, h, pad = 560, 260, 40
-    points = [p for s in series.values() for p in s]
-    if not points:
-        return f"<p>{html.escape(title)}: no metrics recorded.</p>"
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(0.0, min(ys)), max(ys) if max(ys) > min(0.0, min(ys)) else 1.0
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-
-    def sx(x: float) -> float:
-        return pad + (x - x0) / (x1 - x0) * (w - 2 * pad)
-
-    def sy(y: float) -> float:
-        return h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">',
-        f"<title>{html.escape(title)}</title>",
-        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
-        f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle" font-size="12">round</text>',
-        f'<text x="4" y="{pad - 8}" font-size="11">{y1:.3g}</text>',
-        f'<text x="4" y="{h - pad}" font-size="11">{y0:.3g}</text>',
-    ]
-    for i, (name, pts) in enumerate(sorted(series.items())):
-        color = colors[i % len(colors)]
-        pts = sorted(pts)
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
-        for x, y in pts:
-            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>')
-        parts.append(
-            f'<text x="{w - pad - 90}" y="{pad + 14 * i}" fill="{color}" font-size="12">'
-            f"{html.escape(name)}</text>"
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _svg_participation(view: _LogView) -> str:
-    sites = sorted({s for s, _ in view.inputs} | set(view.roster))
-    rounds = sorted({r for _, r in view.inputs})
-    if not sites or not rounds:
-        return "<p>No masked inputs recorded.</p>"
-    cell, left, top = 22, 120, 30
-    w, h = left + cell * len(rounds) + 20, top + cell * len(sites) + 20
-    color = {"accepted": "#2ca02c", "rejected": "#d62728"}
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">']
-    parts.append("<title>participation per site per round</title>")
-    many_runs = len({run for run, _ in rounds}) > 1
-    for j, (run, rnd) in enumerate(rounds):
-        label = f"{run}/{rnd}" if many_runs else str(rnd)
-        parts.append(
-            f'<text x="{left + cell * j + cell / 2}" y="{top - 8}" font-size="10" '
-            f'text-anchor="middle">{label}</text>'
-        )
-    for i, s in enumerate(sites):
-        y = top + cell * i
-        parts.append(
-            f'<text x="{left - 6}" y="{y + 15}" font-size="11" text-anchor="end">{html.escape(s)}</text>'
-        )
-        for j, r in enumerate(rounds):
-            state = view.inputs.get((s, r), "absent")
-            parts.append(
-                f'<rect x="{left + cell * j}" y="{y}" width="{cell - 2}" height="{cell - 2}" '
-                f'fill="{color.get(state, "#ccc")}"><title>{html.escape(s)} round {r[1]}: {state}'
-                "</title></rect>"
-            )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _svg_bars(counts: Counter[str], title: str) -> str:
-    if not counts:
-        return "<p>No rejections.</p>"
-    items = counts.most_common()
-    bar, left, w = 22, 260, 640
-    h = bar * len(items) + 20
-    top = max(counts.values())
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">']
-    parts.append(f"<title>{html.escape(title)}</title>")
-    for i, (reason, n) in enumerate(items):
-        y = 10 + bar * i
-        length = (w - left - 60) * n / top
-        parts.append(
-            f'<text x="{left - 6}" y="{y + 15}" font-size="11" text-anchor="end">'
-            f"{html.escape(reason[:40])}</text>"
-        )
-        parts.append(
-            f'<rect x="{left}" y="{y}" width="{length:.1f}" height="{bar - 4}" fill="#d62728"/>'
-        )
-        parts.append(f'<text x="{left + length + 4:.1f}" y="{y + 15}" font-size="11">{n}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _witness_rows(results: Sequence[WitnessResult]) -> str:
-    if not results:
-        return (
-            "<p>No witnesses checked: nothing outside the log shows that it was not cut back to "
-            "an earlier signed tree head, or rewritten and re-signed with the coordinator's key. "
-            "Collect the sites' receipts (<code>fl-client receipts export</code>) and pass them "
-            "with <code>--witness FILE</code>.</p>"
-        )
-    rows = "".join(
-        f"<tr><td>{html.escape(str(r.file.path))}</td><td>{html.escape(', '.join(r.file.sites))}"
-        f"</td><td>{len(r.file.heads)}</td><td>{r.file.largest}</td>"
-        + (
-            f'<td class="ok">consistent: all {r.checked} verify under the pinned key and are '
-            "prefixes of this log</td></tr>"
-            if r.failure is None
-            else f'<td class="bad">FAILED ({html.escape(r.failure.check)}): '
-            f"{html.escape(str(r.failure))}</td></tr>"
-        )
-        for r in results
-    )
-    return (
-        "<p>Signed tree heads the sites kept (their receipts), checked against this log: "
-        "signature under the pinned coordinator key, log id, and consistency (a witnessed head "
-        "must be a prefix of the log).</p><table><tr><th>witness file</th><th>site(s)</th>"
-        f"<th>tree heads</th><th>largest size</th><th>result</th></tr>{rows}</table>"
-    )
-
-
-def render_report(
-    view: _LogView, title: str, verdict: str, witnesses: Sequence[WitnessResult] = ()
-) -> str:
-    """A self-contained HTML page (inline CSS and SVG, no scripts, no external resources)."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for idx, r in enumerate(view.rounds, 1):
-        for name, value in r.eval_metrics.items():
-            series.setdefault(name, []).append((idx, value))
-    loss = {k: v for k, v in series.items() if "loss" in k}
-    acc = {k: v for k, v in series.items() if "loss" not in k}
-    reasons = Counter(reason for *_, reason in view.rejections)
-    rows = "".join(
-        f"<tr><td>{html.escape(r.run)}</td><td>{r.round}</td><td>{r.status}</td>"
-        f"<td>{html.escape(', '.join(r.survivors))}</td><td>{_fmt(r.eval_metrics.get('accuracy'))}</td>"
-        f"<td>{_fmt(r.eval_metrics.get('loss'))}</td>"
-        f"<td>{_fmt(r.eval_metrics.get('macro-f1'))}</td>"
-        f"<td>{'' if r.eval_examples is None else r.eval_examples}</td>"
-        f"<td>{r.new_model[:16]}</td></tr>"
-        for r in view.rounds
-    )
-    rej = "".join(
-        f"<tr><td>{i}</td><td>{html.escape(lbl)}</td><td>{html.escape(s)}</td>"
-        f"<td>{html.escape(st)}</td><td>{html.escape(reason)}</td></tr>"
-        for i, lbl, _, s, st, reason in view.rejections
-    )
-    consortium = "".join(
-        f"<tr><td>{c.index}</td><td>{html.escape(c.run)}</td><td>{html.escape(c.consortium)}</td>"
-        f"<td>{c.version}</td><td>{c.sites}</td><td>{c.revoked}</td><td>{c.digest[:16]}</td>"
-        f"<td>{c.authority_key_id[:16]}</td></tr>"
-        for c in view.consortium
-    )
-    unsigned = ""
-    if view.total > view.entries:
-        unsigned = f' <b class="bad">({html.escape(_unsigned_note(view))})</b>'
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}}
-.ok{{color:#2ca02c}}.bad{{color:#d62728}}</style></head><body>
-<h1>fedseal audit report</h1>
-<p>{html.escape(title)}: {view.entries} signed entries{unsigned}, {len(view.tree_heads)} signed tree heads.</p>
-<p><b>Verification:</b> {html.escape(verdict)}</p>
-<h2>Witnesses</h2>{_witness_rows(witnesses)}
-<h2>Accuracy and macro-F1 per round</h2>{_svg_lines(acc, "accuracy per round")}
-<h2>Loss per round</h2>{_svg_lines(loss, "loss per round")}
-<h2>Participation per site per round</h2>
-<p>green: masked input accepted; red: rejected; grey: none.</p>{_svg_participation(view)}
-<h2>Rejection reasons</h2>{_svg_bars(reasons, "rejection reasons")}
-<h2>Consortium rosters</h2><table><tr><th>entry</th><th>run</th><th>consortium</th>
-<th>version</th><th>sites</th><th>revoked</th><th>digest</th><th>authority</th></tr>{consortium}</table>
-<h2>Rounds</h2>
-<p>Accuracy, loss and macro-F1: the federated evaluation of the round's new model, from its
-evaluation entry: the coordinator's claim (signed by it; no site's signature backs them).</p>
-<table><tr><th>run</th><th>round</th><th>status</th><th>survivors</th><th>accuracy</th>
-<th>loss</th><th>macro-F1</th><th>eval examples</th><th>new model</th></tr>{rows}</table>
-<h2>Rejected envelopes</h2><table><tr><th>entry</th><th>run/round</th><th>site</th><th>stage</th>
-<th>reason</th></tr>{rej}</table>
-</body></html>
-"""
 
 
 @app.command("report")
@@ -1318,107 +437,17 @@ def report_cmd(
             EXIT_USAGE,
             "--witness needs --verify: witnesses are checked against a log that verified",
         )
-    anchor = _anchor("report", coordinator_key, trust_log_key, witness) if verify else None
-    _open(log).close()
-    signed: int | None = None  # entries the verified signed tree heads cover
-    verdict = "not checked"
-    code = EXIT_OK
-    witnessed: list[WitnessResult] = []
-    if anchor is not None:
-        try:
-            result = verify_log(log, coordinator_key=anchor.key, jobs=_default_jobs())
-            signed = result.signed_entries
-            witnessed = _check_witnesses(log, anchor, result)
-            contradicted = [r.failure for r in witnessed if r.failure is not None]
-            if contradicted:
-                verdict = "FAILED: " + "; ".join(str(f) for f in contradicted)
-                code = EXIT_FAILED
-            elif anchor.key is not None:
-                verdict = (
-                    f"all checks hold against the pinned coordinator key "
-                    f"{result.coordinator_key_id} ({result.entries} entries, "
-                    f"{result.tree_heads} signed tree heads"
-                    + (
-                        f"; {_witness_summary(witnessed)}: all consistent with the log)"
-                        if witnessed
-                        else "; no witnesses checked)"
-                    )
-                )
-            else:
-                verdict = (
-                    f"checks hold ({result.entries} entries), but only against the coordinator "
-                    f"key the log names itself ({result.coordinator_key_id}), NOT a pinned one: "
-                    "a log forged under a fresh key would pass too"
-                )
-                typer.echo(f"fl-audit: {_unpinned_warning(result.coordinator_key_id)}", err=True)
-                code = EXIT_INCOMPLETE
-            tail = _unsigned_tail(result)
-            if code != EXIT_FAILED and tail and not result.open_run:
-                verdict = (
-                    f"FAILED: {tail}; no run is open, and a finished run's log must be fully signed"
-                )
-                code = EXIT_FAILED
-            if code != EXIT_FAILED:
-                span = _unwitnessed(result, witnessed)
-                if span is not None:
-                    verdict += f"; note: {_unwitnessed_text(span)}"
-                verdict += "".join(f"; warning: {w}" for w in result.warnings)
-        except (AuditVerificationError, AuditLogError) as exc:
-            verdict = f"FAILED: {exc}"
-            code = EXIT_FAILED
-    store = _open(log)
-    try:
-        view = _collect(store, signed)
-    finally:
-        store.close()
-    out.write_text(render_report(view, str(log), verdict, witnessed), encoding="utf-8")
+    with _exits():
+        anchor = load_anchor("report", coordinator_key, trust_log_key, witness) if verify else None
+        judged = judge_report(log, anchor)
+        for warning in judged.warnings:
+            _echo(warning, err=True)
+        html = render_run_report(log, judged)
+    out.write_text(html, encoding="utf-8")
     _echo(f"wrote {out}")
-    if code != EXIT_OK:
-        _echo(f"fl-audit: verification: {verdict}", err=True)
-        raise typer.Exit(code)
-
-
-def _jsonable(entry: AuditEntry) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": entry.KIND.label}
-    for f in dataclasses.fields(entry):
-        out[f.name] = _plain(getattr(entry, f.name))
-    return out
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, enum.Enum):
-        return value.name.lower()
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _export_lines(store: MerkleLogStore) -> Iterator[str]:
-    for stored in store.iter_entries():
-        record: dict[str, Any] = {"index": stored.index, "leaf_hash": stored.leaf_hash.hex()}
-        try:
-            record["entry"] = _jsonable(decode_entry(stored.data))
-        except ProtocolError as exc:
-            record["error"] = str(exc)
-            record["data_b64"] = base64.b64encode(stored.data).decode()
-        yield json.dumps(record)
-    for head in store.tree_heads():
-        try:
-            sth = SignedTreeHead.from_bytes(head.blob)
-            yield json.dumps(
-                {
-                    "tree_head": head.seq,
-                    "tree_size": sth.tree_size,
-                    "root_hash": sth.root_hash.hex(),
-                    "timestamp_ms": sth.timestamp_ms,
-                    "signature": sth.signature.hex(),
-                    "log_id": sth.log_id.hex(),
-                }
-            )
-        except ProtocolError as exc:
-            yield json.dumps({"tree_head": head.seq, "error": str(exc)})
+    if judged.exit_code != EXIT_OK:
+        _echo(f"fl-audit: verification: {judged.verdict}", err=True)
+        raise typer.Exit(judged.exit_code)
 
 
 @app.command("export")
@@ -1430,14 +459,15 @@ def export_cmd(
     """Export every entry (decoded, bytes as hex) and tree head as JSON lines."""
     if fmt != "jsonl":
         raise _fail(EXIT_USAGE, f"unknown format {fmt!r} (supported: jsonl)")
-    store = _open(log)
+    with _exits():
+        store = open_log(log)
     try:
         if out is None:
-            for line in _export_lines(store):
+            for line in export_lines(store):
                 sys.stdout.write(line + "\n")
         else:
             with out.open("w", encoding="utf-8") as fh:
-                for line in _export_lines(store):
+                for line in export_lines(store):
                     fh.write(line + "\n")
     finally:
         store.close()

@@ -9,7 +9,7 @@ Example::
     receipt = checker.check_round(source, run_id=run_id, round=r,
                                   message_type=MessageKind.MASKED_INPUT.type_name, payload=payload)
 
-``source`` is anything with the :class:`AuditSource` methods, normally :class:`GrpcAuditSource`
+``source`` is anything with the :class:`AuditSource` methods, normally :class:`fedseal.audit.service_client.GrpcAuditSource`
 over a TLS channel to the coordinator's audit service::
 
     channel = grpc.secure_channel("coordinator:9093", grpc.ssl_channel_credentials(ca_pem))
@@ -50,32 +50,25 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.audit.log import (
-    AUDIT_REQUEST_TYPE,
-    EnvelopeRecord,
+from fedseal.audit.codec import decode_entry
+from fedseal.audit.entries import EnvelopeRecord
+from fedseal.audit.errors import AuditServiceError
+from fedseal.audit.treehead import (
     SignedTreeHead,
-    audit_request_params,
-    audit_request_payload,
-    decode_entry,
 )
 from fedseal.crypto.errors import MerkleProofError
 from fedseal.crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
-from fedseal.crypto.signing import sign
 from fedseal.protocol.errors import BadSignatureError, DecodeError
 
 __all__ = [
-    "AuditServiceError",
     "AuditSource",
     "ContributionBlockedError",
-    "GrpcAuditSource",
     "Receipt",
     "ReceiptChecker",
     "ReceiptError",
@@ -456,20 +449,28 @@ class SiteReceipts:
             required = (run_id, round) in self._included
             try:
                 receipt = self._checker.check_round(
-                    self._source, run_id=run_id, round=round,
-                    message_type=self._message_type, payload=payload, required=required,
+                    self._source,
+                    run_id=run_id,
+                    round=round,
+                    message_type=self._message_type,
+                    payload=payload,
+                    required=required,
                 )
             except ReceiptPendingError as exc:
                 log.error("round %d: receipt not yet provable, retried later: %s", round, exc)
                 return
             except AuditServiceError as exc:
-                log.error("round %d: audit service unavailable, receipt retried later: %s", round, exc)
+                log.error(
+                    "round %d: audit service unavailable, receipt retried later: %s", round, exc
+                )
                 return
             except ReceiptError as exc:
                 del self._pending[(run_id, round)]
                 log.error(
                     "round %d: %s -- this site stops contributing until a person investigates "
-                    "and removes the BLOCKED file", round, exc,
+                    "and removes the BLOCKED file",
+                    round,
+                    exc,
                 )
                 return
             del self._pending[(run_id, round)]
@@ -478,256 +479,15 @@ class SiteReceipts:
                 log.warning(
                     "round %d: the log holds no accepted input of ours, and this site was not "
                     "among the survivors it signed for (input rejected or dropped, or the round "
-                    "abandoned): it was not used; nothing to prove", round,
+                    "abandoned): it was not used; nothing to prove",
+                    round,
                 )
                 return
             self.verified += 1
             log.info(
                 "round %d: receipt verified: our masked input is entry %d under the signed tree "
-                "head of size %d", round, receipt.leaf_index, receipt.tree_size,
+                "head of size %d",
+                round,
+                receipt.leaf_index,
+                receipt.tree_size,
             )
-
-
-# --- the gRPC client of the audit service ----------------------------------------------------
-#
-# The client layer may not import the server's generated protobuf code (tests/test_layering.py),
-# so the few messages of ``fedseal/server/audit_proto/audit.proto`` are encoded here directly in
-# the protobuf wire format (varints and length-delimited fields; proto3 defaults omitted).
-# tests/audit/test_audit_service.py checks this client against the generated server.
-
-_SERVICE = "/fedseal.audit.v1.AuditLog/"
-_MAX_RESPONSE = 8 * 1024 * 1024
-
-
-class AuditServiceError(Exception):
-    """A call to the audit service failed or returned malformed data.
-
-    Attributes:
-        code: The gRPC status code name (e.g. ``"PERMISSION_DENIED"``), or ``"DATA_LOSS"`` for
-            a malformed response.
-    """
-
-    def __init__(self, message: str, *, code: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field_varint(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value) if value else b""
-
-
-def _field_bytes(number: int, value: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(value)) + value if value else b""
-
-
-def _parse(data: bytes) -> dict[int, list[int | bytes]]:
-    """Decode one message's fields (varint and length-delimited; fixed32/64 skipped)."""
-    fields: dict[int, list[int | bytes]] = {}
-    pos, end = 0, len(data)
-
-    def read_varint() -> int:
-        nonlocal pos
-        value, shift = 0, 0
-        while True:
-            if pos >= end or shift > 63:
-                raise AuditServiceError("malformed varint in response", code="DATA_LOSS")
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
-
-    while pos < end:
-        key = read_varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            fields.setdefault(number, []).append(read_varint())
-        elif wire == 2:
-            length = read_varint()
-            if pos + length > end:
-                raise AuditServiceError("truncated field in response", code="DATA_LOSS")
-            fields.setdefault(number, []).append(data[pos : pos + length])
-            pos += length
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-            if pos > end:
-                raise AuditServiceError("truncated field in response", code="DATA_LOSS")
-        else:
-            raise AuditServiceError(f"unsupported wire type {wire} in response", code="DATA_LOSS")
-    return fields
-
-
-def _one_int(fields: dict[int, list[int | bytes]], number: int) -> int:
-    values = fields.get(number, [0])
-    value = values[-1]
-    if not isinstance(value, int):
-        raise AuditServiceError(f"field {number} is not an integer", code="DATA_LOSS")
-    return value
-
-
-def _all_bytes(fields: dict[int, list[int | bytes]], number: int) -> list[bytes]:
-    values = fields.get(number, [])
-    if not all(isinstance(v, bytes) for v in values):
-        raise AuditServiceError(f"field {number} is not bytes", code="DATA_LOSS")
-    return [bytes(v) for v in values if isinstance(v, bytes)]
-
-
-def _one_bytes(fields: dict[int, list[int | bytes]], number: int) -> bytes:
-    values = _all_bytes(fields, number)
-    return values[-1] if values else b""
-
-
-class GrpcAuditSource:
-    """:class:`AuditSource` over the coordinator's gRPC audit service.
-
-    Every request is signed with the site's identity key over a fresh 16-byte nonce and the
-    current time (see ``fedseal.audit.service`` for what the service checks).
-    """
-
-    def __init__(
-        self,
-        channel: grpc.Channel,
-        *,
-        site: str,
-        key: ec.EllipticCurvePrivateKey,
-        clock: Callable[[], int],
-        randbytes: Callable[[int], bytes] = os.urandom,
-        timeout_s: float = 30.0,
-    ) -> None:
-        self._channel = channel
-        self._site = site
-        self._key = key
-        self._clock = clock
-        self._randbytes = randbytes
-        self._timeout = timeout_s
-
-    def _call(self, method: str, fields: bytes, params: bytes) -> dict[int, list[int | bytes]]:
-        nonce = self._randbytes(16)
-        ts = self._clock()
-        signature = sign(
-            self._key,
-            AUDIT_REQUEST_TYPE,
-            audit_request_payload(method, self._site, ts, nonce, params),
-        )
-        auth = (
-            _field_bytes(1, self._site.encode("utf-8"))
-            + _field_varint(2, ts)
-            + _field_bytes(3, nonce)
-            + _field_bytes(4, signature)
-        )
-        request = _field_bytes(1, auth) + fields
-        stub = self._channel.unary_unary(
-            _SERVICE + method,
-            request_serializer=lambda b: b,
-            response_deserializer=lambda b: b,
-        )
-        try:
-            response = stub(request, timeout=self._timeout)
-        except grpc.RpcError as exc:
-            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-            details = exc.details() if hasattr(exc, "details") else str(exc)
-            raise AuditServiceError(str(details), code=str(code)) from exc
-        if not isinstance(response, bytes) or len(response) > _MAX_RESPONSE:
-            raise AuditServiceError("response too large or not bytes", code="DATA_LOSS")
-        return _parse(response)
-
-    def latest_tree_head(self) -> bytes:
-        """The latest signed tree head's canonical bytes.
-
-        Raises:
-            AuditServiceError: The call failed.
-        """
-        return _one_bytes(self._call("GetTreeHead", b"", audit_request_params("GetTreeHead")), 1)
-
-    def inclusion_proof(self, index: int, tree_size: int) -> tuple[bytes, list[bytes]]:
-        """``(entry bytes, audit path)`` of entry ``index`` in the tree of ``tree_size``.
-
-        Raises:
-            AuditServiceError: The call failed or answered for another leaf or size.
-        """
-        method = "GetInclusionProof"
-        fields = self._call(
-            method,
-            _field_varint(2, index) + _field_varint(3, tree_size),
-            audit_request_params(method, index, tree_size),
-        )
-        if _one_int(fields, 1) != index or _one_int(fields, 2) != tree_size:
-            raise AuditServiceError("response is for another leaf or size", code="DATA_LOSS")
-        return _one_bytes(fields, 3), _all_bytes(fields, 4)
-
-    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
-        """RFC 9162 consistency proof between two sizes.
-
-        Raises:
-            AuditServiceError: The call failed.
-        """
-        method = "GetConsistencyProof"
-        fields = self._call(
-            method,
-            _field_varint(2, old_size) + _field_varint(3, new_size),
-            audit_request_params(method, old_size, new_size),
-        )
-        return _all_bytes(fields, 3)
-
-    def entries(self, start: int, end: int) -> list[tuple[int, bytes]]:
-        """Entries ``[start, end)`` as ``(index, bytes)`` (fewer if over the service's bounds).
-
-        Raises:
-            AuditServiceError: The call failed.
-        """
-        method = "GetEntries"
-        fields = self._call(
-            method,
-            _field_varint(2, start) + _field_varint(3, end),
-            audit_request_params(method, start, end),
-        )
-        out = []
-        for raw in _all_bytes(fields, 1):
-            entry = _parse(raw)
-            out.append((_one_int(entry, 1), _one_bytes(entry, 2)))
-        return out
-
-    def find_input(self, round: int, run_id: bytes) -> int | None:
-        """Index of this site's accepted masked input in ``round`` of ``run_id``, if any.
-
-        Raises:
-            AuditServiceError: The call failed.
-        """
-        method = "FindMyInput"
-        fields = self._call(
-            method,
-            _field_bytes(2, run_id) + _field_varint(3, round),
-            audit_request_params(method, round, run_id=run_id),
-        )
-        return _one_int(fields, 2) if _one_int(fields, 1) else None
-
-    def find_model(self, run_id: bytes, model_digest: bytes) -> int | None:
-        """Index of the entry that committed ``model_digest`` in run ``run_id``: the run start
-        (initial model) or a completed round result, or ``None`` if the log committed no such
-        model in that run. Prove the entry with :meth:`inclusion_proof` and decode it before
-        trusting it.
-
-        Raises:
-            AuditServiceError: The call failed (``INVALID_ARGUMENT``: ``run_id`` is not 16
-                bytes or ``model_digest`` not 32).
-        """
-        method = "FindModel"
-        fields = self._call(
-            method,
-            _field_bytes(2, run_id) + _field_bytes(3, model_digest),
-            audit_request_params(method, run_id=run_id, model_digest=model_digest),
-        )
-        return _one_int(fields, 2) if _one_int(fields, 1) else None

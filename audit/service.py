@@ -25,7 +25,7 @@ inclusion like its receipts).
 
 Authentication — *signed requests*: every request carries ``RequestAuth`` (site id, timestamp,
 16-byte nonce, ECDSA signature by the site's enrolled identity key over
-:func:`fedseal.audit.log.audit_request_payload` with the method name and the request's
+:func:`fedseal.audit.treehead.audit_request_payload` with the method name and the request's
 parameters in canonical bytes). The service answers only if, in this order:
 
 1. the site is enrolled and active in the log's roster (else ``PERMISSION_DENIED``);
@@ -55,19 +55,13 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.audit.log import (
-    AUDIT_REQUEST_TYPE,
-    EntryKind,
-    RoundResult,
-    RoundStatus,
-    RunStart,
-    audit_request_params,
-    audit_request_payload,
-    decode_entry,
-    find_input,
-)
+from fedseal.audit.codec import decode_entry
+from fedseal.audit.entries import EntryKind, RoundRecord, RoundStatus, RunStart
+from fedseal.audit.errors import AuditLogError, LogRangeError
 from fedseal.audit.proto import audit_pb2, audit_pb2_grpc
-from fedseal.audit.store import AuditLogError, LogRangeError, MerkleLogStore
+from fedseal.audit.store import MerkleLogStore
+from fedseal.audit.treehead import AUDIT_REQUEST_TYPE, audit_request_params, audit_request_payload
+from fedseal.audit.writer import find_input
 from fedseal.crypto.errors import SignatureError
 from fedseal.crypto.keys import public_key_from_der
 from fedseal.crypto.signing import verify
@@ -148,8 +142,8 @@ def request_params(method: str, request: Any) -> bytes:
 def find_model(store: MerkleLogStore, run_id: bytes, model_digest: bytes) -> int | None:
     """Index of the entry that committed ``model_digest`` in run ``run_id``, or ``None``.
 
-    A model is committed by the run's :class:`~fedseal.audit.log.RunStart` (its
-    ``initial_model_digest``) or by a *completed* :class:`~fedseal.audit.log.RoundResult`
+    A model is committed by the run's :class:`~fedseal.audit.entries.RunStart` (its
+    ``initial_model_digest``) or by a *completed* :class:`~fedseal.audit.entries.RoundRecord`
     of that run (its ``new_model_digest``); a failed or abandoned round commits nothing (its
     digest is the unchanged model, committed by an earlier entry, which is the one returned).
     The run start is checked first, then the run's round results newest first (a site usually
@@ -176,7 +170,7 @@ def find_model(store: MerkleLogStore, run_id: bytes, model_digest: bytes) -> int
     for index in reversed(results):
         result = decode_entry(store.entries(index, index + 1)[0].data)
         if (
-            isinstance(result, RoundResult)
+            isinstance(result, RoundRecord)
             and result.run_id == run_id
             and result.status == RoundStatus.COMPLETED
             and result.new_model_digest == model_digest

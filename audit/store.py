@@ -10,14 +10,14 @@ Example::
         proof = store.inclusion_proof(index, store.size)
 
 The store knows nothing about what an entry *means*: it keeps opaque entry bytes (the
-canonical encoding is defined in :mod:`fedseal.audit.log`), a small integer ``kind`` and
+canonical encoding is defined in :mod:`fedseal.audit.codec`), a small integer ``kind`` and
 optional ``site``/``round`` tags used only to *find* entries, plus opaque signed tree heads.
 
 Unsigned copies: the ``kind``/``site``/``round`` tags, the stored leaf hashes, the ``nodes``
 cache and the ``tree_size``/``root_hash``/``timestamp_ms`` columns of ``tree_heads`` repeat what
 the entry bytes and the signed tree heads say, so that look-ups and proofs need no scan. Nothing
 here trusts them, and neither may a reader: the verifier
-(:meth:`fedseal.audit.log.AuditVerifier.verify_store`) reads them raw
+(:meth:`fedseal.audit.verifier.AuditVerifier.verify_store`) reads them raw
 (:meth:`MerkleLogStore.iter_index_rows`, :meth:`MerkleLogStore.iter_node_rows`,
 :meth:`MerkleLogStore.tree_head_rows`) and checks every one against the entries and the signed
 tree heads, so a log that verifies serves proofs and look-ups that are as good as the signed data.
@@ -47,7 +47,7 @@ writable store checkpoints the WAL into the main file and truncates it
 of a live log with SQLite's online backup API (``fedseal-backup``, or ``sqlite3 LOG ".backup
 COPY"``), never with ``cp``. :func:`wal_file` names the file to look for.
 
-Errors::
+Errors (:mod:`fedseal.audit.errors`)::
 
     CryptoError
     └── AuditLogError          the store cannot serve the request
@@ -65,22 +65,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from fedseal.crypto.errors import CryptoError
+from fedseal.audit.errors import LogFormatError, LogRangeError
 from fedseal.crypto.merkle import (
     EMPTY_ROOT,
     HASH_SIZE,
+    CompactRange,
     consistency_proof_from_subtrees,
     inclusion_proof_from_subtrees,
     leaf_hash,
-    node_hash,
     root_from_perfect_subtrees,
 )
 
 __all__ = [
     "SCHEMA_VERSION",
-    "AuditLogError",
-    "LogFormatError",
-    "LogRangeError",
     "MerkleLogStore",
     "StoredEntry",
     "StoredTreeHead",
@@ -136,36 +133,6 @@ def _expected_schema() -> list[tuple[object, ...]]:
     return _SCHEMA
 
 
-class AuditLogError(CryptoError):
-    """Base of the audit-log store's errors."""
-
-
-class LogFormatError(AuditLogError):
-    """The file is not a fedseal audit log, has an unknown schema, or holds corrupt rows.
-
-    Attributes:
-        index: The entry index concerned, if one is.
-    """
-
-    def __init__(self, message: str, *, index: int | None = None) -> None:
-        super().__init__(message if index is None else f"{message} (entry {index})")
-        self.index = index
-
-
-class LogRangeError(AuditLogError):
-    """An index or tree size lies outside the log.
-
-    Attributes:
-        value: The offending index or size.
-        size: The log's size when the request was made.
-    """
-
-    def __init__(self, message: str, *, value: int, size: int) -> None:
-        super().__init__(f"{message}: {value} (log size {size})")
-        self.value = value
-        self.size = size
-
-
 @dataclass(frozen=True, slots=True)
 class StoredEntry:
     """One stored entry, as read back (``leaf_hash`` is the stored, untrusted copy)."""
@@ -200,7 +167,7 @@ def wal_file(path: str | Path) -> Path:
 class MerkleLogStore:
     """The SQLite-backed Merkle log. Open with :meth:`open`; thread-safe (one lock)."""
 
-    __slots__ = ("_conn", "_frontier", "_lock", "_path", "_read_only", "_size")
+    __slots__ = ("_conn", "_lock", "_path", "_range", "_read_only", "_size")
 
     def __init__(self, conn: sqlite3.Connection, path: Path, *, read_only: bool = False) -> None:
         self._conn = conn
@@ -208,9 +175,8 @@ class MerkleLogStore:
         self._read_only = read_only
         self._lock = threading.RLock()
         self._size = 0
-        # Roots of the complete subtrees that make up the current tree, largest first
-        # (one per set bit of the size): the "compact range" [0, size).
-        self._frontier: list[bytes] = []
+        # Roots of the complete subtrees that make up the current tree: [0, size).
+        self._range = CompactRange()
         self._reload()
 
     # -- opening ---------------------------------------------------------------------------
@@ -329,14 +295,8 @@ class MerkleLogStore:
     def _reload(self) -> None:
         """Re-read the size and the frontier (after another writer, or at open)."""
         size = self._db_size()
-        frontier: list[bytes] = []
-        start = 0
-        for height in range(size.bit_length() - 1, -1, -1):
-            if size >> height & 1:
-                frontier.append(self._perfect_root(start, 1 << height))
-                start += 1 << height
+        self._range = CompactRange.from_perfect_subtrees(size, self._perfect_root)
         self._size = size
-        self._frontier = frontier
 
     @property
     def size(self) -> int:
@@ -410,22 +370,19 @@ class MerkleLogStore:
                     self._reload()
                 first = self._size
                 size = self._size
-                frontier = list(self._frontier)
+                tree = self._range.copy()
                 rows: list[tuple[int, int, str | None, int | None, bytes, bytes]] = []
                 nodes: list[tuple[int, bytes]] = []
+
+                def keep(height: int, k: int, root: bytes) -> None:
+                    nodes.append((node_id(height, k), root))
+
                 for kind, data, site, rnd in items:
                     if not data or len(data) > _MAX_ENTRY_BYTES:
                         raise ValueError("entry data must be 1 byte to 16 MiB")
                     h = leaf_hash(data)
                     rows.append((size, kind, site, rnd, bytes(data), h))
-                    # Merge complete subtrees: one merge per trailing one bit of the old size.
-                    carry, k, height = h, size, 0
-                    while k & 1:
-                        carry = node_hash(frontier.pop(), carry)
-                        k >>= 1
-                        height += 1
-                        nodes.append((node_id(height, k), carry))
-                    frontier.append(carry)
+                    tree.append(h, keep)  # every subtree it completes goes to `nodes`
                     size += 1
                 conn.executemany(
                     "INSERT INTO entries(idx, kind, site, round, data, leaf_hash) "
@@ -438,7 +395,7 @@ class MerkleLogStore:
                 conn.execute("ROLLBACK")
                 raise
             self._size = size
-            self._frontier = frontier
+            self._range = tree
             return first
 
     # -- reading ---------------------------------------------------------------------------
@@ -458,10 +415,7 @@ class MerkleLogStore:
             if tree_size == 0:
                 return EMPTY_ROOT
             if tree_size == size:
-                acc = self._frontier[-1]
-                for h in reversed(self._frontier[:-1]):
-                    acc = node_hash(h, acc)
-                return acc
+                return self._range.root()
             return self._subtree_root(0, tree_size)
 
     def inclusion_proof(self, index: int, tree_size: int) -> list[bytes]:

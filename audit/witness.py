@@ -39,7 +39,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.audit.log import SignedTreeHead
+from fedseal.audit.treehead import SignedTreeHead
 from fedseal.crypto.errors import CryptoError, MerkleProofError
 from fedseal.crypto.keys import key_id
 from fedseal.crypto.merkle import EMPTY_ROOT, verify_consistency

@@ -25,23 +25,21 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.audit.log import (
+from fedseal.audit.codec import encode_entry, entry_tags
+from fedseal.audit.entries import (
     INPUT_MESSAGE_TYPE,
-    AuditLog,
     EntryKind,
     EnvelopeRecord,
     Genesis,
-    ReceivedEnvelope,
     RosterAction,
     RosterChange,
-    RoundResult,
+    RoundRecord,
     RoundStatus,
     RunStart,
-    SignedTreeHead,
-    encode_entry,
-    entry_tags,
 )
 from fedseal.audit.store import MerkleLogStore
+from fedseal.audit.treehead import SignedTreeHead
+from fedseal.audit.writer import AuditLog, ReceivedEnvelope
 from fedseal.crypto import merkle
 from fedseal.crypto.keys import generate_identity_key, key_id, public_key_to_der
 from fedseal.crypto.signing import sign
@@ -119,7 +117,7 @@ def generate_signed_log(
             made += 1
         new = _h("model", rnd)
         add(
-            RoundResult(
+            RoundRecord(
                 run_id,
                 rnd,
                 RoundStatus.COMPLETED,
@@ -152,7 +150,7 @@ def generate_signed_log(
 def bench_verify(
     n_signed: int, jobs: int, rows: list[tuple[str, str, str]], repeat: int = 2
 ) -> None:
-    from fedseal.audit.cli import verify_log
+    from fedseal.audit.auditor import verify_log
 
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         path = Path(tmp) / "verify.sqlite"

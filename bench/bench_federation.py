@@ -25,7 +25,7 @@ Measured per arm: round time (median of rounds 2..R; fedseal's federated evaluat
 arms evaluate nothing), for fedseal's two arms also round + evaluation time (with
 ``run.setup_with_evaluation``, the default, a secure round's setup rides on the previous round's
 evaluation messages, so only this column compares the secure and plain arms' whole work), bytes each site uploads per round (array buffers + bytes/strings of its
-replies to training messages, :func:`fedseal.sim.simulate.message_bytes`, the same count for
+replies to training messages, :func:`fedseal.sim.sites.message_bytes`, the same count for
 every arm), and the coordinator's peak memory: the peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs`` before each arm) of this process, which runs the ServerApp and Flower's
 in-memory link state (all messages in flight) but not the sites (they run in the Ray actor),
@@ -70,13 +70,9 @@ from pathlib import Path
 from typing import Any
 
 from fedseal.sim.demo import Federation
-from fedseal.sim.simulate import (
-    DEFAULT_BATCH,
-    SimulatedSites,
-    prepare_simulation,
-    run_apps_on_engine,
-    run_fedseal_simulation,
-)
+from fedseal.sim.engine import DEFAULT_BATCH, run_apps_on_engine
+from fedseal.sim.simulate import prepare_simulation, run_fedseal_simulation
+from fedseal.sim.sites import SimulatedSites
 
 ARMS = ("plain", "fedseal", "flower-fedavg", "flower-secagg", "fedseal-setup-exchange")
 FEDSEAL_ARMS = ("plain", "fedseal", "fedseal-setup-exchange")
@@ -367,13 +363,13 @@ def noop_site_app(site_dir: str) -> Any:
 
 def noop_exchange_s(fed: Federation, *, actors: int, batch: int) -> float:
     """Median seconds of one exchange of N near-empty messages on this engine, as fedseal's
-    ServerApp exchanges them (:func:`fedseal.server.flower_app.exchange`), with the sites pinned
+    ServerApp exchanges them (:func:`fedseal.server.exchange.exchange`), with the sites pinned
     to ``actors`` Ray actors as in fedseal's arms: what any exchange costs on this engine before
     the sites or the coordinator do any work."""
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.serverapp import ServerApp
 
-    from fedseal.server.flower_app import exchange
+    from fedseal.server.exchange import exchange
 
     n = len(fed.sites)
     times: list[float] = []

@@ -10,7 +10,8 @@ Usage::
 
 Modules: ``config`` (client.toml), ``models`` and ``training`` (torch), ``site_data`` (the attested
 shards streamed into training and evaluation, train/validation split by a keyed row hash),
-``supernode`` (Flower's SuperNode with a short poll), ``receipts`` (audit receipts), ``flower_app`` (the ClientApp: plain and secure stages), ``executor`` (runs
+``supernode`` (Flower's SuperNode with a short poll), ``flower_patches`` (every patch of
+Flower internals the site applies), ``receipts`` (audit receipts), ``flower_app`` (the ClientApp: plain and secure stages), ``executor`` (runs
 only the installed ClientApp, never a FAB's code), ``node`` (``fl-client run``), ``data``.
 
 This package's ``__init__`` stays light: importing it must not import torch or flwr.

@@ -4,7 +4,7 @@ A coordinator that sends one model to overlapping cohorts, or a model of its own
 evaluate, can learn about one site's data by differencing or probing. A site therefore trains
 and evaluates only a model that the coordinator's log committed: the run's initial model
 (``RunStart.initial_model_digest``) or the new model of a completed round
-(``RoundResult.new_model_digest``), proven by an inclusion proof under a signed tree head that
+(``RoundRecord.new_model_digest``), proven by an inclusion proof under a signed tree head that
 is consistent with every tree head the site has seen (the same checks as its receipts,
 :class:`fedseal.audit.receipts.ReceiptChecker`). It also refuses to go back: a model
 committed by an earlier round than one it already verified for the run is refused.
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import threading
 
-from fedseal.audit.log import RoundResult, RoundStatus, RunStart, decode_entry
+from fedseal.audit.codec import decode_entry
+from fedseal.audit.entries import RoundRecord, RoundStatus, RunStart
 from fedseal.audit.receipts import AuditSource, ReceiptChecker, ReceiptError
+from fedseal.client.errors import SiteError
 from fedseal.crypto.errors import MerkleProofError
 from fedseal.crypto.merkle import leaf_hash, verify_inclusion
 from fedseal.protocol.errors import DecodeError
@@ -30,7 +32,7 @@ from fedseal.protocol.errors import DecodeError
 __all__ = ["ModelCommitments", "ModelNotCommittedError"]
 
 
-class ModelNotCommittedError(Exception):
+class ModelNotCommittedError(SiteError):
     """The model is not one the signed log committed for this run (the site refuses it)."""
 
 
@@ -104,7 +106,7 @@ class ModelCommitments:
         ):
             return 0
         if (
-            isinstance(entry, RoundResult)
+            isinstance(entry, RoundRecord)
             and entry.run_id == run_id
             and entry.status is RoundStatus.COMPLETED
             and entry.new_model_digest == model_digest

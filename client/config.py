@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedseal.client.errors import SiteError
 from fedseal.client.policy import SitePrivacy
 from fedseal.client.training import SiteLimits
 
@@ -56,7 +57,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ADDR = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
-class ClientConfigError(Exception):
+class ClientConfigError(SiteError):
     """A bad ``client.toml``; ``key`` names the offending key (``""`` for the whole file)."""
 
     def __init__(self, key: str, reason: str) -> None:

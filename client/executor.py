@@ -47,8 +47,10 @@ from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from fedseal.client.flower_patches import set_message_id
 from fedseal.client.policy import SiteRefusal
-from fedseal.client.supernode import PullBackoff, loopback_backoff, pull_backoff
+from fedseal.client.supernode import loopback_backoff
+from fedseal.settings import Environment, PullBackoff
 
 #: How long a task may wait for its message's objects to reach the SuperNode. Flower's default
 #: is two hours; a task whose objects never come (its run ended mid-transfer) must not block the
@@ -63,7 +65,7 @@ def pull_task_input(
 
     The SuperNode hands out a task before it has pulled the message's objects from the
     coordinator, so the first object pulls usually find them not yet available; ``backoff``
-    (default :func:`fedseal.client.supernode.pull_backoff` with the loopback cap of
+    (default: the default ``FEDSEAL_OBJECT_PULL_BACKOFF_S`` with the loopback cap of
     :func:`~fedseal.client.supernode.loopback_backoff`: 50 ms, then 0.1 s) is how long to wait
     before asking again, where Flower waits 1 s, then 2 s, ...
 
@@ -75,7 +77,7 @@ def pull_task_input(
         RuntimeError: The SuperNode handed out a task without a message.
     """
     if backoff is None:
-        backoff = loopback_backoff(pull_backoff())
+        backoff = loopback_backoff(Environment().pull_backoff)
     res = client.PullTaskInput(PullTaskInputRequest())
     context = context_from_proto(res.context)
     run = run_from_proto(res.run)
@@ -91,9 +93,10 @@ def pull_task_input(
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message,
         max_time=max_time,
-        **backoff.kwargs(),
+        initial_backoff=backoff.initial_s,
+        backoff_cap=backoff.cap_s,
     )
-    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: not in the deflated form
+    set_message_id(message, tree.object_id)  # as Flower does: not in the deflated form
     return message, context, run, fab
 
 __all__ = ["PinnedExecutor"]
@@ -146,7 +149,11 @@ def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
 
 
 class PinnedExecutor:
-    """Poll the SuperNode's Runtime API and answer each ClientApp task in-process."""
+    """Poll the SuperNode's Runtime API and answer each ClientApp task in-process.
+
+    ``backoff``: how the task's object pulls retry (``fl-client run`` passes the loopback cap of
+    its ``FEDSEAL_OBJECT_PULL_BACKOFF_S``; default: that of the default setting).
+    """
 
     def __init__(
         self,
@@ -158,7 +165,7 @@ class PinnedExecutor:
         self.address = runtime_api_address
         self.client_app = client_app
         self.poll_interval = poll_interval
-        self.backoff = backoff if backoff is not None else loopback_backoff(pull_backoff())
+        self.backoff = backoff if backoff is not None else loopback_backoff(Environment().pull_backoff)
         self.tasks_done = 0
 
     def _client(self, token: str | None) -> RuntimeHttpClient:
@@ -213,7 +220,7 @@ class PinnedExecutor:
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # any failure is reported back to the coordinator, not swallowed
             if isinstance(exc, SiteRefusal):  # policy, not a fault: one line, no traceback
-                log.warning("%s: %s", getattr(message, "metadata", None) and message.metadata.message_type, exc)
+                log.warning("%s: %s", message.metadata.message_type if message is not None else None, exc)
                 details = str(exc)[:500]
             else:
                 log.exception("ClientApp task failed")

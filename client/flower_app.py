@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import hmac
 import io
 import logging
@@ -68,12 +67,14 @@ from fedseal.client.policy import SitePrivacy, SiteRefusal
 from fedseal.client.site_data import SiteData
 from fedseal.client.training import SiteLimits, TrainRequest, evaluate, train
 from fedseal.crypto.keys import write_atomic
+from fedseal.protocol import records
+from fedseal.protocol.model import model_digest, model_order
+from fedseal.protocol.seams import NO_SHARING, SharedWork
 
 __all__ = [
     "SiteRefusal",
     "SiteRuntime",
     "array_to_numpy",
-    "float32_digest",
     "make_client_app",
     "model_delta",
     "model_flat",
@@ -109,6 +110,9 @@ class SiteRuntime:
     #: Where the setup guard (which setups this site answered, per run) is kept between
     #: restarts of the site; ``None`` keeps it in memory only.
     guard_path: Path | None = None
+    #: Where the secure sessions check signatures and decode (:mod:`fedseal.protocol.seams`):
+    #: each session itself by default; a simulation shares them between its virtual sites.
+    shared_work: SharedWork = NO_SHARING
     _models: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
     _session: Any = None
     _round: tuple[bytes, int] = (b"", 0)
@@ -151,7 +155,7 @@ class SiteRuntime:
         minibatches per epoch: with one, training would not depend on the site's secret seed
         (the order and split of the batches), and one model trained twice would give the same
         update twice, which a coordinator could difference across cohorts."""
-        req = self.limits.clamp(_train_request(rec))
+        req = self.limits.clamp(train_request(rec))
         rows = len(self.data.y_train)
         return dataclasses.replace(req, batch_size=max(1, min(req.batch_size, rows // 2)))
 
@@ -172,7 +176,8 @@ class SiteRuntime:
         """
         if self.commitments is None:
             return
-        from fedseal.audit.receipts import AuditServiceError, ReceiptError
+        from fedseal.audit.errors import AuditServiceError
+        from fedseal.audit.receipts import ReceiptError
         from fedseal.client.commitments import ModelNotCommittedError
 
         try:
@@ -193,27 +198,16 @@ class SiteRuntime:
         return self._models[key]
 
 
-SETUP_RECORD = "secagg"
-"""Record holding a protocol message (``payload``): every ``train.secagg`` message, and an
-``evaluate`` message that also carries the next round's setup."""
-SETUP_CONFIG_RECORD = "train-config"
-"""In an ``evaluate`` message carrying the next round's setup: that round's training config."""
-SETUP_ERROR_RECORD = "secagg-error"
-EVALUATION_REFUSED_RECORD = "evaluation-refused"
-"""In an ``evaluate`` reply without metrics: why the site did not evaluate (``reason``)."""
-"""In an ``evaluate`` reply: why the site refused the setup it carried (``reason``)."""
-
-
 def _secagg_payload(msg: Message) -> bytes:
-    sec = msg.content.get(SETUP_RECORD)
-    payload = sec.get("payload") if isinstance(sec, ConfigRecord) else None
+    sec = msg.content.get(records.SETUP_RECORD)
+    payload = sec.get(records.PAYLOAD) if isinstance(sec, ConfigRecord) else None
     if not isinstance(payload, bytes):
         raise ValueError("secagg message without payload")
     return payload
 
 
 def _cfg(msg: Message) -> ConfigRecord:
-    rec = msg.content.get("config")
+    rec = msg.content.get(records.CONFIG_RECORD)
     if not isinstance(rec, ConfigRecord):
         raise ValueError("message has no config record")
     return rec
@@ -231,21 +225,21 @@ def _get(rec: ConfigRecord, key: str, kind: type, lo: float, hi: float) -> Any:
     return value
 
 
-def _train_request(rec: ConfigRecord) -> TrainRequest:
+def train_request(rec: ConfigRecord) -> TrainRequest:
     """The coordinator's training hyper-parameters (before the site's limits clamp them).
     ``proximal-mu`` (FedProx) is optional; absent means plain local SGD."""
-    mu = _get(rec, "proximal-mu", float, 0.0, 1e6) if "proximal-mu" in rec else 0.0
+    mu = _get(rec, records.PROXIMAL_MU, float, 0.0, 1e6) if records.PROXIMAL_MU in rec else 0.0
     return TrainRequest(
-        epochs=_get(rec, "epochs", int, 1, 10_000),
-        batch_size=_get(rec, "batch-size", int, 1, 1 << 20),
-        learning_rate=_get(rec, "learning-rate", float, 1e-12, 1e6),
-        clip_norm=_get(rec, "clip-norm", float, 1e-12, 1e12),
+        epochs=_get(rec, records.EPOCHS, int, 1, 10_000),
+        batch_size=_get(rec, records.BATCH_SIZE, int, 1, 1 << 20),
+        learning_rate=_get(rec, records.LEARNING_RATE, float, 1e-12, 1e6),
+        clip_norm=_get(rec, records.CLIP_NORM, float, 1e-12, 1e12),
         proximal_mu=mu,
     )
 
 
 def _run_id(rec: ConfigRecord) -> bytes:
-    raw = rec.get("run-id")
+    raw = rec.get(records.RUN_ID)
     try:
         run_id = bytes.fromhex(raw) if isinstance(raw, str) else b""
     except ValueError:
@@ -256,15 +250,15 @@ def _run_id(rec: ConfigRecord) -> bytes:
 
 
 def _model_name(rec: ConfigRecord) -> str:
-    name = rec.get("model")
+    name = rec.get(records.MODEL)
     if not isinstance(name, str) or len(name) > 200:
         raise ValueError("config 'model' missing")
     return name
 
 
 def _load_global(runtime: SiteRuntime, msg: Message, rec: ConfigRecord) -> nn.Module:
-    model = runtime.model(_model_name(rec), _get(rec, "seed", int, 0, 2**31 - 1))
-    arrays = msg.content.get("arrays")
+    model = runtime.model(_model_name(rec), _get(rec, records.SEED, int, 0, 2**31 - 1))
+    arrays = msg.content.get(records.ARRAYS_RECORD)
     if not isinstance(arrays, ArrayRecord):
         raise ValueError("message has no arrays record")
     load_numpy_state_dict(model, {k: array_to_numpy(v) for k, v in arrays.items()})
@@ -320,10 +314,11 @@ def numpy_to_array(ndarray: npt.NDArray[Any]) -> Array:
 
 
 def model_flat(model: nn.Module) -> npt.NDArray[np.float32]:
-    """The model's state dict as one float32 vector, tensors in sorted-name order (as the
-    coordinator flattens the global model); one copy of the weights."""
+    """The model's state dict as one float32 vector, tensors in the model vector's order
+    (:func:`fedseal.protocol.model.flatten`, as the coordinator flattens the global model);
+    one copy of the weights."""
     state = model.state_dict()
-    parts = [state[k].detach().to("cpu", torch.float32).reshape(-1) for k in sorted(state)]
+    parts = [state[k].detach().to("cpu", torch.float32).reshape(-1) for k in model_order(state)]
     if not parts:
         return np.zeros(0, np.float32)
     flat: npt.NDArray[np.float32] = torch.cat(parts).numpy()
@@ -340,7 +335,7 @@ def model_delta(model: nn.Module, base: npt.NDArray[np.float32]) -> npt.NDArray[
     state = model.state_dict()
     out = np.empty(base.shape[0], np.float64)
     offset = 0
-    for k in sorted(state):
+    for k in model_order(state):
         values = state[k].detach().to("cpu", torch.float32).reshape(-1).numpy()
         end = offset + values.shape[0]
         if end > base.shape[0]:
@@ -352,25 +347,21 @@ def model_delta(model: nn.Module, base: npt.NDArray[np.float32]) -> npt.NDArray[
     return out
 
 
-def float32_digest(flat: npt.NDArray[np.float32]) -> bytes:
-    """SHA-256 of ``flat`` as little-endian float32 bytes (the round setup's model digest)."""
-    return hashlib.sha256(np.ascontiguousarray(flat, dtype="<f4").data).digest()
-
-
 def make_client_app(runtime: SiteRuntime) -> ClientApp:
     """Build the site's ClientApp bound to ``runtime`` (data, limits, cached models)."""
     app = ClientApp()
 
-    @app.query("initial_model")
+    @app.query(records.INITIAL_MODEL)
     def initial_model(msg: Message, context: Context) -> Message:
         rec = _cfg(msg)
-        model = runtime.model(_model_name(rec), _get(rec, "seed", int, 0, 2**31 - 1))
+        model = runtime.model(_model_name(rec), _get(rec, records.SEED, int, 0, 2**31 - 1))
         arrays = {k: numpy_to_array(v) for k, v in state_dict_to_numpy(model).items()}
-        return Message(RecordDict({"arrays": ArrayRecord(arrays)}), reply_to=msg)
+        return Message(RecordDict({records.ARRAYS_RECORD: ArrayRecord(arrays)}), reply_to=msg)
 
-    @app.query("ping")
+    @app.query(records.PING)
     def ping(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({"site": ConfigRecord({"site": runtime.name})}), reply_to=msg)
+        site = ConfigRecord({records.SITE: runtime.name})
+        return Message(RecordDict({records.SITE_RECORD: site}), reply_to=msg)
 
     @app.train()
     def train_handler(msg: Message, context: Context) -> Message:
@@ -383,7 +374,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         rec = _cfg(msg)
         model = _load_global(runtime, msg, rec)
         req = runtime.train_request(rec)
-        round_ = _get(rec, "round", int, 0, 10**9)
+        round_ = _get(rec, records.ROUND, int, 0, 10**9)
         seed = runtime.training_seed(_run_id(rec), round_)
         result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=seed)
         weights = state_dict_to_numpy(model)
@@ -393,11 +384,13 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         )
         content = RecordDict(
             {
-                "arrays": ArrayRecord({k: numpy_to_array(v) for k, v in weights.items()}),
-                "metrics": MetricRecord(
-                    {"num-examples": result.num_examples, "train-loss": result.mean_loss}
+                records.ARRAYS_RECORD: ArrayRecord({k: numpy_to_array(v) for k, v in weights.items()}),
+                records.METRICS_RECORD: MetricRecord(
+                    {records.NUM_EXAMPLES: result.num_examples, records.TRAIN_LOSS: result.mean_loss}
                 ),
-                "site": ConfigRecord({"dataset-root": runtime.data.root_hex, "site": runtime.name}),
+                records.SITE_RECORD: ConfigRecord(
+                    {records.DATASET_ROOT: runtime.data.root_hex, records.SITE: runtime.name}
+                ),
             }
         )
         return Message(content, reply_to=msg)
@@ -414,17 +407,17 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         model = copy.deepcopy(_load_global(runtime, msg, rec))
         global_flat = model_flat(model)
         req = runtime.train_request(rec)
-        round_ = _get(rec, "round", int, 0, 10**9)
+        round_ = _get(rec, records.ROUND, int, 0, 10**9)
         run_id = _run_id(rec)
         runtime._session = None  # a refused setup leaves no session of an earlier round
         if runtime.receipts is not None:
             runtime.receipts.before_round()  # raises (an error reply) once blocked
         runtime._round = (run_id, round_)
         # Before any key is advertised: the model must be the one the signed log committed.
-        runtime.check_model(run_id, float32_digest(global_flat), f"round {round_} setup")
+        runtime.check_model(run_id, model_digest(global_flat), f"round {round_} setup")
 
         def update_fn(info: RoundInfo) -> LocalUpdate:
-            if info.model_digest != float32_digest(global_flat):
+            if info.model_digest != model_digest(global_flat):
                 raise ValueError("the round setup names another global model than the one received")
             if (info.run_id, info.round) != (run_id, round_):
                 raise ValueError("the signed round setup names another run or round than its config")
@@ -461,6 +454,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             expected_round=round_,
             policy=guard.policy,
             guard=guard,
+            shared=runtime.shared_work,
         )
 
     def answer(payload: bytes) -> RecordDict:
@@ -490,30 +484,31 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             run_id, round_ = runtime._round
             sent = Envelope.from_bytes(reply.payload, Limits())
             runtime.receipts.sent_masked_input(run_id, round_, sent.payload)
-        content = RecordDict({SETUP_RECORD: ConfigRecord({"payload": reply.payload if reply else b""})})
+        payload = reply.payload if reply else b""
+        content = RecordDict({records.SETUP_RECORD: ConfigRecord({records.PAYLOAD: payload})})
         if reply is not None and reply.bulk is not None:
-            content["bulk"] = ArrayRecord({"masked": numpy_to_array(reply.bulk)})
+            content[records.BULK_RECORD] = ArrayRecord({records.BULK_MASKED: numpy_to_array(reply.bulk)})
         return content
 
-    @app.train("secagg")
+    @app.train(records.SECURE_STAGE)
     def secagg_handler(msg: Message, context: Context) -> Message:
         """One stage of a secure round: the protocol's client session answers it."""
         payload = _secagg_payload(msg)
-        if "arrays" in msg.content:  # round setup: a fresh session trains from this model
+        if records.ARRAYS_RECORD in msg.content:  # round setup: a fresh session trains from this model
             start_session(msg, _cfg(msg))
         return Message(answer(payload), reply_to=msg)
 
     @app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
         rec = _cfg(msg)
-        if runtime.receipts is not None and "run-id" in rec:
+        if runtime.receipts is not None and records.RUN_ID in rec:
             # Sent after the round result and its signed tree head: our input must be proven.
-            runtime.receipts.after_round(_run_id(rec), _get(rec, "round", int, 0, 10**9))
+            runtime.receipts.after_round(_run_id(rec), _get(rec, records.ROUND, int, 0, 10**9))
         model = _load_global(runtime, msg, rec)
         content = RecordDict()
         if runtime.commitments is not None and not runtime.privacy.allow_plain:
             # Only a committed model: a crafted one would probe this site's validation data.
-            runtime.check_model(_run_id(rec), float32_digest(model_flat(model)), "evaluation")
+            runtime.check_model(_run_id(rec), model_digest(model_flat(model)), "evaluation")
         privacy = runtime.privacy
         if runtime.commitments is None and not (privacy.evaluate_unverified or privacy.allow_plain):
             # No way to tie the model to the signed log: no metrics (a carried setup is still
@@ -523,31 +518,31 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
                 "log (no [coordinator] audit_address; [privacy] evaluate_unverified = false)"
             )
             log.warning("%s", reason)
-            content[EVALUATION_REFUSED_RECORD] = ConfigRecord({"reason": reason})
+            content[records.EVALUATION_REFUSED_RECORD] = ConfigRecord({records.REASON: reason})
         else:
             res = evaluate(model, runtime.data.x_val, runtime.data.y_val, num_classes=runtime.data.num_classes)
-            content["metrics"] = MetricRecord(
+            content[records.METRICS_RECORD] = MetricRecord(
                 {
-                    "num-examples": res.num_examples,
-                    "loss": res.loss,
-                    "accuracy": res.accuracy,
-                    "macro-f1": res.macro_f1,
+                    records.NUM_EXAMPLES: res.num_examples,
+                    records.LOSS: res.loss,
+                    records.ACCURACY: res.accuracy,
+                    records.MACRO_F1: res.macro_f1,
                 }
             )
-        if SETUP_RECORD in msg.content:
+        if records.SETUP_RECORD in msg.content:
             # The next round's setup rides on this evaluation: the model just evaluated is the
             # one it trains from. A refused setup still returns the metrics, with the reason.
             try:
                 payload = _secagg_payload(msg)
-                train_rec = msg.content.get(SETUP_CONFIG_RECORD)
+                train_rec = msg.content.get(records.SETUP_CONFIG_RECORD)
                 if not isinstance(train_rec, ConfigRecord):
                     raise ValueError("round setup without its training config")
                 start_session(msg, train_rec)
-                content[SETUP_RECORD] = answer(payload)[SETUP_RECORD]
+                content[records.SETUP_RECORD] = answer(payload)[records.SETUP_RECORD]
             except Exception as exc:  # reported to the coordinator: the site sits the round out
                 reason = (str(exc) if isinstance(exc, SiteRefusal) else f"{type(exc).__name__}: {exc}")[:300]
                 log.warning("round setup carried with the evaluation refused: %s", reason)
-                content[SETUP_ERROR_RECORD] = ConfigRecord({"reason": reason})
+                content[records.SETUP_ERROR_RECORD] = ConfigRecord({records.REASON: reason})
         return Message(content, reply_to=msg)
 
     return app

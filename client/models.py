@@ -27,6 +27,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from fedseal.client.errors import SiteError
+
 __all__ = [
     "BUILTIN_MODELS",
     "MLP",
@@ -41,7 +43,7 @@ NUM_FEATURES = 784  # 28 x 28 pixels, flattened
 NUM_CLASSES = 10
 
 
-class ModelResolutionError(Exception):
+class ModelResolutionError(SiteError):
     """A model name names no built-in model and no importable ``module:callable``."""
 
     def __init__(self, name: str, reason: str) -> None:

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedseal.client.config import ClientConfig
+from fedseal.settings import Environment, SettingsError
 
 if TYPE_CHECKING:
     from fedseal.audit.receipts import SiteReceipts
@@ -188,12 +189,24 @@ def _tail(path: Path, n: int = 4000) -> str:
 def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None]) -> int:
     """Join the federation until stopped. Returns 0 on a clean stop.
 
+    Every ``FEDSEAL_*`` variable is read and checked first, once (the SuperNode launcher, a
+    process of its own, reads the same environment); ``FEDSEAL_*`` names it does not know (other
+    than the site's ``passphrase_env``) are named in one ``on_info`` line.
+
     Raises:
         SiteRunError: A start-up step failed, or the SuperNode was refused/exited.
     """
+    try:  # a bad value is named here, not in supernode.log
+        environment = Environment.read()
+    except SettingsError as exc:
+        raise SiteRunError("supernode", str(exc)) from None
+    unknown = [name for name in environment.unknown if name != cfg.passphrase_env]
+    if unknown:
+        on_info(f"warning: unknown FEDSEAL_* variables ignored (a typo?): {', '.join(unknown)}")
     from fedseal.client.executor import PinnedExecutor
     from fedseal.client.flower_app import SiteRuntime, make_client_app
     from fedseal.client.site_data import SiteDataError, load_site_data
+    from fedseal.client.supernode import loopback_backoff
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # First: a site that knows no peer (other than itself) would take its peers' keys from the
@@ -221,7 +234,7 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
     from fedseal.client.training import warm_up
 
     # One intra-op thread: a site shares its host; oversubscribed OpenMP threads are far slower.
-    torch.set_num_threads(int(os.environ.get("FEDSEAL_TORCH_THREADS", "1")))
+    torch.set_num_threads(environment.torch_threads)
     warm_up(data.num_features, data.num_classes)
     from fedseal.crypto.errors import KeyFormatError
     from fedseal.crypto.keys import load_public_key
@@ -265,11 +278,13 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    node = _SuperNode(cfg, key, stop)
+    node = SuperNodeProcess(cfg, key, stop)
     try:
         node.start()
         on_info(f"site {cfg.name}: SuperNode connecting to {cfg.superlink} (TLS={'off' if cfg.insecure else 'on'})")
-        executor = PinnedExecutor(f"127.0.0.1:{cfg.runtime_port}", app)
+        executor = PinnedExecutor(
+            f"127.0.0.1:{cfg.runtime_port}", app, backoff=loopback_backoff(environment.pull_backoff)
+        )
         worker = threading.Thread(target=executor.run_forever, args=(stop,), daemon=True)
         worker.start()
         restarts = 0
@@ -378,10 +393,10 @@ def _site_receipts(
 
     from fedseal.audit.receipts import (
         ContributionBlockedError,
-        GrpcAuditSource,
         ReceiptChecker,
         SiteReceipts,
     )
+    from fedseal.audit.service_client import GrpcAuditSource
     from fedseal.protocol import MessageKind
 
     checker = ReceiptChecker(
@@ -406,7 +421,7 @@ def _site_receipts(
     return SiteReceipts(checker, source, MessageKind.MASKED_INPUT.type_name)
 
 
-class _SuperNode:
+class SuperNodeProcess:
     """``flower-supernode`` as a child process (stopping the site when it exits).
 
     Known Flower 1.42 limit: a SuperNode can wedge when its SuperLink dies between pulling a
@@ -428,13 +443,6 @@ class _SuperNode:
 
 
     def start(self) -> None:
-        from fedseal.client.supernode import poll_interval, pull_backoff
-
-        try:  # the launcher reads them too; a bad value is named here, not in supernode.log
-            poll_interval()
-            pull_backoff()
-        except ValueError as exc:
-            raise SiteRunError("supernode", str(exc)) from None
         cfg = self.cfg
         # flower-supernode, launched with its idle poll shortened (fedseal.client.supernode).
         argv = [

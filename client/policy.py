@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fedseal.client.errors import SiteError
 from fedseal.client.training import SiteLimits
 from fedseal.protocol import Limits, SitePolicy
 from fedseal.protocol.config import DEFAULT_COLLUDING_FRACTION, DEFAULT_SECURITY_BITS
@@ -30,7 +31,7 @@ from fedseal.protocol.errors import ConfigError
 __all__ = ["SitePrivacy", "SiteRefusal", "describe_policy"]
 
 
-class SiteRefusal(Exception):
+class SiteRefusal(SiteError):
     """The site's policy refuses what the coordinator asked; the error reply says why
     (``"refused: <reason>"``) and the coordinator records it as a refusal."""
 

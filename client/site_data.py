@@ -53,6 +53,7 @@ import torch
 from fedseal.client.data.errors import DatasetError
 from fedseal.client.data.loader import ShardDataset, make_loader
 from fedseal.client.data.shards import iter_handle_batches, open_shard
+from fedseal.client.errors import SiteError
 from fedseal.client.training import StreamedFeatures, StreamedLabels
 
 __all__ = [
@@ -79,7 +80,7 @@ _MIX2 = _U64(0x94D049BB133111EB)
 _SPLIT_TAG = b"fedseal-row-split-v1"
 
 
-class SiteDataError(Exception):
+class SiteDataError(SiteError):
     """The dataset cannot be used for training (schema, labels, split, or it changed while in use).
 
     Attributes:

@@ -287,8 +287,10 @@ class _Proximal:
         return cls(model, req.proximal_mu) if req.proximal_mu > 0 else None
 
     def term(self, model: nn.Module) -> torch.Tensor:
-        total = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), self.anchor, strict=True))
-        return (self.mu / 2) * total  # type: ignore[no-any-return]
+        total = torch.zeros((), device=self.anchor[0].device if self.anchor else None)
+        for p, a in zip(model.parameters(), self.anchor, strict=True):
+            total = total + ((p - a) ** 2).sum()
+        return (self.mu / 2) * total
 
 
 def train(model: nn.Module, x: Features, y: Labels, req: TrainRequest, seed: int) -> TrainResult:

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from fedseal.client.errors import SiteError
 from fedseal.crypto.errors import KeyFormatError
 from fedseal.crypto.keys import key_id, load_public_key, write_atomic
 from fedseal.protocol.consortium import (
@@ -62,7 +63,7 @@ _MAX_SEEN_BYTES = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-class TrustError(Exception):
+class TrustError(SiteError):
     """The site's peer trust cannot be established.
 
     Attributes:

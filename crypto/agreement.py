@@ -125,7 +125,15 @@ def _peer_point(peer_public: bytes) -> ec.EllipticCurvePublicKey:
         raise AgreementError("peer public key is not a point on P-256") from exc
 
 
-def _hkdf(ikm: bytes, info: bytes, length: int, salt: bytes | None) -> bytes:
+def hkdf_sha256_raw(ikm: bytes, info: bytes, length: int, salt: bytes | None) -> bytes:
+    """HKDF-SHA256 (RFC 5869) without the non-empty ``info`` rule of :func:`hkdf_sha256`.
+
+    For test vectors (Wycheproof has empty ``info`` cases); product code calls
+    :func:`hkdf_sha256`.
+
+    Raises:
+        ValueError: If ``length`` is not in ``[1, 8160]``.
+    """
     if not 0 < length <= _MAX_HKDF_LENGTH:
         raise ValueError(f"HKDF-SHA256 length must be in [1, {_MAX_HKDF_LENGTH}]")
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
@@ -139,7 +147,7 @@ def hkdf_sha256(ikm: bytes, *, info: bytes, length: int = 32, salt: bytes | None
     """
     if not info:
         raise ValueError("HKDF info must be non-empty: name purpose, run, round and parties")
-    return _hkdf(ikm, info, length, salt)
+    return hkdf_sha256_raw(ikm, info, length, salt)
 
 
 def kdf_info(purpose: str, *parts: bytes) -> bytes:
@@ -174,4 +182,4 @@ def derive_shared_key(
     """
     if not info:
         raise ValueError("HKDF info must be non-empty: name purpose, run, round and parties")
-    return _hkdf(own._exchange(peer_public), info, length, None)
+    return hkdf_sha256_raw(own._exchange(peer_public), info, length, None)

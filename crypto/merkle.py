@@ -16,7 +16,9 @@ largest power of two smaller than ``n``. Leaves are raw leaf data; hashes are 32
 Everything here is iterative (no recursion), so trees of any size work. Proof *generation* is
 available over leaf data, over precomputed leaf hashes, and over a callable
 ``subtree_root(start, end) -> bytes`` so that a log store that keeps subtree hashes can build
-proofs without reading every entry (see :func:`root_from_perfect_subtrees`).
+proofs without reading every entry (see :func:`root_from_perfect_subtrees`). A log that grows
+one leaf at a time keeps its root current with a :class:`CompactRange` (one root per perfect
+subtree, ``O(1)`` amortised hashes per leaf).
 
 Verification follows transparency-dev/merkle ``proof`` exactly: a root is recomputed from the
 proof (:func:`root_from_inclusion_proof`) and then compared; proof lengths are checked strictly,
@@ -34,6 +36,8 @@ from .errors import HashSizeError, MerkleProofError, ProofLengthError, RootMisma
 __all__ = [
     "EMPTY_ROOT",
     "HASH_SIZE",
+    "CompactRange",
+    "NodeSink",
     "SubtreeRoot",
     "consistency_proof",
     "consistency_proof_from_leaf_hashes",
@@ -167,6 +171,110 @@ def root_from_perfect_subtrees(
     for h in reversed(parts[:-1]):
         acc = node_hash(h, acc)
     return acc
+
+
+# --- compact range: the root of a growing tree, one leaf at a time ----------------------------
+
+NodeSink = Callable[[int, int, bytes], None]
+"""``sink(height, k, root)``: the perfect subtree ``[k * 2**height, (k + 1) * 2**height)``
+(``height >= 1``) was just completed and has ``root``."""
+
+
+class CompactRange:
+    """The compact range ``[0, size)`` of a Merkle tree: the roots of the perfect, aligned
+    subtrees the tree's leaves split into, largest first (one per set bit of ``size``).
+
+    Appending leaf ``n`` merges one root per trailing one bit of ``n`` (amortised one node
+    hash per leaf); folding the roots from the right gives the RFC 9162 §2.1.1 tree hash. A
+    log that must persist or check every completed subtree passes a :data:`NodeSink`.
+
+    Example::
+
+        rng = CompactRange()
+        for leaf in leaves:
+            rng.append(leaf_hash(leaf))
+        assert rng.root() == root(leaves)
+    """
+
+    __slots__ = ("_roots", "_size")
+
+    def __init__(self, roots: Sequence[bytes] = (), size: int = 0) -> None:
+        """Args:
+        roots: The perfect-subtree roots of ``[0, size)``, largest first.
+        size: The number of leaves they cover.
+
+        Raises:
+            ValueError: If ``size`` is negative or ``roots`` is not one hash per set bit of it.
+        """
+        if size < 0 or len(roots) != size.bit_count():
+            raise ValueError(f"a compact range of {size} leaves has {size.bit_count()} roots")
+        _check_hashes(roots)
+        self._roots = list(roots)
+        self._size = size
+
+    @classmethod
+    def from_perfect_subtrees(
+        cls, size: int, perfect_root: Callable[[int, int], bytes]
+    ) -> CompactRange:
+        """The compact range of ``[0, size)`` from stored perfect-subtree roots.
+
+        Args:
+            size: Number of leaves.
+            perfect_root: ``perfect_root(start, width)`` returns the root of leaves
+                ``[start, start + width)`` (``width`` a power of two, ``start % width == 0``).
+        """
+        roots: list[bytes] = []
+        start = 0
+        for height in range(size.bit_length() - 1, -1, -1):
+            if size >> height & 1:
+                roots.append(perfect_root(start, 1 << height))
+                start += 1 << height
+        return cls(roots, size)
+
+    @property
+    def size(self) -> int:
+        """Number of leaves covered."""
+        return self._size
+
+    @property
+    def roots(self) -> tuple[bytes, ...]:
+        """The perfect-subtree roots, largest first."""
+        return tuple(self._roots)
+
+    def copy(self) -> CompactRange:
+        """An independent copy (to append to tentatively)."""
+        twin = CompactRange.__new__(CompactRange)
+        twin._roots = list(self._roots)
+        twin._size = self._size
+        return twin
+
+    def append(self, leaf_hash: bytes, sink: NodeSink | None = None) -> None:
+        """Add the leaf with hash ``leaf_hash`` (32 bytes, not checked: local data) as leaf
+        ``size``; ``sink`` hears of every perfect subtree the leaf completes, smallest first."""
+        roots = self._roots
+        carry = leaf_hash
+        k = self._size
+        height = 0
+        sha = _sha256
+        prefix = _NODE_PREFIX
+        while k & 1:
+            carry = sha(prefix + roots.pop() + carry).digest()
+            k >>= 1
+            height += 1
+            if sink is not None:
+                sink(height, k, carry)
+        roots.append(carry)
+        self._size += 1
+
+    def root(self) -> bytes:
+        """The Merkle tree hash of leaves ``[0, size)`` (``EMPTY_ROOT`` for none)."""
+        roots = self._roots
+        if not roots:
+            return EMPTY_ROOT
+        acc = roots[-1]
+        for h in reversed(roots[:-1]):
+            acc = node_hash(h, acc)
+        return acc
 
 
 # --- proof generation (RFC 9162 §2.1.3.1 PATH and §2.1.4.1 SUBPROOF, iteratively) ----------

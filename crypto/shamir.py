@@ -230,7 +230,7 @@ def _prod_mod(a: U64Array) -> U64Array:
     return acc
 
 
-def _lagrange_weights(xs: U64Array, zs: U64Array) -> U64Array:
+def lagrange_weights(xs: U64Array, zs: U64Array) -> U64Array:
     """Weights W (len(zs), len(xs)) with f(z_k) = sum_i W[k, i] f(x_i) for deg f < len(xs).
 
     Requires distinct ``xs`` and ``zs`` disjoint from ``xs`` (all in [0, p)).
@@ -247,7 +247,7 @@ def _lagrange_weights(xs: U64Array, zs: U64Array) -> U64Array:
     return result
 
 
-def _apply_weights(weights: U64Array, ys: U64Array) -> U64Array:
+def apply_weights(weights: U64Array, ys: U64Array) -> U64Array:
     """(weights @ ys) mod p without overflow: ys split into 16-bit halves (t < 2**17)."""
     lo = ys & np.uint64(0xFFFF)
     hi = ys >> np.uint64(16)
@@ -288,9 +288,9 @@ def combine(shares: Sequence[Share], threshold: int, secret_length: int) -> byte
     ys = np.stack([s.values for s in shares]).astype(np.uint64)
     base_x, base_y = xs[:threshold], ys[:threshold]
 
-    secret_limbs = _apply_weights(_lagrange_weights(base_x, np.zeros(1, np.uint64)), base_y)[0]
+    secret_limbs = apply_weights(lagrange_weights(base_x, np.zeros(1, np.uint64)), base_y)[0]
     if len(shares) > threshold:
-        predicted = _apply_weights(_lagrange_weights(base_x, xs[threshold:]), base_y)
+        predicted = apply_weights(lagrange_weights(base_x, xs[threshold:]), base_y)
         bad = np.flatnonzero((predicted != ys[threshold:]).any(axis=1))
         if bad.size:
             raise ShareError(

@@ -82,7 +82,7 @@ from fedseal.crypto.errors import (
 from fedseal.crypto.keys import key_id, public_key_from_der, public_key_to_der
 from fedseal.crypto.prg import Mask
 from fedseal.crypto.shamir import Share, split_many
-from fedseal.crypto.signing import sign, verify
+from fedseal.crypto.signing import sign
 
 from .config import (
     Limits,
@@ -129,7 +129,6 @@ from .masking import (
     pairwise_seed,
     seed_commitment,
 )
-from .memo import MAX_KEY_BYTES, remembered
 from .messages import (
     AGREEMENT_PUBLIC_BYTES,
     AdvertBundle,
@@ -149,6 +148,7 @@ from .messages import (
     survivor_statement,
 )
 from .params import SecurityFloor, check_parameters, check_survivor_windows, site_floor
+from .seams import MAX_KEY_BYTES, NO_SHARING, SharedWork
 from .types import (
     COORDINATOR,
     DIGEST_BYTES,
@@ -262,6 +262,10 @@ class ClientSession:
             ``guard.policy`` if a guard is given, else :class:`SitePolicy()`.
         guard: The site's :class:`~fedseal.protocol.guard.SetupGuard`, shared by its
             sessions so the attempt cap spans sessions; default a private one.
+        shared: Where signature checks, decodes and neighbour graphs are made
+            (:mod:`fedseal.protocol.seams`): by default here, every time; a simulation passes
+            one that shares them with the other virtual sites of its process. Every header,
+            cohort and sender check is made by this session either way.
     """
 
     def __init__(
@@ -281,6 +285,7 @@ class ClientSession:
         expected_round: int | None = None,
         policy: SitePolicy | None = None,
         guard: SetupGuard | None = None,
+        shared: SharedWork = NO_SHARING,
     ) -> None:
         if not site:
             raise ValueError("site id must be non-empty")
@@ -305,6 +310,7 @@ class ClientSession:
             policy = guard.policy if guard is not None else SitePolicy()
         self.policy = policy
         self._guard = guard if guard is not None else SetupGuard(policy)
+        self._shared = shared
         self.stage = ClientStage.AWAIT_SETUP
         self.failure: ProtocolError | None = None
         self.clipped = 0
@@ -361,6 +367,7 @@ class ClientSession:
                 self.limits,
                 expected=expected,
                 resolve_signer=self._coordinator_signer,
+                shared=self._shared,
             )
             if opened.content_digest in self._seen:
                 raise DuplicateMessageError("coordinator message seen before")
@@ -516,6 +523,7 @@ class ClientSession:
                 limits,
                 expected=(MessageKind.ROUND_SETUP,),
                 resolve_signer=self._coordinator_signer,
+                shared=self._shared,
             )
             if not isinstance(opened.message, RoundSetup):
                 raise DecodeError("client state holds no round setup")
@@ -532,7 +540,11 @@ class ClientSession:
                 self._peers[who].share_public = share_public
                 self._peers[who].mask_public = mask_public
             self._graph = build_graph(
-                advertisers, seed_of_graph, setup.params.degree, setup.params.threshold
+                advertisers,
+                seed_of_graph,
+                setup.params.degree,
+                setup.params.threshold,
+                self._shared,
             )
         self._held, self._survivors, self._seen = held, survivors, seen
         self._bundle = bundle
@@ -776,9 +788,12 @@ class ClientSession:
     # -- stage 1: adverts -> encrypted shares ----------------------------------------------
 
     def _verify_advert(self, data: bytes) -> tuple[SiteId, KeyAdvert, bytes]:
-        # Simulations: another virtual site of this process may have opened these very bytes.
+        # Simulations: another virtual site of this process may have opened these very bytes
+        # (the advert names its own signer key id; the cohort lookup below is this site's).
         key = (bytes(data), self.limits) if len(data) <= MAX_KEY_BYTES else None
-        envelope, advert, digest = remembered("adverts", key, lambda: self._open_advert(data))
+        envelope, advert, digest = self._shared.remembered(
+            "adverts", key, lambda: self._open_advert(data)
+        )
         owner = self._by_key_id.get(envelope.signer)
         if owner is None:
             raise CoordinatorMisbehaviourError("key advert signed by a key outside the cohort")
@@ -802,7 +817,7 @@ class ClientSession:
         if owner is None:
             raise CoordinatorMisbehaviourError("key advert signed by a key outside the cohort")
         try:
-            verify(
+            self._shared.verify(
                 self._peers[owner].public_key,
                 envelope.kind.type_name,
                 envelope.payload,
@@ -812,7 +827,7 @@ class ClientSession:
             raise CoordinatorMisbehaviourError(
                 "key advert signature does not verify (substituted keys?)", site=owner
             ) from exc
-        advert = decode_payload(envelope.kind, envelope.payload, self.limits)
+        advert = decode_payload(envelope.kind, envelope.payload, self.limits, self._shared)
         if not isinstance(advert, KeyAdvert):
             raise DecodeError("key advert did not decode as one")
         return envelope, advert, envelope.content_digest
@@ -855,6 +870,7 @@ class ClientSession:
             graph_seed({o: a.graph_nonce for o, a in adverts.items()}),
             setup.params.degree,
             setup.params.threshold,
+            self._shared,
         )
         self._graph = graph
         self._bundle = bundle_digest(digests)
@@ -1048,7 +1064,7 @@ class ClientSession:
             if signer not in self._survivors:
                 continue
             try:
-                verify(
+                self._shared.verify(
                     self._peers[signer].public_key, SURVIVOR_STATEMENT_TYPE, statement, signature
                 )
             except SignatureError:

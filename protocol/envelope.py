@@ -27,12 +27,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedseal.crypto.errors import SignatureError
 from fedseal.crypto.keys import key_id
-from fedseal.crypto.signing import sign, signed_content_digest, verify
+from fedseal.crypto.signing import sign, signed_content_digest
 
 from .config import Limits
 from .encoding import Reader, Writer
 from .errors import BadSignatureError, DecodeError, StaleMessageError
 from .messages import Message, decode_payload
+from .seams import NO_SHARING, SharedWork
 from .types import DIGEST_BYTES, MessageKind
 
 __all__ = ["MAGIC", "Envelope", "OpenedMessage", "open_envelope", "seal"]
@@ -117,6 +118,7 @@ def open_envelope(
     *,
     expected: Collection[MessageKind],
     resolve_signer: Callable[[Envelope], ec.EllipticCurvePublicKey],
+    shared: SharedWork = NO_SHARING,
 ) -> OpenedMessage:
     """Steps 1-6 of the module docstring.
 
@@ -127,6 +129,8 @@ def open_envelope(
         resolve_signer: Returns the public key that must have signed this envelope
             (raising :class:`~fedseal.protocol.errors.UnknownSignerError` /
             :class:`~fedseal.protocol.errors.RevokedSignerError` if there is none).
+        shared: Checks steps 5 and 6 (simulations may share them between virtual sites,
+            :mod:`fedseal.protocol.seams`; by default each is made here).
 
     Raises:
         DecodeError: Malformed bytes (frame or payload).
@@ -142,8 +146,8 @@ def open_envelope(
         )
     public_key = resolve_signer(envelope)
     try:
-        verify(public_key, envelope.kind.type_name, envelope.payload, envelope.signature)
+        shared.verify(public_key, envelope.kind.type_name, envelope.payload, envelope.signature)
     except SignatureError as exc:
         raise BadSignatureError(f"signature on {envelope.kind.type_name} does not verify") from exc
-    message = decode_payload(envelope.kind, envelope.payload, limits)
+    message = decode_payload(envelope.kind, envelope.payload, limits, shared)
     return OpenedMessage(envelope=envelope, message=message, content_digest=envelope.content_digest)

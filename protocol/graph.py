@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from .errors import ThresholdError
-from .memo import remembered
+from .seams import NO_SHARING, SharedWork
 from .types import SiteId, site_sort_key
 
 __all__ = [
@@ -156,7 +156,11 @@ class NeighbourGraph:
 
 
 def build_graph(
-    sites: Iterable[SiteId], seed: bytes, degree: int, threshold: int
+    sites: Iterable[SiteId],
+    seed: bytes,
+    degree: int,
+    threshold: int,
+    shared: SharedWork = NO_SHARING,
 ) -> NeighbourGraph:
     """Build the Harary graph of the given degree over ``sites`` from ``seed``.
 
@@ -165,13 +169,15 @@ def build_graph(
         seed: From :func:`graph_seed`.
         degree: The configured degree ``k`` (capped at ``len(sites) - 1``).
         threshold: The Shamir threshold; every neighbourhood must reach it.
+        shared: Simulations only (:mod:`fedseal.protocol.seams`): may give the (read-only)
+            graph built before for the same member set, seed, degree and threshold.
 
     Raises:
         ThresholdError: If too few sites remain for neighbourhoods of ``threshold``.
     """
     members = tuple(sorted(set(sites), key=site_sort_key))
     key = (members, bytes(seed), degree, threshold)
-    return remembered("graphs", key, lambda: _build_graph(members, seed, degree, threshold))
+    return shared.remembered("graphs", key, lambda: _build_graph(members, seed, degree, threshold))
 
 
 def _build_graph(

@@ -27,7 +27,7 @@ from typing import ClassVar
 from .config import Limits, QuantizationConfig, RoundParameters
 from .encoding import Reader, Writer
 from .errors import ConfigError, DecodeError
-from .memo import MAX_KEY_BYTES, remembered
+from .seams import MAX_KEY_BYTES, NO_SHARING, SharedWork
 from .types import DIGEST_BYTES, RUN_ID_BYTES, MessageKind, SiteId, site_sort_key
 
 __all__ = [
@@ -564,17 +564,20 @@ _CLASSES: dict[MessageKind, type[Message]] = {
 }
 
 
-def decode_payload(kind: MessageKind, payload: bytes, limits: Limits) -> Message:
+def decode_payload(
+    kind: MessageKind, payload: bytes, limits: Limits, shared: SharedWork = NO_SHARING
+) -> Message:
     """Decode a payload of the given kind.
 
-    With :func:`fedseal.protocol.memo.share_decoded` on (simulations), a payload decoded
-    before in this process gives the same (frozen) message without decoding it again.
+    ``shared`` (simulations only, :mod:`fedseal.protocol.seams`) may give the same (frozen)
+    message it decoded before for the same kind, bytes and limits; by default every payload
+    is decoded.
 
     Raises:
         DecodeError: Malformed, truncated, trailing bytes, or over a size bound.
     """
     key = (kind, bytes(payload), limits) if len(payload) <= MAX_KEY_BYTES else None
-    return remembered("decoded", key, lambda: _decode_payload(kind, payload, limits))
+    return shared.remembered("decoded", key, lambda: _decode_payload(kind, payload, limits))
 
 
 def _decode_payload(kind: MessageKind, payload: bytes, limits: Limits) -> Message:

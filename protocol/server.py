@@ -205,6 +205,8 @@ class ServerStage(enum.Enum):
     FAILED = "failed"
 
 
+_ALL_KINDS = frozenset(MessageKind)
+
 TRANSITIONS: Mapping[ServerStage, tuple[MessageKind, ServerStage]] = {
     ServerStage.COMMIT: (MessageKind.KEY_ADVERT, ServerStage.ADVERTISE),
     ServerStage.ADVERTISE: (MessageKind.KEY_ADVERT, ServerStage.SHARE),
@@ -213,6 +215,23 @@ TRANSITIONS: Mapping[ServerStage, tuple[MessageKind, ServerStage]] = {
     ServerStage.CONSISTENCY: (MessageKind.CONSISTENCY_SIGNATURE, ServerStage.UNMASK),
     ServerStage.UNMASK: (MessageKind.UNMASK_RESPONSE, ServerStage.DONE),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class InputFacts:
+    """What an accepted masked input signed and the coordinator checked (for the audit log).
+
+    Attributes:
+        dataset_root: The dataset root the site trained on (approved for it in the roster).
+        example_count: Its signed example count (the weight of its input).
+        bulk_digest: SHA-256 of the masked vector that travelled beside it (checked).
+        model_digest: The global model digest its header binds (this round's).
+    """
+
+    dataset_root: bytes
+    example_count: int
+    bulk_digest: bytes
+    model_digest: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +247,7 @@ class Accepted:
         signer: The signer's key id.
         payload: The signed payload bytes (small: bulk vectors travel beside it), so an
             auditor can re-verify the signature offline.
+        masked_input: For a masked input, what it signed and was checked (else ``None``).
     """
 
     site: SiteId
@@ -237,23 +257,39 @@ class Accepted:
     signature: bytes
     signer: bytes = b""
     payload: bytes = field(default=b"", repr=False)
+    masked_input: InputFacts | None = None
+
+    @property
+    def envelope(self) -> Envelope:
+        """The envelope as received."""
+        return Envelope(
+            kind=self.kind, payload=self.payload, signature=self.signature, signer=self.signer
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """A reply (or a revealed share) that failed verification; the site counts as dropped.
 
+    What was received travels with it (for the audit log): ``envelope`` when the frame decoded
+    (its signature may not verify), else ``frame``, the bytes as received. For a revealed share
+    that does not match its commitment, ``envelope`` is the holder's unmask response.
+
     Attributes:
         site: The site concerned.
         stage: The stage it was received in.
         error: The typed error (its class name and message are the reason).
         content_digest: Signed-content digest of the message, when the frame decoded.
+        envelope: The received envelope, when the frame decoded (unverified).
+        frame: The received bytes, when they are not an envelope (else ``None``).
     """
 
     site: SiteId
     stage: ServerStage
     error: ProtocolError
     content_digest: bytes | None = None
+    envelope: Envelope | None = field(default=None, repr=False)
+    frame: bytes | None = field(default=None, repr=False)
 
     @property
     def reason(self) -> str:
@@ -563,8 +599,9 @@ class SecAggServer:
         sid = SiteId(site)
         digest: bytes | None = None
         superseded = False
+        received: list[Envelope] = []  # the frame, once it decoded (kept by a rejection)
         try:
-            opened = self._open(sid, payload)
+            opened = self._open(sid, payload, received)
             digest = opened.content_digest
             if digest in self._seen:
                 raise DuplicateMessageError(
@@ -582,7 +619,12 @@ class SecAggServer:
             self._absorb(sid, opened, bulk)
         except ProtocolError as exc:
             err = exc.with_context(site=sid, round=self.round, stage=self.stage.value)
-            rejection = Rejection(site=sid, stage=self.stage, error=err, content_digest=digest)
+            rejection = Rejection(
+                site=sid, stage=self.stage, error=err, content_digest=digest,
+                envelope=received[0] if received else None,
+                frame=None if received or not isinstance(payload, bytes | bytearray | memoryview)
+                else bytes(payload),
+            )
             self.rejections.append(rejection)
             self.log.append(rejection)
             keeps = isinstance(exc, DuplicateMessageError) or superseded
@@ -591,6 +633,7 @@ class SecAggServer:
                 self.dropouts.append(Dropout(sid, self.stage, rejection.reason))
             return rejection
         self._seen.add(opened.content_digest)
+        msg = opened.message
         receipt = Accepted(
             site=sid,
             stage=self.stage,
@@ -599,6 +642,10 @@ class SecAggServer:
             signature=opened.envelope.signature,
             signer=opened.envelope.signer,
             payload=opened.envelope.payload,
+            masked_input=InputFacts(
+                dataset_root=msg.dataset_root, example_count=msg.example_count,
+                bulk_digest=msg.bulk_digest, model_digest=msg.header.model_digest,
+            ) if isinstance(msg, MaskedInput) else None,
         )
         self.accepted[sid] = receipt
         self.awaiting = self.awaiting - {sid}
@@ -690,16 +737,24 @@ class SecAggServer:
             setup_digest=self.setup_digest if setup_digest is None else setup_digest,
         )
 
-    def _open(self, site: SiteId, payload: bytes) -> OpenedMessage:
+    def _open(self, site: SiteId, payload: bytes, received: list[Envelope]) -> OpenedMessage:
+        """:func:`~fedseal.protocol.envelope.open_envelope` for this stage; the frame, once it
+        decoded, is appended to ``received`` (a rejection keeps it for the audit log)."""
         kind = TRANSITIONS[self.stage][0]
 
         def resolve(envelope: Envelope) -> ec.EllipticCurvePublicKey:
+            received.append(envelope)
+            # Step 3 of open_envelope, here so that a frame of the wrong kind is kept too.
+            if envelope.kind is not kind:
+                raise StaleMessageError(
+                    f"message kind {envelope.kind.type_name} where {kind.type_name} was expected"
+                )
             entry = self.roster.require_signer(site, envelope.signer)
             if site not in self._state:
                 raise UnknownSignerError("site is not in this round's cohort")
             return entry.public_key
 
-        return open_envelope(payload, self.limits, expected=(kind,), resolve_signer=resolve)
+        return open_envelope(payload, self.limits, expected=_ALL_KINDS, resolve_signer=resolve)
 
     def _check_header(self, header: Header, site: SiteId) -> None:
         if header.run_id != self.run_id:
@@ -1141,7 +1196,11 @@ class SecAggServer:
         self._liars.add(holder)
         err = VerificationError(f"revealed a share of {owner} that does not match its commitment")
         err.with_context(site=holder, round=self.round, stage=ServerStage.UNMASK.value)
-        rejection = Rejection(site=holder, stage=ServerStage.UNMASK, error=err)
+        response = self.accepted.get(holder)  # the unmask response that revealed the share
+        rejection = Rejection(
+            site=holder, stage=ServerStage.UNMASK, error=err,
+            envelope=response.envelope if response is not None else None,
+        )
         self.rejections.append(rejection)
         self.log.append(rejection)
 

@@ -1,4 +1,4 @@
-"""Feeding the coordinator's audit log (:class:`fedseal.audit.log.AuditLog`) from a run.
+"""Feeding the coordinator's audit log (:class:`fedseal.audit.writer.AuditLog`) from a run.
 
 Usage (inside the ServerApp)::
 
@@ -14,64 +14,68 @@ Usage (inside the ServerApp)::
     audit.run_end()                        # + a signed tree head; the WAL checkpointed
     audit.close()                          # checkpoints the WAL into audit.sqlite again
 
-Roster changes are mirrored from the roster file's hash-chained events (``roster.events``):
+Roster changes are mirrored from the enrolment roster file's hash-chained events (``roster.events``):
 the count already mirrored is the number of roster entries in the log, so re-opening is
 idempotent. The consortium roster the sites run under (``[consortium]`` in ``server.toml``)
 is verified under the roster authority's public key and recorded as the authority signed it
-(:class:`fedseal.audit.log.ConsortiumRosterRecord`) at run start and whenever the file's
+(:class:`fedseal.audit.entries.ConsortiumRosterRecord`) at run start and whenever the file's
 version changes; a version lower than the one in force is refused. Envelopes are recorded after the protocol state machine verified them (the
 machine verifies and sums in one call); the round result, which the auditor checks against
 them, is always written after. A round's federated evaluation (aggregated accuracy, loss,
 macro-F1, example count, the sites counted) is its own signed entry
-(:class:`fedseal.audit.log.Evaluation`), written once the evaluation of the round's new
+(:class:`fedseal.audit.entries.Evaluation`), written once the evaluation of the round's new
 model is aggregated: the round result precedes the model leaving the coordinator.
 
 The log runs in SQLite WAL mode: after the run end (and on :meth:`RunAudit.close`) the WAL is
 checkpointed into ``audit.sqlite`` and truncated, so the file alone is the whole log once a run
 has ended; copies of a live log are made with SQLite's online backup (``fedseal-backup``).
+
+Fail closed (:class:`FailClosedAudit`, what the ServerApp writes through): an entry the log
+refuses or fails to store stops the run with :class:`AuditHaltError` (``status.json`` says
+why): nothing is acknowledged to a site or published as a model before its entry is committed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
+import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.audit.log import (
-    AuditLog,
-    ReceivedEnvelope,
-    RosterAction,
-    RoundStatus,
-    RunStatus,
-)
+from fedseal.audit.entries import RosterAction, RoundStatus, RunStatus
+from fedseal.audit.errors import AuditError
+from fedseal.audit.writer import AuditLog, ReceivedEnvelope
 from fedseal.crypto.errors import KeyFormatError
 from fedseal.crypto.keys import key_id, load_public_key
-from fedseal.protocol import Accepted, Limits, MessageKind, ProtocolError, Rejection
+from fedseal.protocol import Accepted, MessageKind, Rejection
 from fedseal.protocol.consortium import (
     MAX_ROSTER_JSON_BYTES,
     ConsortiumRoster,
     ConsortiumRosterError,
     SignedConsortiumRoster,
 )
-from fedseal.protocol.envelope import Envelope
-from fedseal.protocol.messages import MaskedInput, decode_payload
 from fedseal.server.config import ConsortiumSection
-from fedseal.server.roster import Roster
+from fedseal.server.roster import Enrolment
 
 __all__ = [
+    "AuditHaltError",
     "ConsortiumRefusedError",
     "ConsortiumWatch",
+    "FailClosedAudit",
     "LoadedConsortiumRoster",
     "RunAudit",
     "load_consortium_roster",
 ]
+
+_log = logging.getLogger("fedseal.server")
 
 _ACTIONS = {"enroll": RosterAction.ENROL, "approve-root": RosterAction.SET_ROOTS, "revoke": RosterAction.REVOKE}
 
@@ -191,14 +195,13 @@ class RunAudit:
     def __init__(self, log: AuditLog, path: Path) -> None:
         self.log = log
         self.path = path
-        self.limits = Limits()
 
     @classmethod
-    def open(cls, path: Path, key: ec.EllipticCurvePrivateKey, roster: Roster) -> RunAudit:
+    def open(cls, path: Path, key: ec.EllipticCurvePrivateKey, roster: Enrolment) -> RunAudit:
         """Open (or create) the log and mirror roster changes it does not hold yet.
 
         Raises:
-            fedseal.audit.log.AuditError: The log refuses an entry (names the reason).
+            fedseal.audit.errors.AuditError: The log refuses an entry (names the reason).
         """
         log = AuditLog.open(path, signer=key, now_ms=_now_ms(), log_id=os.urandom(16))
         audit = cls(log, path)
@@ -224,7 +227,7 @@ class RunAudit:
         (``again``: record it anyway, e.g. at a new run's start). Returns whether it did.
 
         Raises:
-            fedseal.audit.log.AuditStateError: The log refuses it (a version lower than
+            fedseal.audit.errors.AuditStateError: The log refuses it (a version lower than
                 the one it last recorded for the consortium, or a different roster with the
                 same version).
         """
@@ -245,35 +248,30 @@ class RunAudit:
         )
         self.log.sign_tree_head(_now_ms())
 
-    def envelopes(self, rnd: int, receipts: Iterable[Any], payloads: dict[tuple[str, str], bytes]) -> None:
-        """Record one round's accepted and rejected envelopes (one durable commit)."""
+    def envelopes(self, rnd: int, receipts: Iterable[Any]) -> None:
+        """Record one round's accepted and rejected envelopes (one durable commit): what the
+        protocol state machine checked travels with each receipt, nothing is decoded again."""
         items = []
         for r in receipts:
             if isinstance(r, Accepted):
-                kind = MessageKind(r.kind)
+                facts = r.masked_input
                 extra: dict[str, Any] = {}
-                if kind is MessageKind.MASKED_INPUT:
-                    msg = decode_payload(kind, r.payload, self.limits)
-                    if isinstance(msg, MaskedInput):
-                        extra = {
-                            "dataset_root": msg.dataset_root,
-                            "bulk_digest": msg.bulk_digest,
-                            "num_examples": msg.example_count,
-                            "model_digest": msg.header.model_digest,
-                        }
+                if facts is not None:
+                    extra = {
+                        "dataset_root": facts.dataset_root,
+                        "bulk_digest": facts.bulk_digest,
+                        "num_examples": facts.example_count,
+                        "model_digest": facts.model_digest,
+                    }
                 items.append(
                     ReceivedEnvelope(
-                        message_type=kind.type_name, payload=r.payload, signature=r.signature,
-                        signer_key_id=r.signer, accepted=True, reason=None, site=str(r.site),
-                        round=rnd, stage=r.stage.value, **extra,
+                        message_type=MessageKind(r.kind).type_name, payload=r.payload,
+                        signature=r.signature, signer_key_id=r.signer, accepted=True, reason=None,
+                        site=str(r.site), round=rnd, stage=r.stage.value, **extra,
                     )
                 )
             elif isinstance(r, Rejection):
-                raw = payloads.get((str(r.site), r.stage.value))
-                try:
-                    env = Envelope.from_bytes(raw or b"", self.limits)
-                except ProtocolError:
-                    env = None
+                env, raw = r.envelope, r.frame
                 if env is None:
                     if raw is None:
                         continue  # nothing was received (a dropout): the round result says so
@@ -322,7 +320,7 @@ class RunAudit:
         only; names over 64 bytes are left out). Returns whether there was anything to record.
 
         Raises:
-            fedseal.audit.log.AuditStateError: The log refuses it (not the last round, a
+            fedseal.audit.errors.AuditStateError: The log refuses it (not the last round, a
                 failed round, a second evaluation).
         """
         values = {
@@ -349,7 +347,72 @@ class RunAudit:
         self.log.close()
 
 
-def roster_roots_at(roster: Roster, seq: int, site: str) -> tuple[str, ...]:
+class AuditHaltError(RuntimeError):
+    """The audit log could not take an entry; the run stops rather than continue unrecorded."""
+
+
+class FailClosedAudit:
+    """The run's :class:`RunAudit`, fail closed: every write that the log refuses or fails to
+    store stops the run (``halt(reason)`` records why, then :class:`AuditHaltError`)."""
+
+    #: ``status.json``'s ``reason`` is one line for a terminal; the traceback is in serverapp.log.
+    MAX_REASON_CHARS = 300
+
+    def __init__(self, audit: RunAudit, halt: Callable[[str], None]) -> None:
+        self.audit = audit
+        self._halt = halt
+
+    @property
+    def log(self) -> AuditLog:
+        return self.audit.log
+
+    @property
+    def path(self) -> Path:
+        return self.audit.path
+
+    def _call(self, what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except (AuditError, ValueError, OSError, sqlite3.Error) as exc:
+            reason = f"the audit log refused {what}: {type(exc).__name__}: {exc}"
+            reason = reason[: self.MAX_REASON_CHARS]
+            _log.error("%s; stopping the run (nothing further is acknowledged or published)", reason)
+            self._halt(reason)
+            raise AuditHaltError(reason) from exc
+
+    def consortium_roster(self, loaded: LoadedConsortiumRoster, *, again: bool = False) -> None:
+        self._call("the consortium roster", self.audit.consortium_roster, loaded, again=again)
+
+    def run_start(self, run_id: str, config_bytes: bytes, initial_digest: bytes, rounds: int) -> None:
+        self._call("run start", self.audit.run_start, run_id, config_bytes, initial_digest, rounds)
+
+    def envelopes(self, rnd: int, receipts: Sequence[Any]) -> None:
+        if receipts:
+            self._call("envelopes", self.audit.envelopes, rnd, receipts)
+
+    def round_result(
+        self, rnd: int, aggregate_digest: bytes | None, new_digest: bytes, *, failed: str = ""
+    ) -> None:
+        self._call(
+            "round result", self.audit.round_result, rnd, aggregate_digest, new_digest, failed=failed
+        )
+
+    def checkpoint(self, rnd: int, model_digest: bytes, file_sha256: bytes, name: str) -> None:
+        self._call("checkpoint", self.audit.checkpoint, rnd, model_digest, file_sha256, name)
+
+    def evaluation(
+        self, rnd: int, metrics: dict[str, float], num_examples: int, sites: Iterable[str]
+    ) -> None:
+        self._call("evaluation", self.audit.evaluation, rnd, metrics, num_examples, sites)
+
+    def run_end(self) -> None:
+        self._call("run end", self.audit.run_end)
+
+    def close(self) -> None:
+        self.audit.close()
+
+
+def roster_roots_at(roster: Enrolment, seq: int, site: str) -> tuple[str, ...]:
     """The site's approved roots right after event ``seq`` (events add roots, never remove)."""
     roots: list[str] = []
     for e in roster.events[: seq + 1]:

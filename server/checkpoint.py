@@ -4,13 +4,17 @@ Usage::
 
     from fedseal.server.checkpoint import CheckpointStore, RunState
     store = CheckpointStore(state_dir / "checkpoints")
-    store.commit(RunState(run_id="..", round=3, ...), arrays)    # after a committed round
+    model = ModelVector.of(arrays)                                # fedseal.protocol.model
+    saved = store.commit(RunState(run_id="..", round=3, model_digest=model.digest.hex()), arrays)
+    saved.model_path, saved.file_sha256                           # after a committed round
     latest = store.latest()                                       # (RunState, arrays) or None
 
 Layout: ``round-000003.safetensors`` (the model as name -> ndarray) and ``round-000003.json``
-(the run state, including the SHA-256 of the safetensors file). The JSON is written last, via a
-temporary file and an atomic rename, so a checkpoint exists only once both files are complete;
-``latest()`` verifies the model digest before trusting it. ``LATEST`` names the newest one.
+(the run state: the model digest the audit log records for this model, so a checkpoint can be
+matched to the log, the digest of the arrays' names, dtypes, shapes and values, and the SHA-256
+of the safetensors file). The JSON is written last, via a temporary file and an atomic rename,
+so a checkpoint exists only once both files are complete; ``latest()`` verifies all three
+digests before trusting it. ``LATEST`` names the newest one.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,9 @@ import numpy as np
 import numpy.typing as npt
 from safetensors.numpy import load_file, save_file
 
-__all__ = ["CheckpointError", "CheckpointStore", "RunState", "model_digest"]
+from fedseal.protocol.model import arrays_digest, flatten, model_digest
+
+__all__ = ["CheckpointError", "CheckpointStore", "RunState", "SavedCheckpoint"]
 
 _NAME_RE = re.compile(r"^round-(\d{6})\.json$")
 MAX_STATE_BYTES = 1 << 20
@@ -44,26 +50,29 @@ class CheckpointError(Exception):
         self.reason = reason
 
 
-def model_digest(arrays: Mapping[str, npt.NDArray[Any]]) -> bytes:
-    """SHA-256 over names, dtypes, shapes and raw bytes, in sorted name order."""
-    h = hashlib.sha256(b"fedseal/model/v1\x00")
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        head = json.dumps([name, a.dtype.str, list(a.shape)]).encode()
-        h.update(len(head).to_bytes(4, "big") + head)
-        h.update(a.tobytes())
-    return h.digest()
-
-
 @dataclass(frozen=True, slots=True)
 class RunState:
-    """What a resumed run needs besides the model."""
+    """What a resumed run needs besides the model.
+
+    ``model_digest``: :func:`fedseal.protocol.model.model_digest` of the model (hex), as the
+    audit log records it; ``file_sha256`` and ``arrays_digest``
+    (:func:`fedseal.protocol.model.arrays_digest`, hex) are filled in by the store.
+    """
 
     run_id: str
     round: int  # last committed round (0 = initial model)
     model_digest: str
     file_sha256: str = ""
     history: tuple[dict[str, float], ...] = field(default_factory=tuple)
+    arrays_digest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SavedCheckpoint:
+    """A committed checkpoint: its model file and that file's SHA-256."""
+
+    model_path: Path
+    file_sha256: bytes
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -91,8 +100,10 @@ class CheckpointStore:
     def state_path(self, round_: int) -> Path:
         return self.directory / f"round-{round_:06d}.json"
 
-    def commit(self, state: RunState, arrays: Mapping[str, npt.NDArray[Any]]) -> Path:
-        """Write model then state (atomically); return the model path."""
+    def commit(self, state: RunState, arrays: Mapping[str, npt.NDArray[Any]]) -> SavedCheckpoint:
+        """Write model then state (atomically). ``state.model_digest`` must be the model digest
+        of ``arrays`` (the caller has it: the model is not hashed again here; :meth:`load`
+        verifies it)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         model_path = self.model_path(state.round)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".model-", suffix=".safetensors")
@@ -106,10 +117,12 @@ class CheckpointStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        doc = asdict(state) | {"file_sha256": file_sha, "history": list(state.history)}
+        layout = arrays_digest(arrays, bytes.fromhex(state.model_digest))
+        state = replace(state, file_sha256=file_sha, arrays_digest=layout.hex())
+        doc = asdict(state) | {"history": list(state.history)}
         _atomic_write(self.state_path(state.round), json.dumps(doc, sort_keys=True).encode())
         _atomic_write(self.directory / "LATEST", f"{state.round}\n".encode())
-        return model_path
+        return SavedCheckpoint(model_path, bytes.fromhex(file_sha))
 
     def update_state(self, state: RunState) -> None:
         """Rewrite a committed checkpoint's state (e.g. its history), keeping its model digests.
@@ -124,12 +137,16 @@ class CheckpointStore:
             raise CheckpointError(spath, f"no committed state to update ({exc})") from exc
         if old.get("model_digest") != state.model_digest:
             raise CheckpointError(spath, "the update names another model than the checkpoint")
-        doc = asdict(state) | {"file_sha256": old.get("file_sha256", ""), "history": list(state.history)}
+        doc = asdict(state) | {
+            "file_sha256": old.get("file_sha256", ""),
+            "arrays_digest": old.get("arrays_digest", ""),
+            "history": list(state.history),
+        }
         _atomic_write(spath, json.dumps(doc, sort_keys=True).encode())
 
     def discard_after(self, round_: int) -> list[int]:
         """Remove checkpoints newer than ``round_`` (never published); return their rounds."""
-        gone = []
+        gone: list[int] = []
         if not self.directory.is_dir():
             return gone
         for p in sorted(self.directory.iterdir()):
@@ -169,12 +186,19 @@ class CheckpointStore:
             if len(raw) > MAX_STATE_BYTES:
                 raise CheckpointError(spath, "state file too large")
             doc = json.loads(raw)
+            if isinstance(doc, dict) and "model_digest" in doc and "arrays_digest" not in doc:
+                raise CheckpointError(
+                    spath,
+                    "written by an earlier fedseal (its model digest is defined differently): "
+                    "resume it with that version, or start a new run",
+                )
             state = RunState(
                 run_id=str(doc["run_id"]),
                 round=int(doc["round"]),
                 model_digest=str(doc["model_digest"]),
                 file_sha256=str(doc["file_sha256"]),
                 history=tuple(dict(h) for h in doc["history"]),
+                arrays_digest=str(doc["arrays_digest"]),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(spath, f"unreadable state: {type(exc).__name__}") from exc
@@ -187,6 +211,9 @@ class CheckpointStore:
         if file_sha != state.file_sha256:
             raise CheckpointError(mpath, "model file does not match the digest in its state file")
         arrays = load_file(str(mpath))
-        if model_digest(arrays).hex() != state.model_digest:
+        digest = model_digest(flatten(arrays))
+        if digest.hex() != state.model_digest:
             raise CheckpointError(mpath, "model content does not match the recorded model digest")
+        if arrays_digest(arrays, digest).hex() != state.arrays_digest:
+            raise CheckpointError(mpath, "model arrays do not match the recorded arrays digest")
         return state, arrays

@@ -145,7 +145,7 @@ def init(
 
     from fedseal.crypto.keys import generate_identity_key, key_id, save_private_key, save_public_key
     from fedseal.server.pki import create_ca, issue_server_certificate, private_key_pem
-    from fedseal.server.roster import Roster
+    from fedseal.server.roster import Enrolment
 
     directory = directory.expanduser()
     if (directory / "server.toml").exists():
@@ -172,17 +172,17 @@ def init(
         p.write_bytes(data)
     (directory / "tls" / "server.pem").write_bytes(cert)
     write_server_toml(directory / "server.toml")
-    Roster().save(directory / "roster.json")
+    Enrolment().save(directory / "roster.json")
     console.print(f"coordinator key id {bytes(key_id(key.public_key())).hex()}")
     console.print(f"wrote {directory}/server.toml; give sites {directory}/tls/ca.pem")
 
 
 def _config_roster(config: Path) -> tuple[object, Path]:
-    from fedseal.server.config import ConfigError, load_server_config
+    from fedseal.server.config import ServerConfigError, load_server_config
 
     try:
         cfg = load_server_config(config)
-    except ConfigError as exc:
+    except ServerConfigError as exc:
         raise _fail(f"{config}: {exc}") from exc
     return cfg, cfg.coordinator.roster
 
@@ -199,17 +199,17 @@ def enroll(
     """Enroll a site (or approve another dataset root for it). Recorded in the roster history."""
     from fedseal.crypto.errors import KeyFormatError
     from fedseal.crypto.keys import load_public_key
-    from fedseal.server.roster import Roster, RosterError
+    from fedseal.server.roster import Enrolment, EnrolmentError
 
     _, roster_path = _config_roster(config)
     try:
         pub = load_public_key(key)
-        roster = Roster.load_or_create(roster_path)
+        roster = Enrolment.load_or_create(roster_path)
         roster = roster.enroll(site, pub, dataset_root, now_ms=_now_ms())
         roster.save(roster_path)
     except (KeyFormatError, OSError) as exc:
         raise _fail(f"cannot read site key {key}: {exc}") from exc
-    except RosterError as exc:
+    except EnrolmentError as exc:
         raise _fail(str(exc)) from exc
     entry = roster.get(site)
     if entry is not None:
@@ -222,13 +222,13 @@ def revoke(
     config: Annotated[Path, typer.Option(help="server.toml")] = Path("server.toml"),
 ) -> None:
     """Revoke a site: it is unregistered from the SuperLink at the next `run`."""
-    from fedseal.server.roster import Roster, RosterError
+    from fedseal.server.roster import Enrolment, EnrolmentError
 
     _, roster_path = _config_roster(config)
     try:
-        roster = Roster.load_or_create(roster_path).revoke(site, now_ms=_now_ms())
+        roster = Enrolment.load_or_create(roster_path).revoke(site, now_ms=_now_ms())
         roster.save(roster_path)
-    except RosterError as exc:
+    except EnrolmentError as exc:
         raise _fail(str(exc)) from exc
     console.print(f"revoked {site}")
 
@@ -239,12 +239,12 @@ def roster_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show enrolled sites."""
-    from fedseal.server.roster import Roster, RosterError
+    from fedseal.server.roster import Enrolment, EnrolmentError
 
     _, roster_path = _config_roster(config)
     try:
-        roster = Roster.load_or_create(roster_path)
-    except RosterError as exc:
+        roster = Enrolment.load_or_create(roster_path)
+    except EnrolmentError as exc:
         raise _fail(str(exc)) from exc
     if as_json:
         doc = roster.to_json()
@@ -270,13 +270,14 @@ def run(
     resume: Annotated[bool, typer.Option(help="Continue from the last committed round.")] = False,
 ) -> None:
     """Start the SuperLink (TLS, SuperNode auth, loopback), the fleet gateway, and the run."""
-    from fedseal.server.config import ConfigError, load_server_config
-    from fedseal.server.deploy import DeployError, run_coordinator
+    from fedseal.server.config import ServerConfigError, load_server_config
+    from fedseal.server.deploy import run_coordinator
+    from fedseal.server.errors import DeployError
     from fedseal.server.strategies import StrategyError
 
     try:
         cfg = load_server_config(config)
-    except ConfigError as exc:
+    except ServerConfigError as exc:
         raise _fail(f"{config}: {exc}") from exc
     if not cfg.run.secure:
         console.print(

@@ -3,7 +3,7 @@
 Usage::
 
     from fedseal.server.config import load_server_config
-    cfg = load_server_config("server.toml")     # raises ConfigError naming the bad key
+    cfg = load_server_config("server.toml")     # raises ServerConfigError naming the bad key
     cfg.run.rounds, cfg.network.fleet_port
 
 Relative paths are resolved against the directory holding the TOML file. Every size bound is
@@ -24,7 +24,7 @@ explicit. Layout (all keys optional except where noted)::
                     setup_with_evaluation = true (the next round's setup rides on this
                     round's evaluation messages: one exchange less per secure round)
     [run.strategy_options]   keyword arguments for the Flower strategy (floats)
-    [limits]        max_message_bytes, max_sites, max_rounds
+    [limits]        max_message_bytes, max_sites, max_rounds, max_vector_length, max_envelope_bytes
     [consortium]    roster = "consortium/roster.json",      # the signed consortium roster the
                     authority = "consortium/authority.key.pub"  # sites run under, and the roster
                                                                 # authority's PUBLIC key (PEM)
@@ -43,16 +43,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedseal.protocol.config import Limits
+from fedseal.server.errors import CoordinatorError
+
 __all__ = [
-    "ConfigError",
     "ConsortiumSection",
     "CoordinatorSection",
     "LimitsSection",
     "NetworkSection",
     "RunSection",
     "ServerConfig",
+    "ServerConfigError",
     "TlsSection",
-    "env_seconds",
     "load_server_config",
     "parse_server_config",
 ]
@@ -62,7 +64,7 @@ MAX_CONFIG_BYTES = 1 << 20
 T = TypeVar("T")
 
 
-class ConfigError(Exception):
+class ServerConfigError(CoordinatorError):
     """A configuration file is missing, malformed, or has a bad value.
 
     Attributes:
@@ -128,9 +130,27 @@ class RunSection:
 
 @dataclass(frozen=True, slots=True)
 class LimitsSection:
+    """``[limits]``: every bound the coordinator enforces on what sites send, from one place.
+
+    ``max_message_bytes`` bounds a whole Flower message at the fleet gateway (model vector
+    included); ``max_sites``, ``max_vector_length`` and ``max_envelope_bytes`` become the
+    protocol's decode bounds (:meth:`protocol_limits`: cohort size, update length, one signed
+    envelope without its bulk vector), checked before anything is allocated.
+    """
+
     max_message_bytes: int = 64 << 20
     max_sites: int = 1000
     max_rounds: int = 10_000
+    max_vector_length: int = Limits().max_vector_length
+    max_envelope_bytes: int = Limits().max_message_bytes
+
+    def protocol_limits(self) -> Limits:
+        """The protocol's decode bounds for this coordinator's rounds."""
+        return Limits(
+            max_cohort=self.max_sites,
+            max_vector_length=self.max_vector_length,
+            max_message_bytes=self.max_envelope_bytes,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +175,7 @@ class ServerConfig:
 def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     value = doc.get(name, {})
     if not isinstance(value, dict):
-        raise ConfigError(name, "must be a table")
+        raise ServerConfigError(name, "must be a table")
     return value
 
 
@@ -166,26 +186,26 @@ def _typed(sec: Mapping[str, Any], prefix: str, key: str, kind: type[T], default
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{prefix}.{key}", f"must be {kind.__name__}, got {type(value).__name__}")
+        raise ServerConfigError(f"{prefix}.{key}", f"must be {kind.__name__}, got {type(value).__name__}")
     return value
 
 
 def _ranged(name: str, value: float, lo: float, hi: float) -> None:
     if not lo <= value <= hi:
-        raise ConfigError(name, f"must be in [{lo}, {hi}], got {value}")
+        raise ServerConfigError(name, f"must be in [{lo}, {hi}], got {value}")
 
 
 def _unknown(sec: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
     extra = sorted(set(sec) - allowed)
     if extra:
-        raise ConfigError(f"{prefix}.{extra[0]}", "unknown key")
+        raise ServerConfigError(f"{prefix}.{extra[0]}", "unknown key")
 
 
 def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> ServerConfig:
     """Validate a parsed TOML document into a :class:`ServerConfig`.
 
     Raises:
-        ConfigError: Naming the first offending key.
+        ServerConfigError: Naming the first offending key.
     """
     _unknown(doc, "", {"coordinator", "tls", "network", "run", "limits", "consortium"})
 
@@ -210,7 +230,7 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
         if key in t:
             tls_paths[key] = p(t, "tls", key, "")
         elif not insecure:
-            raise ConfigError(f"tls.{key}", "required unless tls.insecure = true")
+            raise ServerConfigError(f"tls.{key}", "required unless tls.insecure = true")
         else:
             tls_paths[key] = None
     tls = TlsSection(insecure=insecure, **tls_paths)
@@ -237,29 +257,28 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
     for host_key in ("fleet_host", "metrics_host", "audit_host"):
         host = getattr(network, host_key)
         if not host or len(host) > 253 or any(ch.isspace() or ch in "/:[]" for ch in host):
-            raise ConfigError(f"network.{host_key}", f"must be a host name or IPv4 address, got {host!r}")
+            raise ServerConfigError(f"network.{host_key}", f"must be a host name or IPv4 address, got {host!r}")
     _ranged("network.fleet_port", network.fleet_port, 1, 65535)
     _ranged("network.internal_port", network.internal_port, 1, 65535)
     _ranged("network.metrics_port", network.metrics_port, 0, 65535)
     _ranged("network.audit_port", network.audit_port, 0, 65535)
     if network.internal_port == network.fleet_port:
-        raise ConfigError("network.internal_port", "must differ from network.fleet_port")
+        raise ServerConfigError("network.internal_port", "must differ from network.fleet_port")
     if network.audit_port in (network.fleet_port, network.internal_port, network.metrics_port or -1):
-        raise ConfigError(
+        raise ServerConfigError(
             "network.audit_port", "must differ from the fleet, internal and metrics ports"
         )
 
     lim = _section(doc, "limits")
-    _unknown(lim, "limits", {"max_message_bytes", "max_sites", "max_rounds"})
+    keys = ("max_message_bytes", "max_sites", "max_rounds", "max_vector_length", "max_envelope_bytes")
+    _unknown(lim, "limits", set(keys))
     dl = LimitsSection()
-    limits = LimitsSection(
-        max_message_bytes=_typed(lim, "limits", "max_message_bytes", int, dl.max_message_bytes),
-        max_sites=_typed(lim, "limits", "max_sites", int, dl.max_sites),
-        max_rounds=_typed(lim, "limits", "max_rounds", int, dl.max_rounds),
-    )
+    limits = LimitsSection(**{k: _typed(lim, "limits", k, int, getattr(dl, k)) for k in keys})
     _ranged("limits.max_message_bytes", limits.max_message_bytes, 1 << 10, 2 << 30)
     _ranged("limits.max_sites", limits.max_sites, 1, 100_000)
     _ranged("limits.max_rounds", limits.max_rounds, 1, 1_000_000)
+    _ranged("limits.max_vector_length", limits.max_vector_length, 1, 1 << 31)
+    _ranged("limits.max_envelope_bytes", limits.max_envelope_bytes, 1 << 10, 1 << 30)
 
     r = _section(doc, "run")
     _unknown(
@@ -270,11 +289,11 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
     dr = RunSection()
     opts_raw = r.get("strategy_options", {})
     if not isinstance(opts_raw, dict):
-        raise ConfigError("run.strategy_options", "must be a table")
+        raise ServerConfigError("run.strategy_options", "must be a table")
     opts: dict[str, float] = {}
     for k, v in opts_raw.items():
         if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ConfigError(f"run.strategy_options.{k}", "must be a number")
+            raise ServerConfigError(f"run.strategy_options.{k}", "must be a number")
         opts[k] = float(v)
     run = RunSection(
         rounds=_typed(r, "run", "rounds", int, dr.rounds),
@@ -318,14 +337,14 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
         _unknown(k, "consortium", {"roster", "authority"})
         for key, other in (("roster", "authority"), ("authority", "roster")):
             if key not in k:
-                raise ConfigError(
+                raise ServerConfigError(
                     f"consortium.{key}",
                     ("required with consortium." + other if other in k else "required")
                     + " (give both the signed roster file and the roster authority's public "
                     "key, or leave [consortium] out)",
                 )
             if not _typed(k, "consortium", key, str, ""):
-                raise ConfigError(f"consortium.{key}", "must be a non-empty path")
+                raise ServerConfigError(f"consortium.{key}", "must be a non-empty path")
         consortium = ConsortiumSection(
             roster=p(k, "consortium", "roster", ""),
             authority=p(k, "consortium", "authority", ""),
@@ -341,40 +360,21 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
     )
 
 
-def env_seconds(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    """A number of seconds from the environment variable ``name`` (``default`` when unset).
-
-    Raises:
-        ValueError: The value is not a number, or not within ``[lo, hi]`` (the message names
-            the variable and the range).
-    """
-    raw = env.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be between {lo:g} and {hi:g} seconds, got {value}")
-    return value
-
-
 def load_server_config(path: str | Path) -> ServerConfig:
     """Read and validate ``server.toml``.
 
     Raises:
-        ConfigError: If the file is missing, too large, not TOML, or a value is bad.
+        ServerConfigError: If the file is missing, too large, not TOML, or a value is bad.
     """
     path = Path(path).expanduser().resolve()
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from exc
+        raise ServerConfigError("", f"cannot read {path}: {exc.strerror}") from exc
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError("", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+        raise ServerConfigError("", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError("", f"{path} is not valid TOML: {exc}") from exc
+        raise ServerConfigError("", f"{path} is not valid TOML: {exc}") from exc
     return parse_server_config(doc, path.parent, path)

@@ -15,7 +15,7 @@ The audit log is written by the ServerApp (:mod:`fedseal.server.audit_hook`), an
 ``fl-server run`` creates it (genesis and roster entries) before submitting the run, then serves
 it read-only: each request re-reads the SQLite file, so sites see every signed tree head as soon
 as the ServerApp commits it. The roster the service authenticates sites against is the one the
-log records (:func:`fedseal.audit.log.roster_from_log`), so a revocation logged by the
+log records (:func:`fedseal.audit.writer.roster_from_log`), so a revocation logged by the
 coordinator takes effect on the next request.
 
 Flower 1.42 serves Runtime (ServerAppIo), Control and Fleet on one HTTP port, so that port stays
@@ -57,7 +57,7 @@ Notes on Flower 1.42's deployment runtime (read from the installed package):
   the installed ClientApp and never the FAB.
 * Latency: the SuperNode sleeps 3 s between empty pulls and ``Grid.send_and_receive`` sleeps 3 s
   between pulls (fedseal's SuperNode launcher polls every 0.25 s, and
-  :func:`fedseal.server.flower_app.exchange` backs off from 5 ms to 0.2 s); each message is several HTTP object
+  :func:`fedseal.server.exchange.exchange` backs off from 5 ms to 0.2 s); each message is several HTTP object
   requests (about eight per message, two at a time). Messages are listed before their objects
   are uploaded, and Flower's object pulls then wait 1 s before retrying, at every hop
   (ServerApp -> SuperNode -> executor -> SuperNode -> ServerApp): fedseal retries after 50 ms
@@ -92,47 +92,32 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from fedseal.server.audit_serving import audit_service
 from fedseal.server.config import ServerConfig
-from fedseal.server.flower_app import (
+from fedseal.server.control_api import ControlApi, register_sites
+from fedseal.server.errors import DeployError
+from fedseal.server.gateway import FleetGateway
+from fedseal.server.roster import Enrolment
+from fedseal.server.rundir import (
     MAX_REASON_CHARS,
-    NODES_FILE,
     ROUNDS_FILE,
     SERVERAPP_PID_FILE,
     STATUS_FILE,
     read_rounds,
-    reply_pull_backoff,
 )
-from fedseal.server.gateway import FleetGateway
-from fedseal.server.roster import Roster
 from fedseal.server.strategies import check_strategy
+from fedseal.settings import Environment, SettingsError
 
 __all__ = [
-    "AUDIT_FILE",
-    "DeployError",
     "RunOutcome",
-    "audit_service",
     "flower_bin",
     "pdeathsig_preexec",
     "run_coordinator",
 ]
 
-if TYPE_CHECKING:
-    from fedseal.audit.store import MerkleLogStore
-    from fedseal.protocol.roster import Roster as LogRoster
-
 FEDERATION = "fedseal"
-AUDIT_FILE = "audit.sqlite"
-
-
-class DeployError(Exception):
-    """Starting or driving the Flower deployment failed (message says which step)."""
-
-    def __init__(self, step: str, reason: str) -> None:
-        super().__init__(f"{step}: {reason}")
-        self.step = step
-        self.reason = reason
 
 
 def flower_bin(name: str) -> str:
@@ -255,105 +240,6 @@ def _wait_http(url: str, ca: Path | None, timeout: float, proc: subprocess.Popen
     raise DeployError("superlink", f"not ready at {url} after {timeout}s")
 
 
-def _register_sites(cfg: ServerConfig, roster: Roster, control: _ControlApi) -> dict[int, str]:
-    path = cfg.coordinator.state_dir / NODES_FILE
-    nodes: dict[int, str] = (
-        {int(k): str(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
-    )
-    registered_sites = set(nodes.values())
-    keys_dir = cfg.coordinator.state_dir / "site-keys"
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    for site in roster.active():
-        if site.name in registered_sites:
-            continue
-        # The OpenSSH file is what `flwr supernode register` takes, kept for an operator.
-        (keys_dir / f"{site.name}.pub").write_bytes(site.openssh_public_key() + b"\n")
-        nodes[control.register(site.name, site.public_key)] = site.name
-    for node_id, name in list(nodes.items()):
-        entry = roster.get(name)
-        if entry is None or entry.status != "active":
-            control.unregister(name, node_id)
-            del nodes[node_id]
-    path.write_text(json.dumps({str(k): v for k, v in nodes.items()}, indent=1))
-    return nodes
-
-
-class _ControlApi:
-    """The SuperLink's Control API, on its control socket (this user only), from this process.
-
-    Does what ``flwr supernode register/unregister``, ``flwr run`` and ``flwr list --run-id``
-    do, with the same requests, without a ``flwr`` subprocess per call (the ``flwr`` CLI cannot
-    reach a Unix socket; see :mod:`fedseal.server.superlink` for why the Control API is there).
-    """
-
-    def __init__(self, socket_path: Path) -> None:
-        from fedseal.server.superlink import control_client
-
-        self.socket_path = socket_path
-        self._client = control_client(socket_path)
-
-    def _call(self, step: str, fn: Callable[[Any], Any], request: Any) -> Any:
-        try:
-            return fn(request)
-        except Exception as exc:  # httpx transport/status errors and Flower's API errors alike
-            raise DeployError(step, f"Control API {type(request).__name__[:-7]} failed: {type(exc).__name__}: {exc}") from exc
-
-    def register(self, site: str, public_key: Any) -> int:
-        """Register a site's EC public key for SuperNode authentication; returns its node id.
-
-        Raises:
-            DeployError: The SuperLink refused the key or did not answer.
-        """
-        from cryptography.hazmat.primitives import serialization
-        from flwr.proto.control_pb2 import RegisterNodeRequest
-
-        pem = public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        res = self._call(f"register site {site}", self._client.RegisterNode, RegisterNodeRequest(public_key=pem))
-        if not res.node_id:
-            raise DeployError(f"register site {site}", "the SuperLink returned no node id")
-        return int(res.node_id)
-
-    def unregister(self, site: str, node_id: int) -> None:
-        """Remove a (revoked) site's node from the SuperLink.
-
-        Raises:
-            DeployError: The SuperLink refused or did not answer.
-        """
-        from flwr.proto.control_pb2 import UnregisterNodeRequest
-
-        self._call(f"unregister {site}", self._client.UnregisterNode, UnregisterNodeRequest(node_id=node_id))
-
-    def start_run(self, app_dir: Path, run_config: str) -> int:
-        """Submit the app directory as a run (what ``flwr run APP_DIR --run-config`` sends).
-
-        Raises:
-            DeployError: The SuperLink refused the run or did not answer.
-        """
-        from fedseal.server.superlink import start_run
-
-        try:
-            return start_run(self._client, app_dir, run_config)
-        except Exception as exc:  # httpx transport/status errors and Flower's API errors alike
-            raise DeployError("start run", f"Control API StartRun failed: {type(exc).__name__}: {exc}") from exc
-
-    def run_status(self, run_id: int) -> str:
-        """``pending``, ``starting``, ``running`` or ``finished:<sub-status>`` (as ``flwr list``).
-
-        Raises:
-            DeployError: The Control API did not answer or does not know the run.
-        """
-        from flwr.proto.control_pb2 import ListRunsRequest
-
-        res = self._call("poll run", self._client.ListRuns, ListRunsRequest(run_id=run_id))
-        if run_id not in res.run_dict:
-            raise DeployError("poll run", f"the SuperLink does not know run {run_id}")
-        st = res.run_dict[run_id].status
-        return f"{st.status}:{st.sub_status}" if st.status == "finished" else str(st.status)
-
-    def close(self) -> None:
-        self._client.close()
-
-
 class RunOutcome:
     """How a run ended. ``reason``: why it failed (``None`` when it completed)."""
 
@@ -408,25 +294,19 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 @contextlib.contextmanager
 def _deployment(
-    cfg: ServerConfig, roster: Roster
-) -> Iterator[tuple[dict[str, str], _Children, dict[int, str], _ControlApi]]:
+    cfg: ServerConfig, roster: Enrolment
+) -> Iterator[tuple[dict[str, str], _Children, dict[int, str], ControlApi]]:
     """SuperLink up, sites registered, then the gateway opens (a site never races enrolment)."""
     children = _Children()
     gateway_server = None
-    control: _ControlApi | None = None
+    control: ControlApi | None = None
     try:
         home = _flwr_home(cfg)
         env = _env(home)
         state = cfg.coordinator.state_dir
-        from fedseal.server.superlink import (
-            ControlSocketError,
-            cleanup_interval,
-            control_socket_path,
-        )
+        from fedseal.server.superlink import ControlSocketError, control_socket_path
 
-        try:  # the launcher and the ServerApp read them too; a bad value is named here
-            cleanup_interval()
-            reply_pull_backoff()
+        try:
             control_socket = control_socket_path(state)
         except (ValueError, ControlSocketError) as exc:
             raise DeployError("superlink", str(exc)) from None
@@ -453,8 +333,8 @@ def _deployment(
         _wait_http(
             f"{scheme}://127.0.0.1:{cfg.network.internal_port}/health", cfg.tls.ca_cert, 60, proc
         )
-        control = _ControlApi(control_socket)
-        nodes = _register_sites(cfg, roster, control)
+        control = ControlApi(control_socket)
+        nodes = register_sites(cfg, roster, control)
         gw = FleetGateway(
             f"{scheme}://127.0.0.1:{cfg.network.internal_port}",
             cfg.tls.ca_cert,
@@ -475,91 +355,7 @@ def _deployment(
         children.stop()
 
 
-class _LogRoster:
-    """The roster recorded in the log, re-derived only when the log has grown."""
-
-    def __init__(self, store: MerkleLogStore) -> None:
-        import threading
-
-        self._store = store
-        self._size = -1
-        self._roster: LogRoster | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self) -> LogRoster:
-        from fedseal.audit.log import roster_from_log
-
-        with self._lock:
-            size = int(self._store.size)
-            if self._roster is None or size != self._size:
-                self._roster = roster_from_log(self._store)
-                self._size = size
-            return self._roster
-
-
-@contextlib.contextmanager
-def audit_service(cfg: ServerConfig, roster: Roster) -> Iterator[int | None]:
-    """Create the run's audit log if needed and serve it to the sites; yields the bound port.
-
-    Yields ``None`` (and serves nothing) when ``run.secure`` is false: plain runs keep no log.
-    The service uses the coordinator's TLS certificate (plaintext only with ``tls.insecure``).
-
-    Raises:
-        DeployError: The coordinator key, the log, the certificate or the port is unusable.
-    """
-    if not cfg.run.secure:
-        yield None
-        return
-    from fedseal.audit.service import TlsServerConfig, serve_audit_log
-    from fedseal.audit.store import MerkleLogStore
-    from fedseal.crypto.errors import KeyFormatError
-    from fedseal.crypto.keys import load_private_key
-    from fedseal.server.audit_hook import RunAudit
-
-    path = cfg.coordinator.state_dir / AUDIT_FILE
-    pass_env = os.environ.get("FEDSEAL_COORDINATOR_PASSPHRASE")
-    try:
-        key = load_private_key(cfg.coordinator.key, pass_env.encode() if pass_env else None)
-    except (KeyFormatError, OSError) as exc:
-        raise DeployError("audit service", f"cannot load the coordinator key: {exc}") from exc
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        RunAudit.open(path, key, roster).close()  # genesis + roster, before the ServerApp runs
-        store = MerkleLogStore.open(path, read_only=True)
-    except Exception as exc:  # any refusal of the log is fatal here, with its reason
-        raise DeployError("audit service", f"audit log {path} unusable: {exc}") from exc
-    server = None
-    try:
-        tls = None
-        if not cfg.tls.insecure:
-            if cfg.tls.server_cert is None or cfg.tls.server_key is None:
-                raise DeployError("audit service", "tls.server_cert and tls.server_key are required")
-            try:
-                tls = TlsServerConfig(cfg.tls.server_cert.read_bytes(), cfg.tls.server_key.read_bytes())
-            except OSError as exc:
-                raise DeployError("audit service", f"cannot read the TLS files: {exc}") from exc
-        address = f"{cfg.network.audit_host}:{cfg.network.audit_port}"
-        try:
-            server, port = serve_audit_log(
-                store, roster=_LogRoster(store), address=address, tls=tls,
-                clock=lambda: int(time.time() * 1000), insecure=cfg.tls.insecure,
-            )
-        except RuntimeError as exc:  # grpcio raises when the port cannot be bound
-            raise DeployError("audit service", f"cannot listen on {address}: {exc}") from exc
-        if port == 0:
-            raise DeployError("audit service", f"cannot listen on {address}")
-        yield port
-    finally:
-        if server is not None:
-            server.stop(grace=2).wait(5)
-        store.close()
-        # Clean stop: checkpoint the WAL into audit.sqlite (the last connection to close also
-        # removes the -wal file), so the file alone is the whole log, e.g. for a backup copy.
-        with contextlib.suppress(Exception):
-            MerkleLogStore.open(path, create=False).close()
-
-
-def _end_stale_serverapp(state_dir: Path, on_info: Callable[[str], None], grace_s: float = 5.0) -> None:
+def end_stale_serverapp(state_dir: Path, on_info: Callable[[str], None], grace_s: float = 5.0) -> None:
     """End the ServerApp process a SIGKILLed predecessor left running.
 
     Flower's ``flwr-serverapp`` notices that its parent is gone and interrupts itself, but its
@@ -613,12 +409,22 @@ def run_coordinator(
     live view). ``on_ready`` is called once the SuperLink and gateway are up and the sites registered,
     before the run starts (the demo starts its sites there).
 
+    Every ``FEDSEAL_*`` variable is read and checked here, once (the SuperLink launcher and the
+    ServerApp, processes of their own, read the same environment); ``FEDSEAL_*`` names it does
+    not know are named in one ``on_info`` line.
+
     Raises:
         DeployError: A step of the deployment failed (names the step).
         fedseal.server.strategies.StrategyError: The strategy is refused or unknown.
     """
+    try:
+        environment = Environment.read()
+    except SettingsError as exc:
+        raise DeployError("superlink", str(exc)) from None
+    if environment.unknown:
+        on_info(f"warning: unknown FEDSEAL_* variables ignored (a typo?): {', '.join(environment.unknown)}")
     check_strategy(cfg.run.strategy)
-    roster = Roster.load_or_create(cfg.coordinator.roster)
+    roster = Enrolment.load_or_create(cfg.coordinator.roster)
     if len(roster.active()) < cfg.run.min_sites:
         raise DeployError(
             "roster", f"{len(roster.active())} active sites enrolled, run.min_sites = {cfg.run.min_sites}"
@@ -628,8 +434,11 @@ def run_coordinator(
     if not resume:
         for name in (ROUNDS_FILE, STATUS_FILE):
             (state / name).unlink(missing_ok=True)
-    _end_stale_serverapp(state, on_info)
-    with _deployment(cfg, roster) as (_env_vars, children, nodes, control), audit_service(cfg, roster) as audit_port:
+    end_stale_serverapp(state, on_info)
+    with (
+        _deployment(cfg, roster) as (_env_vars, children, nodes, control),
+        audit_service(cfg, roster, environment.coordinator_passphrase) as audit_port,
+    ):
         on_info(f"SuperLink up on 127.0.0.1:{cfg.network.internal_port} (loopback only, no Control API; "
                 f"Control API on {control.socket_path}, this user only); "
                 f"fleet gateway on {cfg.network.fleet_host}:{cfg.network.fleet_port}; "

@@ -1,9 +1,13 @@
-"""The coordinator's roster of enrolled sites, stored as one JSON file.
+"""The coordinator's enrolment book (``roster.json``): enrolled sites, their keys and approved
+dataset roots, with a hash-chained history of every change.
+
+:class:`Enrolment` is the coordinator's file; :class:`fedseal.protocol.roster.Roster` is what one
+round sees (site -> key, approved roots), built from it.
 
 Usage::
 
-    from fedseal.server.roster import Roster
-    roster = Roster.load_or_create(path)
+    from fedseal.server.roster import Enrolment
+    roster = Enrolment.load_or_create(path)
     roster = roster.enroll("hospital-a", public_key, ["ab" * 32], now_ms=...)
     roster.save(path)                       # atomic replace, mode 0600
     roster.active()                         # enrolled, not revoked
@@ -29,12 +33,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedseal.crypto.keys import key_id, public_key_from_der, public_key_to_der
+from fedseal.server.errors import CoordinatorError
 
 __all__ = [
     "MAX_ROSTER_BYTES",
-    "Roster",
-    "RosterError",
-    "RosterEvent",
+    "Enrolment",
+    "EnrolmentError",
+    "EnrolmentEvent",
     "SiteEntry",
     "validate_site_name",
 ]
@@ -46,7 +51,7 @@ _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _GENESIS = b"\x00" * 32
 
 
-class RosterError(Exception):
+class EnrolmentError(CoordinatorError):
     """A roster operation or file is invalid.
 
     Attributes:
@@ -64,17 +69,17 @@ def validate_site_name(name: str) -> str:
     """Return ``name`` if it is 1-63 chars of ``[a-z0-9_-]`` starting alphanumeric.
 
     Raises:
-        RosterError: Otherwise.
+        EnrolmentError: Otherwise.
     """
     if not _NAME_RE.fullmatch(name):
-        raise RosterError(name, "site names are 1-63 characters of a-z, 0-9, '-', '_'")
+        raise EnrolmentError(name, "site names are 1-63 characters of a-z, 0-9, '-', '_'")
     return name
 
 
 def _validate_root(site: str, root: str) -> str:
     root = root.lower()
     if not _HEX64_RE.fullmatch(root):
-        raise RosterError(site, "a dataset root is 64 hex characters (SHA-256)")
+        raise EnrolmentError(site, "a dataset root is 64 hex characters (SHA-256)")
     return root
 
 
@@ -105,7 +110,7 @@ class SiteEntry:
 
 
 @dataclass(frozen=True, slots=True)
-class RosterEvent:
+class EnrolmentEvent:
     """One hash-chained roster change."""
 
     seq: int
@@ -133,11 +138,11 @@ class RosterEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class Roster:
+class Enrolment:
     """An immutable roster value; every change returns a new one."""
 
     sites: tuple[SiteEntry, ...] = ()
-    events: tuple[RosterEvent, ...] = ()
+    events: tuple[EnrolmentEvent, ...] = ()
 
     # -- queries ----------------------------------------------------------------------------
     def get(self, name: str) -> SiteEntry | None:
@@ -156,8 +161,8 @@ class Roster:
     # -- changes ----------------------------------------------------------------------------
     def _event(
         self, action: str, site: str, kid: str, roots: tuple[str, ...], now_ms: int
-    ) -> RosterEvent:
-        return RosterEvent(
+    ) -> EnrolmentEvent:
+        return EnrolmentEvent(
             seq=len(self.events),
             action=action,
             site=site,
@@ -174,58 +179,58 @@ class Roster:
         dataset_roots: Sequence[str],
         *,
         now_ms: int,
-    ) -> Roster:
+    ) -> Enrolment:
         """Enroll a new site, or approve more dataset roots for an existing active one.
 
         Raises:
-            RosterError: Bad name or root, the key belongs to another site, the site is
+            EnrolmentError: Bad name or root, the key belongs to another site, the site is
                 revoked, or the site is enrolled with a different key.
         """
         validate_site_name(name)
         roots = tuple(dict.fromkeys(_validate_root(name, r) for r in dataset_roots))
         if not roots:
-            raise RosterError(name, "at least one approved dataset root is required")
+            raise EnrolmentError(name, "at least one approved dataset root is required")
         der = public_key_to_der(public_key)
         kid = bytes(key_id(public_key)).hex()
         other = self.by_key_id(kid)
         if other is not None and other.name != name:
-            raise RosterError(name, f"this key is already enrolled for site {other.name!r}")
+            raise EnrolmentError(name, f"this key is already enrolled for site {other.name!r}")
         existing = self.get(name)
         if existing is None:
             entry = SiteEntry(name, der, roots, "active", now_ms)
-            return Roster(
+            return Enrolment(
                 (*self.sites, entry),
                 (*self.events, self._event("enroll", name, kid, roots, now_ms)),
             )
         if existing.status != "active":
-            raise RosterError(name, "the site is revoked; enroll it under a new name")
+            raise EnrolmentError(name, "the site is revoked; enroll it under a new name")
         if existing.public_key_der != der:
-            raise RosterError(name, "the site is enrolled with a different key; revoke it first")
+            raise EnrolmentError(name, "the site is enrolled with a different key; revoke it first")
         merged = tuple(dict.fromkeys(existing.dataset_roots + roots))
         if len(merged) > MAX_ROOTS_PER_SITE:
-            raise RosterError(name, f"more than {MAX_ROOTS_PER_SITE} approved dataset roots")
+            raise EnrolmentError(name, f"more than {MAX_ROOTS_PER_SITE} approved dataset roots")
         new_roots = tuple(r for r in roots if r not in existing.dataset_roots)
         if not new_roots:
             return self
         updated = replace(existing, dataset_roots=merged)
-        return Roster(
+        return Enrolment(
             tuple(updated if s.name == name else s for s in self.sites),
             (*self.events, self._event("approve-root", name, kid, new_roots, now_ms)),
         )
 
-    def revoke(self, name: str, *, now_ms: int) -> Roster:
+    def revoke(self, name: str, *, now_ms: int) -> Enrolment:
         """Mark a site revoked (kept on file so the history stays explainable).
 
         Raises:
-            RosterError: If the site is unknown or already revoked.
+            EnrolmentError: If the site is unknown or already revoked.
         """
         existing = self.get(name)
         if existing is None:
-            raise RosterError(name, "no such site")
+            raise EnrolmentError(name, "no such site")
         if existing.status == "revoked":
-            raise RosterError(name, "already revoked")
+            raise EnrolmentError(name, "already revoked")
         updated = replace(existing, status="revoked")
-        return Roster(
+        return Enrolment(
             tuple(updated if s.name == name else s for s in self.sites),
             (*self.events, self._event("revoke", name, existing.key_id_hex, (), now_ms)),
         )
@@ -249,15 +254,15 @@ class Roster:
         }
 
     @classmethod
-    def from_json(cls, doc: Any) -> Roster:
+    def from_json(cls, doc: Any) -> Enrolment:
         """Parse and re-validate a roster document (hash chain included).
 
         Raises:
-            RosterError: If anything is malformed or the event chain is broken.
+            EnrolmentError: If anything is malformed or the event chain is broken.
         """
         try:
             if doc.get("format") != 1:
-                raise RosterError("", "unknown roster format")
+                raise EnrolmentError("", "unknown roster format")
             sites = []
             for s in doc["sites"]:
                 name = validate_site_name(str(s["name"]))
@@ -265,12 +270,12 @@ class Roster:
                 public_key_from_der(der)
                 roots = tuple(_validate_root(name, str(r)) for r in s["dataset_roots"])
                 if s["status"] not in ("active", "revoked"):
-                    raise RosterError(name, f"bad status {s['status']!r}")
+                    raise EnrolmentError(name, f"bad status {s['status']!r}")
                 sites.append(SiteEntry(name, der, roots, s["status"], int(s["enrolled_at_ms"])))
             events = []
             prev = _GENESIS
             for i, e in enumerate(doc["events"]):
-                ev = RosterEvent(
+                ev = EnrolmentEvent(
                     seq=int(e["seq"]),
                     action=str(e["action"]),
                     site=str(e["site"]),
@@ -280,39 +285,39 @@ class Roster:
                     prev=str(e["prev"]),
                 )
                 if ev.seq != i or ev.prev != prev.hex():
-                    raise RosterError(ev.site, f"roster event {i} breaks the hash chain")
+                    raise EnrolmentError(ev.site, f"roster event {i} breaks the hash chain")
                 prev = ev.digest()
                 events.append(ev)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            if isinstance(exc, RosterError):
+            if isinstance(exc, EnrolmentError):
                 raise
-            raise RosterError("", f"malformed roster file: {type(exc).__name__}") from exc
+            raise EnrolmentError("", f"malformed roster file: {type(exc).__name__}") from exc
         if len({s.name for s in sites}) != len(sites):
-            raise RosterError("", "duplicate site names in roster file")
+            raise EnrolmentError("", "duplicate site names in roster file")
         return cls(tuple(sites), tuple(events))
 
     @classmethod
-    def load(cls, path: Path) -> Roster:
+    def load(cls, path: Path) -> Enrolment:
         """Read a roster file.
 
         Raises:
-            RosterError: If it cannot be read or is invalid.
+            EnrolmentError: If it cannot be read or is invalid.
         """
         try:
             with path.open("rb") as f:
                 raw = f.read(MAX_ROSTER_BYTES + 1)
         except OSError as exc:
-            raise RosterError("", f"cannot read roster {path}: {exc.strerror}") from exc
+            raise EnrolmentError("", f"cannot read roster {path}: {exc.strerror}") from exc
         if len(raw) > MAX_ROSTER_BYTES:
-            raise RosterError("", f"roster {path} exceeds {MAX_ROSTER_BYTES} bytes")
+            raise EnrolmentError("", f"roster {path} exceeds {MAX_ROSTER_BYTES} bytes")
         try:
             doc = json.loads(raw)
         except ValueError as exc:
-            raise RosterError("", f"roster {path} is not JSON") from exc
+            raise EnrolmentError("", f"roster {path} is not JSON") from exc
         return cls.from_json(doc)
 
     @classmethod
-    def load_or_create(cls, path: Path) -> Roster:
+    def load_or_create(cls, path: Path) -> Enrolment:
         return cls.load(path) if path.exists() else cls()
 
     def save(self, path: Path) -> None:

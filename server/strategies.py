@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from fedseal.server.errors import CoordinatorError
+
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
 
@@ -45,7 +47,7 @@ REFUSED_STRATEGIES: dict[str, str] = {
 }
 
 
-class StrategyError(Exception):
+class StrategyError(CoordinatorError):
     """A strategy name or option cannot be used.
 
     Attributes:

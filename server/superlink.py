@@ -14,7 +14,8 @@ costs a dozen clean-ups; profiled in the demo (3 sites, 2 cores) the clean-up wa
 single item of the SuperLink's CPU time (about a tenth), and the SuperLink is the busiest
 process of a deployment. Its only job is to expire task claims whose heartbeat stopped, with
 heartbeat deadlines of tens of seconds; running it at most once per
-``FEDSEAL_SUPERLINK_CLEANUP_S`` seconds (default :data:`DEFAULT_CLEANUP_S`) delays such an
+``FEDSEAL_SUPERLINK_CLEANUP_S`` seconds (default :data:`fedseal.settings.DEFAULT_CLEANUP_S`,
+read with every ``FEDSEAL_*`` variable by :meth:`fedseal.settings.Environment.read`) delays such an
 expiry by at most that long and changes nothing else: an expired task still records the
 deadline it missed (``finished_at = active_until``), not the time of the clean-up.
 
@@ -49,9 +50,8 @@ The coordinator talks to the Control API over the socket with :func:`control_cli
 reach a Unix socket. Without ``--control-socket`` the launcher serves Flower's app unchanged.
 
 Everything else is the unchanged ``flower-superlink`` CLI (TLS, ``--enable-supernode-auth``,
-the database). The patches target a pinned Flower (``flwr==1.42.*``): :func:`install` and
-:func:`install_control_socket` raise a clear error if what they replace is gone, so an upgrade
-fails loudly.
+the database). What is changed inside Flower is changed by :mod:`fedseal.server.flower_patches`
+(one version gate, ``flwr==1.42.*``): an upgrade fails loudly rather than run unpatched.
 """
 
 from __future__ import annotations
@@ -70,91 +70,25 @@ import socket
 import stat
 import struct
 import sys
-import threading
-import time
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from fedseal.server import flower_patches
+from fedseal.settings import Environment
 
 if TYPE_CHECKING:
     from flwr.supercore.control import ControlHttpClient
 
 __all__ = [
     "CONTROL_SOCKET_PATHS",
-    "DEFAULT_CLEANUP_S",
-    "ENV_CLEANUP",
     "TCP_PATHS",
     "ControlSocketError",
-    "cleanup_interval",
     "control_client",
     "control_socket_path",
-    "install",
     "install_control_socket",
     "start_run",
-    "throttled",
 ]
-
-ENV_CLEANUP = "FEDSEAL_SUPERLINK_CLEANUP_S"
-DEFAULT_CLEANUP_S = 1.0
-_PATCHED_CLASS = "flwr.supercore.corestate.sql_corestate:SqlCoreState"
-_PATCHED_METHOD = "_cleanup_expired_task_tokens"
-
-
-def cleanup_interval(env: Mapping[str, str] = os.environ) -> float:
-    """The configured minimum seconds between two clean-ups (0 = every call, as Flower does).
-
-    Raises:
-        ValueError: ``FEDSEAL_SUPERLINK_CLEANUP_S`` is not a number of seconds between 0 and 10.
-    """
-    from fedseal.server.config import env_seconds
-
-    return env_seconds(env, ENV_CLEANUP, DEFAULT_CLEANUP_S, 0.0, 10.0)
-
-
-def throttled(
-    method: Callable[[Any], None], interval_s: float, clock: Callable[[], float] = time.monotonic
-) -> Callable[[Any], None]:
-    """``method`` (taking only ``self``) run at most once per ``interval_s`` seconds per object.
-
-    A call inside the interval returns at once. The first call on each object runs; a call
-    that raises still counts as run (the next one comes after the interval).
-    """
-    last: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-    lock = threading.Lock()
-
-    def run_if_due(self: Any) -> None:
-        now = clock()
-        with lock:
-            previous = last.get(self)
-            if previous is not None and now - previous < interval_s:
-                return
-            last[self] = now
-        method(self)
-
-    run_if_due.__wrapped__ = method  # type: ignore[attr-defined]
-    return run_if_due
-
-
-def install(interval_s: float) -> None:
-    """Throttle the SuperLink's SQL state clean-up to once per ``interval_s`` (0: unchanged).
-
-    Raises:
-        RuntimeError: The installed Flower has no such method (not ``flwr==1.42.*``).
-    """
-    import importlib
-
-    module_name, cls_name = _PATCHED_CLASS.split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    method = getattr(cls, _PATCHED_METHOD, None) if cls is not None else None
-    if not callable(method):
-        raise RuntimeError(
-            f"{_PATCHED_CLASS} has no {_PATCHED_METHOD}: this Flower version is not the one "
-            "fedseal's SuperLink launcher was written for (flwr==1.42.*)"
-        )
-    if interval_s > 0:
-        setattr(cls, _PATCHED_METHOD, throttled(getattr(method, "__wrapped__", method), interval_s))
-
 
 # ---------------------------------------------------------------------------------------------
 # The control plane: Control API on a Unix socket only, Runtime acquire-task behind a secret.
@@ -170,7 +104,6 @@ SUPEREXEC_SECRET_FILE = "superexec.secret"  # noqa: S105 (a file name)
 MAX_SOCKET_PATH_BYTES = 107
 _CONTROL_ARG = "--control-socket"
 _TCP_REFUSAL = "Not Found: the Control API is served on the coordinator's control socket"
-_FLOWER_CLI = "flwr.superlink.cli.flower_superlink"
 
 
 class ControlSocketError(Exception):
@@ -329,7 +262,7 @@ class OnlyPaths:
 def _uvicorn_server_class() -> type[Any]:
     import uvicorn
 
-    class Server(uvicorn.Server):  # type: ignore[misc]
+    class Server(uvicorn.Server):  # type: ignore[misc, unused-ignore]
         """A uvicorn server leaving signals to :func:`_serve_both` (two servers, one loop)."""
 
         @contextlib.contextmanager
@@ -396,24 +329,10 @@ def install_control_socket(socket_path: Path) -> Callable[[], None]:
 
     Raises:
         ControlSocketError: The socket path is too long, or its directory is not private to us.
-        RuntimeError: The installed Flower lacks what is replaced (not ``flwr==1.42.*``).
+        fedseal.server.flower_patches.FlowerVersionError: The installed Flower lacks what is
+            replaced (not ``flwr==1.42.*``).
     """
-    import importlib
-
-    cli = importlib.import_module(_FLOWER_CLI)
-    main_mod = importlib.import_module("flwr.superlink.main")
-    needed = {
-        "_run_superlink_http_api": cli,
-        "_get_superexec_command": cli,
-        "SuperLinkLifespan": cli,
-        "create_app": main_mod,
-    }
-    missing = [name for name, mod in needed.items() if not callable(getattr(mod, name, None))]
-    if missing:
-        raise RuntimeError(
-            f"Flower's SuperLink has no {', '.join(missing)}: this Flower version is not the one "
-            "fedseal's control socket was written for (flwr==1.42.*)"
-        )
+    flower_patches.require_superlink_internals()
     socket_path = Path(socket_path).absolute()
     secret_path = socket_path.parent / SUPEREXEC_SECRET_FILE
     sock = _bind_control_socket(socket_path)
@@ -432,11 +351,6 @@ def install_control_socket(socket_path: Path) -> Callable[[], None]:
 
     atexit.register(cleanup)  # also when Flower's own argument checks exit
 
-    original_command = cli._get_superexec_command
-
-    def superexec_command(*args: Any, **kwargs: Any) -> list[str]:
-        return [*original_command(*args, **kwargs), "--superexec-auth-secret-file", str(secret_path)]
-
     def run_http_api(lifespan_config: Any) -> None:
         import uvicorn
         from flwr.supercore import log
@@ -448,8 +362,10 @@ def install_control_socket(socket_path: Path) -> Callable[[], None]:
                 wrote_secret.append(True)
                 secret = _write_secret(secret_path)
                 lifespan_config = dataclasses.replace(lifespan_config, superexec_auth_secret=secret)
-                cli._get_superexec_command = superexec_command
-            app = main_mod.create_app(lifespan_config, cli.SuperLinkLifespan)
+                flower_patches.add_superexec_arguments(
+                    ["--superexec-auth-secret-file", str(secret_path)]
+                )
+            app = flower_patches.superlink_app(lifespan_config)
             host, port = lifespan_config.host, lifespan_config.port
             log(logging.INFO, "Starting the SuperLink Runtime and Fleet HTTP APIs on %s:%s.", host, port)
             log(logging.INFO, "Starting the SuperLink Control HTTP API on the Unix socket %s "
@@ -482,7 +398,7 @@ def install_control_socket(socket_path: Path) -> Callable[[], None]:
             cleanup()
         _exit_like_uvicorn(caught, started)
 
-    cli._run_superlink_http_api = run_http_api
+    flower_patches.serve_superlink_http_api_with(run_http_api)
     return cleanup
 
 
@@ -490,9 +406,9 @@ def control_client(socket_path: Path, timeout: float = 30.0) -> ControlHttpClien
     """Flower's Control API client (the ``flwr`` CLI's interceptors) over the control socket.
 
     Raises:
-        RuntimeError: Flower's client is not built the way this expects (not ``flwr==1.42.*``).
+        fedseal.server.flower_patches.FlowerVersionError: Flower's client is not built the way
+            this expects (not ``flwr==1.42.*``).
     """
-    import httpx
     from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
     from flwr.supercore.control import ControlHttpClient
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -502,17 +418,7 @@ def control_client(socket_path: Path, timeout: float = 30.0) -> ControlHttpClien
         interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
         timeout=timeout,
     )
-    tcp_client = getattr(client, "_client", None)
-    if not isinstance(tcp_client, httpx.Client):
-        raise RuntimeError(
-            "Flower's ControlHttpClient has no httpx client to replace: this Flower version is not "
-            "the one fedseal's control socket was written for (flwr==1.42.*)"
-        )
-    tcp_client.close()
-    client._client = httpx.Client(  # the same settings, on the Unix socket
-        transport=httpx.HTTPTransport(uds=str(socket_path)), timeout=timeout, follow_redirects=True
-    )
-    return client
+    return flower_patches.control_client_on_socket(client, socket_path, timeout)
 
 
 def start_run(client: ControlHttpClient, app_dir: Path, run_config: str) -> int:
@@ -562,9 +468,12 @@ def _split_control_arg(argv: list[str]) -> tuple[Path | None, list[str]]:
 
 def main() -> None:
     """Run ``flower-superlink`` with the clean-up throttled (arguments as for Flower's CLI, plus
-    ``--control-socket PATH``: the Control API on that Unix socket only, see the module doc)."""
+    ``--control-socket PATH``: the Control API on that Unix socket only, see the module doc).
+
+    The process's ``FEDSEAL_*`` variables are read here, once; a bad one exits with code 2."""
     try:
-        install(cleanup_interval())
+        environment = Environment.read()
+        flower_patches.throttle_task_token_cleanup(environment.superlink_cleanup_s)
         control_socket, rest = _split_control_arg(sys.argv[1:])
         if control_socket is not None and not {"-h", "--help", "-V", "--version"} & set(rest):
             install_control_socket(control_socket)

@@ -41,9 +41,10 @@ from fedseal.crypto.keys import (
 from fedseal.server.cli import init as init_cmd
 from fedseal.server.cli import write_server_toml
 from fedseal.server.config import load_server_config
-from fedseal.server.deploy import DeployError, pdeathsig_preexec, run_coordinator
+from fedseal.server.deploy import pdeathsig_preexec, run_coordinator
+from fedseal.server.errors import DeployError
 from fedseal.server.live import LiveView
-from fedseal.server.roster import Roster
+from fedseal.server.roster import Enrolment
 
 __all__ = ["Federation", "free_port", "prepare_federation", "run_demo", "site_receipts", "start_site"]
 
@@ -193,7 +194,7 @@ def prepare_federation(
         consortium=(consortium_roster, authority),
     )
     cfg = load_server_config(coord / "server.toml")
-    roster = Roster.load_or_create(cfg.coordinator.roster)
+    roster = Enrolment.load_or_create(cfg.coordinator.roster)
     ca = coord / "tls" / "ca.pem"
     site_dirs = []
     for name, site in zip(names, split, strict=True):
@@ -275,9 +276,8 @@ def start_site(site_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
 def _verify_audit_log(console: Console, log: Path, pub: Path) -> bool:
     """What an auditor does: ``fl-audit verify`` against the coordinator's public key (the trust
     anchor the sites pin), then print the commands to do it by hand. Returns whether it held."""
-    from fedseal.audit.cli import verify_log
-    from fedseal.audit.log import AuditVerificationError
-    from fedseal.audit.store import AuditLogError
+    from fedseal.audit.auditor import verify_log
+    from fedseal.audit.errors import AuditLogError, AuditVerificationError
 
     try:
         result = verify_log(log, coordinator_key=load_public_key(pub))

@@ -40,6 +40,7 @@ from fedseal.protocol.config import RoundConfig, SitePolicy
 from fedseal.protocol.errors import ProtocolError
 from fedseal.protocol.guard import SetupGuard
 from fedseal.protocol.roster import Roster, RosterEntry
+from fedseal.protocol.seams import NO_SHARING, SharedWork
 from fedseal.protocol.server import Receipt, RoundResult, SecAggServer, ServerStage
 from fedseal.protocol.types import Packet, SiteId
 
@@ -150,6 +151,9 @@ class Federation:
             default: every site trusts the federation's own site keys (an honest
             consortium roster). Sybil tests enrol extra keys in ``roster`` that no site
             trusts.
+        shared: What every site's session checks and decodes through
+            (:mod:`fedseal.protocol.seams`); default: each site all of it itself, as deployed.
+            A :class:`fedseal.sim.shared_work.SharedWork` shares it between the sites.
     """
 
     def __init__(
@@ -166,6 +170,7 @@ class Federation:
         roster: Roster | None = None,
         site_policy: SitePolicy | None = None,
         trusted_peers: Mapping[str, Mapping[str, bytes]] | None = None,
+        shared: SharedWork = NO_SHARING,
     ) -> None:
         self.config = config
         self.sites: tuple[SiteId, ...] = tuple(SiteId(s) for s in sites)
@@ -177,6 +182,7 @@ class Federation:
         }
         self.behaviour = behaviour if behaviour is not None else Behaviour()
         self.timer = timer
+        self.shared = shared
         self.coordinator_key = deterministic_key(self.seed + b"/coordinator")
         self.site_keys: dict[SiteId, ec.EllipticCurvePrivateKey] = {
             s: deterministic_key(self.seed + b"/site/" + s.encode()) for s in self.sites
@@ -234,6 +240,7 @@ class Federation:
             limits=self.config.limits,
             trusted_peers=self.trusted_peers.get(site, {}),
             guard=self.guards.setdefault(site, SetupGuard(self.site_policy)),
+            shared=self.shared,
         )
 
     def _time(self) -> float:

@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# crypto -> protocol -> audit -> adapters (server, client) -> sim; bench sits beside sim.
+# settings, crypto -> protocol -> audit -> adapters (server, client) -> sim; bench sits beside sim.
+# settings (every FEDSEAL_* environment variable) is the lowest floor with crypto: stdlib only.
 LAYERS = {
-    "crypto": "crypto", "protocol": "protocol", "audit": "audit",
+    "settings": "settings", "crypto": "crypto", "protocol": "protocol", "audit": "audit",
     "server": "server", "client": "client", "sim": "sim",
 }
 
 STDLIB = set(sys.stdlib_module_names)
 # Third-party top-level modules each layer may import (stdlib is always allowed unless banned).
 ALLOWED_THIRD_PARTY = {
+    "settings": set(),
     "crypto": {"cryptography", "numpy"},
     "protocol": {"cryptography", "numpy"},
     # the SQLite store, the gRPC audit service (grpc + protobuf) and fl-audit's console (typer, rich)
@@ -27,14 +29,19 @@ ALLOWED_THIRD_PARTY = {
 }
 # fedseal layers each layer may import.
 ALLOWED_FEDSEAL = {
-    "crypto": {"crypto"},
-    "protocol": {"crypto", "protocol"},
-    "audit": {"crypto", "protocol", "audit"},
-    "server": {"crypto", "protocol", "audit", "server"},
-    "client": {"crypto", "protocol", "audit", "client"},
-    "sim": {"crypto", "protocol", "audit", "server", "client", "sim"},
+    "settings": {"settings"},
+    "crypto": {"settings", "crypto"},
+    "protocol": {"settings", "crypto", "protocol"},
+    "audit": {"settings", "crypto", "protocol", "audit"},
+    "server": {"settings", "crypto", "protocol", "audit", "server"},
+    "client": {"settings", "crypto", "protocol", "audit", "client"},
+    "sim": {"settings", "crypto", "protocol", "audit", "server", "client", "sim"},
 }
-BANNED_STDLIB = {"crypto": {"random"}, "protocol": {"random", "socket", "asyncio", "threading"}}
+BANNED_STDLIB = {
+    "settings": {"random", "socket", "asyncio", "threading", "subprocess"},
+    "crypto": {"random"},
+    "protocol": {"random", "socket", "asyncio", "threading"},
+}
 # Modules only the client (and the simulation above it) may import.
 CLIENT_ONLY = {"torch", "pyarrow", "torchvision"}
 # Functions that import a module named by a string.
@@ -157,10 +164,17 @@ def test_the_checker_sees_dynamic_imports(tmp_path: Path) -> None:
 
 
 def test_layers_import_only_downward() -> None:
-    # server and client share a floor and import neither each other nor anything above them
-    floor = {"crypto": 0, "protocol": 1, "audit": 2, "server": 3, "client": 3, "sim": 4}
+    # server and client share a floor and import neither each other nor anything above them;
+    # settings and crypto share the lowest floor, and only crypto may import settings there
+    floor = {"settings": 0, "crypto": 0, "protocol": 1, "audit": 2, "server": 3, "client": 3, "sim": 4}
     for layer, allowed in ALLOWED_FEDSEAL.items():
-        assert all(floor[other] < floor[layer] for other in allowed - {layer}), layer
+        assert all(
+            floor[other] < floor[layer] or (other, layer) == ("settings", "crypto")
+            for other in allowed - {layer}
+        ), layer
+    assert ALLOWED_FEDSEAL["settings"] == {"settings"}  # stdlib and itself only
+    assert ALLOWED_THIRD_PARTY["settings"] == set()
+    assert all("settings" in allowed for allowed in ALLOWED_FEDSEAL.values())  # everyone may import it
 
 
 def test_fl_audit_imports_neither_flwr_nor_torch() -> None:

@@ -22,6 +22,8 @@ line on stderr and exit code 1. Programming mistakes (a negative chunk size, ``s
 
 from __future__ import annotations
 
+from fedseal.client.errors import SiteError
+
 __all__ = [
     "ContentMismatchError",
     "CorruptShardError",
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-class DatasetError(Exception):
+class DatasetError(SiteError):
     """Base class of every data, manifest and attestation error of a partner site.
 
     Attributes:

@@ -50,7 +50,7 @@ __all__ = ["ShardDataset", "make_loader"]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-class _ShuffleBuffer:
+class ShuffleBuffer:
     """A bounded shuffle buffer over row arrays (vectorised: one fancy-index per incoming chunk)."""
 
     def __init__(self, capacity: int, rng: np.random.Generator) -> None:
@@ -237,7 +237,7 @@ class ShardDataset(IterableDataset[Batch]):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self._units)) if shuffle else np.arange(len(self._units))
         mine = [self._units[i] for i in order[worker::workers]]
         rng = np.random.default_rng([self.seed, self.epoch, worker, workers])
-        buffer = _ShuffleBuffer(self.shuffle_buffer, rng) if shuffle else None
+        buffer = ShuffleBuffer(self.shuffle_buffer, rng) if shuffle else None
         pending_x: list[npt.NDArray[np.generic]] = []
         pending_y: list[npt.NDArray[np.int64]] = []
         pending = 0

@@ -11,12 +11,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.audit.log import (
-    INPUT_MESSAGE_TYPE,
-    AuditLog,
-    RosterAction,
-    RunStatus,
-)
+from fedseal.audit.entries import INPUT_MESSAGE_TYPE, RosterAction, RunStatus
+from fedseal.audit.writer import AuditLog
 from fedseal.crypto.keys import generate_identity_key, key_id, public_key_to_der
 from fedseal.crypto.signing import sign
 from fedseal.protocol.messages import Header, MaskedInput

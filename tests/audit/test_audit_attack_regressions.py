@@ -11,25 +11,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedseal.audit.cli import (
-    EXIT_FAILED,
-    EXIT_INCOMPLETE,
-    EXIT_OK,
-    EXIT_UNREADABLE,
-    app,
-    verify_log,
-)
-from fedseal.audit.log import (
-    AuditLog,
-    AuditVerificationError,
-    EntryKind,
-    Evaluation,
-    RosterAction,
-    RosterChange,
-    encode_entry,
-    entry_tags,
-)
+from fedseal.audit.auditor import verify_log
+from fedseal.audit.cli import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_UNREADABLE, app
+from fedseal.audit.codec import encode_entry, entry_tags
+from fedseal.audit.entries import EntryKind, Evaluation, RosterAction, RosterChange
+from fedseal.audit.errors import AuditVerificationError
 from fedseal.audit.store import MerkleLogStore, wal_file
+from fedseal.audit.writer import AuditLog
 from fedseal.crypto.keys import generate_identity_key, public_key_to_der, save_public_key
 from tests.audit.logbuilder import CLOCK0, BuiltLog, build_run_log, digest
 
@@ -62,7 +50,7 @@ def _revoke_and_enrol() -> tuple[RosterChange, RosterChange]:
 def _witness(path: Path, blobs: list[bytes], site: str = "site-a") -> Path:
     import base64
 
-    from fedseal.audit.log import SignedTreeHead
+    from fedseal.audit.treehead import SignedTreeHead
 
     with path.open("w") as fh:
         for blob in blobs:
@@ -314,7 +302,7 @@ def test_verify_and_report_name_the_entries_no_witness_covers(tmp_path: Path) ->
     pub = _pub(built, tmp_path)
     blobs = _head_blobs(built.path)
     w = _witness(tmp_path / "w.heads", blobs[:-1])  # no site sees the run end's tree head
-    from fedseal.audit.log import SignedTreeHead
+    from fedseal.audit.treehead import SignedTreeHead
 
     seen = SignedTreeHead.from_bytes(blobs[-2]).tree_size
     args = ["verify", str(built.path), "--coordinator-key", pub, "--witness", str(w)]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,9 @@ from fedseal.audit.cli import (
     EXIT_USAGE,
     app,
 )
-from fedseal.audit.log import EnvelopeRecord, SignedTreeHead, decode_entry
+from fedseal.audit.codec import decode_entry
+from fedseal.audit.entries import EnvelopeRecord
+from fedseal.audit.treehead import SignedTreeHead
 from fedseal.crypto import merkle
 from fedseal.crypto.keys import generate_identity_key, key_id, save_public_key
 from tests.audit.logbuilder import BuiltLog, build_run_log
@@ -329,7 +333,7 @@ def test_prove_against_a_size_no_tree_head_covers_exits_three(built: BuiltLog, p
 def test_verify_accepts_the_coordinators_roster_file_as_the_trusted_roster(
     built: BuiltLog, pub: str, tmp_path: Path
 ) -> None:
-    from fedseal.server.roster import Roster as ServerRoster
+    from fedseal.server.roster import Enrolment as ServerRoster
 
     roster = ServerRoster.load_or_create(tmp_path / "roster.json")
     for s, k in sorted(built.sites.items()):
@@ -347,7 +351,7 @@ def test_worker_processes_report_a_bad_signature_at_its_entry(
 ) -> None:
     import dataclasses
 
-    from fedseal.audit.log import encode_entry
+    from fedseal.audit.codec import encode_entry
 
     path = tmp_path / "bad.sqlite"
     shutil.copy(built.path, path)
@@ -370,3 +374,112 @@ def test_worker_processes_report_a_bad_signature_at_its_entry(
     assert result.exit_code == EXIT_FAILED
     out = json.loads(result.output)
     assert (out["index"], out["check"]) == (i, "signature")
+
+
+# --- the library under the commands: verdicts as values, nothing printed ----------------------
+
+
+def test_verify_run_returns_the_verdict_as_a_value_and_prints_nothing(
+    built: BuiltLog, pub: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedseal.audit.auditor import load_anchor
+    from fedseal.audit.verify_run import prepare_verify, verify_run
+
+    plan = prepare_verify(built.path, load_anchor("verify", Path(pub), False), jobs=1)
+    assert plan.total == 40 and plan.wal_bytes == 0
+    seen: list[int] = []
+
+    @contextlib.contextmanager
+    def track(total: int) -> Iterator[Callable[[int], None]]:
+        seen.append(total)
+        yield seen.append
+
+    verdict = verify_run(plan, track=track)
+    assert verdict.exit_code == EXIT_OK and verdict.warnings == ()
+    assert verdict.lines[0].startswith("OK: 40 entries (40 signed)")
+    assert seen[0] == 40 and seen[-1] == 40  # the tracker's total, then entries checked so far
+    as_json = json.loads(verify_run(plan, as_json=True).lines[0])
+    assert as_json["ok"] and as_json["exit_code"] == EXIT_OK
+    assert capsys.readouterr() == ("", "")
+
+
+def test_verify_run_under_the_logs_own_key_is_qualified_with_a_warning(built: BuiltLog) -> None:
+    from fedseal.audit.auditor import load_anchor
+    from fedseal.audit.verify_run import prepare_verify, verify_run
+
+    plan = prepare_verify(built.path, load_anchor("verify", None, True), jobs=1)
+    verdict = verify_run(plan)
+    assert verdict.exit_code == EXIT_INCOMPLETE
+    assert "the log's own, NOT pinned" in "\n".join(verdict.lines)
+    (warning,) = verdict.warnings
+    assert warning.startswith("fl-audit: warning: verified only against the log's own key")
+
+
+def test_verify_run_names_the_first_bad_entry_as_a_failed_verdict(
+    built: BuiltLog, pub: str, tmp_path: Path
+) -> None:
+    from fedseal.audit.auditor import load_anchor
+    from fedseal.audit.verify_run import prepare_verify, verify_run
+
+    path = tmp_path / "bad.sqlite"
+    shutil.copy(built.path, path)
+    conn = sqlite3.connect(path)
+    (data,) = conn.execute("SELECT data FROM entries WHERE idx=14").fetchone()
+    conn.execute("UPDATE entries SET data=? WHERE idx=14", (data[:-1] + bytes([data[-1] ^ 1]),))
+    conn.commit()
+    conn.close()
+    plan = prepare_verify(path, load_anchor("verify", Path(pub), False), jobs=1)
+    verdict = verify_run(plan)
+    assert verdict.exit_code == EXIT_FAILED and verdict.lines == ()
+    assert verdict.warnings[0].startswith("FAILED: entry 14 (envelope): leaf-hash")
+
+
+def test_library_errors_carry_the_exit_code_and_message_of_the_command(
+    built: BuiltLog, tmp_path: Path
+) -> None:
+    from fedseal.audit.auditor import AuditCommandError, load_anchor, open_log, prove_consistency
+
+    with pytest.raises(AuditCommandError) as usage:
+        load_anchor("verify", None, False)
+    assert usage.value.exit_code == EXIT_USAGE and "verify needs a trust anchor" in str(usage.value)
+    with pytest.raises(AuditCommandError) as missing:
+        open_log(tmp_path / "nope.sqlite")
+    assert missing.value.exit_code == EXIT_UNREADABLE
+    assert missing.value.message.endswith("nope.sqlite: no such file")
+    with pytest.raises(AuditCommandError) as failed:
+        prove_consistency(built.path, 999)
+    assert failed.value.exit_code == EXIT_FAILED
+    assert failed.value.message.startswith("cannot prove consistency:")
+
+
+def test_prove_inclusion_returns_a_checked_proof_and_qualifies_an_unsigned_root(
+    built: BuiltLog, pub: str
+) -> None:
+    from fedseal.audit.auditor import load_anchor, prove_inclusion
+
+    anchor_ = load_anchor("prove", Path(pub), False)
+    verdict = prove_inclusion(built.path, anchor_, site="site-b", round=2, as_json=True)
+    assert verdict.exit_code == EXIT_OK and verdict.warnings == ()
+    out = json.loads(verdict.lines[0])
+    assert out["leaf_index"] == built.input_index[("site-b", 2)] and out["signed_tree_head_b64"]
+    index = built.input_index[("site-b", 2)]
+    unsigned = prove_inclusion(built.path, anchor_, site="site-b", round=2, tree_size=index + 2)
+    assert unsigned.exit_code == EXIT_INCOMPLETE and unsigned.lines[-1] == "proof verifies"
+    assert "no signed tree head covers size" in unsigned.warnings[0]
+
+
+def test_judge_report_states_a_failed_verification_as_a_verdict(
+    built: BuiltLog, pub: str, tmp_path: Path
+) -> None:
+    from fedseal.audit.auditor import load_anchor
+    from fedseal.audit.verify_run import judge_report, render_run_report
+
+    good = judge_report(built.path, load_anchor("report", Path(pub), False))
+    assert good.exit_code == EXIT_OK and good.signed_entries == 40
+    assert good.verdict.startswith("all checks hold against the pinned coordinator key")
+    assert judge_report(built.path, None).verdict == "not checked"
+    other = tmp_path / "other.pub"
+    save_public_key(generate_identity_key().public_key(), other)
+    bad = judge_report(built.path, load_anchor("report", other, False))
+    assert bad.exit_code == EXIT_FAILED and bad.verdict.startswith("FAILED: ")
+    assert "FAILED" in render_run_report(built.path, bad)

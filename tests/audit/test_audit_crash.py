@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from fedseal.audit.log import AuditLog, AuditVerifier
 from fedseal.audit.store import MerkleLogStore
+from fedseal.audit.verifier import AuditVerifier
+from fedseal.audit.writer import AuditLog
 
 CHILD = textwrap.dedent(
     """
     import sys, hashlib
     from fedseal.crypto.keys import generate_identity_key, key_id, public_key_to_der
     from fedseal.crypto.signing import sign
-    from fedseal.audit.log import AuditLog, RosterAction
+    from fedseal.audit.entries import RosterAction
+    from fedseal.audit.writer import AuditLog
 
     path = sys.argv[1]
     coordinator, site = generate_identity_key(), generate_identity_key()
@@ -79,7 +81,8 @@ def test_a_coordinator_killed_while_appending_loses_no_acknowledged_entry(tmp_pa
 
 
 def test_a_restarted_coordinator_continues_the_open_run(tmp_path: Path) -> None:
-    from fedseal.audit.log import AuditStateError, RosterAction, RoundStatus, RunStatus
+    from fedseal.audit.entries import RosterAction, RoundStatus, RunStatus
+    from fedseal.audit.errors import AuditStateError
     from fedseal.crypto.keys import generate_identity_key, key_id, public_key_to_der
     from fedseal.crypto.signing import sign
 
@@ -127,7 +130,8 @@ def test_a_restarted_coordinator_continues_the_open_run(tmp_path: Path) -> None:
 def test_a_round_result_left_without_a_tree_head_by_a_crash_is_covered_on_restart(
     tmp_path: Path,
 ) -> None:
-    from fedseal.audit.log import AuditStateError, RoundStatus, RunStatus
+    from fedseal.audit.entries import RoundStatus, RunStatus
+    from fedseal.audit.errors import AuditStateError
     from fedseal.crypto.keys import generate_identity_key
 
     path = tmp_path / "audit.sqlite"

@@ -9,25 +9,24 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedseal.audit.log import (
+from fedseal.audit.codec import decode_entry, encode_entry
+from fedseal.audit.entries import (
     INPUT_MESSAGE_TYPE,
-    AuditLog,
-    AuditStateError,
     Checkpoint,
     EnvelopeRecord,
     Genesis,
     RosterAction,
     RosterChange,
-    RoundResult,
+    RoundRecord,
     RoundStatus,
     RunEnd,
     RunStart,
     RunStatus,
-    SignedTreeHead,
-    decode_entry,
-    encode_entry,
     metric_to_micros,
 )
+from fedseal.audit.errors import AuditStateError
+from fedseal.audit.treehead import SignedTreeHead
+from fedseal.audit.writer import AuditLog
 from fedseal.crypto.keys import generate_identity_key, key_id, public_key_to_der
 from fedseal.crypto.signing import sign
 from fedseal.protocol.errors import BadSignatureError, DecodeError
@@ -55,7 +54,7 @@ entries = st.one_of(
         st.binary(max_size=200), st.binary(max_size=72), st.none() | d32, st.none() | u64,
     ),
     st.builds(
-        lambda run, rnd, base, sites, digs, agg, new, m: RoundResult(
+        lambda run, rnd, base, sites, digs, agg, new, m: RoundRecord(
             run, rnd, RoundStatus.COMPLETED, base, tuple(sorted(set(sites), key=str.encode)),
             tuple(sorted(set(digs))), agg, new, "", tuple(sorted({k: v for k, v in m}.items())),
         ),
@@ -223,7 +222,7 @@ def test_the_round_result_defaults_to_exactly_the_accepted_inputs(log: AuditLog)
         1, aggregate_digest=b"g" * 32, new_model_digest=b"n" * 32, metrics={"loss": 0.5}
     )
     result = decode_entry(log.entries(index, index + 1)[0].data)
-    assert isinstance(result, RoundResult)
+    assert isinstance(result, RoundRecord)
     assert result.survivors == ("a", "b") and len(result.accepted_input_digests) == 2
     assert result.metric_values == {"loss": 0.5}
 
@@ -251,7 +250,7 @@ def test_tree_heads_cannot_go_back_in_time(log: AuditLog) -> None:
 
 
 def test_a_batch_of_envelopes_is_written_all_or_nothing(log: AuditLog) -> None:
-    from fedseal.audit.log import ReceivedEnvelope
+    from fedseal.audit.writer import ReceivedEnvelope
 
     keys = {name: _enrol(log, name, name.encode() * 32) for name in ("a", "b")}
     _start(log, b"m" * 32)
@@ -275,7 +274,7 @@ def test_a_batch_of_envelopes_is_written_all_or_nothing(log: AuditLog) -> None:
     assert indices == [size, size + 1]
     index = log.append_round_result(1, aggregate_digest=b"g" * 32, new_model_digest=b"n" * 32)
     result = decode_entry(log.entries(index, index + 1)[0].data)
-    assert isinstance(result, RoundResult) and result.survivors == ("a", "b")
+    assert isinstance(result, RoundRecord) and result.survivors == ("a", "b")
 
 
 def test_the_log_refuses_an_entry_the_verifier_could_not_decode(log: AuditLog) -> None:

@@ -11,19 +11,13 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from fedseal.audit.cli import EXIT_OK, app, verify_log
-from fedseal.audit.log import (
-    AuditLog,
-    AuditStateError,
-    AuditVerificationError,
-    EntryKind,
-    Evaluation,
-    RoundStatus,
-    decode_entry,
-    encode_entry,
-    entry_tags,
-)
+from fedseal.audit.auditor import verify_log
+from fedseal.audit.cli import EXIT_OK, app
+from fedseal.audit.codec import decode_entry, encode_entry, entry_tags
+from fedseal.audit.entries import EntryKind, Evaluation, RoundStatus
+from fedseal.audit.errors import AuditStateError, AuditVerificationError
 from fedseal.audit.store import MerkleLogStore
+from fedseal.audit.writer import AuditLog
 from fedseal.crypto.keys import save_public_key
 from tests.audit.logbuilder import CLOCK0, BuiltLog, build_run_log, digest
 

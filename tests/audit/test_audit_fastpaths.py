@@ -19,23 +19,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedseal.audit import log as audit_mod
-from fedseal.audit.cli import verify_log
-from fedseal.audit.log import (
-    INPUT_MESSAGE_TYPE,
-    AuditVerificationError,
-    AuditVerifier,
-    EntryKind,
-    EnvelopeRecord,
-    SignatureJob,
-    check_signatures_serial,
-    decode_entry,
-    encode_entry,
-)
+from fedseal.audit import codec, entries, signatures
+from fedseal.audit.auditor import verify_log
+from fedseal.audit.codec import decode_entry, encode_entry
+from fedseal.audit.entries import INPUT_MESSAGE_TYPE, EntryKind, EnvelopeRecord
+from fedseal.audit.errors import AuditVerificationError, RuleViolation
+from fedseal.audit.signatures import SignatureJob, check_signatures_serial
 from fedseal.audit.store import MerkleLogStore
+from fedseal.audit.verifier import AuditVerifier
 from fedseal.crypto.keys import generate_identity_key, public_key_to_der
 from fedseal.crypto.signing import sign
 from fedseal.protocol.config import Limits
+from fedseal.protocol.encoding import Reader
 from fedseal.protocol.errors import DecodeError, ProtocolError
 from fedseal.protocol.messages import MaskedInput, decode_payload
 from fedseal.protocol.types import MessageKind
@@ -55,8 +50,8 @@ def _all_rows(path: Path) -> list[tuple[int, bytes, bytes]]:
 def _general_decode(data: bytes) -> object:
     """The general decoder alone (no fast path): the entry, or the DecodeError it raises."""
     try:
-        r = audit_mod._Cursor(data)
-        if r.u8() != audit_mod.ENTRY_VERSION or r.u8() != int(EntryKind.ENVELOPE):
+        r = Reader(data, what="audit entry")
+        if r.u8() != entries.ENTRY_VERSION or r.u8() != int(EntryKind.ENVELOPE):
             raise DecodeError("not a version-1 envelope")
         entry = EnvelopeRecord._decode(r)
         r.finish()
@@ -76,7 +71,7 @@ def test_the_fast_envelope_decoder_reads_every_envelope_of_a_real_log_like_the_g
     kinds = {(decode_entry(d).accepted, decode_entry(d).message_type) for d in envelopes}  # type: ignore[union-attr]
     assert len(kinds) >= 3  # accepted inputs, rejected inputs, accepted stand-ins
     for data in envelopes:
-        fast = audit_mod._decode_envelope_fast(data)
+        fast = codec.decode_envelope_fast(data)
         assert fast is not None
         assert fast == _general_decode(data)
         assert encode_entry(fast) == data
@@ -104,9 +99,9 @@ def test_the_fast_envelope_decoder_never_accepts_what_the_general_decoder_reject
             data += bytes(rng.randrange(1, 4))  # trailing bytes
         mutated = bytes(data)
         general = _general_decode(mutated)
-        envelope_header = mutated[:2] == bytes([audit_mod.ENTRY_VERSION, EntryKind.ENVELOPE])
+        envelope_header = mutated[:2] == bytes([entries.ENTRY_VERSION, EntryKind.ENVELOPE])
         # decode_entry only takes the fast path for a version-1 envelope header.
-        fast = audit_mod._decode_envelope_fast(mutated) if envelope_header else None
+        fast = codec.decode_envelope_fast(mutated) if envelope_header else None
         if fast is None:
             pass  # handed over to the general decoder
         else:
@@ -158,7 +153,7 @@ def test_any_valid_envelope_record_round_trips_through_the_fast_decoder(
         payload, signature, root, bulk, examples, model,
     )  # fmt: skip
     data = encode_entry(record)
-    fast = audit_mod._decode_envelope_fast(data)
+    fast = codec.decode_envelope_fast(data)
     assert fast == record
     assert decode_entry(data) == record
     # Breaking the accepted/reason rule in the bytes is left to the general decoder.
@@ -166,7 +161,7 @@ def test_any_valid_envelope_record_round_trips_through_the_fast_decoder(
     flag_at += len(mtype.encode()) + 32
     flipped = bytearray(data)
     flipped[flag_at] ^= 1
-    assert audit_mod._decode_envelope_fast(bytes(flipped)) is None
+    assert codec.decode_envelope_fast(bytes(flipped)) is None
     with pytest.raises(DecodeError):
         decode_entry(bytes(flipped))
 
@@ -196,7 +191,7 @@ def test_the_fast_input_cross_check_agrees_with_a_full_payload_decode(built: Bui
         for e in map(decode_entry, _envelope_rows(built))
         if isinstance(e, EnvelopeRecord) and e.accepted and e.message_type == INPUT_MESSAGE_TYPE
     ]
-    assert inputs and all(audit_mod._input_agrees(e) for e in inputs)
+    assert inputs and all(signatures.input_agrees(e) for e in inputs)
     rng = random.Random(2)
     fast_yes = 0
     for _ in range(2000):
@@ -213,16 +208,16 @@ def test_the_fast_input_cross_check_agrees_with_a_full_payload_decode(built: Bui
         else:
             payload += bytes(rng.randrange(1, 4))  # trailing bytes
         mutant = dataclasses.replace(e, payload=bytes(payload))
-        fast = audit_mod._input_agrees(mutant)
+        fast = signatures.input_agrees(mutant)
         slow = _slow_input_agrees(mutant)
         if fast:
             fast_yes += 1
             assert slow, bytes(payload).hex()
         # The public check (fast path, then the general one) passes exactly when the slow one does.
         try:
-            audit_mod._cross_check(mutant)
+            signatures.cross_check(mutant)
             passed = True
-        except audit_mod._Fail:
+        except RuleViolation:
             passed = False
         assert passed == slow
     assert fast_yes > 0  # flips in fields nobody cross-checks (setup digest, vector length)
@@ -244,9 +239,9 @@ def test_recorded_fields_are_compared_on_the_fast_path_too(built: BuiltLog) -> N
         {"run_id": b"\x00" * 16},
     ):
         forged = dataclasses.replace(e, **change)  # type: ignore[arg-type]
-        assert not audit_mod._input_agrees(forged)
-        with pytest.raises(audit_mod._Fail) as err:
-            audit_mod._cross_check(forged)
+        assert not signatures.input_agrees(forged)
+        with pytest.raises(RuleViolation) as err:
+            signatures.cross_check(forged)
         assert err.value.check == "payload-mismatch"
 
 
@@ -267,7 +262,7 @@ def test_cached_public_keys_still_reject_a_signature_swapped_between_sites() -> 
     good_a, good_b = job(1, der_a, a, "site-a"), job(2, der_b, b, "site-b")
     # Warm the per-process key cache with both keys.
     assert check_signatures_serial([good_a, good_b]) is None
-    assert audit_mod._KEY_CACHE.get(der_a) is not None
+    assert signatures._KEY_CACHE.get(der_a) is not None
     swapped = SignatureJob(
         3, der_a, dataclasses.replace(good_a.record, signature=good_b.record.signature)
     )
@@ -357,7 +352,7 @@ def test_the_sorted_and_unique_check_accepts_exactly_strictly_increasing_lists(
 ) -> None:
     strictly_increasing = all(a < b for a, b in itertools.pairwise(values))
     try:
-        audit_mod._check_sorted_unique(values, "values")
+        entries._check_sorted_unique(values, "values")
         accepted = True
     except ValueError:
         accepted = False

@@ -13,22 +13,15 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from fedseal.audit.log import (
-    AuditLog,
-    EntryKind,
-    RoundResult,
-    RoundStatus,
-    RunStart,
-    SignedTreeHead,
-    audit_request_params,
-    decode_entry,
-    encode_entry,
-    roster_from_log,
-)
+from fedseal.audit.codec import decode_entry, encode_entry
+from fedseal.audit.entries import EntryKind, RoundRecord, RoundStatus, RunStart
+from fedseal.audit.errors import AuditServiceError
 from fedseal.audit.proto import audit_pb2
-from fedseal.audit.receipts import AuditServiceError, GrpcAuditSource
 from fedseal.audit.service import find_model, serve_audit_log
+from fedseal.audit.service_client import GrpcAuditSource
 from fedseal.audit.store import MerkleLogStore
+from fedseal.audit.treehead import SignedTreeHead, audit_request_params
+from fedseal.audit.writer import AuditLog, roster_from_log
 from fedseal.crypto import merkle
 from fedseal.crypto.keys import generate_identity_key
 from tests.audit.logbuilder import CLOCK0, BuiltLog, build_run_log, digest
@@ -76,7 +69,7 @@ def _add_second_run(built: BuiltLog) -> None:
     )  # fmt: skip
     log.sign_tree_head(clock + 1000)
     log.close()
-    forged = RoundResult(
+    forged = RoundRecord(
         RUN2, 2, RoundStatus.FAILED, INITIAL2, (), (), None, ABANDONED, "abandoned"
     )
     with MerkleLogStore.open(built.path) as store:
@@ -120,7 +113,7 @@ def test_each_completed_rounds_model_is_found_at_its_round_result(fx: Fixture, r
     index = fx.client().find_model(run_id, model)
     assert index == fx.index_of(EntryKind.ROUND_RESULT, run_id, round=rnd)
     result = decode_entry(fx.store.entries(index, index + 1)[0].data)
-    assert isinstance(result, RoundResult)
+    assert isinstance(result, RoundRecord)
     assert result.status == RoundStatus.COMPLETED and result.new_model_digest == model
 
 
@@ -173,16 +166,27 @@ def test_find_model_is_authenticated_like_every_method(fx: Fixture) -> None:
 
 
 def test_the_clients_find_model_encoding_matches_the_generated_code() -> None:
-    from fedseal.audit import receipts
-
     run_id, model = b"r" * 16, b"m" * 32
-    raw = receipts._field_bytes(2, run_id) + receipts._field_bytes(3, model)
-    msg = audit_pb2.FindModelRequest.FromString(raw)
-    assert (msg.run_id, msg.model_digest) == (run_id, model)
-    fields = receipts._parse(
-        audit_pb2.FindModelResponse(found=True, leaf_index=77).SerializeToString()
+    sent: list[bytes] = []
+    answer = audit_pb2.FindModelResponse(found=True, leaf_index=77).SerializeToString()
+
+    class Channel:
+        def unary_unary(self, method: str, **_: object) -> object:
+            def call(request: bytes, timeout: float) -> bytes:
+                sent.append(request)
+                return answer
+
+            return call
+
+    source = GrpcAuditSource(
+        Channel(),  # type: ignore[arg-type]
+        site="site-a",
+        key=generate_identity_key(),
+        clock=lambda: 1,
     )
-    assert receipts._one_int(fields, 1) == 1 and receipts._one_int(fields, 2) == 77
+    assert source.find_model(run_id, model) == 77
+    msg = audit_pb2.FindModelRequest.FromString(sent[0])
+    assert (msg.run_id, msg.model_digest) == (run_id, model)
     # The signed parameters are length-prefixed: no two (run id, digest) splits sign alike.
     assert audit_request_params("FindModel", run_id=run_id, model_digest=model) != (
         audit_request_params("FindModel", run_id=run_id + b"m", model_digest=model[1:])

@@ -29,9 +29,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.audit.cli import verify_log
-from fedseal.audit.log import AuditVerificationError
-from fedseal.audit.store import AuditLogError
+from fedseal.audit.auditor import verify_log
+from fedseal.audit.errors import AuditLogError, AuditVerificationError
 from tests.audit.logbuilder import build_run_log
 
 FIXED_SEED = 15_2_1000

@@ -15,27 +15,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fedseal.audit.log import (
-    INPUT_MESSAGE_TYPE,
-    EnvelopeRecord,
-    SignedTreeHead,
-    decode_entry,
-    roster_from_log,
-)
+from fedseal.audit.codec import decode_entry
+from fedseal.audit.entries import INPUT_MESSAGE_TYPE, EnvelopeRecord
+from fedseal.audit.errors import AuditServiceError
 from fedseal.audit.proto import audit_pb2, audit_pb2_grpc
 from fedseal.audit.receipts import (
-    AuditServiceError,
     ContributionBlockedError,
-    GrpcAuditSource,
     ReceiptChecker,
     ReceiptError,
 )
-from fedseal.audit.service import (
-    AuditServiceConfig,
-    TlsServerConfig,
-    serve_audit_log,
-)
+from fedseal.audit.service import AuditServiceConfig, TlsServerConfig, serve_audit_log
+from fedseal.audit.service_client import GrpcAuditSource
 from fedseal.audit.store import MerkleLogStore
+from fedseal.audit.treehead import SignedTreeHead
+from fedseal.audit.writer import roster_from_log
 from fedseal.crypto import merkle
 from fedseal.crypto.keys import generate_identity_key
 from tests.audit.logbuilder import CLOCK0, BuiltLog, build_run_log
@@ -256,7 +249,7 @@ class LocalSource:
         return self.store.consistency_proof(old_size, new_size)
 
     def find_input(self, round: int, run_id: bytes) -> int | None:
-        from fedseal.audit.log import find_input
+        from fedseal.audit.writer import find_input
 
         return find_input(self.store, self.site, round, run_id)
 
@@ -350,19 +343,36 @@ def test_a_missing_input_or_a_head_signed_by_someone_else_blocks_the_site(tmp_pa
         assert err.value.check == "tree-head-signature"
 
 
-def test_the_clients_wire_encoding_matches_the_generated_protobuf_code() -> None:
-    from fedseal.audit import receipts
+class _RecordingChannel:
+    """A gRPC channel stand-in: records the method and request bytes, answers ``reply``."""
 
-    auth = (
-        receipts._field_bytes(1, b"site-a")
-        + receipts._field_varint(2, 7)
-        + receipts._field_bytes(3, b"n" * 16)
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.sent: list[tuple[str, bytes]] = []
+
+    def unary_unary(self, method: str, **_: object) -> object:
+        def call(request: bytes, timeout: float) -> bytes:
+            self.sent.append((method, request))
+            return self.reply
+
+        return call
+
+
+def test_the_clients_wire_encoding_matches_the_generated_protobuf_code() -> None:
+    reply = audit_pb2.InclusionProofResponse(
+        leaf_index=300, tree_size=2**40, entry=b"e", audit_path=[b"a" * 32, b"b" * 32]
     )
-    raw = (
-        receipts._field_bytes(1, auth)
-        + receipts._field_varint(2, 300)
-        + receipts._field_varint(3, 2**40)
+    channel = _RecordingChannel(reply.SerializeToString())
+    source = GrpcAuditSource(
+        channel,  # type: ignore[arg-type]
+        site="site-a",
+        key=generate_identity_key(),
+        clock=lambda: 7,
+        randbytes=lambda n: b"n" * n,
     )
+    entry, path = source.inclusion_proof(300, 2**40)
+    method, raw = channel.sent[-1]
+    assert method == "/fedseal.audit.v1.AuditLog/GetInclusionProof"
     msg = audit_pb2.InclusionProofRequest.FromString(raw)
     assert (msg.auth.site_id, msg.auth.timestamp_ms, msg.leaf_index, msg.tree_size) == (
         "site-a",
@@ -370,13 +380,12 @@ def test_the_clients_wire_encoding_matches_the_generated_protobuf_code() -> None
         300,
         2**40,
     )
-    reply = audit_pb2.InclusionProofResponse(
-        leaf_index=3, tree_size=9, entry=b"e", audit_path=[b"a" * 32, b"b" * 32]
-    )
-    fields = receipts._parse(reply.SerializeToString())
-    assert receipts._one_int(fields, 1) == 3 and receipts._all_bytes(fields, 4) == [
+    assert msg.auth.nonce == b"n" * 16 and msg.SerializeToString() == raw  # canonical bytes
+    assert entry == b"e" and path == [
         b"a" * 32,
         b"b" * 32,
     ]
-    with pytest.raises(AuditServiceError):
-        receipts._parse(b"\x0a\x05ab")
+    channel.reply = b"\x0a\x05ab"  # a length-delimited field cut short
+    with pytest.raises(AuditServiceError) as err:
+        source.latest_tree_head()
+    assert err.value.code == "DATA_LOSS"

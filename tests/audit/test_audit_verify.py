@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from fedseal.audit.log import (
-    AuditVerificationError,
-    AuditVerifier,
-    EnvelopeRecord,
-    JobFailure,
-    SignatureJob,
-    SignedTreeHead,
-    check_signatures_serial,
-    decode_entry,
-    encode_entry,
-)
-from fedseal.audit.store import LogFormatError, MerkleLogStore, StoredEntry, StoredTreeHead
+from fedseal.audit.codec import decode_entry, encode_entry
+from fedseal.audit.entries import EnvelopeRecord
+from fedseal.audit.errors import AuditVerificationError, LogFormatError
+from fedseal.audit.signatures import JobFailure, SignatureJob, check_signatures_serial
+from fedseal.audit.store import MerkleLogStore, StoredEntry, StoredTreeHead
+from fedseal.audit.treehead import SignedTreeHead
+from fedseal.audit.verifier import AuditVerifier
 from fedseal.crypto import merkle
 from fedseal.crypto.keys import generate_identity_key, public_key_to_der
 from fedseal.protocol.roster import Roster, RosterEntry

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedseal.audit.cli import EXIT_INCOMPLETE, EXIT_OK, app, verify_log
-from fedseal.audit.log import AuditLog, AuditVerificationError, RosterAction
-from fedseal.audit.store import AuditLogError, MerkleLogStore, wal_file
+from fedseal.audit.auditor import verify_log
+from fedseal.audit.cli import EXIT_INCOMPLETE, EXIT_OK, app
+from fedseal.audit.entries import RosterAction
+from fedseal.audit.errors import AuditLogError, AuditVerificationError
+from fedseal.audit.store import MerkleLogStore, wal_file
+from fedseal.audit.writer import AuditLog
 from fedseal.crypto.keys import generate_identity_key, public_key_to_der, save_public_key
 from tests.audit.logbuilder import CLOCK0, build_run_log, digest
 

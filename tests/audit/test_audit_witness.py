@@ -33,16 +33,11 @@ from fedseal.audit.cli import (
     EXIT_USAGE,
     app,
 )
-from fedseal.audit.log import (
-    INPUT_MESSAGE_TYPE,
-    RoundResult,
-    SignedTreeHead,
-    decode_entry,
-    encode_entry,
-    entry_tags,
-)
+from fedseal.audit.codec import decode_entry, encode_entry, entry_tags
+from fedseal.audit.entries import INPUT_MESSAGE_TYPE, RoundRecord
 from fedseal.audit.receipts import ReceiptChecker
 from fedseal.audit.store import MerkleLogStore
+from fedseal.audit.treehead import SignedTreeHead
 from fedseal.client.cli import app as client_app
 from fedseal.crypto.keys import generate_identity_key, save_public_key
 from tests.audit.logbuilder import BuiltLog, build_run_log
@@ -83,7 +78,7 @@ def rewrite(built: BuiltLog, dst: Path, round: int, accuracy_micros: int) -> Pat
         items = []
         for stored in src.iter_entries():
             entry = decode_entry(stored.data)
-            if isinstance(entry, RoundResult) and entry.round == round:
+            if isinstance(entry, RoundRecord) and entry.round == round:
                 metrics = tuple(
                     (name, accuracy_micros if name == "accuracy" else value)
                     for name, value in entry.metrics

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedseal.audit.store import LogFormatError, LogRangeError, MerkleLogStore
+from fedseal.audit.errors import LogFormatError, LogRangeError
+from fedseal.audit.store import MerkleLogStore
 from fedseal.crypto import merkle
 
 

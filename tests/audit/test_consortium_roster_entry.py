@@ -15,22 +15,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from fedseal.audit.cli import EXIT_FAILED, EXIT_OK, app
-from fedseal.audit.log import (
-    AuditLog,
-    AuditStateError,
-    AuditVerificationError,
-    AuditVerifier,
+from fedseal.audit.codec import decode_entry, encode_entry
+from fedseal.audit.entries import (
     ConsortiumRosterRecord,
     EntryKind,
     Genesis,
     RosterAction,
     RoundStatus,
     RunStatus,
-    VerifiedLog,
-    decode_entry,
-    encode_entry,
 )
+from fedseal.audit.errors import AuditStateError, AuditVerificationError
 from fedseal.audit.store import MerkleLogStore
+from fedseal.audit.verifier import AuditVerifier, VerifiedLog
+from fedseal.audit.writer import AuditLog
 from fedseal.crypto.keys import generate_identity_key, public_key_to_der, save_public_key
 from fedseal.protocol.consortium import (
     ConsortiumRoster,

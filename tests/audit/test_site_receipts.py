@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedseal.audit.log import INPUT_MESSAGE_TYPE
+from fedseal.audit.entries import INPUT_MESSAGE_TYPE
+from fedseal.audit.errors import AuditServiceError
 from fedseal.audit.receipts import (
-    AuditServiceError,
     ContributionBlockedError,
     ReceiptChecker,
     SiteReceipts,

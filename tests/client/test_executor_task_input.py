@@ -22,7 +22,7 @@ from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 from flwr.supercore.run import Run
 
 from fedseal.client.executor import pull_task_input
-from fedseal.client.supernode import PullBackoff
+from fedseal.settings import PullBackoff
 
 RUN_ID = 7
 

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from fedseal.client.flower_app import _train_request
+from fedseal.client.flower_app import train_request
 from fedseal.client.models import build_model
 from fedseal.client.training import SiteLimits, TrainRequest, train
-from fedseal.server.flower_app import _train_config
+from fedseal.server.flower_app import train_config
 
 
 def _distance_after_training(mu: float) -> float:
@@ -43,8 +43,8 @@ def test_fedprox_runs_send_proximal_mu_and_others_do_not() -> None:
         )
         return SimpleNamespace(run=run)
 
-    rec = _train_config(cfg("FedProx", {"proximal_mu": 0.3}), 2, "ab" * 16)  # type: ignore[arg-type]
+    rec = train_config(cfg("FedProx", {"proximal_mu": 0.3}), 2, "ab" * 16)  # type: ignore[arg-type]
     assert rec["proximal-mu"] == 0.3
-    assert _train_request(rec).proximal_mu == 0.3
-    plain = _train_config(cfg("FedAvg", {}), 2, "ab" * 16)  # type: ignore[arg-type]
-    assert "proximal-mu" not in plain and _train_request(plain).proximal_mu == 0.0
+    assert train_request(rec).proximal_mu == 0.3
+    plain = train_config(cfg("FedAvg", {}), 2, "ab" * 16)  # type: ignore[arg-type]
+    assert "proximal-mu" not in plain and train_request(plain).proximal_mu == 0.0

@@ -12,14 +12,9 @@ import torch
 from flwr.app import Array
 from torch import nn
 
-from fedseal.client.flower_app import (
-    array_to_numpy,
-    float32_digest,
-    model_delta,
-    model_flat,
-    numpy_to_array,
-)
+from fedseal.client.flower_app import array_to_numpy, model_delta, model_flat, numpy_to_array
 from fedseal.client.models import build_model, load_numpy_state_dict, state_dict_to_numpy
+from fedseal.protocol.model import model_digest
 
 
 def _old_flat(weights: dict[str, np.ndarray]) -> np.ndarray:
@@ -98,7 +93,7 @@ def test_model_flat_and_digest_equal_the_old_flatten_and_hash() -> None:
     new = model_flat(model)
     assert new.dtype == np.float32
     np.testing.assert_array_equal(new, old)
-    assert float32_digest(new) == hashlib.sha256(old.astype("<f4").tobytes()).digest()
+    assert model_digest(new) == hashlib.sha256(old.astype("<f4").tobytes()).digest()
 
 
 def test_model_delta_equals_the_old_float64_difference_bit_for_bit() -> None:

@@ -113,9 +113,9 @@ def test_the_shuffle_buffer_mixes_label_sorted_data_within_its_window(tmp_path: 
     seed=st.integers(min_value=0, max_value=2**32 - 1),
 )
 def test_the_shuffle_buffer_emits_every_row_exactly_once(chunks: list[int], capacity: int, seed: int) -> None:
-    from fedseal.client.data.loader import _ShuffleBuffer
+    from fedseal.client.data.loader import ShuffleBuffer
 
-    buffer = _ShuffleBuffer(capacity, np.random.default_rng(seed))
+    buffer = ShuffleBuffer(capacity, np.random.default_rng(seed))
     out: list[int] = []
     start = 0
     for n in chunks:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fedseal.client.node import _SuperNode
+from fedseal.client.node import SuperNodeProcess
 
 
-def _node(tmp_path: Path, code: str, log: str = "") -> _SuperNode:
-    node = _SuperNode.__new__(_SuperNode)
+def _node(tmp_path: Path, code: str, log: str = "") -> SuperNodeProcess:
+    node = SuperNodeProcess.__new__(SuperNodeProcess)
     node.log_path = tmp_path / "supernode.log"
     node.log_path.write_text(log)
     node._offset = 0
@@ -45,9 +45,12 @@ def test_a_supernode_stopped_by_a_signal_we_send_is_not_restarted(tmp_path: Path
 
 
 def test_a_bad_poll_interval_is_refused_before_the_supernode_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedseal.client.node import SiteRunError
+    from fedseal.client.node import SiteRunError, run_site
 
     monkeypatch.setenv("FEDSEAL_SUPERNODE_POLL_S", "soon")
-    node = _SuperNode.__new__(_SuperNode)
+    started: list[SuperNodeProcess] = []
+    monkeypatch.setattr(SuperNodeProcess, "start", lambda self: started.append(self))
+    # fl-client run reads every FEDSEAL_* variable first, before the config is even looked at.
     with pytest.raises(SiteRunError, match="FEDSEAL_SUPERNODE_POLL_S"):
-        node.start()
+        run_site(None, re_enrol=False, on_info=print)  # type: ignore[arg-type]
+    assert started == []

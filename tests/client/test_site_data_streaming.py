@@ -408,13 +408,9 @@ def test_an_evaluation_carrying_a_setup_the_site_refuses_still_returns_its_metri
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedseal.client.flower_app import (
-        SETUP_ERROR_RECORD,
-        SETUP_RECORD,
-        SiteRuntime,
-        make_client_app,
-    )
+    from fedseal.client.flower_app import SiteRuntime, make_client_app
     from fedseal.crypto import generate_identity_key
+    from fedseal.protocol.records import SETUP_ERROR_RECORD, SETUP_RECORD
 
     for name in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)

@@ -37,21 +37,17 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from typer.testing import CliRunner
 
-from fedseal.audit.log import INPUT_MESSAGE_TYPE, AuditLog, RosterAction, roster_from_log
-from fedseal.audit.receipts import GrpcAuditSource, ReceiptChecker
+from fedseal.audit.entries import INPUT_MESSAGE_TYPE, RosterAction
+from fedseal.audit.receipts import ReceiptChecker
 from fedseal.audit.service import serve_audit_log
+from fedseal.audit.service_client import GrpcAuditSource
 from fedseal.audit.store import MerkleLogStore
+from fedseal.audit.writer import AuditLog, roster_from_log
 from fedseal.client import executor as executor_module
 from fedseal.client import flower_app
 from fedseal.client.commitments import ModelCommitments
 from fedseal.client.config import load_client_config
-from fedseal.client.flower_app import (
-    SETUP_RECORD,
-    SiteRuntime,
-    float32_digest,
-    make_client_app,
-    model_flat,
-)
+from fedseal.client.flower_app import SiteRuntime, make_client_app, model_flat
 from fedseal.client.models import build_model, state_dict_to_numpy
 from fedseal.client.policy import SitePrivacy
 from fedseal.client.site_data import SiteData, load_site_data
@@ -77,6 +73,8 @@ from fedseal.protocol import (
     SecAggServer,
 )
 from fedseal.protocol.envelope import Envelope
+from fedseal.protocol.model import model_digest
+from fedseal.protocol.records import SETUP_RECORD
 from fedseal.sim.inmemory import dataset_root_for, deterministic_key
 from tests.audit.logbuilder import masked_input_payload
 from tests.audit.test_audit_service import _tls
@@ -252,7 +250,7 @@ def model_flat_of(weights: Mapping[str, npt.NDArray[np.float32]]) -> npt.NDArray
 
 def digest_of(weights: Mapping[str, npt.NDArray[np.float32]]) -> bytes:
     flat = np.concatenate([np.asarray(weights[k], np.float32).ravel() for k in sorted(weights)])
-    return float32_digest(flat)
+    return model_digest(flat)
 
 
 def train_config(run_id: bytes, rnd: int) -> ConfigRecord:
@@ -363,7 +361,7 @@ def secure_round(
         identity_key=COORDINATOR,
         run_id=run_id,
         round=rnd,
-        model_digest=float32_digest(flat),
+        model_digest=model_digest(flat),
         now=time.time(),
     )
     everyone = {SITE: kid(SITE_KEY)} | {s: kid(k) for s, k in members.items()}
@@ -912,7 +910,7 @@ def test_without_an_audit_address_the_site_evaluates_no_model_unless_it_says_so(
 ) -> None:
     # It cannot tie the model to the signed log: no metrics, a reason instead (a setup carried
     # by the evaluation is still answered, with its own checks).
-    from fedseal.client.flower_app import EVALUATION_REFUSED_RECORD
+    from fedseal.protocol.records import EVALUATION_REFUSED_RECORD
 
     weights = initial_model(data)
     for privacy, evaluated in (

@@ -200,3 +200,59 @@ def test_every_single_byte_mutation_of_a_consistency_proof_is_refused() -> None:
                 merkle.verify_consistency(
                     old, new, old_root, new_root, [*proof[:k], bad, *proof[k + 1 :]]
                 )
+
+
+# --- compact range ----------------------------------------------------------------------------
+
+
+@given(st.lists(st.binary(max_size=8), max_size=70))
+def test_a_compact_range_has_the_root_of_every_prefix_it_grows_through(leaves: list[bytes]) -> None:
+    rng = merkle.CompactRange()
+    assert rng.root() == merkle.root([]) == merkle.EMPTY_ROOT
+    for n, leaf in enumerate(leaves, 1):
+        rng.append(merkle.leaf_hash(leaf))
+        assert rng.size == n
+        assert len(rng.roots) == n.bit_count()
+        assert rng.root() == merkle.root(leaves[:n])
+
+
+@given(st.lists(st.binary(max_size=4), min_size=1, max_size=70))
+def test_a_compact_range_reports_every_completed_perfect_subtree_once_with_its_root(
+    leaves: list[bytes],
+) -> None:
+    seen: list[tuple[int, int, bytes]] = []
+    rng = merkle.CompactRange()
+    for leaf in leaves:
+        rng.append(merkle.leaf_hash(leaf), lambda h, k, root: seen.append((h, k, root)))
+    n = len(leaves)
+    want = {
+        (h, k): merkle.root(leaves[k << h : (k + 1) << h])
+        for h in range(1, n.bit_length())
+        for k in range(n >> h)
+    }
+    assert len(seen) == len(want)
+    assert {(h, k): root for h, k, root in seen} == want
+
+
+@given(st.lists(st.binary(max_size=4), max_size=40), st.lists(st.binary(max_size=4), max_size=20))
+def test_a_compact_range_rebuilt_from_perfect_subtree_roots_continues_like_the_original(
+    head: list[bytes], tail: list[bytes]
+) -> None:
+    def perfect_root(start: int, width: int) -> bytes:
+        return merkle.root(head[start : start + width])
+
+    rebuilt = merkle.CompactRange.from_perfect_subtrees(len(head), perfect_root)
+    assert rebuilt.root() == merkle.root(head)
+    copy = rebuilt.copy()
+    for leaf in tail:
+        rebuilt.append(merkle.leaf_hash(leaf))
+    assert rebuilt.root() == merkle.root(head + tail)
+    assert copy.root() == merkle.root(head) and copy.size == len(head)  # the copy is independent
+
+
+def test_a_compact_range_needs_one_root_per_set_bit_of_its_size() -> None:
+    with pytest.raises(ValueError):
+        merkle.CompactRange([b"\x00" * 32], 3)
+    with pytest.raises(ValueError):
+        merkle.CompactRange([b"\x00" * 31], 1)
+    assert merkle.CompactRange([b"\x01" * 32, b"\x02" * 32], 3).size == 3

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedseal.crypto import Share, ShareError, shamir
-from fedseal.crypto.shamir import PRIME, _apply_weights, _lagrange_weights
+from fedseal.crypto.shamir import PRIME, apply_weights, lagrange_weights
 
 params = st.integers(min_value=1, max_value=12).flatmap(
     lambda t: st.tuples(st.just(t), st.integers(min_value=t, max_value=t + 10))
@@ -59,7 +59,7 @@ def test_threshold_minus_one_shares_are_consistent_with_every_candidate_secret(
     limbs = np.frombuffer(candidate, dtype=">u2").astype(np.uint64)
     ys = np.stack([limbs] + [s.values.astype(np.uint64) for s in observed])
     free_x = next(x for x in range(1, n + 2) if x not in {s.index for s in observed})
-    completing = _apply_weights(_lagrange_weights(xs, np.array([free_x], np.uint64)), ys)[0]
+    completing = apply_weights(lagrange_weights(xs, np.array([free_x], np.uint64)), ys)[0]
     forged = Share(free_x, completing.astype(np.uint32))
     assert shamir.combine([*observed, forged], t, len(secret)) == candidate
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from fedseal.crypto import SignatureError, keys
-from fedseal.crypto.signing import _verify_der
+from fedseal.crypto.signing import verify_der
 from tests.vectorfiles import load_json
 
 DER = load_json("wycheproof", "ecdsa_secp256r1_sha256_test.json")
@@ -31,11 +31,11 @@ def test_der_signature_verdict_matches_wycheproof(key_der: str, case: dict[str, 
     msg, sig = bytes.fromhex(case["msg"]), bytes.fromhex(case["sig"])
     # The DER file has no "acceptable" cases: every verdict is exact.
     if case["result"] == "valid":
-        _verify_der(public_key, msg, sig)
+        verify_der(public_key, msg, sig)
     else:
         assert case["result"] == "invalid"
         with pytest.raises(SignatureError):
-            _verify_der(public_key, msg, sig)
+            verify_der(public_key, msg, sig)
 
 
 @pytest.mark.parametrize(
@@ -49,4 +49,4 @@ def test_p1363_encoded_signatures_are_refused_because_only_der_is_accepted(
     # fedseal signatures are DER only; a raw r||s signature, even a valid one, must not verify.
     public_key = keys.public_key_from_der(bytes.fromhex(key_der))
     with pytest.raises(SignatureError):
-        _verify_der(public_key, bytes.fromhex(case["msg"]), bytes.fromhex(case["sig"]))
+        verify_der(public_key, bytes.fromhex(case["msg"]), bytes.fromhex(case["sig"]))

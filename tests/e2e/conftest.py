@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from fedseal.server import flower_app
+from fedseal.server import rundir
 
 BIN = Path(sys.executable).parent
 
@@ -85,7 +85,7 @@ def wait_for(
 
 
 def read_rounds(state_dir: Path) -> list[dict[str, Any]]:
-    return flower_app.read_rounds(state_dir / flower_app.ROUNDS_FILE)
+    return rundir.read_rounds(state_dir / rundir.ROUNDS_FILE)
 
 
 def tail(path: Path, n: int = 3000) -> str:

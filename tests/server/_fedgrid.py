@@ -28,12 +28,12 @@ from fedseal.protocol.envelope import Envelope, seal
 from fedseal.protocol.errors import ProtocolError
 from fedseal.protocol.messages import decode_payload
 from fedseal.protocol.types import SiteId
-from fedseal.server import flower_app
+from fedseal.server import flower_app, rundir
 from fedseal.server.cli import init as init_cmd
 from fedseal.server.cli import write_server_toml
 from fedseal.server.config import ServerConfig, load_server_config
 from fedseal.server.metrics import Metrics
-from fedseal.server.roster import Roster
+from fedseal.server.roster import Enrolment
 from fedseal.sim.inmemory import Federation, dataset_root_for
 
 MODEL_SIZE = 12
@@ -228,7 +228,7 @@ class Federated:
             rounding_rng=lambda site: np.random.default_rng(abs(hash(site)) % 2**32),
         )  # fmt: skip
         self.fed.coordinator_key = load_private_key(self.cfg.coordinator.key, None)
-        roster = Roster.load_or_create(self.cfg.coordinator.roster)
+        roster = Enrolment.load_or_create(self.cfg.coordinator.roster)
         for name in names:
             key = self.fed.site_keys[SiteId(name)]
             roster = roster.enroll(name, key.public_key(), [dataset_root_for(name).hex()], now_ms=1)
@@ -236,7 +236,7 @@ class Federated:
         state = self.cfg.coordinator.state_dir
         state.mkdir(parents=True, exist_ok=True)
         nodes = {100 + i: name for i, name in enumerate(names)}
-        (state / flower_app.NODES_FILE).write_text(
+        (state / rundir.NODES_FILE).write_text(
             json.dumps({str(n): s for n, s in nodes.items()})
         )
         self.sites = {}
@@ -265,7 +265,7 @@ class Federated:
         flower_app.run_federation(self.grid, self.cfg, resume=False)  # type: ignore[arg-type]
 
     def rounds(self) -> list[dict[str, Any]]:
-        return flower_app.read_rounds(self.cfg.coordinator.state_dir / flower_app.ROUNDS_FILE)
+        return rundir.read_rounds(self.cfg.coordinator.state_dir / rundir.ROUNDS_FILE)
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         value = self.metrics[-1].registry.get_sample_value(name, labels or {})

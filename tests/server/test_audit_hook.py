@@ -1,4 +1,4 @@
-"""Roster changes are mirrored into the audit log exactly once, across re-opens."""
+"""Enrolment changes are mirrored into the audit log exactly once, across re-opens."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from fedseal.audit.store import MerkleLogStore
 from fedseal.crypto.keys import generate_identity_key
 from fedseal.server.audit_hook import RunAudit
-from fedseal.server.roster import Roster
+from fedseal.server.roster import Enrolment
 
 
 def _size(path: Path) -> int:
@@ -18,7 +18,7 @@ def _size(path: Path) -> int:
 
 def test_roster_events_reach_the_log_once_even_when_reopened(tmp_path: Path) -> None:
     coordinator = generate_identity_key()
-    roster = Roster().enroll("site-a", generate_identity_key().public_key(), ["aa" * 32], now_ms=1)
+    roster = Enrolment().enroll("site-a", generate_identity_key().public_key(), ["aa" * 32], now_ms=1)
     roster = roster.enroll("site-b", generate_identity_key().public_key(), ["bb" * 32], now_ms=2)
     path = tmp_path / "audit.sqlite"
     RunAudit.open(path, coordinator, roster).close()
@@ -32,20 +32,21 @@ def test_roster_events_reach_the_log_once_even_when_reopened(tmp_path: Path) -> 
 
 
 def test_a_frame_that_is_not_an_envelope_is_recorded_rejected_and_the_log_still_verifies(tmp_path: Path) -> None:
-    from fedseal.audit.log import EnvelopeRecord, decode_entry, verify_audit_log
+    from fedseal.audit.codec import decode_entry
+    from fedseal.audit.entries import EnvelopeRecord
+    from fedseal.audit.verifier import verify_audit_log
     from fedseal.protocol import DecodeError, Rejection, ServerStage
     from fedseal.server.audit_hook import UNPARSEABLE_FRAME
 
     coordinator = generate_identity_key()
-    roster = Roster().enroll("site-a", generate_identity_key().public_key(), ["aa" * 32], now_ms=1)
+    roster = Enrolment().enroll("site-a", generate_identity_key().public_key(), ["aa" * 32], now_ms=1)
     path = tmp_path / "audit.sqlite"
     audit = RunAudit.open(path, coordinator, roster)
     audit.run_start("ab" * 16, b"config", bytes(32), rounds=1)
     garbage = b"\x00not an envelope" * 1000
     audit.envelopes(
         1,
-        [Rejection("site-a", ServerStage.ADVERTISE, DecodeError("truncated envelope"))],
-        {("site-a", "advertise"): garbage},
+        [Rejection("site-a", ServerStage.ADVERTISE, DecodeError("truncated envelope"), frame=garbage)],
     )
     audit.close()
     with MerkleLogStore.open(path) as store:
@@ -62,11 +63,11 @@ def test_a_frame_that_is_not_an_envelope_is_recorded_rejected_and_the_log_still_
 def test_the_run_end_checkpoints_the_wal_so_audit_sqlite_alone_is_the_whole_log(tmp_path: Path) -> None:
     import shutil
 
-    from fedseal.audit.cli import verify_log
+    from fedseal.audit.auditor import verify_log
     from fedseal.audit.store import wal_file
 
     coordinator = generate_identity_key()
-    roster = Roster().enroll("site-a", generate_identity_key().public_key(), ["aa" * 32], now_ms=1)
+    roster = Enrolment().enroll("site-a", generate_identity_key().public_key(), ["aa" * 32], now_ms=1)
     path = tmp_path / "audit.sqlite"
     RunAudit.open(path, coordinator, roster).close()
     reader = MerkleLogStore.open(path, read_only=True)  # the audit service keeps one open
@@ -86,7 +87,9 @@ def test_the_run_end_checkpoints_the_wal_so_audit_sqlite_alone_is_the_whole_log(
 
 
 def test_an_evaluation_is_recorded_with_its_finite_metrics_only(tmp_path: Path) -> None:
-    from fedseal.audit.log import AuditLog, EntryKind, Evaluation, decode_entry
+    from fedseal.audit.codec import decode_entry
+    from fedseal.audit.entries import EntryKind, Evaluation
+    from fedseal.audit.writer import AuditLog
     from tests.audit.logbuilder import CLOCK0, build_run_log
 
     built = build_run_log(tmp_path / "audit.sqlite", rounds=2, end_run=False)

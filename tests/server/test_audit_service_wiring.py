@@ -10,14 +10,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedseal.audit.log import Genesis, RosterChange, decode_entry
-from fedseal.audit.receipts import AuditServiceError, GrpcAuditSource
+from fedseal.audit.codec import decode_entry
+from fedseal.audit.entries import Genesis, RosterChange
+from fedseal.audit.errors import AuditServiceError
+from fedseal.audit.service_client import GrpcAuditSource
 from fedseal.crypto.keys import generate_identity_key
+from fedseal.server.audit_serving import AUDIT_FILE, audit_service
 from fedseal.server.cli import init as init_cmd
 from fedseal.server.cli import write_server_toml
 from fedseal.server.config import load_server_config
-from fedseal.server.deploy import AUDIT_FILE, audit_service
-from fedseal.server.roster import Roster
+from fedseal.server.roster import Enrolment
 
 
 def _now_ms() -> int:
@@ -34,7 +36,7 @@ def coordinator(tmp_path: Path) -> Path:
 def test_the_audit_service_serves_the_run_log_over_tls_to_enrolled_sites_only(coordinator: Path) -> None:
     cfg = load_server_config(coordinator)
     site_key = generate_identity_key()
-    roster = Roster.load_or_create(cfg.coordinator.roster).enroll(
+    roster = Enrolment.load_or_create(cfg.coordinator.roster).enroll(
         "site-a", site_key.public_key(), ["ab" * 32], now_ms=_now_ms()
     )
     ca = (coordinator.parent / "tls" / "ca.pem").read_bytes()
@@ -64,6 +66,6 @@ def test_a_plain_run_keeps_no_log_and_serves_nothing(coordinator: Path) -> None:
     text = coordinator.read_text().replace("[run]\n", "[run]\nsecure = false\n")
     coordinator.write_text(text)
     cfg = load_server_config(coordinator)
-    with audit_service(cfg, Roster.load_or_create(cfg.coordinator.roster)) as port:
+    with audit_service(cfg, Enrolment.load_or_create(cfg.coordinator.roster)) as port:
         assert port is None
     assert not (cfg.coordinator.state_dir / AUDIT_FILE).exists()

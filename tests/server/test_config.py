@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedseal.server.cli import write_server_toml
-from fedseal.server.config import ConfigError, load_server_config
+from fedseal.server.config import ServerConfigError, load_server_config
 
 
 def test_the_file_written_by_init_loads_with_paths_relative_to_it(tmp_path: Path) -> None:
@@ -45,6 +45,8 @@ def test_the_audit_and_metrics_addresses_default_and_load(tmp_path: Path) -> Non
         ("[network]\nfleet_port = 70000\n", "network.fleet_port"),
         ("[network]\nfleet_port = 9091\ninternal_port = 9091\n", "network.internal_port"),
         ("[limits]\nmax_message_bytes = 10\n", "limits.max_message_bytes"),
+        ("[limits]\nmax_vector_length = 0\n", "limits.max_vector_length"),
+        ("[limits]\nmax_envelope_bytes = 10\n", "limits.max_envelope_bytes"),
         ("[network]\naudit_port = 70000\n", "network.audit_port"),
         ("[network]\naudit_port = -1\n", "network.audit_port"),
         ("[network]\naudit_port = '9095'\n", "network.audit_port"),
@@ -61,14 +63,14 @@ def test_the_audit_and_metrics_addresses_default_and_load(tmp_path: Path) -> Non
 def test_a_bad_value_fails_naming_the_key(tmp_path: Path, body: str, key: str) -> None:
     tls = "[tls]\nca_cert='a'\nserver_cert='b'\nserver_key='c'\n"
     (tmp_path / "s.toml").write_text(tls + body)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ServerConfigError) as info:
         load_server_config(tmp_path / "s.toml")
     assert info.value.key == key
 
 
 def test_tls_files_are_required_unless_insecure_is_explicit(tmp_path: Path) -> None:
     (tmp_path / "s.toml").write_text("[run]\nrounds = 2\n")
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ServerConfigError) as info:
         load_server_config(tmp_path / "s.toml")
     assert info.value.key == "tls.ca_cert"
     (tmp_path / "s.toml").write_text("[tls]\ninsecure = true\n")
@@ -77,7 +79,7 @@ def test_tls_files_are_required_unless_insecure_is_explicit(tmp_path: Path) -> N
 
 def test_a_file_that_is_not_toml_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "s.toml").write_text("[run\n")
-    with pytest.raises(ConfigError, match="not valid TOML"):
+    with pytest.raises(ServerConfigError, match="not valid TOML"):
         load_server_config(tmp_path / "s.toml")
 
 
@@ -88,8 +90,33 @@ def test_setup_with_evaluation_defaults_on_and_must_be_a_boolean(tmp_path: Path)
     (tmp_path / "s.toml").write_text(tls + "[run]\nsetup_with_evaluation = false\n")
     assert load_server_config(tmp_path / "s.toml").run.setup_with_evaluation is False
     (tmp_path / "s.toml").write_text(tls + "[run]\nsetup_with_evaluation = 'no'\n")
-    with pytest.raises(ConfigError, match="setup_with_evaluation"):
+    with pytest.raises(ServerConfigError, match="setup_with_evaluation"):
         load_server_config(tmp_path / "s.toml")
+
+
+def test_the_limits_table_is_where_the_protocols_decode_bounds_come_from(tmp_path: Path) -> None:
+    from fedseal.protocol import ConfigError, Limits, QuantizationConfig, RoundConfig
+
+    tls = "[tls]\nca_cert='a'\nserver_cert='b'\nserver_key='c'\n"
+    (tmp_path / "s.toml").write_text(tls)
+    assert load_server_config(tmp_path / "s.toml").limits.protocol_limits() == Limits()
+    (tmp_path / "s.toml").write_text(
+        tls + "[limits]\nmax_sites = 4\nmax_vector_length = 100\nmax_envelope_bytes = 4096\n"
+    )
+    limits = load_server_config(tmp_path / "s.toml").limits.protocol_limits()
+    assert (limits.max_cohort, limits.max_vector_length, limits.max_message_bytes) == (4, 100, 4096)
+
+    def config(length: int) -> RoundConfig:
+        return RoundConfig(
+            vector_length=length, quantization=QuantizationConfig.from_clip(1.0, levels=1 << 15), max_weight=100,
+            limits=limits,
+        )
+
+    config(100).resolve(4)  # within the table's bounds
+    with pytest.raises(ConfigError, match="max_vector_length=100"):
+        config(101).resolve(4)
+    with pytest.raises(ConfigError, match="max_cohort=4"):
+        config(100).resolve(5)
 
 
 def test_the_consortium_table_is_optional_and_loads_both_paths(tmp_path: Path) -> None:
@@ -142,7 +169,7 @@ def test_a_bad_consortium_table_names_the_key(
 ) -> None:
     tls = "[tls]\nca_cert='a'\nserver_cert='b'\nserver_key='c'\n"
     (tmp_path / "s.toml").write_text(body + tls if not body.startswith("[") else tls + body)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ServerConfigError) as info:
         load_server_config(tmp_path / "s.toml")
     assert info.value.key == key and reason in info.value.reason
     assert str(info.value).startswith(f"{key}: ")

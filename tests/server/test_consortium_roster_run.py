@@ -13,14 +13,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.audit.log import (
-    AuditVerifier,
-    ConsortiumRosterRecord,
-    RunStart,
-    VerifiedLog,
-    decode_entry,
-)
+from fedseal.audit.codec import decode_entry
+from fedseal.audit.entries import ConsortiumRosterRecord, RunStart
 from fedseal.audit.store import MerkleLogStore
+from fedseal.audit.verifier import AuditVerifier, VerifiedLog
 from fedseal.crypto.keys import generate_identity_key, public_key_to_der, save_public_key
 from fedseal.protocol.consortium import (
     ConsortiumRoster,
@@ -29,7 +25,7 @@ from fedseal.protocol.consortium import (
     with_revoked,
 )
 from fedseal.protocol.types import SiteId
-from fedseal.server import flower_app
+from fedseal.server import audit_hook, rundir
 from fedseal.server.audit_hook import ConsortiumRefusedError
 from fedseal.server.config import ConsortiumSection
 from tests.server._fedgrid import Federated
@@ -94,7 +90,7 @@ def _log(fx: Federated) -> tuple[list[Any], VerifiedLog]:
 
 def _status(fx: Federated) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(
-        (fx.cfg.coordinator.state_dir / flower_app.STATUS_FILE).read_text()
+        (fx.cfg.coordinator.state_dir / rundir.STATUS_FILE).read_text()
     )
     return doc
 
@@ -116,7 +112,7 @@ def test_the_roster_is_logged_at_run_start_and_again_when_its_version_changes(
     assert [r.version for r in rosters] == [1, 2]
     first = kinds.index("ConsortiumRosterRecord")
     assert kinds[first + 1] == "RunStart"  # in force before the run starts
-    assert kinds.index("RoundResult") < entries.index(rosters[1])  # after round 1, before round 2
+    assert kinds.index("RoundRecord") < entries.index(rosters[1])  # after round 1, before round 2
     for record, roster in zip(rosters, authority.versions, strict=True):
         assert record.signed().verify(authority.key.public_key()) == roster
     assert verified.consortium_rosters[0][:2] == ("fedgrid", 2)
@@ -187,7 +183,7 @@ def test_a_new_run_refuses_a_roster_older_than_the_one_in_the_log(
     authority.write(2)
     fx.run(monkeypatch)
     authority.write(1)  # rolled back between runs
-    with pytest.raises(flower_app.AuditHaltError, match="roster versions never go down"):
+    with pytest.raises(audit_hook.AuditHaltError, match="roster versions never go down"):
         fx.run(monkeypatch)
     assert "the audit log refused the consortium roster" in _status(fx)["reason"]
     entries, _ = _log(fx)
@@ -196,7 +192,7 @@ def test_a_new_run_refuses_a_roster_older_than_the_one_in_the_log(
 
 def test_run_audit_records_a_roster_again_only_when_asked_or_changed(tmp_path: Path) -> None:
     from fedseal.server.audit_hook import ConsortiumWatch, RunAudit
-    from fedseal.server.roster import Roster
+    from fedseal.server.roster import Enrolment
 
     fx = Federated(tmp_path, SITES, secure=True, rounds=1, min_sites=3)
     authority = Authority(tmp_path, fx)
@@ -205,7 +201,7 @@ def test_run_audit_records_a_roster_again_only_when_asked_or_changed(tmp_path: P
     authority.write(1)
     first = watch.check()
     assert first is not None and watch.check() is None  # unchanged: nothing to record
-    audit = RunAudit.open(tmp_path / "audit.sqlite", generate_identity_key(), Roster())
+    audit = RunAudit.open(tmp_path / "audit.sqlite", generate_identity_key(), Enrolment())
     assert audit.consortium_roster(first) is True
     assert audit.consortium_roster(first) is False  # a resumed run: the log has it already
     assert audit.consortium_roster(first, again=True) is True  # a new run's start

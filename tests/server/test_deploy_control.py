@@ -12,9 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from fedseal.crypto.keys import generate_identity_key
-from fedseal.server import deploy
-from fedseal.server.deploy import DeployError
-from fedseal.server.roster import Roster
+from fedseal.server import control_api, rundir
+from fedseal.server.errors import DeployError
+from fedseal.server.roster import Enrolment
 
 ROOT = "aa" * 32
 
@@ -39,21 +39,21 @@ def _cfg(tmp_path: Path) -> Any:
 
 def test_sites_are_registered_once_and_a_revoked_site_is_unregistered(tmp_path: Path) -> None:
     keys = [generate_identity_key().public_key() for _ in range(2)]
-    roster = Roster().enroll("site-a", keys[0], [ROOT], now_ms=1).enroll("site-b", keys[1], [ROOT], now_ms=2)
+    roster = Enrolment().enroll("site-a", keys[0], [ROOT], now_ms=1).enroll("site-b", keys[1], [ROOT], now_ms=2)
     control = FakeControl()
-    nodes = deploy._register_sites(_cfg(tmp_path), roster, control)  # type: ignore[arg-type]
+    nodes = control_api.register_sites(_cfg(tmp_path), roster, control)  # type: ignore[arg-type]
     assert sorted(nodes.values()) == ["site-a", "site-b"]
     assert {site: key for site, key in control.registered.values()} == {"site-a": keys[0], "site-b": keys[1]}
-    assert json.loads((tmp_path / deploy.NODES_FILE).read_text()) == {str(k): v for k, v in nodes.items()}
+    assert json.loads((tmp_path / rundir.NODES_FILE).read_text()) == {str(k): v for k, v in nodes.items()}
     openssh = keys[0].public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     assert (tmp_path / "site-keys" / "site-a.pub").read_bytes() == openssh + b"\n"
 
     # A restart (--resume) registers nobody again; a revocation removes the site's node.
-    again = deploy._register_sites(_cfg(tmp_path), roster.revoke("site-b", now_ms=3), control)  # type: ignore[arg-type]
+    again = control_api.register_sites(_cfg(tmp_path), roster.revoke("site-b", now_ms=3), control)  # type: ignore[arg-type]
     site_b = next(k for k, v in nodes.items() if v == "site-b")
     assert len(control.registered) == 2 and control.unregistered == [("site-b", site_b)]
     assert list(again.values()) == ["site-a"]
-    assert json.loads((tmp_path / deploy.NODES_FILE).read_text()) == {str(k): v for k, v in again.items()}
+    assert json.loads((tmp_path / rundir.NODES_FILE).read_text()) == {str(k): v for k, v in again.items()}
 
 
 def test_a_control_api_failure_names_the_step(tmp_path: Path) -> None:
@@ -64,7 +64,7 @@ def test_a_control_api_failure_names_the_step(tmp_path: Path) -> None:
         def ListRuns(self, request: Any) -> Any:
             return SimpleNamespace(run_dict={})
 
-    api = object.__new__(deploy._ControlApi)
+    api = object.__new__(control_api.ControlApi)
     api._client = Down()  # type: ignore[assignment]
     with pytest.raises(DeployError, match="ConnectError") as info:
         api.register("site-a", generate_identity_key().public_key())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from fedseal.server.flower_app import exchange, exchange_iter
+from fedseal.server.exchange import exchange, exchange_iter
 
 
 class FakeGrid:
@@ -51,7 +51,7 @@ def test_replies_are_yielded_before_the_slow_ones_arrive() -> None:
 
 
 def test_empty_pulls_back_off_from_milliseconds_to_the_poll_and_start_again_after_a_reply(monkeypatch: Any) -> None:
-    import fedseal.server.flower_app as fa
+    import fedseal.server.exchange as fa
 
     sleeps: list[float] = []
     monkeypatch.setattr(fa.time, "sleep", sleeps.append)
@@ -69,7 +69,7 @@ def test_a_grid_with_a_reply_signal_waits_on_its_event_not_the_clock(monkeypatch
     on its event (ended by a stored reply), never plain sleeps."""
     import threading
 
-    import fedseal.server.flower_app as fa
+    import fedseal.server.exchange as fa
 
     monkeypatch.setattr(fa.time, "sleep", lambda s: (_ for _ in ()).throw(AssertionError("slept")))
 
@@ -93,7 +93,7 @@ def test_a_grid_with_a_reply_signal_waits_on_its_event_not_the_clock(monkeypatch
 
 def test_with_a_reply_signal_only_the_replied_messages_are_asked_for() -> None:
     """Asking for every pending message after each reply made a stage O(N^2) on the link state."""
-    import fedseal.server.flower_app as fa
+    import fedseal.server.exchange as fa
 
     asked: list[list[str]] = []
 
@@ -121,7 +121,7 @@ def test_with_a_reply_signal_only_the_replied_messages_are_asked_for() -> None:
 
 
 def test_a_reply_the_signal_missed_is_still_found_by_the_periodic_full_look() -> None:
-    import fedseal.server.flower_app as fa
+    import fedseal.server.exchange as fa
 
     grid = FakeGrid([0, 0])
     setattr(grid, fa.REPLY_SIGNAL_ATTR, fa.ReplySignal())  # never told of any reply

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fedseal.server import flower_app
+from fedseal.server import resume
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,7 @@ class PingGrid:
 
 def responsive(script: dict[int, list[str]], timeout: float = 5.0) -> tuple[list[int], dict[int, int]]:
     grid = PingGrid(script)
-    alive = flower_app._responsive(SimpleNamespace(grid=grid), list(script), timeout, round_s=0.05)  # type: ignore[arg-type]
+    alive = resume.responsive(grid, list(script), timeout, round_s=0.05)  # type: ignore[arg-type]
     return alive, grid.pings
 
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from fedseal.crypto.keys import generate_identity_key
-from fedseal.server.audit_hook import RunAudit
-from fedseal.server.checkpoint import CheckpointStore, RunState, model_digest
-from fedseal.server.flower_app import AuditHaltError, _reconcile_restart, flat_digest, flat_model
-from fedseal.server.roster import Roster
+from fedseal.protocol.model import flatten, model_digest
+from fedseal.server.audit_hook import AuditHaltError, FailClosedAudit, RunAudit
+from fedseal.server.checkpoint import CheckpointStore, RunState
+from fedseal.server.resume import reconcile_restart
+from fedseal.server.roster import Enrolment
 
 RUN_ID = "ab" * 16
 
@@ -24,11 +25,16 @@ def _arrays(v: float) -> dict[str, np.ndarray]:
     return {"w": np.full((2, 3), v, np.float32)}
 
 
+def _digest(arrays: dict[str, np.ndarray]) -> bytes:
+    """The model digest the audit log (and the checkpoint) records for ``arrays``."""
+    return model_digest(flatten(arrays))
+
+
 class _Fixture:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.key = generate_identity_key()
-        roster = Roster().enroll("site-a", generate_identity_key().public_key(), ["aa" * 32], now_ms=1)
+        roster = Enrolment().enroll("site-a", generate_identity_key().public_key(), ["aa" * 32], now_ms=1)
         self.audit = RunAudit.open(tmp / "audit.sqlite", self.key, roster)
         self.checkpoints = CheckpointStore(tmp / "checkpoints")
         self.statuses: list[dict[str, Any]] = []
@@ -39,27 +45,27 @@ class _Fixture:
             checkpoints=self.checkpoints,
             status=lambda **f: self.statuses.append(f),
         )
-        self.secure = SimpleNamespace(audit=self.audit, audit_call=lambda what, fn, *a, **k: fn(*a, **k))
+        self.gate = FailClosedAudit(self.audit, halt=lambda reason: self.statuses.append({"phase": "failed", "reason": reason}))
         self.rounds_log = tmp / "rounds.jsonl"
 
     def commit(self, rnd: int, arrays: dict[str, np.ndarray], *, log: bool = True) -> None:
-        self.checkpoints.commit(RunState(RUN_ID, rnd, model_digest(arrays).hex()), arrays)
+        self.checkpoints.commit(RunState(RUN_ID, rnd, _digest(arrays).hex()), arrays)
         if log:
-            self.audit.round_result(rnd, hashlib.sha256(b"agg%d" % rnd).digest(), flat_digest(flat_model(arrays)))
+            self.audit.round_result(rnd, hashlib.sha256(b"agg%d" % rnd).digest(), _digest(arrays))
 
     def fail(self, rnd: int, arrays: dict[str, np.ndarray]) -> None:
-        self.audit.round_result(rnd, None, flat_digest(flat_model(arrays)), failed="too few sites")
+        self.audit.round_result(rnd, None, _digest(arrays), failed="too few sites")
 
     def reconcile(self, previous: dict[str, Any]) -> tuple[RunState, dict[str, np.ndarray], int]:
         latest = self.checkpoints.latest()
         assert latest is not None
         state, arrays = latest
-        return _reconcile_restart(self.run, self.secure, state, arrays, previous, self.rounds_log)  # type: ignore[arg-type]
+        return reconcile_restart(self.run, self.gate, state, arrays, previous, self.rounds_log)  # type: ignore[arg-type]
 
 
 def _started(fx: _Fixture) -> None:
-    fx.checkpoints.commit(RunState(RUN_ID, 0, model_digest(_arrays(0)).hex()), _arrays(0))
-    fx.audit.run_start(RUN_ID, b"# test\n", flat_digest(flat_model(_arrays(0))), rounds=6)
+    fx.checkpoints.commit(RunState(RUN_ID, 0, _digest(_arrays(0)).hex()), _arrays(0))
+    fx.audit.run_start(RUN_ID, b"# test\n", _digest(_arrays(0)), rounds=6)
 
 
 def test_failed_rounds_after_the_last_checkpoint_are_not_replayed_and_the_interrupted_one_is_abandoned(
@@ -91,7 +97,7 @@ def test_a_checkpoint_the_log_never_recorded_is_discarded_and_its_round_abandone
 def test_a_log_whose_model_is_not_the_checkpoints_stops_the_resume(tmp_path: Path) -> None:
     fx = _Fixture(tmp_path)
     _started(fx)
-    fx.checkpoints.commit(RunState(RUN_ID, 0, model_digest(_arrays(7)).hex()), _arrays(7))  # replaced on disk
+    fx.checkpoints.commit(RunState(RUN_ID, 0, _digest(_arrays(7)).hex()), _arrays(7))  # replaced on disk
     with pytest.raises(AuditHaltError, match="not the newest checkpoint"):
         fx.reconcile({})
     assert fx.statuses[-1]["phase"] == "failed"
@@ -100,7 +106,7 @@ def test_a_log_whose_model_is_not_the_checkpoints_stops_the_resume(tmp_path: Pat
 def test_a_checkpoint_of_another_run_stops_the_resume(tmp_path: Path) -> None:
     fx = _Fixture(tmp_path)
     _started(fx)
-    fx.checkpoints.commit(RunState("cd" * 16, 0, model_digest(_arrays(0)).hex()), _arrays(0))
+    fx.checkpoints.commit(RunState("cd" * 16, 0, _digest(_arrays(0)).hex()), _arrays(0))
     with pytest.raises(AuditHaltError, match="open run"):
         fx.reconcile({})
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedseal.audit.log import EntryKind, RoundResult, RoundStatus, decode_entry
+from fedseal.audit.codec import decode_entry
+from fedseal.audit.entries import EntryKind, RoundRecord, RoundStatus
 from fedseal.audit.store import MerkleLogStore
 from fedseal.server.checkpoint import CheckpointStore
 from tests.server._fedgrid import STEP, Federated, shift_masked_input
@@ -27,12 +28,12 @@ def _serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def _round_results(path: Path) -> list[RoundResult]:
+def _round_results(path: Path) -> list[RoundRecord]:
     with MerkleLogStore.open(path) as store:
         out = []
         for i in store.find(int(EntryKind.ROUND_RESULT)):
             entry = decode_entry(store.entries(i, i + 1)[0].data)
-            assert isinstance(entry, RoundResult)
+            assert isinstance(entry, RoundRecord)
             out.append(entry)
         return out
 
@@ -108,8 +109,8 @@ def test_an_honest_secure_run_commits_every_round(
     ]
     assert fx.metric("fedseal_rounds_abandoned_total", {"reason": "aggregate-out-of-range"}) is None
     # Each committed round's federated evaluation is in the signed log, after its result.
-    from fedseal.audit.cli import verify_log
-    from fedseal.audit.log import Evaluation
+    from fedseal.audit.auditor import verify_log
+    from fedseal.audit.entries import Evaluation
     from fedseal.crypto.keys import load_private_key
     from tests.server._fedgrid import EXAMPLES
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseal.server import flower_app, metrics
+from fedseal.server import flower_app, metrics, rundir
 from fedseal.server.cli import init as init_cmd
 from fedseal.server.cli import write_server_toml
 from fedseal.server.config import ServerConfig, load_server_config
@@ -32,7 +32,7 @@ def _config(tmp_path: Path, *, metrics_port: int) -> ServerConfig:
 
 
 def _status(cfg: ServerConfig) -> dict[str, object]:
-    doc = json.loads((cfg.coordinator.state_dir / flower_app.STATUS_FILE).read_text())
+    doc = json.loads((cfg.coordinator.state_dir / rundir.STATUS_FILE).read_text())
     assert isinstance(doc, dict)
     return doc
 

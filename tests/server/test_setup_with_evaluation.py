@@ -8,13 +8,9 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedseal.server import flower_app
-from fedseal.server.flower_app import (
-    SETUP_CONFIG_RECORD,
-    SETUP_ERROR_RECORD,
-    SETUP_RECORD,
-    SetupAhead,
-)
+from fedseal.protocol.records import SETUP_CONFIG_RECORD, SETUP_ERROR_RECORD, SETUP_RECORD
+from fedseal.server import secure_round
+from fedseal.server.secure_round import SetupAhead
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +61,7 @@ def test_each_site_gets_its_own_setup_although_the_strategy_shared_one_record_di
     rec, began = Recorder(), []
     emsgs = _evaluation_messages([1, 2, 3])
     train_cfg = ConfigRecord({"round": 2})
-    ahead = flower_app._setup_with_evaluation(_run([1, 2, 3], rec), _secure(began), emsgs, 2, {}, train_cfg)  # type: ignore[arg-type]
+    ahead = secure_round.setup_with_evaluation(_run([1, 2, 3], rec), _secure(began), emsgs, 2, {}, train_cfg)  # type: ignore[arg-type]
     assert ahead is not None and began == [(2, [1, 2, 3])]
     assert [int(m.metadata.dst_node_id) for m in emsgs] == [1, 2, 3]
     for m in emsgs:
@@ -90,7 +86,7 @@ def test_no_setup_rides_along_when_the_cohort_is_not_the_evaluated_sites(
     rec, began = Recorder(), []
     emsgs = _evaluation_messages(evaluated)
     before = [m.content for m in emsgs]
-    ahead = flower_app._setup_with_evaluation(_run(online, rec), _secure(began), emsgs, 2, {}, ConfigRecord({}))  # type: ignore[arg-type]
+    ahead = secure_round.setup_with_evaluation(_run(online, rec), _secure(began), emsgs, 2, {}, ConfigRecord({}))  # type: ignore[arg-type]
     assert ahead is None and began == [] and rec.statuses == []
     assert [m.content for m in emsgs] == before and all(SETUP_RECORD not in c for c in before)
 
@@ -111,6 +107,6 @@ def test_adverts_and_refusals_are_taken_from_the_evaluation_replies() -> None:
         reply(4, RecordDict({}), error=True),  # the evaluation failed: silence, as at an advert timeout
         reply(9, RecordDict({SETUP_RECORD: ConfigRecord({"payload": b"stranger"})})),  # not in the cohort
     ]
-    flower_app._collect_adverts(SimpleNamespace(node_sites={n: f"site-{n}" for n in (1, 2, 3, 4, 9)}), ahead, replies)  # type: ignore[arg-type]
+    secure_round.collect_adverts(SimpleNamespace(node_sites={n: f"site-{n}" for n in (1, 2, 3, 4, 9)}), ahead, replies)  # type: ignore[arg-type]
     assert ahead.adverts == {"site-1": b"advert-1"}
     assert ahead.refused == {"site-2": "DecodeError: junk", "site-3": "evaluation reply without a key advert"}

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from fedseal.server import metrics
-from fedseal.server.deploy import _end_stale_serverapp
-from fedseal.server.flower_app import SERVERAPP_PID_FILE
+from fedseal.server.deploy import end_stale_serverapp
+from fedseal.server.rundir import SERVERAPP_PID_FILE
 
 SLEEPER = "import time; time.sleep(120)"
 
@@ -37,7 +37,7 @@ def test_a_leftover_serverapp_is_ended(tmp_path: Path) -> None:
     try:
         (tmp_path / SERVERAPP_PID_FILE).write_text(f"{proc.pid}\n")
         said: list[str] = []
-        _end_stale_serverapp(tmp_path, said.append)
+        end_stale_serverapp(tmp_path, said.append)
         assert proc.wait(timeout=10) is not None
         assert said and str(proc.pid) in said[0]
     finally:
@@ -49,7 +49,7 @@ def test_a_reused_pid_of_another_program_is_left_alone(tmp_path: Path) -> None:
     try:
         (tmp_path / SERVERAPP_PID_FILE).write_text(f"{proc.pid}\n")
         said: list[str] = []
-        _end_stale_serverapp(tmp_path, said.append)
+        end_stale_serverapp(tmp_path, said.append)
         assert proc.poll() is None and said == []
     finally:
         proc.kill()
@@ -57,11 +57,11 @@ def test_a_reused_pid_of_another_program_is_left_alone(tmp_path: Path) -> None:
 
 
 def test_no_pid_file_or_a_gone_process_is_nothing_to_do(tmp_path: Path) -> None:
-    _end_stale_serverapp(tmp_path, lambda s: pytest.fail(s))
+    end_stale_serverapp(tmp_path, lambda s: pytest.fail(s))
     (tmp_path / SERVERAPP_PID_FILE).write_text("999999999\n")
-    _end_stale_serverapp(tmp_path, lambda s: pytest.fail(s))
+    end_stale_serverapp(tmp_path, lambda s: pytest.fail(s))
     (tmp_path / SERVERAPP_PID_FILE).write_text("garbage\n")
-    _end_stale_serverapp(tmp_path, lambda s: pytest.fail(s))
+    end_stale_serverapp(tmp_path, lambda s: pytest.fail(s))
 
 
 def test_a_metrics_port_in_use_is_retried_then_named(monkeypatch: pytest.MonkeyPatch) -> None:

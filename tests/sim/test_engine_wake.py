@@ -9,8 +9,10 @@ from typing import Any
 
 from flwr.server.superlink.fleet.vce import vce_api
 
-import fedseal.sim.simulate as simulate
-from fedseal.sim.simulate import _WAKE_ATTR, _wake_engine_on_store
+import fedseal.sim.engine as engine
+import fedseal.sim.flower_patches as flower_patches
+from fedseal.sim.flower_patches import WAKE_ATTR as _WAKE_ATTR
+from fedseal.sim.flower_patches import wake_engine_on_store as _wake_engine_on_store
 
 
 def msg(node: int, name: str) -> Any:
@@ -79,7 +81,7 @@ def test_a_link_state_without_the_event_keeps_flowers_tick_and_still_gets_its_me
 
 def _real_link_state(nodes: int) -> tuple[Any, dict[int, int], Any]:
     """Flower's in-memory link state with a run and ``nodes`` registered nodes, and its grid."""
-    link = simulate.in_memory_link(nodes)
+    link = engine.in_memory_link(nodes)
     return link.state, link.mapping, link.grid
 
 
@@ -90,18 +92,18 @@ def test_one_pass_gives_what_flowers_per_node_calls_give() -> None:
 
     state, mapping, grid = _real_link_state(4)
     a, b, c, _ = list(mapping)
-    assert simulate._one_pass_readable(state)
+    assert flower_patches.one_pass_readable(state)
     pushed = list(grid.push_messages([
         Message(RecordDict(), dst_node_id=n, message_type="train") for n in (a, b, a, c)
     ]))
-    first = simulate._undelivered_one_per_node(state, mapping)
+    first = flower_patches.undelivered_one_per_node(state, mapping)
     assert [m.metadata.message_id for m in first] == [pushed[0], pushed[1], pushed[3]]
     assert all(m.metadata.delivered_at for m in first)
     assert state.get_message_ins(node_id=b, limit=1) == []  # delivered: Flower agrees
-    second = simulate._undelivered_one_per_node(state, mapping)
+    second = flower_patches.undelivered_one_per_node(state, mapping)
     assert [m.metadata.message_id for m in second] == [pushed[2]]  # a's next, oldest first
-    assert simulate._undelivered_one_per_node(state, mapping) == []
-    assert simulate._undelivered_one_per_node(state, {}) == []  # unmapped nodes get nothing
+    assert flower_patches.undelivered_one_per_node(state, mapping) == []
+    assert flower_patches.undelivered_one_per_node(state, {}) == []  # unmapped nodes get nothing
 
 
 def test_the_real_dispatcher_hands_every_stored_message_to_the_workers_once() -> None:

@@ -14,15 +14,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from typer.testing import CliRunner
 
 from fedseal.sim.commands import app as cli_app
-from fedseal.sim.simulate import (
-    SimulatedSites,
-    SimulationError,
-    content_bytes,
-    default_backend_config,
-    prepare_simulation,
-    run_fedseal_simulation,
-    verify_audit_log,
-)
+from fedseal.sim.engine import default_backend_config
+from fedseal.sim.errors import SimulationError
+from fedseal.sim.simulate import prepare_simulation, run_fedseal_simulation, verify_audit_log
+from fedseal.sim.sites import SimulatedSites, content_bytes
 
 
 def test_content_bytes_counts_array_buffers_bytes_strings_and_numbers() -> None:
@@ -129,20 +124,31 @@ def test_a_virtual_site_whose_dataset_changed_since_approval_is_refused(tmp_path
 def test_a_process_of_virtual_sites_shares_its_signature_checks_unless_told_not_to(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
 ) -> None:
-    from fedseal.crypto import signing
-    from fedseal.protocol import memo
+    from fedseal.client import flower_app
+    from fedseal.protocol.seams import NO_SHARING
+    from fedseal.sim.shared_work import SharedWork
 
-    monkeypatch.setattr(signing, "_memo", None)
-    memo.share_decoded(None)
+    runtimes: list[flower_app.SiteRuntime] = []
+    real = flower_app.make_client_app
+
+    def spy(runtime: flower_app.SiteRuntime) -> object:
+        runtimes.append(runtime)
+        return real(runtime)
+
+    monkeypatch.setattr(flower_app, "make_client_app", spy)
     if setting:
         monkeypatch.setenv("FEDSEAL_SIM_SHARE_VERIFIED", setting)
     else:
         monkeypatch.delenv("FEDSEAL_SIM_SHARE_VERIFIED", raising=False)
     fed = prepare_simulation(tmp_path / "sim", sites=2, scheme="iid", seed=2)
-    SimulatedSites(tuple(str(p) for p in fed.sites)).site_app(0)
-    assert (signing._memo is not None) is (setting != "0")
-    assert (memo.shared("decoded") is not None) is (setting != "0")  # and its decoding
-    assert (memo.shared("graphs") is not None) is (setting != "0")
+    sites = SimulatedSites(tuple(str(p) for p in fed.sites))
+    sites.site_app(0)
+    sites.site_app(1)
+    first, second = (r.shared_work for r in runtimes)
+    assert isinstance(first, SharedWork) is (setting != "0")  # signature checks and decoding
+    assert (first is NO_SHARING) is (setting == "0")
+    assert second is first  # one per process: the sites share it
+    assert (sites.shared_work is first) is (setting != "0")
 
 
 def _dataset_dir(site_dir: Path) -> Path:
@@ -236,7 +242,7 @@ def test_the_backend_config_sizes_ray_to_the_actors_asked_for() -> None:
 def test_the_pinned_backend_keeps_two_calls_per_actor_in_flight() -> None:
     """One engine thread per actor left an actor idle whenever both threads held messages of
     sites pinned to the other; two per actor keep every actor's queue fed."""
-    from fedseal.sim.simulate import pinned_ray_backend
+    from fedseal.sim.engine import pinned_ray_backend
 
     backend = object.__new__(pinned_ray_backend())
     backend.actors = ("a0", "a1")
@@ -245,11 +251,16 @@ def test_the_pinned_backend_keeps_two_calls_per_actor_in_flight() -> None:
     assert backend.num_workers == 40  # never fewer threads than actors
 
 
-def test_the_shared_checks_setting_accepts_0_or_1_and_names_anything_else() -> None:
-    from fedseal.sim.simulate import shares_verified
+def test_the_shared_checks_setting_accepts_0_or_1_and_names_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedseal.settings import Environment
+
+    def shares_verified(env: dict[str, str]) -> bool:
+        return Environment.read(env).sim_share_verified
 
     assert shares_verified({}) is True
     assert shares_verified({"FEDSEAL_SIM_SHARE_VERIFIED": "1"}) is True
     assert shares_verified({"FEDSEAL_SIM_SHARE_VERIFIED": "0"}) is False
+    # The simulation's site builder reads it and names a bad value as a SimulationError.
+    monkeypatch.setenv("FEDSEAL_SIM_SHARE_VERIFIED", "false")
     with pytest.raises(SimulationError, match="FEDSEAL_SIM_SHARE_VERIFIED must be 0 or 1, got 'false'"):
-        shares_verified({"FEDSEAL_SIM_SHARE_VERIFIED": "false"})
+        SimulatedSites(("/nonexistent/site-0",))

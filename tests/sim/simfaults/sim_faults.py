@@ -31,7 +31,7 @@ class _FailsFirstEvaluation(ClientApp):
 
 
 def site_down_for_first_evaluation(site_dir: Path) -> ClientApp:
-    from fedseal.sim.simulate import _real_site_app
+    from fedseal.sim.sites import real_site_app
 
-    real = _real_site_app(Path(site_dir), ())
+    real = real_site_app(Path(site_dir), ())
     return _FailsFirstEvaluation(real) if Path(site_dir).name == FAILING_SITE else real

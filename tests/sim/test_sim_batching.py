@@ -3,6 +3,7 @@ message still gets its own reply (or error reply), in the engine's reply queue."
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -13,7 +14,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedseal.sim.simulate import SimulationError, _batched_worker, run_apps_on_engine
+from fedseal.sim.engine import run_apps_on_engine
+from fedseal.sim.errors import SimulationError
+from fedseal.sim.flower_patches import batched_worker
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +90,7 @@ def run_worker(
         inq.put(message_for(node))
     stop = threading.Event()
     worker = threading.Thread(
-        target=_batched_worker, args=(inq, outq, stores, backend, stop, metrics), kwargs={"batch": batch}
+        target=batched_worker, args=(inq, outq, stores, backend, stop, metrics), kwargs={"batch": batch}
     )
     worker.start()
     try:
@@ -138,12 +141,25 @@ def test_a_batch_size_out_of_range_is_refused(batch: int) -> None:
         run_apps_on_engine(None, None, 2, batch=batch)
 
 
+@pytest.fixture
+def _environment_restored() -> Iterator[None]:
+    """Starting Ray rewrites this process's environment (PYTHONPATH, RAY_*, ...); later tests
+    in the same process (the deployment's compose validation) must not see it."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.mark.usefixtures("_environment_restored")
 def test_the_pinned_backend_runs_a_batch_on_real_actors_in_order_and_in_calls_of_per_call() -> None:
     """Real Ray actors: sites 0, 2, 4 pinned to actor 0 and 1, 3 to actor 1; per_call=2 splits
     actor 0's three messages over two calls; site 3's ClientApp raises: an error for it alone."""
     from flwr.clientapp import ClientApp
 
-    from fedseal.sim.simulate import default_backend_config, pinned_ray_backend
+    from fedseal.sim.engine import default_backend_config, pinned_ray_backend
 
     app = ClientApp()
 

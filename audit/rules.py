@@ -1,0 +1,405 @@
+"""The run rules: what a log may record, applied entry by entry.
+
+:class:`RunRules` is shared by the verifier (:class:`fedseal.audit.verifier.AuditVerifier`
+lists the rules) and the coordinator's writer (:class:`fedseal.audit.writer.AuditLog`, which
+refuses an entry that breaks them *before* writing it). A broken rule raises
+:class:`~fedseal.audit.errors.RuleViolation`; an accepted envelope yields the
+:class:`~fedseal.audit.signatures.SignatureJob` that checks its site signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedseal.audit.entries import (
+    INPUT_MESSAGE_TYPE,
+    AuditEntry,
+    Checkpoint,
+    ConsortiumRosterRecord,
+    EnvelopeRecord,
+    Evaluation,
+    Genesis,
+    RosterAction,
+    RosterChange,
+    RoundRecord,
+    RoundStatus,
+    RunStart,
+    RunStatus,
+)
+from fedseal.audit.errors import RuleViolation
+from fedseal.audit.signatures import SignatureJob, cached_public_key, cross_check
+from fedseal.crypto.errors import CryptoError
+from fedseal.crypto.keys import key_id, public_key_from_der
+from fedseal.crypto.signing import verify
+from fedseal.protocol.consortium import ROSTER_TYPE
+from fedseal.protocol.roster import Roster, RosterEntry
+from fedseal.protocol.types import SiteId, site_sort_key
+
+__all__ = ["MAX_EVALUATION_EXAMPLES", "RunRules"]
+
+
+MAX_EVALUATION_EXAMPLES = 10**12
+"""The most evaluation examples an :class:`Evaluation` may claim (a sanity bound)."""
+
+
+@dataclass(slots=True)
+class _Site:
+    key_der: bytes
+    key_id: bytes
+    roots: frozenset[bytes]
+    active: bool
+
+
+@dataclass(slots=True)
+class _Run:
+    run_id: bytes
+    start_index: int
+    last_round: int = 0
+    model: bytes = b""
+    models: dict[int, bytes] = field(default_factory=dict)
+    inputs: dict[str, bytes] = field(default_factory=dict)
+    seen: set[bytes] = field(default_factory=set)
+    rounds_completed: int = 0
+    rounds_failed: int = 0
+    last_status: RoundStatus | None = None
+    evaluated: int = 0  # the last round whose evaluation is logged
+
+
+class RunRules:
+    """The run's rules, applied entry by entry (see :class:`AuditVerifier`)."""
+
+    def __init__(
+        self,
+        trusted_roster: Roster | None = None,
+        *,
+        inline_checks: bool = True,
+        consortium_authority: bytes | None = None,
+    ) -> None:
+        self.inline_checks = inline_checks  # cross-check payloads here (else in the jobs)
+        self.genesis: Genesis | None = None
+        self.authority = consortium_authority  # pinned roster authority key (DER), if any
+        self.consortia: dict[str, ConsortiumRosterRecord] = {}  # latest roster per consortium
+        self.last_consortium: ConsortiumRosterRecord | None = None
+        self.sites: dict[str, _Site] = {}
+        self.run: _Run | None = None
+        self.run_ids: set[bytes] = set()
+        self.trusted = trusted_roster
+        self.runs: list[tuple[bytes, RunStatus | None, int, int, int]] = []
+        self.accepted = 0
+        self.rejected = 0
+
+    def roster(self) -> Roster:
+        return Roster(
+            RosterEntry.from_der(s, v.key_der, v.roots, active=v.active)
+            for s, v in self.sites.items()
+        )
+
+    def apply(
+        self, index: int, entry: AuditEntry, *, replay: bool = False, data: bytes = b""
+    ) -> SignatureJob | None:
+        if index == 0 and not isinstance(entry, Genesis):
+            raise RuleViolation("genesis", "entry 0 must be the log's genesis entry")
+        if isinstance(entry, Genesis):
+            if index != 0:
+                raise RuleViolation("genesis", "a second genesis entry")
+            try:
+                public_key_from_der(entry.coordinator_key_der)
+            except CryptoError as exc:
+                raise RuleViolation(
+                    "coordinator-key", "genesis holds an invalid coordinator key"
+                ) from exc
+            self.genesis = entry
+            return None
+        if isinstance(entry, RosterChange):
+            self._roster_change(entry)
+            return None
+        if isinstance(entry, RunStart):
+            self._run_start(index, entry)
+            return None
+        if isinstance(entry, ConsortiumRosterRecord):
+            self._consortium_roster(entry, replay=replay)
+            return None
+        if isinstance(entry, EnvelopeRecord):
+            return self.envelope(index, entry, data, replay=replay)
+        run = self._open_run(entry.run_id)
+        if isinstance(entry, RoundRecord):
+            self._round_result(run, entry, replay=replay)
+        elif isinstance(entry, Checkpoint):
+            want = run.models.get(entry.round)
+            if want is None:
+                raise RuleViolation(
+                    "checkpoint", f"checkpoint of round {entry.round}, which has no model yet"
+                )
+            if entry.model_digest != want:
+                raise RuleViolation(
+                    "checkpoint", f"checkpoint model differs from round {entry.round}'s model"
+                )
+        elif isinstance(entry, Evaluation):
+            self._evaluation(run, entry)
+        else:
+            if entry.final_round != run.last_round:
+                raise RuleViolation(
+                    "run-end",
+                    f"run ends at round {entry.final_round}, last round was {run.last_round}",
+                )
+            if entry.final_model_digest != run.model:
+                raise RuleViolation(
+                    "model-chain", "final model digest differs from the last round's model"
+                )
+            self.runs.append(
+                (run.run_id, entry.status, run.rounds_completed, run.rounds_failed, run.start_index)
+            )
+            self.run = None
+        return None
+
+    def _open_run(self, run_id: bytes) -> _Run:
+        run = self.run
+        if run is None:
+            raise RuleViolation("outside-run", "run-scoped entry while no run is open")
+        if run_id != run.run_id:
+            raise RuleViolation("run-id", "entry names another run than the open one")
+        return run
+
+    def envelope(
+        self, index: int, entry: EnvelopeRecord, data: bytes = b"", *, replay: bool = False
+    ) -> SignatureJob | None:
+        """:meth:`apply` for an envelope entry (the verifier's hot path calls it directly)."""
+        run = self.run
+        if index == 0 or run is None or entry.run_id != run.run_id:
+            if index == 0:
+                raise RuleViolation("genesis", "entry 0 must be the log's genesis entry")
+            run = self._open_run(entry.run_id)  # raises the precise failure
+        return self._envelope(index, run, entry, replay=replay, data=data)
+
+    def _roster_change(self, entry: RosterChange) -> None:
+        current = self.sites.get(entry.site)
+        if entry.action == RosterAction.ENROL:
+            if current is not None and current.active:
+                raise RuleViolation("roster", f"site {entry.site!r} enrolled twice")
+            try:
+                kid = bytes(key_id(public_key_from_der(entry.public_key_der)))
+            except CryptoError as exc:
+                raise RuleViolation(
+                    "roster", f"site {entry.site!r} enrolled with an invalid key"
+                ) from exc
+            if any(s.key_id == kid for name, s in self.sites.items() if name != entry.site):
+                raise RuleViolation(
+                    "roster", f"site {entry.site!r} enrolled with another site's key"
+                )
+            if self.trusted is not None:
+                t = self.trusted.get(SiteId(entry.site))
+                if t is None or t.key_id != kid:
+                    raise RuleViolation(
+                        "trusted-roster",
+                        f"site {entry.site!r}'s key is not the one in the trusted roster",
+                    )
+            self.sites[entry.site] = _Site(
+                entry.public_key_der, kid, frozenset(entry.approved_roots), True
+            )
+            return
+        if current is None or not current.active:
+            raise RuleViolation(
+                "roster", f"roster change for site {entry.site!r}, which is not enrolled"
+            )
+        if entry.action == RosterAction.SET_ROOTS:
+            current.roots = frozenset(entry.approved_roots)
+        else:
+            current.active = False
+
+    def _consortium_roster(self, entry: ConsortiumRosterRecord, *, replay: bool) -> None:
+        what = f"consortium roster {entry.consortium!r} version {entry.version}"
+        if self.authority is not None and entry.authority_key_der != self.authority:
+            raise RuleViolation(
+                "consortium-authority",
+                f"{what} is signed by authority key {entry.authority_key_id.hex()[:16]}…, "
+                "not by the pinned roster authority",
+            )
+        if not replay:
+            try:
+                key = cached_public_key(entry.authority_key_der)
+                verify(key, ROSTER_TYPE, entry.payload, entry.signature)
+            except CryptoError as exc:
+                raise RuleViolation(
+                    "consortium-signature",
+                    f"{what}: the authority's signature does not verify under the authority key "
+                    "recorded with it",
+                ) from exc
+        previous = self.consortia.get(entry.consortium)
+        if previous is not None:
+            if entry.version < previous.version:
+                raise RuleViolation(
+                    "consortium-version",
+                    f"{what} follows version {previous.version}: roster versions never go down",
+                )
+            if entry.version == previous.version and entry.roster_digest != previous.roster_digest:
+                raise RuleViolation(
+                    "consortium-version",
+                    f"{what} differs from the roster logged earlier with the same version",
+                )
+        self.consortia[entry.consortium] = entry
+        self.last_consortium = entry
+
+    def _run_start(self, index: int, entry: RunStart) -> None:
+        if self.run is not None:
+            raise RuleViolation("run-start", "a run starts while another is open")
+        if entry.run_id in self.run_ids:
+            raise RuleViolation("run-start", "run id reused")
+        if entry.roster_digest != self.roster().digest():
+            raise RuleViolation(
+                "roster-digest", "run start's roster digest differs from the log's roster"
+            )
+        self.run_ids.add(entry.run_id)
+        self.run = _Run(entry.run_id, index, model=entry.initial_model_digest)
+        self.run.models[0] = entry.initial_model_digest
+
+    def _envelope(
+        self, index: int, run: _Run, e: EnvelopeRecord, *, replay: bool, data: bytes
+    ) -> SignatureJob | None:
+        if not e.accepted:
+            self.rejected += 1
+            return None
+        self.accepted += 1
+        if e.round != run.last_round + 1:
+            raise RuleViolation(
+                "round-order",
+                f"accepted envelope for round {e.round} while round {run.last_round + 1} is open",
+            )
+        site = self.sites.get(e.site)
+        if site is None:
+            raise RuleViolation(
+                "not-enrolled", f"accepted envelope from site {e.site!r}, which is not enrolled"
+            )
+        if not site.active:
+            raise RuleViolation("revoked", f"accepted envelope from revoked site {e.site!r}")
+        if e.signer_key_id != site.key_id:
+            raise RuleViolation(
+                "signer", f"accepted envelope signed by a key that is not {e.site!r}'s"
+            )
+        trusted = None
+        if self.trusted is not None:
+            trusted = self.trusted.get(SiteId(e.site))
+            if trusted is None or not trusted.active or trusted.key_id != site.key_id:
+                raise RuleViolation(
+                    "trusted-roster",
+                    f"site {e.site!r} is not active with this key in the trusted roster",
+                )
+        digest = e.content_digest
+        if digest in run.seen:
+            raise RuleViolation("duplicate", "the same signed content was accepted twice")
+        run.seen.add(digest)
+        if self.inline_checks and not replay:
+            cross_check(e)
+        if e.model_digest is not None and e.model_digest != run.model:
+            raise RuleViolation(
+                "model-chain", "envelope was made from another model than the round's"
+            )
+        if e.message_type == INPUT_MESSAGE_TYPE:
+            if (
+                e.dataset_root is None
+                or e.bulk_digest is None
+                or e.num_examples is None
+                or e.model_digest is None
+            ):
+                raise RuleViolation(
+                    "input-fields",
+                    "accepted input lacks dataset root, bulk digest, example count or model digest",
+                )
+            if e.dataset_root not in site.roots:
+                raise RuleViolation("dataset-root", f"dataset root not approved for {e.site!r}")
+            if trusted is not None and e.dataset_root not in trusted.approved_roots:
+                raise RuleViolation(
+                    "trusted-roster",
+                    f"dataset root not approved for {e.site!r} in the trusted roster",
+                )
+            if e.site in run.inputs:
+                raise RuleViolation(
+                    "duplicate", f"second accepted input from {e.site!r} in round {e.round}"
+                )
+            run.inputs[e.site] = digest
+        return SignatureJob(index, site.key_der, e, data)
+
+    def _round_result(self, run: _Run, e: RoundRecord, *, replay: bool) -> None:
+        if e.round != run.last_round + 1:
+            raise RuleViolation(
+                "round-order", f"result of round {e.round} where round {run.last_round + 1} was due"
+            )
+        if e.base_model_digest != run.model:
+            raise RuleViolation(
+                "model-chain",
+                f"round {e.round} starts from another model than round {run.last_round}'s",
+            )
+        if not replay:
+            want_digests = tuple(sorted(run.inputs.values()))
+            want_sites = tuple(sorted(run.inputs, key=site_sort_key))
+            if e.accepted_input_digests != want_digests:
+                raise RuleViolation(
+                    "aggregate-inputs",
+                    "the aggregate's inputs differ from the accepted input envelopes",
+                )
+            if e.survivors != want_sites:
+                raise RuleViolation(
+                    "survivors", "survivor set differs from the sites whose inputs were accepted"
+                )
+        if e.status == RoundStatus.COMPLETED:
+            if e.aggregate_digest is None or not e.survivors:
+                raise RuleViolation(
+                    "round-result", "a completed round needs an aggregate and survivors"
+                )
+            run.rounds_completed += 1
+        else:
+            if e.aggregate_digest is not None or e.new_model_digest != e.base_model_digest:
+                raise RuleViolation(
+                    "round-result",
+                    "a failed round must leave the model unchanged, without aggregate",
+                )
+            run.rounds_failed += 1
+        run.last_round = e.round
+        run.last_status = e.status
+        run.model = e.new_model_digest
+        run.models[e.round] = e.new_model_digest
+        run.inputs = {}
+
+    def _evaluation(self, run: _Run, e: Evaluation) -> None:
+        if e.round != run.last_round or e.round == 0:
+            raise RuleViolation(
+                "evaluation",
+                f"evaluation of round {e.round} after round {run.last_round}'s result "
+                "(only the last round's new model is evaluated, before the next round ends)",
+            )
+        if run.last_status != RoundStatus.COMPLETED:
+            raise RuleViolation("evaluation", f"evaluation of round {e.round}, which failed")
+        if run.evaluated == e.round:
+            raise RuleViolation("evaluation", f"a second evaluation of round {e.round}")
+        if e.model_digest != run.model:
+            raise RuleViolation(
+                "model-chain", f"the evaluated model is not round {e.round}'s new model"
+            )
+        for site in e.sites:
+            if site not in self.sites:
+                raise RuleViolation(
+                    "not-enrolled", f"evaluation counts site {site!r}, which is not enrolled"
+                )
+            if not self.sites[site].active:
+                raise RuleViolation(
+                    "evaluation", f"evaluation counts site {site!r}, which is revoked"
+                )
+        if not e.sites:
+            raise RuleViolation("evaluation", f"evaluation of round {e.round} names no site")
+        if e.num_examples > MAX_EVALUATION_EXAMPLES:
+            raise RuleViolation(
+                "evaluation",
+                f"evaluation of round {e.round} claims {e.num_examples} examples (more than "
+                f"{MAX_EVALUATION_EXAMPLES})",
+            )
+        values = dict(e.metrics)
+        for name in ("accuracy", "macro-f1"):
+            if name in values and not 0 <= values[name] <= 1_000_000:
+                raise RuleViolation(
+                    "evaluation",
+                    f"evaluation of round {e.round}: {name} {values[name] / 1e6} is outside [0, 1]",
+                )
+        if "loss" in values and values["loss"] < 0:
+            raise RuleViolation(
+                "evaluation", f"evaluation of round {e.round}: loss {values['loss'] / 1e6} < 0"
+            )
+        run.evaluated = e.round

@@ -1,0 +1,397 @@
+"""A secure round over the Flower grid: :class:`fedseal.protocol.SecAggServer` driven stage by
+stage, its outcome returned as one value.
+
+Usage (the round loop, :mod:`fedseal.server.flower_app`)::
+
+    secure = SecureCoordinator(run, run_id, key, audit)
+    outcome = secure.round(rnd, nodes, model, train_cfg, ahead)    # -> SecureOutcome
+    if outcome.mean_delta is not None: ...                          # else outcome.failure
+    ahead = setup_with_evaluation(run, secure, emsgs, rnd + 1, model, next_cfg)
+    collect_adverts(run, ahead, evaluation_replies)
+
+Each stage's signed packets go out as ``train.secagg`` messages (the first one also carries
+the global model and the training config), replies are fed to ``server.receive`` as they
+arrive (a site that does not answer within ``run.stage_timeout_s`` is a dropout), the stage's
+envelopes are durably logged before the next stage's messages (which acknowledge them) go
+out, and ``server.advance`` yields the next stage. A :class:`~fedseal.protocol.ProtocolError`
+(too few survivors, reconstruction failure, an unmasked aggregate out of range) *abandons* the
+round: :class:`SecureOutcome` then names the failure, its kind and the survivors.
+
+With ``run.setup_with_evaluation`` the next round's setup rides on this round's evaluation
+messages (:func:`setup_with_evaluation`): each site evaluates, adopts the setup and
+returns its key advert with its metrics (or, in ``secagg-error``, why it refused); the next
+round then starts at the advert bundle, one exchange less per round. It is not sent along when
+the next cohort differs from the evaluated sites.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedseal.protocol import records
+from fedseal.protocol.model import ModelVector
+from fedseal.server.audit_hook import FailClosedAudit
+from fedseal.server.exchange import arrays_to_record, exchange_iter
+from fedseal.server.replies import (
+    error_reason,
+    one_line,
+    reply_payload,
+    report_site_error,
+    setup_refusal,
+)
+from fedseal.server.rundir import Run
+
+__all__ = [
+    "SecureCoordinator",
+    "SecureOutcome",
+    "SetupAhead",
+    "collect_adverts",
+    "failure_kind",
+    "setup_with_evaluation",
+]
+
+log = logging.getLogger("fedseal.server")
+
+
+@dataclass
+class SetupAhead:
+    """A secure round's setup built during the previous round's evaluation and sent with it.
+
+    ``adverts``: the key adverts (envelope bytes) that came back with the evaluation replies;
+    ``refused``: sites that answered the evaluation but refused the setup, with their reason.
+    """
+
+    rnd: int
+    nodes: list[int]
+    server: Any
+    outbound: Mapping[str, Any]
+    adverts: dict[str, bytes] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SecureOutcome:
+    """What one secure round gave.
+
+    Attributes:
+        mean_delta: The secure weighted mean of the sites' deltas (``None``: abandoned).
+        aggregate_digest: The exact integer aggregate's digest (``None``: abandoned).
+        total_weight: The survivors' signed example counts, summed.
+        sites: The survivors (completed round).
+        dropouts: How many sites dropped out.
+        rejected: How many replies the state machine rejected.
+        stage_seconds: Each stage's wall time, in order (a repeated stage: the last one).
+        site_errors: Error replies (site, reason), refusals included.
+        setup_with_evaluation: Its setup went out with the last evaluation.
+        failure: Why it was abandoned (one line), and ``failure_kind`` (e.g. ``threshold``).
+        survivors: For an abandoned round, the sites whose masked inputs it accepted.
+    """
+
+    mean_delta: npt.NDArray[np.float64] | None
+    aggregate_digest: bytes | None = None
+    total_weight: int = 0
+    sites: tuple[str, ...] = ()
+    dropouts: int = 0
+    rejected: int = 0
+    stage_seconds: tuple[tuple[str, float], ...] = ()
+    site_errors: tuple[tuple[str, str], ...] = ()
+    setup_with_evaluation: bool = False
+    failure: str | None = None
+    failure_kind: str | None = None
+    survivors: tuple[str, ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        """The round record's fields (``rounds.jsonl``), site errors aside."""
+        rec: dict[str, Any] = {"rejected": self.rejected}
+        if self.setup_with_evaluation:
+            rec["setup_with_evaluation"] = True
+        rec.update((f"{stage}_s", seconds) for stage, seconds in self.stage_seconds)
+        if self.mean_delta is None:
+            rec.update(
+                failure=self.failure, failure_kind=self.failure_kind, abandoned=True,
+                survivors=list(self.survivors),
+            )
+        else:
+            rec.update(
+                accepted=len(self.sites), sites=list(self.sites), dropouts=self.dropouts,
+                aggregate_digest=(self.aggregate_digest or b"").hex(), total_weight=self.total_weight,
+            )
+        return rec
+
+
+def failure_kind(exc: Exception) -> str:
+    """A round failure's kind for metrics and records: the error class in kebab case, without
+    ``Error`` (``AggregateOutOfRangeError`` -> ``aggregate-out-of-range``)."""
+    name = type(exc).__name__.removesuffix("Error") or type(exc).__name__
+    return "".join(f"-{c.lower()}" if c.isupper() else c for c in name).lstrip("-")
+
+
+class SecureCoordinator:
+    """Drives :class:`fedseal.protocol.SecAggServer` over the Flower grid, stage by stage."""
+
+    def __init__(
+        self, run: Run, run_id: str, key: ec.EllipticCurvePrivateKey, audit: FailClosedAudit | None
+    ) -> None:
+        self.run = run
+        self.run_id = bytes.fromhex(run_id)
+        self.key = key
+        self.audit = audit
+        #: Each site's commitment to the graph nonce of its next round (from its last key
+        #: advert): listed in the next setup, so only a site's first round of the run (or the
+        #: first after a restart of the coordinator) needs a commit exchange.
+        self.commitments: dict[str, bytes] = {}
+
+    def _roster(self) -> Any:
+        from fedseal.protocol import Roster as ProtoRoster
+        from fedseal.protocol import RosterEntry, SiteId
+
+        return ProtoRoster(
+            RosterEntry(
+                site=SiteId(s.name),
+                public_key=s.public_key,
+                approved_roots=frozenset(bytes.fromhex(r) for r in s.dataset_roots),
+                active=s.status == "active",
+            )
+            for s in self.run.roster.sites
+        )
+
+    def _config(self, length: int, cohort: int) -> Any:
+        from fedseal.protocol import ConfigError as ProtoConfigError
+        from fedseal.protocol import QuantizationConfig, RoundConfig
+
+        r = self.run.cfg.run
+        for bits in (32, 64):
+            cfg = RoundConfig(
+                vector_length=length,
+                quantization=QuantizationConfig.from_clip(r.update_clip, levels=r.quant_levels, modulus_bits=bits),
+                max_weight=r.max_weight,
+                threshold=r.threshold or None,
+                round_timeout_s=int(max(600, 10 * r.stage_timeout_s)),
+                limits=self.run.cfg.limits.protocol_limits(),
+            )
+            try:
+                cfg.resolve(cohort)
+            except ProtoConfigError:
+                if bits == 64:
+                    raise
+                continue
+            return cfg
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def begin(self, rnd: int, nodes: list[int], model: ModelVector) -> SetupAhead:
+        """Build round ``rnd``'s setup now, to send with the current round's evaluation.
+
+        Raises:
+            fedseal.protocol.ProtocolError: The round cannot be set up (e.g. its configuration).
+        """
+        server = self._server(rnd, nodes, model)
+        return SetupAhead(rnd=rnd, nodes=list(nodes), server=server, outbound=server.start())
+
+    def _server(self, rnd: int, nodes: list[int], model: ModelVector) -> Any:
+        from fedseal.protocol import SecAggServer
+
+        sites = sorted(self.run.node_sites[n] for n in nodes)
+        return SecAggServer(
+            self._config(model.size, len(nodes)), self._roster(), sites,
+            identity_key=self.key, run_id=self.run_id, round=rnd, model_digest=model.digest,
+            now=time.time(), commitments=self.commitments,
+        )
+
+    def _log_envelopes(self, rnd: int, entries: list[Any], start: int) -> int:
+        """Log the protocol log entries from ``start`` on (one durable commit); return the new end."""
+        if self.audit is not None and len(entries) > start:
+            self.audit.envelopes(rnd, entries[start:])
+        return len(entries)
+
+    def round(
+        self, rnd: int, nodes: list[int], model: ModelVector, train_cfg: ConfigRecord,
+        ahead: SetupAhead | None = None,
+    ) -> SecureOutcome:
+        """One secure round from ``model``.
+
+        With ``ahead`` (built by :meth:`begin` for this round and these ``nodes``, and sent with
+        the previous round's evaluation), the setup stage takes the key adverts that came back
+        with the evaluation replies instead of an exchange of its own.
+
+        Raises:
+            fedseal.server.audit_hook.AuditHaltError: The audit log refused the envelopes.
+        """
+        from fedseal.protocol import ProtocolError, Rejection
+
+        run, cfg = self.run, self.run.cfg
+        site_of = {n: run.node_sites[n] for n in nodes}
+        node_of = {s: n for n, s in site_of.items()}
+        server = ahead.server if ahead is not None else self._server(rnd, nodes, model)
+        logged = 0
+        rejected = 0
+        stage_seconds: list[tuple[str, float]] = []
+        site_errors: list[tuple[str, str]] = []
+
+        def take(
+            site: str, stage_name: str, payload: object, bulk: npt.NDArray[Any] | None,
+            why: str = "site error or empty reply",
+        ) -> None:
+            nonlocal rejected
+            if not isinstance(payload, bytes) or not payload:
+                server.drop(site, why)
+                run.metrics.rejected.labels(reason="site-error").inc()
+                return
+            run.metrics.bytes_received.inc(len(payload) + (bulk.nbytes if bulk is not None else 0))
+            receipt = server.receive(site, payload, bulk)
+            if isinstance(receipt, Rejection):
+                run.metrics.rejected.labels(reason=type(receipt.error).__name__).inc()
+                rejected += 1
+                log.warning("round %d: rejected %s at %s: %s", rnd, site, stage_name, receipt.reason)
+
+        def outcome(**fields: Any) -> SecureOutcome:
+            return SecureOutcome(
+                rejected=rejected, stage_seconds=tuple(stage_seconds), site_errors=tuple(site_errors),
+                setup_with_evaluation=ahead is not None, **fields,
+            )
+
+        try:
+            outbound = ahead.outbound if ahead is not None else server.start()
+            stage = 0
+            while outbound:
+                stage_name = server.stage.value
+                run.status(phase="training", round=rnd, run_id=self.run_id.hex(), stage=stage_name)
+                ts = time.monotonic()
+                if stage == 0 and ahead is not None:
+                    # The setup went out with the last evaluation; its adverts came back with it.
+                    for site in outbound:
+                        if site in ahead.refused:
+                            why = f"refused the setup: {ahead.refused[site]}"
+                            log.warning("round %d: %s %s", rnd, site, why)
+                            take(site, stage_name, None, None, why)
+                        elif site in ahead.adverts:
+                            take(site, stage_name, ahead.adverts[site], None)
+                else:
+                    msgs = []
+                    # The setup carries the global model and training config.
+                    model_rec = arrays_to_record(model.arrays) if stage == 0 else None
+                    for site, pkt in outbound.items():
+                        content = RecordDict(
+                            {records.SETUP_RECORD: ConfigRecord({records.PAYLOAD: pkt.payload})}
+                        )
+                        if model_rec is not None:
+                            content[records.ARRAYS_RECORD] = model_rec
+                            content[records.CONFIG_RECORD] = train_cfg
+                        msgs.append(Message(
+                            content, dst_node_id=node_of[site],
+                            message_type=records.message_type("train", records.SECURE_STAGE),
+                        ))
+                        run.metrics.bytes_sent.inc(len(pkt.payload))
+                    # Each reply is verified and (a masked input) added to the running sum before
+                    # the next is pulled: memory holds one model-sized vector per pulled batch.
+                    for reply in exchange_iter(run.grid, msgs, cfg.run.stage_timeout_s):
+                        site = site_of.get(int(reply.metadata.src_node_id))
+                        if site is None:
+                            continue
+                        if reply.has_error():
+                            reason = error_reason(reply)
+                            report_site_error(run.metrics, rnd, site, reason, stage_name)
+                            site_errors.append((site, reason))
+                            take(site, stage_name, None, None, f"error reply: {reason}")
+                            continue
+                        payload = reply_payload(reply)
+                        bulk_rec = reply.content.get(records.BULK_RECORD) if payload else None
+                        bulk = (
+                            bulk_rec[records.BULK_MASKED].numpy()
+                            if isinstance(bulk_rec, ArrayRecord) and records.BULK_MASKED in bulk_rec
+                            else None
+                        )
+                        take(site, stage_name, payload, bulk)
+                seconds = time.monotonic() - ts
+                stage_seconds.append((stage_name, seconds))
+                run.metrics.stage_seconds.labels(stage=stage_name).observe(seconds)
+                # The stage's envelopes are durably logged before the next stage's messages
+                # (which acknowledge them) go out.
+                logged = self._log_envelopes(rnd, server.log, logged)
+                try:
+                    outbound = server.advance()
+                finally:
+                    self.commitments.update(server.next_commitments)
+                stage += 1
+            result = server.result
+        except ProtocolError as exc:
+            self._log_envelopes(rnd, server.log, logged)
+            kind = failure_kind(exc)
+            survivors = tuple(sorted(str(s) for s in server.survivors))
+            log.warning(
+                "round %d abandoned (%s; survivors %s): %s", rnd, kind, ", ".join(survivors) or "none",
+                exc, exc_info=exc,
+            )
+            return outcome(
+                mean_delta=None, failure=one_line(f"{type(exc).__name__}: {exc}"), failure_kind=kind,
+                survivors=survivors,
+            )
+        run.metrics.accepted.inc(len(result.survivors))
+        self._log_envelopes(rnd, server.log, logged)
+        return outcome(
+            mean_delta=np.asarray(result.weighted_mean, np.float64),
+            aggregate_digest=result.aggregate_digest,
+            total_weight=int(result.total_weight),
+            sites=tuple(sorted(str(s) for s in result.survivors)),
+            dropouts=len(result.dropouts),
+        )
+
+
+def setup_with_evaluation(
+    run: Run, secure: SecureCoordinator, emsgs: list[Message], rnd: int, model: ModelVector,
+    train_cfg: ConfigRecord,
+) -> SetupAhead | None:
+    """Put round ``rnd``'s setup into the evaluation messages (which carry the model it
+    trains from; ``emsgs`` is changed in place); returns it, or None when the next cohort is
+    not exactly the evaluated sites (a site joined, or the strategy evaluates a sample) or
+    the setup cannot be built: that round then starts with a setup exchange of its own.
+
+    From here on the status names round ``rnd``, so a coordinator restarted before it ends
+    abandons it (its sites have seen its setup) instead of setting it up a second time.
+    """
+    from fedseal.protocol import ProtocolError
+
+    targets = {int(m.metadata.dst_node_id): m for m in emsgs}
+    nodes = run.enrolled_online()
+    if len(nodes) < run.cfg.run.min_sites or set(nodes) != set(targets):
+        log.info("round %d: setup not sent with the evaluation (cohort differs from the evaluated sites)", rnd)
+        return None
+    try:
+        ahead = secure.begin(rnd, nodes, model)
+    except ProtocolError as exc:
+        log.warning("round %d: setup not sent with the evaluation: %s", rnd, exc)
+        return None
+    run.status(phase="training", round=rnd, run_id=secure.run_id.hex(), stage="advertise")
+    node_of = {run.node_sites[n]: n for n in nodes}
+    for site, pkt in ahead.outbound.items():
+        node = node_of[site]
+        # A strategy's evaluation messages share one RecordDict: each gets its own here.
+        content = RecordDict(dict(targets[node].content.items()))
+        content[records.SETUP_RECORD] = ConfigRecord({records.PAYLOAD: pkt.payload})
+        content[records.SETUP_CONFIG_RECORD] = train_cfg
+        targets[node] = Message(content, dst_node_id=node, message_type=targets[node].metadata.message_type)
+        run.metrics.bytes_sent.inc(len(pkt.payload))
+    emsgs[:] = [targets[int(m.metadata.dst_node_id)] for m in emsgs]
+    return ahead
+
+
+def collect_adverts(run: Run, ahead: SetupAhead, replies: list[Message]) -> None:
+    """Take the key adverts (or the refusals) the evaluation replies brought back."""
+    wanted = set(ahead.outbound)
+    for reply in replies:
+        site = run.node_sites.get(int(reply.metadata.src_node_id))
+        if site not in wanted or reply.has_error():
+            continue
+        payload = reply_payload(reply)
+        if isinstance(payload, bytes) and payload:
+            ahead.adverts[site] = payload
+            continue
+        ahead.refused[site] = setup_refusal(reply) or "evaluation reply without a key advert"
