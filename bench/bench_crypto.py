@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fedseal.crypto import merkle, prg, shamir
 
 N_VALUES = 10_000_000
-CHUNK = prg._CHUNK_BYTES  # the same chunk size as fedseal.crypto.prg
+CHUNK = prg.CHUNK_BYTES  # the same chunk size as fedseal.crypto.prg
 
 
 def race(repeat: int, fns: dict[str, Callable[[], object]]) -> dict[str, float]:

@@ -11,7 +11,7 @@ The patches (all installed by :func:`install`, except :func:`set_message_id`):
 
 1. **Idle poll** (``flwr.supernode.start_client_internal.time``): the SuperNode loop sleeps a
    hard-coded 3 s after a Fleet pull that brought no message; the module's ``time`` is replaced
-   by :class:`_PollClock`, which caps that sleep at the configured poll interval and the loop's
+   by :class:`PollClock`, which caps that sleep at the configured poll interval and the loop's
    0.5 s waits for its own executor's reply (in-memory, no network request) at a shorter one.
    Only that module sees the cap.
 2. **Run ended mid-pull** (``start_client_internal.pull_objects``): if the run stopped while the
@@ -44,6 +44,8 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from fedseal.client.errors import SiteError
+
 if TYPE_CHECKING:
     from fedseal.settings import PullBackoff
 
@@ -66,10 +68,10 @@ FLOWER_VERSIONS = ("1.42",)
 #: Cap on the SuperNode's local waits (for its executor's reply), which cost no network request.
 LOCAL_WAIT_S = 0.05
 _PATCHED_MODULE = "flwr.supernode.start_client_internal"
-_PATCHED_CALL = "time.sleep(3)"
+PATCHED_CALL = "time.sleep(3)"
 # The main loop's shape the stranded-reply patch relies on (whitespace removed): it tests the
 # pull's result for None, and only otherwise pushes.
-_LOOP_PUSH_AFTER_PULL = "ifrun_idisNone:#Ifnomessagewasreceived,waitforawhiletime.sleep(3)continue_push_messages("
+LOOP_PUSH_AFTER_PULL = "ifrun_idisNone:#Ifnomessagewasreceived,waitforawhiletime.sleep(3)continue_push_messages("
 _PINNED = " or ".join(f"flwr=={v}.*" for v in FLOWER_VERSIONS)
 
 
@@ -107,7 +109,7 @@ def set_message_id(message: Any, message_id: str) -> None:
     message.metadata.__dict__["_message_id"] = message_id
 
 
-class _PollClock(types.ModuleType):
+class PollClock(types.ModuleType):
     """A stand-in for the ``time`` module with shorter sleeps.
 
     The idle sleep between Fleet pulls (3 s, a network request each time) is capped at
@@ -128,7 +130,7 @@ class _PollClock(types.ModuleType):
         time.sleep(min(seconds, self.poll_s if seconds >= 1.0 else self.local_wait_s))
 
 
-class RunEndedError(RuntimeError):
+class RunEndedError(SiteError, RuntimeError):
     """The run a message belongs to stopped while the SuperNode was pulling the message."""
 
 
@@ -162,7 +164,7 @@ def has_unsent_reply(state: Any) -> bool:
         )
 
 
-def _node_state_is_readable() -> bool:
+def node_state_is_readable() -> bool:
     """Whether Flower's in-memory node state still has the fields :func:`has_unsent_reply` reads."""
     from flwr.supernode.nodestate import in_memory_nodestate
 
@@ -177,7 +179,7 @@ def _node_state_is_readable() -> bool:
     )
 
 
-def _push_stranded_replies(pull_and_store: Callable[..., Any]) -> Callable[..., Any]:
+def push_stranded_replies(pull_and_store: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap Flower's ``_pull_and_store_message`` so an idle pull still leads to a push when a
     reply is waiting (the loop pushes only when this returns something other than None)."""
 
@@ -192,7 +194,7 @@ def _push_stranded_replies(pull_and_store: Callable[..., Any]) -> Callable[..., 
     return pull_and_store_message
 
 
-def _error_reply_on_failed_client_task(finish_task: Callable[..., bool]) -> Callable[..., bool]:
+def error_reply_on_failed_client_task(finish_task: Callable[..., bool]) -> Callable[..., bool]:
     """Wrap ``InMemoryNodeState.finish_task``: a ClientApp task that ends FAILED leaves an error
     reply to its run's retrieved, unanswered messages (as Flower does for an AgentApp)."""
     from flwr.app import Error
@@ -226,27 +228,27 @@ def install(poll_s: float, backoff: PullBackoff | None = None, local_wait_s: flo
     module = importlib.import_module(_PATCHED_MODULE)
     source = inspect.getsource(module)
     if (
-        _PATCHED_CALL not in source
+        PATCHED_CALL not in source
         or getattr(module, "time", None) is not time
         or "obj_contents = pull_objects(" not in source
         or not callable(getattr(module, "pull_objects", None))
-        or _LOOP_PUSH_AFTER_PULL not in "".join(source.split())
-        or not _node_state_is_readable()
+        or LOOP_PUSH_AFTER_PULL not in "".join(source.split())
+        or not node_state_is_readable()
     ):
         raise RuntimeError(
-            f"{_PATCHED_MODULE} no longer sleeps with `{_PATCHED_CALL}` on the `time` module or "
+            f"{_PATCHED_MODULE} no longer sleeps with `{PATCHED_CALL}` on the `time` module or "
             "pulls message objects with `pull_objects`: this Flower version is not the one "
             f"fedseal's SuperNode launcher was written for ({_PINNED})"
         )
-    module.time = _PollClock(poll_s, poll_s if local_wait_s is None else local_wait_s)  # type: ignore[attr-defined]
+    module.time = PollClock(poll_s, poll_s if local_wait_s is None else local_wait_s)  # type: ignore[attr-defined]
     module.pull_objects = _pull_objects_of_a_running_run(module.pull_objects, backoff)  # type: ignore[attr-defined]
     pull_and_store = getattr(module, "_pull_and_store_message")  # noqa: B009 (private: mypy --strict)
-    module._pull_and_store_message = _push_stranded_replies(  # type: ignore[attr-defined]
+    module._pull_and_store_message = push_stranded_replies(  # type: ignore[attr-defined]
         getattr(pull_and_store, "__wrapped__", pull_and_store)
     )
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
     finish_task = InMemoryNodeState.finish_task
-    InMemoryNodeState.finish_task = _error_reply_on_failed_client_task(  # type: ignore[method-assign]
+    InMemoryNodeState.finish_task = error_reply_on_failed_client_task(  # type: ignore[method-assign]
         getattr(finish_task, "__wrapped__", finish_task)
     )

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedseal.client.config import ClientConfig
+from fedseal.client.errors import SiteError
 from fedseal.settings import Environment, SettingsError
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ log = logging.getLogger("fedseal.client")
 AUTH_FAILED_MARKERS = ("Failed to activate SuperNode", "401", "Invalid SuperNode authentication", "not registered", "PERMISSION_DENIED")
 
 
-class SiteRunError(Exception):
+class SiteRunError(SiteError):
     """The site cannot join (the message names the step and the reason)."""
 
     def __init__(self, step: str, reason: str) -> None:

@@ -154,7 +154,7 @@ class RowSplitter:
         return mask
 
 
-class _SplitShards(ShardDataset):  # type: ignore[misc, unused-ignore]
+class SplitShards(ShardDataset):  # type: ignore[misc, unused-ignore]
     """A :class:`ShardDataset` that keeps only one part's rows of every decoded record batch.
 
     Filtering happens in the loader's per-record-batch decode step (``ShardDataset._convert``),
@@ -219,7 +219,7 @@ class SiteSplit:
     num_rows: int
     shuffle_buffer: int
     num_workers: int
-    _shards: _SplitShards = field(repr=False, compare=False)
+    _shards: SplitShards = field(repr=False, compare=False)
 
     def batches(self, *, batch_size: int, seed: int, epoch: int, shuffle: bool) -> Iterator[Batch]:
         """One pass over this part: ``(float32 [B, num_features], int64 [B])`` batches.
@@ -332,7 +332,7 @@ def load_site_data(
         raise ValueError("shuffle_buffer and read_batch_rows must be positive, num_workers >= 0")
     splitter = RowSplitter(seed, validation_fraction)
     try:
-        shards = _SplitShards(
+        shards = SplitShards(
             directory,
             splitter=splitter,
             part="train",
@@ -358,7 +358,7 @@ def load_site_data(
     val_shards = copy.copy(shards)
     val_shards.part = "validation"
 
-    def split(part: Part, rows: int, ds: _SplitShards) -> SiteSplit:
+    def split(part: Part, rows: int, ds: SplitShards) -> SiteSplit:
         return SiteSplit(directory, part, rows, shuffle_buffer, num_workers, ds)
 
     return SiteData(

@@ -214,7 +214,7 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _step(
+def train_step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     xb: torch.Tensor,
@@ -238,14 +238,14 @@ def _step(
     return data_loss
 
 
-def _optimizer(model: nn.Module, req: TrainRequest, device: torch.device) -> torch.optim.Optimizer:
+def optimizer_for(model: nn.Module, req: TrainRequest, device: torch.device) -> torch.optim.Optimizer:
     """SGD with momentum 0.9; on CUDA the fused implementation (one kernel per step for all
     parameters instead of a few per parameter group: the demo models' steps are launch-bound)."""
     fused = True if device.type == "cuda" else None
     return torch.optim.SGD(model.parameters(), lr=req.learning_rate, momentum=0.9, fused=fused)
 
 
-class _Losses:
+class Losses:
     """The steps' losses, kept on the device and read once: :meth:`add` holds up to
     :data:`FOLD_EVERY` of them, then folds them into one float64 running sum (one kernel per
     ``FOLD_EVERY`` steps, memory bounded however long the training)."""
@@ -316,17 +316,17 @@ def train(model: nn.Module, x: Features, y: Labels, req: TrainRequest, seed: int
         raise ValueError(f"bad training data: {len(x)} features rows, {len(y)} labels")
     device = pick_device()
     model.to(device).train()
-    opt = _optimizer(model, req, device)
+    opt = optimizer_for(model, req, device)
     prox = _Proximal.of(model, req)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    losses = _Losses()
+    losses = Losses()
     for _ in range(req.epochs):
         order = torch.randperm(len(xt), generator=gen).to(device)
         for start in range(0, len(xt), req.batch_size):
             idx = order[start : start + req.batch_size]
-            losses.add(_step(model, opt, xt[idx], yt[idx], req.clip_norm, device, prox))
+            losses.add(train_step(model, opt, xt[idx], yt[idx], req.clip_norm, device, prox))
     mean_loss = losses.mean()
     model.to("cpu")
     return TrainResult(num_examples=len(x), mean_loss=mean_loss, steps=losses.steps)
@@ -358,16 +358,16 @@ def train_stream(model: nn.Module, source: BatchSource, req: TrainRequest, *, se
         raise ValueError("bad training data: the stream has no rows")
     device = pick_device()
     model.to(device).train()
-    opt = _optimizer(model, req, device)
+    opt = optimizer_for(model, req, device)
     prox = _Proximal.of(model, req)
-    losses = _Losses()
+    losses = Losses()
     try:
         for epoch in range(req.epochs):
             rows = 0
             for xb, yb in source.batches(batch_size=req.batch_size, seed=seed, epoch=epoch, shuffle=True):
                 xb = xb.to(device, non_blocking=True)
                 yb = yb.to(device, non_blocking=True)
-                losses.add(_step(model, opt, xb, yb, req.clip_norm, device, prox))
+                losses.add(train_step(model, opt, xb, yb, req.clip_norm, device, prox))
                 rows += len(yb)
             if rows != expected:
                 raise ValueError(f"bad training data: epoch {epoch} streamed {rows} rows, the source has {expected}")

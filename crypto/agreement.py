@@ -107,7 +107,7 @@ class AgreementKey:
         secret = self._secrets.get(peer_public)
         if secret is not None:
             return secret
-        peer = _peer_point(peer_public)
+        peer = peer_point(peer_public)
         try:
             secret = self._private.exchange(ec.ECDH(), peer)
         except ValueError as exc:
@@ -116,7 +116,12 @@ class AgreementKey:
         return secret
 
 
-def _peer_point(peer_public: bytes) -> ec.EllipticCurvePublicKey:
+def peer_point(peer_public: bytes) -> ec.EllipticCurvePublicKey:
+    """A peer's 65-byte uncompressed P-256 point as a public key, checked to be on the curve.
+
+    Raises:
+        AgreementError: If it is not a 65-byte uncompressed point on P-256.
+    """
     if len(peer_public) != POINT_SIZE or peer_public[0] != 0x04:
         raise AgreementError(f"peer public key must be a {POINT_SIZE}-byte uncompressed point")
     try:

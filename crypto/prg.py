@@ -56,8 +56,8 @@ __all__ = [
 SEED_SIZE = 32
 _TAG = b"fedseal/v1/prg\x00"
 _COUNTER0 = bytes(16)
-_CHUNK_BYTES = 128 * 1024
-_ZEROS = bytes(_CHUNK_BYTES)
+CHUNK_BYTES = 128 * 1024
+_ZEROS = bytes(CHUNK_BYTES)
 # A 128-bit counter never wraps in practice; cap streams at 2**36 bytes (64 GiB) per call anyway.
 _MAX_STREAM_BYTES = 1 << 36
 _DTYPES = (np.dtype(np.uint32), np.dtype(np.uint64))
@@ -177,8 +177,8 @@ def expand(
     enc = _keystream(seed, domain)
     view = out.data.cast("B")
     zeros = memoryview(_ZEROS)
-    for start in range(0, nbytes, _CHUNK_BYTES):
-        end = min(start + _CHUNK_BYTES, nbytes)
+    for start in range(0, nbytes, CHUNK_BYTES):
+        end = min(start + CHUNK_BYTES, nbytes)
         enc.update_into(zeros[: end - start], view[start:end])
     if sys.byteorder == "big":
         out.byteswap(inplace=True)
@@ -235,8 +235,8 @@ class Stream:
         _check_length(nbytes)
         view = out.data.cast("B")
         zeros = memoryview(_ZEROS)
-        for start in range(0, nbytes, _CHUNK_BYTES):
-            end = min(start + _CHUNK_BYTES, nbytes)
+        for start in range(0, nbytes, CHUNK_BYTES):
+            end = min(start + CHUNK_BYTES, nbytes)
             self._enc.update_into(zeros[: end - start], view[start:end])
         if sys.byteorder == "big":
             out.byteswap(inplace=True)
@@ -285,7 +285,7 @@ class MaskSum:
         """
         self._dtype = _check_dtype(dtype)
         self._streams = [(_keystream(m.seed, m.domain), m.negate) for m in masks]
-        self._scratch = np.empty(_CHUNK_BYTES // self._dtype.itemsize, dtype=self._dtype)
+        self._scratch = np.empty(CHUNK_BYTES // self._dtype.itemsize, dtype=self._dtype)
 
     def apply_into(self, chunk: UIntArray) -> None:
         """Add the next ``len(chunk)`` values of every stream (subtract negated ones), wrapping.

@@ -63,6 +63,7 @@ from fedseal.protocol.consortium import (
     SignedConsortiumRoster,
 )
 from fedseal.server.config import ConsortiumSection
+from fedseal.server.errors import CoordinatorError
 from fedseal.server.roster import Enrolment
 
 __all__ = [
@@ -91,7 +92,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class ConsortiumRefusedError(RuntimeError):
+class ConsortiumRefusedError(CoordinatorError, RuntimeError):
     """The configured consortium roster cannot be used: unreadable, malformed, not signed by
     the roster authority, or older than the one in force. The message is one line."""
 
@@ -347,7 +348,7 @@ class RunAudit:
         self.log.close()
 
 
-class AuditHaltError(RuntimeError):
+class AuditHaltError(CoordinatorError, RuntimeError):
     """The audit log could not take an entry; the run stops rather than continue unrecorded."""
 
 

@@ -34,6 +34,7 @@ import numpy.typing as npt
 from safetensors.numpy import load_file, save_file
 
 from fedseal.protocol.model import arrays_digest, flatten, model_digest
+from fedseal.server.errors import CoordinatorError
 
 __all__ = ["CheckpointError", "CheckpointStore", "RunState", "SavedCheckpoint"]
 
@@ -41,7 +42,7 @@ _NAME_RE = re.compile(r"^round-(\d{6})\.json$")
 MAX_STATE_BYTES = 1 << 20
 
 
-class CheckpointError(Exception):
+class CheckpointError(CoordinatorError):
     """A checkpoint is missing, incomplete or does not match its recorded digest."""
 
     def __init__(self, path: Path, reason: str) -> None:

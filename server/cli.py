@@ -49,7 +49,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+def usage_error(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}")
     return typer.Exit(code)
 
@@ -149,13 +149,13 @@ def init(
 
     directory = directory.expanduser()
     if (directory / "server.toml").exists():
-        raise _fail(f"{directory}/server.toml exists; refusing to overwrite")
+        raise usage_error(f"{directory}/server.toml exists; refusing to overwrite")
     names = san or ["localhost", "127.0.0.1"]
     passphrase = None
     if passphrase_env:
         value = os.environ.get(passphrase_env)
         if not value:
-            raise _fail(f"environment variable {passphrase_env} is empty or unset")
+            raise usage_error(f"environment variable {passphrase_env} is empty or unset")
         passphrase = value.encode()
     (directory / "tls").mkdir(parents=True, exist_ok=True)
     key = generate_identity_key()
@@ -183,7 +183,7 @@ def _config_roster(config: Path) -> tuple[object, Path]:
     try:
         cfg = load_server_config(config)
     except ServerConfigError as exc:
-        raise _fail(f"{config}: {exc}") from exc
+        raise usage_error(f"{config}: {exc}") from exc
     return cfg, cfg.coordinator.roster
 
 
@@ -208,9 +208,9 @@ def enroll(
         roster = roster.enroll(site, pub, dataset_root, now_ms=_now_ms())
         roster.save(roster_path)
     except (KeyFormatError, OSError) as exc:
-        raise _fail(f"cannot read site key {key}: {exc}") from exc
+        raise usage_error(f"cannot read site key {key}: {exc}") from exc
     except EnrolmentError as exc:
-        raise _fail(str(exc)) from exc
+        raise usage_error(str(exc)) from exc
     entry = roster.get(site)
     if entry is not None:
         console.print(f"enrolled {site} key id {entry.key_id_hex[:16]}… roots {len(entry.dataset_roots)}")
@@ -229,7 +229,7 @@ def revoke(
         roster = Enrolment.load_or_create(roster_path).revoke(site, now_ms=_now_ms())
         roster.save(roster_path)
     except EnrolmentError as exc:
-        raise _fail(str(exc)) from exc
+        raise usage_error(str(exc)) from exc
     console.print(f"revoked {site}")
 
 
@@ -245,7 +245,7 @@ def roster_cmd(
     try:
         roster = Enrolment.load_or_create(roster_path)
     except EnrolmentError as exc:
-        raise _fail(str(exc)) from exc
+        raise usage_error(str(exc)) from exc
     if as_json:
         doc = roster.to_json()
         typer.echo(json.dumps({"sites": doc["sites"], "head": roster.digest().hex()}, indent=1))
@@ -278,7 +278,7 @@ def run(
     try:
         cfg = load_server_config(config)
     except ServerConfigError as exc:
-        raise _fail(f"{config}: {exc}") from exc
+        raise usage_error(f"{config}: {exc}") from exc
     if not cfg.run.secure:
         console.print(
             "[yellow]note:[/yellow] run.secure = false: updates reach the coordinator in the "
@@ -292,9 +292,9 @@ def run(
                 cfg, resume=resume, on_round=view.round, on_info=view.info, on_status=view.status
             )
     except StrategyError as exc:
-        raise _fail(str(exc)) from exc
+        raise usage_error(str(exc)) from exc
     except DeployError as exc:
-        raise _fail(str(exc), EXIT_FAILED) from exc
+        raise usage_error(str(exc), EXIT_FAILED) from exc
     console.print(f"run {outcome.status}; final model: {outcome.model}; audit log: {outcome.audit_log}")
     if outcome.status != "finished:completed":
         console.print(f"[red]the run failed[/red]: {escape(outcome.reason or 'no reason recorded')}")

@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedseal.server.errors import CoordinatorError
+
 if TYPE_CHECKING:
     from flwr.supercore.control import ControlHttpClient
 
@@ -58,7 +60,7 @@ _SUPERLINK_CLI = "flwr.superlink.cli.flower_superlink"
 _SUPERLINK_MAIN = "flwr.superlink.main"
 
 
-class FlowerVersionError(RuntimeError):
+class FlowerVersionError(CoordinatorError, RuntimeError):
     """The installed Flower is not one these patches were written for (or lacks what one of
     them replaces). The message names the version or the missing piece."""
 

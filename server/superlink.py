@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedseal.server import flower_patches
+from fedseal.server.errors import CoordinatorError
 from fedseal.settings import Environment
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ _CONTROL_ARG = "--control-socket"
 _TCP_REFUSAL = "Not Found: the Control API is served on the coordinator's control socket"
 
 
-class ControlSocketError(Exception):
+class ControlSocketError(CoordinatorError):
     """The control socket's path or directory cannot be used safely (message says why)."""
 
 
@@ -141,7 +142,7 @@ def _private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-def _bind_control_socket(path: Path) -> socket.socket:
+def bind_control_socket(path: Path) -> socket.socket:
     """A listening Unix socket at ``path``, mode 0600 from birth, in a private directory.
 
     A stale socket left by a killed SuperLink is replaced; any other file at ``path`` is refused.
@@ -335,7 +336,7 @@ def install_control_socket(socket_path: Path) -> Callable[[], None]:
     flower_patches.require_superlink_internals()
     socket_path = Path(socket_path).absolute()
     secret_path = socket_path.parent / SUPEREXEC_SECRET_FILE
-    sock = _bind_control_socket(socket_path)
+    sock = bind_control_socket(socket_path)
     bound = os.stat(socket_path)
     wrote_secret: list[bool] = []
 
@@ -449,7 +450,7 @@ def start_run(client: ControlHttpClient, app_dir: Path, run_config: str) -> int:
     return int(response.run_id)
 
 
-def _split_control_arg(argv: list[str]) -> tuple[Path | None, list[str]]:
+def split_control_arg(argv: list[str]) -> tuple[Path | None, list[str]]:
     """``--control-socket PATH`` (or ``=PATH``) taken out of ``argv``; the rest for Flower."""
     rest: list[str] = []
     path: str | None = None
@@ -474,7 +475,7 @@ def main() -> None:
     try:
         environment = Environment.read()
         flower_patches.throttle_task_token_cleanup(environment.superlink_cleanup_s)
-        control_socket, rest = _split_control_arg(sys.argv[1:])
+        control_socket, rest = split_control_arg(sys.argv[1:])
         if control_socket is not None and not {"-h", "--help", "-V", "--version"} & set(rest):
             install_control_socket(control_socket)
     except (ValueError, RuntimeError, ControlSocketError, OSError) as err:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from fedseal.server.cli import _fail, app, console
+from fedseal.server.cli import app, console, usage_error
 
 
 @app.command("demo")
@@ -87,7 +87,7 @@ def simulate(
     from fedseal.sim.simulate import run_simulate_command
 
     if secure and sites < 3:
-        raise _fail("--sites: a secure round needs at least 3 sites (with 2, each site could tell "
+        raise usage_error("--sites: a secure round needs at least 3 sites (with 2, each site could tell "
                     "the other's update from the sum; sites refuse smaller cohorts)")
     raise typer.Exit(
         run_simulate_command(

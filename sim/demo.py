@@ -56,7 +56,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _bin(name: str) -> str:
+def installed_command(name: str) -> str:
+    """Path of a fedseal console script (``fl-client``, ``fl-audit``) installed next to this
+    interpreter: the demo and the simulation run the very install they were started from."""
     return str(Path(sys.executable).parent / name)
 
 
@@ -154,7 +156,7 @@ def prepare_federation(
     sites_dir = workdir / "data"
     if not sites_dir.exists():
         out = _check(
-            [_bin("fl-client"), "data", "split", "mnist-5k", str(sites_dir), "--sites", str(num_sites),
+            [installed_command("fl-client"), "data", "split", "mnist-5k", str(sites_dir), "--sites", str(num_sites),
              "--seed", "1", "--json"],
             "prepare data",
         )
@@ -267,7 +269,7 @@ def start_site(site_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
     """Start ``fl-client run`` for a prepared site in its own process group (log: fl-client.log)."""
     with (site_dir / "fl-client.log").open("ab") as log:
         return subprocess.Popen(
-            [_bin("fl-client"), "run", "--config", str(site_dir / "client.toml"), *extra],
+            [installed_command("fl-client"), "run", "--config", str(site_dir / "client.toml"), *extra],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=pdeathsig_preexec,
         )
@@ -289,7 +291,7 @@ def _verify_audit_log(console: Console, log: Path, pub: Path) -> bool:
         f"{result.tree_heads} signed tree heads, {result.signatures} site signatures, "
         f"{result.evaluations} round evaluations"
     )
-    fl_audit = _bin("fl-audit")
+    fl_audit = installed_command("fl-audit")
     hint = f"{fl_audit} verify {log} --coordinator-key {pub}"
     console.print(f"verify it yourself: {escape(hint)}", soft_wrap=True)
     console.print(f"rounds with their accuracy: {escape(f'{fl_audit} show {log}')}", soft_wrap=True)

@@ -106,7 +106,7 @@ def prepare_simulation(
     if not alpha > 0:
         raise SimulationError("arguments", "--alpha must be positive")
     from fedseal.server.errors import DeployError
-    from fedseal.sim.demo import _bin
+    from fedseal.sim.demo import installed_command
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def prepare_simulation(
             )
     else:
         argv = [
-            _bin("fl-client"), "data", "split", "mnist-5k", str(data_dir), "--sites", str(sites),
+            installed_command("fl-client"), "data", "split", "mnist-5k", str(data_dir), "--sites", str(sites),
             "--scheme", scheme, "--alpha", repr(float(alpha)), "--seed", str(seed), "--json",
         ]
         out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=600)

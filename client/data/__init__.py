@@ -73,7 +73,7 @@ if TYPE_CHECKING:
 
 # Public name -> submodule. Loaded on first access (PEP 562), so that `fl-client --help` and
 # `import fedseal.client.data.errors` import neither pyarrow nor torch.
-_EXPORTS = {
+EXPORTS = {
     "ALGORITHM_ID": "spec",
     "DEFAULT_CHUNK_SIZE": "spec",
     "MANIFEST_NAME": "spec",
@@ -153,7 +153,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
+    module = EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(import_module(f".{module}", __name__), name)
@@ -162,4 +162,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(EXPORTS))

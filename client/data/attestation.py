@@ -199,7 +199,7 @@ class ExtensionProof:
 # Hashing
 
 
-def _hash_range(
+def hash_range(
     shard: ShardFile,
     prefix: bytes,
     first: int,
@@ -342,7 +342,7 @@ def attest_with(
     def run(task: tuple[int, int, int]) -> None:
         index, start, stop = task
         shard = todo[index]
-        _hash_range(shard, leaf_prefix(salt, shard.path), start, stop, chunk_size, hashes, todo_first[index], progress)
+        hash_range(shard, leaf_prefix(salt, shard.path), start, stop, chunk_size, hashes, todo_first[index], progress)
 
     if n_workers == 1 or len(tasks) <= 1:
         for task in tasks:

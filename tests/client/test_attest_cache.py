@@ -28,7 +28,7 @@ def _forbid_reading(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("shard content was read")
 
-    monkeypatch.setattr(attest_module, "_hash_range", refuse)
+    monkeypatch.setattr(attest_module, "hash_range", refuse)
     monkeypatch.setattr("fedseal.client.data.shards.read_footer", refuse)
 
 
@@ -113,14 +113,14 @@ def test_an_unwritable_cache_is_reported_and_attestation_still_succeeds(
 
 def test_a_shard_modified_while_hashing_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_dataset(tmp_path / "d", [300], chunk_size=500)
-    real = attest_module._hash_range
+    real = attest_module.hash_range
 
     def hash_then_append(shard: Any, *args: Any) -> None:
         real(shard, *args)
         with open(shard.abspath, "ab") as handle:
             handle.write(b"x")
 
-    monkeypatch.setattr(attest_module, "_hash_range", hash_then_append)
+    monkeypatch.setattr(attest_module, "hash_range", hash_then_append)
     with pytest.raises(DatasetChangedError) as info:
         attest(tmp_path / "d", use_cache=False, workers=1)
     assert info.value.path == "shard-00000.parquet"

@@ -91,7 +91,7 @@ def test_the_package_exports_what_it_lists_and_loads_lazily() -> None:
 
     import fedseal.client.data as data
 
-    assert sorted(data.__all__) == sorted(data._EXPORTS)
+    assert sorted(data.__all__) == sorted(data.EXPORTS)
     for name in data.__all__:
         if name not in ("ShardDataset", "make_loader"):
             assert getattr(data, name) is not None

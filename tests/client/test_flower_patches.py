@@ -36,8 +36,8 @@ def test_another_flower_is_refused_with_a_clear_error(version: str) -> None:
 
 def test_patch_1_the_loop_module_sleeps_on_its_own_time_module() -> None:
     module = importlib.import_module(LOOP)
-    assert getattr(module, "time", None) in (time, None) or isinstance(module.time, flower_patches._PollClock)
-    assert inspect.getsource(module).count(flower_patches._PATCHED_CALL) == 1
+    assert getattr(module, "time", None) in (time, None) or isinstance(module.time, flower_patches.PollClock)
+    assert inspect.getsource(module).count(flower_patches.PATCHED_CALL) == 1
 
 
 def test_patch_2_the_loop_pulls_objects_through_a_module_level_pull_objects_with_backoff() -> None:
@@ -59,7 +59,7 @@ def test_patch_3_the_loop_pushes_only_after_a_pull_that_returned_a_run_id() -> N
     pull_and_store = getattr(pull_and_store, "__wrapped__", pull_and_store)
     assert "state" in inspect.signature(pull_and_store).parameters
     source = "".join(inspect.getsource(module).split())
-    assert flower_patches._LOOP_PUSH_AFTER_PULL in source
+    assert flower_patches.LOOP_PUSH_AFTER_PULL in source
     assert "_pull_and_store_message(" in source
 
 
@@ -72,7 +72,7 @@ def test_patch_4_the_node_state_finishes_tasks_and_stores_error_replies_as_assum
         "self", "run_ids", "error",
     ]
     assert "task_ids" in inspect.signature(InMemoryNodeState.get_tasks).parameters
-    assert flower_patches._node_state_is_readable()
+    assert flower_patches.node_state_is_readable()
 
 
 def test_patch_5_a_message_id_written_into_the_metadata_is_the_messages_id() -> None:
@@ -104,7 +104,7 @@ def test_install_caps_only_the_supernode_loop_sleep(monkeypatch: pytest.MonkeyPa
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
     flower_patches.install(0.25)
-    assert isinstance(module.time, flower_patches._PollClock)
+    assert isinstance(module.time, flower_patches.PollClock)
     module.time.sleep(3)
     module.time.sleep(0.1)
     assert slept == [0.25, 0.1]
@@ -118,7 +118,7 @@ def test_the_patched_call_is_still_in_the_pinned_flower() -> None:
     import inspect
 
     source = inspect.getsource(importlib.import_module("flwr.supernode.start_client_internal"))
-    assert source.count(flower_patches._PATCHED_CALL) == 1
+    assert source.count(flower_patches.PATCHED_CALL) == 1
 
 
 def test_install_refuses_a_flower_that_changed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,7 +225,7 @@ def test_an_idle_pull_with_a_stranded_reply_makes_flowers_loop_push_it() -> None
         calls.append(kwargs["state"])
         return None  # no new message from the SuperLink
 
-    wrapped = flower_patches._push_stranded_replies(pull_and_store)
+    wrapped = flower_patches.push_stranded_replies(pull_and_store)
     assert wrapped(state=_State(_Entry("m-in-1"))) is not None  # a reply waits: push it
     assert wrapped(state=_State()) is None  # nothing waiting: idle as before
     assert wrapped(state=_State(_Entry(""))) is None  # only an incoming message: not a reply
@@ -234,7 +234,7 @@ def test_an_idle_pull_with_a_stranded_reply_makes_flowers_loop_push_it() -> None
 
 
 def test_a_pulled_message_is_passed_through_unchanged() -> None:
-    wrapped = flower_patches._push_stranded_replies(lambda **kwargs: 1234)
+    wrapped = flower_patches.push_stranded_replies(lambda **kwargs: 1234)
     assert wrapped(state=_State(_Entry("m"))) == 1234
 
 
@@ -305,7 +305,7 @@ def test_a_failed_clientapp_task_leaves_an_error_reply_the_loop_sends() -> None:
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
-    finish = flower_patches._error_reply_on_failed_client_task(
+    finish = flower_patches.error_reply_on_failed_client_task(
         getattr(InMemoryNodeState.finish_task, "__wrapped__", InMemoryNodeState.finish_task)
     )
     state, task_id, incoming = _node_state_with_a_retrieved_client_task()
@@ -325,7 +325,7 @@ def test_a_completed_task_or_an_answered_message_gets_no_extra_reply() -> None:
     from flwr.common.constant import SubStatus
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
-    finish = flower_patches._error_reply_on_failed_client_task(
+    finish = flower_patches.error_reply_on_failed_client_task(
         getattr(InMemoryNodeState.finish_task, "__wrapped__", InMemoryNodeState.finish_task)
     )
     state, task_id, incoming = _node_state_with_a_retrieved_client_task()

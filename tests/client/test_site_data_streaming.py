@@ -245,15 +245,15 @@ def test_a_training_pass_never_holds_more_rows_than_the_buffer_allows(ids_dir: P
     """Instrumented: rows decoded into the stream minus rows handed to training, at every batch."""
     buffer, read_rows, batch = 128, 40, 32
     decoded = 0
-    original = site_data._SplitShards._convert
+    original = site_data.SplitShards._convert
 
-    def counting(self: site_data._SplitShards, batch_: object, name: str) -> object:
+    def counting(self: site_data.SplitShards, batch_: object, name: str) -> object:
         nonlocal decoded
         x, y = original(self, batch_, name)  # type: ignore[arg-type, unused-ignore]
         decoded += len(y)
         return x, y
 
-    monkeypatch.setattr(site_data._SplitShards, "_convert", counting)
+    monkeypatch.setattr(site_data.SplitShards, "_convert", counting)
     data = load_site_data(ids_dir, validation_fraction=0.2, seed=7, shuffle_buffer=buffer, read_batch_rows=read_rows)
     source = _CountingSource(data.train)
     held: list[int] = []

@@ -102,8 +102,8 @@ def test_the_ecdh_secret_with_a_peer_is_computed_once_per_key(monkeypatch: pytes
     from fedseal.crypto import agreement
 
     decoded: list[bytes] = []
-    real = agreement._peer_point
-    monkeypatch.setattr(agreement, "_peer_point", lambda p: (decoded.append(p), real(p))[1])
+    real = agreement.peer_point
+    monkeypatch.setattr(agreement, "peer_point", lambda p: (decoded.append(p), real(p))[1])
     a, b, c = AgreementKey.generate(), AgreementKey.generate(), AgreementKey.generate()
     to_b = derive_shared_key(a, b.public_bytes(), info=kdf_info("share", b"a", b"b"))
     from_b = derive_shared_key(a, b.public_bytes(), info=kdf_info("share", b"b", b"a"))

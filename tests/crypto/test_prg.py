@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from fedseal.crypto import prg
 
 SEED = bytes(range(32))
-CHUNK_VALUES = prg._CHUNK_BYTES // 4  # the implementation's chunk, in uint32 values
+CHUNK_VALUES = prg.CHUNK_BYTES // 4  # the implementation's chunk, in uint32 values
 
 sizes = st.one_of(
     st.integers(min_value=0, max_value=300),

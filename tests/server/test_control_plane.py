@@ -79,7 +79,7 @@ def test_only_paths_passes_its_prefixes_and_answers_404_to_the_rest() -> None:
 
 
 def test_the_control_socket_argument_is_taken_out_of_flowers_arguments() -> None:
-    split = superlink._split_control_arg
+    split = superlink.split_control_arg
     assert split(["--port", "1"]) == (None, ["--port", "1"])
     assert split(["--control-socket", "/s/c.sock", "--port", "1"]) == (Path("/s/c.sock"), ["--port", "1"])
     assert split(["--insecure", "--control-socket=/s/c.sock"]) == (Path("/s/c.sock"), ["--insecure"])
@@ -95,7 +95,7 @@ def test_the_socket_path_is_under_the_state_dir_and_must_fit_a_unix_socket(tmp_p
 
 def test_the_socket_is_born_0600_in_a_0700_directory_and_replaces_only_a_stale_socket(tmp_path: Path) -> None:
     path = tmp_path / "control" / "superlink.sock"
-    sock = superlink._bind_control_socket(path)
+    sock = superlink.bind_control_socket(path)
     try:
         assert stat.S_ISSOCK(os.lstat(path).st_mode) and stat.S_IMODE(os.lstat(path).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
@@ -103,13 +103,13 @@ def test_the_socket_is_born_0600_in_a_0700_directory_and_replaces_only_a_stale_s
         sock.close()
     # The file a killed SuperLink left behind is replaced; a loosened directory is tightened.
     os.chmod(path.parent, 0o755)
-    superlink._bind_control_socket(path).close()
+    superlink.bind_control_socket(path).close()
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     # Anything but a socket at the path is refused, not deleted.
     path.unlink()
     path.write_text("not a socket")
     with pytest.raises(superlink.ControlSocketError, match="not a socket"):
-        superlink._bind_control_socket(path)
+        superlink.bind_control_socket(path)
     assert path.read_text() == "not a socket"
 
 
@@ -119,7 +119,7 @@ def test_a_socket_directory_owned_by_another_user_is_refused(tmp_path: Path) -> 
     other.mkdir(mode=0o700)
     os.chown(other, pwd.getpwnam("nobody").pw_uid, -1)
     with pytest.raises(superlink.ControlSocketError, match="belongs to uid"):
-        superlink._bind_control_socket(other / "superlink.sock")
+        superlink.bind_control_socket(other / "superlink.sock")
 
 
 class _Transport:
