@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 from safetensors.numpy import load_file, save_file
 
+from fedseal.crypto.keys import write_atomic
 from fedseal.protocol.model import arrays_digest, flatten, model_digest
 from fedseal.server.errors import CoordinatorError
 
@@ -76,19 +77,6 @@ class SavedCheckpoint:
     file_sha256: bytes
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class CheckpointStore:
     """A directory of committed checkpoints."""
 
@@ -121,8 +109,8 @@ class CheckpointStore:
         layout = arrays_digest(arrays, bytes.fromhex(state.model_digest))
         state = replace(state, file_sha256=file_sha, arrays_digest=layout.hex())
         doc = asdict(state) | {"history": list(state.history)}
-        _atomic_write(self.state_path(state.round), json.dumps(doc, sort_keys=True).encode())
-        _atomic_write(self.directory / "LATEST", f"{state.round}\n".encode())
+        write_atomic(self.state_path(state.round), json.dumps(doc, sort_keys=True).encode(), 0o600)
+        write_atomic(self.directory / "LATEST", f"{state.round}\n".encode(), 0o600)
         return SavedCheckpoint(model_path, bytes.fromhex(file_sha))
 
     def update_state(self, state: RunState) -> None:
@@ -143,7 +131,7 @@ class CheckpointStore:
             "arrays_digest": old.get("arrays_digest", ""),
             "history": list(state.history),
         }
-        _atomic_write(spath, json.dumps(doc, sort_keys=True).encode())
+        write_atomic(spath, json.dumps(doc, sort_keys=True).encode(), 0o600)
 
     def discard_after(self, round_: int) -> list[int]:
         """Remove checkpoints newer than ``round_`` (never published); return their rounds."""
@@ -156,7 +144,7 @@ class CheckpointStore:
                 gone.append(int(m.group(1)))
                 p.unlink()  # the state first: a model file without its state is never loaded
                 self.model_path(int(m.group(1))).unlink(missing_ok=True)
-        _atomic_write(self.directory / "LATEST", f"{round_}\n".encode())
+        write_atomic(self.directory / "LATEST", f"{round_}\n".encode(), 0o600)
         return sorted(set(gone))
 
     def latest(self) -> tuple[RunState, dict[str, npt.NDArray[Any]]] | None:

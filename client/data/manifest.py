@@ -16,11 +16,12 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedseal.crypto.keys import write_atomic
 
 from .errors import ManifestError
 from .spec import ALGORITHM_ID, MANIFEST_NAME, MAX_CHUNK_SIZE, SALT_SIZE, SHARD_SUFFIX, leaf_count
@@ -255,16 +256,7 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> Pat
         The manifest's path.
     """
     target = manifest_path(directory)
-    fd, tmp = tempfile.mkstemp(prefix=".fedseal-manifest-", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(manifest.to_json_bytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, manifest.to_json_bytes(), 0o600)
     return target
 
 
