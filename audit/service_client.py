@@ -17,6 +17,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from fedseal.audit.errors import AuditServiceError
 from fedseal.audit.proto import audit_pb2
@@ -47,7 +48,32 @@ def _parse(response_type: type[_Response], data: object) -> _Response:
         message: _Response = response_type.FromString(data)
     except ProtobufDecodeError as exc:
         raise AuditServiceError(f"malformed response: {exc}", code="DATA_LOSS") from exc
+    wrong = _mistyped_field(message)
+    if wrong is not None:
+        raise AuditServiceError(f"malformed response: {wrong}", code="DATA_LOSS")
     return message
+
+
+def _mistyped_field(message: Message) -> str | None:
+    """A known field sent with another wire type, in ``message`` or a message inside it.
+
+    protobuf keeps such a field as an unknown one and leaves the real field at its default (0,
+    empty, false), which a reader would take for an answer; the service never sends one, so it
+    is malformed data, as a truncated message is. Unknown field *numbers* stay allowed.
+    """
+    known = message.DESCRIPTOR.fields_by_number
+    for field in UnknownFieldSet(message):
+        if field.field_number in known:
+            return f"field {known[field.field_number].name} has the wrong wire type"
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        nested = value if descriptor.is_repeated else [value]
+        for item in nested:
+            found = _mistyped_field(item)
+            if found is not None:
+                return found
+    return None
 
 
 class GrpcAuditSource:

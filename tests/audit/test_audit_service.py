@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -356,6 +356,41 @@ class _RecordingChannel:
             return self.reply
 
         return call
+
+
+@pytest.mark.parametrize(
+    ("call", "reply"),
+    [
+        # a known field with another wire type would read as its default (0, empty, false)
+        (lambda s: s.inclusion_proof(0, 5), b"\x08\x00\x10\x05" + b"\x0a\x01x"),  # leaf_index as bytes
+        (lambda s: s.find_input(1, b"r" * 16), b"\x0a\x01x"),  # found as bytes
+        (lambda s: s.latest_tree_head(), b"\x08\x07"),  # signed_tree_head as a varint
+        (lambda s: s.entries(0, 1), b"\x0a\x02\x0a\x00"),  # an entry's index as bytes
+    ],
+)
+def test_a_reply_with_a_mistyped_field_is_malformed_data_not_a_default_value(
+    call: Callable[[GrpcAuditSource], object], reply: bytes
+) -> None:
+    source = GrpcAuditSource(
+        _RecordingChannel(reply),  # type: ignore[arg-type]
+        site="site-a",
+        key=generate_identity_key(),
+        clock=lambda: 7,
+    )
+    with pytest.raises(AuditServiceError) as err:
+        call(source)
+    assert err.value.code == "DATA_LOSS" and "wrong wire type" in str(err.value)
+
+
+def test_a_reply_with_a_field_number_the_site_does_not_know_is_still_read() -> None:
+    reply = audit_pb2.FindInputResponse(found=True, leaf_index=9).SerializeToString()
+    source = GrpcAuditSource(
+        _RecordingChannel(reply + b"\xa0\x06\x01"),  # field 100, a later version's addition
+        site="site-a",
+        key=generate_identity_key(),
+        clock=lambda: 7,
+    )
+    assert source.find_input(1, b"r" * 16) == 9
 
 
 def test_the_clients_wire_encoding_matches_the_generated_protobuf_code() -> None:
