@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedseal-installed
 DEMO_STAMP := $(VENV)/.fedseal-demo
 
 # The import packages, lowest layer first (tests/test_layering.py): fedseal.settings ... fedseal.sim.
-PACKAGES := settings crypto protocol audit server client sim
+PACKAGES := settings crypto protocol privacy audit server client sim
 
 .PHONY: demo test lint typecheck unit bench install clean lint-deploy netns-test
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# settings, crypto -> protocol -> audit -> adapters (server, client) -> sim; bench sits beside sim.
+# settings, crypto -> protocol -> privacy -> audit -> adapters (server, client) -> sim; bench sits
+# beside sim.
 # settings (every FEDSEAL_* environment variable) is the lowest floor with crypto: stdlib only.
 LAYERS = {
-    "settings": "settings", "crypto": "crypto", "protocol": "protocol", "audit": "audit",
-    "server": "server", "client": "client", "sim": "sim",
+    "settings": "settings", "crypto": "crypto", "protocol": "protocol", "privacy": "privacy",
+    "audit": "audit", "server": "server", "client": "client", "sim": "sim",
 }
 
 STDLIB = set(sys.stdlib_module_names)
@@ -24,6 +25,8 @@ ALLOWED_THIRD_PARTY = {
     "settings": set(),
     "crypto": {"cryptography", "numpy"},
     "protocol": {"cryptography", "numpy"},
+    # the privacy accountant (Google's dp-accounting and the scipy it computes with)
+    "privacy": {"numpy", "scipy", "dp_accounting"},
     # the SQLite store, the gRPC audit service (grpc + protobuf) and fl-audit's console (typer, rich)
     "audit": {"cryptography", "numpy", "grpc", "google", "typer", "rich"},
 }
@@ -32,10 +35,11 @@ ALLOWED_FEDSEAL = {
     "settings": {"settings"},
     "crypto": {"settings", "crypto"},
     "protocol": {"settings", "crypto", "protocol"},
-    "audit": {"settings", "crypto", "protocol", "audit"},
-    "server": {"settings", "crypto", "protocol", "audit", "server"},
-    "client": {"settings", "crypto", "protocol", "audit", "client"},
-    "sim": {"settings", "crypto", "protocol", "audit", "server", "client", "sim"},
+    "privacy": {"settings", "crypto", "protocol", "privacy"},
+    "audit": {"settings", "crypto", "protocol", "privacy", "audit"},
+    "server": {"settings", "crypto", "protocol", "privacy", "audit", "server"},
+    "client": {"settings", "crypto", "protocol", "privacy", "audit", "client"},
+    "sim": {"settings", "crypto", "protocol", "privacy", "audit", "server", "client", "sim"},
 }
 BANNED_STDLIB = {
     "settings": {"random", "socket", "asyncio", "threading", "subprocess"},
@@ -166,7 +170,10 @@ def test_the_checker_sees_dynamic_imports(tmp_path: Path) -> None:
 def test_layers_import_only_downward() -> None:
     # server and client share a floor and import neither each other nor anything above them;
     # settings and crypto share the lowest floor, and only crypto may import settings there
-    floor = {"settings": 0, "crypto": 0, "protocol": 1, "audit": 2, "server": 3, "client": 3, "sim": 4}
+    floor = {
+        "settings": 0, "crypto": 0, "protocol": 1, "privacy": 2, "audit": 3,
+        "server": 4, "client": 4, "sim": 5,
+    }
     for layer, allowed in ALLOWED_FEDSEAL.items():
         assert all(
             floor[other] < floor[layer] or (other, layer) == ("settings", "crypto")
