@@ -23,6 +23,11 @@ Layout (relative paths are resolved against the file's directory)::
                     max_setup_attempts = 3       # key-exchange restarts per round it answers
                     evaluate_unverified = false  # evaluate models not provably committed
                                                  # (only matters without an audit_address)
+                    dp = "off"                   # "required": refuse rounds without DP
+                    epsilon_budget = 4.0         # ε over all DP rounds of all runs (no default;
+                                                 # required with dp = "required")
+                    delta = 1e-6                 # δ of that budget, in (0, 1e-3)
+                    min_noise_multiplier = 0.0   # least central z over the honest survivors
     [trust]         roster = "consortium-roster.json"      # signed by the consortium's authority
                     roster_authority = "roster-authority.pub"  # pinned authority public key
     [peers]         "site-b" = "<64 hex key id>"  # peers known without a roster (optional)
@@ -230,6 +235,10 @@ def _privacy(sec: Mapping[str, Any], lim: Mapping[str, Any]) -> SitePrivacy:
     values: dict[str, Any] = {}
     for key in SitePrivacy.PRIVACY_KEYS:
         default = getattr(d, key)
+        if key in SitePrivacy.OPTIONAL_KEYS:
+            if key in sec:
+                values[key] = _get(sec, "privacy", key, SitePrivacy.OPTIONAL_KEYS[key], None)
+            continue
         kind: type = bool if isinstance(default, bool) else type(default)
         values[key] = _get(sec, "privacy", key, kind, default)
     for key in SitePrivacy.LIMIT_KEYS:

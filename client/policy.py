@@ -18,15 +18,19 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from fedseal.client.errors import SiteError
 from fedseal.client.training import SiteLimits
 from fedseal.protocol import Limits, SitePolicy
 from fedseal.protocol.config import DEFAULT_COLLUDING_FRACTION, DEFAULT_SECURITY_BITS
 from fedseal.protocol.errors import ConfigError
+
+if TYPE_CHECKING:  # the accountant imports dp-accounting and scipy: only when a budget is used
+    from fedseal.privacy import Budget
 
 __all__ = ["SitePrivacy", "SiteRefusal", "describe_policy"]
 
@@ -55,7 +59,14 @@ class SitePrivacy:
         "security_bits",
         "max_setup_attempts",
         "evaluate_unverified",
+        "dp",
+        "epsilon_budget",
+        "delta",
+        "min_noise_multiplier",
     )
+    #: Keys whose value may be absent (``None``) and the type they have when present.
+    OPTIONAL_KEYS: ClassVar[dict[str, type]] = {"epsilon_budget": float}
+    DP_MODES: ClassVar[tuple[str, ...]] = ("required", "off")
     LIMIT_KEYS: ClassVar[tuple[str, ...]] = ("max_cohort", "max_vector_length", "max_update_clip")
 
     allow_plain: bool = False
@@ -70,8 +81,19 @@ class SitePrivacy:
     max_cohort: int = Limits().max_cohort
     max_vector_length: int = Limits().max_vector_length
     max_update_clip: float = 1000.0
+    #: Differential privacy (docs/dp.md): ``"required"`` refuses rounds without DP; ``"off"``
+    #: accepts them (the released sums are then exact). DP rounds are checked and charged to
+    #: the ledger (:mod:`fedseal.client.privacy_ledger`) either way.
+    dp: str = "off"
+    #: ε this site spends over all its DP rounds, all runs together (required with dp on).
+    epsilon_budget: float | None = None
+    #: δ of the budget and of every ε the site reports; well below 1/(sites that could join).
+    delta: float = 1e-6
+    #: Least central noise multiplier over the honest survivors (sqrt(n_h)·σ·γ/c) it accepts.
+    min_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_dp()
         if not 2 <= self.min_cohort <= 1 << 16:
             raise ValueError("privacy.min_cohort: must be in [2, 65536] (2 reveals the other site's input)")
         if not 1 <= self.min_known_peers <= 1 << 16:
@@ -93,6 +115,34 @@ class SitePrivacy:
             key, _, reason = exc.message.partition(" must ")
             raise ValueError(f"privacy.{key.rsplit('.', 1)[-1]}: must {reason}") from exc
 
+    def _check_dp(self) -> None:
+        if self.dp not in self.DP_MODES:
+            raise ValueError(f'privacy.dp: must be "required" or "off", got {self.dp!r}')
+        budget = self.epsilon_budget
+        if budget is None:
+            if self.dp == "required":
+                raise ValueError('privacy.epsilon_budget: required when dp = "required"')
+        elif isinstance(budget, bool) or not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"privacy.epsilon_budget: must be a finite number > 0, got {budget!r}")
+        if not (math.isfinite(self.delta) and 0 < self.delta < 1e-3):
+            raise ValueError(f"privacy.delta: must be in (0, 1e-3), got {self.delta!r}")
+        z = self.min_noise_multiplier
+        if not (math.isfinite(z) and z >= 0):
+            raise ValueError(f"privacy.min_noise_multiplier: must be a finite number >= 0, got {z!r}")
+
+    @property
+    def dp_required(self) -> bool:
+        """Whether the site refuses rounds without differential privacy."""
+        return self.dp == "required"
+
+    def budget(self) -> Budget | None:
+        """The site's (ε, δ) budget over all runs, ``None`` when no ``epsilon_budget`` is set."""
+        if self.epsilon_budget is None:
+            return None
+        from fedseal.privacy import Budget
+
+        return Budget(epsilon=self.epsilon_budget, delta=self.delta)
+
     def protocol_policy(self) -> SitePolicy:
         """The protocol-level policy every :class:`~fedseal.protocol.ClientSession` gets."""
         return SitePolicy(
@@ -101,6 +151,8 @@ class SitePrivacy:
             min_known_peers=self.min_known_peers,
             max_colluding_fraction=self.max_colluding_fraction,
             security_bits=self.security_bits,
+            dp_required=self.dp_required,
+            min_noise_multiplier=self.min_noise_multiplier,
         )
 
     def limits(self) -> Limits:
@@ -149,9 +201,32 @@ def describe_policy(
         f"lr <= {limits.max_learning_rate:g}, gradient clip <= {limits.max_clip_norm:g}, "
         f"update clip <= {privacy.max_update_clip:g}, vector <= {privacy.max_vector_length} values"
     )
+    yield _describe_dp(privacy)
     yield f"model commitments: {commitments}"
     if trusted:
         names = ", ".join(f"{s} ({src})" for s, src in sorted(trusted.items()))
         yield f"known peers ({len(trusted)}): {names}"
     else:
         yield "known peers: NONE (no [trust] roster or [peers]): this site joins no secure round"
+
+
+def _describe_dp(privacy: SitePrivacy) -> str:
+    """One line on differential privacy (``[privacy] dp`` and its budget)."""
+    if privacy.dp_required:
+        head = 'differential privacy: REQUIRED (dp = "required": rounds without DP are refused)'
+    else:
+        head = (
+            'differential privacy: off (dp = "off": rounds without DP are accepted and release '
+            "exact sums; DP rounds are still checked and charged)"
+        )
+    if privacy.epsilon_budget is None:
+        budget = "no epsilon budget set"
+    else:
+        budget = (
+            f"budget epsilon {privacy.epsilon_budget:g} at delta {privacy.delta:g} over all runs "
+            "(rounds past it refused; fl-client privacy show prints what is spent)"
+        )
+    return (
+        f"{head}; {budget}; central noise multiplier over honest survivors >= "
+        f"{privacy.min_noise_multiplier:g}"
+    )

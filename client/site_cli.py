@@ -1,5 +1,5 @@
-"""``fl-client keys init``, ``fl-client run``, ``fl-client policy show`` and
-``fl-client receipts export``.
+"""``fl-client keys init``, ``fl-client run``, ``fl-client policy show``,
+``fl-client privacy show`` and ``fl-client receipts export``.
 
 Exit codes: 0 success; 1 the site was refused or stopped on an error at a named step
 (dataset changed, key not enrolled, TLS failure, ...); 2 bad usage or configuration.
@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    from fedseal.client.policy import SitePrivacy
+    from fedseal.client.privacy_ledger import PrivacyLedger
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -113,6 +117,35 @@ def register(app: typer.Typer) -> None:
 
     app.add_typer(policy_app, name="policy")
 
+    privacy_app = typer.Typer(
+        help="The differential privacy this site has spent (its privacy ledger).", no_args_is_help=True
+    )
+
+    @privacy_app.command("show")
+    def privacy_show(
+        config: Annotated[Path, typer.Option(help="client.toml")] = Path("client.toml"),
+    ) -> None:
+        """Print the site's privacy ledger: per run its DP rounds and epsilon, and the budget left."""
+        from fedseal.client.config import ClientConfigError, load_client_config
+        from fedseal.client.privacy_ledger import LedgerError, PrivacyLedger
+
+        try:
+            cfg = load_client_config(config)
+        except ClientConfigError as exc:
+            console.print(f"[red]error:[/red] {escape(str(config))}: {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(EXIT_USAGE) from exc
+        ledger = PrivacyLedger(cfg.state_dir)
+        try:
+            lines = _ledger_lines(ledger, cfg.privacy)
+        except LedgerError as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(EXIT_FAILED) from exc
+        typer.echo(f"site {cfg.name}: privacy ledger {ledger.path}")
+        for line in lines:
+            typer.echo(f"  {line}")
+
+    app.add_typer(privacy_app, name="privacy")
+
     receipts_app = typer.Typer(
         help="The signed tree heads this site verified (its audit receipts).", no_args_is_help=True
     )
@@ -178,3 +211,57 @@ def register(app: typer.Typer) -> None:
             )
 
     app.add_typer(receipts_app, name="receipts")
+
+
+def _ledger_lines(ledger: PrivacyLedger, privacy: SitePrivacy) -> list[str]:
+    """``fl-client privacy show``'s lines: the mode, each run, the total against the budget."""
+    from fedseal.privacy import epsilon
+
+    delta = privacy.delta
+    mode = (
+        'required (rounds without DP are refused)' if privacy.dp_required
+        else 'off (rounds without DP are accepted; they release exact sums and are not charged)'
+    )
+    lines = [f"differential privacy: {mode}"]
+    runs = ledger.runs(delta)
+    for run in runs:
+        lines.append(
+            f"run {run.run_id}: {len(run.rounds)} DP round{'s' if len(run.rounds) != 1 else ''} "
+            f"({_ranges(run.rounds)}), epsilon {run.epsilon:.4g} at delta {delta:g} "
+            f"(zCDP rho {run.rho:.4g})"
+        )
+    rounds = sum(len(r.rounds) for r in runs)
+    spent = epsilon(ledger.rhos(), delta)
+    if not runs:
+        lines.append("no DP round charged yet: epsilon 0 spent")
+    else:
+        lines.append(
+            f"all runs together: {rounds} DP round{'s' if rounds != 1 else ''} in {len(runs)} "
+            f"run{'s' if len(runs) != 1 else ''}, epsilon {spent:.4g} spent at delta {delta:g} "
+            "(runs compose: this is more than any one run's epsilon, less than their sum)"
+        )
+    budget = privacy.epsilon_budget
+    if budget is None:
+        lines.append("budget: none set ([privacy] epsilon_budget): DP rounds are not limited")
+    elif spent > budget:
+        lines.append(f"budget: epsilon {budget:g}: EXCEEDED by {spent - budget:.4g}; every DP round is refused")
+    else:
+        lines.append(
+            f"budget: epsilon {budget:g} at delta {delta:g} over all runs: {budget - spent:.4g} left "
+            f"({100.0 * spent / budget:.1f} % spent)"
+        )
+    return lines
+
+
+def _ranges(rounds: tuple[int, ...]) -> str:
+    """Sorted round numbers as ``rounds 0-4, 7`` (runs of consecutive numbers joined)."""
+    parts: list[str] = []
+    start = prev = rounds[0]
+    for r in (*rounds[1:], None):
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if r is not None:
+            start = prev = r
+    return ("round " if len(rounds) == 1 else "rounds ") + ", ".join(parts)

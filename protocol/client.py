@@ -47,7 +47,16 @@ Rules the site enforces (each violation raises a typed error):
       from ``max(t, (n + c) // 2 + 1)`` of the ``n`` cohort members, ``c = floor(gamma n)``
       (two sets can never both reach it, even with ``c`` colluders signing both);
     * for each neighbour it reveals either the self-mask seed share (survivor) or the
-      mask-key share (dropped), never both, never for a non-neighbour, and only once.
+      mask-key share (dropped), never both, never for a non-neighbour, and only once;
+    * distributed DP (docs/dp.md): a setup without DP is refused by a site whose policy
+      requires it (:class:`~fedseal.protocol.config.DpRequiredError`); a DP setup is refused
+      (:class:`~fedseal.protocol.config.DpPolicyError`, naming the parameter) if its noise
+      assumes more honest survivors than the site's own colluding fraction leaves, if the
+      central noise multiplier over those survivors is below the site's floor, or if the
+      modulus cannot hold the noisy sum; its rotation seed must be the one derived from the
+      run and round. The DP input is the site's own noisy encoding of its clipped update,
+      unweighted (its example count is sent as 1 and its clip indicator as 0: neither is
+      released in a DP round, docs/dp.md §6).
 
 A :class:`~fedseal.protocol.errors.StaleMessageError` or
 :class:`~fedseal.protocol.errors.DuplicateMessageError` leaves the session where it was;
@@ -80,16 +89,20 @@ from fedseal.crypto.errors import (
     SignatureError,
 )
 from fedseal.crypto.keys import key_id, public_key_from_der, public_key_to_der
-from fedseal.crypto.prg import Mask
+from fedseal.crypto.prg import SEED_SIZE, Mask, MaskSum
 from fedseal.crypto.shamir import Share, split_many
 from fedseal.crypto.signing import sign
 
 from .config import (
     Limits,
     QuantizationConfig,
+    RoundParameters,
     SitePolicy,
+    check_dp_round,
     validate_parameters,
 )
+from .discrete_gaussian import NoiseSource, PrgNoise
+from .dp import DpParams, encode_integers, rotation_seed_for, wrap
 from .encoding import Reader, Writer
 from .envelope import Envelope, OpenedMessage, open_envelope, seal
 from .errors import (
@@ -148,6 +161,7 @@ from .messages import (
     survivor_statement,
 )
 from .params import SecurityFloor, check_parameters, check_survivor_windows, site_floor
+from .quantize import CHUNK
 from .seams import MAX_KEY_BYTES, NO_SHARING, SharedWork
 from .types import (
     COORDINATOR,
@@ -201,6 +215,9 @@ class RoundInfo:
         vector_length: Elements the update must have.
         quantization: Clip / levels / modulus of the round.
         max_weight: Largest example count allowed.
+        dp: The round's DP parameters if it is a DP round (the adapter charges its privacy
+            ledger with them before returning the update: the noisy input is sent right
+            after), else ``None``.
     """
 
     run_id: bytes
@@ -209,6 +226,7 @@ class RoundInfo:
     vector_length: int
     quantization: QuantizationConfig
     max_weight: int
+    dp: DpParams | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +284,9 @@ class ClientSession:
             (:mod:`fedseal.protocol.seams`): by default here, every time; a simulation passes
             one that shares them with the other virtual sites of its process. Every header,
             cohort and sender check is made by this session either way.
+        noise_source: Called once per DP input for the rounding and noise randomness;
+            default a :class:`~fedseal.protocol.discrete_gaussian.PrgNoise` keyed by 32
+            bytes of ``randbytes`` (the OS CSPRNG unless ``randbytes`` is injected).
     """
 
     def __init__(
@@ -286,6 +307,7 @@ class ClientSession:
         policy: SitePolicy | None = None,
         guard: SetupGuard | None = None,
         shared: SharedWork = NO_SHARING,
+        noise_source: Callable[[], NoiseSource] | None = None,
     ) -> None:
         if not site:
             raise ValueError("site id must be non-empty")
@@ -311,8 +333,11 @@ class ClientSession:
         self.policy = policy
         self._guard = guard if guard is not None else SetupGuard(policy)
         self._shared = shared
+        self._noise_source = noise_source
         self.stage = ClientStage.AWAIT_SETUP
         self.failure: ProtocolError | None = None
+        #: Elements the quantizer clipped; in a DP round 1 if the update's norm was clipped
+        #: (a local fact: the masked input reports 0).
         self.clipped = 0
         self.revealed: tuple[tuple[SiteId, ShareKind], ...] = ()
         self.result: RoundResultNotice | None = None
@@ -398,6 +423,11 @@ class ClientSession:
     def setup(self) -> RoundSetup | None:
         """The signed round setup this session answers (``None`` before one)."""
         return self._setup
+
+    @property
+    def dp(self) -> DpParams | None:
+        """The DP parameters of the accepted setup (``None``: no setup yet, or no DP)."""
+        return self._setup.params.dp if self._setup is not None else None
 
     @property
     def attempt(self) -> int | None:
@@ -694,6 +724,7 @@ class ClientSession:
             raise WeakRoundError(
                 f"round parameters below this site's floor: {exc.message}"
             ) from exc
+        self._check_dp(setup, len(peers))
         self._floor = site_floor(len(peers), setup.params.degree, gamma, bits)
         if own_der != self._identity_der:
             raise CoordinatorMisbehaviourError("cohort lists a different key for this site")
@@ -701,6 +732,47 @@ class ClientSession:
         self._setup_digest = setup.digest
         self._peers = peers
         self._by_key_id = by_key
+
+    def _check_dp(self, setup: RoundSetup, cohort_size: int) -> None:
+        """The site's DP checks (module docstring), before it answers the setup."""
+        params, policy = setup.params, self.policy
+        check_dp_round(
+            params,
+            cohort_size,
+            policy.max_colluding_fraction,
+            min_noise_multiplier=policy.min_noise_multiplier,
+            dp_required=policy.dp_required,
+        )
+        if params.dp is not None and params.rotation_seed != rotation_seed_for(
+            setup.header.run_id, setup.header.round
+        ):
+            raise CoordinatorMisbehaviourError(
+                "the DP rotation seed is not the one derived from the run and round"
+            )
+
+    def _dp_input(
+        self, update_vector: npt.NDArray[Any], params: RoundParameters, masks: list[Mask]
+    ) -> tuple[npt.NDArray[Any], bytes]:
+        """This site's DP input: :func:`~fedseal.protocol.dp.encode_integers` of the update
+        (clip, rotate, round, add its noise share), wrapped, masked and hashed chunk by chunk."""
+        dp = params.dp
+        if dp is None:
+            raise RuntimeError("not a DP round")
+        source = (
+            self._noise_source()
+            if self._noise_source is not None
+            else PrgNoise(self._randbytes(SEED_SIZE))
+        )
+        encoded = encode_integers(update_vector, dp, params.rotation_seed, source)
+        self.clipped = int(encoded.clipped)
+        vector = wrap(encoded.values, dp.modulus_bits)
+        streams = MaskSum(vector.dtype, masks)
+        digest = hashlib.sha256()
+        for start in range(0, vector.shape[0], CHUNK):
+            part = vector[start : start + CHUNK]
+            streams.apply_into(part)
+            digest.update(part.data)
+        return vector, digest.digest()
 
     def _on_setup(self, setup: RoundSetup) -> Packet:
         h = setup.header
@@ -955,6 +1027,7 @@ class ClientSession:
             vector_length=setup.params.vector_length,
             quantization=setup.params.quantization,
             max_weight=setup.params.max_weight,
+            dp=setup.params.dp,
         )
         update = self._update_fn(info)
         if not 1 <= update.example_count <= setup.params.max_weight:
@@ -980,19 +1053,25 @@ class ClientSession:
                     "neighbour advertised an invalid mask key", site=peer
                 ) from exc
             masks.append(Mask(seed, PAIR_DOMAIN, negate=pair_sign_negative(self.site, peer)))
-        encoded = encode_masked(
-            update_vector, update.example_count, setup.params.quantization, self._rng, masks
-        )
-        vector = encoded.vector
-        self.clipped = encoded.clipped
+        if setup.params.dp is not None:
+            # Unweighted, and neither the count nor the clip indicator is released.
+            vector, bulk_digest = self._dp_input(update_vector, setup.params, masks)
+            example_count, clipped = 1, 0
+        else:
+            encoded = encode_masked(
+                update_vector, update.example_count, setup.params.quantization, self._rng, masks
+            )
+            vector, bulk_digest = encoded.vector, encoded.digest
+            self.clipped = clipped = encoded.clipped
+            example_count = update.example_count
         masked = MaskedInput(
             header=self._header(),
             dataset_root=bytes(update.dataset_root),
-            example_count=update.example_count,
+            example_count=example_count,
             vector_length=int(vector.shape[0]),
             modulus_bits=setup.params.quantization.modulus_bits,
-            clipped=encoded.clipped,
-            bulk_digest=encoded.digest,
+            clipped=clipped,
+            bulk_digest=bulk_digest,
         )
         return Packet(self._seal(masked), vector)
 

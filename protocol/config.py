@@ -18,22 +18,35 @@ security bits its floor for degree, threshold and quorum is computed for
 returns the :class:`RoundParameters` that go, signed, into the round setup message. The
 same checks run on a site when it receives the setup (a coordinator cannot propose a
 threshold at or below half a neighbourhood, or a quantization that could wrap around).
+
+Distributed DP (docs/dp.md): ``RoundConfig.dp`` (a :class:`~fedseal.protocol.dp.DpParams`)
+makes every round a distributed-discrete-Gaussian round; the setup then carries the DP
+parameters and the round's rotation seed, the secure sum runs over ``dp.dimension`` elements
+and the quantizer is not used (only its ``modulus_bits``). :func:`check_dp_round` is what the
+coordinator and, with its own :class:`SitePolicy`, every site check before taking part.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .errors import ConfigError
+from .errors import ConfigError, WeakRoundError
+
+if TYPE_CHECKING:  # dp imports quantize, which imports this module
+    from .dp import DpParams
 
 __all__ = [
+    "DpPolicyError",
+    "DpRequiredError",
     "Limits",
     "QuantizationConfig",
     "RoundConfig",
     "RoundParameters",
     "SitePolicy",
     "check_colluding_fraction",
+    "check_dp_round",
     "check_security_bits",
     "consistency_quorum",
     "validate_parameters",
@@ -82,6 +95,11 @@ class SitePolicy:
             (:mod:`fedseal.protocol.params`).
         security_bits: sigma: the floor's failure probability is at most ``2**-sigma``
             (default 40).
+        dp_required: Refuse every setup without distributed DP (:class:`DpRequiredError`).
+        min_noise_multiplier: Floor on a DP round's central noise multiplier
+            ``z = sqrt(h) * local_stddev * gamma / clip`` over the ``h = min_survivors -
+            floor(max_colluding_fraction * n)`` honest survivors this site counts on
+            (docs/dp.md §4). Default 0: any DP round is accepted, ``dp_required`` or not.
     """
 
     max_setup_attempts: int = 3
@@ -89,6 +107,8 @@ class SitePolicy:
     min_known_peers: int = 2
     max_colluding_fraction: float = DEFAULT_COLLUDING_FRACTION
     security_bits: int = DEFAULT_SECURITY_BITS
+    dp_required: bool = False
+    min_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         _check_attempts(self.max_setup_attempts, "site_policy")
@@ -103,6 +123,46 @@ class SitePolicy:
             )
         check_colluding_fraction(self.max_colluding_fraction, "site_policy")
         check_security_bits(self.security_bits, "site_policy")
+        if not isinstance(self.dp_required, bool):
+            raise ConfigError(f"site_policy.dp_required must be a bool, got {self.dp_required!r}")
+        z = self.min_noise_multiplier
+        if (
+            isinstance(z, bool)
+            or not isinstance(z, int | float)
+            or not math.isfinite(z)
+            or z < 0
+        ):
+            raise ConfigError(
+                f"site_policy.min_noise_multiplier must be a finite number >= 0, got {z!r}"
+            )
+
+
+class DpPolicyError(WeakRoundError):
+    """A DP round a site refuses: below its noise floor, assuming more honest survivors than
+    its own colluding fraction leaves, or with a modulus too small for the noisy sum.
+
+    Attributes:
+        parameter: The offending round parameter (``"dp"``, ``"local_stddev"``,
+            ``"min_survivors"``, ``"modulus_bits"``, ...).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        parameter: str,
+        site: str | None = None,
+        round: int | None = None,
+        stage: str | None = None,
+    ) -> None:
+        super().__init__(
+            f"{message} (parameter {parameter})", site=site, round=round, stage=stage
+        )
+        self.parameter = parameter
+
+
+class DpRequiredError(DpPolicyError):
+    """The site requires distributed DP (``SitePolicy.dp_required``) and the setup has none."""
 
 
 def check_colluding_fraction(value: object, where: str) -> None:
@@ -234,6 +294,9 @@ class RoundParameters:
         degree: Neighbour-graph degree ``k`` (``n - 1`` means complete graph).
         threshold: Shamir threshold ``t`` per neighbourhood, ``k/2 < t <= k``.
         min_survivors: Fewest masked inputs the sum may contain.
+        dp: The round's distributed-DP mechanism, or ``None`` (a quantized, weighted round).
+        rotation_seed: With ``dp``: the 32-byte seed of the public randomized Hadamard
+            rotation (:func:`fedseal.protocol.dp.rotation_seed_for`); ``b""`` without.
     """
 
     vector_length: int
@@ -242,6 +305,14 @@ class RoundParameters:
     degree: int
     threshold: int
     min_survivors: int
+    dp: DpParams | None = None
+    rotation_seed: bytes = b""
+
+    @property
+    def masked_length(self) -> int:
+        """Elements of the masked vector and of the sum: ``dp.dimension`` with DP (the
+        padded, rotated vector), else ``vector_length``."""
+        return self.dp.dimension if self.dp is not None else self.vector_length
 
 
 def validate_parameters(params: RoundParameters, cohort_size: int, limits: Limits) -> None:
@@ -269,6 +340,11 @@ def validate_parameters(params: RoundParameters, cohort_size: int, limits: Limit
         raise ConfigError(f"min_survivors {params.min_survivors} outside threshold {t}..cohort {n}")
     if not 1 <= params.max_weight < 1 << 62:
         raise ConfigError(f"max_weight {params.max_weight} outside 1..2^62-1")
+    if params.dp is not None:
+        _validate_dp_shape(params, params.dp, limits)
+        return  # the quantizer is not used: check_dp_round bounds the noisy sum instead
+    if params.rotation_seed:
+        raise ConfigError("rotation_seed without dp")
     q = params.quantization
     bound = (1 << (q.modulus_bits - 1)) - 1
     worst = n * q.levels * params.max_weight
@@ -278,6 +354,90 @@ def validate_parameters(params: RoundParameters, cohort_size: int, limits: Limit
             f"{n} sites x {q.levels} levels x max_weight {params.max_weight} = {worst} does not fit "
             f"the signed range of Z_2^{q.modulus_bits} (at most {bound}); use levels <= {max_levels}, "
             f"a smaller max_weight, fewer sites, or modulus_bits=64"
+        )
+
+
+def _validate_dp_shape(params: RoundParameters, dp: DpParams, limits: Limits) -> None:
+    """The DP parameters fit the round's vector, modulus and survivor count."""
+    from .dp import padded_dimension
+
+    if dp.dimension != padded_dimension(params.vector_length):
+        raise ConfigError(
+            f"dp.dimension {dp.dimension} is not the padded dimension "
+            f"{padded_dimension(params.vector_length)} of vector_length {params.vector_length}"
+        )
+    if dp.dimension > limits.max_vector_length:
+        raise ConfigError(
+            f"dp.dimension {dp.dimension} exceeds limits.max_vector_length="
+            f"{limits.max_vector_length}"
+        )
+    if dp.modulus_bits != params.quantization.modulus_bits:
+        raise ConfigError(
+            f"dp.modulus_bits {dp.modulus_bits} differs from the secure sum's "
+            f"quantization.modulus_bits {params.quantization.modulus_bits}"
+        )
+    if dp.min_survivors > params.min_survivors:
+        raise ConfigError(
+            f"dp.min_survivors {dp.min_survivors} exceeds the round's min_survivors "
+            f"{params.min_survivors}: the sum may hold fewer noise shares than accounted"
+        )
+
+
+def check_dp_round(
+    params: RoundParameters,
+    cohort_size: int,
+    colluding_fraction: float,
+    *,
+    min_noise_multiplier: float = 0.0,
+    dp_required: bool = False,
+) -> None:
+    """The DP checks of a round, for a party assuming ``colluding_fraction`` (docs/dp.md §4).
+
+    * ``dp_required`` and no DP: :class:`DpRequiredError` (parameter ``dp``).
+    * Honest shares: the ``h = min_survivors - floor(colluding_fraction * n)`` this party
+      counts on must be at least the ``dp.honest_survivors`` the noise (and the ledger's
+      accounting) assumes (parameter ``min_survivors``).
+    * Noise floor: ``sqrt(h) * local_stddev * gamma / clip >= min_noise_multiplier``
+      (parameter ``local_stddev``).
+    * Modulus: :func:`fedseal.protocol.dp.bits_needed` for all ``n`` cohort members' shares
+      (the sum wraps with probability <= 2^-40) must not exceed ``modulus_bits``.
+
+    Call after :func:`validate_parameters`. Raises :class:`DpPolicyError` (a
+    :class:`WeakRoundError`) naming the parameter; nothing without DP unless required.
+    """
+    from .dp import bits_needed
+    from .params import colluders
+
+    dp = params.dp
+    if dp is None:
+        if dp_required:
+            raise DpRequiredError(
+                "this site takes part only in rounds with distributed DP, the setup has none",
+                parameter="dp",
+            )
+        return
+    honest = params.min_survivors - colluders(cohort_size, colluding_fraction)
+    if honest < dp.honest_survivors:
+        raise DpPolicyError(
+            f"the DP noise assumes {dp.honest_survivors} honest survivors, but with "
+            f"min_survivors {params.min_survivors} and up to "
+            f"floor({colluding_fraction:.6g} * {cohort_size}) colluders only {max(honest, 0)} "
+            "are guaranteed",
+            parameter="min_survivors",
+        )
+    multiplier = math.sqrt(honest) * dp.local_stddev * dp.gamma / dp.clip
+    if multiplier < min_noise_multiplier:
+        raise DpPolicyError(
+            f"central noise multiplier {multiplier:.6g} over {honest} honest survivors is "
+            f"below this site's floor {min_noise_multiplier:.6g}",
+            parameter="local_stddev",
+        )
+    needed = bits_needed(dp, cohort_size)
+    if needed > dp.modulus_bits:
+        raise DpPolicyError(
+            f"the noisy sum of {cohort_size} sites needs {needed} bits, the modulus has "
+            f"{dp.modulus_bits}: use a coarser gamma, less noise or modulus_bits=64",
+            parameter="modulus_bits",
         )
 
 
@@ -309,6 +469,11 @@ class RoundConfig:
         window_dropouts: Dropouts per window of ``k/2`` consecutive ring positions a sparse
             round must tolerate (sites refuse survivor sets with more than their floor
             allows); a larger value asks for a larger automatic degree.
+        dp: Distributed DP for every round (docs/dp.md), e.g. from
+            :meth:`DpParams.from_noise_multiplier`, or ``None``. Its ``dimension`` must be the
+            padded ``vector_length``, its ``modulus_bits`` the quantization's; an automatic
+            ``min_survivors`` is raised to ``dp.min_survivors``. The sum is unweighted and the
+            quantizer (clip, levels, ``max_weight``) is not used.
     """
 
     vector_length: int
@@ -324,6 +489,7 @@ class RoundConfig:
     max_colluding_fraction: float = DEFAULT_COLLUDING_FRACTION
     security_bits: int = DEFAULT_SECURITY_BITS
     window_dropouts: int = 2
+    dp: DpParams | None = None
 
     def resolve(self, cohort_size: int) -> RoundParameters:
         """Validate for ``cohort_size`` sites and fill in automatic values.
@@ -357,6 +523,8 @@ class RoundConfig:
             if self.min_survivors is not None
             else min(n, max(2, consistency_quorum(t, n, gamma)))
         )
+        if self.dp is not None and self.min_survivors is None:
+            min_survivors = max(min_survivors, self.dp.min_survivors)
         params = RoundParameters(
             vector_length=self.vector_length,
             quantization=self.quantization,
@@ -364,8 +532,13 @@ class RoundConfig:
             degree=k,
             threshold=t,
             min_survivors=min_survivors,
+            dp=self.dp,
         )
         validate_parameters(params, cohort_size, self.limits)
+        try:
+            check_dp_round(params, cohort_size, gamma)
+        except DpPolicyError as exc:
+            raise ConfigError(f"config.dp: {exc.message}") from exc
         if self.round_timeout_s <= 0:
             raise ConfigError(f"round_timeout_s must be positive, got {self.round_timeout_s}")
         _check_attempts(self.max_setup_attempts, "config")

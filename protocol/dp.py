@@ -44,6 +44,7 @@ coordinate. Rounding compares a 53-bit uniform with the exact fraction: unbiased
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ __all__ = [
     "encode_integers",
     "padded_dimension",
     "rotate",
+    "rotation_seed_for",
     "unrotate",
     "wrap",
     "wrap_probability",
@@ -91,6 +93,7 @@ __all__ = [
 
 DP_PARAMS_TAG: Final = b"fedseal/v1/dp-params\x00"
 ROTATION_DOMAIN: Final = b"fedseal/v1/dp-rotation-signs"
+ROTATION_SEED_TAG: Final = b"fedseal/v1/dp-rotation-seed\x00"
 MECHANISM_DDG_HADAMARD: Final = 1
 """Mechanism code in the canonical bytes: distributed discrete Gaussian, randomized Hadamard."""
 MAX_DIMENSION: Final = 1 << 30
@@ -114,6 +117,23 @@ class RoundingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- parameters
+
+
+def rotation_seed_for(run_id: bytes, round: int) -> bytes:
+    """The round's public rotation seed: ``SHA-256(tag || run_id || round u32)``.
+
+    Derived, not drawn: privacy never depends on the rotation (docs/dp.md §2: the norm bound
+    holds for every orthogonal map), only the wrap bound does, and it needs the rotation to
+    be independent of the updates. Run id and round are fixed before any site of the round
+    trains, sites recompute the seed and refuse another one, so the coordinator has no free
+    choice to fit the rotation to updates it can predict (it could only grind run ids, for a
+    utility loss it can cause anyway by discarding the result); auditors recompute it from
+    the signed setup, and the sans-IO coordinator needs no randomness source. It does not
+    change between setup attempts of a round: no site has trained yet.
+    """
+    if len(run_id) != 16 or not 0 <= round < 1 << 32:
+        raise ValueError("run_id must be 16 bytes and round a u32")
+    return hashlib.sha256(ROTATION_SEED_TAG + run_id + round.to_bytes(4, "big")).digest()
 
 
 def padded_dimension(length: int) -> int:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .config import Limits, QuantizationConfig, RoundParameters
+from .dp import DpParams
 from .encoding import Reader, Writer
 from .errors import ConfigError, DecodeError
 from .seams import MAX_KEY_BYTES, NO_SHARING, SharedWork
@@ -153,6 +154,33 @@ def _encode_params(w: Writer, p: RoundParameters, expires_at: int) -> None:
     w.u64(p.max_weight).u16(p.degree).u16(p.threshold).u16(p.min_survivors).u64(expires_at)
 
 
+DP_SECTION = 1
+"""Tag of the setup body's optional trailing section: DP parameters and rotation seed."""
+MAX_DP_PARAMS_BYTES = 256
+ROTATION_SEED_BYTES = 32
+
+
+def _encode_dp(w: Writer, p: RoundParameters) -> None:
+    """The trailing DP section, written only when the round has DP (non-DP setups keep
+    their bytes): ``u8 DP_SECTION | blob DpParams.to_bytes() | rotation seed (32)``."""
+    if p.dp is None:
+        if p.rotation_seed:
+            raise ValueError("a rotation seed without DP parameters has no encoding")
+        return
+    w.u8(DP_SECTION).blob(p.dp.to_bytes()).fixed(p.rotation_seed, ROTATION_SEED_BYTES)
+
+
+def _decode_dp(r: Reader) -> tuple[DpParams | None, bytes]:
+    """Read the trailing DP section if bytes remain (the body's last field came before)."""
+    if not r.remaining:
+        return None, b""
+    tag = r.u8()
+    if tag != DP_SECTION:
+        raise DecodeError(f"round setup: unknown trailing section {tag}")
+    dp = DpParams.from_bytes(r.blob(MAX_DP_PARAMS_BYTES))
+    return dp, r.fixed(ROTATION_SEED_BYTES)
+
+
 def _read_commitment(r: Reader) -> bytes:
     value = r.blob(DIGEST_BYTES)
     if len(value) not in (0, DIGEST_BYTES):
@@ -176,7 +204,8 @@ class RoundSetup(_Message):
 
         The attempt number counts setups of one round (0 first): when cohort members do
         not advertise keys, the coordinator sends a new setup to those that did. It is part
-        of the setup digest, so every later message binds its attempt.
+        of the setup digest, so every later message binds its attempt. A DP round appends
+        one tagged section (:func:`_encode_dp`); without DP the body ends at the attempt.
         """
         w = Writer()
         w.count(len(self.cohort))
@@ -184,6 +213,7 @@ class RoundSetup(_Message):
             w.text(m.site).blob(m.public_key_der).blob(m.nonce_commitment)
         _encode_params(w, self.params, self.expires_at)
         w.u16(self.attempt)
+        _encode_dp(w, self.params)
         return w.to_bytes()
 
     def _encode_body(self, w: Writer) -> None:
@@ -214,6 +244,7 @@ class RoundSetup(_Message):
         degree, threshold, min_survivors = r.u16(), r.u16(), r.u16()
         expires_at = r.u64()
         attempt = r.u16()
+        dp, rotation_seed = _decode_dp(r)
         try:
             quant = QuantizationConfig(
                 clip_micros=clip_micros, levels=levels, modulus_bits=modulus_bits
@@ -227,6 +258,8 @@ class RoundSetup(_Message):
             degree=degree,
             threshold=threshold,
             min_survivors=min_survivors,
+            dp=dp,
+            rotation_seed=rotation_seed,
         )
         return cls(
             header=header, cohort=cohort, params=params, expires_at=expires_at, attempt=attempt

@@ -78,6 +78,16 @@ element of the aggregate, read as a signed two's-complement integer of ``Z_2^b``
 counts. An honest site's element is ``w_i * q`` with ``q`` in ``[-levels, levels]``
 (:mod:`fedseal.protocol.quantize`), so honest sums never leave ``[-B, B]``, and ``B`` is
 reached exactly when every survivor sends ``+clip`` (or ``-clip``) with its full weight.
+
+Distributed DP (``config.dp``, docs/dp.md): the setup carries the DP parameters and the
+rotation seed (:func:`fedseal.protocol.dp.rotation_seed_for` of run and round); the sum runs
+over ``dp.dimension`` elements; every survivor weighs 1 whatever count it reports (the DP sum
+is unweighted: a weight would multiply the sensitivity); the unmasked sum is decoded with
+:func:`fedseal.protocol.dp.decode` (centre, rescale by gamma, un-rotate, unpad), so
+``weighted_sum`` is the noisy sum of the clipped updates, ``total_weight`` the survivor count
+and ``weighted_mean`` the unweighted noisy mean; ``RoundResult.dp`` names the parameters.
+There is no range check: the noise is unbounded, and a wrap (probability <= 2^-40 for the
+parameters sites accept) garbles the result without touching privacy.
 Otherwise the round fails (``FAILED``, no result: nothing is applied) with the count of
 offending elements and the worst one. The check is vectorised: a min and a max reduction per
 chunk of :data:`~fedseal.protocol.quantize.CHUNK` elements over a signed view of the sum (no
@@ -114,6 +124,8 @@ from fedseal.crypto.shamir import Share, combine
 from fedseal.crypto.signing import verify
 
 from .config import RoundConfig, RoundParameters, consistency_quorum
+from .dp import DpParams, rotation_seed_for
+from .dp import decode as dp_decode
 from .envelope import Envelope, OpenedMessage, open_envelope, seal
 from .errors import (
     AggregateOutOfRangeError,
@@ -394,6 +406,8 @@ class RoundResult:
         rejections: Every rejected message or share, with its typed error.
         setup_attempts: Setup attempts the round took (1 without restarts).
         restarts: Each new setup attempt, with the sites left out.
+        dp: The DP parameters if it was a DP round (``weighted_sum`` is then the noisy
+            unweighted sum, every weight 1), else ``None``.
     """
 
     run_id: bytes
@@ -410,6 +424,7 @@ class RoundResult:
     rejections: tuple[Rejection, ...]
     setup_attempts: int = 1
     restarts: tuple[SetupRestart, ...] = ()
+    dp: DpParams | None = None
 
     @property
     def weighted_mean(self) -> npt.NDArray[np.float64]:
@@ -481,15 +496,15 @@ class SecAggServer:
                 raise ConfigError("cohort member is not enrolled", site=s)
             if not entry.active:
                 raise ConfigError("cohort member is revoked", site=s)
-        self.params: RoundParameters = config.resolve(len(sites))
-        self.initial_params: RoundParameters = self.params
         self.config = config
+        self.run_id = bytes(run_id)
+        self.round = round
+        self.params: RoundParameters = self._resolve(len(sites))
+        self.initial_params: RoundParameters = self.params
         self.limits = config.limits
         self.roster = roster
         self.cohort: tuple[SiteId, ...] = tuple(sites)
         self.initial_cohort: tuple[SiteId, ...] = self.cohort
-        self.run_id = bytes(run_id)
-        self.round = round
         self.model_digest = bytes(model_digest)
         self._identity = identity_key
         known = commitments or {}
@@ -530,10 +545,17 @@ class SecAggServer:
         self._u3: tuple[SiteId, ...] = ()
         self._requests: dict[SiteId, dict[SiteId, ShareKind]] = {}
         self._revealed: dict[tuple[SiteId, ShareKind], list[tuple[SiteId, Share]]] = {}
-        self._sum = StreamingSum(self.params.vector_length, self.params.quantization.modulus_bits)
+        self._sum = StreamingSum(self.params.masked_length, self.params.quantization.modulus_bits)
         self._result: RoundResult | None = None
         self._liars: set[SiteId] = set()
         self._bundle = b""
+
+    def _resolve(self, cohort_size: int) -> RoundParameters:
+        """``config.resolve`` plus, in a DP round, the round's derived rotation seed."""
+        params = self.config.resolve(cohort_size)
+        if params.dp is None:
+            return params
+        return dataclasses.replace(params, rotation_seed=rotation_seed_for(self.run_id, self.round))
 
     # -- public API ---------------------------------------------------------------------
 
@@ -825,21 +847,20 @@ class SecAggServer:
         p = self.params
         if not 1 <= msg.example_count <= p.max_weight:
             raise VerificationError(f"example count {msg.example_count} outside 1..{p.max_weight}")
-        if msg.vector_length != p.vector_length or msg.modulus_bits != p.quantization.modulus_bits:
+        length = p.masked_length
+        if msg.vector_length != length or msg.modulus_bits != p.quantization.modulus_bits:
             raise BulkMismatchError("signed vector length or modulus differs from the round's")
         if msg.dataset_root not in self.roster[site].approved_roots:
             raise UnapprovedDatasetError("dataset root is not approved for this site")
-        if msg.clipped > p.vector_length:
+        if msg.clipped > length:
             raise VerificationError("clipped count exceeds the vector length")
         dtype = vector_dtype(p.quantization.modulus_bits)
         if not isinstance(bulk, np.ndarray):
             raise BulkMismatchError("masked input arrived without a bulk vector")
         if bulk.dtype != dtype:
             raise BulkMismatchError(f"bulk vector dtype {bulk.dtype}, expected {dtype}")
-        if bulk.ndim != 1 or bulk.shape[0] != p.vector_length:
-            raise BulkMismatchError(
-                f"bulk vector shape {bulk.shape}, expected ({p.vector_length},)"
-            )
+        if bulk.ndim != 1 or bulk.shape[0] != length:
+            raise BulkMismatchError(f"bulk vector shape {bulk.shape}, expected ({length},)")
         vector = np.ascontiguousarray(bulk)
         if hashlib.sha256(vector.data).digest() != msg.bulk_digest:
             raise BulkMismatchError("bulk vector SHA-256 differs from the signed digest")
@@ -972,7 +993,7 @@ class SecAggServer:
     def _set_cohort(self, remaining: tuple[SiteId, ...]) -> None:
         """Narrow the cohort (and re-resolve the parameters) to ``remaining``."""
         try:
-            params = self.config.resolve(len(remaining))
+            params = self._resolve(len(remaining))
         except ConfigError as exc:
             raise ThresholdError(
                 f"{len(remaining)} sites are too few for a new setup: {exc.message}"
@@ -983,7 +1004,7 @@ class SecAggServer:
         self._setup = dataclasses.replace(
             self._setup, cohort=tuple(m for m in self._setup.cohort if m.site in kept), params=params
         )
-        self._sum = StreamingSum(params.vector_length, params.quantization.modulus_bits)
+        self._sum = StreamingSum(params.masked_length, params.quantization.modulus_bits)
 
     def _restart(self, advertised: tuple[SiteId, ...]) -> dict[SiteId, Packet]:
         """Start a new setup attempt for the sites that advertised (see the module docstring)."""
@@ -1124,15 +1145,21 @@ class SecAggServer:
                 # Survivor i added +mask if i < owner, -mask otherwise; remove exactly that.
                 masks.append(Mask(seed, PAIR_DOMAIN, negate=not pair_sign_negative(i, owner)))
         add_masks_into(total, masks)
-        q = self.params.quantization
-        weights = {s: self._state[s].example_count for s in survivors}
-        total_weight = sum(weights.values())
+        p, q = self.params, self.params.quantization
         aggregate = total
-        check_aggregate_range(aggregate, q.levels * total_weight)
+        if p.dp is not None:  # unweighted; no range check (module docstring)
+            weights = dict.fromkeys(survivors, 1)
+            total_weight = len(survivors)
+            weighted_sum = dp_decode(aggregate, p.dp, p.rotation_seed, p.vector_length)
+        else:
+            weights = {s: self._state[s].example_count for s in survivors}
+            total_weight = sum(weights.values())
+            check_aggregate_range(aggregate, q.levels * total_weight)
+            weighted_sum = dequantize(aggregate, q)
         self._result = RoundResult(
             run_id=self.run_id,
             round=self.round,
-            weighted_sum=dequantize(aggregate, q),
+            weighted_sum=weighted_sum,
             total_weight=total_weight,
             survivors=survivors,
             weights=weights,
@@ -1144,6 +1171,7 @@ class SecAggServer:
             rejections=tuple(self.rejections),
             setup_attempts=self._setup.attempt + 1,
             restarts=tuple(self.restarts),
+            dp=p.dp,
         )
         self.stage = ServerStage.DONE
         self.awaiting = frozenset()

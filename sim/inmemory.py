@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedseal.crypto.keys import key_id
 from fedseal.protocol.client import ClientSession, LocalUpdate, RoundInfo
 from fedseal.protocol.config import RoundConfig, SitePolicy
+from fedseal.protocol.discrete_gaussian import NoiseSource
 from fedseal.protocol.errors import ProtocolError
 from fedseal.protocol.guard import SetupGuard
 from fedseal.protocol.roster import Roster, RosterEntry
@@ -154,6 +155,8 @@ class Federation:
         shared: What every site's session checks and decodes through
             (:mod:`fedseal.protocol.seams`); default: each site all of it itself, as deployed.
             A :class:`fedseal.sim.shared_work.SharedWork` shares it between the sites.
+        dp_noise: ``site -> NoiseSource`` for a site's DP rounding and noise (called once per
+            DP input); default each session's own, keyed from its deterministic secrets.
     """
 
     def __init__(
@@ -171,8 +174,10 @@ class Federation:
         site_policy: SitePolicy | None = None,
         trusted_peers: Mapping[str, Mapping[str, bytes]] | None = None,
         shared: SharedWork = NO_SHARING,
+        dp_noise: Callable[[SiteId], NoiseSource] | None = None,
     ) -> None:
         self.config = config
+        self.dp_noise = dp_noise
         self.sites: tuple[SiteId, ...] = tuple(SiteId(s) for s in sites)
         self.seed = bytes(seed)
         self.updates = updates
@@ -227,6 +232,7 @@ class Federation:
 
     def make_session(self, site: SiteId, round: int, now: float) -> ClientSession:
         """A fresh client session for ``site`` (deterministic secrets)."""
+        noise = self.dp_noise
         return ClientSession(
             site,
             self.site_keys[site],
@@ -241,6 +247,7 @@ class Federation:
             trusted_peers=self.trusted_peers.get(site, {}),
             guard=self.guards.setdefault(site, SetupGuard(self.site_policy)),
             shared=self.shared,
+            noise_source=(lambda: noise(site)) if noise is not None else None,
         )
 
     def _time(self) -> float:
