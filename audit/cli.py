@@ -82,7 +82,13 @@ from fedseal.audit.auditor import (
     prove_consistency,
     prove_inclusion,
 )
-from fedseal.audit.report import collect_view, export_lines, format_metric, unsigned_note
+from fedseal.audit.report import (
+    collect_view,
+    dp_lines,
+    export_lines,
+    format_metric,
+    unsigned_note,
+)
 from fedseal.audit.verify_run import (
     ProgressTracker,
     judge_report,
@@ -398,6 +404,8 @@ def show_cmd(log: LogArg) -> None:
             r.new_model[:16],
         )
     console.print(t)
+    for line in dp_lines(view):
+        console.print(_markup(line))
     t = Table(title="Rejected envelopes")
     for col in ("entry", "run/round", "site", "stage", "reason"):
         t.add_column(col)

@@ -21,6 +21,7 @@ from fedseal.audit.entries import (
     AuditEntry,
     Checkpoint,
     ConsortiumRosterRecord,
+    DpRound,
     EntryKind,
     EnvelopeRecord,
     Evaluation,
@@ -59,6 +60,7 @@ _CLASSES: dict[EntryKind, type[AuditEntry]] = {
         RunEnd,
         ConsortiumRosterRecord,
         Evaluation,
+        DpRound,
     )
 }
 _CLASSES_BY_TAG: dict[int, type[AuditEntry]] = {int(k): c for k, c in _CLASSES.items()}
@@ -207,14 +209,14 @@ def entry_tags(entry: AuditEntry) -> tuple[int, str | None, int | None]:
     writes them and :meth:`AuditVerifier.verify_store` requires them.
 
     ``site`` is set for roster changes and envelopes, ``round`` for envelopes, round results,
-    checkpoints and evaluations; every other tag is ``NULL``.
+    checkpoints, evaluations and DP rounds; every other tag is ``NULL``.
     """
     kind = int(entry.KIND)
     if isinstance(entry, EnvelopeRecord):
         return kind, entry.site, entry.round
     if isinstance(entry, RosterChange):
         return kind, entry.site, None
-    if isinstance(entry, RoundRecord | Checkpoint | Evaluation):
+    if isinstance(entry, RoundRecord | Checkpoint | Evaluation | DpRound):
         return kind, None, entry.round
     return kind, None, None
 

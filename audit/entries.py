@@ -20,6 +20,11 @@ loss, macro-F1, example count, the sites counted) are a separate entry kind,
 checkpoint, before the next round's result or the run end (whose signed tree head covers it).
 ``RoundRecord.metrics`` stays for metrics known when the round commits (the coordinator logs
 none today).
+
+Distributed DP (docs/dp.md): a run whose :class:`RunStart` carries ``dp_budget`` (its target
+ε and δ, a trailing section, so runs without DP keep their bytes) logs one :class:`DpRound`
+per completed round, in the same commit as the round's result: the round's canonical
+``DpParams``, its zCDP ρ and the run's ε so far, which the verifier recomputes.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import enum
 import hashlib
 import hmac
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
@@ -42,8 +48,9 @@ from fedseal.protocol.consortium import (
     SignedConsortiumRoster,
     decode_roster,
 )
+from fedseal.protocol.dp import DpParams
 from fedseal.protocol.encoding import Reader, Writer
-from fedseal.protocol.errors import DecodeError
+from fedseal.protocol.errors import DecodeError, ProtocolError
 from fedseal.protocol.types import DIGEST_BYTES, RUN_ID_BYTES, MessageKind
 
 __all__ = [
@@ -56,6 +63,7 @@ __all__ = [
     "AuditEntry",
     "Checkpoint",
     "ConsortiumRosterRecord",
+    "DpRound",
     "EntryKind",
     "EnvelopeRecord",
     "Evaluation",
@@ -88,6 +96,9 @@ _MAX_METRIC_NAME = 64
 _MAX_CONSORTIUM_ROSTER = 4 << 20
 """Bound on a consortium roster's signed bytes in an entry (10,000 sites with the longest ids
 and keys :func:`~fedseal.protocol.consortium.decode_roster` accepts take about 3.3 MB)."""
+_MAX_DP_PARAMS = 256
+"""Bound on a DP round entry's canonical ``DpParams`` bytes (they are 70 today)."""
+_F64 = struct.Struct(">d")
 _E = TypeVar("_E", bound=enum.IntEnum)
 
 
@@ -103,6 +114,7 @@ class EntryKind(enum.IntEnum):
     RUN_END = 6
     CONSORTIUM_ROSTER = 7
     EVALUATION = 8
+    DP_ROUND = 9
 
     @property
     def label(self) -> str:
@@ -172,6 +184,25 @@ def _check_digests(name: str, values: Sequence[bytes]) -> None:
             _check_digest(name, v)
 
 
+def _check_f64(name: str, value: object, *, below_one: bool = False) -> None:
+    """A binary64 field: a float, finite and > 0 (so never NaN, an infinity or -0.0: one
+    encoding per value), below 1 if ``below_one``."""
+    if type(value) is not float or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+    if below_one and not value < 1:
+        raise ValueError(f"{name} must be < 1, got {value!r}")
+
+
+def _f64(w: Writer, value: float) -> None:
+    """IEEE-754 binary64, big-endian bit pattern (as :meth:`DpParams.to_bytes`)."""
+    w.raw(_F64.pack(value))
+
+
+def _read_f64(r: Reader) -> float:
+    value: float = _F64.unpack(r.fixed(8))[0]
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Genesis:
     """Entry 0 of every log: the log id and the coordinator key that signs its tree heads."""
@@ -207,21 +238,31 @@ class RunStart:
     code_version: str
     started_at_ms: int
     planned_rounds: int = 0
+    dp_budget: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.run_id) != RUN_ID_BYTES:
             raise ValueError(f"run_id must be {RUN_ID_BYTES} bytes")
         for name in ("config_digest", "roster_digest", "initial_model_digest"):
             _check_digest(name, getattr(self, name))
+        if self.dp_budget is not None:
+            if not isinstance(self.dp_budget, tuple) or len(self.dp_budget) != 2:
+                raise ValueError("dp_budget must be a pair (epsilon, delta)")
+            _check_f64("dp_budget epsilon", self.dp_budget[0])
+            _check_f64("dp_budget delta", self.dp_budget[1], below_one=True)
 
     def _encode(self, w: Writer) -> None:
         w.fixed(self.run_id, RUN_ID_BYTES).fixed(self.config_digest, DIGEST_BYTES)
         w.fixed(self.roster_digest, DIGEST_BYTES).fixed(self.initial_model_digest, DIGEST_BYTES)
         w.text(self.code_version).u64(self.started_at_ms).u32(self.planned_rounds)
+        if self.dp_budget is not None:  # a trailing section: runs without DP keep their bytes
+            w.u8(1)
+            _f64(w, self.dp_budget[0])
+            _f64(w, self.dp_budget[1])
 
     @classmethod
     def _decode(cls, r: Reader) -> RunStart:
-        return cls(
+        fields = (
             r.fixed(RUN_ID_BYTES),
             r.fixed(DIGEST_BYTES),
             r.fixed(DIGEST_BYTES),
@@ -230,6 +271,17 @@ class RunStart:
             r.u64(),
             r.u32(),
         )
+        budget = None
+        if r.remaining:
+            if r.u8() != 1:
+                raise DecodeError("audit entry: bad run-start DP section flag")
+            budget = (_read_f64(r), _read_f64(r))
+        return cls(*fields, dp_budget=budget)
+
+    @property
+    def dp(self) -> bool:
+        """Whether the run's rounds are distributed-DP rounds (it has a DP budget)."""
+        return self.dp_budget is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -637,6 +689,58 @@ class ConsortiumRosterRecord:
         return cls(consortium, version, digest, payload, signature, der, r.u64())
 
 
+@dataclass(frozen=True, slots=True)
+class DpRound:
+    """A committed DP round's privacy accounting (docs/dp.md §5), after its round result.
+
+    ``dp_params`` are the round's canonical :class:`~fedseal.protocol.dp.DpParams` bytes (the
+    parameters its signed setup carried); ``rho`` is the round's zCDP ρ
+    (:func:`fedseal.privacy.round_rho` of :func:`fedseal.privacy.dp_round_noise` of them) and
+    ``epsilon_so_far`` the run's ε at ``delta`` over every DP round logged so far, this one
+    included (:func:`fedseal.privacy.epsilon`). The three floats are IEEE-754 binary64
+    big-endian bit patterns; NaN, infinities, -0.0 and values <= 0 are refused. The
+    coordinator's claim: the verifier recomputes ρ and ε from ``dp_params`` and fails on a
+    difference beyond 1e-9 relative.
+    """
+
+    KIND: ClassVar[EntryKind] = EntryKind.DP_ROUND
+    run_id: bytes
+    round: int
+    dp_params: bytes
+    rho: float
+    epsilon_so_far: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        if len(self.run_id) != RUN_ID_BYTES:
+            raise ValueError(f"run_id must be {RUN_ID_BYTES} bytes")
+        if type(self.dp_params) is not bytes or len(self.dp_params) > _MAX_DP_PARAMS:
+            raise ValueError(f"dp_params must be at most {_MAX_DP_PARAMS} bytes")
+        try:
+            DpParams.from_bytes(self.dp_params)
+        except ProtocolError as exc:
+            raise ValueError(f"dp_params do not decode: {exc}") from exc
+        _check_f64("rho", self.rho)
+        _check_f64("epsilon_so_far", self.epsilon_so_far)
+        _check_f64("delta", self.delta, below_one=True)
+
+    @property
+    def params(self) -> DpParams:
+        """The decoded round parameters."""
+        return DpParams.from_bytes(self.dp_params)
+
+    def _encode(self, w: Writer) -> None:
+        w.fixed(self.run_id, RUN_ID_BYTES).u32(self.round).blob(self.dp_params)
+        _f64(w, self.rho)
+        _f64(w, self.epsilon_so_far)
+        _f64(w, self.delta)
+
+    @classmethod
+    def _decode(cls, r: Reader) -> DpRound:
+        run_id, rnd, params = r.fixed(RUN_ID_BYTES), r.u32(), r.blob(_MAX_DP_PARAMS)
+        return cls(run_id, rnd, params, _read_f64(r), _read_f64(r), _read_f64(r))
+
+
 AuditEntry = (
     Genesis
     | RunStart
@@ -647,6 +751,7 @@ AuditEntry = (
     | RunEnd
     | ConsortiumRosterRecord
     | Evaluation
+    | DpRound
 )
 """Any audit-log entry."""
 

@@ -22,6 +22,7 @@ from fedseal.audit.entries import (
     AuditEntry,
     Checkpoint,
     ConsortiumRosterRecord,
+    DpRound,
     EnvelopeRecord,
     Evaluation,
     Genesis,
@@ -38,6 +39,8 @@ from fedseal.protocol.errors import ProtocolError
 __all__ = [
     "ReportView",
     "collect_view",
+    "dp_guarantee",
+    "dp_lines",
     "export_lines",
     "format_metric",
     "render_report",
@@ -57,6 +60,8 @@ class _RoundView:
     eval_metrics: dict[str, float] = field(default_factory=dict)  # the evaluation entry's only
     eval_examples: int | None = None  # from the round's evaluation entry, if logged
     eval_sites: tuple[str, ...] = ()
+    dp_rho: float | None = None  # the round's DP accounting entry, if logged (as claimed)
+    dp_epsilon: float | None = None
 
 
 @dataclass
@@ -86,6 +91,8 @@ class ReportView:
     checkpoints: list[tuple[str, int, str]] = field(default_factory=list)
     tree_heads: list[tuple[int, int, str, int]] = field(default_factory=list)
     consortium: list[_ConsortiumView] = field(default_factory=list)
+    # run (first 8 hex) -> (DP rounds logged, epsilon so far, delta, target epsilon): DP runs
+    dp: dict[str, tuple[int, float, float, float]] = field(default_factory=dict)
 
 
 def collect_view(store: MerkleLogStore, signed: int | None = None) -> ReportView:
@@ -116,6 +123,16 @@ def collect_view(store: MerkleLogStore, signed: int | None = None) -> ReportView
         elif isinstance(entry, RunStart):
             current = entry.run_id.hex()
             view.runs.append((current, "open"))
+            if entry.dp_budget is not None:
+                target, delta = entry.dp_budget
+                view.dp[current[:8]] = (0, 0.0, delta, target)
+        elif isinstance(entry, DpRound):
+            for r in reversed(view.rounds):
+                if r.run == current[:8] and r.round == entry.round:
+                    r.dp_rho, r.dp_epsilon = entry.rho, entry.epsilon_so_far
+                    break
+            rounds, _, _, target = view.dp.get(current[:8], (0, 0.0, entry.delta, 0.0))
+            view.dp[current[:8]] = (rounds + 1, entry.epsilon_so_far, entry.delta, target)
         elif isinstance(entry, EnvelopeRecord):
             label = f"{current[:8]}/{entry.round}"
             if entry.accepted:
@@ -162,6 +179,29 @@ def collect_view(store: MerkleLogStore, signed: int | None = None) -> ReportView
                 )
             )  # fmt: skip
     return view
+
+
+def dp_guarantee(epsilon: float, delta: float, rounds: int) -> str:
+    """The DP guarantee of a run's released sums in plain words."""
+    return (
+        f"site-level (ε, δ)-DP for the released sums: ε = {epsilon:.3g} at δ = {delta:g} "
+        f"after {rounds} round{'' if rounds == 1 else 's'}"
+    )
+
+
+def dp_lines(view: ReportView) -> list[str]:
+    """Per DP run: its guarantee, then ε after each round (as the coordinator logged them;
+    ``fl-audit verify`` recomputes them)."""
+    lines: list[str] = []
+    for run, (rounds, eps, delta, target) in view.dp.items():
+        budget = f" (budget ε = {target:g})" if target else ""
+        lines.append(f"run {run}: {dp_guarantee(eps, delta, rounds)}{budget}")
+        lines.extend(
+            f"  round {r.round}: ρ = {r.dp_rho:.4g}, ε so far = {r.dp_epsilon:.4g}"
+            for r in view.rounds
+            if r.run == run and r.dp_rho is not None and r.dp_epsilon is not None
+        )
+    return lines
 
 
 def unsigned_note(view: ReportView) -> str:
@@ -334,6 +374,11 @@ def render_report(
         f"<td>{c.authority_key_id[:16]}</td></tr>"
         for c in view.consortium
     )
+    dp = "".join(
+        f"<p>{html.escape(line)}</p>" if not line.startswith(" ") else
+        f"<p style='margin:0 2em'>{html.escape(line.strip())}</p>"
+        for line in dp_lines(view)
+    ) or "<p>No differentially private rounds in this log.</p>"
     unsigned = ""
     if view.total > view.entries:
         unsigned = f' <b class="bad">({html.escape(unsigned_note(view))})</b>'
@@ -353,6 +398,11 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;fo
 <h2>Rejection reasons</h2>{_svg_bars(reasons, "rejection reasons")}
 <h2>Consortium rosters</h2><table><tr><th>entry</th><th>run</th><th>consortium</th>
 <th>version</th><th>sites</th><th>revoked</th><th>digest</th><th>authority</th></tr>{consortium}</table>
+<h2>Differential privacy</h2>
+<p>Per DP run, the privacy of the sums the coordinator unmasked (distributed discrete Gaussian
+noise inside the secure sum; zCDP ρ per round composed and converted by the RDP accountant), as
+its DP accounting entries state them (<code>fl-audit verify</code> recomputes each from the
+logged parameters).</p>{dp}
 <h2>Rounds</h2>
 <p>Accuracy, loss and macro-F1: the federated evaluation of the round's new model, from its
 evaluation entry: the coordinator's claim (signed by it; no site's signature backs them).</p>

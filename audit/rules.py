@@ -9,6 +9,7 @@ refuses an entry that breaks them *before* writing it). A broken rule raises
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from fedseal.audit.entries import (
@@ -16,6 +17,7 @@ from fedseal.audit.entries import (
     AuditEntry,
     Checkpoint,
     ConsortiumRosterRecord,
+    DpRound,
     EnvelopeRecord,
     Evaluation,
     Genesis,
@@ -35,11 +37,44 @@ from fedseal.protocol.consortium import ROSTER_TYPE
 from fedseal.protocol.roster import Roster, RosterEntry
 from fedseal.protocol.types import SiteId, site_sort_key
 
-__all__ = ["MAX_EVALUATION_EXAMPLES", "RunRules"]
+__all__ = ["DP_RELATIVE_TOLERANCE", "MAX_EVALUATION_EXAMPLES", "RunRules", "dp_accounting"]
 
 
 MAX_EVALUATION_EXAMPLES = 10**12
 """The most evaluation examples an :class:`Evaluation` may claim (a sanity bound)."""
+DP_RELATIVE_TOLERANCE = 1e-9
+"""How far a DP round entry's ρ and ε may be from the verifier's recomputation (relative):
+both sides run the same code on the same bytes, so only a different platform's libm can
+move them, by a few ulps."""
+
+
+def dp_accounting(params_bytes: bytes, rhos: list[float], delta: float) -> tuple[float, float]:
+    """``(rho, epsilon_so_far)`` of a DP round with canonical ``DpParams`` bytes after the
+    run's earlier rounds' ``rhos``, at ``delta``: what the coordinator logs and what the
+    verifier recomputes (:func:`fedseal.privacy.dp_round_noise`, ``round_rho``, ``epsilon``).
+
+    Raises:
+        ValueError: The parameters promise no privacy (no noise, no honest survivor) or do
+            not decode.
+    """
+    # Imported here: the accountant loads dp-accounting and scipy, which logs without DP
+    # (and every fl-audit command on them) do not need.
+    from fedseal.privacy import dp_round_noise, epsilon, round_rho
+    from fedseal.protocol.dp import DpParams
+    from fedseal.protocol.errors import ProtocolError
+
+    try:
+        params = DpParams.from_bytes(params_bytes)
+    except ProtocolError as exc:
+        raise ValueError(f"the DP parameters do not decode: {exc}") from exc
+    rho = round_rho(dp_round_noise(params))
+    return rho, epsilon([*rhos, rho], delta)
+
+
+def _close(claimed: float, recomputed: float) -> bool:
+    return math.isfinite(recomputed) and abs(claimed - recomputed) <= DP_RELATIVE_TOLERANCE * abs(
+        recomputed
+    )
 
 
 @dataclass(slots=True)
@@ -63,6 +98,10 @@ class _Run:
     rounds_failed: int = 0
     last_status: RoundStatus | None = None
     evaluated: int = 0  # the last round whose evaluation is logged
+    dp_budget: tuple[float, float] | None = None  # the run start's (epsilon, delta) for DP runs
+    dp_rhos: list[float] = field(default_factory=list)  # each logged DP round's rho, in order
+    dp_round: int = 0  # the last round whose DP accounting is logged
+    dp_epsilon: float = 0.0  # the run's epsilon after its last logged DP round
 
 
 class RunRules:
@@ -87,6 +126,8 @@ class RunRules:
         self.runs: list[tuple[bytes, RunStatus | None, int, int, int]] = []
         self.accepted = 0
         self.rejected = 0
+        #: DP runs: run id -> (DP rounds logged, epsilon so far, delta), as recomputed.
+        self.dp_runs: dict[bytes, tuple[int, float, float]] = {}
 
     def roster(self) -> Roster:
         return Roster(
@@ -136,7 +177,10 @@ class RunRules:
                 )
         elif isinstance(entry, Evaluation):
             self._evaluation(run, entry)
+        elif isinstance(entry, DpRound):
+            self._dp_round(run, entry)
         else:
+            self._require_dp_accounting(run, "the run end")
             if entry.final_round != run.last_round:
                 raise RuleViolation(
                     "run-end",
@@ -249,7 +293,11 @@ class RunRules:
                 "roster-digest", "run start's roster digest differs from the log's roster"
             )
         self.run_ids.add(entry.run_id)
-        self.run = _Run(entry.run_id, index, model=entry.initial_model_digest)
+        self.run = _Run(
+            entry.run_id, index, model=entry.initial_model_digest, dp_budget=entry.dp_budget
+        )
+        if entry.dp_budget is not None:
+            self.dp_runs[entry.run_id] = (0, 0.0, entry.dp_budget[1])
         self.run.models[0] = entry.initial_model_digest
 
     def _envelope(
@@ -319,6 +367,7 @@ class RunRules:
         return SignatureJob(index, site.key_der, e, data)
 
     def _round_result(self, run: _Run, e: RoundRecord, *, replay: bool) -> None:
+        self._require_dp_accounting(run, f"round {e.round}'s result")
         if e.round != run.last_round + 1:
             raise RuleViolation(
                 "round-order", f"result of round {e.round} where round {run.last_round + 1} was due"
@@ -403,3 +452,68 @@ class RunRules:
                 "evaluation", f"evaluation of round {e.round}: loss {values['loss'] / 1e6} < 0"
             )
         run.evaluated = e.round
+
+    def _require_dp_accounting(self, run: _Run, what: str) -> None:
+        """In a DP run every completed round's accounting precedes the next result / run end."""
+        if (
+            run.dp_budget is not None
+            and run.last_round > 0
+            and run.last_status == RoundStatus.COMPLETED
+            and run.dp_round != run.last_round
+        ):
+            raise RuleViolation(
+                "dp-round",
+                f"round {run.last_round} of a DP run completed without its DP accounting entry "
+                f"before {what}",
+            )
+
+    def _dp_round(self, run: _Run, e: DpRound) -> None:
+        if run.dp_budget is None:
+            raise RuleViolation(
+                "dp-round", f"DP accounting of round {e.round} in a run whose start has no DP budget"
+            )
+        if e.round != run.last_round or e.round == 0:
+            raise RuleViolation(
+                "dp-round",
+                f"DP accounting of round {e.round} after round {run.last_round}'s result "
+                "(it follows its own round's result)",
+            )
+        if run.last_status != RoundStatus.COMPLETED:
+            raise RuleViolation(
+                "dp-round", f"DP accounting of round {e.round}, which released nothing (failed)"
+            )
+        if run.dp_round == e.round:
+            raise RuleViolation("dp-round", f"a second DP accounting entry for round {e.round}")
+        delta = run.dp_budget[1]
+        if e.delta != delta:
+            raise RuleViolation(
+                "dp-round",
+                f"round {e.round}'s DP accounting is at delta {e.delta!r}, the run start's "
+                f"budget at delta {delta!r}",
+            )
+        try:
+            rho, eps = dp_accounting(e.dp_params, run.dp_rhos, delta)
+        except ValueError as exc:
+            raise RuleViolation("dp-round", f"round {e.round}: {exc}") from exc
+        if not _close(e.rho, rho):
+            raise RuleViolation(
+                "dp-rho",
+                f"round {e.round}'s logged rho {e.rho!r} differs from the rho {rho!r} its logged "
+                "DP parameters give",
+            )
+        if not _close(e.epsilon_so_far, eps):
+            raise RuleViolation(
+                "dp-epsilon",
+                f"round {e.round}'s logged epsilon {e.epsilon_so_far!r} differs from the epsilon "
+                f"{eps!r} the run's logged rounds give at delta {delta:g}",
+            )
+        if eps > run.dp_budget[0] * (1 + DP_RELATIVE_TOLERANCE):
+            raise RuleViolation(
+                "dp-budget",
+                f"round {e.round} takes the run to epsilon {eps:.6g}, past its budget "
+                f"{run.dp_budget[0]:g} at delta {delta:g}",
+            )
+        run.dp_rhos.append(rho)
+        run.dp_round = e.round
+        run.dp_epsilon = eps
+        self.dp_runs[run.run_id] = (len(run.dp_rhos), eps, delta)

@@ -103,6 +103,8 @@ class VerifiedLog:
             any after it (``entries - signed_entries``) are signed by nobody: anyone who can
             write the file can append them.
         open_run: Whether the last run has not ended (its run end is not in the log).
+        dp_runs: ``(run id hex, DP rounds, epsilon, delta)`` per DP run: the site-level
+            (epsilon, delta)-DP of its released sums, recomputed from the logged parameters.
     """
 
     entries: int
@@ -119,6 +121,7 @@ class VerifiedLog:
     evaluations: int = 0
     signed_entries: int = 0
     open_run: bool = False
+    dp_runs: tuple[tuple[str, int, float, float], ...] = ()
 
 
 class AuditVerifier:
@@ -145,6 +148,11 @@ class AuditVerifier:
       leaves the model unchanged; checkpoints and run ends name the right model;
     * evaluations: at most one per round, of the last round logged, a completed one, naming
       its new model, counting only enrolled sites;
+    * DP accounting (runs whose start carries a DP budget): exactly one entry per completed
+      round, after its result and before the next result or the run end, at the run's delta;
+      its rho and epsilon so far are recomputed from the logged DpParams
+      (:func:`fedseal.privacy.dp_round_noise`, ``round_rho``, ``epsilon``) and must agree to
+      1e-9 relative, and epsilon never passes the run's budget;
     * a signed tree head covers every round result before the next round's result (or the run
       end) and the run end itself; tree heads never go backwards in size or time.
 
@@ -490,6 +498,7 @@ class AuditVerifier:
             evaluations=evaluations,
             signed_entries=covered,
             open_run=sem.run is not None,
+            dp_runs=tuple((r.hex(), *v) for r, v in sem.dp_runs.items()),
         )  # fmt: skip
 
     def _check_head(

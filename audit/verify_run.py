@@ -47,7 +47,7 @@ from fedseal.audit.auditor import (
 from fedseal.audit.codec import decode_entry
 from fedseal.audit.entries import Genesis
 from fedseal.audit.errors import AuditLogError, AuditVerificationError
-from fedseal.audit.report import collect_view, render_report
+from fedseal.audit.report import collect_view, dp_guarantee, render_report
 from fedseal.audit.verifier import VerifiedLog
 from fedseal.audit.witness import LogView, WitnessResult, check_witness_file
 from fedseal.protocol.errors import ProtocolError
@@ -298,6 +298,10 @@ def _verified_json(
         "accepted_envelopes": result.accepted_envelopes,
         "rejected_envelopes": result.rejected_envelopes,
         "evaluations": result.evaluations,
+        "dp_runs": [
+            {"run_id": r, "dp_rounds": n, "epsilon": e, "delta": d}
+            for r, n, e, d in result.dp_runs
+        ],
         "consortium_rosters": [
             {"consortium": c, "version": v, "roster_digest": d, "authority_key_id": k}
             for c, v, d, k in result.consortium_rosters
@@ -337,6 +341,8 @@ def _verified_lines(
     lines.append(f"  coordinator key {result.coordinator_key_id}: {pinned}")
     for run_id, status, done, failed in result.runs:
         lines.append(f"  run {run_id}: {status}, {done} rounds completed, {failed} failed")
+    for run_id, rounds, eps, delta in result.dp_runs:
+        lines.append(f"  run {run_id}: {dp_guarantee(eps, delta, rounds)} (recomputed)")
     for name, version, digest, kid in result.consortium_rosters:
         lines.append(
             f"  consortium roster {name!r}: version {version}, digest {digest[:16]}…, "

@@ -36,6 +36,7 @@ from fedseal.audit.entries import (
     AuditEntry,
     Checkpoint,
     ConsortiumRosterRecord,
+    DpRound,
     EntryKind,
     EnvelopeRecord,
     Evaluation,
@@ -50,7 +51,7 @@ from fedseal.audit.entries import (
     metric_items,
 )
 from fedseal.audit.errors import AuditStateError, AuditVerificationError, RuleViolation
-from fedseal.audit.rules import RunRules
+from fedseal.audit.rules import RunRules, _Run, dp_accounting
 from fedseal.audit.store import MerkleLogStore, StoredEntry
 from fedseal.audit.treehead import SignedTreeHead
 from fedseal.crypto.keys import public_key_to_der
@@ -186,6 +187,7 @@ class AuditLog:
             + store.find(int(EntryKind.RUN_END))
             + store.find(int(EntryKind.ROUND_RESULT))
             + store.find(int(EntryKind.EVALUATION))
+            + store.find(int(EntryKind.DP_ROUND))
         )
         starts = store.find(int(EntryKind.RUN_START))
         ends = store.find(int(EntryKind.RUN_END))
@@ -363,15 +365,18 @@ class AuditLog:
         code_version: str,
         started_at_ms: int,
         planned_rounds: int = 0,
+        dp_budget: tuple[float, float] | None = None,
     ) -> int:
         """Record a run start; the roster digest is the log roster's (enrol sites first).
+        ``dp_budget``: the run's target ``(epsilon, delta)`` when its rounds are DP rounds
+        (each completed round then needs its :meth:`append_dp_round`).
 
         Raises:
             AuditStateError: A run is open, or ``run_id`` was used before.
         """
         entry = RunStart(
             run_id, config_digest, self._sem.roster().digest(), initial_model_digest,
-            code_version, started_at_ms, planned_rounds,
+            code_version, started_at_ms, planned_rounds, dp_budget,
         )  # fmt: skip
         return self._append(entry)
 
@@ -450,9 +455,12 @@ class AuditLog:
         status: RoundStatus = RoundStatus.COMPLETED,
         reason: str = "",
         metrics: Mapping[str, float] | None = None,
+        dp_params: bytes | None = None,
     ) -> int:
         """Record a round's outcome. ``survivors``/``accepted_input_digests`` default to what
-        the log recorded for the round (if given, they must equal it).
+        the log recorded for the round (if given, they must equal it). ``dp_params``: a
+        completed DP round's canonical ``DpParams`` bytes; its :class:`DpRound` accounting
+        entry is then written with the result, in the same commit (:meth:`append_dp_round`).
 
         Raises:
             AuditStateError: Wrong round number, inputs or survivors differing from the
@@ -480,9 +488,47 @@ class AuditLog:
             new_model_digest, reason, metric_values,
         )  # fmt: skip
         self._require_covered()
-        index = self._append(entry)
+        if dp_params is not None and entry.status == RoundStatus.COMPLETED:
+            # One durable commit: a crash cannot leave a DP round without its accounting.
+            index = self._append_many([entry, self._dp_entry(run, round, dp_params)])[0]
+        else:
+            index = self._append(entry)
         self._uncovered = index
         return index
+
+    def _dp_entry(self, run: _Run, round: int, dp_params: bytes) -> DpRound:
+        if run.dp_budget is None:
+            raise AuditStateError("refusing to record DP accounting: the run start has no DP budget")
+        delta = run.dp_budget[1]
+        try:
+            rho, eps = dp_accounting(dp_params, run.dp_rhos, delta)
+        except ValueError as exc:
+            raise AuditStateError(f"refusing to record DP accounting: {exc}") from exc
+        return DpRound(run.run_id, round, dp_params, rho, eps, delta)
+
+    def append_dp_round(self, round: int, *, dp_params: bytes) -> int:
+        """Record the privacy accounting of ``round`` (completed, the last logged; see
+        :class:`DpRound`): its ρ from the canonical ``DpParams`` bytes, and the run's ε so far
+        at the run start's δ, computed here as the verifier recomputes them.
+
+        Raises:
+            AuditStateError: No run open, a run without DP budget, not the last round, a
+                failed round, a second entry for the round, or parameters without privacy.
+        """
+        run = self._sem.run
+        if run is None:
+            raise AuditStateError("no run is open")
+        return self._append(self._dp_entry(run, round, dp_params))
+
+    @property
+    def dp_rhos(self) -> tuple[float, ...]:
+        """The open run's logged DP rounds' ρ, in order (empty without a DP run)."""
+        return () if self._sem.run is None else tuple(self._sem.run.dp_rhos)
+
+    @property
+    def dp_budget(self) -> tuple[float, float] | None:
+        """The open run's ``(epsilon, delta)`` budget if it is a DP run."""
+        return None if self._sem.run is None else self._sem.run.dp_budget
 
     def _require_covered(self) -> None:
         if self._uncovered is not None:

@@ -34,6 +34,14 @@ the exact payload of the site's signed masked-input envelope is kept; the ``eval
 of a committed round, sent only after the coordinator signed the tree head over the round
 result, triggers the check that this payload is an accepted entry of the signed log.
 
+Differential privacy (docs/dp.md; ``[privacy] dp``, ``epsilon_budget``, ``delta``): a round
+setup the site's DP policy refuses (none with ``dp = "required"``, noise below its floor) is
+refused with ``"refused: differential privacy: ..."``. A DP round the site takes part in is
+paid for in its privacy ledger (:class:`fedseal.client.privacy_ledger.PrivacyLedger`, in its
+state directory) before it trains and before its noised input exists (charge, then send: see
+:meth:`SiteRuntime.charge_privacy`); a round past the budget is refused with
+``"refused: privacy budget: ..."`` and nothing is sent.
+
 Every input is checked before use: config types and ranges, array names and shapes against the
 locally built model. A malformed message is answered with a Flower error reply, never a crash.
 """
@@ -48,7 +56,7 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -68,8 +76,15 @@ from fedseal.client.site_data import SiteData
 from fedseal.client.training import SiteLimits, TrainRequest, evaluate, train
 from fedseal.crypto.keys import write_atomic
 from fedseal.protocol import records
+from fedseal.protocol.config import DpPolicyError
 from fedseal.protocol.model import model_digest, model_order
 from fedseal.protocol.seams import NO_SHARING, SharedWork
+
+if TYPE_CHECKING:  # the ledger imports the accountant (dp-accounting, scipy): only when used
+    from fedseal.client.privacy_ledger import PrivacyLedger
+    from fedseal.privacy import Budget
+    from fedseal.protocol.dp import DpParams
+    from fedseal.protocol.messages import RoundSetup
 
 __all__ = [
     "SiteRefusal",
@@ -93,7 +108,9 @@ class SiteRuntime:
     ``trusted_peers`` is the site's trust anchor (site -> key id, from its pinned consortium
     roster and ``[peers]``); ``training_secret`` (32 bytes, kept in the site's state directory
     by ``fl-client run``) makes local training unpredictable to the coordinator;
-    ``commitments`` (set with an audit address) checks models against the signed log.
+    ``commitments`` (set with an audit address) checks models against the signed log;
+    ``ledger`` (``state_dir/privacy-ledger.json``, set by ``fl-client run`` and the simulation)
+    pays for the DP rounds the site takes part in (:meth:`charge_privacy`).
     """
 
     name: str
@@ -113,6 +130,8 @@ class SiteRuntime:
     #: Where the secure sessions check signatures and decode (:mod:`fedseal.protocol.seams`):
     #: each session itself by default; a simulation shares them between its virtual sites.
     shared_work: SharedWork = NO_SHARING
+    #: The site's privacy ledger; ``None``: none configured (see :meth:`charge_privacy`).
+    ledger: PrivacyLedger | None = None
     _models: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
     _session: Any = None
     _round: tuple[bytes, int] = (b"", 0)
@@ -168,6 +187,89 @@ class SiteRuntime:
         )
         return int.from_bytes(mac.digest()[:8], "big") & ((1 << 63) - 1)
 
+    def charge_privacy(self, run_id: bytes, round_: int, dp: DpParams, *, honest_sites: int) -> None:
+        """Pay for DP round ``round_`` of ``run_id`` before its noised input exists.
+
+        The rule (docs/dp.md §7): every DP round the site takes part in is charged to its
+        ledger, once per (run, round) (a retry or re-setup of a round already paid for
+        charges nothing more), whatever ``[privacy] dp`` says; ``dp = "off"`` only means
+        rounds *without* DP are accepted too. With ``[privacy] epsilon_budget`` the charge
+        is refused when it would take ε (all runs together, at ``[privacy] delta``) past the
+        budget; without one it is recorded and never refused. With no ledger (a runtime built
+        without one, e.g. embedded in a test): a site with a budget refuses every DP round (it
+        could not enforce the budget); a site without one takes part uncharged.
+
+        ``honest_sites``: the honest survivors this site counts on (its own colluding
+        fraction); the ledger charges for the fewer of these and the round's own count.
+
+        Charge, then send: the charge is on disk before the site trains, so a crash or a
+        failed training afterwards loses budget, never privacy. :meth:`check_privacy` makes
+        the same decision at the setup, before any key leaves the site.
+
+        Raises:
+            SiteRefusal: Past the budget, the ledger is unreadable or cannot be written, or a
+                budget without a ledger; nothing was charged.
+        """
+        from fedseal.client.privacy_ledger import BudgetExceededError, LedgerError
+
+        ledger, budget = self._ledger_or_refuse(round_)
+        if ledger is None:
+            return
+        try:
+            charge = ledger.charge_round(run_id, round_, dp, honest_sites=honest_sites, budget=budget)
+        except BudgetExceededError as exc:
+            raise _budget_refusal(exc.spent, exc.after, exc.budget) from exc
+        except LedgerError as exc:  # unreadable ledger, or a round without privacy
+            raise SiteRefusal(str(exc)) from exc
+        except OSError as exc:
+            raise SiteRefusal(
+                f"privacy ledger {ledger.path} cannot be written ({exc.strerror or exc}): "
+                "the round is not sent unpaid"
+            ) from exc
+        spent = "no epsilon budget set" if budget is None else (
+            f"epsilon {ledger.spent(budget.delta):.4g} of {budget.epsilon:g} spent"
+        )
+        log.info("round %d: charged rho %.4g to the privacy ledger (%s)", round_, charge.rho, spent)
+
+    def check_privacy(self, run_id: bytes, round_: int, dp: DpParams, *, honest_sites: int) -> None:
+        """Refuse at the setup a DP round :meth:`charge_privacy` would refuse, so the site
+        leaves before its key advert (the coordinator starts a new setup attempt without it)
+        instead of dropping out at the masked input. Charges nothing; a round of the run
+        already charged is left to the charge (a retry is free).
+
+        Raises:
+            SiteRefusal: As :meth:`charge_privacy`.
+        """
+        from fedseal.client.privacy_ledger import LedgerError, dp_round_noise
+        from fedseal.privacy import epsilon, round_rho
+
+        ledger, budget = self._ledger_or_refuse(round_)
+        if ledger is None or budget is None:
+            return
+        try:
+            rho = round_rho(dp_round_noise(dp, honest_sites=honest_sites))
+            charges = ledger.charges()
+        except LedgerError as exc:
+            raise SiteRefusal(str(exc)) from exc
+        if any((c.run_id, c.round) == (run_id.hex(), round_) for c in charges):
+            return
+        rhos = [c.rho for c in charges]
+        after = epsilon([*rhos, rho], budget.delta)
+        if after > budget.epsilon:
+            raise _budget_refusal(epsilon(rhos, budget.delta), after, budget)
+
+    def _ledger_or_refuse(self, round_: int) -> tuple[PrivacyLedger | None, Budget | None]:
+        """The ledger and budget a DP round is charged with (``None``: uncharged)."""
+        budget = self.privacy.budget()
+        if self.ledger is None:
+            if budget is not None:
+                raise SiteRefusal(
+                    f"privacy budget: [privacy] epsilon_budget {budget.epsilon:g} is set but this "
+                    "site runs without a privacy ledger to charge the round to"
+                )
+            log.warning("round %d: a DP round taken part in uncharged (no privacy ledger)", round_)
+        return self.ledger, budget
+
     def check_model(self, run_id: bytes, digest: bytes, what: str) -> None:
         """Refuse a model the coordinator's signed log did not commit (with an audit address).
 
@@ -196,6 +298,24 @@ class SiteRuntime:
                 name, seed=seed, num_features=self.data.num_features, num_classes=self.data.num_classes
             )
         return self._models[key]
+
+
+def _budget_refusal(spent: float, after: float, budget: Budget) -> SiteRefusal:
+    """The one-line refusal of a DP round past the site's budget."""
+    return SiteRefusal(
+        f"privacy budget: epsilon {spent:.4g} of {budget.epsilon:g} spent at delta "
+        f"{budget.delta:g}; this round would bring it to {after:.4g} "
+        "([privacy] epsilon_budget, all runs together)"
+    )
+
+
+def _honest_sites(privacy: SitePrivacy, setup: RoundSetup) -> int:
+    """The honest survivors this site counts on in ``setup``: its ``min_survivors`` less the
+    colluders the site's own ``max_colluding_fraction`` allows in the cohort."""
+    from fedseal.protocol.params import colluders
+
+    cohort = len(setup.cohort)
+    return setup.params.min_survivors - colluders(cohort, privacy.max_colluding_fraction)
 
 
 def _secagg_payload(msg: Message) -> bytes:
@@ -427,6 +547,14 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
                     f"the round's update clip {clip:g} is above this site's "
                     f"[limits] max_update_clip {runtime.privacy.max_update_clip:g}"
                 )
+            if info.dp is not None:
+                # Charge, then send: paid for before training and before the session adds the
+                # noise; a refusal here leaves the ledger as it was and sends nothing.
+                setup = session.setup
+                honest = (
+                    info.dp.honest_survivors if setup is None else _honest_sites(runtime.privacy, setup)
+                )
+                runtime.charge_privacy(info.run_id, info.round, info.dp, honest_sites=honest)
             # Randomness from the site's secret and the *signed* run and round: the guard lets
             # the site train once per (run, round), and no two trainings are alike.
             seed = runtime.training_seed(info.run_id, info.round)
@@ -435,12 +563,14 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             log.info("round %d: trained on %d examples, loss %.4f (secure)", round_, result.num_examples, result.mean_loss)
             return LocalUpdate(
                 vector=delta,
-                example_count=result.num_examples,
+                # A DP round is unweighted and its count never leaves the site (docs/dp.md §2,
+                # §6): 1, not a count the round's max_weight was not sized for.
+                example_count=1 if info.dp is not None else result.num_examples,
                 dataset_root=bytes.fromhex(runtime.data.root_hex),
             )
 
         guard = runtime.guard()
-        runtime._session = ClientSession(
+        runtime._session = session = ClientSession(
             runtime.name,
             runtime.identity_key,
             runtime.coordinator_key,
@@ -465,6 +595,9 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             raise ValueError("secagg stage without a round setup")
         try:
             reply = runtime._session.handle(payload)
+        except DpPolicyError as exc:  # the site's own DP policy: a refusal, not a fault
+            required = ' ([privacy] dp = "required")' if exc.parameter == "dp" else ""
+            raise SiteRefusal(f"differential privacy: {exc.message}{required}") from exc
         finally:
             runtime.save_guard()
         setup = runtime._session.setup
@@ -473,6 +606,17 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             # round of the config the model and commitments were checked for.
             runtime._session = None
             raise SiteRefusal("the signed round setup names another run or round than its config")
+        accepted = runtime._session.stage is ClientStage.AWAIT_ADVERTS  # a setup, just now
+        if setup is not None and setup.params.dp is not None and accepted:
+            # A round past the budget is refused before the key advert leaves.
+            try:
+                runtime.check_privacy(
+                    setup.header.run_id, setup.header.round, setup.params.dp,
+                    honest_sites=_honest_sites(runtime.privacy, setup),
+                )
+            except SiteRefusal:
+                runtime._session = None
+                raise
         if runtime.receipts is not None and runtime._session.stage is ClientStage.AWAIT_UNMASK:
             # We signed a survivor set naming ourselves: our input is in the aggregate.
             runtime.receipts.included(*runtime._round)

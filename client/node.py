@@ -206,6 +206,7 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
         on_info(f"warning: unknown FEDSEAL_* variables ignored (a typo?): {', '.join(unknown)}")
     from fedseal.client.executor import PinnedExecutor
     from fedseal.client.flower_app import SiteRuntime, make_client_app
+    from fedseal.client.privacy_ledger import PrivacyLedger
     from fedseal.client.site_data import SiteDataError, load_site_data
     from fedseal.client.supernode import loopback_backoff
 
@@ -268,6 +269,8 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
         receipts=receipts, privacy=cfg.privacy, trusted_peers=dict(trust.peers),
         training_secret=training_secret(cfg.state_dir), commitments=commitments,
         guard_path=cfg.state_dir / "setup-guard.bin",
+        # The DP rounds it takes part in are paid for here (what `fl-client privacy show` reads).
+        ledger=PrivacyLedger(cfg.state_dir),
     )
     app = make_client_app(runtime)
 

@@ -57,7 +57,8 @@ from typing import Any
 
 from fedseal.client.errors import SiteError
 from fedseal.crypto.keys import write_atomic
-from fedseal.privacy import Budget, RoundNoise, RoundShape, epsilon, round_rho
+from fedseal.privacy import Budget, RoundNoise, epsilon, round_rho
+from fedseal.privacy import dp_round_noise as _dp_round_noise
 from fedseal.protocol.dp import DpParams
 
 __all__ = [
@@ -158,30 +159,17 @@ def params_digest(dp: DpParams) -> str:
 
 
 def dp_round_noise(dp: DpParams, *, honest_sites: int | None = None) -> RoundNoise:
-    """The accountant's view of a round with parameters ``dp`` (docs/dp.md §7).
-
-    ``n_h`` = ``dp.min_survivors - dp.colluding_sites``, lowered to ``honest_sites`` when the
-    site assumes fewer honest survivors (its own ``max_colluding_fraction``): the site counts
-    only the noise it believes in.
+    """The accountant's view of a round with parameters ``dp``
+    (:func:`fedseal.privacy.dp_round_noise`, shared with the coordinator and the audit
+    verifier), lowered to ``honest_sites`` honest survivors when the site assumes fewer.
 
     Raises:
         LedgerError: No noise (σ = 0: ρ would be infinite) or no honest survivor.
     """
-    honest = dp.min_survivors - dp.colluding_sites
-    if honest_sites is not None:
-        honest = min(honest, honest_sites)
-    if honest < 1:
-        raise LedgerError(f"privacy ledger: a round with {honest} honest survivors has no privacy")
-    if not dp.local_stddev > 0:
-        raise LedgerError("privacy ledger: a round without noise (local_stddev 0) has no privacy")
-    shape = RoundShape(
-        clip=dp.clip,
-        granularity=dp.gamma,
-        dimension=dp.dimension,
-        honest_sites=honest,
-        beta=dp.beta,
-    )
-    return RoundNoise(shape, dp.local_stddev)
+    try:
+        return _dp_round_noise(dp, honest_sites=honest_sites)
+    except ValueError as exc:
+        raise LedgerError(f"privacy ledger: {exc}") from exc
 
 
 def _run_text(run_id: str | bytes) -> str:

@@ -54,12 +54,15 @@ from dataclasses import dataclass
 import dp_accounting
 import numpy as np
 
+from fedseal.protocol.dp import DpParams
+
 __all__ = [
     "ORDERS",
     "Budget",
     "Neighbouring",
     "RoundNoise",
     "RoundShape",
+    "dp_round_noise",
     "epsilon",
     "noise_for_target",
     "privacy_event",
@@ -199,6 +202,37 @@ class RoundNoise:
     def central_stddev(self) -> float:
         """√n · σ: the standard deviation (about) of the counted noise in the sum."""
         return math.sqrt(self.shape.honest_sites) * self.local_stddev
+
+
+def dp_round_noise(dp: DpParams, *, honest_sites: int | None = None) -> RoundNoise:
+    """The accountant's view of a round run with the mechanism's parameters ``dp``.
+
+    One mapping for every party that accounts a round (the site's ledger, the coordinator's
+    budget, the audit verifier's recomputation from the logged ``DpParams``), so they all
+    compute the same ρ from the same bytes: ``clip``, ``gamma`` (granularity), ``dimension``,
+    ``beta`` and ``local_stddev`` carry over; ``n_h = dp.min_survivors - dp.colluding_sites``
+    (:attr:`DpParams.honest_survivors`), lowered to ``honest_sites`` when the caller assumes
+    fewer honest survivors (a site's own ``max_colluding_fraction``). Neighbouring relation:
+    zero-out (KLS21's add/remove one client).
+
+    Raises:
+        ValueError: No noise (σ = 0: ρ would be infinite) or no honest survivor.
+    """
+    honest = dp.min_survivors - dp.colluding_sites
+    if honest_sites is not None:
+        honest = min(honest, honest_sites)
+    if honest < 1:
+        raise ValueError(f"a round with {honest} honest survivors has no privacy")
+    if not dp.local_stddev > 0:
+        raise ValueError("a round without noise (local_stddev 0) has no privacy")
+    shape = RoundShape(
+        clip=dp.clip,
+        granularity=dp.gamma,
+        dimension=dp.dimension,
+        honest_sites=honest,
+        beta=dp.beta,
+    )
+    return RoundNoise(shape, dp.local_stddev)
 
 
 def tau(local_stddev: float, sites: int) -> float:

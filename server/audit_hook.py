@@ -8,7 +8,7 @@ Usage (inside the ServerApp)::
     audit.run_start(run_id, config_bytes, initial_digest, rounds)       # skipped on --resume
     changed = watch.check()                # at the start of each round: None if unchanged
     audit.envelopes(rnd, server.log)       # every accepted/rejected envelope of the round
-    audit.round_result(rnd, aggregate_digest, new_digest)   # + a signed tree head
+    audit.round_result(rnd, aggregate_digest, new_digest, dp=dp)  # + tree head (+ DP round)
     audit.checkpoint(rnd, model_digest, file_sha256, name)
     audit.evaluation(rnd, {"accuracy": .., "loss": .., "macro-f1": ..}, examples, sites)
     audit.run_end()                        # + a signed tree head; the WAL checkpointed
@@ -62,6 +62,7 @@ from fedseal.protocol.consortium import (
     ConsortiumRosterError,
     SignedConsortiumRoster,
 )
+from fedseal.protocol.dp import DpParams
 from fedseal.server.config import ConsortiumSection
 from fedseal.server.errors import CoordinatorError
 from fedseal.server.roster import Enrolment
@@ -238,7 +239,11 @@ class RunAudit:
         self.log.append_consortium_roster(loaded.signed, loaded.authority, now_ms=_now_ms())
         return True
 
-    def run_start(self, run_id: str, config_bytes: bytes, initial_digest: bytes, rounds: int) -> None:
+    def run_start(
+        self, run_id: str, config_bytes: bytes, initial_digest: bytes, rounds: int,
+        dp_budget: tuple[float, float] | None = None,
+    ) -> None:
+        """Record the run start; ``dp_budget`` = ``[dp]``'s (epsilon, delta) for a DP run."""
         self.log.append_run_start(
             bytes.fromhex(run_id),
             config_digest=hashlib.sha256(config_bytes).digest(),
@@ -246,6 +251,7 @@ class RunAudit:
             code_version="fedseal-0.1.0",
             started_at_ms=_now_ms(),
             planned_rounds=rounds,
+            dp_budget=dp_budget,
         )
         self.log.sign_tree_head(_now_ms())
 
@@ -300,16 +306,39 @@ class RunAudit:
             self.log.append_envelopes(items)
 
     def round_result(
-        self, rnd: int, aggregate_digest: bytes | None, new_digest: bytes, *, failed: str = ""
+        self, rnd: int, aggregate_digest: bytes | None, new_digest: bytes, *, failed: str = "",
+        dp: DpParams | None = None,
     ) -> None:
+        """Record the round's result (+ a signed tree head); a completed DP round's
+        accounting (``dp``: its parameters) goes with it in the same commit (:meth:`dp_round`)."""
         self.log.append_round_result(
             rnd,
             aggregate_digest=aggregate_digest,
             new_model_digest=new_digest,
             status=RoundStatus.FAILED if failed else RoundStatus.COMPLETED,
             reason=failed[:200],
+            dp_params=None if dp is None or failed else dp.to_bytes(),
         )
         self.log.sign_tree_head(_now_ms())
+
+    def dp_round(self, rnd: int, dp: DpParams) -> tuple[float, float]:
+        """Record completed round ``rnd``'s DP accounting (after its result): its ρ and the
+        run's ε so far, computed from ``dp`` as ``fl-audit verify`` recomputes them.
+        Returns ``(rho, epsilon_so_far)``.
+
+        Raises:
+            fedseal.audit.errors.AuditStateError: The log refuses it (no DP run, not the last
+                round, a failed round, a second entry).
+        """
+        self.log.append_dp_round(rnd, dp_params=dp.to_bytes())
+        return self.log.dp_rhos[-1], self.dp_epsilon()
+
+    def dp_epsilon(self) -> float:
+        """The open DP run's ε so far, as logged (0 before its first DP round)."""
+        from fedseal.privacy import epsilon  # dp-accounting and scipy: only for DP runs
+
+        budget = self.log.dp_budget
+        return 0.0 if budget is None else epsilon(list(self.log.dp_rhos), budget[1])
 
     def checkpoint(self, rnd: int, model_digest: bytes, file_sha256: bytes, name: str) -> None:
         self.log.append_checkpoint(rnd, model_digest=model_digest, file_digest=file_sha256, name=name)
@@ -338,8 +367,9 @@ class RunAudit:
         )  # fmt: skip
         return True
 
-    def run_end(self) -> None:
-        self.log.append_run_end(RunStatus.COMPLETED, ended_at_ms=_now_ms())
+    def run_end(self, reason: str = "") -> None:
+        """Record the run end (completed; ``reason`` e.g. "privacy budget reached")."""
+        self.log.append_run_end(RunStatus.COMPLETED, ended_at_ms=_now_ms(), reason=reason[:200])
         self.log.sign_tree_head(_now_ms())
         # The run is over: make audit.sqlite alone the whole log (a reader may keep it open).
         self.log.store.checkpoint()
@@ -384,19 +414,30 @@ class FailClosedAudit:
     def consortium_roster(self, loaded: LoadedConsortiumRoster, *, again: bool = False) -> None:
         self._call("the consortium roster", self.audit.consortium_roster, loaded, again=again)
 
-    def run_start(self, run_id: str, config_bytes: bytes, initial_digest: bytes, rounds: int) -> None:
-        self._call("run start", self.audit.run_start, run_id, config_bytes, initial_digest, rounds)
+    def run_start(
+        self, run_id: str, config_bytes: bytes, initial_digest: bytes, rounds: int,
+        dp_budget: tuple[float, float] | None = None,
+    ) -> None:
+        self._call(
+            "run start", self.audit.run_start, run_id, config_bytes, initial_digest, rounds,
+            dp_budget,
+        )
 
     def envelopes(self, rnd: int, receipts: Sequence[Any]) -> None:
         if receipts:
             self._call("envelopes", self.audit.envelopes, rnd, receipts)
 
     def round_result(
-        self, rnd: int, aggregate_digest: bytes | None, new_digest: bytes, *, failed: str = ""
+        self, rnd: int, aggregate_digest: bytes | None, new_digest: bytes, *, failed: str = "",
+        dp: DpParams | None = None,
     ) -> None:
         self._call(
-            "round result", self.audit.round_result, rnd, aggregate_digest, new_digest, failed=failed
+            "round result", self.audit.round_result, rnd, aggregate_digest, new_digest,
+            failed=failed, dp=dp,
         )
+
+    def dp_round(self, rnd: int, dp: DpParams) -> None:
+        self._call("DP accounting", self.audit.dp_round, rnd, dp)
 
     def checkpoint(self, rnd: int, model_digest: bytes, file_sha256: bytes, name: str) -> None:
         self._call("checkpoint", self.audit.checkpoint, rnd, model_digest, file_sha256, name)
@@ -406,8 +447,8 @@ class FailClosedAudit:
     ) -> None:
         self._call("evaluation", self.audit.evaluation, rnd, metrics, num_examples, sites)
 
-    def run_end(self) -> None:
-        self._call("run end", self.audit.run_end)
+    def run_end(self, reason: str = "") -> None:
+        self._call("run end", self.audit.run_end, reason)
 
     def close(self) -> None:
         self.audit.close()

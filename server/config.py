@@ -28,6 +28,18 @@ explicit. Layout (all keys optional except where noted)::
     [consortium]    roster = "consortium/roster.json",      # the signed consortium roster the
                     authority = "consortium/authority.key.pub"  # sites run under, and the roster
                                                                 # authority's PUBLIC key (PEM)
+    [dp]            enabled = false, epsilon, delta = 1e-6,     # distributed DP (docs/dp.md):
+                    clip, noise_multiplier, granularity,        # the run's (epsilon, delta), the
+                    modulus_bits = 32, beta = exp(-0.5)         # L2 clip of a site's update, ...
+
+``[dp]`` (secure runs only) makes every round a distributed-discrete-Gaussian round
+(:mod:`fedseal.protocol.dp`): ``epsilon`` and ``clip`` are required when ``enabled``;
+``noise_multiplier`` (the central z over the honest survivors) defaults to the least noise
+that keeps ``run.rounds`` rounds within (epsilon, delta) (:func:`fedseal.privacy.noise_for_target`),
+``granularity`` (gamma) to the finest grid whose noisy sum still fits ``modulus_bits`` bits
+(:func:`fedseal.protocol.dp.bits_needed`); both are worked out per round for its cohort
+(:mod:`fedseal.server.dp_round`). The run stops, committed, when its next round would take
+epsilon past the budget.
 
 ``[consortium]`` is optional; ``roster`` and ``authority`` are given both or neither. With it,
 the coordinator verifies the roster under the authority key when a run starts (and refuses to
@@ -37,6 +49,7 @@ at the start of every round: a new version is recorded, a lower one stops the ru
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +62,7 @@ from fedseal.server.errors import CoordinatorError
 __all__ = [
     "ConsortiumSection",
     "CoordinatorSection",
+    "DpSection",
     "LimitsSection",
     "NetworkSection",
     "RunSection",
@@ -162,6 +176,33 @@ class ConsortiumSection:
 
 
 @dataclass(frozen=True, slots=True)
+class DpSection:
+    """``[dp]``: distributed DP for every round of a secure run (docs/dp.md).
+
+    Attributes:
+        enabled: DP rounds on (default off).
+        epsilon: The run's target epsilon (required when enabled).
+        delta: The run's delta (default 1e-6).
+        clip: L2 clip of one site's update, model units (required when enabled).
+        noise_multiplier: Central noise multiplier z over the honest survivors, or ``None``:
+            the least that keeps ``run.rounds`` rounds within (epsilon, delta).
+        granularity: gamma (model units per grid step), or ``None``: the finest whose noisy
+            sum fits ``modulus_bits`` with wrap probability <= 2^-40.
+        modulus_bits: The secure sum's field, 32 or 64.
+        beta: Conditional randomized rounding's beta in [0, 1) (KLS21: exp(-0.5)).
+    """
+
+    enabled: bool = False
+    epsilon: float = 0.0
+    delta: float = 1e-6
+    clip: float = 0.0
+    noise_multiplier: float | None = None
+    granularity: float | None = None
+    modulus_bits: int = 32
+    beta: float = math.exp(-0.5)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     path: Path
     coordinator: CoordinatorSection
@@ -170,6 +211,7 @@ class ServerConfig:
     run: RunSection
     limits: LimitsSection
     consortium: ConsortiumSection | None = None
+    dp: DpSection = field(default_factory=DpSection)
 
 
 def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -207,7 +249,7 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
     Raises:
         ServerConfigError: Naming the first offending key.
     """
-    _unknown(doc, "", {"coordinator", "tls", "network", "run", "limits", "consortium"})
+    _unknown(doc, "", {"coordinator", "tls", "network", "run", "limits", "consortium", "dp"})
 
     def p(sec: Mapping[str, Any], prefix: str, key: str, default: str) -> Path:
         raw = _typed(sec, prefix, key, str, default)
@@ -357,7 +399,60 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
         run=run,
         limits=limits,
         consortium=consortium,
+        dp=_dp_section(_section(doc, "dp"), run),
     )
+
+
+def _positive(name: str, value: float, *, high: float = math.inf) -> None:
+    if not (math.isfinite(value) and 0 < value <= high):
+        bound = "" if high == math.inf else f" and <= {high:g}"
+        raise ServerConfigError(name, f"must be finite, > 0{bound}, got {value!r}")
+
+
+def _dp_section(sec: Mapping[str, Any], run: RunSection) -> DpSection:
+    """``[dp]``, validated (every key's type and range even when disabled)."""
+    _unknown(sec, "dp", {f.name for f in DpSection.__dataclass_fields__.values()})
+    d = DpSection()
+    enabled = _typed(sec, "dp", "enabled", bool, d.enabled)
+    for key in ("epsilon", "clip"):
+        if enabled and key not in sec:
+            raise ServerConfigError(f"dp.{key}", "required when dp.enabled = true")
+    noise: float | None = None
+    if "noise_multiplier" in sec:
+        noise = _typed(sec, "dp", "noise_multiplier", float, 0.0)
+        _positive("dp.noise_multiplier", noise, high=1e6)
+    granularity: float | None = None
+    if "granularity" in sec:
+        granularity = _typed(sec, "dp", "granularity", float, 0.0)
+        _positive("dp.granularity", granularity)
+    dp = DpSection(
+        enabled=enabled,
+        epsilon=_typed(sec, "dp", "epsilon", float, d.epsilon),
+        delta=_typed(sec, "dp", "delta", float, d.delta),
+        clip=_typed(sec, "dp", "clip", float, d.clip),
+        noise_multiplier=noise,
+        granularity=granularity,
+        modulus_bits=_typed(sec, "dp", "modulus_bits", int, d.modulus_bits),
+        beta=_typed(sec, "dp", "beta", float, d.beta),
+    )
+    if "epsilon" in sec:
+        _positive("dp.epsilon", dp.epsilon, high=1e4)
+    if "clip" in sec:
+        _positive("dp.clip", dp.clip, high=1e6)
+    if not (math.isfinite(dp.delta) and 0 < dp.delta < 1):
+        raise ServerConfigError("dp.delta", f"must be in (0, 1), got {dp.delta!r}")
+    if dp.modulus_bits not in (32, 64):
+        raise ServerConfigError("dp.modulus_bits", f"must be 32 or 64, got {dp.modulus_bits}")
+    if not (math.isfinite(dp.beta) and 0 <= dp.beta < 1) or math.copysign(1.0, dp.beta) < 0:
+        raise ServerConfigError("dp.beta", f"must be in [0, 1), got {dp.beta!r}")
+    if granularity is not None and "clip" in sec and not dp.clip / granularity >= 2.0**-20:
+        raise ServerConfigError("dp.granularity", "must be at most 2^20 times dp.clip")
+    if enabled and not run.secure:
+        raise ServerConfigError(
+            "dp.enabled", "distributed DP needs secure rounds (run.secure = true): the noise is "
+            "added inside the secure sum"
+        )
+    return dp
 
 
 def load_server_config(path: str | Path) -> ServerConfig:

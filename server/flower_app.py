@@ -46,6 +46,13 @@ strategy evaluates a sample); that round starts with a setup exchange as before.
 names the next round from the moment its setup leaves, so a coordinator restarted during the
 evaluation abandons that round rather than set it up twice.
 
+Distributed DP (``server.toml [dp]``, secure runs only): each round's DP parameters go out in
+its setup (:mod:`fedseal.server.dp_round`), a completed round's privacy accounting (ρ, the run's
+ε so far) is logged with its result, and before each round (and before its setup rides on an
+evaluation) the coordinator checks that it stays within ``[dp] epsilon`` at ``delta``: if not,
+the run ends there, committed, its run end saying "privacy budget reached", and so does the
+console.
+
 A plain round (``run.secure = false``; updates in the clear inside TLS)::
 
     sample    online nodes that map to active enrolled sites (>= run.min_sites, else the round fails)
@@ -101,6 +108,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedseal.crypto.keys import load_private_key
 from fedseal.protocol import records
+from fedseal.protocol.dp import DpParams
 from fedseal.protocol.model import ModelVector, unflatten
 from fedseal.server import flower_patches
 from fedseal.server.audit_hook import (
@@ -112,6 +120,7 @@ from fedseal.server.audit_hook import (
 )
 from fedseal.server.checkpoint import RunState, SavedCheckpoint
 from fedseal.server.config import ConsortiumSection, ServerConfig, load_server_config
+from fedseal.server.dp_round import BUDGET_REACHED
 from fedseal.server.evaluation import evaluate, evaluation_messages
 from fedseal.server.exchange import FixedNodes, arrays_to_record, exchange, record_to_arrays
 from fedseal.server.plain_round import plain_round
@@ -313,6 +322,8 @@ def _run_federation(run: Run, *, resume: bool, passphrase: str | None) -> None:
     fed = _Federation.setup(run, resume=resume, passphrase=passphrase)
     for rnd in range(fed.first_round, run.cfg.run.rounds + 1):
         fed.round(rnd)
+        if fed.stop_reason:
+            break
     fed.finish()
 
 
@@ -335,6 +346,8 @@ class _Federation:
         self.secure = secure
         self.first_round = state.round + 1
         self.ahead: SetupAhead | None = None  # the next round's setup, sent with an evaluation
+        self.round_dp: DpParams | None = None  # the DP parameters of the round being committed
+        self.stop_reason = ""  # why the run ends before run.rounds ("privacy budget reached")
 
     @classmethod
     def setup(cls, run: Run, *, resume: bool, passphrase: str | None) -> _Federation:
@@ -383,7 +396,10 @@ class _Federation:
                 consortium.audit = audit
                 consortium.record(again=latest is None)
             if latest is None:
-                audit.run_start(state.run_id, cfg.path.read_bytes(), model.digest, cfg.run.rounds)
+                budget = (cfg.dp.epsilon, cfg.dp.delta) if cfg.dp.enabled else None
+                audit.run_start(
+                    state.run_id, cfg.path.read_bytes(), model.digest, cfg.run.rounds, budget
+                )
         fed = cls(run, strategy, consortium, state, model, audit, secure)
         if latest is not None:
             state, arrays, fed.first_round = reconcile_restart(
@@ -406,6 +422,8 @@ class _Federation:
             nodes = self.ahead.nodes
         else:
             nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s)
+        if not self._budget_allows(rnd, len(nodes)):
+            return
         rec: dict[str, Any] = {"round": rnd, "sampled": len(nodes), "accepted": 0, "rejected": 0}
         new_arrays, aggregate_digest = self._collect(rnd, nodes, rec)
         if new_arrays is None and "failure" not in rec:
@@ -427,6 +445,8 @@ class _Federation:
             self.state = replace(self.state, history=tuple(self.history))
             run.checkpoints.update_state(self.state)
         line = summary(rnd, cfg.run.rounds, rec)
+        if "dp_epsilon" in rec:
+            line += f"; DP epsilon {rec['dp_epsilon']:.3g} at delta {cfg.dp.delta:g} so far"
         log.info("%s", line)
         print(f"fedseal: {line}", flush=True)
         append_round(run.rounds_log, rec)
@@ -453,6 +473,7 @@ class _Federation:
             return _aggregate(strategy, rnd, plain.mean, plain.total_weight), None
         secured = self.secure.round(rnd, nodes, model, train_cfg, self.ahead)
         self.ahead = None
+        self.round_dp = secured.dp
         rec.update(secured.record())
         record_site_errors(rec, secured.site_errors)
         if secured.mean_delta is None:
@@ -482,8 +503,14 @@ class _Federation:
         if self.audit is not None:
             failed = "" if saved is not None else str(rec.get("failure", "round failed"))
             self.audit.round_result(
-                rnd, aggregate_digest if saved is not None else None, self.model.digest, failed=failed
-            )
+                rnd, aggregate_digest if saved is not None else None, self.model.digest, failed=failed,
+                dp=self.round_dp if saved is not None else None,
+            )  # a completed DP round's accounting entry is written with it
+            if saved is not None and self.round_dp is not None and self.secure is not None:
+                plan, rhos = self.secure.dp_plan, self.secure.dp_rhos()
+                if plan is not None and rhos:
+                    rec.update(dp_rho=rhos[-1], dp_epsilon=plan.epsilon_after(rhos))
+            self.round_dp = None
             if saved is not None:
                 self.audit.checkpoint(rnd, self.model.digest, saved.file_sha256, saved.model_path.name)
         return saved
@@ -493,7 +520,10 @@ class _Federation:
         aggregated metrics follow the round result into the audit log as their own entry."""
         run, cfg = self.run, self.cfg
         emsgs = evaluation_messages(run, self.strategy, rnd, self.model, train_config(cfg, rnd, self.run_id), nodes)
-        if self.secure is not None and cfg.run.setup_with_evaluation and rnd < cfg.run.rounds:
+        if (
+            self.secure is not None and cfg.run.setup_with_evaluation and rnd < cfg.run.rounds
+            and self.secure.next_round_fits(self.model.size, len(run.enrolled_online()))
+        ):
             self.ahead = setup_with_evaluation(
                 run, self.secure, emsgs, rnd + 1, self.model, train_config(cfg, rnd + 1, self.run_id)
             )
@@ -505,11 +535,29 @@ class _Federation:
             if self.audit is not None:
                 self.audit.evaluation(rnd, evaluation.logged_metrics(), evaluation.examples, evaluation.sites)
 
+    def _budget_allows(self, rnd: int, cohort: int) -> bool:
+        """Whether round ``rnd`` of ``cohort`` sites stays within ``[dp]`` (ε, δ); if not, the
+        run stops here, committed (:attr:`stop_reason`), and the console says so."""
+        if self.secure is None or self.secure.dp_plan is None:
+            return True
+        if self.secure.next_round_fits(self.model.size, cohort):
+            return True
+        plan = self.secure.dp_plan
+        spent = plan.epsilon_after(self.secure.dp_rhos())
+        self.stop_reason = (
+            f"{BUDGET_REACHED}: epsilon {spent:.4g} of {plan.section.epsilon:g} at delta "
+            f"{plan.section.delta:g} after {len(self.secure.dp_rhos())} DP rounds; round {rnd} "
+            "would exceed it"
+        )
+        log.info("%s", self.stop_reason)
+        print(f"fedseal: {self.stop_reason}; stopping the run (committed)", flush=True)
+        return False
+
     def finish(self) -> None:
         """The run end: recorded in the audit log (which is closed), ``status.json`` finished."""
         audit_log: str | None = None
         if self.audit is not None:
-            self.audit.run_end()
+            self.audit.run_end(self.stop_reason)
             audit_log = str(self.audit.path)
             self.audit.close()
         final = self.run.checkpoints.model_path(self.state.round)

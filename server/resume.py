@@ -110,9 +110,10 @@ def reconcile_restart(
             return AuditHaltError(reason)
 
         if audit_log.current_run_id is None and state.round == 0:
+            dp = run.cfg.dp
             audit.run_start(
                 state.run_id, run.cfg.path.read_bytes(), bytes.fromhex(state.model_digest),
-                run.cfg.run.rounds,
+                run.cfg.run.rounds, (dp.epsilon, dp.delta) if dp.enabled else None,
             )
         elif audit_log.current_run_id != bytes.fromhex(state.run_id):
             raise halt(

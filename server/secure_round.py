@@ -22,6 +22,12 @@ messages (:func:`setup_with_evaluation`): each site evaluates, adopts the setup 
 returns its key advert with its metrics (or, in ``secagg-error``, why it refused); the next
 round then starts at the advert bundle, one exchange less per round. It is not sent along when
 the next cohort differs from the evaluated sites.
+
+With ``server.toml [dp]`` every round is a distributed-DP round: :meth:`SecureCoordinator.dp_params`
+builds its :class:`~fedseal.protocol.dp.DpParams` for the cohort (:mod:`fedseal.server.dp_round`),
+``RoundConfig(dp=...)`` carries them in the signed setup, the outcome's ``mean_delta`` is the
+decoded unweighted noisy mean and ``outcome.dp`` the parameters, which the audit log's DP
+accounting entry records; :meth:`SecureCoordinator.next_round_fits` is the budget check.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -38,8 +44,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedseal.protocol import records
+from fedseal.protocol.dp import DpParams
 from fedseal.protocol.model import ModelVector
 from fedseal.server.audit_hook import FailClosedAudit
+from fedseal.server.dp_round import DpPlan
 from fedseal.server.exchange import arrays_to_record, exchange_iter
 from fedseal.server.replies import (
     error_reason,
@@ -94,6 +102,8 @@ class SecureOutcome:
         setup_with_evaluation: Its setup went out with the last evaluation.
         failure: Why it was abandoned (one line), and ``failure_kind`` (e.g. ``threshold``).
         survivors: For an abandoned round, the sites whose masked inputs it accepted.
+        dp: A completed DP round's parameters (``mean_delta`` is then the unweighted noisy
+            mean), else ``None``.
     """
 
     mean_delta: npt.NDArray[np.float64] | None
@@ -108,6 +118,7 @@ class SecureOutcome:
     failure: str | None = None
     failure_kind: str | None = None
     survivors: tuple[str, ...] = ()
+    dp: DpParams | None = None
 
     def record(self) -> dict[str, Any]:
         """The round record's fields (``rounds.jsonl``), site errors aside."""
@@ -125,6 +136,11 @@ class SecureOutcome:
                 accepted=len(self.sites), sites=list(self.sites), dropouts=self.dropouts,
                 aggregate_digest=(self.aggregate_digest or b"").hex(), total_weight=self.total_weight,
             )
+            if self.dp is not None:
+                rec.update(
+                    dp_local_stddev=self.dp.local_stddev, dp_gamma=self.dp.gamma,
+                    dp_honest_survivors=self.dp.honest_survivors,
+                )
         return rec
 
 
@@ -149,6 +165,9 @@ class SecureCoordinator:
         #: advert): listed in the next setup, so only a site's first round of the run (or the
         #: first after a restart of the coordinator) needs a commit exchange.
         self.commitments: dict[str, bytes] = {}
+        dp = run.cfg.dp
+        #: ``[dp]``'s plan (None without DP): each round's DpParams, the budget check.
+        self.dp_plan = DpPlan(dp, rounds=run.cfg.run.rounds) if dp.enabled else None
 
     def _roster(self) -> Any:
         from fedseal.protocol import Roster as ProtoRoster
@@ -164,20 +183,64 @@ class SecureCoordinator:
             for s in self.run.roster.sites
         )
 
-    def _config(self, length: int, cohort: int) -> Any:
-        from fedseal.protocol import ConfigError as ProtoConfigError
+    def _base_config(self, length: int, bits: int) -> Any:
         from fedseal.protocol import QuantizationConfig, RoundConfig
 
         r = self.run.cfg.run
+        return RoundConfig(
+            vector_length=length,
+            quantization=QuantizationConfig.from_clip(r.update_clip, levels=r.quant_levels, modulus_bits=bits),
+            max_weight=r.max_weight,
+            threshold=r.threshold or None,
+            round_timeout_s=int(max(600, 10 * r.stage_timeout_s)),
+            limits=self.run.cfg.limits.protocol_limits(),
+        )
+
+    def dp_params(self, length: int, cohort: int) -> DpParams | None:
+        """The DP parameters of a round of ``cohort`` sites (``None`` without ``[dp]``):
+        ``min_survivors`` as the round's configuration resolves it, the colluders from the
+        configuration's own assumed fraction (:class:`fedseal.server.dp_round.DpPlan`).
+
+        Raises:
+            fedseal.protocol.ConfigError: The round cannot be configured for this cohort.
+        """
+        if self.dp_plan is None:
+            return None
+        # The survivor floor of the round without DP (the quantizer at 64 bits only so that
+        # it cannot be what fails): the DP round keeps it (RoundConfig.resolve).
+        resolved = self._base_config(length, 64).resolve(cohort)
+        return self.dp_plan.params(
+            length=length, cohort=cohort, min_survivors=resolved.min_survivors
+        )
+
+    def dp_rhos(self) -> tuple[float, ...]:
+        """The zCDP ρ of this run's DP rounds so far, as its audit log records them."""
+        return () if self.audit is None else self.audit.log.dp_rhos
+
+    def next_round_fits(self, length: int, cohort: int) -> bool:
+        """Whether one more round of ``cohort`` sites stays within ``[dp]`` (ε, δ) (always,
+        without DP; a round that cannot be configured is let run, to fail with its reason)."""
+        from fedseal.protocol import ProtocolError
+
+        if self.dp_plan is None:
+            return True
+        try:
+            dp = self.dp_params(length, cohort)
+        except ProtocolError:
+            return True
+        return dp is None or self.dp_plan.fits(self.dp_rhos(), dp)
+
+    def _config(self, length: int, cohort: int) -> Any:
+        from fedseal.protocol import ConfigError as ProtoConfigError
+
+        dp = self.dp_params(length, cohort)
+        if dp is not None:
+            # The quantizer is not used in a DP round, only its modulus (protocol/config.py).
+            cfg = replace(self._base_config(length, dp.modulus_bits), dp=dp)
+            cfg.resolve(cohort)
+            return cfg
         for bits in (32, 64):
-            cfg = RoundConfig(
-                vector_length=length,
-                quantization=QuantizationConfig.from_clip(r.update_clip, levels=r.quant_levels, modulus_bits=bits),
-                max_weight=r.max_weight,
-                threshold=r.threshold or None,
-                round_timeout_s=int(max(600, 10 * r.stage_timeout_s)),
-                limits=self.run.cfg.limits.protocol_limits(),
-            )
+            cfg = self._base_config(length, bits)
             try:
                 cfg.resolve(cohort)
             except ProtoConfigError:
@@ -342,6 +405,7 @@ class SecureCoordinator:
             total_weight=int(result.total_weight),
             sites=tuple(sorted(str(s) for s in result.survivors)),
             dropouts=len(result.dropouts),
+            dp=result.dp,
         )
 
 

@@ -34,14 +34,25 @@ def demo(
             "every round starts with a setup exchange of its own (run.setup_with_evaluation).",
         ),
     ] = True,
+    dp: Annotated[
+        bool,
+        typer.Option(
+            "--dp",
+            help="Distributed differential privacy: server.toml [dp] with epsilon 8 at delta "
+            "1e-6 for the run, and every site requires DP (client.toml [privacy] dp = "
+            '"required", epsilon_budget 10). Secure rounds only.',
+        ),
+    ] = False,
 ) -> None:
     """Prepare MNIST-5k for 3 sites, start coordinator + sites on loopback with TLS, train."""
     from fedseal.sim.demo import run_demo
 
+    if dp and not secure:
+        raise usage_error("--dp: distributed DP adds its noise inside the secure sum (drop --plain)")
     raise typer.Exit(
         run_demo(
             workdir=workdir, rounds=rounds, num_sites=sites, console=console, secure=secure,
-            setup_with_evaluation=setup_with_evaluation,
+            setup_with_evaluation=setup_with_evaluation, dp=dp,
         )
     )
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +73,10 @@ def _check(argv: list[str], what: str) -> str:
 def write_client_toml(
     path: Path, *, name: str, superlink: str, ca: Path, dataset: Path, root: str, runtime_port: int,
     audit_address: str | None = None, roster: Path | None = None, authority: Path | None = None,
-    allow_plain: bool = False,
+    allow_plain: bool = False, dp_budget: float | None = None,
 ) -> None:
+    """``dp_budget``: the site requires distributed DP (``[privacy] dp = "required"``) and
+    spends at most this ε over all its DP rounds (``epsilon_budget``)."""
     audit = [f'audit_address = "{audit_address}"'] if audit_address else []
     trust = (
         ["[trust]", f'roster = "{roster}"', f'roster_authority = "{authority}"', ""]
@@ -82,6 +85,10 @@ def write_client_toml(
     )
     # The safe default is allow_plain = false; only a plain (comparison) run opts in.
     privacy = ["[privacy]", "allow_plain = true", ""] if allow_plain else []
+    if dp_budget is not None:
+        privacy = [
+            *(privacy[:-1] or ["[privacy]"]), 'dp = "required"', f"epsilon_budget = {dp_budget!r}", ""
+        ]
     path.write_text(
         "\n".join(
             [
@@ -142,8 +149,11 @@ def prepare_federation(
     run_overrides: dict[str, object] | None = None,
     fleet_port: int | None = None,
     internal_port: int | None = None,
+    dp: Mapping[str, object] | None = None,
 ) -> Federation:
     """Split MNIST-5k over ``num_sites``, create keys, the coordinator, enroll every site.
+    ``dp``: a ``[dp]`` section for ``server.toml`` (its keys and values; ``enabled`` is set),
+    and every site then requires DP with ``[privacy] epsilon_budget`` :data:`DEMO_SITE_BUDGET`.
 
     Idempotent for an existing ``workdir`` (data, keys and enrolment are reused; ports and
     ``server.toml`` are rewritten).
@@ -195,6 +205,9 @@ def prepare_federation(
         run_overrides={"sites_wait_timeout_s": 60.0} | (run_overrides or {}),
         consortium=(consortium_roster, authority),
     )
+    if dp is not None:
+        with (coord / "server.toml").open("a") as fh:
+            fh.write("\n".join(["", "[dp]", "enabled = true", *_toml_items(dp), ""]))
     cfg = load_server_config(coord / "server.toml")
     roster = Enrolment.load_or_create(cfg.coordinator.roster)
     ca = coord / "tls" / "ca.pem"
@@ -210,6 +223,7 @@ def prepare_federation(
             dataset=Path(site["dir"]).resolve(), root=site["root"], runtime_port=free_port(),
             audit_address=f"localhost:{audit_port}" if audit_port else None,
             roster=consortium_roster, authority=authority, allow_plain=not secure,
+            dp_budget=DEMO_SITE_BUDGET if dp is not None else None,
         )
         site_dirs.append(sdir)
     roster.save(cfg.coordinator.roster)
@@ -298,9 +312,24 @@ def _verify_audit_log(console: Console, log: Path, pub: Path) -> bool:
     return True
 
 
+def _toml_items(table: Mapping[str, object]) -> list[str]:
+    return [
+        f"{k} = {'true' if v is True else 'false' if v is False else repr(v)}"
+        for k, v in table.items()
+        if k != "enabled"
+    ]
+
+
+DEMO_DP: dict[str, object] = {"epsilon": 8.0, "delta": 1e-6, "clip": 1.0}
+"""``fl-server demo --dp``'s ``[dp]``: a modest run budget (ε = 8 at δ = 1e-6 over the run's
+rounds); the noise multiplier and granularity are derived per round (server/dp_round.py)."""
+DEMO_SITE_BUDGET = 10.0
+"""Each demo site's ``[privacy] epsilon_budget``: above the run's ε, so one run fits."""
+
+
 def run_demo(
     *, workdir: Path | None, rounds: int, num_sites: int, console: Console, secure: bool = True,
-    setup_with_evaluation: bool = True,
+    setup_with_evaluation: bool = True, dp: bool = False,
 ) -> int:
     """Run the demo; return the process exit code."""
     t_start = time.monotonic()
@@ -327,6 +356,7 @@ def run_demo(
                 "rounds": rounds, "min_sites": 3, "stage_timeout_s": 60.0, "secure": secure,
                 "setup_with_evaluation": setup_with_evaluation,
             },
+            dp=DEMO_DP if dp else None,
         )
     except DeployError as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
@@ -363,6 +393,13 @@ def run_demo(
     if outcome.reason:
         console.print(f"[red]the run failed[/red]: {escape(outcome.reason)}")
     console.print(f"accuracy per round: {', '.join(f'{a:.3f}' for a in accs if isinstance(a, float))}")
+    eps = [r.get("dp_epsilon") for r in outcome.rounds if r.get("outcome") == "committed"]
+    if dp and eps and isinstance(eps[-1], float):
+        console.print(
+            f"distributed DP: epsilon per round {', '.join(f'{e:.3g}' for e in eps if isinstance(e, float))}"
+            f" (delta {DEMO_DP['delta']:g}, run budget {DEMO_DP['epsilon']:g}; the sites' ledgers "
+            f"allow {DEMO_SITE_BUDGET:g} each)"
+        )
     console.print(f"final model: {outcome.model}")
     console.print(f"audit log: {outcome.audit_log or 'none (see serverapp.log)'}")
     if outcome.audit_log:

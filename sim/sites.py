@@ -261,6 +261,7 @@ def real_site_app(
 
     from fedseal.client import flower_app, node
     from fedseal.client.config import load_client_config
+    from fedseal.client.privacy_ledger import PrivacyLedger
     from fedseal.client.site_data import load_site_data
     from fedseal.crypto.keys import load_private_key, load_public_key
     from fedseal.protocol.seams import NO_SHARING
@@ -295,5 +296,8 @@ def real_site_app(
         trusted_peers=dict(trust.peers),
         # ... and the work its virtual sites share (module docstring).
         shared_work=shared_work if shared_work is not None else NO_SHARING,
+        # As `fl-client run`: the DP rounds a virtual site takes part in are paid for in its
+        # state directory, across simulations over the same prepared sites.
+        ledger=PrivacyLedger(cfg.state_dir),
     )
     return flower_app.make_client_app(runtime)

@@ -15,11 +15,20 @@ from fedseal.audit.entries import INPUT_MESSAGE_TYPE, RosterAction, RunStatus
 from fedseal.audit.writer import AuditLog
 from fedseal.crypto.keys import generate_identity_key, key_id, public_key_to_der
 from fedseal.crypto.signing import sign
+from fedseal.protocol.dp import DpParams
 from fedseal.protocol.messages import Header, MaskedInput
 from fedseal.protocol.types import SiteId
 
 STAND_IN_TYPE = "fedseal/test/consistency-stand-in"
 CLOCK0 = 1_780_000_000_000
+
+
+def sample_dp_params(noise_multiplier: float = 10.0) -> DpParams:
+    """A DP round's parameters for the built logs: d = 1024, 4 sites, 3 survivors, 1 colluder."""
+    return DpParams.from_noise_multiplier(
+        noise_multiplier, length=1000, clip=1.0, gamma=1e-3, sites=4, min_survivors=3,
+        colluding_fraction=1 / 3, modulus_bits=32,
+    )  # fmt: skip
 
 
 def digest(*parts: object) -> bytes:
@@ -81,12 +90,17 @@ def build_run_log(
     end_run: bool = True,
     revoke_last_after_round: int | None = 2,
     evaluations: bool = False,
+    dp: DpParams | None = None,
+    dp_budget: tuple[float, float] = (8.0, 1e-6),
+    dp_until: int | None = None,
 ) -> BuiltLog:
     """A complete run; site ``n_sites-1`` is revoked after ``revoke_last_after_round``.
 
     With ``evaluations``, each round's checkpoint is followed by its evaluation entry
     (accuracy, loss, macro-F1 of the new model over the sites' validation examples), as the
-    coordinator logs it."""
+    coordinator logs it. With ``dp``, the run start carries ``dp_budget`` and every round is
+    a DP round with these parameters: its accounting entry is written with its result (up to
+    round ``dp_until`` if given; later rounds are left without one)."""
     clock = Clock()
     coordinator = coordinator or generate_identity_key()
     if sites is None:
@@ -113,6 +127,7 @@ def build_run_log(
         code_version="0.1.0",
         started_at_ms=clock(),
         planned_rounds=rounds,
+        dp_budget=None if dp is None else dp_budget,
     )
     outsider = generate_identity_key()
     revoked: set[str] = set()
@@ -180,6 +195,7 @@ def build_run_log(
             aggregate_digest=digest("aggregate", rnd, seed),
             new_model_digest=new_model,
             metrics={"accuracy": 0.5 + 0.1 * rnd, "loss": 1.0 / rnd},
+            dp_params=None if dp is None or rnd > (dp_until or rounds) else dp.to_bytes(),
         )
         log.sign_tree_head(clock())
         log.append_checkpoint(

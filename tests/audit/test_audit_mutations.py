@@ -3,7 +3,8 @@ every table of a real audit log (one mutation per copy of the file) are all caug
 ``fl-audit verify``'s library entry point, against the pinned coordinator key.
 
 The log is a realistic run (tests/audit/logbuilder.py: enrolments, 3 rounds of really signed
-envelopes, rejections, a revocation, checkpoints, evaluations, signed tree heads, the run end).
+envelopes, rejections, a revocation, checkpoints, evaluations, DP accounting entries, signed tree
+heads, the run end): every entry kind a run writes.
 Tables: ``entries`` (idx, kind, site, round, data, leaf_hash), ``nodes`` (id, hash),
 ``tree_heads`` (seq, tree_size, root_hash, timestamp_ms, blob) and ``meta`` (key, value).
 
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedseal.audit.auditor import verify_log
 from fedseal.audit.errors import AuditLogError, AuditVerificationError
-from tests.audit.logbuilder import build_run_log
+from tests.audit.logbuilder import build_run_log, sample_dp_params
 
 FIXED_SEED = 15_2_1000
 FIXED_COUNT = 1000
@@ -59,7 +60,9 @@ class Base:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
-    built = build_run_log(tmp_path_factory.mktemp("mut") / "audit.sqlite", evaluations=True)
+    built = build_run_log(
+        tmp_path_factory.mktemp("mut") / "audit.sqlite", evaluations=True, dp=sample_dp_params()
+    )
     src = sqlite3.connect(built.path)
     mem = sqlite3.connect(":memory:")
     src.backup(mem)
@@ -72,6 +75,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
     result = verify_log(_write(tmp_path_factory.mktemp("ok") / "a.sqlite", image), jobs=1,
                         coordinator_key=built.coordinator.public_key())  # fmt: skip
     assert result.runs[0][1] == "completed" and result.evaluations == 3
+    assert result.dp_runs[0][1] == 3  # the DP accounting entries are mutated too
     return Base(image, built.coordinator.public_key(), result.entries)
 
 

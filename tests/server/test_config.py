@@ -173,3 +173,66 @@ def test_a_bad_consortium_table_names_the_key(
         load_server_config(tmp_path / "s.toml")
     assert info.value.key == key and reason in info.value.reason
     assert str(info.value).startswith(f"{key}: ")
+
+
+_TLS = "[tls]\nca_cert='a'\nserver_cert='b'\nserver_key='c'\n"
+
+
+def test_dp_is_off_by_default_and_a_dp_table_loads_with_its_defaults(tmp_path: Path) -> None:
+    import math
+
+    (tmp_path / "s.toml").write_text(_TLS)
+    assert not load_server_config(tmp_path / "s.toml").dp.enabled
+    (tmp_path / "s.toml").write_text(_TLS + "[dp]\nenabled = true\nepsilon = 8\nclip = 1\n")
+    dp = load_server_config(tmp_path / "s.toml").dp
+    assert (dp.enabled, dp.epsilon, dp.delta, dp.clip) == (True, 8.0, 1e-6, 1.0)
+    assert (dp.noise_multiplier, dp.granularity, dp.modulus_bits) == (None, None, 32)
+    assert dp.beta == math.exp(-0.5)
+    (tmp_path / "s.toml").write_text(
+        _TLS + "[dp]\nenabled = true\nepsilon = 4.5\ndelta = 1e-8\nclip = 0.5\n"
+        "noise_multiplier = 1.2\ngranularity = 1e-5\nmodulus_bits = 64\nbeta = 0.0\n"
+    )
+    dp = load_server_config(tmp_path / "s.toml").dp
+    assert (dp.epsilon, dp.delta, dp.clip, dp.noise_multiplier) == (4.5, 1e-8, 0.5, 1.2)
+    assert (dp.granularity, dp.modulus_bits, dp.beta) == (1e-5, 64, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "reason"),
+    [
+        ("enabled = 1\nepsilon = 8\nclip = 1\n", "dp.enabled", "must be bool"),
+        ("enabled = true\nclip = 1\n", "dp.epsilon", "required"),
+        ("enabled = true\nepsilon = 8\n", "dp.clip", "required"),
+        ("enabled = true\nepsilon = 0\nclip = 1\n", "dp.epsilon", "> 0"),
+        ("enabled = true\nepsilon = nan\nclip = 1\n", "dp.epsilon", "finite"),
+        ("enabled = true\nepsilon = 'eight'\nclip = 1\n", "dp.epsilon", "must be float"),
+        ("enabled = true\nepsilon = 8\nclip = -1\n", "dp.clip", "> 0"),
+        ("enabled = true\nepsilon = 8\nclip = 1\ndelta = 1\n", "dp.delta", "(0, 1)"),
+        ("enabled = true\nepsilon = 8\nclip = 1\ndelta = 0\n", "dp.delta", "(0, 1)"),
+        ("enabled = true\nepsilon = 8\nclip = 1\nnoise_multiplier = 0\n", "dp.noise_multiplier", "> 0"),
+        ("enabled = true\nepsilon = 8\nclip = 1\ngranularity = -1e-3\n", "dp.granularity", "> 0"),
+        ("enabled = true\nepsilon = 8\nclip = 1\nmodulus_bits = 48\n", "dp.modulus_bits", "32 or 64"),
+        ("enabled = true\nepsilon = 8\nclip = 1\nbeta = 1.0\n", "dp.beta", "[0, 1)"),
+        ("enabled = true\nepsilon = 8\nclip = 1\nbeta = -0.0\n", "dp.beta", "[0, 1)"),
+        ("enabled = true\nepsilon = 8\nclip = 1\nsigma = 3\n", "dp.sigma", "unknown key"),
+        ("enabled = true\nepsilon = 8\nclip = 1e-3\ngranularity = 1e4\n", "dp.granularity", "2^20"),
+    ],
+)
+def test_a_bad_dp_value_fails_naming_the_key(
+    tmp_path: Path, body: str, key: str, reason: str
+) -> None:
+    (tmp_path / "s.toml").write_text(_TLS + "[dp]\n" + body)
+    with pytest.raises(ServerConfigError) as info:
+        load_server_config(tmp_path / "s.toml")
+    assert info.value.key == key and reason in info.value.reason, info.value
+
+
+def test_dp_with_plain_rounds_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text(
+        _TLS + "[run]\nsecure = false\n[dp]\nenabled = true\nepsilon = 8\nclip = 1\n"
+    )
+    with pytest.raises(ServerConfigError) as info:
+        load_server_config(tmp_path / "s.toml")
+    assert info.value.key == "dp.enabled" and "secure" in info.value.reason
+    (tmp_path / "s.toml").write_text(_TLS + "[run]\nsecure = false\n[dp]\nenabled = false\n")
+    assert not load_server_config(tmp_path / "s.toml").dp.enabled
