@@ -50,11 +50,14 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
 
 from fedseal.protocol.dp import DpParams
+
+if TYPE_CHECKING:  # dp-accounting (and scipy under it) take seconds to import: loaded on use
+    import dp_accounting
 
 __all__ = [
     "ORDERS",
@@ -262,6 +265,7 @@ def round_rho(noise: RoundNoise) -> float:
 
 def privacy_event(rhos: Sequence[float]) -> dp_accounting.DpEvent:
     """The rounds as one ``dp_accounting`` event: each round a ``ZCDpEvent(ρ)``, composed."""
+    import dp_accounting
     values = [float(r) for r in rhos]
     for r in values:
         if math.isnan(r) or r < 0:
@@ -274,6 +278,7 @@ def privacy_event(rhos: Sequence[float]) -> dp_accounting.DpEvent:
 
 
 def _new_accountant() -> dp_accounting.PrivacyAccountant:
+    import dp_accounting
     return dp_accounting.rdp.RdpAccountant(orders=list(ORDERS))
 
 
@@ -305,6 +310,7 @@ def noise_for_target(budget: Budget, rounds: int, shape: RoundShape) -> RoundNoi
     returned value meets the target) inside a bracket found from Bun & Steinke 2016's closed
     form ρ + 2 sqrt(ρ ln(1/δ)) = ε, which is looser than the accountant's conversion.
     """
+    import dp_accounting
     if not isinstance(budget, Budget):
         raise TypeError("budget must be a Budget")
     if not isinstance(shape, RoundShape):

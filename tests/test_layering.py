@@ -198,3 +198,15 @@ def test_importing_the_client_package_does_not_import_torch() -> None:
     code = "import sys, fedseal.client, fedseal.crypto, fedseal.protocol\nprint('torch' in sys.modules)\n"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_site_or_coordinator_without_dp_never_loads_the_accountants_libraries() -> None:
+    # dp-accounting and scipy take seconds to import: a site's start (and so the first round)
+    # must not pay for them unless a round uses DP.
+    code = (
+        "import sys, fedseal.client.node, fedseal.client.privacy_ledger, fedseal.server.flower_app,"
+        " fedseal.server.deploy, fedseal.privacy\n"
+        "print(','.join(m for m in ('dp_accounting', 'scipy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == ""
