@@ -898,11 +898,15 @@ def test_a_request_for_one_batch_per_epoch_still_trains_differently_under_two_se
     rows = len(data.y_train)
     assert req.batch_size == rows // 2
     updates = []
-    for seed in (rt.training_seed(RUN_1, 1), rt.training_seed(RUN_2, 1)):
+    seeds = (rt.training_seed(RUN_1, 1), rt.training_seed(RUN_1, 1), rt.training_seed(RUN_2, 1))
+    for seed in seeds:
         model = build_model("mlp", seed=0, num_features=data.num_features, num_classes=data.num_classes)
         train(model, data.x_train, data.y_train, req, seed=seed)
         updates.append(model_flat(model))
-    assert float(np.abs(updates[0] - updates[1]).max()) > 1e-5
+    # The same seed trains bit for bit the same model; another seed a different one (by far more
+    # than float32 rounding of weights of this size, ~1e-7; how much more depends on the split).
+    assert np.array_equal(updates[0], updates[1])
+    assert float(np.abs(updates[0] - updates[2]).max()) > 1e-6
 
 
 def test_without_an_audit_address_the_site_evaluates_no_model_unless_it_says_so(
