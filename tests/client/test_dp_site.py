@@ -37,13 +37,11 @@ from fedseal.protocol import (
     LocalUpdate,
     ProtocolError,
     QuantizationConfig,
-    Roster,
-    RosterEntry,
     RoundConfig,
     SecAggServer,
 )
 from fedseal.protocol.dp import DpParams
-from fedseal.protocol.model import model_digest
+from fedseal.protocol.model import flatten, model_digest
 from fedseal.protocol.records import SETUP_RECORD
 from fedseal.sim.inmemory import dataset_root_for, deterministic_key
 from tests.client import test_site_trust_app as trust_app
@@ -138,22 +136,8 @@ def dp_round(
     at ``advertise``); ``before[stage]`` runs before that stage's messages are sent. The
     site's replies are kept per stage, in order."""
     weights = initial_model(data)
-    flat = np.concatenate([np.asarray(weights[k], np.float32).ravel() for k in sorted(weights)])
-    roster = Roster(
-        [
-            RosterEntry(
-                site=SITE,
-                public_key=SITE_KEY.public_key(),
-                approved_roots=frozenset({bytes.fromhex(data.root_hex)}),
-            )
-        ]
-        + [
-            RosterEntry(
-                site=s, public_key=k.public_key(), approved_roots=frozenset({dataset_root_for(s)})
-            )
-            for s, k in members.items()
-        ]
-    )
+    flat = flatten(weights)
+    roster = trust_app.cohort_roster(data, members)
     server = SecAggServer(
         config,
         roster,

@@ -14,11 +14,11 @@ from torch import nn
 
 from fedseal.client.flower_app import array_to_numpy, model_delta, model_flat, numpy_to_array
 from fedseal.client.models import build_model, load_numpy_state_dict, state_dict_to_numpy
-from fedseal.protocol.model import model_digest
+from fedseal.protocol.model import flatten, model_digest
 
 
 def _old_flat(weights: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(weights[k], np.float32).ravel() for k in sorted(weights)])
+    return flatten(weights)
 
 
 ARRAYS = [

@@ -73,7 +73,7 @@ from fedseal.protocol import (
     SecAggServer,
 )
 from fedseal.protocol.envelope import Envelope
-from fedseal.protocol.model import model_digest
+from fedseal.protocol.model import flatten, model_digest
 from fedseal.protocol.records import SETUP_RECORD
 from fedseal.sim.inmemory import dataset_root_for, deterministic_key
 from tests.audit.logbuilder import masked_input_payload
@@ -232,6 +232,25 @@ def trained(monkeypatch: pytest.MonkeyPatch) -> Trainings:
 # -- messages ---------------------------------------------------------------------------------
 
 
+def cohort_roster(data: SiteData, members: Mapping[str, ec.EllipticCurvePrivateKey]) -> Roster:
+    """The coordinator's roster of a round: this site with its dataset root, and ``members``."""
+    return Roster(
+        [
+            RosterEntry(
+                site=SITE,
+                public_key=SITE_KEY.public_key(),
+                approved_roots=frozenset({bytes.fromhex(data.root_hex)}),
+            )
+        ]
+        + [
+            RosterEntry(
+                site=s, public_key=k.public_key(), approved_roots=frozenset({dataset_root_for(s)})
+            )
+            for s, k in members.items()
+        ]
+    )
+
+
 def initial_model(data: SiteData) -> dict[str, npt.NDArray[np.float32]]:
     return state_dict_to_numpy(
         build_model("mlp", seed=0, num_features=data.num_features, num_classes=data.num_classes)
@@ -245,11 +264,11 @@ def crafted(
 
 
 def model_flat_of(weights: Mapping[str, npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
-    return np.concatenate([np.asarray(weights[k], np.float32).ravel() for k in sorted(weights)])
+    return flatten(weights)
 
 
 def digest_of(weights: Mapping[str, npt.NDArray[np.float32]]) -> bytes:
-    flat = np.concatenate([np.asarray(weights[k], np.float32).ravel() for k in sorted(weights)])
+    flat = flatten(weights)
     return model_digest(flat)
 
 
@@ -333,22 +352,8 @@ def secure_round(
     coordinator stage not to send (e.g. ``"share"``: stop once the keys were shared);
     ``before[stage]`` runs before that stage's messages are sent (another message to the site).
     """
-    flat = np.concatenate([np.asarray(weights[k], np.float32).ravel() for k in sorted(weights)])
-    roster = Roster(
-        [
-            RosterEntry(
-                site=SITE,
-                public_key=SITE_KEY.public_key(),
-                approved_roots=frozenset({bytes.fromhex(data.root_hex)}),
-            )
-        ]
-        + [
-            RosterEntry(
-                site=s, public_key=k.public_key(), approved_roots=frozenset({dataset_root_for(s)})
-            )
-            for s, k in members.items()
-        ]
-    )
+    flat = flatten(weights)
+    roster = cohort_roster(data, members)
     config = round_config or RoundConfig(
         vector_length=flat.size,
         quantization=QuantizationConfig.from_clip(10.0, levels=1 << 10),
