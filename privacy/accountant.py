@@ -130,7 +130,7 @@ class RoundShape:
     Attributes:
         clip: L2 clip ``c`` of one site's update, model units.
         granularity: ``γ``, the model-unit size of one integer step (the scale is 1/γ).
-        dimension: ``d``, the padded dimension (the Hadamard transform's power of two).
+        dimension: ``d``, the padded length (the noised coordinates; a multiple of the Hadamard block).
         honest_sites: ``n``, the guaranteed minimum of honest surviving sites whose noise
             shares are in the sum (docs/dp.md: min_survivors minus the colluders the
             coordinator may hold). More survivors only add noise, so this is a lower bound.

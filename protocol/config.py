@@ -359,12 +359,13 @@ def validate_parameters(params: RoundParameters, cohort_size: int, limits: Limit
 
 def _validate_dp_shape(params: RoundParameters, dp: DpParams, limits: Limits) -> None:
     """The DP parameters fit the round's vector, modulus and survivor count."""
-    from .dp import padded_dimension
+    from .dp import rotation_shape
 
-    if dp.dimension != padded_dimension(params.vector_length):
+    shape = rotation_shape(params.vector_length)
+    if (dp.dimension, dp.block) != shape:
         raise ConfigError(
-            f"dp.dimension {dp.dimension} is not the padded dimension "
-            f"{padded_dimension(params.vector_length)} of vector_length {params.vector_length}"
+            f"dp.dimension {dp.dimension} in blocks of {dp.block} is not the rotation shape "
+            f"{shape[0]} in blocks of {shape[1]} of vector_length {params.vector_length}"
         )
     if dp.dimension > limits.max_vector_length:
         raise ConfigError(

@@ -24,6 +24,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import json
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -114,9 +115,12 @@ def write_server_toml(
         f"audit_port = {audit_port}",
         "",
         "[run]",
-        *(f"{k} = {val(v)}" for k, v in run.items()),
+        *(f"{k} = {val(v)}" for k, v in run.items() if not isinstance(v, Mapping)),
         "",
     ]
+    for name, table in run.items():  # [run.strategy_options]: a sub-table, after [run]'s keys
+        if isinstance(table, Mapping) and table:
+            lines += [f"[run.{name}]", *(f"{k} = {val(v)}" for k, v in table.items()), ""]
     if consortium is not None:
         roster, authority = consortium
         lines += [

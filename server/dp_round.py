@@ -18,8 +18,8 @@ Per round (KLS21 = Kairouz, Liu & Steinke, ICML 2021; TFF ``DistributedDpSumFact
 * γ (``granularity``): given, or the finest grid whose noisy sum of the whole cohort fits
   ``modulus_bits`` with wrap probability <= 2^-40 (:func:`fedseal.protocol.dp.bits_needed`,
   the sub-Gaussian bound KLS21 §4.2 / TFF's ``_heuristic_scale_factor`` use): with
-  ``c' = c/γ`` the sum's per-coordinate variance proxy is ``c'² (n²/d + n z²/n_h)``, so
-  ``c' = 0.9 (2^(b-1) - n) / sqrt(2 ln(2d/p) (n²/d + n z²/n_h))``, capped at 2^26 (finer
+  ``c' = c/γ`` the sum's per-coordinate variance proxy is ``c'² (n²/B + n z²/n_h)``, so
+  ``c' = 0.9 (2^(b-1) - n) / sqrt(2 ln(2d/p) (n²/B + n z²/n_h))``, capped at 2^26 (finer
   grids gain nothing: the rounding inflation is already ~1e-8), then checked with
   ``bits_needed`` and coarsened by 2 until it fits.
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fedseal.protocol.config import DEFAULT_COLLUDING_FRACTION
-from fedseal.protocol.dp import DpParams, bits_needed, padded_dimension
+from fedseal.protocol.dp import DpParams, bits_needed, rotation_shape
 from fedseal.protocol.errors import ConfigError
 from fedseal.protocol.params import colluders
 from fedseal.server.config import DpSection
@@ -106,7 +106,7 @@ class DpPlan:
         from fedseal.privacy import RoundShape, noise_for_target
 
         s = self.section
-        dimension = padded_dimension(length)
+        dimension, block = rotation_shape(length)
         try:
             colluding = colluders(cohort, self.colluding_fraction)
         except ValueError as exc:
@@ -128,7 +128,7 @@ class DpPlan:
             shape = RoundShape(s.clip, gamma, dimension, honest, s.beta)
             sigma = noise_for_target(self.budget, self.rounds, shape).local_stddev
             return DpParams(
-                dimension, s.clip, gamma, sigma, s.beta, s.modulus_bits, min_survivors, colluding
+                dimension, s.clip, gamma, sigma, s.beta, s.modulus_bits, min_survivors, colluding, block
             )
 
         if s.granularity is not None:
@@ -137,7 +137,7 @@ class DpPlan:
         if z is None:  # the central multiplier the derived noise amounts to
             reference = make(s.clip / _REFERENCE_SCALE)
             z = math.sqrt(honest) * reference.local_stddev * reference.gamma / s.clip
-        dp = make(s.clip / self._scaled_clip(z, dimension, cohort, honest))
+        dp = make(s.clip / self._scaled_clip(z, dimension, block, cohort, honest))
         for _ in range(_COARSEN_STEPS):
             if bits_needed(dp, cohort, WRAP_PROBABILITY) <= s.modulus_bits:
                 return dp
@@ -147,9 +147,9 @@ class DpPlan:
             "bits: use dp.modulus_bits = 64 or less noise"
         )
 
-    def _scaled_clip(self, z: float, dimension: int, cohort: int, honest: int) -> float:
+    def _scaled_clip(self, z: float, dimension: int, block: int, cohort: int, honest: int) -> float:
         n, half = float(cohort), 2.0 ** (self.section.modulus_bits - 1)
-        per_unit = n * n / dimension + n * z * z / honest  # variance proxy per c'^2
+        per_unit = n * n / block + n * z * z / honest  # variance proxy per c'^2
         log_term = math.log(2.0 * dimension / WRAP_PROBABILITY)
         scaled = 0.9 * (half - n) / math.sqrt(2.0 * log_term * per_unit)
         return max(1.0, min(MAX_SCALED_CLIP, scaled))

@@ -561,8 +561,9 @@ class _Federation:
             audit_log = str(self.audit.path)
             self.audit.close()
         final = self.run.checkpoints.model_path(self.state.round)
+        early = {"stopped": self.stop_reason} if self.stop_reason else {}
         self.run.status(
             phase="finished", round=self.state.round, run_id=self.run_id, model=str(final),
-            audit_log=audit_log,
+            audit_log=audit_log, **early,
         )
         print(f"fedseal: finished; final model {final}", flush=True)

@@ -88,15 +88,42 @@ def simulate(
             "for large models.",
         ),
     ] = 8,
+    strategy: Annotated[
+        str, typer.Option(help="The Flower strategy (server.toml [run] strategy): FedAvg, FedAvgM, FedProx, "
+                          "FedAdam, FedAdagrad or FedYogi.")
+    ] = "FedAvg",
+    strategy_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strategy-option", metavar="KEY=NUMBER",
+            help="A keyword argument of the strategy ([run.strategy_options]), e.g. proximal_mu=0.1 "
+            "for FedProx or eta=0.05 for FedAdam; repeat for more.",
+        ),
+    ] = None,
+    dp: Annotated[
+        bool,
+        typer.Option(
+            "--dp",
+            help="Distributed differential privacy (server.toml [dp] with --epsilon, --delta, --clip; "
+            "every site requires DP). The run stops, committed, when the next round would pass the "
+            "budget. Secure rounds only.",
+        ),
+    ] = False,
+    epsilon: Annotated[float, typer.Option(min=0.01, help="--dp: the run's epsilon budget.")] = 8.0,
+    delta: Annotated[float, typer.Option(min=1e-15, max=0.1, help="--dp: the run's delta.")] = 1e-5,
+    clip: Annotated[float, typer.Option(min=1e-9, help="--dp: each site's L2 clip of its update.")] = 1.0,
 ) -> None:
     """The same ServerApp and ClientApp on Flower's simulation engine, N virtual sites over split
     MNIST-5k; prints accuracy per round and verifies the audit log (secure runs).
 
-    Exit codes: 0 every round committed (and the audit log verifies); 1 a round failed, the
-    run failed or the log does not verify; 2 bad arguments.
+    Exit codes: 0 every round committed, or a --dp run stopped at its budget (and the audit log
+    verifies); 1 a round failed, the run failed or the log does not verify; 2 bad arguments.
     """
     from fedseal.sim.simulate import run_simulate_command
 
+    if dp and not secure:
+        raise usage_error("--dp: distributed DP adds its noise inside the secure sum (drop --plain)")
+    options = _strategy_options(strategy_option or [])
     if secure and sites < 3:
         raise usage_error("--sites: a secure round needs at least 3 sites (with 2, each site could tell "
                     "the other's update from the sum; sites refuse smaller cohorts)")
@@ -104,9 +131,23 @@ def simulate(
         run_simulate_command(
             sites=sites, rounds=rounds, scheme=scheme, alpha=alpha, seed=seed, model=model,
             secure=secure, workdir=workdir, echo=lambda s: console.print(s, markup=False, highlight=False),
-            actors=actors, batch=batch,
+            actors=actors, batch=batch, strategy=strategy, strategy_options=options,
+            dp={"epsilon": epsilon, "delta": delta, "clip": clip} if dp else None,
         )
     )
+
+
+def _strategy_options(pairs: list[str]) -> dict[str, float]:
+    options: dict[str, float] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            options[key.strip()] = float(value)
+        except ValueError:
+            raise usage_error(f"--strategy-option {pair!r}: expected KEY=NUMBER, e.g. proximal_mu=0.1") from None
+    return options
 
 
 def main() -> None:

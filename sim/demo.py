@@ -150,10 +150,12 @@ def prepare_federation(
     fleet_port: int | None = None,
     internal_port: int | None = None,
     dp: Mapping[str, object] | None = None,
+    dp_site_budget: float = 0.0,
 ) -> Federation:
     """Split MNIST-5k over ``num_sites``, create keys, the coordinator, enroll every site.
     ``dp``: a ``[dp]`` section for ``server.toml`` (its keys and values; ``enabled`` is set),
-    and every site then requires DP with ``[privacy] epsilon_budget`` :data:`DEMO_SITE_BUDGET`.
+    and every site then requires DP with ``[privacy] epsilon_budget`` ``dp_site_budget`` (0:
+    :data:`DEMO_SITE_BUDGET`, or 1.25 times the run's ε when that is more).
 
     Idempotent for an existing ``workdir`` (data, keys and enrolment are reused; ports and
     ``server.toml`` are rewritten).
@@ -223,13 +225,20 @@ def prepare_federation(
             dataset=Path(site["dir"]).resolve(), root=site["root"], runtime_port=free_port(),
             audit_address=f"localhost:{audit_port}" if audit_port else None,
             roster=consortium_roster, authority=authority, allow_plain=not secure,
-            dp_budget=DEMO_SITE_BUDGET if dp is not None else None,
+            dp_budget=_site_budget(dp, dp_site_budget) if dp is not None else None,
         )
         site_dirs.append(sdir)
     roster.save(cfg.coordinator.roster)
     return Federation(
         workdir, coord / "server.toml", ca, fleet_port, internal_port, tuple(site_dirs), audit_port
     )
+
+
+def _site_budget(dp: Mapping[str, object], given: float) -> float:
+    if given > 0:
+        return given
+    epsilon = dp.get("epsilon", 0.0)
+    return max(DEMO_SITE_BUDGET, 1.25 * float(epsilon) if isinstance(epsilon, int | float) else 0.0)
 
 
 def set_allow_plain(site_dirs: tuple[Path, ...] | list[Path], allow: bool) -> None:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedseal.server.dp_round import BUDGET_REACHED
 from fedseal.server.rundir import NODES_FILE, ROUNDS_FILE, STATUS_FILE
 from fedseal.sim.demo import Federation, prepare_federation
 from fedseal.sim.engine import DEFAULT_BATCH, MAX_ACTORS, MAX_BATCH, run_apps_on_engine
@@ -89,12 +90,17 @@ def prepare_simulation(
     alpha: float = 0.5,
     seed: int = 1,
     run_overrides: Mapping[str, object] | None = None,
+    dp: Mapping[str, object] | None = None,
+    dp_site_budget: float = 0.0,
 ) -> Federation:
     """Split MNIST-5k over ``sites`` virtual sites and prepare keys, coordinator and roster.
 
     The split is ``fl-client data split mnist-5k`` (IID or Dirichlet(alpha) over labels, seeded);
     everything else is :func:`fedseal.sim.demo.prepare_federation`, as for the demo. An
-    existing ``workdir`` with the same number of sites is reused (data, keys, enrolment).
+    existing ``workdir`` with the same number of sites is reused (data, keys, enrolment; each
+    site's privacy ledger too, so DP runs in one workdir spend the same site budgets). ``dp``:
+    ``server.toml [dp]`` (every site then requires DP, with ``[privacy] epsilon_budget``
+    ``dp_site_budget``, see :func:`~fedseal.sim.demo.prepare_federation`).
 
     Raises:
         SimulationError: Bad arguments, or the split or another preparation step failed.
@@ -128,7 +134,9 @@ def prepare_simulation(
     overrides: dict[str, object] = {"seed": seed, "sites_wait_timeout_s": 120.0, "min_sites": 2}
     overrides |= dict(run_overrides or {})
     try:
-        return prepare_federation(workdir, num_sites=sites, run_overrides=overrides)
+        return prepare_federation(
+            workdir, num_sites=sites, run_overrides=overrides, dp=dp, dp_site_budget=dp_site_budget
+        )
     except DeployError as exc:
         raise SimulationError("prepare federation", str(exc)) from exc
 
@@ -220,19 +228,34 @@ def run_simulate_command(
     echo: Callable[[str], None],
     actors: int = 1,
     batch: int = DEFAULT_BATCH,
+    strategy: str = "FedAvg",
+    strategy_options: Mapping[str, float] | None = None,
+    dp: Mapping[str, object] | None = None,
 ) -> int:
     """``fl-server simulate``: prepare, run, print accuracy per round, verify the audit log.
 
-    Returns the exit code: 0 when every round committed (and, when secure, the audit log
-    verifies), 1 otherwise, 2 for bad arguments. ``actors``: Ray actors running the sites
-    (each site pinned to one), ``batch``: messages per Ray call to an actor at most (see
-    :func:`run_apps_on_engine`).
+    Returns the exit code: 0 when every round committed, or, with ``dp``, the run stopped
+    committed at its privacy budget (and, when secure, the audit log verifies), 1 otherwise,
+    2 for bad arguments. ``actors``: Ray actors running the sites (each site pinned to one),
+    ``batch``: messages per Ray call to an actor at most (see :func:`run_apps_on_engine`);
+    ``strategy``/``strategy_options``: ``server.toml [run] strategy`` and
+    ``[run.strategy_options]``; ``dp``: ``server.toml [dp]`` (secure runs only).
     """
     if not 1 <= actors <= MAX_ACTORS:
         echo(f"error: --actors must be in [1, {MAX_ACTORS}], got {actors}")
         return 2
     if not 1 <= batch <= MAX_BATCH:
         echo(f"error: --batch must be in [1, {MAX_BATCH}], got {batch}")
+        return 2
+    if dp is not None and not secure:
+        echo("error: --dp: distributed DP adds its noise inside the secure sum (drop --plain)")
+        return 2
+    from fedseal.server.strategies import StrategyError, check_strategy
+
+    try:
+        check_strategy(strategy)
+    except StrategyError as exc:
+        echo(f"error: --strategy: {exc}")
         return 2
     import tempfile
 
@@ -245,12 +268,18 @@ def run_simulate_command(
     echo(
         f"fedseal simulate: {sites} virtual sites, MNIST-5k split {scheme}"
         f"{f' alpha={alpha}' if scheme == 'dirichlet' else ''} seed {seed}, model {model}, "
-        f"{rounds} {'secure' if secure else 'PLAIN (updates in the clear)'} rounds, in {workdir}"
+        f"{rounds} {'secure' if secure else 'PLAIN (updates in the clear)'} rounds, strategy {strategy}"
+        + (f", distributed DP epsilon {dp.get('epsilon')} at delta {dp.get('delta')}" if dp else "")
+        + f", in {workdir}"
     )
     try:
         fed = prepare_simulation(
             workdir, sites=sites, scheme=scheme, alpha=alpha, seed=seed,
-            run_overrides={"rounds": rounds, "secure": secure, "model": model, "stage_timeout_s": 300.0},
+            run_overrides={
+                "rounds": rounds, "secure": secure, "model": model, "stage_timeout_s": 300.0,
+                "strategy": strategy, "strategy_options": dict(strategy_options or {}),
+            },
+            dp=dp,
         )
     except SimulationError as exc:
         echo(f"error: {exc}")
@@ -263,8 +292,15 @@ def run_simulate_command(
     committed = [r for r in outcome.rounds if r.get("outcome") == "committed"]
     accs = ", ".join(f"{float(r['accuracy']):.4f}" for r in committed if "accuracy" in r)
     echo(f"{len(committed)}/{rounds} rounds committed in {outcome.seconds:.1f}s; accuracy per round: {accs}")
+    budget_stop = dp is not None and bool(committed) and str(outcome.status.get("stopped", "")).startswith(BUDGET_REACHED)
+    if dp is not None:
+        eps = ", ".join(f"{float(r['dp_epsilon']):.3g}" for r in committed if "dp_epsilon" in r)
+        echo(
+            f"distributed DP: epsilon after each round {eps or 'none'} (delta {dp.get('delta')}, run budget "
+            f"{dp.get('epsilon')})" + ("; the run stopped at its privacy budget" if budget_stop else "")
+        )
     echo(f"final model: {outcome.model}")
-    ok = len(committed) == rounds
+    ok = len(committed) == rounds or budget_stop
     if secure:
         if outcome.audit_log is None:
             echo("error: no audit log was written (see coordinator/state/serverapp.log)")

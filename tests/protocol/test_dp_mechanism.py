@@ -121,37 +121,52 @@ def test_rotation_is_orthogonal_and_inverts(
 ) -> None:
     words = dg.PrgNoise(bytes(28) + data.to_bytes(4, "big")).words(length)
     x = (words.astype(np.float64) / 2.0**64 - 0.5) * scale
-    d = dp.padded_dimension(length)
-    y = dp.rotate(x, seed, d)
+    d, block = dp.rotation_shape(length)
+    y = dp.rotate(x, seed, d, block)
     assert y.shape == (d,)
     norm = float(np.linalg.norm(x))
     assert math.isclose(float(np.linalg.norm(y)), norm, rel_tol=1e-12, abs_tol=1e-300)
-    back = dp.unrotate(y, seed, length)
+    back = dp.unrotate(y, seed, length, block)
     assert np.allclose(back, x, rtol=0, atol=1e-12 * max(norm, 1e-300))
 
 
-@pytest.mark.parametrize("d", [1, 2, 8, 64])
-def test_rotation_is_the_randomized_hadamard_matrix(d: int) -> None:
-    matrix = np.stack([dp.rotate(np.eye(d)[i], ROTATION_SEED, d) for i in range(d)], axis=1)
-    signs = matrix[0] * math.sqrt(d)  # the first row of H is all ones: it reads D
+@pytest.mark.parametrize(("d", "block"), [(1, 1), (2, 2), (8, 8), (64, 64), (64, 16), (24, 8), (12, 1)])
+def test_rotation_is_the_randomized_block_hadamard_matrix(d: int, block: int) -> None:
+    matrix = np.stack([dp.rotate(np.eye(d)[i], ROTATION_SEED, d, block) for i in range(d)], axis=1)
+    # Block-diagonal: block k's rows start with an all-ones row of H_B, which reads D there.
+    signs = np.concatenate([matrix[k, k : k + block] for k in range(0, d, block)]) * math.sqrt(block)
     assert set(np.round(signs).tolist()) <= {-1.0, 1.0}
-    assert np.allclose(matrix, _hadamard(d) @ np.diag(signs) / math.sqrt(d), atol=1e-14)
+    expected = np.kron(np.eye(d // block), _hadamard(block)) @ np.diag(signs) / math.sqrt(block)
+    assert np.allclose(matrix, expected, atol=1e-14)
     assert np.allclose(matrix.T @ matrix, np.eye(d), atol=1e-13)
-    if d >= 64:  # the signs depend on the seed
-        assert not np.allclose(dp.rotate(np.eye(d)[0], bytes(32), d), matrix[:, 0])
+    if block >= 16:  # the signs depend on the seed
+        assert not np.allclose(dp.rotate(np.eye(d)[0], bytes(32), d, block), matrix[:, 0])
+    # The signs are the same whatever the block: one D for the whole padded vector.
+    whole = np.stack([dp.rotate(np.eye(d)[i], ROTATION_SEED, d, 1) for i in range(d)], axis=1)
+    assert np.array_equal(np.diag(whole), signs)
 
 
-def test_padded_dimension_is_the_next_power_of_two() -> None:
-    assert [dp.padded_dimension(n) for n in (1, 2, 3, 4, 5, 1000, 1024, 1025)] == [
-        1,
-        2,
-        4,
-        4,
-        8,
-        1024,
-        1024,
-        2048,
-    ]
+def test_the_rotation_shape_of_known_lengths() -> None:
+    shapes = {n: dp.rotation_shape(n) for n in (1, 5, 1000, 1025, 109_386, 1 << 20, (1 << 20) + 1)}
+    assert shapes == {
+        1: (1, 1),
+        5: (8, 8),
+        1000: (1024, 1024),  # below MIN_BLOCK: one block, KLS's padding
+        1025: (2048, 1024),
+        109_386: (110_592, 4096),  # fedseal's MNIST MLP: 27 blocks, 1.1% padding (not 1.20x)
+        1 << 20: (1 << 20, 1 << 20),
+        (1 << 20) + 1: (65 << 14, 1 << 14),
+    }
+
+
+@given(st.integers(1, 1 << 30))
+def test_the_rotation_shape_pads_little_with_the_largest_block_that_does(length: int) -> None:
+    d, block = dp.rotation_shape(length)
+    assert block & (block - 1) == 0 and d % block == 0 and length <= d < length + block
+    padding_ok = d - length <= length / dp.PADDING_FRACTION
+    assert padding_ok or block == min(dp.MIN_BLOCK, 1 << (length - 1).bit_length())
+    if 2 * block <= 1 << (length - 1).bit_length():  # the next larger block pads too much
+        assert -(-length // (2 * block)) * 2 * block - length > length / dp.PADDING_FRACTION
 
 
 def test_clip_scales_only_long_updates() -> None:
@@ -238,9 +253,10 @@ def test_rounding_gives_up_after_max_tries_with_a_clear_error() -> None:
 # ------------------------------------------------------------------- encode / sum / decode
 
 
-def _params(bits: int, d: int = 512, sigma: float = 40.0) -> dp.DpParams:
+def _params(bits: int, d: int = 512, sigma: float = 40.0, block: int = 0) -> dp.DpParams:
     return dp.DpParams(
         d,
+        block=block,
         clip=1.0,
         gamma=1e-3,
         local_stddev=sigma,
@@ -258,10 +274,10 @@ def _updates(sites: int, length: int) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("bits", [32, 64])
-def test_decoded_modular_sum_is_the_clipped_sum_plus_rounding_and_noise(bits: int) -> None:
+@pytest.mark.parametrize(("bits", "block"), [(32, 0), (64, 0), (32, 128)])
+def test_decoded_modular_sum_is_the_clipped_sum_plus_rounding_and_noise(bits: int, block: int) -> None:
     sites, length = 5, 300
-    params = _params(bits)
+    params = _params(bits, d=384, block=block) if block else _params(bits)
     assert dp.wrap_probability(params, sites) < 1e-9
     xs = _updates(sites, length)
     total = np.zeros(params.dimension, dtype=np.uint32 if bits == 32 else np.uint64)
@@ -279,7 +295,7 @@ def test_decoded_modular_sum_is_the_clipped_sum_plus_rounding_and_noise(bits: in
         integer_sum += values
         # The same pipeline step by step, drawing from the same source in the same order.
         clipped, _ = dp.clip_l2(x, params.clip)
-        z = dp.rotate(clipped, ROTATION_SEED, params.dimension) / params.gamma
+        z = dp.rotate(clipped, ROTATION_SEED, params.dimension, params.block) / params.gamma
         src = _seeded(seed)
         r, _ = dp.conditional_round(z, params.norm_bound_sq, src)
         noise = dg.sample_discrete_gaussian(params.local_stddev, params.dimension, src)
@@ -292,8 +308,8 @@ def test_decoded_modular_sum_is_the_clipped_sum_plus_rounding_and_noise(bits: in
     assert np.array_equal(decoded, dp.decode_integers(integer_sum, params, ROTATION_SEED, length))
     # decoded = sum of clipped updates + gamma U^T (rounding errors + noise).
     gamma = params.gamma
-    rounding_part = dp.unrotate(gamma * rounding_error, ROTATION_SEED, length)
-    noise_part = dp.unrotate(gamma * noise_sum.astype(np.float64), ROTATION_SEED, length)
+    rounding_part = dp.unrotate(gamma * rounding_error, ROTATION_SEED, length, params.block)
+    noise_part = dp.unrotate(gamma * noise_sum.astype(np.float64), ROTATION_SEED, length, params.block)
     assert np.allclose(decoded, clipped_sum + rounding_part + noise_part, rtol=0, atol=1e-12)
     assert np.linalg.norm(rounding_error) <= sites * math.sqrt(params.dimension)
     # The noise is the sum of the sites' shares: variance about n sigma^2 per coordinate.
@@ -345,7 +361,8 @@ def test_no_call_of_numpys_global_generators(monkeypatch: pytest.MonkeyPatch) ->
 
 def _valid_params() -> st.SearchStrategy[dp.DpParams]:
     def build(
-        log_d: int,
+        log_b: int,
+        blocks: int,
         clip: float,
         ratio: float,
         sigma: float,
@@ -354,13 +371,15 @@ def _valid_params() -> st.SearchStrategy[dp.DpParams]:
         survivors: int,
         colluding: int,
     ) -> dp.DpParams:
+        blocks = max(1, min(blocks, (1 << 30) >> log_b))
         return dp.DpParams(
-            1 << log_d, clip, clip / ratio, sigma, beta, bits, survivors, colluding % survivors
+            blocks << log_b, clip, clip / ratio, sigma, beta, bits, survivors, colluding % survivors, 1 << log_b
         )
 
     return st.builds(
         build,
         st.integers(0, 30),
+        st.one_of(st.just(1), st.integers(2, 1 << 20)),
         st.floats(1e-6, 1e6),
         st.floats(1e-3, 1e4),
         st.floats(0, 2.0**40),
@@ -399,15 +418,29 @@ def test_params_decoding_is_strict() -> None:
         _with(data, floats + 16, struct.pack(">d", -0.0)),  # -0.0 would be a 2nd zero
         _with(data, floats + 24, struct.pack(">d", 1.0)),  # beta = 1
     ]
+    blocked = _params(32, d=3 * 512, block=512).to_bytes()
+    assert blocked[tag] == dp.MECHANISM_DDG_BLOCK_HADAMARD
+    bad += [blocked[:cut] for cut in range(len(blocked))] + [blocked + b"\0"]
+    bad += [
+        _with(data, tag, b"\x03"),  # mechanism
+        _with(blocked, tag + 3, struct.pack(">I", 1)),  # one block must be mechanism 1
+        _with(blocked, tag + 3, struct.pack(">I", 0)),  # no block
+        _with(blocked, tag + 2, b"\x1e"),  # 2^30 x 3 blocks
+    ]
     for blob in bad:
         with pytest.raises(DecodeError):
             dp.DpParams.from_bytes(blob)
+    # One block keeps the original (mechanism 1) bytes: a log written before blocks reads the same.
+    assert data[tag] == dp.MECHANISM_DDG_HADAMARD and len(blocked) == len(data) + 4
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         (lambda k: k.update(dimension=48), "power of two"),
+        (lambda k: k.update(block=48), "power of two"),
+        (lambda k: k.update(block=128), "dividing"),
+        (lambda k: k.update(dimension=96, block=64), "dividing"),
         (lambda k: k.update(clip=0.0), "clip"),
         (lambda k: k.update(gamma=math.inf), "gamma"),
         (lambda k: k.update(local_stddev=-1.0), "local_stddev"),

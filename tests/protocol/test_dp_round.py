@@ -456,3 +456,14 @@ def test_the_coordinator_raises_an_automatic_min_survivors_to_the_dp_one() -> No
 def test_site_policy_rejects_a_bad_noise_floor(value: object) -> None:
     with pytest.raises(ConfigError, match="min_noise_multiplier"):
         SitePolicy(min_noise_multiplier=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("dimension", "block"), [(2048, 2048), (2048, 1 << 6), (4096, 4096)])
+def test_a_site_refuses_a_rotation_shape_other_than_its_own(dimension: int, block: int) -> None:
+    # 2,000 values rotate in 2 blocks of 1,024 (rotation_shape); a coordinator that signs one
+    # block (or tiny ones, or more padding) changes the wrap bound the site checked: refused.
+    assert dp.rotation_shape(2000) == (2048, 1024)
+    fed, _ = dp_fed(dp_config(length=2000), behaviour=SwapDp(dimension=dimension, block=block))
+    outcome = fed.run_round(1)
+    assert outcome.result is None and set(outcome.client_errors) == set(fed.sites)
+    assert all("rotation shape" in str(e) for e in outcome.client_errors.values())

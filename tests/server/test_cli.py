@@ -81,3 +81,23 @@ def test_the_simulate_library_entry_point_refuses_a_batch_size_out_of_range(tmp_
         workdir=tmp_path / "lib", echo=said.append, batch=0,
     )
     assert code == 2 and "--batch" in said[0] and not (tmp_path / "lib").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--strategy-option", "mu"], "KEY=NUMBER"),
+        (["--strategy-option", "proximal_mu=a lot"], "KEY=NUMBER"),
+        (["--strategy-option", "=1"], "KEY=NUMBER"),
+        (["--dp", "--plain"], "inside the secure sum"),
+        (["--strategy", "Krum"], "individual"),
+        (["--strategy", "FedNova"], "unknown strategy"),
+    ],
+)
+def test_simulate_refuses_bad_strategy_options_and_dp_without_secure_rounds(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    out = runner.invoke(app, ["simulate", "--sites", "3", *args, "--workdir", str(tmp_path / "w")])
+    assert out.exit_code == 2, out.output
+    assert said in " ".join(out.output.split())
+    assert not (tmp_path / "w").exists()  # refused before preparing anything

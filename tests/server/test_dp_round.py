@@ -18,7 +18,7 @@ from fedseal.audit.store import MerkleLogStore
 from fedseal.crypto.keys import load_private_key
 from fedseal.privacy import epsilon
 from fedseal.protocol.config import RoundConfig
-from fedseal.protocol.dp import bits_needed, padded_dimension
+from fedseal.protocol.dp import bits_needed, rotation_shape
 from fedseal.protocol.errors import ConfigError
 from fedseal.server.config import DpSection, load_server_config
 from fedseal.server.dp_round import BUDGET_REACHED, DpPlan, round_rho_of
@@ -33,13 +33,13 @@ def _plan(rounds: int = 10, **changes: Any) -> DpPlan:
 
 
 @pytest.mark.parametrize("bits", [32, 64])
-@pytest.mark.parametrize(("length", "cohort", "survivors"), [(12, 3, 2), (1000, 10, 7), (5000, 50, 34)])
+@pytest.mark.parametrize(("length", "cohort", "survivors"), [(12, 3, 2), (1000, 10, 7), (5000, 50, 34), (109_386, 10, 7)])
 def test_derived_noise_spends_the_budget_over_the_planned_rounds_and_the_sum_fits(
     length: int, cohort: int, survivors: int, bits: int
 ) -> None:
     plan = _plan(modulus_bits=bits)
     dp = plan.params(length=length, cohort=cohort, min_survivors=survivors)
-    assert dp.dimension == padded_dimension(length) and dp.modulus_bits == bits
+    assert (dp.dimension, dp.block) == rotation_shape(length) and dp.modulus_bits == bits
     assert dp.min_survivors == survivors and dp.colluding_sites == math.floor(cohort / 3)
     rho = round_rho_of(dp)
     assert epsilon([rho] * 10, DELTA) <= 4.0 < epsilon([rho] * 11, DELTA)

@@ -13,6 +13,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from typer.testing import CliRunner
 
+from fedseal.server.config import load_server_config
 from fedseal.sim.commands import app as cli_app
 from fedseal.sim.engine import default_backend_config
 from fedseal.sim.errors import SimulationError
@@ -264,3 +265,29 @@ def test_the_shared_checks_setting_accepts_0_or_1_and_names_anything_else(monkey
     monkeypatch.setenv("FEDSEAL_SIM_SHARE_VERIFIED", "false")
     with pytest.raises(SimulationError, match="FEDSEAL_SIM_SHARE_VERIFIED must be 0 or 1, got 'false'"):
         SimulatedSites(("/nonexistent/site-0",))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(sys.platform != "linux", reason="Ray backend, Linux only here")
+def test_a_dp_simulation_with_a_server_optimiser_spends_its_budget_and_its_log_verifies(tmp_path: Path) -> None:
+    from fedseal.sim.simulate import run_simulate_command
+
+    said: list[str] = []
+    code = run_simulate_command(
+        sites=3, rounds=2, scheme="iid", alpha=0.5, seed=2, model="mlp", secure=True,
+        workdir=tmp_path / "sim", echo=said.append, strategy="FedAdam", strategy_options={"eta": 0.01},
+        dp={"epsilon": 6.0, "delta": 1e-5, "clip": 1.0},
+    )  # fmt: skip
+    text = "\n".join(said)
+    assert code == 0, text
+    assert "strategy FedAdam, distributed DP epsilon 6.0 at delta 1e-05" in text
+    assert "2/2 rounds committed" in text and "verifies" in text
+    eps = [float(e) for e in text.split("epsilon after each round ")[1].split(" (")[0].split(", ")]
+    assert len(eps) == 2 and eps[0] < eps[1] <= 6.0 and eps[1] > 5.5  # derived noise spends it
+    server_toml = (tmp_path / "sim" / "coordinator" / "server.toml").read_text()
+    assert 'strategy = "FedAdam"' in server_toml and "[dp]" in server_toml
+    assert load_server_config(tmp_path / "sim" / "coordinator" / "server.toml").run.strategy_options == {"eta": 0.01}
+    # Every site required DP and charged its own ledger for both rounds.
+    for site in sorted((tmp_path / "sim" / "sites").iterdir()):
+        assert 'dp = "required"' in (site / "client.toml").read_text()
