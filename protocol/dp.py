@@ -89,6 +89,7 @@ __all__ = [
     "centered",
     "clip_l2",
     "conditional_round",
+    "coordinate_reach",
     "decode",
     "decode_integers",
     "encode",
@@ -96,6 +97,7 @@ __all__ = [
     "rotate",
     "rotation_seed_for",
     "rotation_shape",
+    "sum_norm_bound",
     "unrotate",
     "wrap",
     "wrap_probability",
@@ -614,11 +616,39 @@ def wrap_probability(params: DpParams, sites: int, modulus_bits: int | None = No
     return min(1.0, 2.0 * params.dimension * math.exp(exponent))
 
 
-def bits_needed(params: DpParams, sites: int, failure_probability: float = 2.0**-40) -> int:
-    """Least ``b`` whose :func:`wrap_probability` bound is ``<= failure_probability``
-    (may exceed 64: then no supported modulus suffices; choose a coarser ``gamma``)."""
+def coordinate_reach(params: DpParams, sites: int, failure_probability: float = 2.0**-40) -> float:
+    """A bound every coordinate of the centred sum of ``sites`` honest encodings stays within,
+    except with probability ``<= failure_probability``: ``n + sqrt(2 v ln(2d/p))`` (the union
+    bound of :func:`wrap_probability`)."""
     if not 0.0 < failure_probability < 1.0:
         raise ValueError("failure_probability must be in (0, 1)")
     log_term = math.log(2.0 * params.dimension / failure_probability)
-    reach = sites + math.sqrt(2.0 * _proxy(params, sites) * log_term)
+    return sites + math.sqrt(2.0 * _proxy(params, sites) * log_term)
+
+
+def bits_needed(params: DpParams, sites: int, failure_probability: float = 2.0**-40) -> int:
+    """Least ``b`` whose :func:`wrap_probability` bound is ``<= failure_probability``
+    (may exceed 64: then no supported modulus suffices; choose a coarser ``gamma``)."""
+    reach = coordinate_reach(params, sites, failure_probability)
     return max(2, math.ceil(math.log2(reach)) + 1)  # 2^(b-1) >= reach
+
+
+def sum_norm_bound(params: DpParams, sites: int, failure_probability: float = 2.0**-40) -> float:
+    """A bound on the L2 norm of the centred sum of ``sites`` honest encodings, exceeded with
+    probability ``<= failure_probability``: ``n Delta + sqrt(n sigma^2 (d + 2 sqrt(d t) + 2t))``,
+    ``t = ln(1/p)``.
+
+    Each rounded vector has ``||r_i|| <= Delta`` exactly (conditional rounding); the sum of
+    the ``n`` noise shares has independent coordinates, each ``n sigma^2``-sub-Gaussian (CKS
+    2020 Cor. 9: ``N_Z(0, sigma^2)`` is ``sigma^2``-sub-Gaussian), so Hsu, Kakade & Zhang
+    2012 (Thm. 1) bound its squared norm by ``n sigma^2 (d + 2 sqrt(d t) + 2t)`` except with
+    probability ``e^-t``. Unlike :func:`coordinate_reach` it needs no assumption on the
+    updates.
+    """
+    if not 0.0 < failure_probability < 1.0:
+        raise ValueError("failure_probability must be in (0, 1)")
+    if not 1 <= sites <= MAX_SITES:
+        raise ValueError(f"sites must be in 1..2^20, got {sites}")
+    t, d = math.log(1.0 / failure_probability), float(params.dimension)
+    noise_sq = sites * params.local_stddev**2 * (d + 2.0 * math.sqrt(d * t) + 2.0 * t)
+    return sites * params.norm_bound + math.sqrt(noise_sq)

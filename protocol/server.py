@@ -86,8 +86,12 @@ is unweighted: a weight would multiply the sensitivity); the unmasked sum is dec
 :func:`fedseal.protocol.dp.decode` (centre, rescale by gamma, un-rotate, unpad), so
 ``weighted_sum`` is the noisy sum of the clipped updates, ``total_weight`` the survivor count
 and ``weighted_mean`` the unweighted noisy mean; ``RoundResult.dp`` names the parameters.
-There is no range check: the noise is unbounded, and a wrap (probability <= 2^-40 for the
-parameters sites accept) garbles the result without touching privacy.
+Its range check (:func:`check_dp_aggregate`) allows what honest encodings reach except with
+probability <= 2^-40 each: every element within :func:`fedseal.protocol.dp.coordinate_reach` and
+the sum's L2 norm within :func:`fedseal.protocol.dp.sum_norm_bound` (n Delta plus a tail bound of
+the noise's norm). It catches an input that wraps the field or was not clipped and rounded as
+the setup says, and bounds what any input can add to the sum; it cannot tell which input. The
+coordinator has seen the (noisy) sum when it fails: the round is abandoned, its privacy spent.
 Otherwise the round fails (``FAILED``, no result: nothing is applied) with the count of
 offending elements and the worst one. The check is vectorised: a min and a max reduction per
 chunk of :data:`~fedseal.protocol.quantize.CHUNK` elements over a signed view of the sum (no
@@ -110,6 +114,7 @@ import dataclasses
 import enum
 import hashlib
 import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -125,7 +130,9 @@ from fedseal.crypto.signing import verify
 
 from .config import RoundConfig, RoundParameters, consistency_quorum
 from .dp import DpParams, rotation_seed_for
+from .dp import coordinate_reach as dp_coordinate_reach
 from .dp import decode as dp_decode
+from .dp import sum_norm_bound as dp_sum_norm_bound
 from .envelope import Envelope, OpenedMessage, open_envelope, seal
 from .errors import (
     AggregateOutOfRangeError,
@@ -195,6 +202,7 @@ __all__ = [
     "StreamingSum",
     "VerifiedSubmission",
     "check_aggregate_range",
+    "check_dp_aggregate",
 ]
 
 MAX_RECONSTRUCTION_ATTEMPTS = 2048
@@ -1147,7 +1155,8 @@ class SecAggServer:
         add_masks_into(total, masks)
         p, q = self.params, self.params.quantization
         aggregate = total
-        if p.dp is not None:  # unweighted; no range check (module docstring)
+        if p.dp is not None:  # unweighted, its own range check (module docstring)
+            check_dp_aggregate(aggregate, p.dp, len(survivors))
             weights = dict.fromkeys(survivors, 1)
             total_weight = len(survivors)
             weighted_sum = dp_decode(aggregate, p.dp, p.rotation_seed, p.vector_length)
@@ -1268,6 +1277,34 @@ def check_aggregate_range(aggregate: UIntVector, bound: int) -> None:
         count=count,
         worst=worst,
         bound=bound,
+    )
+
+
+def check_dp_aggregate(aggregate: UIntVector, dp: DpParams, sites: int) -> None:
+    """Check a DP round's unmasked sum of ``sites`` encodings against what honest ones reach
+    (module docstring): every element, read as signed, within ``coordinate_reach`` and the L2
+    norm within ``sum_norm_bound``, each failing for honest inputs with probability <= 2^-40.
+
+    Raises:
+        AggregateOutOfRangeError: With the elements beyond the reach, the largest, and the norm.
+    """
+    signed = _signed_view(aggregate)
+    reach = math.floor(dp_coordinate_reach(dp, sites))
+    norm = float(np.linalg.norm(signed.astype(np.float64)))
+    norm_bound = dp_sum_norm_bound(dp, sites)
+    lowest, highest = int(np.min(signed, initial=0)), int(np.max(signed, initial=0))
+    if -reach <= lowest and highest <= reach and norm <= norm_bound:
+        return
+    count = int(np.count_nonzero(signed > reach)) + int(np.count_nonzero(signed < -reach))
+    worst = lowest if -lowest > highest else highest
+    raise AggregateOutOfRangeError(
+        f"DP aggregate out of range: {count} of {signed.shape[0]} elements outside +-{reach}, the "
+        f"largest is {worst}; L2 norm {norm:.6g} (at most {norm_bound:.6g} from {sites} honest "
+        "encodings); an input was not clipped, rounded and noised as the setup says, or wrapped "
+        "the field",
+        count=count,
+        worst=worst,
+        bound=reach,
     )
 
 

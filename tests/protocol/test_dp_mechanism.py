@@ -304,6 +304,9 @@ def test_decoded_modular_sum_is_the_clipped_sum_plus_rounding_and_noise(bits: in
         noise_sum += noise
         clipped_sum += clipped
     decoded = dp.decode(total, params, ROTATION_SEED, length)
+    # What the coordinator's range check allows (protocol/server.py check_dp_aggregate).
+    assert float(np.linalg.norm(integer_sum.astype(np.float64))) <= dp.sum_norm_bound(params, sites)
+    assert int(np.max(np.abs(integer_sum))) <= dp.coordinate_reach(params, sites)
     # The secure sum changes nothing: bit for bit the decoding of the plain integer sum.
     assert np.array_equal(decoded, dp.decode_integers(integer_sum, params, ROTATION_SEED, length))
     # decoded = sum of clipped updates + gamma U^T (rounding errors + noise).
@@ -525,3 +528,13 @@ def test_a_modulus_too_small_for_the_noise_wraps_and_garbles_the_sum() -> None:
         ).values
     total = shares[0] + shares[1] + shares[2]
     assert not np.array_equal(dp.centered(total, 32), ints)
+
+
+def test_without_noise_the_sum_norm_bound_is_n_times_the_sensitivity() -> None:
+    quiet = _params(32, sigma=0.0)
+    assert dp.sum_norm_bound(quiet, 7) == 7 * quiet.norm_bound
+    noisy = _params(32, sigma=40.0)
+    assert dp.sum_norm_bound(noisy, 7, 1e-3) < dp.sum_norm_bound(noisy, 7, 2.0**-40)
+    assert dp.sum_norm_bound(noisy, 7) > 7 * noisy.norm_bound + 40.0 * math.sqrt(7 * noisy.dimension)
+    with pytest.raises(ValueError, match="sites"):
+        dp.sum_norm_bound(noisy, 0)

@@ -467,3 +467,57 @@ def test_a_site_refuses_a_rotation_shape_other_than_its_own(dimension: int, bloc
     outcome = fed.run_round(1)
     assert outcome.result is None and set(outcome.client_errors) == set(fed.sites)
     assert all("rotation shape" in str(e) for e in outcome.client_errors.values())
+
+
+# -- the DP range check: what honest encodings reach --------------------------------------------
+
+
+def test_a_dp_site_that_wraps_the_field_makes_the_round_abandoned() -> None:
+    from fedseal.protocol.errors import AggregateOutOfRangeError
+
+    from .test_attacks_range import ShiftMaskedInput
+
+    config = dp_config()
+    fed, _ = dp_fed(config, behaviour=ShiftMaskedInput("site-001", {3: 1 << 31}))
+    outcome = fed.run_round(1)
+    assert "site-001" in outcome.server.survivors  # every signature verified ...
+    assert outcome.result is None  # ... and the unmasked sum is refused
+    assert isinstance(outcome.failure, AggregateOutOfRangeError)
+    assert outcome.failure.count == 1 and "DP aggregate out of range" in outcome.failure.message
+    assert config.dp is not None
+    assert outcome.failure.bound == math.floor(dp.coordinate_reach(config.dp, SITES))
+
+
+def test_a_dp_site_that_adds_a_spread_out_vector_within_every_elements_reach_is_caught_by_the_norm() -> (
+    None
+):
+    # An input not clipped (or not rounded) as the setup says: +reach/4 on every element keeps
+    # each element of the sum within its reach, but adds reach/4 * sqrt(d) to the norm.
+    from fedseal.protocol.errors import AggregateOutOfRangeError
+
+    from .test_attacks_range import ShiftMaskedInput
+
+    config = dp_config(length=2000)
+    assert config.dp is not None
+    reach = math.floor(dp.coordinate_reach(config.dp, SITES))
+    offsets = dict.fromkeys(range(config.dp.dimension), reach // 4)
+    fed, _ = dp_fed(config, behaviour=ShiftMaskedInput("site-002", offsets))
+    outcome = fed.run_round(1)
+    assert isinstance(outcome.failure, AggregateOutOfRangeError)
+    assert outcome.failure.count == 0  # no element past its reach: the norm caught it
+    assert "L2 norm" in outcome.failure.message
+
+
+def test_an_honest_dp_sum_stays_within_both_bounds_with_room_to_spare() -> None:
+    config = dp_config(length=2000)
+    params = config.dp
+    assert params is not None
+    fed, _ = dp_fed(config)
+    outcome = fed.run_round(1)
+    assert outcome.result is not None, outcome.failure
+    signed = dp.centered(outcome.result.aggregate, params.modulus_bits).astype(np.float64)
+    norm, bound = float(np.linalg.norm(signed)), dp.sum_norm_bound(params, SITES)
+    # The noise's norm is about sqrt(n sigma^2 d); the bound adds n Delta and a 2^-40 tail.
+    expected = math.sqrt(SITES * params.local_stddev**2 * params.dimension)
+    assert 0.9 * expected < norm < bound < 1.3 * expected + SITES * params.norm_bound
+    assert float(np.max(np.abs(signed))) < dp.coordinate_reach(params, SITES)
