@@ -41,6 +41,7 @@ __all__ = [
     "collect_view",
     "dp_guarantee",
     "dp_lines",
+    "dp_series",
     "export_lines",
     "format_metric",
     "render_report",
@@ -204,6 +205,53 @@ def dp_lines(view: ReportView) -> list[str]:
     return lines
 
 
+DP_PROTECTS = (
+    "What it protects: whether any one site took part with its data, or what its update was, "
+    "cannot be told apart from the released sums (and every model, metric or file computed "
+    "from them alone) beyond the factor e^ε, except with probability δ; each record of a site "
+    "is protected at least as well. It assumes at most the colluding sites the round's "
+    "parameters allow for (their noise is discounted) and honest sites that add their noise."
+)
+DP_DOES_NOT = (
+    "What it does not protect: anything released outside the noisy sums (that a site took "
+    "part, the survivor lists, dataset roots, timings, the evaluation metrics below), other "
+    "runs over the same sites (ε is per run), facts about the population the model is meant to "
+    "learn, or against poisoning by a site."
+)
+
+
+def dp_series(
+    view: ReportView, run: str
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """Per round of ``run`` (first 8 hex): the ε spent so far, from its DP accounting entries
+    (failed rounds whose noisy sum was unmasked included), and the evaluated accuracy."""
+    eps = [(r.round, r.dp_epsilon) for r in view.rounds if r.run == run and r.dp_epsilon]
+    acc = [
+        (r.round, r.eval_metrics["accuracy"])
+        for r in view.rounds
+        if r.run == run and "accuracy" in r.eval_metrics
+    ]
+    return eps, acc
+
+
+def _dp_plots(view: ReportView) -> str:
+    """Per DP run: ε spent and accuracy per round, two small plots side by side."""
+    parts = []
+    for run, (_, _, delta, target) in view.dp.items():
+        eps, acc = dp_series(view, run)
+        eps_series = {"ε so far": eps}
+        if target and eps:
+            eps_series["budget ε"] = [(eps[0][0], target), (eps[-1][0], target)]
+        parts.append(
+            f"<p>run {html.escape(run)}: ε spent (δ = {delta:g}) and accuracy per round</p>"
+            '<div style="display:flex;gap:8px">'
+            + _svg_lines(eps_series, f"run {run}: epsilon spent per round", width=480)
+            + _svg_lines({"accuracy": acc}, f"run {run}: accuracy per round", width=480)
+            + "</div>"
+        )
+    return "".join(parts)
+
+
 def unsigned_note(view: ReportView) -> str:
     if view.total <= view.entries:
         return ""
@@ -217,8 +265,8 @@ def format_metric(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def _svg_lines(series: dict[str, list[tuple[int, float]]], title: str) -> str:
-    w, h, pad = 560, 260, 40
+def _svg_lines(series: dict[str, list[tuple[int, float]]], title: str, *, width: int = 560) -> str:
+    w, h, pad = width, 260, 40
     points = [p for s in series.values() for p in s]
     if not points:
         return f"<p>{html.escape(title)}: no metrics recorded.</p>"
@@ -249,9 +297,12 @@ def _svg_lines(series: dict[str, list[tuple[int, float]]], title: str) -> str:
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
         for x, y in pts:
-            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>')
+            parts.append(
+                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}">'
+                f"<title>{html.escape(name)}, round {x}: {y:.4g}</title></circle>"
+            )
         parts.append(
-            f'<text x="{w - pad - 90}" y="{pad + 14 * i}" fill="{color}" font-size="12">'
+            f'<text x="{w - pad - 110}" y="{pad + 14 * i}" fill="{color}" font-size="12">'
             f"{html.escape(name)}</text>"
         )
     parts.append("</svg>")
@@ -374,11 +425,20 @@ def render_report(
         f"<td>{c.authority_key_id[:16]}</td></tr>"
         for c in view.consortium
     )
-    dp = "".join(
-        f"<p>{html.escape(line)}</p>" if not line.startswith(" ") else
-        f"<p style='margin:0 2em'>{html.escape(line.strip())}</p>"
-        for line in dp_lines(view)
-    ) or "<p>No differentially private rounds in this log.</p>"
+    dp = (
+        "".join(
+            f"<p>{html.escape(line)}</p>"
+            if not line.startswith(" ")
+            else f"<p style='margin:0 2em'>{html.escape(line.strip())}</p>"
+            for line in dp_lines(view)
+        )
+        or "<p>No differentially private rounds in this log.</p>"
+    )
+    dp_plots = ""
+    if view.dp:
+        dp_plots = (
+            _dp_plots(view) + f"<p>{html.escape(DP_PROTECTS)}</p><p>{html.escape(DP_DOES_NOT)}</p>"
+        )
     unsigned = ""
     if view.total > view.entries:
         unsigned = f' <b class="bad">({html.escape(unsigned_note(view))})</b>'
@@ -402,7 +462,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;fo
 <p>Per DP run, the privacy of the sums the coordinator unmasked (distributed discrete Gaussian
 noise inside the secure sum; zCDP ρ per round composed and converted by the RDP accountant), as
 its DP accounting entries state them (<code>fl-audit verify</code> recomputes each from the
-logged parameters).</p>{dp}
+logged parameters).</p>{dp}{dp_plots}
 <h2>Rounds</h2>
 <p>Accuracy, loss and macro-F1: the federated evaluation of the round's new model, from its
 evaluation entry: the coordinator's claim (signed by it; no site's signature backs them).</p>

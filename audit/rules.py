@@ -9,6 +9,8 @@ refuses an entry that breaks them *before* writing it). A broken rule raises
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -33,11 +35,23 @@ from fedseal.audit.signatures import SignatureJob, cached_public_key, cross_chec
 from fedseal.crypto.errors import CryptoError
 from fedseal.crypto.keys import key_id, public_key_from_der
 from fedseal.crypto.signing import verify
+from fedseal.protocol.config import Limits
 from fedseal.protocol.consortium import ROSTER_TYPE
+from fedseal.protocol.dp import DpParams, rotation_seed_for
+from fedseal.protocol.encoding import Reader
+from fedseal.protocol.errors import ProtocolError
+from fedseal.protocol.messages import Header, RoundSetup, decode_payload
 from fedseal.protocol.roster import Roster, RosterEntry
-from fedseal.protocol.types import SiteId, site_sort_key
+from fedseal.protocol.types import MessageKind, SiteId, site_sort_key
 
-__all__ = ["DP_RELATIVE_TOLERANCE", "MAX_EVALUATION_EXAMPLES", "RunRules", "dp_accounting"]
+__all__ = [
+    "DP_RELATIVE_TOLERANCE",
+    "MAX_EVALUATION_EXAMPLES",
+    "SETUP_MESSAGE_TYPE",
+    "UNMASK_MESSAGE_TYPE",
+    "RunRules",
+    "dp_accounting",
+]
 
 
 MAX_EVALUATION_EXAMPLES = 10**12
@@ -46,6 +60,35 @@ DP_RELATIVE_TOLERANCE = 1e-9
 """How far a DP round entry's ρ and ε may be from the verifier's recomputation (relative):
 both sides run the same code on the same bytes, so only a different platform's libm can
 move them, by a few ulps."""
+
+
+SETUP_MESSAGE_TYPE = MessageKind.ROUND_SETUP.type_name
+"""Envelope entries of this type are the coordinator's own signed round setups (one per setup
+attempt; ``site`` is ``""``, the setup's sender): the parameters every site of the round saw,
+bound by the setup digest in the header of every later message of the round."""
+UNMASK_MESSAGE_TYPE = MessageKind.UNMASK_RESPONSE.type_name
+"""Envelope entries of this type are a round's unmask responses: with ``threshold`` of them
+the coordinator can remove the masks, i.e. it may know the round's (noisy) sum."""
+
+_LIMITS = Limits()
+
+
+def _bound_setup_digest(payload: bytes) -> bytes | None:
+    """The setup digest a protocol payload's header binds (``None``: the header does not
+    decode; the signature check's decode then names the failure)."""
+    try:
+        return Header.decode(Reader(payload, what="header"), _LIMITS).setup_digest
+    except ProtocolError:
+        return None
+
+
+def _differing(logged: DpParams, signed: DpParams) -> str:
+    """The DpParams attributes that differ, as ``name logged (setup signed)``."""
+    return ", ".join(
+        f"{f.name} {getattr(logged, f.name)!r} (setup: {getattr(signed, f.name)!r})"
+        for f in dataclasses.fields(logged)
+        if getattr(logged, f.name) != getattr(signed, f.name)
+    )
 
 
 def dp_accounting(params_bytes: bytes, rhos: list[float], delta: float) -> tuple[float, float]:
@@ -102,6 +145,18 @@ class _Run:
     dp_rhos: list[float] = field(default_factory=list)  # each logged DP round's rho, in order
     dp_round: int = 0  # the last round whose DP accounting is logged
     dp_epsilon: float = 0.0  # the run's epsilon after its last logged DP round
+    # The open round: its logged setups by digest, the setup digest each accepted masked
+    # input binds, the sites whose unmask responses were accepted.
+    setups: dict[bytes, RoundSetup] = field(default_factory=dict)
+    input_setups: dict[str, bytes] = field(default_factory=dict)
+    unmasked: set[str] = field(default_factory=set)
+    # The last round's DP parameters (its signed setup's) when it released a sum: its DP
+    # accounting entry is due before the next result or the run end.
+    dp_due: DpParams | None = None
+    # The writer's replay reads no past round's envelopes: a replayed round's accounting is
+    # not re-checked against its setup (fl-audit verify checks every round).
+    dp_unchecked: bool = False
+    dp_required: bool = False  # the last round's accounting entry is due
 
 
 class RunRules:
@@ -312,6 +367,8 @@ class RunRules:
                 "round-order",
                 f"accepted envelope for round {e.round} while round {run.last_round + 1} is open",
             )
+        if e.message_type == SETUP_MESSAGE_TYPE:
+            return self._setup(index, run, e, data)
         site = self.sites.get(e.site)
         if site is None:
             raise RuleViolation(
@@ -364,7 +421,48 @@ class RunRules:
                     "duplicate", f"second accepted input from {e.site!r} in round {e.round}"
                 )
             run.inputs[e.site] = digest
+            bound = _bound_setup_digest(e.payload)
+            if bound is not None:
+                run.input_setups[e.site] = bound
+        elif e.message_type == UNMASK_MESSAGE_TYPE:
+            run.unmasked.add(e.site)
         return SignatureJob(index, site.key_der, e, data)
+
+    def _setup(self, index: int, run: _Run, e: EnvelopeRecord, data: bytes) -> SignatureJob:
+        """An accepted envelope of the coordinator's own round setup: signed by the genesis
+        coordinator key (checked with the site signatures), for the open round, decoding to a
+        setup of this run and round; a DP setup's rotation seed is the derived one."""
+        genesis = self.genesis
+        if genesis is None:  # pragma: no cover - entry 0 is always the genesis
+            raise RuleViolation("genesis", "a round setup before the genesis entry")
+        if e.site or e.signer_key_id != hashlib.sha256(genesis.coordinator_key_der).digest():
+            raise RuleViolation(
+                "setup", f"round {e.round}'s setup is not recorded as the coordinator's own"
+            )
+        digest = e.content_digest
+        if digest in run.seen:
+            raise RuleViolation("duplicate", "the same signed content was accepted twice")
+        run.seen.add(digest)
+        try:
+            setup = decode_payload(MessageKind.ROUND_SETUP, e.payload, _LIMITS)
+        except ProtocolError as exc:
+            raise RuleViolation("setup", f"round {e.round}'s setup does not decode: {exc}") from exc
+        if not isinstance(setup, RoundSetup):  # pragma: no cover - decode_payload's contract
+            raise RuleViolation("setup", f"round {e.round}'s setup is not a round setup")
+        h = setup.header
+        if h.run_id != run.run_id or h.round != e.round or h.sender:
+            raise RuleViolation(
+                "setup", f"round {e.round}'s setup names another run, round or sender"
+            )
+        if setup.params.dp is not None:
+            if setup.params.rotation_seed != rotation_seed_for(run.run_id, e.round):
+                raise RuleViolation(
+                    "dp-setup",
+                    f"round {e.round}'s setup carries another rotation seed than the one "
+                    "derived from the run id and round",
+                )
+        run.setups[setup.digest] = setup
+        return SignatureJob(index, genesis.coordinator_key_der, e, data)
 
     def _round_result(self, run: _Run, e: RoundRecord, *, replay: bool) -> None:
         self._require_dp_accounting(run, f"round {e.round}'s result")
@@ -394,19 +492,92 @@ class RunRules:
                 raise RuleViolation(
                     "round-result", "a completed round needs an aggregate and survivors"
                 )
+        elif e.aggregate_digest is not None or e.new_model_digest != e.base_model_digest:
+            raise RuleViolation(
+                "round-result",
+                "a failed round must leave the model unchanged, without aggregate",
+            )
+        if replay:
+            dp_due, required = None, run.dp_budget is not None and e.status == RoundStatus.COMPLETED
+        else:
+            dp_due = self._released_dp(run, e.round, e.status == RoundStatus.COMPLETED)
+            required = dp_due is not None
+        if e.status == RoundStatus.COMPLETED:
             run.rounds_completed += 1
         else:
-            if e.aggregate_digest is not None or e.new_model_digest != e.base_model_digest:
-                raise RuleViolation(
-                    "round-result",
-                    "a failed round must leave the model unchanged, without aggregate",
-                )
             run.rounds_failed += 1
         run.last_round = e.round
         run.last_status = e.status
         run.model = e.new_model_digest
         run.models[e.round] = e.new_model_digest
         run.inputs = {}
+        run.setups, run.input_setups, run.unmasked = {}, {}, set()
+        run.dp_due, run.dp_required, run.dp_unchecked = dp_due, required, replay
+
+    def released_dp(self, *, completed: bool) -> DpParams | None:
+        """The DP parameters of the open round if a result (``completed`` or failed) would
+        say it released a noisy sum to the coordinator: the accounting then due with it
+        (``None`` for no run, no released sum or no DP). The writer fills in a failed
+        round's accounting with it (a coordinator restarted mid-round does not know whether
+        its sum had been unmasked; the logged unmask responses do).
+
+        Raises:
+            RuleViolation: As a result of the open round would (e.g. its setup is missing).
+        """
+        run = self.run
+        if run is None:
+            return None
+        return self._released_dp(run, run.last_round + 1, completed)
+
+    def _released_dp(self, run: _Run, r: int, completed: bool) -> DpParams | None:
+        """The DP parameters of round ``r`` if its result released a noisy sum to the
+        coordinator (its DP accounting is then due), checked against its signed setup.
+
+        The round's setup is the logged one whose digest its accepted masked inputs bind (of
+        several attempts, the one whose cohort produced them). A sum is released when the
+        round completed, or when it failed after the coordinator accepted unmask responses
+        from at least the setup's threshold of sites (it could remove the masks). A DP run
+        must log the setup of every round with inputs; a setup with DP parameters needs a
+        DP run, and a DP run's released sums need DP.
+        """
+        bound = {run.input_setups.get(site) for site in run.inputs}
+        if not bound:
+            return None  # no input was summed: nothing to release
+        if len(bound) > 1 or None in bound:
+            raise RuleViolation("setup", f"round {r}'s accepted inputs do not all bind one setup")
+        setup = run.setups.get(next(iter(bound)) or b"")
+        if setup is None:
+            if run.dp_budget is not None:
+                raise RuleViolation(
+                    "dp-setup",
+                    f"round {r} of a DP run: its inputs bind a setup the log does not hold (the "
+                    "DP parameters the sites saw cannot be checked)",
+                )
+            return None  # a run without DP: its setups need not be logged
+        cohort = {m.site for m in setup.cohort}
+        if any(site not in cohort for site in run.inputs):
+            raise RuleViolation(
+                "setup", f"round {r}'s inputs come from sites outside its setup's cohort"
+            )
+        dp = setup.params.dp
+        released = completed or len(run.unmasked & cohort) >= max(
+            1, setup.params.threshold
+        )
+        if not released:
+            return None
+        if dp is not None and run.dp_budget is None:
+            raise RuleViolation(
+                "dp-setup",
+                f"round {r}'s setup carries DP parameters in a run whose start has no DP "
+                "budget: its privacy loss is not accounted",
+            )
+        if dp is None and run.dp_budget is not None:
+            raise RuleViolation(
+                "dp-setup",
+                f"round {r} of a DP run released a sum whose setup carries no DP parameters "
+                "(no noise)",
+            )
+        return dp
 
     def _evaluation(self, run: _Run, e: Evaluation) -> None:
         if e.round != run.last_round or e.round == 0:
@@ -454,23 +625,25 @@ class RunRules:
         run.evaluated = e.round
 
     def _require_dp_accounting(self, run: _Run, what: str) -> None:
-        """In a DP run every completed round's accounting precedes the next result / run end."""
-        if (
-            run.dp_budget is not None
-            and run.last_round > 0
-            and run.last_status == RoundStatus.COMPLETED
-            and run.dp_round != run.last_round
-        ):
+        """A round that released a noisy sum (completed, or failed after the coordinator could
+        unmask it) has its DP accounting entry before the next result / run end."""
+        if run.dp_required and run.dp_round != run.last_round:
+            how = (
+                "completed"
+                if run.last_status == RoundStatus.COMPLETED
+                else "was abandoned after its noisy sum could be unmasked,"
+            )
             raise RuleViolation(
                 "dp-round",
-                f"round {run.last_round} of a DP run completed without its DP accounting entry "
+                f"round {run.last_round} of a DP run {how} without its DP accounting entry "
                 f"before {what}",
             )
 
     def _dp_round(self, run: _Run, e: DpRound) -> None:
         if run.dp_budget is None:
             raise RuleViolation(
-                "dp-round", f"DP accounting of round {e.round} in a run whose start has no DP budget"
+                "dp-round",
+                f"DP accounting of round {e.round} in a run whose start has no DP budget",
             )
         if e.round != run.last_round or e.round == 0:
             raise RuleViolation(
@@ -478,12 +651,22 @@ class RunRules:
                 f"DP accounting of round {e.round} after round {run.last_round}'s result "
                 "(it follows its own round's result)",
             )
-        if run.last_status != RoundStatus.COMPLETED:
-            raise RuleViolation(
-                "dp-round", f"DP accounting of round {e.round}, which released nothing (failed)"
-            )
         if run.dp_round == e.round:
             raise RuleViolation("dp-round", f"a second DP accounting entry for round {e.round}")
+        signed = run.dp_due
+        if signed is None and not run.dp_unchecked:
+            raise RuleViolation(
+                "dp-round",
+                f"DP accounting of round {e.round}, which released nothing (failed before its "
+                "sum could be unmasked)",
+            )
+        logged = e.params  # it decodes (DpRound's own invariant)
+        if signed is not None and logged != signed:
+            raise RuleViolation(
+                "dp-setup",
+                f"round {e.round}'s DP accounting names other DP parameters than its signed "
+                f"setup carried: {_differing(logged, signed)}",
+            )
         delta = run.dp_budget[1]
         if e.delta != delta:
             raise RuleViolation(

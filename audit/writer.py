@@ -22,6 +22,7 @@ The writer does no I/O of its own: :meth:`AuditLog.open` opens the SQLite store 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -458,9 +459,10 @@ class AuditLog:
         dp_params: bytes | None = None,
     ) -> int:
         """Record a round's outcome. ``survivors``/``accepted_input_digests`` default to what
-        the log recorded for the round (if given, they must equal it). ``dp_params``: a
-        completed DP round's canonical ``DpParams`` bytes; its :class:`DpRound` accounting
-        entry is then written with the result, in the same commit (:meth:`append_dp_round`).
+        the log recorded for the round (if given, they must equal it). ``dp_params``: the
+        canonical ``DpParams`` bytes of a DP round whose noisy sum was unmasked (completed, or
+        failed after that); its :class:`DpRound` accounting entry is then written with the
+        result, in the same commit.
 
         Raises:
             AuditStateError: Wrong round number, inputs or survivors differing from the
@@ -483,13 +485,20 @@ class AuditLog:
             )
         )
         metric_values = metric_items(metrics)
+        if dp_params is None and status == RoundStatus.FAILED:
+            # A failed round whose logged unmask responses show its noisy sum was released
+            # (e.g. written by a coordinator restarted mid-round) carries its accounting too.
+            with contextlib.suppress(RuleViolation):  # the result's own check then names it
+                released = self._sem.released_dp(completed=False)
+                dp_params = None if released is None else released.to_bytes()
         entry = RoundRecord(
             run.run_id, round, RoundStatus(status), run.model, surv, digests, aggregate_digest,
             new_model_digest, reason, metric_values,
         )  # fmt: skip
         self._require_covered()
-        if dp_params is not None and entry.status == RoundStatus.COMPLETED:
-            # One durable commit: a crash cannot leave a DP round without its accounting.
+        if dp_params is not None:
+            # One durable commit: a crash cannot leave a DP round without its accounting
+            # (a failed round's too: its sum was unmasked, its privacy spent).
             index = self._append_many([entry, self._dp_entry(run, round, dp_params)])[0]
         else:
             index = self._append(entry)

@@ -7,6 +7,7 @@ Usage (inside the ServerApp)::
     audit.consortium_roster(watch.check(), again=True)   # verified; raises ConsortiumRefusedError
     audit.run_start(run_id, config_bytes, initial_digest, rounds)       # skipped on --resume
     changed = watch.check()                # at the start of each round: None if unchanged
+    audit.setup(rnd, packet_bytes)         # each signed round setup (attempt) sent
     audit.envelopes(rnd, server.log)       # every accepted/rejected envelope of the round
     audit.round_result(rnd, aggregate_digest, new_digest, dp=dp)  # + tree head (+ DP round)
     audit.checkpoint(rnd, model_digest, file_sha256, name)
@@ -33,6 +34,17 @@ has ended; copies of a live log are made with SQLite's online backup (``fedseal-
 Fail closed (:class:`FailClosedAudit`, what the ServerApp writes through): an entry the log
 refuses or fails to store stops the run with :class:`AuditHaltError` (``status.json`` says
 why): nothing is acknowledged to a site or published as a model before its entry is committed.
+
+Round setups: each signed setup the coordinator sends (every attempt of every round) is logged
+once, as an accepted envelope entry of message type ``fedseal/v1/round-setup`` signed by the
+coordinator (site ``""``: its sender). Every later message of the round binds its setup digest,
+so ``fl-audit verify`` can match a round's DP accounting against the DP parameters its sites
+signed for (:mod:`fedseal.audit.rules`).
+
+Distributed DP: a round whose noisy sum the coordinator could unmask spends privacy whether it
+commits or not (completed, or abandoned after at least the setup's threshold of unmask
+responses, e.g. the strategy returned no model or the checkpoint could not be written): its
+:class:`~fedseal.audit.entries.DpRound` follows its round result, failed or not.
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ from fedseal.audit.writer import AuditLog, ReceivedEnvelope
 from fedseal.crypto.errors import KeyFormatError
 from fedseal.crypto.keys import key_id, load_public_key
 from fedseal.protocol import Accepted, MessageKind, Rejection
+from fedseal.protocol.config import Limits
 from fedseal.protocol.consortium import (
     MAX_ROSTER_JSON_BYTES,
     ConsortiumRoster,
@@ -63,6 +76,8 @@ from fedseal.protocol.consortium import (
     SignedConsortiumRoster,
 )
 from fedseal.protocol.dp import DpParams
+from fedseal.protocol.envelope import Envelope
+from fedseal.protocol.errors import ProtocolError
 from fedseal.server.config import ConsortiumSection
 from fedseal.server.errors import CoordinatorError
 from fedseal.server.roster import Enrolment
@@ -305,30 +320,58 @@ class RunAudit:
         if items:
             self.log.append_envelopes(items)
 
+    def setup(self, rnd: int, sealed: bytes) -> bool:
+        """Record round ``rnd``'s signed setup (``sealed``: the envelope bytes sent to one
+        cohort member; the body, and so the setup digest, is the same for all). Returns
+        whether it was one (other packets are not recorded here).
+
+        Raises:
+            fedseal.audit.errors.AuditStateError: The log refuses it (e.g. not the open round).
+        """
+        try:
+            env = Envelope.from_bytes(sealed, Limits())
+        except ProtocolError:
+            return False
+        if env.kind is not MessageKind.ROUND_SETUP:
+            return False
+        self.log.append_envelopes(
+            [
+                ReceivedEnvelope(
+                    message_type=env.kind.type_name, payload=env.payload, signature=env.signature,
+                    signer_key_id=env.signer, accepted=True, reason=None, site="", round=rnd,
+                    stage="setup",
+                )
+            ]
+        )  # fmt: skip
+        return True
+
     def round_result(
         self, rnd: int, aggregate_digest: bytes | None, new_digest: bytes, *, failed: str = "",
         dp: DpParams | None = None,
     ) -> None:
-        """Record the round's result (+ a signed tree head); a completed DP round's
-        accounting (``dp``: its parameters) goes with it in the same commit (:meth:`dp_round`)."""
+        """Record the round's result (+ a signed tree head). ``dp``: the parameters of a DP
+        round whose noisy sum was unmasked, committed or ``failed`` after that: its
+        accounting entry goes into the same commit as the result."""
+        params = None if dp is None else dp.to_bytes()
         self.log.append_round_result(
             rnd,
             aggregate_digest=aggregate_digest,
             new_model_digest=new_digest,
             status=RoundStatus.FAILED if failed else RoundStatus.COMPLETED,
             reason=failed[:200],
-            dp_params=None if dp is None or failed else dp.to_bytes(),
+            dp_params=params,
         )
         self.log.sign_tree_head(_now_ms())
 
     def dp_round(self, rnd: int, dp: DpParams) -> tuple[float, float]:
-        """Record completed round ``rnd``'s DP accounting (after its result): its ρ and the
-        run's ε so far, computed from ``dp`` as ``fl-audit verify`` recomputes them.
+        """Record round ``rnd``'s DP accounting (after its result): its ρ and the run's ε so
+        far, computed from ``dp`` as ``fl-audit verify`` recomputes them.
         Returns ``(rho, epsilon_so_far)``.
 
         Raises:
             fedseal.audit.errors.AuditStateError: The log refuses it (no DP run, not the last
-                round, a failed round, a second entry).
+                round, a round that released no sum, parameters other than its setup's, a
+                second entry).
         """
         self.log.append_dp_round(rnd, dp_params=dp.to_bytes())
         return self.log.dp_rhos[-1], self.dp_epsilon()
@@ -426,6 +469,9 @@ class FailClosedAudit:
     def envelopes(self, rnd: int, receipts: Sequence[Any]) -> None:
         if receipts:
             self._call("envelopes", self.audit.envelopes, rnd, receipts)
+
+    def setup(self, rnd: int, sealed: bytes) -> None:
+        self._call("round setup", self.audit.setup, rnd, sealed)
 
     def round_result(
         self, rnd: int, aggregate_digest: bytes | None, new_digest: bytes, *, failed: str = "",

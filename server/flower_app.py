@@ -47,8 +47,13 @@ names the next round from the moment its setup leaves, so a coordinator restarte
 evaluation abandons that round rather than set it up twice.
 
 Distributed DP (``server.toml [dp]``, secure runs only): each round's DP parameters go out in
-its setup (:mod:`fedseal.server.dp_round`), a completed round's privacy accounting (ρ, the run's
-ε so far) is logged with its result, and before each round (and before its setup rides on an
+its setup (:mod:`fedseal.server.dp_round`; each setup is logged), the privacy accounting (ρ,
+the run's ε so far) of every round whose noisy sum the coordinator could unmask is logged with
+its result: a committed round's, and one abandoned after that (the strategy returned no model,
+the checkpoint could not be written, or the protocol failed after at least the setup's
+threshold of unmask responses), whose ε also shows in ``rounds.jsonl`` and on the console; a
+round abandoned before spends nothing here (its sites charged their own ledgers). Before each
+round (and before its setup rides on an
 evaluation) the coordinator checks that it stays within ``[dp] epsilon`` at ``delta``: if not,
 the run ends there, committed, its run end saying "privacy budget reached", and so does the
 console.
@@ -494,19 +499,30 @@ class _Federation:
         coordinator. A restart reconciles a checkpoint the log lacks."""
         saved: SavedCheckpoint | None = None
         if new_arrays is not None:
-            self.model = ModelVector.of(new_arrays)  # flattened and hashed once per round
-            self.state = RunState(
-                run_id=self.run_id, round=rnd, model_digest=self.model.digest.hex(),
+            model = ModelVector.of(new_arrays)  # flattened and hashed once per round
+            state = RunState(
+                run_id=self.run_id, round=rnd, model_digest=model.digest.hex(),
                 history=tuple(self.history),
             )
-            saved = self.run.checkpoints.commit(self.state, self.model.arrays)
+            try:
+                saved = self.run.checkpoints.commit(state, model.arrays)
+            except OSError as exc:  # abandoned: nothing published, the model in force stays
+                log.exception("round %d: the checkpoint could not be written", rnd)
+                rec.update(
+                    failure=f"the checkpoint could not be written: {type(exc).__name__}: {exc}",
+                    failure_kind="checkpoint",
+                )
+            else:
+                self.model, self.state = model, state
         if self.audit is not None:
             failed = "" if saved is not None else str(rec.get("failure", "round failed"))
+            # A DP round whose noisy sum was unmasked spends privacy, committed or not: its
+            # accounting entry follows the result (secure_round.SecureOutcome.dp).
             self.audit.round_result(
                 rnd, aggregate_digest if saved is not None else None, self.model.digest, failed=failed,
-                dp=self.round_dp if saved is not None else None,
-            )  # a completed DP round's accounting entry is written with it
-            if saved is not None and self.round_dp is not None and self.secure is not None:
+                dp=self.round_dp,
+            )
+            if self.round_dp is not None and self.secure is not None:
                 plan, rhos = self.secure.dp_plan, self.secure.dp_rhos()
                 if plan is not None and rhos:
                     rec.update(dp_rho=rhos[-1], dp_epsilon=plan.epsilon_after(rhos))

@@ -102,8 +102,10 @@ class SecureOutcome:
         setup_with_evaluation: Its setup went out with the last evaluation.
         failure: Why it was abandoned (one line), and ``failure_kind`` (e.g. ``threshold``).
         survivors: For an abandoned round, the sites whose masked inputs it accepted.
-        dp: A completed DP round's parameters (``mean_delta`` is then the unweighted noisy
-            mean), else ``None``.
+        dp: The parameters of a DP round whose noisy sum the coordinator could unmask: a
+            completed one (``mean_delta`` is then the unweighted noisy mean), or one abandoned
+            after it accepted unmask responses from at least the setup's threshold of sites
+            (it spends privacy all the same); else ``None``.
     """
 
     mean_delta: npt.NDArray[np.float64] | None
@@ -136,11 +138,11 @@ class SecureOutcome:
                 accepted=len(self.sites), sites=list(self.sites), dropouts=self.dropouts,
                 aggregate_digest=(self.aggregate_digest or b"").hex(), total_weight=self.total_weight,
             )
-            if self.dp is not None:
-                rec.update(
-                    dp_local_stddev=self.dp.local_stddev, dp_gamma=self.dp.gamma,
-                    dp_honest_survivors=self.dp.honest_survivors,
-                )
+        if self.dp is not None:
+            rec.update(
+                dp_local_stddev=self.dp.local_stddev, dp_gamma=self.dp.gamma,
+                dp_honest_survivors=self.dp.honest_survivors,
+            )
         return rec
 
 
@@ -269,6 +271,12 @@ class SecureCoordinator:
             now=time.time(), commitments=self.commitments,
         )
 
+    def _log_setup(self, rnd: int, outbound: Mapping[str, Any]) -> None:
+        """Log the round setup ``outbound`` carries, if it is one (a new attempt's, too): one
+        copy (the body and setup digest are the same for every cohort member)."""
+        if self.audit is not None and outbound:
+            self.audit.setup(rnd, next(iter(outbound.values())).payload)
+
     def _log_envelopes(self, rnd: int, entries: list[Any], start: int) -> int:
         """Log the protocol log entries from ``start`` on (one durable commit); return the new end."""
         if self.audit is not None and len(entries) > start:
@@ -323,6 +331,7 @@ class SecureCoordinator:
 
         try:
             outbound = ahead.outbound if ahead is not None else server.start()
+            self._log_setup(rnd, outbound)
             stage = 0
             while outbound:
                 stage_name = server.stage.value
@@ -383,6 +392,7 @@ class SecureCoordinator:
                     outbound = server.advance()
                 finally:
                     self.commitments.update(server.next_commitments)
+                self._log_setup(rnd, outbound)  # a new setup attempt (or the one after COMMIT)
                 stage += 1
             result = server.result
         except ProtocolError as exc:
@@ -395,7 +405,7 @@ class SecureCoordinator:
             )
             return outcome(
                 mean_delta=None, failure=one_line(f"{type(exc).__name__}: {exc}"), failure_kind=kind,
-                survivors=survivors,
+                survivors=survivors, dp=_unmaskable_dp(server),
             )
         run.metrics.accepted.inc(len(result.survivors))
         self._log_envelopes(rnd, server.log, logged)
@@ -407,6 +417,21 @@ class SecureCoordinator:
             dropouts=len(result.dropouts),
             dp=result.dp,
         )
+
+
+def _unmaskable_dp(server: Any) -> DpParams | None:
+    """The DP parameters of an abandoned round whose noisy sum the coordinator could have
+    unmasked: it accepted unmask responses from at least the setup's threshold of sites (the
+    rule ``fl-audit verify`` applies to the logged envelopes); else ``None``."""
+    from fedseal.protocol import Accepted, MessageKind
+
+    params = server.setup.params
+    if params.dp is None:
+        return None
+    responders = {
+        r.site for r in server.log if isinstance(r, Accepted) and r.kind == MessageKind.UNMASK_RESPONSE
+    }
+    return params.dp if len(responders) >= max(1, params.threshold) else None
 
 
 def setup_with_evaluation(

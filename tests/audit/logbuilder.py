@@ -1,26 +1,32 @@
 """Builds realistic audit logs for the tests: a coordinator, enrolled sites with real keys,
 rounds of really signed envelopes (masked inputs are real protocol ``MaskedInput`` payloads;
 the other stages use a stand-in message type), rejections, a revocation, checkpoints and
-signed tree heads."""
+signed tree heads. DP runs also log each round's real signed ``RoundSetup`` (whose digest the
+masked inputs bind), as the coordinator does."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.audit.entries import INPUT_MESSAGE_TYPE, RosterAction, RunStatus
+from fedseal.audit.entries import INPUT_MESSAGE_TYPE, AuditEntry, RosterAction, RunStatus
 from fedseal.audit.writer import AuditLog
 from fedseal.crypto.keys import generate_identity_key, key_id, public_key_to_der
 from fedseal.crypto.signing import sign
-from fedseal.protocol.dp import DpParams
-from fedseal.protocol.messages import Header, MaskedInput
-from fedseal.protocol.types import SiteId
+from fedseal.protocol.config import Limits, QuantizationConfig, RoundParameters
+from fedseal.protocol.dp import DpParams, rotation_seed_for
+from fedseal.protocol.envelope import Envelope, seal
+from fedseal.protocol.messages import CohortMember, Header, MaskedInput, RoundSetup
+from fedseal.protocol.types import MessageKind, SiteId
 
 STAND_IN_TYPE = "fedseal/test/consistency-stand-in"
 CLOCK0 = 1_780_000_000_000
+_LIMITS = Limits()
 
 
 def sample_dp_params(noise_multiplier: float = 10.0) -> DpParams:
@@ -56,8 +62,56 @@ class Clock:
         return self.t
 
 
+SETUP_TYPE = MessageKind.ROUND_SETUP.type_name
+
+
+def round_setup(
+    run_id: bytes,
+    rnd: int,
+    model: bytes,
+    cohort: dict[str, ec.EllipticCurvePrivateKey],
+    dp: DpParams | None,
+    *,
+    attempt: int = 0,
+    rotation_seed: bytes | None = None,
+) -> RoundSetup:
+    """The round's setup as the coordinator signs it (threshold 2 of degree 3 for 4 sites)."""
+    n = len(cohort)
+    params = RoundParameters(
+        vector_length=1000,
+        quantization=QuantizationConfig.from_clip(1.0, levels=1 << 12, modulus_bits=32),
+        max_weight=1000,
+        degree=n - 1,
+        threshold=max(1, (n - 1) // 2 + 1),
+        min_survivors=max(1, (n - 1) // 2 + 1),
+        dp=dp,
+        rotation_seed=(b"" if dp is None else rotation_seed or rotation_seed_for(run_id, rnd)),
+    )
+    header = Header(run_id, rnd, SiteId(""), SiteId(min(cohort)), model, bytes(32))
+    members = tuple(
+        CohortMember(SiteId(s), public_key_to_der(cohort[s].public_key())) for s in sorted(cohort)
+    )
+    return RoundSetup(header, members, params, expires_at=CLOCK0 // 1000 + 3600, attempt=attempt)
+
+
+def log_setup(log: AuditLog, setup: RoundSetup, coordinator: ec.EllipticCurvePrivateKey) -> int:
+    """Log ``setup`` as the coordinator does (``server.audit_hook.RunAudit.setup``)."""
+    env = Envelope.from_bytes(seal(setup, coordinator), _LIMITS)
+    return log.append_envelope(
+        SETUP_TYPE, env.payload, env.signature, env.signer, accepted=True, reason=None, site="",
+        round=setup.header.round, stage="setup",
+    )  # fmt: skip
+
+
 def masked_input_payload(
-    run_id: bytes, rnd: int, site: str, model: bytes, root: bytes, examples: int, bulk: bytes
+    run_id: bytes,
+    rnd: int,
+    site: str,
+    model: bytes,
+    root: bytes,
+    examples: int,
+    bulk: bytes,
+    setup_digest: bytes | None = None,
 ) -> bytes:
     header = Header(
         run_id=run_id,
@@ -65,7 +119,7 @@ def masked_input_payload(
         sender=SiteId(site),
         recipient=SiteId(""),
         model_digest=model,
-        setup_digest=digest("setup", run_id, rnd),
+        setup_digest=setup_digest or digest("setup", run_id, rnd),
     )
     msg = MaskedInput(
         header=header,
@@ -93,6 +147,7 @@ def build_run_log(
     dp: DpParams | None = None,
     dp_budget: tuple[float, float] = (8.0, 1e-6),
     dp_until: int | None = None,
+    restart_round: int | None = None,
 ) -> BuiltLog:
     """A complete run; site ``n_sites-1`` is revoked after ``revoke_last_after_round``.
 
@@ -100,7 +155,9 @@ def build_run_log(
     (accuracy, loss, macro-F1 of the new model over the sites' validation examples), as the
     coordinator logs it. With ``dp``, the run start carries ``dp_budget`` and every round is
     a DP round with these parameters: its accounting entry is written with its result (up to
-    round ``dp_until`` if given; later rounds are left without one)."""
+    round ``dp_until`` if given; later rounds are left without one). Round ``restart_round``
+    of a DP run has two setup attempts: attempt 0 with other DP parameters (noise multiplier 5
+    instead of ``dp``'s), then attempt 1 with ``dp``, whose digest its inputs bind."""
     clock = Clock()
     coordinator = coordinator or generate_identity_key()
     if sites is None:
@@ -132,6 +189,17 @@ def build_run_log(
     outsider = generate_identity_key()
     revoked: set[str] = set()
     for rnd in range(1, rounds + 1):
+        bound: bytes | None = None
+        if dp is not None:
+            active = {s: sites[s] for s in names if s not in revoked}
+            attempt = 0
+            if rnd == restart_round:
+                first = round_setup(run_id, rnd, model, active, sample_dp_params(5.0))
+                log_setup(log, first, coordinator)
+                attempt = 1
+            setup = round_setup(run_id, rnd, model, active, dp, attempt=attempt)
+            log_setup(log, setup, coordinator)
+            bound = setup.digest
         for s in names:
             if s in revoked:
                 continue
@@ -171,7 +239,7 @@ def build_run_log(
                 root, ok, reason = digest("unapproved"), False, "dataset root not approved"
             else:
                 root, ok, reason = roots[s], True, None
-            payload = masked_input_payload(run_id, rnd, s, model, root, 100 + i, bulk)
+            payload = masked_input_payload(run_id, rnd, s, model, root, 100 + i, bulk, bound)
             index = log.append_envelope(
                 INPUT_MESSAGE_TYPE,
                 payload,
@@ -229,3 +297,50 @@ def build_run_log(
         log.sign_tree_head(clock())
     log.close()
     return built
+
+
+def rewrite_log(
+    built: BuiltLog,
+    dst: Path,
+    transform: Callable[[AuditEntry], list[AuditEntry]],
+) -> Path:
+    """The log as its own coordinator could rewrite it: each entry replaced by
+    ``transform(entry)`` (none, itself or several), every DP accounting entry's ρ and ε
+    recomputed from its parameters (so they stay self-consistent), every entry re-appended and
+    every tree head re-signed with the *real* key over the rewritten entries it now covers."""
+    from fedseal.audit.codec import decode_entry, encode_entry, entry_tags
+    from fedseal.audit.entries import DpRound, RunStart
+    from fedseal.audit.store import MerkleLogStore
+    from fedseal.audit.treehead import SignedTreeHead
+    from fedseal.privacy import dp_round_noise, epsilon, round_rho
+
+    items: list[tuple[int, bytes, str | None, int | None]] = []
+    new_size: dict[int, int] = {}  # old entry count -> new entry count
+    rhos: list[float] = []
+    delta = 1e-6
+    with MerkleLogStore.open(built.path, read_only=True) as src:
+        for stored in src.iter_entries():
+            for entry in transform(decode_entry(stored.data)):
+                if isinstance(entry, RunStart):
+                    rhos = []
+                    delta = entry.dp_budget[1] if entry.dp_budget else delta
+                if isinstance(entry, DpRound):
+                    rho = round_rho(dp_round_noise(entry.params))
+                    rhos.append(rho)
+                    entry = dataclasses.replace(
+                        entry, rho=rho, epsilon_so_far=epsilon(rhos, delta), delta=delta
+                    )
+                items.append((*entry_tags(entry)[:1], encode_entry(entry), *entry_tags(entry)[1:]))
+            new_size[stored.index + 1] = len(items)
+        heads = [SignedTreeHead.from_bytes(h.blob) for h in src.tree_heads()]
+    with MerkleLogStore.open(dst) as out:
+        out.append_many(items)
+        for old in heads:
+            size = new_size[old.tree_size]
+            root = out.root(size)
+            new = SignedTreeHead.create(
+                built.coordinator, log_id=old.log_id, tree_size=size, root_hash=root,
+                timestamp_ms=old.timestamp_ms,
+            )  # fmt: skip
+            out.add_tree_head(new.tree_size, root, new.timestamp_ms, new.to_bytes())
+    return dst

@@ -154,7 +154,8 @@ def _tamper(tmp_path: Path, **changes: object) -> tuple[BuiltLog, int]:
         ({"rho": "x1.001"}, "dp-rho"),
         ({"epsilon_so_far": "x0.99"}, "dp-epsilon"),
         ({"epsilon_so_far": "x1.000001"}, "dp-epsilon"),
-        ({"dp_params": "more noise"}, "dp-rho"),
+        # less noise than the setup the sites signed for: caught before rho is recomputed
+        ({"dp_params": "more noise"}, "dp-setup"),
         ({"delta": 1e-5}, "dp-round"),
     ],
 )

@@ -96,8 +96,10 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def _dp_federation(tmp_path: Path, dp: str, *, rounds: int) -> Federated:
-    fx = Federated(tmp_path, ["site-a", "site-b", "site-c"], secure=True, rounds=rounds, min_sites=3)
+def _dp_federation(tmp_path: Path, dp: str, *, rounds: int, **sites: dict[str, Any]) -> Federated:
+    fx = Federated(
+        tmp_path, ["site-a", "site-b", "site-c"], secure=True, rounds=rounds, min_sites=3, **sites
+    )
     with fx.cfg.path.open("a") as fh:
         fh.write("\n[dp]\nenabled = true\nclip = 1.0\n" + dp)
     fx.cfg = load_server_config(fx.cfg.path)
@@ -153,3 +155,87 @@ def test_the_run_stops_committed_when_the_next_round_would_pass_the_budget(
     assert f"fedseal: {BUDGET_REACHED}" in capsys.readouterr().out
     key = load_private_key(fx.cfg.coordinator.key, None).public_key()
     assert verify_log(path, coordinator_key=key).runs[0][1:3] == ("completed", 2)
+
+
+def _audit_rounds(path: Path) -> tuple[list[Any], list[DpRound]]:
+    from fedseal.audit.entries import RoundRecord
+
+    entries = _entries(path)
+    return [e for e in entries if isinstance(e, RoundRecord)], [
+        e for e in entries if isinstance(e, DpRound)
+    ]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("serverapp_identity")
+def test_a_round_abandoned_after_its_noisy_sum_was_unmasked_still_spends_privacy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedseal.audit.entries import RoundStatus
+    from fedseal.audit.errors import AuditVerificationError
+    from fedseal.server.checkpoint import CheckpointStore
+    from tests.audit.logbuilder import BuiltLog, rewrite_log
+
+    # Round 1's sum is unmasked, then its checkpoint cannot be written (a full disk).
+    real_commit = CheckpointStore.commit
+
+    def failing_commit(self: CheckpointStore, state: Any, arrays: Any) -> Any:
+        if state.round == 1:
+            raise OSError(28, "No space left on device")
+        return real_commit(self, state, arrays)
+
+    monkeypatch.setattr(CheckpointStore, "commit", failing_commit)
+    fx = _dp_federation(tmp_path, "epsilon = 8.0\n", rounds=2)
+    fx.run(monkeypatch)
+    first, second = fx.rounds()
+    assert first["failure_kind"] == "checkpoint" and "No space left" in first["failure"]
+    assert first["outcome"].startswith("failed (the checkpoint could not be written")
+    assert second["outcome"] == "committed"
+    path = fx.cfg.coordinator.state_dir / "audit.sqlite"
+    results, dps = _audit_rounds(path)
+    assert [r.status for r in results] == [RoundStatus.FAILED, RoundStatus.COMPLETED]
+    assert results[0].new_model_digest == results[0].base_model_digest
+    assert [e.round for e in dps] == [1, 2]
+    # epsilon counts the abandoned round: after round 2 it is that of both rounds' rho.
+    assert first["dp_epsilon"] == dps[0].epsilon_so_far
+    assert second["dp_epsilon"] == dps[1].epsilon_so_far == epsilon([dps[0].rho, dps[1].rho], DELTA)
+    assert dps[1].epsilon_so_far > dps[0].epsilon_so_far
+    out = capsys.readouterr().out
+    assert any("round 1/2: failed" in line and "DP epsilon" in line for line in out.splitlines())
+    key = load_private_key(fx.cfg.coordinator.key, None).public_key()
+    assert verify_log(path, coordinator_key=key).dp_runs[0][1:3] == (2, dps[1].epsilon_so_far)
+    # The same log without round 1's accounting (re-signed by the coordinator) fails.
+    omitted = rewrite_log(
+        BuiltLog(path, load_private_key(fx.cfg.coordinator.key, None), {}, {}, b"", 2),
+        tmp_path / "omitted.sqlite",
+        lambda e: [] if isinstance(e, DpRound) and e.round == 1 else [e],
+    )
+    with pytest.raises(AuditVerificationError) as err:
+        verify_log(omitted, coordinator_key=key)
+    assert err.value.check == "dp-round"
+    assert "round 1 of a DP run was abandoned after its noisy sum could be unmasked" in str(err.value)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("serverapp_identity")
+def test_a_round_abandoned_before_unmasking_spends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedseal.audit.entries import RoundStatus
+    from fedseal.protocol import records
+
+    # site-c answers round 1's setup with an error: the round is abandoned before any sum
+    # exists, so nothing is released (site-c's own ledger is its business).
+    stage = records.message_type("train", records.SECURE_STAGE)
+    fx = _dp_federation(
+        tmp_path, "epsilon = 8.0\n", rounds=2, **{"site-c": {"error_at": (1, stage, "disk error")}}
+    )
+    fx.run(monkeypatch)
+    first, second = fx.rounds()
+    assert "abandoned" in first["outcome"] and "dp_epsilon" not in first
+    results, dps = _audit_rounds(fx.cfg.coordinator.state_dir / "audit.sqlite")
+    assert [r.status for r in results] == [RoundStatus.FAILED, RoundStatus.COMPLETED]
+    assert [e.round for e in dps] == [2]
+    assert second["dp_epsilon"] == dps[0].epsilon_so_far == epsilon([dps[0].rho], DELTA)
+    key = load_private_key(fx.cfg.coordinator.key, None).public_key()
+    verify_log(fx.cfg.coordinator.state_dir / "audit.sqlite", coordinator_key=key)
