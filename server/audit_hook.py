@@ -410,9 +410,11 @@ class RunAudit:
         )  # fmt: skip
         return True
 
-    def run_end(self, reason: str = "") -> None:
-        """Record the run end (completed; ``reason`` e.g. "privacy budget reached")."""
-        self.log.append_run_end(RunStatus.COMPLETED, ended_at_ms=_now_ms(), reason=reason[:200])
+    def run_end(self, reason: str = "", *, aborted: bool = False) -> None:
+        """Record the run end: completed (``reason`` e.g. "privacy budget reached"), or
+        ``aborted`` (e.g. no round committed)."""
+        status = RunStatus.ABORTED if aborted else RunStatus.COMPLETED
+        self.log.append_run_end(status, ended_at_ms=_now_ms(), reason=reason[:200])
         self.log.sign_tree_head(_now_ms())
         # The run is over: make audit.sqlite alone the whole log (a reader may keep it open).
         self.log.store.checkpoint()
@@ -493,8 +495,8 @@ class FailClosedAudit:
     ) -> None:
         self._call("evaluation", self.audit.evaluation, rnd, metrics, num_examples, sites)
 
-    def run_end(self, reason: str = "") -> None:
-        self._call("run end", self.audit.run_end, reason)
+    def run_end(self, reason: str = "", *, aborted: bool = False) -> None:
+        self._call("run end", self.audit.run_end, reason, aborted=aborted)
 
     def close(self) -> None:
         self.audit.close()

@@ -129,7 +129,7 @@ from fedseal.server.dp_round import BUDGET_REACHED
 from fedseal.server.evaluation import evaluate, evaluation_messages
 from fedseal.server.exchange import FixedNodes, arrays_to_record, exchange, record_to_arrays
 from fedseal.server.plain_round import plain_round
-from fedseal.server.replies import record_site_errors
+from fedseal.server.replies import one_line, record_site_errors
 from fedseal.server.resume import reconcile_restart, responsive
 from fedseal.server.rundir import MAX_REASON_CHARS, Run, append_round, summary, write_status
 from fedseal.server.secure_round import SecureCoordinator, SetupAhead, setup_with_evaluation
@@ -316,7 +316,7 @@ def _failed_outcome(rec: dict[str, Any]) -> str:
     failure) or failed, with the reason and the sites that refused."""
     reason = str(rec["failure"])
     refused = sorted(rec.get("refused", {}))
-    if refused:
+    if refused and not rec.get("absent"):  # else the line names every absent site and why
         reason += f"; refused by {', '.join(refused)}"
     if rec.get("abandoned"):
         return f"abandoned ({reason}; nothing applied, model unchanged)"
@@ -353,6 +353,7 @@ class _Federation:
         self.ahead: SetupAhead | None = None  # the next round's setup, sent with an evaluation
         self.round_dp: DpParams | None = None  # the DP parameters of the round being committed
         self.stop_reason = ""  # why the run ends before run.rounds ("privacy budget reached")
+        self.last_outcome = ""  # the last round's outcome, or why the run stopped before it
 
     @classmethod
     def setup(cls, run: Run, *, resume: bool, passphrase: str | None) -> _Federation:
@@ -449,6 +450,7 @@ class _Federation:
             self.history.append({k: float(v) for k, v in rec.items() if isinstance(v, int | float)})
             self.state = replace(self.state, history=tuple(self.history))
             run.checkpoints.update_state(self.state)
+        self.last_outcome = f"round {rnd}: {rec['outcome']}"
         line = summary(rnd, cfg.run.rounds, rec)
         if "dp_epsilon" in rec:
             line += f"; DP epsilon {rec['dp_epsilon']:.3g} at delta {cfg.dp.delta:g} so far"
@@ -570,12 +572,23 @@ class _Federation:
         return False
 
     def finish(self) -> None:
-        """The run end: recorded in the audit log (which is closed), ``status.json`` finished."""
+        """The run end: recorded in the audit log (which is closed), ``status.json`` finished;
+        or, when no round of the run committed, failed with why (the last round's outcome):
+        the initial model is not a result."""
         audit_log: str | None = None
+        failed = ""
+        if self.state.round == 0:
+            last = self.last_outcome or self.stop_reason or "no round ran"
+            failed = one_line(f"no round committed; the last: {last}")
         if self.audit is not None:
-            self.audit.run_end(self.stop_reason)
+            self.audit.run_end(failed or self.stop_reason, aborted=bool(failed))
             audit_log = str(self.audit.path)
             self.audit.close()
+        if failed:
+            log.error("run failed: %s", failed)
+            print(f"fedseal: the run failed: {failed}", flush=True)
+            self.run.status(phase="failed", reason=failed, run_id=self.run_id, audit_log=audit_log)
+            return
         final = self.run.checkpoints.model_path(self.state.round)
         early = {"stopped": self.stop_reason} if self.stop_reason else {}
         self.run.status(

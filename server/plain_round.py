@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedseal.protocol import records
 from fedseal.protocol.model import ModelVector
+from fedseal.protocol.types import site_sort_key
 from fedseal.server.exchange import FixedNodes, arrays_to_record, exchange_iter
 from fedseal.server.replies import error_reason, is_refusal, report_site_error
 from fedseal.server.rundir import Run
@@ -52,6 +53,8 @@ class PlainOutcome:
         seconds: The training stage's wall time.
         site_errors: Error replies (site, reason), refusals included.
         failure: Why nothing was aggregated (one line), and ``failure_kind``.
+        absent: Each sampled site without an accepted update, with why (as a secure round's
+            :attr:`~fedseal.server.secure_round.SecureOutcome.absent`).
     """
 
     mean: dict[str, npt.NDArray[np.float32]] | None
@@ -62,6 +65,7 @@ class PlainOutcome:
     site_errors: tuple[tuple[str, str], ...] = ()
     failure: str | None = None
     failure_kind: str | None = None
+    absent: tuple[tuple[str, str], ...] = ()
 
     def record(self) -> dict[str, Any]:
         """The round record's fields (``rounds.jsonl``), site errors aside."""
@@ -69,6 +73,8 @@ class PlainOutcome:
             "rejected": self.rejected, "train_s": self.seconds, "accepted": len(self.sites),
             "sites": list(self.sites),
         }
+        if self.absent:
+            rec["absent"] = dict(self.absent)
         if self.failure is not None:
             rec.update(failure=self.failure, failure_kind=self.failure_kind)
         return rec
@@ -142,6 +148,7 @@ def plain_round(
     rejected = 0
     accepted: list[str] = []
     site_errors: list[tuple[str, str]] = []
+    why: dict[str, str] = {}
     # Each update is added to the running sum as it arrives (memory: one model).
     for reply in exchange_iter(run.grid, msgs, run.cfg.run.stage_timeout_s):
         if reply.has_error():  # e.g. "refused: plain training is disabled at this site"
@@ -149,6 +156,7 @@ def plain_round(
             site = run.site_of(reply.metadata.src_node_id)
             report_site_error(run.metrics, rnd, site, reason, "train")
             site_errors.append((site, reason))
+            why[site] = reason if is_refusal(reason) else f"error: {reason}"
             run.metrics.rejected.labels(reason="site-refused" if is_refusal(reason) else "site-error").inc()
             rejected += 1
             continue
@@ -157,6 +165,9 @@ def plain_round(
             run.metrics.rejected.labels(reason=verdict).inc()
             rejected += 1
             log.warning("round %d: rejected reply from node %s: %s", rnd, reply.metadata.src_node_id, verdict)
+            node = int(reply.metadata.src_node_id)
+            if node in run.node_sites:
+                why[run.node_sites[node]] = f"rejected at train: {verdict}"
             continue
         site, n, upd = verdict
         for k, a in upd.items():
@@ -167,9 +178,15 @@ def plain_round(
         del reply, upd
     seconds = time.monotonic() - ts
     run.metrics.stage_seconds.labels(stage="train").observe(seconds)
+    sampled = sorted((run.node_sites[n] for n in nodes if n in run.node_sites), key=site_sort_key)
+    absent = tuple(
+        (site, why.get(site, f"dropped at train: no reply within {run.cfg.run.stage_timeout_s:g} s"))
+        for site in sampled
+        if site not in accepted
+    )
     outcome = PlainOutcome(
         mean=None, total_weight=total, sites=tuple(sorted(accepted)), rejected=rejected,
-        seconds=seconds, site_errors=tuple(site_errors),
+        seconds=seconds, site_errors=tuple(site_errors), absent=absent,
     )
     min_sites = run.cfg.run.min_sites
     if len(accepted) >= min_sites and total > 0:

@@ -66,8 +66,14 @@ def append_round(path: Path, rec: dict[str, Any]) -> None:
         f.write(json.dumps(rec, sort_keys=True) + "\n")
 
 
+MAX_ABSENT_NAMED = 8
+"""Sites named with their reason in a round's console line; the rest are in ``rounds.jsonl``."""
+
+
 def summary(round_: int, total: int, rec: dict[str, Any]) -> str:
-    """A round record as the operator's one console line."""
+    """A round record as the operator's one console line: outcome, sites, accuracy, time, and
+    every sampled site that is not in the sum with why (``absent``; at most
+    :data:`MAX_ABSENT_NAMED`, the rest counted)."""
     acc = rec.get("accuracy")
     parts = [
         f"round {round_}/{total}: {rec['outcome']}",
@@ -78,7 +84,13 @@ def summary(round_: int, total: int, rec: dict[str, Any]) -> str:
     if acc is not None:
         parts.append(f"accuracy {acc:.4f} macro-F1 {rec['macro_f1']:.4f} loss {rec['loss']:.4f}")
     parts.append(f"{rec['seconds']:.1f}s")
-    return ", ".join(parts)
+    line = ", ".join(parts)
+    absent = rec.get("absent") or {}
+    if absent:
+        named = [f"{site} ({why})" for site, why in list(absent.items())[:MAX_ABSENT_NAMED]]
+        more = len(absent) - len(named)
+        line += "; not in the sum: " + "; ".join(named) + (f"; and {more} more (rounds.jsonl)" if more else "")
+    return line
 
 
 def write_status(state_dir: Path, *, secure: bool, **fields: Any) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -46,11 +46,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from fedseal.protocol import records
 from fedseal.protocol.dp import DpParams
 from fedseal.protocol.model import ModelVector
+from fedseal.protocol.types import site_sort_key
 from fedseal.server.audit_hook import FailClosedAudit
 from fedseal.server.dp_round import DpPlan
 from fedseal.server.exchange import arrays_to_record, exchange_iter
 from fedseal.server.replies import (
     error_reason,
+    is_refusal,
     one_line,
     reply_payload,
     report_site_error,
@@ -102,6 +104,11 @@ class SecureOutcome:
         setup_with_evaluation: Its setup went out with the last evaluation.
         failure: Why it was abandoned (one line), and ``failure_kind`` (e.g. ``threshold``).
         survivors: For an abandoned round, the sites whose masked inputs it accepted.
+        absent: Each sampled site whose input is not in the sum (or, abandoned, that was not
+            among the survivors), with why, one line: ``refused: ...`` (its policy), ``error:
+            ...`` (its error reply), ``rejected at <stage>: ...`` (a reply that failed
+            verification: signature, dataset root, ...), ``dropped at <stage>: ...`` (no reply
+            before the stage closed, a transport failure).
         dp: The parameters of a DP round whose noisy sum the coordinator could unmask: a
             completed one (``mean_delta`` is then the unweighted noisy mean), or one abandoned
             after it accepted unmask responses from at least the setup's threshold of sites
@@ -121,10 +128,13 @@ class SecureOutcome:
     failure_kind: str | None = None
     survivors: tuple[str, ...] = ()
     dp: DpParams | None = None
+    absent: tuple[tuple[str, str], ...] = ()
 
     def record(self) -> dict[str, Any]:
         """The round record's fields (``rounds.jsonl``), site errors aside."""
         rec: dict[str, Any] = {"rejected": self.rejected}
+        if self.absent:
+            rec["absent"] = dict(self.absent)
         if self.setup_with_evaluation:
             rec["setup_with_evaluation"] = True
         rec.update((f"{stage}_s", seconds) for stage, seconds in self.stage_seconds)
@@ -326,7 +336,8 @@ class SecureCoordinator:
         def outcome(**fields: Any) -> SecureOutcome:
             return SecureOutcome(
                 rejected=rejected, stage_seconds=tuple(stage_seconds), site_errors=tuple(site_errors),
-                setup_with_evaluation=ahead is not None, **fields,
+                setup_with_evaluation=ahead is not None,
+                absent=absent_sites(site_of.values(), server, dict(site_errors)), **fields,
             )
 
         try:
@@ -417,6 +428,41 @@ class SecureCoordinator:
             dropouts=len(result.dropouts),
             dp=result.dp,
         )
+
+
+def absent_sites(
+    sampled: Iterable[str], server: Any, site_errors: Mapping[str, str]
+) -> tuple[tuple[str, str], ...]:
+    """Why each sampled site is not among the round's survivors (:class:`SecureOutcome`'s
+    ``absent``), in site order: its error reply if it sent one (a refusal as it is), else its
+    first dropout, ``rejected`` when a verification failure dropped it, else being left out of
+    a new setup attempt. A site with none of these in an abandoned round did its part: the
+    round's failure line says why it was abandoned."""
+    survivors = {str(s) for s in server.survivors}
+    dropouts: dict[str, Any] = {}
+    for d in server.dropouts:
+        dropouts.setdefault(str(d.site), d)
+    left_out: dict[str, int] = {}
+    for restart in server.restarts:
+        for s in restart.dropped:
+            left_out.setdefault(str(s), restart.attempt)
+    rejected = {(str(r.site), r.reason) for r in server.rejections}
+    out = []
+    for site in sorted(set(sampled) - survivors, key=site_sort_key):
+        error, d = site_errors.get(site), dropouts.get(site)
+        if error is not None:
+            why = error if is_refusal(error) else f"error: {error}"
+        elif d is not None:
+            verb = "rejected" if (site, d.reason) in rejected else "dropped"
+            why = f"{verb} at {d.stage.value}: {d.reason}"
+        elif site in left_out:
+            why = f"dropped at advertise: no key advert, left out of setup attempt {left_out[site]}"
+        elif server.stage.value == "failed":
+            continue
+        else:
+            why = "dropped: not in the round's cohort"
+        out.append((site, one_line(why)))
+    return tuple(out)
 
 
 def _unmaskable_dp(server: Any) -> DpParams | None:
