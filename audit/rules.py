@@ -48,7 +48,6 @@ __all__ = [
     "DP_RELATIVE_TOLERANCE",
     "MAX_EVALUATION_EXAMPLES",
     "SETUP_MESSAGE_TYPE",
-    "UNMASK_MESSAGE_TYPE",
     "RunRules",
     "dp_accounting",
 ]
@@ -66,9 +65,6 @@ SETUP_MESSAGE_TYPE = MessageKind.ROUND_SETUP.type_name
 """Envelope entries of this type are the coordinator's own signed round setups (one per setup
 attempt; ``site`` is ``""``, the setup's sender): the parameters every site of the round saw,
 bound by the setup digest in the header of every later message of the round."""
-UNMASK_MESSAGE_TYPE = MessageKind.UNMASK_RESPONSE.type_name
-"""Envelope entries of this type are a round's unmask responses: with ``threshold`` of them
-the coordinator can remove the masks, i.e. it may know the round's (noisy) sum."""
 
 _LIMITS = Limits()
 
@@ -146,10 +142,9 @@ class _Run:
     dp_round: int = 0  # the last round whose DP accounting is logged
     dp_epsilon: float = 0.0  # the run's epsilon after its last logged DP round
     # The open round: its logged setups by digest, the setup digest each accepted masked
-    # input binds, the sites whose unmask responses were accepted.
+    # input binds.
     setups: dict[bytes, RoundSetup] = field(default_factory=dict)
     input_setups: dict[str, bytes] = field(default_factory=dict)
-    unmasked: set[str] = field(default_factory=set)
     # The last round's DP parameters (its signed setup's) when it released a sum: its DP
     # accounting entry is due before the next result or the run end.
     dp_due: DpParams | None = None
@@ -236,6 +231,14 @@ class RunRules:
             self._dp_round(run, entry)
         else:
             self._require_dp_accounting(run, "the run end")
+            if run.inputs:
+                # Accepted masked inputs end in a result: else a DP round whose sum the
+                # coordinator holds could be left out of the accounting by ending the run.
+                raise RuleViolation(
+                    "run-end",
+                    f"run ends while round {run.last_round + 1} holds accepted masked inputs "
+                    "and no result",
+                )
             if entry.final_round != run.last_round:
                 raise RuleViolation(
                     "run-end",
@@ -424,8 +427,6 @@ class RunRules:
             bound = _bound_setup_digest(e.payload)
             if bound is not None:
                 run.input_setups[e.site] = bound
-        elif e.message_type == UNMASK_MESSAGE_TYPE:
-            run.unmasked.add(e.site)
         return SignatureJob(index, site.key_der, e, data)
 
     def _setup(self, index: int, run: _Run, e: EnvelopeRecord, data: bytes) -> SignatureJob:
@@ -500,7 +501,7 @@ class RunRules:
         if replay:
             dp_due, required = None, run.dp_budget is not None and e.status == RoundStatus.COMPLETED
         else:
-            dp_due = self._released_dp(run, e.round, e.status == RoundStatus.COMPLETED)
+            dp_due = self._released_dp(run, e.round)
             required = dp_due is not None
         if e.status == RoundStatus.COMPLETED:
             run.rounds_completed += 1
@@ -511,15 +512,13 @@ class RunRules:
         run.model = e.new_model_digest
         run.models[e.round] = e.new_model_digest
         run.inputs = {}
-        run.setups, run.input_setups, run.unmasked = {}, {}, set()
+        run.setups, run.input_setups = {}, {}
         run.dp_due, run.dp_required, run.dp_unchecked = dp_due, required, replay
 
-    def released_dp(self, *, completed: bool) -> DpParams | None:
-        """The DP parameters of the open round if a result (``completed`` or failed) would
-        say it released a noisy sum to the coordinator: the accounting then due with it
-        (``None`` for no run, no released sum or no DP). The writer fills in a failed
-        round's accounting with it (a coordinator restarted mid-round does not know whether
-        its sum had been unmasked; the logged unmask responses do).
+    def released_dp(self) -> DpParams | None:
+        """The DP parameters of the open round if its result will owe DP accounting (it
+        accepted masked inputs in a DP run), else ``None``. The writer fills in a failed
+        round's accounting with it (e.g. for a coordinator restarted mid-round).
 
         Raises:
             RuleViolation: As a result of the open round would (e.g. its setup is missing).
@@ -527,16 +526,18 @@ class RunRules:
         run = self.run
         if run is None:
             return None
-        return self._released_dp(run, run.last_round + 1, completed)
+        return self._released_dp(run, run.last_round + 1)
 
-    def _released_dp(self, run: _Run, r: int, completed: bool) -> DpParams | None:
+    def _released_dp(self, run: _Run, r: int) -> DpParams | None:
         """The DP parameters of round ``r`` if its result released a noisy sum to the
         coordinator (its DP accounting is then due), checked against its signed setup.
 
         The round's setup is the logged one whose digest its accepted masked inputs bind (of
-        several attempts, the one whose cohort produced them). A sum is released when the
-        round completed, or when it failed after the coordinator accepted unmask responses
-        from at least the setup's threshold of sites (it could remove the masks). A DP run
+        several attempts, the one whose cohort produced them). A round counts as released
+        as soon as it accepted a masked input, completed or not: whether the coordinator could
+        remove the masks cannot be told from the log (it may leave unmask responses out, or
+        hold colluders' shares it never logs), and the sites charged their ledgers before
+        sending (docs/dp.md §7). A DP run
         must log the setup of every round with inputs; a setup with DP parameters needs a
         DP run, and a DP run's released sums need DP.
         """
@@ -560,11 +561,6 @@ class RunRules:
                 "setup", f"round {r}'s inputs come from sites outside its setup's cohort"
             )
         dp = setup.params.dp
-        released = completed or len(run.unmasked & cohort) >= max(
-            1, setup.params.threshold
-        )
-        if not released:
-            return None
         if dp is not None and run.dp_budget is None:
             raise RuleViolation(
                 "dp-setup",
@@ -631,7 +627,7 @@ class RunRules:
             how = (
                 "completed"
                 if run.last_status == RoundStatus.COMPLETED
-                else "was abandoned after its noisy sum could be unmasked,"
+                else "was abandoned after it accepted masked inputs,"
             )
             raise RuleViolation(
                 "dp-round",
@@ -657,8 +653,8 @@ class RunRules:
         if signed is None and not run.dp_unchecked:
             raise RuleViolation(
                 "dp-round",
-                f"DP accounting of round {e.round}, which released nothing (failed before its "
-                "sum could be unmasked)",
+                f"DP accounting of round {e.round}, which released nothing (failed before it "
+                "accepted a masked input)",
             )
         logged = e.params  # it decodes (DpRound's own invariant)
         if signed is not None and logged != signed:

@@ -55,7 +55,7 @@ from fedseal.audit.entries import (
     RunEnd,
 )
 from fedseal.audit.errors import AuditVerificationError, RuleViolation
-from fedseal.audit.rules import RunRules
+from fedseal.audit.rules import RunRules, dp_accounting
 from fedseal.audit.signatures import (
     JobFailure,
     SignatureBatchCheck,
@@ -122,6 +122,25 @@ class VerifiedLog:
     signed_entries: int = 0
     open_run: bool = False
     dp_runs: tuple[tuple[str, int, float, float], ...] = ()
+
+
+def _count_open_dp_round(sem: RunRules, dp_runs: dict[bytes, tuple[int, float, float]]) -> list[str]:
+    """Count the open round of an open DP run in ``dp_runs`` when it accepted masked inputs
+    (the coordinator holds them: released, docs/dp.md §7), though its result is not logged
+    yet; return the warning that says so (none if there is no such round)."""
+    run = sem.run
+    try:
+        pending = sem.released_dp()
+    except RuleViolation as exc:  # e.g. its setup is missing: the result would be refused
+        return [f"the open round of run {run.run_id.hex() if run else ''} cannot be accounted: {exc.detail}"]
+    if run is None or pending is None or run.dp_budget is None:
+        return []
+    rho, eps = dp_accounting(pending.to_bytes(), run.dp_rhos, run.dp_budget[1])
+    dp_runs[run.run_id] = (len(run.dp_rhos) + 1, eps, run.dp_budget[1])
+    return [
+        f"run {run.run_id.hex()}: round {run.last_round + 1} accepted masked inputs and has no "
+        f"result yet: its privacy is counted (rho {rho:.4g}, epsilon {eps:.4g} so far)"
+    ]
 
 
 class AuditVerifier:
@@ -470,11 +489,13 @@ class AuditVerifier:
                 "anyone who can write the file can append them)"
             )
         runs = [(r.hex(), s.name.lower() if s else "open", c, f) for r, s, c, f, _ in sem.runs]
+        dp_runs = dict(sem.dp_runs)
         if sem.run is not None:
             warnings.append(f"run {sem.run.run_id.hex()} has not ended")
             runs.append(
                 (sem.run.run_id.hex(), "open", sem.run.rounds_completed, sem.run.rounds_failed)
             )
+            warnings.extend(_count_open_dp_round(sem, dp_runs))
         if self._progress is not None:
             self._progress(n)
         return VerifiedLog(
@@ -498,7 +519,7 @@ class AuditVerifier:
             evaluations=evaluations,
             signed_entries=covered,
             open_run=sem.run is not None,
-            dp_runs=tuple((r.hex(), *v) for r, v in sem.dp_runs.items()),
+            dp_runs=tuple((r.hex(), *v) for r, v in dp_runs.items()),
         )  # fmt: skip
 
     def _check_head(

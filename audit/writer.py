@@ -486,10 +486,11 @@ class AuditLog:
         )
         metric_values = metric_items(metrics)
         if dp_params is None and status == RoundStatus.FAILED:
-            # A failed round whose logged unmask responses show its noisy sum was released
-            # (e.g. written by a coordinator restarted mid-round) carries its accounting too.
+            # A failed DP round that accepted masked inputs counts as released (the rules'
+            # released_dp), e.g. one a coordinator restarted mid-round writes: its accounting
+            # goes with it.
             with contextlib.suppress(RuleViolation):  # the result's own check then names it
-                released = self._sem.released_dp(completed=False)
+                released = self._sem.released_dp()
                 dp_params = None if released is None else released.to_bytes()
         entry = RoundRecord(
             run.run_id, round, RoundStatus(status), run.model, surv, digests, aggregate_digest,
@@ -498,7 +499,7 @@ class AuditLog:
         self._require_covered()
         if dp_params is not None:
             # One durable commit: a crash cannot leave a DP round without its accounting
-            # (a failed round's too: its sum was unmasked, its privacy spent).
+            # (a failed round's too: it accepted masked inputs, its privacy counts as spent).
             index = self._append_many([entry, self._dp_entry(run, round, dp_params)])[0]
         else:
             index = self._append(entry)

@@ -162,7 +162,8 @@ class DpPolicyError(WeakRoundError):
 
 
 class DpRequiredError(DpPolicyError):
-    """The site requires distributed DP (``SitePolicy.dp_required``) and the setup has none."""
+    """The site requires distributed DP (``SitePolicy.dp_required``) and the setup has none (or
+    one that adds no noise)."""
 
 
 def check_colluding_fraction(value: object, where: str) -> None:
@@ -384,6 +385,10 @@ def _validate_dp_shape(params: RoundParameters, dp: DpParams, limits: Limits) ->
         )
 
 
+NOISE_FLOOR_SLACK = 1e-3
+""":func:`check_dp_round`'s relative slack on the noise floor."""
+
+
 def check_dp_round(
     params: RoundParameters,
     cohort_size: int,
@@ -398,8 +403,14 @@ def check_dp_round(
     * Honest shares: the ``h = min_survivors - floor(colluding_fraction * n)`` this party
       counts on must be at least the ``dp.honest_survivors`` the noise (and the ledger's
       accounting) assumes (parameter ``min_survivors``).
-    * Noise floor: ``sqrt(h) * local_stddev * gamma / clip >= min_noise_multiplier``
-      (parameter ``local_stddev``).
+    * Noise floor: ``sqrt(h) * local_stddev / Delta >= min_noise_multiplier`` (parameter
+      ``local_stddev``), ``Delta`` the rounded sensitivity in grid units
+      (``dp.norm_bound``, at least ``clip / gamma``): the noise relative to what one site can
+      move the sum, so a coarse grid cannot pass the floor with noise that is small next to
+      its rounding (found by review: ``clip / gamma = 3`` passed a floor of 5 at 32 times the
+      floor's rho). Met within :data:`NOISE_FLOOR_SLACK` (a coordinator calibrating to
+      ``clip / gamma`` at a fine grid is ~1e-6 below). With ``dp_required``, no noise at all
+      is refused whatever the floor.
     * Modulus: :func:`fedseal.protocol.dp.bits_needed` for all ``n`` cohort members' shares
       (the sum wraps with probability <= 2^-40) must not exceed ``modulus_bits``.
 
@@ -426,11 +437,17 @@ def check_dp_round(
             "are guaranteed",
             parameter="min_survivors",
         )
-    multiplier = math.sqrt(honest) * dp.local_stddev * dp.gamma / dp.clip
-    if multiplier < min_noise_multiplier:
+    if dp_required and dp.local_stddev == 0.0:
+        raise DpRequiredError(
+            "this site takes part only in rounds with distributed DP, the setup adds no noise",
+            parameter="local_stddev",
+        )
+    multiplier = math.sqrt(honest) * dp.local_stddev / dp.norm_bound
+    if multiplier < min_noise_multiplier * (1.0 - NOISE_FLOOR_SLACK):
         raise DpPolicyError(
-            f"central noise multiplier {multiplier:.6g} over {honest} honest survivors is "
-            f"below this site's floor {min_noise_multiplier:.6g}",
+            f"central noise multiplier {multiplier:.6g} over {honest} honest survivors (noise "
+            f"over the rounded sensitivity, {dp.norm_bound:.6g} grid units for clip/gamma "
+            f"{dp.scaled_clip:.6g}) is below this site's floor {min_noise_multiplier:.6g}",
             parameter="local_stddev",
         )
     needed = bits_needed(dp, cohort_size)

@@ -41,10 +41,10 @@ coordinator (site ``""``: its sender). Every later message of the round binds it
 so ``fl-audit verify`` can match a round's DP accounting against the DP parameters its sites
 signed for (:mod:`fedseal.audit.rules`).
 
-Distributed DP: a round whose noisy sum the coordinator could unmask spends privacy whether it
-commits or not (completed, or abandoned after at least the setup's threshold of unmask
-responses, e.g. the strategy returned no model or the checkpoint could not be written): its
-:class:`~fedseal.audit.entries.DpRound` follows its round result, failed or not.
+Distributed DP: a round that accepted a masked input counts as released whether it commits or
+not (the coordinator holds the inputs; whether it could remove the masks cannot be told from
+the log): its :class:`~fedseal.audit.entries.DpRound` goes into its round result's commit,
+failed or not.
 """
 
 from __future__ import annotations

@@ -48,11 +48,12 @@ evaluation abandons that round rather than set it up twice.
 
 Distributed DP (``server.toml [dp]``, secure runs only): each round's DP parameters go out in
 its setup (:mod:`fedseal.server.dp_round`; each setup is logged), the privacy accounting (ρ,
-the run's ε so far) of every round whose noisy sum the coordinator could unmask is logged with
-its result: a committed round's, and one abandoned after that (the strategy returned no model,
-the checkpoint could not be written, or the protocol failed after at least the setup's
-threshold of unmask responses), whose ε also shows in ``rounds.jsonl`` and on the console; a
-round abandoned before spends nothing here (its sites charged their own ledgers). Before each
+the run's ε so far) of every round that accepted a masked input is logged with its result: a
+committed round's, and an abandoned one's (the strategy returned no model, the checkpoint
+could not be written, the protocol failed after the masked inputs), whose ε also shows in
+``rounds.jsonl`` and on the console: whether the coordinator could remove the masks cannot be
+told from the log, so the accounting assumes it could, as the sites' ledgers do; a round
+abandoned before any masked input spends nothing. Before each
 round (and before its setup rides on an
 evaluation) the coordinator checks that it stays within ``[dp] epsilon`` at ``delta``: if not,
 the run ends there, committed, its run end saying "privacy budget reached", and so does the

@@ -109,10 +109,9 @@ class SecureOutcome:
             ...`` (its error reply), ``rejected at <stage>: ...`` (a reply that failed
             verification: signature, dataset root, ...), ``dropped at <stage>: ...`` (no reply
             before the stage closed, a transport failure).
-        dp: The parameters of a DP round whose noisy sum the coordinator could unmask: a
-            completed one (``mean_delta`` is then the unweighted noisy mean), or one abandoned
-            after it accepted unmask responses from at least the setup's threshold of sites
-            (it spends privacy all the same); else ``None``.
+        dp: The parameters of a DP round that counts as released: a completed one
+            (``mean_delta`` is then the unweighted noisy mean), or one abandoned after it
+            accepted a masked input (it spends privacy all the same); else ``None``.
     """
 
     mean_delta: npt.NDArray[np.float64] | None
@@ -416,7 +415,7 @@ class SecureCoordinator:
             )
             return outcome(
                 mean_delta=None, failure=one_line(f"{type(exc).__name__}: {exc}"), failure_kind=kind,
-                survivors=survivors, dp=_unmaskable_dp(server),
+                survivors=survivors, dp=_released_dp(server),
             )
         run.metrics.accepted.inc(len(result.survivors))
         self._log_envelopes(rnd, server.log, logged)
@@ -465,19 +464,18 @@ def absent_sites(
     return tuple(out)
 
 
-def _unmaskable_dp(server: Any) -> DpParams | None:
-    """The DP parameters of an abandoned round whose noisy sum the coordinator could have
-    unmasked: it accepted unmask responses from at least the setup's threshold of sites (the
-    rule ``fl-audit verify`` applies to the logged envelopes); else ``None``."""
+def _released_dp(server: Any) -> DpParams | None:
+    """The DP parameters of an abandoned round that accepted a masked input: it counts as
+    released (the rule ``fl-audit verify`` applies: whether the coordinator could remove the
+    masks cannot be told from the log, and the sites charged their ledgers before sending);
+    else ``None``."""
     from fedseal.protocol import Accepted, MessageKind
 
     params = server.setup.params
     if params.dp is None:
         return None
-    responders = {
-        r.site for r in server.log if isinstance(r, Accepted) and r.kind == MessageKind.UNMASK_RESPONSE
-    }
-    return params.dp if len(responders) >= max(1, params.threshold) else None
+    inputs = any(isinstance(r, Accepted) and r.kind == MessageKind.MASKED_INPUT for r in server.log)
+    return params.dp if inputs else None
 
 
 def setup_with_evaluation(

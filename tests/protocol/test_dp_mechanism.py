@@ -93,6 +93,13 @@ def test_sampler_edge_cases() -> None:
             dg.sample_discrete_gaussian(bad, 3, src)
 
 
+@pytest.mark.parametrize("sigma", [1e-12, 1e-9, 1e-5, 0.05])
+def test_a_tiny_sigma_gives_zeros_as_its_pmf_says(sigma: float) -> None:
+    # P(X != 0) <= 2 exp(-1 / (2 sigma^2)): below 1e-86 for sigma <= 0.05. A rejection count
+    # y^2 / (2 sigma^2) past 2^63 used to overflow int64 and accept (sigma 1e-12: variance 1.8).
+    assert not dg.sample_discrete_gaussian(sigma, 20_000, _seeded(bytes(32))).any()
+
+
 def test_same_seed_same_samples_and_the_default_source_is_fresh() -> None:
     a = dg.sample_discrete_gaussian(10.0, 1000, _seeded(bytes(32)))
     assert np.array_equal(a, dg.sample_discrete_gaussian(10.0, 1000, _seeded(bytes(32))))

@@ -379,6 +379,29 @@ def test_a_site_refuses_noise_below_its_floor() -> None:
         assert "below this site's floor" in str(error)
 
 
+def test_a_coarse_grid_cannot_pass_the_floor_with_noise_small_next_to_its_rounding() -> None:
+    # clip/gamma = 3 grid units, but rounding a 32-dimensional vector inflates the sensitivity
+    # to Delta ~ 4.7: noise at 5x the clip (the old floor's reading) is only ~3.2x Delta.
+    config = dp_config(gamma=CLIP / 3, noise_multiplier=5.0)
+    assert config.dp is not None and config.dp.norm_bound > 1.5 * config.dp.scaled_clip
+    fed, _ = dp_fed(config, site_policy=SitePolicy(min_noise_multiplier=5.0))
+    outcome = fed.run_round(1)
+    assert outcome.result is None and set(outcome.client_errors) == set(fed.sites)
+    for error in outcome.client_errors.values():
+        assert isinstance(error, DpPolicyError) and error.parameter == "local_stddev"
+        assert "rounded sensitivity" in str(error)
+    # At a fine grid the same multiplier passes (Delta is the clip to within 1e-6).
+    committed(dp_fed(dp_config(noise_multiplier=5.0), site_policy=SitePolicy(min_noise_multiplier=5.0))[0].run_round(1))
+
+
+def test_a_site_requiring_dp_refuses_a_dp_setup_without_noise_whatever_its_floor() -> None:
+    fed, _ = dp_fed(dp_config(noise_multiplier=0.0), site_policy=SitePolicy(dp_required=True))
+    outcome = fed.run_round(1)
+    assert outcome.result is None and set(outcome.client_errors) == set(fed.sites)
+    for error in outcome.client_errors.values():
+        assert isinstance(error, DpRequiredError) and error.parameter == "local_stddev"
+
+
 class SwapDp(Behaviour):
     """A coordinator that signs setups with other DP parameters than its config's."""
 

@@ -213,19 +213,19 @@ def test_a_round_abandoned_after_its_noisy_sum_was_unmasked_still_spends_privacy
     with pytest.raises(AuditVerificationError) as err:
         verify_log(omitted, coordinator_key=key)
     assert err.value.check == "dp-round"
-    assert "round 1 of a DP run was abandoned after its noisy sum could be unmasked" in str(err.value)
+    assert "round 1 of a DP run was abandoned after it accepted masked inputs" in str(err.value)
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.usefixtures("serverapp_identity")
-def test_a_round_abandoned_before_unmasking_spends_nothing(
+def test_a_round_abandoned_before_any_masked_input_spends_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fedseal.audit.entries import RoundStatus
     from fedseal.protocol import records
 
-    # site-c answers round 1's setup with an error: the round is abandoned before any sum
-    # exists, so nothing is released (site-c's own ledger is its business).
+    # site-c answers round 1's setup with an error: the round is abandoned before any masked
+    # input, so nothing is released (site-c's own ledger is its business).
     stage = records.message_type("train", records.SECURE_STAGE)
     fx = _dp_federation(
         tmp_path, "epsilon = 8.0\n", rounds=2, **{"site-c": {"error_at": (1, stage, "disk error")}}
