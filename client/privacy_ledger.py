@@ -303,10 +303,9 @@ class PrivacyLedger:
                     return old
                 updated = [*charges[:index], new, *charges[index + 1 :]]
             if budget is not None and (index is None or new.rho > charges[index].rho):
-                before = epsilon([c.rho for c in charges], budget.delta)
                 after = epsilon([c.rho for c in updated], budget.delta)
-                if after > budget.epsilon:
-                    raise BudgetExceededError(before, after, budget)
+                if after > budget.epsilon:  # (ε before: only for the message)
+                    raise BudgetExceededError(epsilon([c.rho for c in charges], budget.delta), after, budget)
             self._write(updated)
             return new
 
