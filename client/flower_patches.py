@@ -30,6 +30,18 @@ The patches (all installed by :func:`install`, except :func:`set_message_id`):
    failed AgentApp task (``CLIENT_APP_RAISED_EXCEPTION``), so the coordinator sees a dropout.
 5. **Message ids** (:func:`set_message_id`): a message rebuilt from its object tree carries no
    id in its deflated form; the executor writes it as Flower's own ``pull_task_input`` does.
+
+Not a patch, but Flower internals the site calls directly, kept here for the same reason:
+
+6. **Ending a stale session** (:func:`end_session`): a SuperNode that was killed (``kill -9``,
+   power loss) never sends Flower's ``DeactivateNode``, and the SuperLink keeps its node
+   ``ONLINE`` until ``HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL`` (2 x 30 s) after its last
+   heartbeat; until then ``SqlLinkState.activate_node`` refuses the restarted SuperNode (only a
+   ``REGISTERED`` or ``OFFLINE`` node is activated) and it exits with code 305, "Failed to
+   activate SuperNode", the same answer an unregistered key gets. :func:`end_session` sends that
+   ``DeactivateNode`` late, for the node id the site recorded, signed with the site key through
+   Flower's own Fleet client (``FleetHttpClient`` + ``NodeAuthHttpInterceptor``); the
+   SuperLink's answer also tells "previous session ended" from "this key is not registered".
 """
 
 from __future__ import annotations
@@ -41,22 +53,29 @@ import logging
 import time
 import types
 from collections.abc import Callable
+from enum import Enum
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedseal.client.errors import SiteError
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from fedseal.settings import PullBackoff
 
 __all__ = [
     "FLOWER_VERSIONS",
     "LOCAL_WAIT_S",
     "RunEndedError",
+    "SessionEnd",
     "check_flower_version",
+    "end_session",
     "has_unsent_reply",
     "install",
     "require_supported_flower",
+    "session_window_s",
     "set_message_id",
 ]
 
@@ -71,7 +90,9 @@ _PATCHED_MODULE = "flwr.supernode.start_client_internal"
 PATCHED_CALL = "time.sleep(3)"
 # The main loop's shape the stranded-reply patch relies on (whitespace removed): it tests the
 # pull's result for None, and only otherwise pushes.
-LOOP_PUSH_AFTER_PULL = "ifrun_idisNone:#Ifnomessagewasreceived,waitforawhiletime.sleep(3)continue_push_messages("
+LOOP_PUSH_AFTER_PULL = (
+    "ifrun_idisNone:#Ifnomessagewasreceived,waitforawhiletime.sleep(3)continue_push_messages("
+)
 _PINNED = " or ".join(f"flwr=={v}.*" for v in FLOWER_VERSIONS)
 
 
@@ -145,7 +166,9 @@ def _pull_objects_of_a_running_run(
         try:
             return pull_objects(*args, **{**defaults, **kwargs})
         except RunNotRunningException:
-            raise RunEndedError("the run is no longer running (the coordinator restarted or ended it)") from None
+            raise RunEndedError(
+                "the run is no longer running (the coordinator restarted or ended it)"
+            ) from None
 
     pull.__wrapped__ = pull_objects  # type: ignore[attr-defined]
     return pull
@@ -172,7 +195,9 @@ def node_state_is_readable() -> bool:
     return all(
         name in source
         for name in (
-            "self.lock_msg_store", "self.msg_store", "entry.is_retrieved",
+            "self.lock_msg_store",
+            "self.msg_store",
+            "entry.is_retrieved",
             "def finish_task(self, task_id: int, sub_status: str, details: str)",
             "def _store_error_replies(self, run_ids: set[int], error: Error)",
         )
@@ -206,16 +231,24 @@ def error_reply_on_failed_client_task(finish_task: Callable[..., bool]) -> Calla
         if finished and sub_status == SubStatus.FAILED:
             tasks = self.get_tasks(task_ids=[task_id])
             if tasks and tasks[0].type == TaskType.CLIENT_APP:
-                log.warning("ClientApp task %d failed without a reply (%s): replying with an error", task_id, details)
+                log.warning(
+                    "ClientApp task %d failed without a reply (%s): replying with an error",
+                    task_id,
+                    details,
+                )
                 reason = f"the site's ClientApp task failed: {details}"[:500]
-                self._store_error_replies({tasks[0].run_id}, Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason))
+                self._store_error_replies(
+                    {tasks[0].run_id}, Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason)
+                )
         return finished
 
     finish.__wrapped__ = finish_task  # type: ignore[attr-defined]
     return finish
 
 
-def install(poll_s: float, backoff: PullBackoff | None = None, local_wait_s: float | None = None) -> None:
+def install(
+    poll_s: float, backoff: PullBackoff | None = None, local_wait_s: float | None = None
+) -> None:
     """Cap the SuperNode loop's idle sleep at ``poll_s`` seconds; pull objects with ``backoff``.
 
     ``backoff`` None keeps Flower's object-pull back-off (1 s, doubling to 10 s).
@@ -252,3 +285,68 @@ def install(poll_s: float, backoff: PullBackoff | None = None, local_wait_s: flo
     InMemoryNodeState.finish_task = error_reply_on_failed_client_task(  # type: ignore[method-assign]
         getattr(finish_task, "__wrapped__", finish_task)
     )
+
+
+class SessionEnd(Enum):
+    """What the SuperLink answered to :func:`end_session`."""
+
+    ENDED = "ended"  # the node was still ONLINE (a killed SuperNode's session): now OFFLINE
+    NOT_ONLINE = "not online"  # registered to this key, already OFFLINE: nothing to end
+    NOT_REGISTERED = "not registered"  # the key does not own that node id (revoked, re-enrolled)
+    UNKNOWN = "unknown"  # no answer (unreachable, timeout, a 5xx): nothing can be concluded
+
+
+def session_window_s() -> float:
+    """How long the SuperLink keeps a silent SuperNode ``ONLINE`` after its last heartbeat:
+    ``HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL`` (the interval a SuperNode announces)."""
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
+    return float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)
+
+
+def end_session(
+    superlink: str,
+    ca_cert: Path | None,
+    key: ec.EllipticCurvePrivateKey,
+    node_id: int,
+    timeout_s: float = 10.0,
+) -> tuple[SessionEnd, str]:
+    """Send Flower's ``DeactivateNode`` for ``node_id``, signed with ``key``, to ``superlink``
+    over TLS pinned to ``ca_cert``; returns the outcome and a short detail for the log.
+
+    The SuperLink authenticates the request (a signed timestamp, and ``node_id`` must be the
+    node registered to this public key: else HTTP 401), then deactivates the node only if it is
+    ``ONLINE`` (else 412, ``FLEET_NODE_DEACTIVATION_FAILED``).
+    """
+    import httpx
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    require_supported_flower()
+    client = FleetHttpClient(
+        f"https://{superlink}",
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+            NodeAuthHttpInterceptor(key, key.public_key()),
+        ],
+        verify=str(ca_cert) if ca_cert is not None else True,
+        timeout=timeout_s,
+    )
+    try:
+        with client:
+            client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+    except httpx.HTTPStatusError as exc:
+        code = exc.response.status_code
+        if code == httpx.codes.UNAUTHORIZED:
+            return (
+                SessionEnd.NOT_REGISTERED,
+                f"node {node_id} is not registered to this key (HTTP 401)",
+            )
+        if code == httpx.codes.PRECONDITION_FAILED:
+            return SessionEnd.NOT_ONLINE, f"node {node_id} is not online (HTTP 412)"
+        return SessionEnd.UNKNOWN, f"HTTP {code}"
+    except (httpx.HTTPError, OSError, ValueError) as exc:
+        return SessionEnd.UNKNOWN, f"{type(exc).__name__}: {exc}"
+    return SessionEnd.ENDED, f"node {node_id} was still online: deactivated"

@@ -4,26 +4,42 @@ Steps (each failure stops the site with a message naming the step):
 
 0. establish the site's trust anchor (``[trust]`` roster, ``[peers]``): a site that knows no
    peer but itself is refused at once (step ``trust``);
+   then the start-up checks (step ``start-up``, one line naming the file or port, before the
+   dataset, the coordinator or the SuperNode is touched): no other ``fl-client run`` uses the
+   state directory, ``coordinator.ca_cert`` is a readable PEM certificate file,
+   ``coordinator.public_key`` loads, and ``runtime.port`` is free on 127.0.0.1;
 1. load the site key (``site.key``, 0600; passphrase from the env variable named in the config);
 2. re-attest the dataset (:func:`fedseal.client.data.verify_dataset`: the shards must be
    exactly what the manifest describes) and compare its root with ``data.approved_root``, the
    root the coordinator enrolled; a changed dataset is refused unless ``--re-enrol`` is given
    (then the new root is used and the coordinator must approve it: ``fl-server enroll``);
 3. pre-flight the coordinator's Fleet address: a TLS handshake against the pinned CA (or, with
-   ``insecure``, a plain HTTP request), so "wrong CA" and "no TLS" fail here, clearly;
-4. start ``flower-supernode --isolation process`` (via :mod:`fedseal.client.supernode`, which
+   ``insecure``, a plain HTTP request), so "wrong CA" and "no TLS" fail here, clearly; while the
+   coordinator cannot be reached the site says so and retries with back-off (1 s doubling to
+   30 s) until it answers or SIGTERM/SIGINT stops the site;
+4. end this site's previous session if the coordinator still holds it (a site stopped without
+   signing off, e.g. ``kill -9``: Flower's SuperLink keeps its node online for up to 60 s and
+   refuses to activate it again meanwhile; :func:`fedseal.client.flower_patches.end_session`
+   signs Flower's ``DeactivateNode`` for the node id the site recorded), then start
+   ``flower-supernode --isolation process`` (via :mod:`fedseal.client.supernode`, which
    shortens its 3 s idle poll) with the site key as its authentication key
    (Flower wants an unencrypted OpenSSH-format file: written 0600 into the state directory and
-   deleted as soon as the SuperNode has read it), Runtime API on 127.0.0.1;
+   deleted as soon as the SuperNode has read it), Runtime API on 127.0.0.1. If the coordinator
+   still refuses to activate a site that has a previous session on record, the site says
+   "previous session still registered, retrying in N s" and retries for that 60 s window; a
+   key the coordinator does not know (not enrolled, or revoked) is refused with that reason;
 5. run :class:`fedseal.client.executor.PinnedExecutor` until SIGTERM/SIGINT or the SuperNode exits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import http.client
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -31,9 +47,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -44,13 +60,32 @@ from fedseal.settings import Environment, SettingsError
 
 if TYPE_CHECKING:
     from fedseal.audit.receipts import SiteReceipts
+    from fedseal.client.flower_patches import SessionEnd
     from fedseal.client.trust import SiteTrust
 
-__all__ = ["SiteRunError", "run_site"]
+__all__ = ["SiteRunError", "check_start_up", "run_site", "wait_for_coordinator"]
 
 log = logging.getLogger("fedseal.client")
 
-AUTH_FAILED_MARKERS = ("Failed to activate SuperNode", "401", "Invalid SuperNode authentication", "not registered", "PERMISSION_DENIED")
+AUTH_FAILED_MARKERS = (
+    "Failed to activate SuperNode",
+    "401",
+    "Invalid SuperNode authentication",
+    "not registered",
+    "PERMISSION_DENIED",
+)
+#: What Flower's SuperNode logs when the SuperLink refuses ``ActivateNode`` (exit code 305): the
+#: key is not registered, or its node is still ONLINE (a previous session not yet expired).
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+_NODE_ID_LINE = re.compile(rb"SuperNode ID: (\d+)")
+#: Waits between retries while the coordinator cannot be reached: 1 s, doubling, at most 30 s.
+WAIT_BACKOFF_S = (1.0, 30.0)
+#: Waits between activation retries while a previous session may still be registered.
+ACTIVATION_RETRY_S = (5.0, 15.0)
+#: Seconds added to Flower's session window (2 x 30 s) before a refusal is taken as final.
+ACTIVATION_MARGIN_S = 15.0
+#: How long a busy port may take to be released by a process that is ending.
+PORT_GRACE_S = 3.0
 
 
 class SiteRunError(SiteError):
@@ -69,7 +104,7 @@ def _pdeathsig() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def _load_key(cfg: ClientConfig) -> object:
+def _load_key(cfg: ClientConfig) -> ec.EllipticCurvePrivateKey:
     from fedseal.crypto.errors import KeyFormatError
     from fedseal.crypto.keys import load_private_key
 
@@ -112,45 +147,66 @@ def attest_dataset(cfg: ClientConfig, *, re_enrol: bool) -> str:
     return root
 
 
-def preflight(cfg: ClientConfig, timeout: float = 10.0, wait_s: float = 120.0) -> None:
-    """Check that the coordinator's Fleet address speaks the expected protocol.
+def wait_for_coordinator(
+    cfg: ClientConfig,
+    stop: threading.Event,
+    on_info: Callable[[str], None],
+    timeout: float = 10.0,
+    backoff: tuple[float, float] = WAIT_BACKOFF_S,
+) -> bool:
+    """Check that the coordinator's Fleet address speaks the expected protocol, waiting for it.
 
-    A refused connection is retried for ``wait_s`` seconds (the coordinator may start after
-    its sites); protocol errors fail at once.
+    While it cannot be reached (refused, no route, unresolved name, timeout) the site prints
+    that it is waiting and why, and retries after ``backoff[0]`` seconds, doubling up to
+    ``backoff[1]``, until it answers or ``stop`` is set. Protocol errors fail at once.
+
+    Returns:
+        True once the coordinator answered; False if ``stop`` was set first.
 
     Raises:
-        SiteRunError: Unreachable, TLS handshake failure (wrong CA, no TLS), or TLS where
-            plain HTTP was configured.
+        SiteRunError: TLS handshake failure (wrong CA, no TLS), or TLS where plain HTTP was
+            configured.
     """
-    deadline = time.monotonic() + wait_s
-    while True:
+    delay, cap = backoff
+    waited = False
+    while not stop.is_set():
         try:
             _probe(cfg, timeout)
-            return
         except SiteRunError as exc:
-            if exc.step != "connect" or time.monotonic() >= deadline:
+            if exc.step != "connect":
                 raise
-            time.sleep(1.0)
+            on_info(
+                f"site {cfg.name}: waiting for the coordinator at {cfg.superlink} ({exc.reason}); "
+                f"retrying in {delay:.0f} s (SIGTERM or Ctrl-C stops)"
+            )
+            waited = True
+            if stop.wait(delay):
+                break
+            delay = min(delay * 2, cap)
+            continue
+        if waited:
+            on_info(f"site {cfg.name}: the coordinator at {cfg.superlink} answers")
+        return True
+    return False
 
 
 def _probe(cfg: ClientConfig, timeout: float) -> None:
     host, _, port_s = cfg.superlink.rpartition(":")
     host = host.strip("[]")
     port = int(port_s)
+    if cfg.insecure:
+        conn: http.client.HTTPConnection = http.client.HTTPConnection(host, port, timeout=timeout)
+    else:
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=_ca_context(cfg))
     try:
-        if cfg.insecure:
-            conn: http.client.HTTPConnection = http.client.HTTPConnection(host, port, timeout=timeout)
-        else:
-            ctx = ssl.create_default_context(cafile=str(cfg.ca_cert))
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
         conn.request("GET", "/health")
         resp = conn.getresponse()
         resp.read()
         conn.close()
     except ssl.SSLError as exc:
         raise SiteRunError(
-            "tls", f"TLS handshake with {cfg.superlink} failed ({exc.reason}); check coordinator.ca_cert"
+            "tls",
+            f"TLS handshake with {cfg.superlink} failed ({exc.reason}); check coordinator.ca_cert",
         ) from exc
     except (http.client.HTTPException, ConnectionResetError) as exc:
         reason = (
@@ -160,9 +216,136 @@ def _probe(cfg: ClientConfig, timeout: float) -> None:
         )
         raise SiteRunError("tls", reason) from exc
     except OSError as exc:
-        raise SiteRunError("connect", f"cannot reach {cfg.superlink}: {exc}") from exc
+        raise SiteRunError("connect", _os_reason(exc)) from exc
     if resp.status == 400 and cfg.insecure:
-        raise SiteRunError("tls", "the coordinator requires TLS; set coordinator.ca_cert and insecure = false")
+        raise SiteRunError(
+            "tls", "the coordinator requires TLS; set coordinator.ca_cert and insecure = false"
+        )
+
+
+def _os_reason(exc: OSError) -> str:
+    """``exc`` in a few words: "connection refused", "timed out", "Name or service not known"."""
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return text[:1].lower() + text[1:] if text.startswith("Connection") else text
+
+
+def _ca_context(cfg: ClientConfig) -> ssl.SSLContext:
+    """A TLS client context pinned to ``coordinator.ca_cert``.
+
+    Raises:
+        SiteRunError: The file cannot be read or holds no PEM certificate (names the file).
+    """
+    ca = cfg.ca_cert
+    if ca is None:
+        raise SiteRunError(
+            "start-up", "coordinator.ca_cert is not set (required unless insecure = true)"
+        )
+    try:
+        pem = ca.read_bytes()
+    except OSError as exc:
+        raise SiteRunError(
+            "start-up", f"coordinator.ca_cert {ca} cannot be read: {exc.strerror or exc}"
+        ) from None
+    try:
+        ctx = ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
+        raise SiteRunError(
+            "start-up",
+            f"coordinator.ca_cert {ca} holds no PEM CA certificate ({type(exc).__name__})",
+        ) from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _port_busy(host: str, port: int, grace_s: float) -> OSError | None:
+    """The error binding ``host:port`` gives (as a server would bind it: ``SO_REUSEADDR``), or
+    None when it is free. A port in use is tried again for ``grace_s`` seconds (a process that is
+    ending may still hold it)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+                return None
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    return exc
+        time.sleep(0.2)
+
+
+def check_start_up(cfg: ClientConfig) -> None:
+    """The site's start-up checks, before anything starts: the CA file (unless insecure), the
+    pinned coordinator key, and the SuperNode's Runtime API port.
+
+    Raises:
+        SiteRunError: Step ``start-up``; the message names the file or port and why.
+    """
+    if not cfg.insecure:
+        _ca_context(cfg)
+    _load_coordinator_key(cfg)
+    busy = _port_busy("127.0.0.1", cfg.runtime_port, PORT_GRACE_S)
+    if busy is not None:
+        reason = (
+            "is already in use"
+            if busy.errno == errno.EADDRINUSE
+            else f"cannot be bound ({busy.strerror})"
+        )
+        raise SiteRunError(
+            "start-up",
+            f"runtime.port {cfg.runtime_port} on 127.0.0.1 (the SuperNode's Runtime API) {reason}: "
+            f"stop what holds it or set [runtime] port in {cfg.path.name}",
+        )
+
+
+def _load_coordinator_key(cfg: ClientConfig) -> ec.EllipticCurvePublicKey:
+    from fedseal.crypto.errors import KeyFormatError
+    from fedseal.crypto.keys import load_public_key
+
+    try:
+        return load_public_key(cfg.coordinator_key)
+    except (KeyFormatError, OSError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise SiteRunError(
+            "start-up", f"coordinator.public_key {cfg.coordinator_key} cannot be loaded: {detail}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _state_lock(cfg: ClientConfig) -> Iterator[None]:
+    """Hold ``state_dir/fl-client.lock`` (an exclusive ``flock``) while the site runs: two
+    ``fl-client run`` on one state directory would share its node record, ledger and receipts.
+
+    Raises:
+        SiteRunError: Another process holds it (the message names the file and its pid).
+    """
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        handle: IO[str] = (cfg.state_dir / "fl-client.lock").open("a+")
+    except OSError as exc:
+        raise SiteRunError(
+            "start-up", f"state directory {cfg.state_dir} is not writable: {exc.strerror or exc}"
+        ) from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise SiteRunError(
+                "start-up",
+                f"another fl-client run (pid {holder}) is using the state directory {cfg.state_dir} "
+                f"({handle.name} is locked): stop it first",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def _write_auth_key(cfg: ClientConfig, key: object) -> Path:
@@ -171,7 +354,9 @@ def _write_auth_key(cfg: ClientConfig, key: object) -> Path:
     d.chmod(0o700)
     path = d / "auth-key"
     pem = key.private_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
     )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -179,12 +364,18 @@ def _write_auth_key(cfg: ClientConfig, key: object) -> Path:
     return path
 
 
-def _tail(path: Path, n: int = 4000) -> str:
+def _tail_bytes(path: Path, n: int) -> bytes:
+    """The last ``n`` bytes of ``path`` (empty if it cannot be read)."""
     try:
-        data = path.read_bytes()[-n:]
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - n))
+            return f.read()
     except OSError:
-        return ""
-    return data.decode("utf-8", "replace")
+        return b""
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return _tail_bytes(path, n).decode("utf-8", "replace")
 
 
 def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None]) -> int:
@@ -204,12 +395,6 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
     unknown = [name for name in environment.unknown if name != cfg.passphrase_env]
     if unknown:
         on_info(f"warning: unknown FEDSEAL_* variables ignored (a typo?): {', '.join(unknown)}")
-    from fedseal.client.executor import PinnedExecutor
-    from fedseal.client.flower_app import SiteRuntime, make_client_app
-    from fedseal.client.privacy_ledger import PrivacyLedger
-    from fedseal.client.site_data import SiteDataError, load_site_data
-    from fedseal.client.supernode import loopback_backoff
-
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # First: a site that knows no peer (other than itself) would take its peers' keys from the
     # coordinator; refuse before attesting data or waiting for the coordinator.
@@ -221,7 +406,28 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
             "signed by an authority the coordinator does not hold) or a [peers] table; without "
             "them it would take its peers' keys from the coordinator",
         )
+    with _state_lock(cfg):
+        check_start_up(cfg)
+        return _join(cfg, environment, trust, re_enrol=re_enrol, on_info=on_info)
+
+
+def _join(
+    cfg: ClientConfig,
+    environment: Environment,
+    trust: SiteTrust,
+    *,
+    re_enrol: bool,
+    on_info: Callable[[str], None],
+) -> int:
+    """:func:`run_site` once the start-up checks passed: steps 1-5 of the module doc."""
+    from fedseal.client.executor import PinnedExecutor
+    from fedseal.client.flower_app import SiteRuntime, make_client_app
+    from fedseal.client.privacy_ledger import PrivacyLedger
+    from fedseal.client.site_data import SiteDataError, load_site_data
+    from fedseal.client.supernode import loopback_backoff
+
     key = _load_key(cfg)
+    coordinator_key = _load_coordinator_key(cfg)
     root = attest_dataset(cfg, re_enrol=re_enrol)
     try:
         data = load_site_data(cfg.dataset_dir, validation_fraction=cfg.validation_fraction, seed=7)
@@ -229,8 +435,20 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
         raise SiteRunError("dataset", str(exc)) from exc
     if data.root_hex != root:
         raise SiteRunError("dataset", "manifest root differs from the attested root")
-    on_info(f"site {cfg.name}: dataset root {root[:16]}… ({len(data.y_train)} train / {len(data.y_val)} validation rows)")
-    preflight(cfg)
+    on_info(
+        f"site {cfg.name}: dataset root {root[:16]}… ({len(data.y_train)} train / {len(data.y_val)} validation rows)"
+    )
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    if not wait_for_coordinator(cfg, stop, on_info):
+        on_info(f"site {cfg.name}: stopped while waiting for the coordinator")
+        return 0
     import torch
 
     from fedseal.client.training import warm_up
@@ -238,16 +456,11 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
     # One intra-op thread: a site shares its host; oversubscribed OpenMP threads are far slower.
     torch.set_num_threads(environment.torch_threads)
     warm_up(data.num_features, data.num_classes)
-    from fedseal.crypto.errors import KeyFormatError
-    from fedseal.crypto.keys import load_public_key
-
-    try:
-        coordinator_key = load_public_key(cfg.coordinator_key)
-    except (KeyFormatError, OSError) as exc:
-        raise SiteRunError("coordinator key", f"cannot load the pinned coordinator key: {exc}") from exc
-    receipts = _site_receipts(cfg, key, coordinator_key)  # type: ignore[arg-type, unused-ignore]
+    receipts = _site_receipts(cfg, key, coordinator_key)
     if receipts is not None:
-        on_info(f"site {cfg.name}: checking audit receipts at {cfg.audit_address} after every round")
+        on_info(
+            f"site {cfg.name}: checking audit receipts at {cfg.audit_address} after every round"
+        )
     commitments = None
     if receipts is not None:
         from fedseal.client.commitments import ModelCommitments
@@ -260,32 +473,35 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
         log.warning(
             "model commitments are NOT checked (no [coordinator] audit_address): this site "
             "cannot tell whether the model it trains is one the coordinator's log committed, "
-            "and evaluates %s", "any model (evaluate_unverified)" if cfg.privacy.evaluate_unverified
-            else "none"
+            "and evaluates %s",
+            "any model (evaluate_unverified)" if cfg.privacy.evaluate_unverified else "none",
         )
     runtime = SiteRuntime(
-        name=cfg.name, data=data, limits=cfg.limits, allowed_models=cfg.allowed_models,
-        identity_key=key, coordinator_key=coordinator_key,  # type: ignore[arg-type, unused-ignore]
-        receipts=receipts, privacy=cfg.privacy, trusted_peers=dict(trust.peers),
-        training_secret=training_secret(cfg.state_dir), commitments=commitments,
+        name=cfg.name,
+        data=data,
+        limits=cfg.limits,
+        allowed_models=cfg.allowed_models,
+        identity_key=key,
+        coordinator_key=coordinator_key,
+        receipts=receipts,
+        privacy=cfg.privacy,
+        trusted_peers=dict(trust.peers),
+        training_secret=training_secret(cfg.state_dir),
+        commitments=commitments,
         guard_path=cfg.state_dir / "setup-guard.bin",
         # The DP rounds it takes part in are paid for here (what `fl-client privacy show` reads).
         ledger=PrivacyLedger(cfg.state_dir),
     )
     app = make_client_app(runtime)
 
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
     node = SuperNodeProcess(cfg, key, stop)
+    activation = _Activation(cfg, node, stop, on_info)
     try:
+        activation.end_previous_session()
         node.start()
-        on_info(f"site {cfg.name}: SuperNode connecting to {cfg.superlink} (TLS={'off' if cfg.insecure else 'on'})")
+        on_info(
+            f"site {cfg.name}: SuperNode connecting to {cfg.superlink} (TLS={'off' if cfg.insecure else 'on'})"
+        )
         executor = PinnedExecutor(
             f"127.0.0.1:{cfg.runtime_port}", app, backoff=loopback_backoff(environment.pull_backoff)
         )
@@ -299,8 +515,14 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
                     restarts += 1
                     log.warning(
                         "the SuperNode died while starting (exit %s, see %s); starting it again (%d/%d)",
-                        node.returncode, node.log_path, restarts, SUPERNODE_START_RETRIES,
+                        node.returncode,
+                        node.log_path,
+                        restarts,
+                        SUPERNODE_START_RETRIES,
                     )
+                    node.start()
+                    continue
+                if node.activation_refused() and activation.retry():
                     node.start()
                     continue
                 break
@@ -317,13 +539,98 @@ def run_site(cfg: ClientConfig, *, re_enrol: bool, on_info: Callable[[str], None
     if proc.returncode not in (0, -signal.SIGTERM, None) and not _stopped_by_us(proc):
         tail = _tail(node.log_path)
         if any(m in tail for m in AUTH_FAILED_MARKERS):
-            raise SiteRunError(
-                "authentication",
-                "the coordinator refused this site's key (not enrolled, or revoked); "
-                f"see {node.log_path}",
-            )
-        raise SiteRunError("supernode", f"flower-supernode exited with code {proc.returncode}; see {node.log_path}")
+            raise SiteRunError("authentication", activation.refusal())
+        raise SiteRunError(
+            "supernode", f"flower-supernode exited with code {proc.returncode}; see {node.log_path}"
+        )
     return 0
+
+
+class _Activation:
+    """A restarted site's way back in: end the session the coordinator still holds for it, and
+    retry a refused activation while that session may still be registered.
+
+    Flower 1.42's SuperLink answers ``ActivateNode`` with the same "Failed to activate
+    SuperNode" for a key it does not know and for a node still ``ONLINE`` (a previous session,
+    kept for 2 x 30 s after its last heartbeat). Before the SuperNode starts, the site signs a
+    ``DeactivateNode`` for the node id it recorded (:func:`fedseal.client.flower_patches.end_session`),
+    whose answer separates the two: HTTP 401 means the key does not own that node (not
+    enrolled, revoked, or re-enrolled under a new node), so a refused activation is final;
+    otherwise a refusal is retried, with one line each time, until the window has passed.
+    """
+
+    def __init__(
+        self,
+        cfg: ClientConfig,
+        node: SuperNodeProcess,
+        stop: threading.Event,
+        on_info: Callable[[str], None],
+    ) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.stop = stop
+        self.on_info = on_info
+        self.previous: int | None = None
+        self.outcome: SessionEnd | None = None
+        self._first_refusal: float | None = None
+        self._delay = ACTIVATION_RETRY_S[0]
+
+    def end_previous_session(self) -> SessionEnd | None:
+        """Send ``DeactivateNode`` for the recorded node id, if any (TLS with SuperNode
+        authentication only: an ``insecure`` SuperNode registers a fresh key every start);
+        returns (and keeps) the outcome, None when nothing was sent."""
+        from fedseal.client.flower_patches import SessionEnd, end_session
+
+        self.previous = self.node.previous_node_id()
+        if self.previous is None or self.cfg.insecure:
+            return None
+        key = cast("ec.EllipticCurvePrivateKey", self.node.key)
+        self.outcome, detail = end_session(self.cfg.superlink, self.cfg.ca_cert, key, self.previous)
+        log.info("previous session (node %s): %s", self.previous, detail)
+        if self.outcome is SessionEnd.ENDED:
+            self.on_info(
+                f"site {self.cfg.name}: ended this site's previous session (node {self.previous}), which the "
+                "coordinator still held (the site had stopped without signing off)"
+            )
+        return self.outcome
+
+    def retry(self) -> bool:
+        """After a refused activation: wait and return True to start the SuperNode again, or
+        False when the refusal is final (no session on record, the key owns no node, the window
+        has passed, or the site is stopping)."""
+        from fedseal.client.flower_patches import SessionEnd, session_window_s
+
+        if self.previous is None or self.cfg.insecure or self.outcome is SessionEnd.NOT_REGISTERED:
+            return False
+        now = time.monotonic()
+        if self._first_refusal is None:
+            self._first_refusal = now
+        left = self._first_refusal + session_window_s() + ACTIVATION_MARGIN_S - now
+        if left <= 0:
+            return False
+        delay = min(self._delay, left)
+        self._delay = min(self._delay * 2, ACTIVATION_RETRY_S[1])
+        self.on_info(
+            f"site {self.cfg.name}: previous session still registered at the coordinator (node "
+            f"{self.previous}; it expires at most {session_window_s():.0f} s after the site stopped), "
+            f"retrying in {delay:.0f} s"
+        )
+        if self.stop.wait(delay):
+            return False
+        return self.end_previous_session() is not SessionEnd.NOT_REGISTERED
+
+    def refusal(self) -> str:
+        """Why the coordinator refused this site, for the final error."""
+        from fedseal.client.flower_patches import SessionEnd
+
+        log_hint = f"see {self.node.log_path}"
+        if self._first_refusal is not None and self.outcome is not SessionEnd.NOT_REGISTERED:
+            return (
+                f"the coordinator refused this site's key for {time.monotonic() - self._first_refusal:.0f} s, "
+                f"past the time its previous session (node {self.previous}) would have expired: "
+                f"not enrolled, or revoked; {log_hint}"
+            )
+        return f"the coordinator refused this site's key (not enrolled, or revoked); {log_hint}"
 
 
 def site_trust(cfg: ClientConfig) -> SiteTrust:
@@ -355,8 +662,11 @@ def effective_policy(cfg: ClientConfig, trusted: Mapping[str, str], commitments:
         else (
             "NOT checked (no [coordinator] audit_address): the site cannot tell a committed model "
             "from another; it trains on the setup's model and "
-            + ("evaluates any model (evaluate_unverified = true)" if cfg.privacy.evaluate_unverified
-               else "evaluates none")
+            + (
+                "evaluates any model (evaluate_unverified = true)"
+                if cfg.privacy.evaluate_unverified
+                else "evaluates none"
+            )
         )
     )
     others = {s: src for s, src in trusted.items() if s != cfg.name}
@@ -404,7 +714,9 @@ def _site_receipts(
     from fedseal.protocol import MessageKind
 
     checker = ReceiptChecker(
-        cfg.state_dir / "receipts", site=cfg.name, coordinator_key=coordinator_key,
+        cfg.state_dir / "receipts",
+        site=cfg.name,
+        coordinator_key=coordinator_key,
     )
     try:
         checker.ensure_may_contribute()
@@ -419,7 +731,10 @@ def _site_receipts(
             raise SiteRunError("receipts", f"cannot read coordinator.ca_cert: {exc}") from exc
         channel = grpc.secure_channel(cfg.audit_address, grpc.ssl_channel_credentials(ca_pem))
     source = GrpcAuditSource(
-        channel, site=cfg.name, key=key, clock=lambda: int(time.time() * 1000),
+        channel,
+        site=cfg.name,
+        key=key,
+        clock=lambda: int(time.time() * 1000),
         timeout_s=10.0,  # a check runs inside a stage; an unreachable service must not stall it
     )
     return SiteReceipts(checker, source, MessageKind.MASKED_INPUT.type_name)
@@ -428,10 +743,14 @@ def _site_receipts(
 class SuperNodeProcess:
     """``flower-supernode`` as a child process (stopping the site when it exits).
 
+    Its node id (the SuperNode logs ``SuperNode ID: N`` once activated) is recorded in
+    ``state_dir/supernode/node-id``, so that a restarted site can end that session if the
+    coordinator still holds it (see :class:`_Activation`).
+
     Known Flower 1.42 limit: a SuperNode can wedge when its SuperLink dies between pulling a
-    message and pushing the reply (it waits forever for a reply to a task never created), and a
-    restarted SuperNode is refused re-activation while the SuperLink still holds its old
-    session. Restarting it is therefore not attempted here.
+    message and pushing the reply (it waits forever for a reply to a task never created), so a
+    SuperNode that ran is not restarted here; the site's process is (by its operator or service
+    manager), and rejoins at once.
     """
 
     def __init__(self, cfg: ClientConfig, key: object, stop: threading.Event) -> None:
@@ -443,31 +762,86 @@ class SuperNodeProcess:
         self._offset = 0
         self._connected = False
         self._ever_connected = False
+        self._start_offset = 0
         self.exited = threading.Event()
 
+    @property
+    def node_id_path(self) -> Path:
+        """Where the SuperNode's node id is recorded (``state_dir/supernode/node-id``)."""
+        return self.log_path.parent / "supernode" / "node-id"
+
+    def previous_node_id(self) -> int | None:
+        """The node id of this site's last session: the last ``SuperNode ID`` in the end of
+        ``supernode.log`` (a site killed before it recorded the id), else the record."""
+        ids = _NODE_ID_LINE.findall(_tail_bytes(self.log_path, 256 * 1024))
+        if ids:
+            return int(ids[-1])
+        with contextlib.suppress(OSError, ValueError):
+            return int(self.node_id_path.read_text().strip())
+        return None
+
+    def _record_node_id(self, node_id: int) -> None:
+        path = self.node_id_path
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(f"{node_id}\n")
+            os.replace(tmp, path)
+
+    def activation_refused(self) -> bool:
+        """Whether the SuperNode that just exited was refused activation by the coordinator: it
+        exited with an error status after logging Flower's exit code 305 and "Failed to
+        activate SuperNode" (this start's part of the log)."""
+        rc = self.returncode
+        if rc is None or rc <= 0:
+            return False
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._start_offset)
+                text = f.read()
+        except OSError:
+            return False
+        return SUPERNODE_CONNECTION_ERROR.encode() in text and ACTIVATION_REFUSED.encode() in text
 
     def start(self) -> None:
         cfg = self.cfg
         # flower-supernode, launched with its idle poll shortened (fedseal.client.supernode).
         argv = [
-            sys.executable, "-m", "fedseal.client.supernode",
-            "--superlink", cfg.superlink,
-            "--isolation", "process",
-            "--host", "127.0.0.1",
-            "--port", str(cfg.runtime_port),
+            sys.executable,
+            "-m",
+            "fedseal.client.supernode",
+            "--superlink",
+            cfg.superlink,
+            "--isolation",
+            "process",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(cfg.runtime_port),
         ]
         auth_path = None
         if cfg.insecure:
             argv.append("--insecure")
         else:
             auth_path = _write_auth_key(cfg, self.key)
-            argv += ["--root-certificates", str(cfg.ca_cert), "--auth-supernode-private-key", str(auth_path)]
-        env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(cfg.state_dir / "flwr-home"))
+            argv += [
+                "--root-certificates",
+                str(cfg.ca_cert),
+                "--auth-supernode-private-key",
+                str(auth_path),
+            ]
+        env = dict(
+            os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(cfg.state_dir / "flwr-home")
+        )
         with self.log_path.open("ab") as log_file:
-            self._offset = log_file.tell()
+            self._offset = self._start_offset = log_file.tell()
             self.proc = subprocess.Popen(
-                argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=_pdeathsig,
+                argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_pdeathsig,
             )
         self._connected = False
         self.exited.clear()
@@ -482,7 +856,10 @@ class SuperNodeProcess:
             # The Runtime API comes up after the SuperNode has parsed its arguments (key included).
             deadline = time.monotonic() + 60
             while not self.stop.is_set() and not self.exited.is_set():
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", cfg.runtime_port), 0.5):
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", cfg.runtime_port), 0.5),
+                ):
                     break
                 if time.monotonic() > deadline:
                     raise SiteRunError("supernode", f"runtime API not up; see {self.log_path}")
@@ -504,6 +881,9 @@ class SuperNodeProcess:
         if "SuperNode ID:" in text:
             self._connected = True
             self._ever_connected = True
+            ids = _NODE_ID_LINE.findall(chunk)
+            if ids:
+                self._record_node_id(int(ids[-1]))
         if self._connected and "Connection attempt failed" in text:
             log.warning("lost the coordinator; the SuperNode keeps reconnecting")
             self._connected = False
@@ -519,7 +899,9 @@ class SuperNodeProcess:
         self.supervise()
         rc = self.returncode
         return (
-            rc is not None and rc < 0 and rc not in (-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT)
+            rc is not None
+            and rc < 0
+            and rc not in (-signal.SIGTERM, -signal.SIGKILL, -signal.SIGINT)
             and not self._ever_connected
         )
 
@@ -539,6 +921,10 @@ class SuperNodeProcess:
 
 #: How often a SuperNode that dies of a signal before it ever connected is started again.
 SUPERNODE_START_RETRIES = 2
+#: What a SuperNode that could not initialise its connection (a refused activation among
+#: others) logs before it exits with status 1: Flower's ``flwr_exit`` line for
+#: ``ExitCode.SUPERNODE_CONNECTION_ERROR``.
+SUPERNODE_CONNECTION_ERROR = "Exit Code: 305"
 
 
 def _stopped_by_us(proc: subprocess.Popen[bytes]) -> bool:

@@ -85,9 +85,10 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]error:[/red] {config}: {exc}")
             raise typer.Exit(EXIT_USAGE) from exc
         try:
-            code = run_site(cfg, re_enrol=re_enrol, on_info=lambda s: console.print(s))
+            # One line each (not wrapped at the terminal's width, never read as markup).
+            code = run_site(cfg, re_enrol=re_enrol, on_info=lambda s: console.print(escape(s), soft_wrap=True))
         except SiteRunError as exc:
-            console.print(f"[red]refused:[/red] {exc}")
+            console.print(f"[red]refused:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_FAILED) from exc
         raise typer.Exit(code)
 

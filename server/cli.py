@@ -51,7 +51,8 @@ def _now_ms() -> int:
 
 
 def usage_error(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    """Print ``message`` as one line (not wrapped, not read as markup); the exit to raise."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -32,6 +32,13 @@ FAB, see :mod:`fedseal.client.executor`).
 Child processes get ``PR_SET_PDEATHSIG`` (Linux), so a SIGKILLed coordinator takes its SuperLink
 down with it; the SuperLink's own children watch their parent's pid.
 
+Start-up checks (:func:`check_start_up`), before anything starts: the TLS files (``tls.ca_cert``
+a readable PEM CA certificate; ``tls.server_cert`` and ``tls.server_key`` readable and forming
+one certificate chain), the coordinator key file, and every port the coordinator will listen on
+(``network.internal_port`` on 127.0.0.1, ``fleet_port``, ``audit_port`` for secure runs,
+``metrics_port`` unless 0) free on its host. A failure is one line naming the file or port
+(step ``start-up``).
+
 Notes on Flower 1.42's deployment runtime (read from the installed package):
 
 * ``flower-superlink`` is one uvicorn/FastAPI app serving ``/v1/runtime/*`` (ServerAppIo),
@@ -66,9 +73,12 @@ Notes on Flower 1.42's deployment runtime (read from the installed package):
   second. With both, one stage costs about 2.5-3.5 s on the busy 2-core demo host (was 4-6.5 s).
 * Restarts: with ``--database`` the SuperLink keeps runs and registered nodes, and SuperNodes
   reconnect on their own (exponential back-off). But a SuperNode that had pulled a message when
-  the SuperLink died can wedge (it waits forever for a reply to a task it never created), and a
-  restarted SuperNode is refused re-activation ("Failed to activate SuperNode", exit 305) while
-  the SuperLink still holds its old session. ``--resume`` therefore pings the cohort first
+  the SuperLink died can wedge (it waits forever for a reply to a task it never created). A
+  SuperNode killed without signing off stays ONLINE for up to 2 x 30 s, and the SuperLink
+  refuses to activate it again meanwhile ("Failed to activate SuperNode", exit code 305): a
+  restarted site ends that stale session itself first (:mod:`fedseal.client.node`, a signed
+  ``DeactivateNode`` through the gateway) and rejoins under the same node id, so the round
+  loop sees it again. ``--resume`` pings the cohort first
   (``query.ping``, again every 15 s to the sites that have not answered or answered with an
   error, until ``run.sites_wait_timeout_s``) and a wedged site is a dropout.
 * Strategies (``flwr.serverapp.strategy``) aggregate ``Message`` replies; FedOpt variants need
@@ -80,11 +90,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -112,6 +124,7 @@ from fedseal.settings import Environment, SettingsError
 
 __all__ = [
     "RunOutcome",
+    "check_start_up",
     "flower_bin",
     "pdeathsig_preexec",
     "run_coordinator",
@@ -226,12 +239,21 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _wait_http(url: str, ca: Path | None, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+def _wait_http(
+    url: str, ca: Path | None, timeout: float, proc: subprocess.Popen[bytes], log: tuple[Path, int]
+) -> None:
+    """Wait until ``url`` answers; ``log``: the SuperLink's log and where this start's output
+    begins in it (its last error is named if it exits)."""
     ctx = ssl.create_default_context(cafile=str(ca)) if ca else None
     deadline = time.monotonic() + timeout
+    log_path, offset = log
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise DeployError("superlink", f"flower-superlink exited with code {proc.returncode}")
+            last = last_error_line(log_path, offset=offset)
+            found = f"; its last error in {log_path}: {last}" if last else f"; see {log_path}"
+            raise DeployError(
+                "superlink", f"flower-superlink exited with code {proc.returncode}{found}"
+            )
         try:
             with urllib.request.urlopen(url, context=ctx, timeout=2):  # noqa: S310
                 return
@@ -271,21 +293,39 @@ def failure_reason(state: Path, status_doc: dict[str, Any]) -> str:
         return reason
     log_path = state / "superlink.log"
     try:
-        with log_path.open("rb") as f:
-            f.seek(max(0, log_path.stat().st_size - LOG_TAIL_BYTES))
-            tail = f.read().decode("utf-8", "replace")
+        last = last_error_line(log_path, strict=True)
     except OSError as exc:
-        return f"the ServerApp ended without recording a reason, and {log_path} is unreadable: {exc}"
+        return (
+            f"the ServerApp ended without recording a reason, and {log_path} is unreadable: {exc}"
+        )
+    found = f"; its last error in {log_path}: {last}" if last else f"; see {log_path}"
+    return f"the ServerApp ended without recording a reason{found}"
+
+
+def last_error_line(log_path: Path, *, offset: int = 0, strict: bool = False) -> str:
+    """The last error in the end of ``log_path`` after byte ``offset`` (a traceback's last line,
+    "SomeError: ...", or the SuperLink launcher's "fedseal superlink: ..." refusal, else the last
+    line with ``ERROR``), colour codes removed, at most MAX_REASON_CHARS; ``""`` when none.
+
+    Raises:
+        OSError: ``strict`` and the log cannot be read (else ``""``).
+    """
+    try:
+        with log_path.open("rb") as f:
+            f.seek(max(offset, os.fstat(f.fileno()).st_size - LOG_TAIL_BYTES))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        if strict:
+            raise
+        return ""
     last = last_error = ""
     for line in tail.splitlines():
         text = _ANSI.sub("", line).strip()
-        if _EXCEPTION_LINE.match(text):  # a traceback's last line: "SomeError: message"
-            last = text
+        if _EXCEPTION_LINE.match(text) or text.startswith("fedseal superlink: "):
+            last = text  # a traceback's last line ("SomeError: message"), or the launcher's refusal
         elif "ERROR" in text:
             last_error = text
-    last = last or last_error
-    found = f"; its last error in {log_path}: {last[:MAX_REASON_CHARS]}" if last else f"; see {log_path}"
-    return f"the ServerApp ended without recording a reason{found}"
+    return (last or last_error)[:MAX_REASON_CHARS]
 
 
 _EXCEPTION_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception)(: |$)")
@@ -328,10 +368,13 @@ def _deployment(
                 "--ssl-keyfile", str(cfg.tls.server_key),
                 "--enable-supernode-auth",
             ]
-        proc = children.start(argv, state / "superlink.log", env)
+        log_path = state / "superlink.log"
+        log_offset = log_path.stat().st_size if log_path.exists() else 0
+        proc = children.start(argv, log_path, env)
         scheme = "http" if cfg.tls.insecure else "https"
         _wait_http(
-            f"{scheme}://127.0.0.1:{cfg.network.internal_port}/health", cfg.tls.ca_cert, 60, proc
+            f"{scheme}://127.0.0.1:{cfg.network.internal_port}/health", cfg.tls.ca_cert, 60, proc,
+            (log_path, log_offset),
         )
         control = ControlApi(control_socket)
         nodes = register_sites(cfg, roster, control)
@@ -340,12 +383,15 @@ def _deployment(
             cfg.tls.ca_cert,
             cfg.limits.max_message_bytes,
         )
-        gateway_server = gw.serve(
-            host=cfg.network.fleet_host,
-            port=cfg.network.fleet_port,
-            certfile=cfg.tls.server_cert,
-            keyfile=cfg.tls.server_key,
-        )
+        try:
+            gateway_server = gw.serve(
+                host=cfg.network.fleet_host,
+                port=cfg.network.fleet_port,
+                certfile=cfg.tls.server_cert,
+                keyfile=cfg.tls.server_key,
+            )
+        except RuntimeError as exc:  # e.g. the port was taken after the start-up checks
+            raise DeployError("fleet gateway", str(exc)) from None
         yield env, children, nodes, control
     finally:
         if gateway_server is not None:
@@ -353,6 +399,107 @@ def _deployment(
         if control is not None:
             control.close()
         children.stop()
+
+
+#: How long a busy port may take to be released by a process that is ending (a predecessor).
+PORT_GRACE_S = 3.0
+
+
+def _read(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DeployError(
+            "start-up", f"{key} {path} cannot be read: {exc.strerror or exc}"
+        ) from None
+
+
+def _check_tls(cfg: ServerConfig) -> None:
+    tls = cfg.tls
+    if tls.ca_cert is None or tls.server_cert is None or tls.server_key is None:
+        raise DeployError(
+            "start-up",
+            "tls.ca_cert, tls.server_cert and tls.server_key are required "
+            "unless tls.insecure = true",
+        )
+    ca = _read(tls.ca_cert, "tls.ca_cert")
+    try:
+        ssl.create_default_context(cadata=ca.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
+        raise DeployError(
+            "start-up",
+            f"tls.ca_cert {tls.ca_cert} holds no PEM CA certificate ({type(exc).__name__})",
+        ) from None
+    _read(tls.server_cert, "tls.server_cert")
+    _read(tls.server_key, "tls.server_key")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(str(tls.server_cert), str(tls.server_key))
+    except ssl.SSLError as exc:
+        raise DeployError(
+            "start-up",
+            f"tls.server_cert {tls.server_cert} and tls.server_key {tls.server_key} do not load "
+            f"as a certificate and its key ({exc.reason or exc})",
+        ) from None
+
+
+def _port_busy(host: str, port: int, grace_s: float) -> OSError | None:
+    """The error binding ``host:port`` gives (as a server binds: ``SO_REUSEADDR``), or None when
+    it is free; a port in use is tried again for ``grace_s`` seconds (a predecessor ending)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return OSError(errno.EADDRNOTAVAIL, f"cannot resolve {host}: {exc.strerror}")
+    family, _, _, _, address = infos[0]
+    deadline = time.monotonic() + grace_s
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+                return None
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    return exc
+        time.sleep(0.2)
+
+
+def listening_ports(cfg: ServerConfig) -> list[tuple[str, str, int, str]]:
+    """(config key, host, port, what) for every port ``fl-server run`` listens on (port 0:
+    none, or an ephemeral one, is left out)."""
+    net = cfg.network
+    ports = [
+        ("network.internal_port", "127.0.0.1", net.internal_port, "the SuperLink"),
+        ("network.fleet_port", net.fleet_host, net.fleet_port, "the fleet gateway (sites)"),
+    ]
+    if cfg.run.secure:
+        ports.append(("network.audit_port", net.audit_host, net.audit_port, "the audit service"))
+    metrics = ("network.metrics_port", net.metrics_host, net.metrics_port, "the metrics endpoint")
+    ports.append(metrics)
+    return [p for p in ports if p[2] != 0]
+
+
+def check_start_up(cfg: ServerConfig) -> None:
+    """The coordinator's start-up checks, before anything starts: the TLS files (unless
+    ``tls.insecure``), the coordinator key file, and every port it will listen on.
+
+    Raises:
+        DeployError: Step ``start-up``; the message names the file or port and why.
+    """
+    if not cfg.tls.insecure:
+        _check_tls(cfg)
+    _read(cfg.coordinator.key, "coordinator.key")
+    for key, host, port, what in listening_ports(cfg):
+        busy = _port_busy(host, port, PORT_GRACE_S)
+        if busy is None:
+            continue
+        in_use = busy.errno == errno.EADDRINUSE
+        why = "is already in use" if in_use else f"cannot be bound ({busy.strerror})"
+        raise DeployError(
+            "start-up",
+            f"port {port} on {host} ({key}, {what}) {why}: stop what holds it or change {key} in "
+            f"{cfg.path.name}",
+        )
 
 
 def end_stale_serverapp(state_dir: Path, on_info: Callable[[str], None], grace_s: float = 5.0) -> None:
@@ -435,6 +582,7 @@ def run_coordinator(
         for name in (ROUNDS_FILE, STATUS_FILE):
             (state / name).unlink(missing_ok=True)
     end_stale_serverapp(state, on_info)
+    check_start_up(cfg)
     with (
         _deployment(cfg, roster) as (_env_vars, children, nodes, control),
         audit_service(cfg, roster, environment.coordinator_passphrase) as audit_port,

@@ -114,7 +114,8 @@ class FleetGateway:
         """Start serving in a daemon thread; returns once listening.
 
         Raises:
-            RuntimeError: If the server does not start within 30 s (e.g. port in use).
+            RuntimeError: If the server does not start within 30 s (e.g. port in use; the
+                message names the address).
         """
         config = uvicorn.Config(
             self.app,
@@ -131,6 +132,9 @@ class FleetGateway:
         deadline = time.monotonic() + 30
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"fleet gateway failed to listen on {host}:{port}")
+                raise RuntimeError(
+                    f"cannot listen on {host}:{port} (network.fleet_host/fleet_port): the port is "
+                    "in use, or tls.server_cert/tls.server_key cannot be loaded"
+                )
             time.sleep(0.05)
         return server
