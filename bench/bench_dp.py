@@ -400,16 +400,17 @@ def _central_epsilon(z: float, rounds: int) -> float:
 # --------------------------------------------------------------------------- fedseal's arms
 
 
-def run_overrides(rounds: int, seed: int) -> dict[str, object]:
+def run_overrides(rounds: int, seed: int, epochs: int = EPOCHS) -> dict[str, object]:
     return {
         "rounds": rounds, "secure": True, "model": MODEL, "seed": seed, "min_sites": 2,
-        "epochs": EPOCHS, "batch_size": BATCH, "learning_rate": LR, "clip_norm": GRAD_CLIP,
+        "epochs": epochs, "batch_size": BATCH, "learning_rate": LR, "clip_norm": GRAD_CLIP,
         "max_weight": MAX_WEIGHT, "stage_timeout_s": 300.0, "sites_wait_timeout_s": 120.0,
     }  # fmt: skip
 
 
 def run_fedseal(
-    workdir: Path, arm: Arm, *, rounds: int, seed: int, clip: float, pooled: Pooled, actors: int
+    workdir: Path, arm: Arm, *, rounds: int, seed: int, clip: float, pooled: Pooled, actors: int,
+    epochs: int = EPOCHS,
 ) -> RunResult:
     """A fedseal arm: ``prepare_simulation`` rewrites the seed's server.toml and client.toml
     (data, keys, enrolment and the sites' ledgers are reused), fresh coordinator state."""
@@ -420,7 +421,7 @@ def run_fedseal(
     dp = None if arm.epsilon is None else {"epsilon": arm.epsilon, "delta": DELTA, "clip": clip}
     fed = prepare_simulation(
         workdir, sites=SITES, scheme="dirichlet", alpha=ALPHA, seed=seed,
-        run_overrides=run_overrides(rounds, seed), dp=dp, dp_site_budget=SITE_BUDGET,
+        run_overrides=run_overrides(rounds, seed, epochs), dp=dp, dp_site_budget=SITE_BUDGET,
     )  # fmt: skip
     shutil.rmtree(fed.server_toml.parent / "state", ignore_errors=True)
     traffic = workdir / f"traffic-{arm.kind}-{arm.epsilon}.jsonl"
@@ -469,12 +470,19 @@ def _median_after_first(times: Sequence[float]) -> float:
 def upload_per_site_round(traffic: Path, sites: int, rounds: int) -> tuple[float, float]:
     """Bytes each site uploads per round, and all sites' ClientApp CPU seconds per round: every
     reply but the initial model's (training exchanges, and the evaluation replies that carry
-    the next round's key adverts)."""
+    the next round's key adverts). The CPU is that of rounds 2..R (from the first training
+    reply after round 1's evaluation), as the round times are: round 1 pays one-off costs in
+    each site process (model build, torch warm-up)."""
     recs = [json.loads(line) for line in traffic.read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if not str(r["type"]).startswith("query")]
+    recs = sorted((r for r in recs if not str(r["type"]).startswith("query")), key=lambda r: float(r["start"]))
     total = sum(int(r["bytes"]) for r in recs)
-    cpu = sum(float(r.get("cpu_seconds", 0.0)) for r in recs)
-    return total / (sites * rounds), cpu / rounds
+    first_eval = next((i for i, r in enumerate(recs) if r["type"] == "evaluate"), None)
+    later = recs
+    if first_eval is not None and rounds > 1:
+        start = next((i for i in range(first_eval, len(recs)) if recs[i]["type"] != "evaluate"), len(recs))
+        later = recs[start:]
+    cpu = sum(float(r.get("cpu_seconds", 0.0)) for r in later)
+    return total / (sites * rounds), cpu / (rounds - 1 if later is not recs else rounds)
 
 
 MODEL_LENGTH = 109_386  # fedseal's mlp, 784-128-64-10
@@ -685,6 +693,33 @@ def per_round_table(results: Sequence[RunResult]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def run_cost(args: argparse.Namespace, echo: Callable[[str], None] = print) -> list[RunResult]:
+    """``--cost-only``: fedseal's secure arm and its DP arm at the largest ε, alternating
+    ``--repeats`` times (drift cancels), at ``--epochs`` local epochs; no central arms."""
+    from fedseal.sim.simulate import prepare_simulation
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="fedseal-bench-dp-cost-"))
+    seed = args.seeds[0]
+    workdir = root / f"seed-{seed}"
+    fed = prepare_simulation(
+        workdir, sites=SITES, scheme="dirichlet", alpha=ALPHA, seed=seed,
+        run_overrides=run_overrides(args.rounds, seed, args.epochs),
+    )  # fmt: skip
+    pooled = pooled_validation(fed.sites)
+    results: list[RunResult] = []
+    for i in range(args.repeats):
+        for arm in (Arm("secure", None), Arm("fedseal", max(args.epsilons))):
+            res = run_fedseal(
+                workdir, arm, rounds=args.rounds, seed=seed, clip=args.clip, pooled=pooled,
+                actors=args.actors, epochs=args.epochs,
+            )  # fmt: skip
+            results.append(res)
+            echo(f"  repeat {i + 1} {arm.label}: round {res.round_s:.3f} s, sites' CPU {res.site_cpu_s:.3f} s")
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
 def run_all(args: argparse.Namespace, echo: Callable[[str], None] = print) -> list[RunResult]:
     from fedseal.sim.simulate import prepare_simulation
 
@@ -804,6 +839,12 @@ def main(argv: list[str]) -> None:
     p.add_argument(
         "--report-from", default=None, help="print the tables from a --save file, run nothing"
     )
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="local epochs per round (fedseal's arms)")
+    p.add_argument(
+        "--cost-only", action="store_true",
+        help="only fedseal without and with DP (largest ε), alternating --repeats times, and the cost table",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="--cost-only: alternations")
     p.add_argument("--workdir", default=None)
     p.add_argument("--keep", action="store_true", help="keep the working directory")
     args = p.parse_args(argv)
@@ -822,6 +863,14 @@ def main(argv: list[str]) -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     print(f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
     t0 = time.monotonic()
+    if args.cost_only:
+        results = run_cost(args)
+        print(
+            f"\n{len(results)} runs, {args.rounds} rounds, {args.epochs} local epoch(s), seed "
+            f"{args.seeds[0]}, {time.monotonic() - t0:.0f} s, load average after "
+            f"{os.getloadavg()[0]:.1f}\n\n{cost_table(results)}"
+        )
+        return
     results = run_all(args)
     seconds = time.monotonic() - t0
     if args.save:

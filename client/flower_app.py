@@ -137,6 +137,12 @@ class SiteRuntime:
     _guard: Any = None
     _guard_saved: bytes = b""
 
+    def __post_init__(self) -> None:
+        if self.ledger is not None and (self.privacy.dp == "required" or self.privacy.epsilon_budget is not None):
+            from fedseal.privacy import preload
+
+            preload()  # a site that accounts DP rounds loads the accountant at start, not in round 1
+
     def guard(self) -> Any:
         """The site's one :class:`fedseal.protocol.SetupGuard` (loaded from ``guard_path``).
 

@@ -89,7 +89,8 @@ class SitePrivacy:
     epsilon_budget: float | None = None
     #: δ of the budget and of every ε the site reports; well below 1/(sites that could join).
     delta: float = 1e-6
-    #: Least central noise multiplier over the honest survivors (sqrt(n_h)·σ·γ/c) it accepts.
+    #: Least central noise multiplier over the honest survivors it accepts: sqrt(n_h)·σ/Δ₂, the
+    #: noise over the rounded sensitivity (Δ₂ ≥ c/γ; docs/dp.md §4).
     min_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:

@@ -263,6 +263,13 @@ def round_rho(noise: RoundNoise) -> float:
     return min(rho_additive, rho_l1, rho_shifted)
 
 
+def preload() -> None:
+    """Import dp-accounting (and scipy) now: a party that will account DP rounds pays the
+    seconds at start instead of inside its first DP round (where a site's first reply, and a
+    benchmark's first round, would carry them)."""
+    import dp_accounting  # noqa: F401
+
+
 def privacy_event(rhos: Sequence[float]) -> dp_accounting.DpEvent:
     """The rounds as one ``dp_accounting`` event: each round a ``ZCDpEvent(ρ)``, composed."""
     import dp_accounting
