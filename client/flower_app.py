@@ -401,6 +401,17 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         site = ConfigRecord({records.SITE: runtime.name})
         return Message(RecordDict({records.SITE_RECORD: site}), reply_to=msg)
 
+    @app.query(records.POLICY)
+    def policy(msg: Message, context: Context) -> Message:
+        """The site's floor, so a coordinator can refuse a run no site would join (the site
+        still checks every round itself)."""
+        p = runtime.privacy
+        floor = ConfigRecord({
+            records.SITE: runtime.name, records.MIN_COHORT: p.min_cohort,
+            records.ALLOW_PLAIN: int(p.allow_plain), records.DP_REQUIRED: int(p.dp == "required"),
+        })  # fmt: skip
+        return Message(RecordDict({records.POLICY_RECORD: floor}), reply_to=msg)
+
     @app.train()
     def train_handler(msg: Message, context: Context) -> Message:
         if not runtime.privacy.allow_plain:

@@ -11,6 +11,8 @@ import (this is the sans-IO protocol layer)::
       reply             ARRAYS_RECORD                   (the model's arrays by name)
     query.ping          CONFIG_RECORD                   PING
       reply             SITE_RECORD                     SITE
+    query.policy        (empty)
+      reply             POLICY_RECORD                   SITE, MIN_COHORT, ALLOW_PLAIN, DP_REQUIRED
     train               ARRAYS_RECORD, CONFIG_RECORD    the training config (below)
       reply             ARRAYS_RECORD, METRICS_RECORD   NUM_EXAMPLES, TRAIN_LOSS
                         SITE_RECORD                     DATASET_ROOT (hex), SITE
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 __all__ = [
     "ACCURACY",
+    "ALLOW_PLAIN",
     "ARRAYS_RECORD",
     "BATCH_SIZE",
     "BULK_MASKED",
@@ -39,6 +42,7 @@ __all__ = [
     "CLIP_NORM",
     "CONFIG_RECORD",
     "DATASET_ROOT",
+    "DP_REQUIRED",
     "EPOCHS",
     "EVALUATION_REFUSED_RECORD",
     "INITIAL_MODEL",
@@ -46,10 +50,13 @@ __all__ = [
     "LOSS",
     "MACRO_F1",
     "METRICS_RECORD",
+    "MIN_COHORT",
     "MODEL",
     "NUM_EXAMPLES",
     "PAYLOAD",
     "PING",
+    "POLICY",
+    "POLICY_RECORD",
     "PROXIMAL_MU",
     "REASON",
     "REFUSED_PREFIX",
@@ -72,6 +79,9 @@ INITIAL_MODEL = "initial_model"
 """``query.initial_model``: build the configured model from the run's seed, return its weights."""
 PING = "ping"
 """``query.ping``: is the site reachable (after a coordinator restart)."""
+POLICY = "policy"
+"""``query.policy``: the site's policy floor (what rounds it accepts), asked at a run's start so
+the coordinator can refuse a run no site would take part in."""
 SECURE_STAGE = "secagg"
 """``train.secagg``: one stage of a secure round."""
 
@@ -100,6 +110,9 @@ SETUP_ERROR_RECORD = "secagg-error"
 """In an ``evaluate`` reply: why the site refused the setup it carried (:data:`REASON`)."""
 EVALUATION_REFUSED_RECORD = "evaluation-refused"
 """In an ``evaluate`` reply without metrics: why the site did not evaluate (:data:`REASON`)."""
+POLICY_RECORD = "policy"
+"""A ``query.policy`` reply: the site's floor (:data:`MIN_COHORT`, :data:`ALLOW_PLAIN`,
+:data:`DP_REQUIRED`, ints; :data:`SITE`)."""
 BULK_RECORD = "bulk"
 """In a masked-input reply: the masked vector (:data:`BULK_MASKED`) beside the envelope."""
 
@@ -115,6 +128,9 @@ TRAIN_LOSS = "train-loss"
 LOSS = "loss"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
+MIN_COHORT = "min-cohort"
+ALLOW_PLAIN = "allow-plain"
+DP_REQUIRED = "dp-required"
 
 # Training config (CONFIG_RECORD / SETUP_CONFIG_RECORD)
 RUN_ID = "run-id"

@@ -78,7 +78,7 @@ def write_server_toml(
         "strategy": "FedAvg",
         "model": "mlp",
         "seed": 0,
-        "min_sites": 2,
+        "min_sites": 3,
         "epochs": 1,
         "batch_size": 32,
         "learning_rate": 0.05,
@@ -302,7 +302,9 @@ def run(
         raise usage_error(str(exc), EXIT_FAILED) from exc
     console.print(f"run {outcome.status}; final model: {outcome.model}; audit log: {outcome.audit_log}")
     if outcome.status != "finished:completed":
-        console.print(f"[red]the run failed[/red]: {escape(outcome.reason or 'no reason recorded')}")
+        console.print(
+            f"[red]the run failed[/red]: {escape(outcome.reason or 'no reason recorded')}", soft_wrap=True
+        )
         raise typer.Exit(EXIT_FAILED)
     if outcome.rounds and not any(r.get("outcome") == "committed" for r in outcome.rounds):
         console.print("[red]no round of this run committed[/red]: see rounds.jsonl and serverapp.log")

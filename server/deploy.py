@@ -119,6 +119,7 @@ from fedseal.server.rundir import (
     STATUS_FILE,
     read_rounds,
 )
+from fedseal.server.site_floors import enrolment_refusal
 from fedseal.server.strategies import check_strategy
 from fedseal.settings import Environment, SettingsError
 
@@ -572,10 +573,9 @@ def run_coordinator(
         on_info(f"warning: unknown FEDSEAL_* variables ignored (a typo?): {', '.join(environment.unknown)}")
     check_strategy(cfg.run.strategy)
     roster = Enrolment.load_or_create(cfg.coordinator.roster)
-    if len(roster.active()) < cfg.run.min_sites:
-        raise DeployError(
-            "roster", f"{len(roster.active())} active sites enrolled, run.min_sites = {cfg.run.min_sites}"
-        )
+    problem = enrolment_refusal(cfg, len(roster.active()))
+    if problem is not None:
+        raise DeployError("roster", problem)
     state = cfg.coordinator.state_dir
     state.mkdir(parents=True, exist_ok=True)
     if not resume:

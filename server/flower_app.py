@@ -127,13 +127,15 @@ from fedseal.server.audit_hook import (
 from fedseal.server.checkpoint import RunState, SavedCheckpoint
 from fedseal.server.config import ConsortiumSection, ServerConfig, load_server_config
 from fedseal.server.dp_round import BUDGET_REACHED
+from fedseal.server.errors import CoordinatorError
 from fedseal.server.evaluation import evaluate, evaluation_messages
 from fedseal.server.exchange import FixedNodes, arrays_to_record, exchange, record_to_arrays
 from fedseal.server.plain_round import plain_round
-from fedseal.server.replies import one_line, record_site_errors
+from fedseal.server.replies import error_reason, one_line, record_site_errors
 from fedseal.server.resume import reconcile_restart, responsive
 from fedseal.server.rundir import MAX_REASON_CHARS, Run, append_round, summary, write_status
 from fedseal.server.secure_round import SecureCoordinator, SetupAhead, setup_with_evaluation
+from fedseal.server.site_floors import ask_floors, enrolment_refusal, refusal
 from fedseal.server.strategies import build_strategy
 from fedseal.settings import Environment
 
@@ -248,24 +250,53 @@ class _ConsortiumCheck:
             self.audit.consortium_roster(current, again=again)
 
 
+INITIAL_MODEL_ASKED = 3
+"""Sites asked at once for the initial model: the first valid reply wins; a dead site costs one
+stage timeout per batch, not per site, and the uploads stay a few models, not one per site."""
+
+
 def _initial_model(run: Run, nodes: list[int]) -> dict[str, npt.NDArray[Any]]:
-    """Ask one site to build the configured model from the run's seed (no torch here)."""
+    """Ask sites (a few at a time) to build the configured model from the run's seed (no torch
+    here); the first valid reply wins.
+
+    Raises:
+        CoordinatorError: No site returned one; the message names each site asked and why.
+    """
     cfg = run.cfg
-    for node in nodes:
-        msg = Message(
-            RecordDict({records.CONFIG_RECORD: ConfigRecord({records.MODEL: cfg.run.model, records.SEED: cfg.run.seed})}),
-            dst_node_id=node,
-            message_type=records.message_type("query", records.INITIAL_MODEL),
-        )
-        replies = exchange(run.grid, [msg], cfg.run.stage_timeout_s)
-        for rep in replies:
-            rec = None if rep.has_error() else rep.content.get(records.ARRAYS_RECORD)
-            if isinstance(rec, ArrayRecord):
-                arrays = record_to_arrays(rec)
-                if arrays and all(np.isfinite(a).all() for a in arrays.values()):
-                    return {k: a.astype(np.float32) for k, a in arrays.items()}
-        log.warning("site node %s gave no initial model; trying another", node)
-    raise RuntimeError("no site returned an initial model")
+    why: dict[str, str] = {}
+    for start in range(0, len(nodes), INITIAL_MODEL_ASKED):
+        batch = nodes[start : start + INITIAL_MODEL_ASKED]
+        msgs = [
+            Message(
+                RecordDict({records.CONFIG_RECORD: ConfigRecord({records.MODEL: cfg.run.model, records.SEED: cfg.run.seed})}),
+                dst_node_id=node,
+                message_type=records.message_type("query", records.INITIAL_MODEL),
+            )
+            for node in batch
+        ]
+        unanswered = {run.site_of(n) for n in batch}
+        for rep in exchange(run.grid, msgs, cfg.run.stage_timeout_s):
+            site = run.site_of(rep.metadata.src_node_id)
+            unanswered.discard(site)
+            if rep.has_error():
+                why[site] = f"error reply: {error_reason(rep)}"
+                continue
+            rec = rep.content.get(records.ARRAYS_RECORD)
+            arrays = record_to_arrays(rec) if isinstance(rec, ArrayRecord) else {}
+            if not arrays:
+                why[site] = "its reply holds no model arrays"
+            elif not all(np.isfinite(a).all() for a in arrays.values()):
+                why[site] = "its model holds NaN or infinite values"
+            else:
+                return {k: a.astype(np.float32) for k, a in arrays.items()}
+        for site in unanswered:
+            why[site] = f"no reply within {cfg.run.stage_timeout_s:g} s (run.stage_timeout_s)"
+        log.warning("no initial model from %s", "; ".join(f"{k}: {v}" for k, v in sorted(why.items())))
+    raise CoordinatorError(
+        "no site returned an initial model ("
+        + ("; ".join(f"{site}: {reason}" for site, reason in sorted(why.items())) or "no site online")
+        + ")"
+    )
 
 
 def _open_audit(run: Run, key: ec.EllipticCurvePrivateKey) -> FailClosedAudit:
@@ -371,6 +402,10 @@ class _Federation:
         consortium = _ConsortiumCheck(run, cfg.consortium) if cfg.consortium is not None else None
         if consortium is not None:
             consortium.check("refusing to start the run")
+        problem = enrolment_refusal(cfg, len(run.roster.active()))
+        if problem is not None:  # said now, not after sites_wait_timeout_s
+            print(f"fedseal: refusing to start the run: {problem}", flush=True)
+            raise CoordinatorError(problem)
         run.status(phase="waiting-for-sites", round=0)
         nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s, want_all=True)
         if len(nodes) < cfg.run.min_sites:
@@ -387,6 +422,13 @@ class _Federation:
             if len(alive) < cfg.run.min_sites:
                 run.status(phase="failed", reason=f"only {len(alive)} sites answered after the restart")
                 raise RuntimeError(f"only {len(alive)} sites answered after the restart")
+            nodes = alive
+        # A run no site would join is refused here, in one line, not round after round.
+        problem = refusal(cfg, ask_floors(run, nodes), online=len(nodes))
+        if problem is not None:
+            print(f"fedseal: refusing to start the run: {problem}", flush=True)
+            raise CoordinatorError(problem)
+        if latest is not None:
             model = ModelVector.of(arrays)
         else:
             run.archive_checkpoints()

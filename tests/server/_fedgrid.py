@@ -79,6 +79,7 @@ class FakeSite:
         withhold_evaluation: str = "",
         error_at: tuple[int, str, str] | None = None,
         tamper: Tamper | None = None,
+        floor: tuple[int, bool, bool] | None = None,
     ) -> None:
         self.name = SiteId(name)
         self.fed = fed
@@ -87,6 +88,7 @@ class FakeSite:
         # without an audit address answers (client/flower_app.py)
         self.error_at = error_at  # (round, message type, reason): answered with an error reply
         self.tamper = tamper
+        self.floor = floor  # (min_cohort, allow_plain, dp_required) for query.policy; None: no answer
         self.session: Any = None
         self.round = 0
         self.model: np.ndarray | None = None
@@ -101,6 +103,10 @@ class FakeSite:
             return RecordDict(
                 {"arrays": ArrayRecord({"w": Array(np.zeros(MODEL_SIZE, np.float32))})}
             )
+        if kind == "query.policy" and self.floor is not None:
+            cohort, plain, dp = self.floor
+            values = {"site": str(self.name), "min-cohort": cohort, "allow-plain": int(plain), "dp-required": int(dp)}
+            return RecordDict({"policy": ConfigRecord(values)})
         if kind == "query.ping":
             return RecordDict({"metrics": MetricRecord({"pong": 1})})
         if kind == "train":

@@ -30,11 +30,12 @@ def _free_port() -> int:
 
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Path:
-    """``fl-server init`` + two enrolled sites, every port a free loopback one; returns server.toml."""
+    """``fl-server init`` + three enrolled sites (init's run.min_sites), every port a free
+    loopback one; returns server.toml."""
     coord = tmp_path / "coord"
     assert runner.invoke(app, ["init", str(coord)]).exit_code == 0
     toml = coord / "server.toml"
-    for site in ("site-a", "site-b"):
+    for site in ("site-a", "site-b", "site-c"):
         save_public_key(generate_identity_key().public_key(), tmp_path / f"{site}.pub")
         res = runner.invoke(
             app,

@@ -1,0 +1,135 @@
+"""What rounds the online sites accept, asked at a run's start: refuse a run no site would join.
+
+Every site checks every round against its own policy and refuses what breaks it; a coordinator
+configured against those policies (a two-site pilot on the defaults: ``run.min_sites = 2``, each
+site's ``[privacy] min_cohort = 3``) used to run round after round that every site refused,
+"sites 0/2", the reasons in the sites' logs. At the start the coordinator now asks each online
+site its floor (``query.policy``: min_cohort, allow_plain, dp required) and refuses to start,
+in one line naming the setting on both sides and why it exists, when fewer than
+``run.min_sites`` sites would take part::
+
+    floors = ask_floors(run, nodes)                 # {site: SiteFloor}, sites that answered
+    problem = refusal(cfg, floors, online=len(nodes))
+    if problem: raise CoordinatorError(problem)
+
+A site that does not answer (an older build, a timeout) is not counted against the run: it
+still decides for itself in every round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedseal.protocol import records
+from fedseal.protocol.types import site_sort_key
+from fedseal.server.config import ServerConfig
+
+if TYPE_CHECKING:  # Flower only where a run asks (fl-server's own checks import this module)
+    from fedseal.server.rundir import Run
+
+__all__ = ["FLOOR_TIMEOUT_S", "SiteFloor", "ask_floors", "enrolment_refusal", "refusal"]
+
+log = logging.getLogger("fedseal.server")
+
+FLOOR_TIMEOUT_S = 30.0
+"""Longest wait for the sites' floors (capped by ``run.stage_timeout_s``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SiteFloor:
+    """One site's floor as it reported it (``client.toml [privacy]``)."""
+
+    min_cohort: int
+    allow_plain: bool
+    dp_required: bool
+
+
+def ask_floors(run: Run, nodes: list[int]) -> dict[str, SiteFloor]:
+    """Ask every node in ``nodes`` for its floor; the sites that answered with a valid one."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedseal.server.exchange import exchange
+
+    msgs = [
+        Message(RecordDict({records.CONFIG_RECORD: ConfigRecord({})}), dst_node_id=n,
+                message_type=records.message_type("query", records.POLICY))
+        for n in nodes
+    ]  # fmt: skip
+    floors: dict[str, SiteFloor] = {}
+    for reply in exchange(run.grid, msgs, min(FLOOR_TIMEOUT_S, run.cfg.run.stage_timeout_s)):
+        site = run.site_of(reply.metadata.src_node_id)
+        rec = None if reply.has_error() else reply.content.get(records.POLICY_RECORD)
+        values = dict(rec) if isinstance(rec, ConfigRecord) else {}
+        cohort, plain, dp = (values.get(k) for k in (records.MIN_COHORT, records.ALLOW_PLAIN, records.DP_REQUIRED))
+        if not (isinstance(cohort, int) and isinstance(plain, int) and isinstance(dp, int)):
+            log.info("site %s reported no policy floor; it decides per round", site)
+            continue
+        floors[site] = SiteFloor(cohort, bool(plain), bool(dp))
+    return floors
+
+
+_TWO_SITES = "with two sites each learns the other's update from the sum"
+
+
+def enrolment_refusal(cfg: ServerConfig, enrolled: int) -> str | None:
+    """Why a run cannot start with ``enrolled`` active sites (one line), or ``None``."""
+    if enrolled >= cfg.run.min_sites:
+        return None
+    why = f": a secure round needs 3 ({_TWO_SITES})" if cfg.run.secure and enrolled < 3 else ""
+    return (
+        f"run.min_sites = {cfg.run.min_sites} in {cfg.path.name}, but only {enrolled} sites are "
+        f"enrolled and not revoked (fl-server roster): enrol more sites{why}"
+    )
+
+
+def _names(sites: list[str]) -> str:
+    return ", ".join(sorted(sites, key=site_sort_key))
+
+
+def refusal(cfg: ServerConfig, floors: Mapping[str, SiteFloor], *, online: int) -> str | None:
+    """Why no round of this run could gather ``run.min_sites`` willing sites among the
+    ``online`` ones (one line naming the settings on both sides), or ``None``.
+
+    Sites that did not report a floor count as willing (they decide per round).
+    """
+    unwilling: dict[str, str] = {}
+    cohort_sites: list[str] = []
+    plain_sites: list[str] = []
+    dp_sites: list[str] = []
+    for site, floor in floors.items():
+        if cfg.run.secure and floor.min_cohort > online:
+            cohort_sites.append(site)
+            unwilling[site] = "cohort"
+        elif not cfg.run.secure and not floor.allow_plain:
+            plain_sites.append(site)
+            unwilling[site] = "plain"
+        elif floor.dp_required and not cfg.dp.enabled:
+            dp_sites.append(site)
+            unwilling[site] = "dp"
+    willing = online - len(unwilling)
+    if willing >= cfg.run.min_sites:
+        return None
+    why: list[str] = []
+    if cohort_sites:
+        floor = min(floors[s].min_cohort for s in cohort_sites)
+        why.append(
+            f"{_names(cohort_sites)} join only secure rounds of at least {floor} sites ([privacy] "
+            f"min_cohort in client.toml; {_TWO_SITES})"
+        )
+    if plain_sites:
+        why.append(
+            f"{_names(plain_sites)} refuse plain training ([privacy] allow_plain = false in "
+            "client.toml: it sends their weights in the clear), and run.secure = false"
+        )
+    if dp_sites:
+        why.append(
+            f"{_names(dp_sites)} require distributed DP ([privacy] dp = \"required\" in "
+            "client.toml), and [dp] is not enabled"
+        )
+    return (
+        f"no round can run: {willing} of {online} online sites would join (run.min_sites = "
+        f"{cfg.run.min_sites} in {cfg.path.name}): " + "; ".join(why)
+    )
