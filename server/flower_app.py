@@ -135,7 +135,7 @@ from fedseal.server.replies import error_reason, one_line, record_site_errors
 from fedseal.server.resume import reconcile_restart, responsive
 from fedseal.server.rundir import MAX_REASON_CHARS, Run, append_round, summary, write_status
 from fedseal.server.secure_round import SecureCoordinator, SetupAhead, setup_with_evaluation
-from fedseal.server.site_floors import ask_floors, enrolment_refusal, refusal
+from fedseal.server.site_floors import ask_floors, enrolment_refusal, refusal, write_floors
 from fedseal.server.strategies import build_strategy
 from fedseal.settings import Environment
 
@@ -424,7 +424,9 @@ class _Federation:
                 raise RuntimeError(f"only {len(alive)} sites answered after the restart")
             nodes = alive
         # A run no site would join is refused here, in one line, not round after round.
-        problem = refusal(cfg, ask_floors(run, nodes), online=len(nodes))
+        floors = ask_floors(run, nodes)
+        write_floors(run.state_dir, floors, now=time.time())
+        problem = refusal(cfg, floors, online=len(nodes))
         if problem is not None:
             print(f"fedseal: refusing to start the run: {problem}", flush=True)
             raise CoordinatorError(problem)

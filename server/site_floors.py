@@ -18,9 +18,13 @@ still decides for itself in every round.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedseal.protocol import records
@@ -30,7 +34,20 @@ from fedseal.server.config import ServerConfig
 if TYPE_CHECKING:  # Flower only where a run asks (fl-server's own checks import this module)
     from fedseal.server.rundir import Run
 
-__all__ = ["FLOOR_TIMEOUT_S", "SiteFloor", "ask_floors", "enrolment_refusal", "refusal"]
+__all__ = [
+    "FLOORS_FILE",
+    "FLOOR_TIMEOUT_S",
+    "SiteFloor",
+    "ask_floors",
+    "enrolment_refusal",
+    "read_floors",
+    "refusal",
+    "write_floors",
+]
+
+FLOORS_FILE = "site-floors.json"
+"""In the state directory: the floors the online sites reported at the last run's start
+(``fl-server status`` shows them)."""
 
 log = logging.getLogger("fedseal.server")
 
@@ -69,6 +86,23 @@ def ask_floors(run: Run, nodes: list[int]) -> dict[str, SiteFloor]:
             continue
         floors[site] = SiteFloor(cohort, bool(plain), bool(dp))
     return floors
+
+
+def write_floors(state_dir: Path, floors: Mapping[str, SiteFloor], *, now: float) -> None:
+    """Record the floors the sites reported (atomically; ``asked_at``: Unix seconds)."""
+    doc = {"asked_at": now, "sites": {site: dataclasses.asdict(f) for site, f in sorted(floors.items())}}
+    tmp = state_dir / f".{FLOORS_FILE}.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, state_dir / FLOORS_FILE)
+
+
+def read_floors(state_dir: Path) -> tuple[float | None, dict[str, SiteFloor]]:
+    """The floors :func:`write_floors` recorded (``(None, {})`` if none or unreadable)."""
+    try:
+        doc = json.loads((state_dir / FLOORS_FILE).read_text())
+        return float(doc["asked_at"]), {s: SiteFloor(**f) for s, f in doc["sites"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, {}
 
 
 _TWO_SITES = "with two sites each learns the other's update from the sum"

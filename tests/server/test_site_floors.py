@@ -12,7 +12,7 @@ import pytest
 
 from fedseal.server import flower_app, rundir
 from fedseal.server.config import load_server_config
-from fedseal.server.site_floors import SiteFloor, refusal
+from fedseal.server.site_floors import SiteFloor, read_floors, refusal
 from tests.server._fedgrid import Federated
 
 DEFAULT_FLOOR = (3, False, False)  # a site's defaults: min_cohort 3, no plain, DP off
@@ -83,6 +83,9 @@ def test_enough_willing_sites_start_the_run_and_silent_sites_decide_per_round(
     fx = Federated(tmp_path, sites, secure=True, rounds=1, min_sites=3, **options)
     fx.run(monkeypatch)
     assert [r["outcome"] for r in fx.rounds()] == ["committed"]
+    asked_at, floors = read_floors(fx.cfg.coordinator.state_dir)  # what fl-server status shows
+    assert asked_at is not None and sorted(floors) == ["site-a", "site-b", "site-d"]
+    assert floors["site-d"] == SiteFloor(5, False, False)
 
 
 def test_the_refusal_counts_only_the_sites_a_setting_excludes(tmp_path: Path) -> None:
