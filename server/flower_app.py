@@ -103,7 +103,7 @@ import logging
 import secrets
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -299,6 +299,14 @@ def _initial_model(run: Run, nodes: list[int]) -> dict[str, npt.NDArray[Any]]:
     )
 
 
+def _refuse_start(run: Run, problem: str) -> NoReturn:
+    """End a run that cannot start: ``status.json`` failed with ``problem`` (one line, as the
+    operator's console shows it), the console line, and :class:`CoordinatorError`."""
+    run.fail(problem)
+    print(f"fedseal: refusing to start the run: {problem}", flush=True)
+    raise CoordinatorError(problem)
+
+
 def _open_audit(run: Run, key: ec.EllipticCurvePrivateKey) -> FailClosedAudit:
     """The run's audit log (``state_dir/audit.sqlite``), fail closed.
 
@@ -404,8 +412,7 @@ class _Federation:
             consortium.check("refusing to start the run")
         problem = enrolment_refusal(cfg, len(run.roster.active()))
         if problem is not None:  # said now, not after sites_wait_timeout_s
-            print(f"fedseal: refusing to start the run: {problem}", flush=True)
-            raise CoordinatorError(problem)
+            _refuse_start(run, problem)
         run.status(phase="waiting-for-sites", round=0)
         nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s, want_all=True)
         if len(nodes) < cfg.run.min_sites:
@@ -428,8 +435,7 @@ class _Federation:
         write_floors(run.state_dir, floors, now=time.time())
         problem = refusal(cfg, floors, online=len(nodes))
         if problem is not None:
-            print(f"fedseal: refusing to start the run: {problem}", flush=True)
-            raise CoordinatorError(problem)
+            _refuse_start(run, problem)
         if latest is not None:
             model = ModelVector.of(arrays)
         else:

@@ -26,6 +26,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from fedseal.server.rundir import absent_text
+
 __all__ = ["LiveView", "describe_status", "round_line"]
 
 _PHASES = {
@@ -37,12 +39,13 @@ _PHASES = {
 
 
 def round_line(rec: dict[str, Any]) -> str:
-    """One finished round as a line (outcome, sites, accuracy, seconds)."""
+    """One finished round as a line (outcome, sites, accuracy, seconds, and every sampled site
+    not in the sum with why, as the ServerApp's own line: :func:`fedseal.server.rundir.absent_text`)."""
     acc = rec.get("accuracy")
     acc_s = f"accuracy {acc:.4f}  macro-F1 {rec.get('macro_f1', 0.0):.4f}" if isinstance(acc, float) else ""
     return (
         f"round {rec.get('round')}: {rec.get('outcome')}  sites {rec.get('accepted')}/{rec.get('sampled')}  "
-        f"{acc_s}  ({float(str(rec.get('seconds', 0.0))):.1f}s)"
+        f"{acc_s}  ({float(str(rec.get('seconds', 0.0))):.1f}s)" + absent_text(rec)
     )
 
 

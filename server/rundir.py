@@ -36,6 +36,7 @@ __all__ = [
     "SERVERAPP_PID_FILE",
     "STATUS_FILE",
     "Run",
+    "absent_text",
     "append_round",
     "read_rounds",
     "summary",
@@ -84,13 +85,18 @@ def summary(round_: int, total: int, rec: dict[str, Any]) -> str:
     if acc is not None:
         parts.append(f"accuracy {acc:.4f} macro-F1 {rec['macro_f1']:.4f} loss {rec['loss']:.4f}")
     parts.append(f"{rec['seconds']:.1f}s")
-    line = ", ".join(parts)
+    return ", ".join(parts) + absent_text(rec)
+
+
+def absent_text(rec: dict[str, Any]) -> str:
+    """``"; not in the sum: site (why); ..."`` for a round record's ``absent`` sites (at most
+    :data:`MAX_ABSENT_NAMED` named, the rest counted), or ``""``."""
     absent = rec.get("absent") or {}
-    if absent:
-        named = [f"{site} ({why})" for site, why in list(absent.items())[:MAX_ABSENT_NAMED]]
-        more = len(absent) - len(named)
-        line += "; not in the sum: " + "; ".join(named) + (f"; and {more} more (rounds.jsonl)" if more else "")
-    return line
+    if not isinstance(absent, dict) or not absent:
+        return ""
+    named = [f"{site} ({why})" for site, why in list(absent.items())[:MAX_ABSENT_NAMED]]
+    more = len(absent) - len(named)
+    return "; not in the sum: " + "; ".join(named) + (f"; and {more} more (rounds.jsonl)" if more else "")
 
 
 def write_status(state_dir: Path, *, secure: bool, **fields: Any) -> None:

@@ -148,9 +148,9 @@ def refusal(cfg: ServerConfig, floors: Mapping[str, SiteFloor], *, online: int) 
         return None
     why: list[str] = []
     if cohort_sites:
-        floor = min(floors[s].min_cohort for s in cohort_sites)
+        least = min(floors[s].min_cohort for s in cohort_sites)
         why.append(
-            f"{_names(cohort_sites)} join only secure rounds of at least {floor} sites ([privacy] "
+            f"{_names(cohort_sites)} join only secure rounds of at least {least} sites ([privacy] "
             f"min_cohort in client.toml; {_TWO_SITES})"
         )
     if plain_sites:

@@ -43,3 +43,14 @@ def test_on_a_terminal_the_bar_shows_the_current_stage_and_rounds_done() -> None
         view.round({"round": 1, "outcome": "committed", "accepted": 3, "sampled": 3, "seconds": 1.0})
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
     assert "round 2: unmask" in text and "1/5" in text and "round 1: committed" in text
+
+
+def test_the_operators_round_line_names_every_site_not_in_the_sum() -> None:
+    rec = {
+        "round": 2, "outcome": "committed", "accepted": 2, "sampled": 3, "seconds": 1.5,
+        "absent": {"site-c": "rejected at masked-input: dataset root ab12 of site-c was withdrawn"},
+    }  # fmt: skip
+    line = round_line(rec)
+    assert line.startswith("round 2: committed  sites 2/3")
+    assert line.endswith("; not in the sum: site-c (rejected at masked-input: dataset root ab12 of site-c was withdrawn)")
+    assert round_line({k: v for k, v in rec.items() if k != "absent"}).endswith("(1.5s)")

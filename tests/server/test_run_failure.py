@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from fedseal.crypto.keys import generate_identity_key
 from fedseal.server import flower_app, metrics, rundir
 from fedseal.server.cli import init as init_cmd
 from fedseal.server.cli import write_server_toml
 from fedseal.server.config import ServerConfig, load_server_config
 from fedseal.server.deploy import failure_reason
+from fedseal.server.roster import Enrolment
 
 
 class NoSitesGrid:
@@ -60,6 +62,10 @@ def test_a_serverapp_that_cannot_bind_its_metrics_port_records_why(
 
 def test_a_specific_reason_already_recorded_is_kept(tmp_path: Path) -> None:
     cfg = _config(tmp_path, metrics_port=0)
+    roster = Enrolment.load_or_create(cfg.coordinator.roster)
+    for name in ("site-a", "site-b", "site-c"):  # enrolled (run.min_sites = 3), none online
+        roster = roster.enroll(name, generate_identity_key().public_key(), ["ab" * 32], now_ms=1)
+    roster.save(cfg.coordinator.roster)
     with pytest.raises(RuntimeError, match="only 0 enrolled sites online"):
         flower_app.run_federation(NoSitesGrid(), cfg, resume=False)  # type: ignore[arg-type]
     status = _status(cfg)
