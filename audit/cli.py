@@ -342,16 +342,54 @@ def consistency_cmd(
     _emit(verdict)
 
 
+def _roster_row(index: int, data: bytes) -> tuple[int, str, str, str, int, str] | None:
+    """A roster-change entry as (entry, site, action, dataset roots (short), time ms, reason):
+    an enrolment, roots change, revocation (with its reason) or root withdrawal (the roots
+    withdrawn and why); ``None`` if it does not decode as one (``show`` lists undecodable
+    entries itself)."""
+    from fedseal.audit.codec import decode_entry
+    from fedseal.audit.entries import RosterChange
+    from fedseal.protocol.errors import ProtocolError
+
+    try:
+        entry = decode_entry(data)
+    except (ProtocolError, ValueError):
+        return None
+    if not isinstance(entry, RosterChange):
+        return None
+    roots = ", ".join(r.hex()[:16] + "…" for r in entry.approved_roots)
+    action = entry.action.name.lower().replace("_", "-")
+    return index, entry.site, action, roots, entry.at_ms, entry.reason
+
+
+def _ms(at_ms: int) -> str:
+    from datetime import UTC, datetime
+
+    if at_ms <= 0:
+        return ""
+    return datetime.fromtimestamp(at_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 @app.command("show")
 def show_cmd(log: LogArg) -> None:
     """Print runs, rounds (survivors, evaluation metrics), rejections and tree heads as tables.
 
-    A view, not a verdict: it checks nothing (run fl-audit verify for that).
+    The roster's history lists every enrolment, roots change, revocation (with its reason) and
+    dataset-root withdrawal (the root, when and why). A view, not a verdict: it checks nothing
+    (run fl-audit verify for that).
     """
     with _exits():
         store = open_log(log)
     try:
         view = collect_view(store)
+        from fedseal.audit.entries import EntryKind
+
+        changes = [  # signed entries only, as the rest of the view
+            row
+            for index in store.find(int(EntryKind.ROSTER_CHANGE))
+            if index < view.entries
+            and (row := _roster_row(index, store.entries(index, index + 1)[0].data)) is not None
+        ]
     finally:
         store.close()
     console = Console()
@@ -369,8 +407,18 @@ def show_cmd(log: LogArg) -> None:
     t = Table(title="Roster (latest action per site)")
     t.add_column("site")
     t.add_column("status")
-    for site, action in sorted(view.roster.items()):
-        t.add_row(_markup(site), "revoked" if action == "revoke" else "enrolled")
+    status: dict[str, str] = {}  # a root withdrawal or roots change leaves the status as it was
+    for _, site, action, _, _, _ in changes:
+        if action in ("enrol", "revoke"):
+            status[site] = "revoked" if action == "revoke" else "enrolled"
+    for site in sorted(view.roster):
+        t.add_row(_markup(site), status.get(site, "enrolled"))
+    console.print(t)
+    t = Table(title="Roster history (enrolments, roots, revocations, dataset-root withdrawals)")
+    for col in ("entry", "time", "site", "action", "dataset roots", "reason"):
+        t.add_column(col, overflow="fold")
+    for index, site, action, roots, at_ms, reason in changes:
+        t.add_row(str(index), _ms(at_ms), _markup(site), action, roots, _markup(reason))
     console.print(t)
     t = Table(title="Consortium rosters (as signed by the roster authority)")
     for col in ("entry", "run", "consortium", "version", "sites", "revoked", "digest", "authority"):
@@ -432,7 +480,14 @@ def report_cmd(
         typer.Option(help="Also verify the log and state the verdict (needs a trust anchor)."),
     ] = True,
 ) -> None:
-    """Write a self-contained HTML report: accuracy/loss, participation, rejection reasons.
+    """Write the run's record of processing as one self-contained HTML page (no scripts).
+
+    For a data-protection officer: each run's identity and timeline (start, end, rounds
+    planned/committed/failed, configuration digest, DP budget); every site's enrolment, dataset
+    roots, withdrawals and revocation with time and reason; which dataset root each site used
+    in each round; participation per site per round (one row per site, readable at 100 sites x
+    50 rounds); what was rejected or failed and why; checkpoints and final model; ε per round;
+    and what the log does not record. Site ids and reasons from the log are escaped.
 
     With --verify (the default) the report states the verdict of fl-audit verify, so it needs a
     trust anchor: --coordinator-key PUB.pem, or --trust-log-key (verdict and exit 3 say the

@@ -131,6 +131,8 @@ class RosterAction(enum.IntEnum):
     ENROL = 1
     SET_ROOTS = 2
     REVOKE = 3
+    WITHDRAW_ROOT = 4
+    """A dataset root withdrawn (erasure, consent withdrawn): never accepted again."""
 
 
 class RoundStatus(enum.IntEnum):
@@ -286,7 +288,15 @@ class RunStart:
 
 @dataclass(frozen=True, slots=True)
 class RosterChange:
-    """Enrol a site (key + approved dataset roots), replace its roots, or revoke it."""
+    """Enrol a site (key + approved dataset roots), replace its roots, revoke it, or withdraw
+    dataset roots.
+
+    ``approved_roots`` holds the site's approved roots after an enrolment or a roots change;
+    for :attr:`RosterAction.WITHDRAW_ROOT` it holds the roots withdrawn (:attr:`withdrawn_roots`):
+    from this entry on, no accepted input of any site may carry them and no roster change may
+    approve them again. ``reason`` says why (required for a withdrawal; a revocation's reason
+    is optional); ``at_ms`` is when the change was made.
+    """
 
     KIND: ClassVar[EntryKind] = EntryKind.ROSTER_CHANGE
     action: RosterAction
@@ -303,6 +313,16 @@ class RosterChange:
         _check_sorted_unique(self.approved_roots, "approved_roots")
         if (self.action == RosterAction.ENROL) != bool(self.public_key_der):
             raise ValueError("an enrolment (and only an enrolment) carries a public key")
+        if self.action == RosterAction.WITHDRAW_ROOT:
+            if not self.approved_roots:
+                raise ValueError("a root withdrawal names at least one dataset root")
+            if not self.reason.strip():
+                raise ValueError("a root withdrawal records its reason")
+
+    @property
+    def withdrawn_roots(self) -> tuple[bytes, ...]:
+        """The roots a :attr:`RosterAction.WITHDRAW_ROOT` entry withdraws (else ``()``)."""
+        return self.approved_roots if self.action == RosterAction.WITHDRAW_ROOT else ()
 
     def _encode(self, w: Writer) -> None:
         w.u8(int(self.action)).text(self.site).blob(self.public_key_der)

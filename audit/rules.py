@@ -124,6 +124,22 @@ class _Site:
     active: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Withdrawal:
+    """A withdrawn dataset root: the roster-change entry that withdrew it, whose it was, why."""
+
+    index: int
+    site: str
+    at_ms: int
+    reason: str
+
+    def describe(self, root: bytes) -> str:
+        return (
+            f"dataset root {root.hex()[:16]}… of {self.site!r}, withdrawn at entry {self.index} "
+            f"({self.reason})"
+        )
+
+
 @dataclass(slots=True)
 class _Run:
     run_id: bytes
@@ -170,6 +186,8 @@ class RunRules:
         self.consortia: dict[str, ConsortiumRosterRecord] = {}  # latest roster per consortium
         self.last_consortium: ConsortiumRosterRecord | None = None
         self.sites: dict[str, _Site] = {}
+        #: Withdrawn dataset roots (any site's): never approved or accepted again.
+        self.withdrawn: dict[bytes, _Withdrawal] = {}
         self.run: _Run | None = None
         self.run_ids: set[bytes] = set()
         self.trusted = trusted_roster
@@ -202,7 +220,7 @@ class RunRules:
             self.genesis = entry
             return None
         if isinstance(entry, RosterChange):
-            self._roster_change(entry)
+            self._roster_change(index, entry)
             return None
         if isinstance(entry, RunStart):
             self._run_start(index, entry)
@@ -273,8 +291,19 @@ class RunRules:
             run = self._open_run(entry.run_id)  # raises the precise failure
         return self._envelope(index, run, entry, replay=replay, data=data)
 
-    def _roster_change(self, entry: RosterChange) -> None:
+    def _roster_change(self, index: int, entry: RosterChange) -> None:
         current = self.sites.get(entry.site)
+        if entry.action == RosterAction.WITHDRAW_ROOT:
+            self._withdraw_roots(index, entry, current)
+            return
+        for root in entry.approved_roots:
+            earlier = self.withdrawn.get(root)
+            if earlier is not None:
+                raise RuleViolation(
+                    "root-withdrawn",
+                    f"roster change for site {entry.site!r} approves {earlier.describe(root)}: "
+                    "a withdrawn root is never approved again",
+                )
         if entry.action == RosterAction.ENROL:
             if current is not None and current.active:
                 raise RuleViolation("roster", f"site {entry.site!r} enrolled twice")
@@ -307,6 +336,29 @@ class RunRules:
             current.roots = frozenset(entry.approved_roots)
         else:
             current.active = False
+
+    def _withdraw_roots(self, index: int, entry: RosterChange, current: _Site | None) -> None:
+        """A withdrawal: of roots approved for an enrolled (maybe since revoked) site, each
+        withdrawn once; they leave the site's roots and are never approved or accepted again."""
+        if current is None:
+            raise RuleViolation(
+                "roster", f"root withdrawal for site {entry.site!r}, which is not enrolled"
+            )
+        for root in entry.withdrawn_roots:
+            earlier = self.withdrawn.get(root)
+            if earlier is not None:
+                raise RuleViolation(
+                    "root-withdrawn", f"{earlier.describe(root)} is withdrawn a second time"
+                )
+            if root not in current.roots:
+                raise RuleViolation(
+                    "roster",
+                    f"root withdrawal for site {entry.site!r} names dataset root "
+                    f"{root.hex()[:16]}…, which is not approved for it",
+                )
+        for root in entry.withdrawn_roots:
+            self.withdrawn[root] = _Withdrawal(index, entry.site, entry.at_ms, entry.reason)
+        current.roots = current.roots - frozenset(entry.withdrawn_roots)
 
     def _consortium_roster(self, entry: ConsortiumRosterRecord, *, replay: bool) -> None:
         what = f"consortium roster {entry.consortium!r} version {entry.version}"
@@ -411,6 +463,13 @@ class RunRules:
                 raise RuleViolation(
                     "input-fields",
                     "accepted input lacks dataset root, bulk digest, example count or model digest",
+                )
+            withdrawn = self.withdrawn.get(e.dataset_root)
+            if withdrawn is not None:
+                raise RuleViolation(
+                    "root-withdrawn",
+                    f"round {e.round}: accepted input from {e.site!r} carries "
+                    f"{withdrawn.describe(e.dataset_root)}",
                 )
             if e.dataset_root not in site.roots:
                 raise RuleViolation("dataset-root", f"dataset root not approved for {e.site!r}")

@@ -151,7 +151,10 @@ class AuditVerifier:
     * entry 0 is the genesis; tree heads verify under its coordinator key (and equal a pinned
       key if one is given);
     * roster: enrol only unenrolled sites with valid, unshared keys (equal to the trusted
-      roster's if given); roots replaced / revocations only for active sites;
+      roster's if given); roots replaced / revocations only for active sites; a dataset root
+      is withdrawn (with its reason) once, only if approved for the site, and from then on no
+      roster change approves it again and no accepted input carries it (the failure names the
+      round, the site and the withdrawal);
     * consortium rosters: the signed roster decodes and agrees with the recorded consortium,
       version and digest, its signature verifies under the authority key recorded with it (the
       pinned authority key, if given), and a consortium's version never goes down (the same

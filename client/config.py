@@ -39,11 +39,22 @@ Layout (relative paths are resolved against the file's directory)::
 
 A site with neither ``[trust]`` nor ``[peers]`` knows no peer and so joins no secure round;
 ``fl-client run`` refuses to start that way.
+
+The approved dataset root in force (:func:`approved_root_in_force`) is ``data.approved_root``
+unless the operator re-enrolled the site (``fl-client run --re-enrol`` with a changed dataset):
+the root the site attested then is kept in ``<state_dir>/approved-root.json``
+(:func:`record_re_enrolment`) together with the ``data.approved_root`` it replaced, so later
+starts need no edit of client.toml. The file holds only what this site's own attestation
+produced and its operator confirmed; nothing the coordinator says is written there. Editing
+``data.approved_root`` afterwards takes precedence again (the file then no longer applies).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,9 +65,19 @@ from fedseal.client.errors import SiteError
 from fedseal.client.policy import SitePrivacy
 from fedseal.client.training import SiteLimits
 
-__all__ = ["ClientConfig", "ClientConfigError", "load_client_config"]
+__all__ = [
+    "APPROVED_ROOT_FILE",
+    "ApprovedRoot",
+    "ClientConfig",
+    "ClientConfigError",
+    "approved_root_in_force",
+    "load_client_config",
+    "record_re_enrolment",
+]
 
 MAX_CONFIG_BYTES = 1 << 20
+APPROVED_ROOT_FILE = "approved-root.json"
+"""In the site's state directory: the dataset root its operator re-enrolled (``--re-enrol``)."""
 T = TypeVar("T")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ADDR = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -276,3 +297,81 @@ def _trust(
         p(authority) if authority is not None else None,
         table,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovedRoot:
+    """The approved dataset root in force at a site and where it comes from.
+
+    Attributes:
+        root: 64 hex characters.
+        source: ``"client.toml"`` or the re-enrolment file's path.
+        since_ms: When it was re-enrolled (``0`` for client.toml's).
+    """
+
+    root: str
+    source: str
+    since_ms: int = 0
+
+
+def approved_root_in_force(cfg: ClientConfig) -> ApprovedRoot:
+    """``data.approved_root``, or the root re-enrolled in place of it (module docstring).
+
+    Raises:
+        ClientConfigError: The re-enrolment file exists but cannot be read or is malformed.
+    """
+    path = cfg.state_dir / APPROVED_ROOT_FILE
+    try:
+        raw = path.read_bytes()[: MAX_CONFIG_BYTES + 1]
+    except FileNotFoundError:
+        return ApprovedRoot(cfg.approved_root, "client.toml")
+    except OSError as exc:
+        raise ClientConfigError("", f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        doc = json.loads(raw)
+        root, replaces, since = str(doc["root"]), str(doc["replaces"]), int(doc["re_enrolled_at_ms"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ClientConfigError(
+            "", f"{path} is malformed ({type(exc).__name__}); remove it to use data.approved_root"
+        ) from exc
+    if not (_HEX64.fullmatch(root) and _HEX64.fullmatch(replaces)):
+        raise ClientConfigError("", f"{path}: root and replaces must be 64 hex characters")
+    if replaces != cfg.approved_root:  # client.toml edited since: it decides again
+        return ApprovedRoot(cfg.approved_root, "client.toml")
+    return ApprovedRoot(root, str(path), since)
+
+
+def record_re_enrolment(cfg: ClientConfig, root: str, *, now_ms: int) -> Path:
+    """Keep ``root`` (this site's own attestation of its dataset, confirmed by its operator with
+    ``--re-enrol``) as the approved root in force, in place of ``data.approved_root``. Written
+    atomically, mode 0600. Returns the file's path.
+
+    Raises:
+        ClientConfigError: ``root`` is not 64 hex characters.
+        OSError: The state directory cannot be written.
+    """
+    root = root.lower()
+    if not _HEX64.fullmatch(root):
+        raise ClientConfigError("", "a re-enrolled dataset root must be 64 hex characters")
+    previous = approved_root_in_force(cfg)
+    doc = {
+        "format": 1,
+        "root": root,
+        "replaces": cfg.approved_root,
+        "previous": previous.root,
+        "re_enrolled_at_ms": now_ms,
+    }
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.state_dir / APPROVED_ROOT_FILE
+    fd, tmp = tempfile.mkstemp(dir=cfg.state_dir, prefix=".approved-root-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

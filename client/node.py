@@ -10,9 +10,11 @@ Steps (each failure stops the site with a message naming the step):
    ``coordinator.public_key`` loads, and ``runtime.port`` is free on 127.0.0.1;
 1. load the site key (``site.key``, 0600; passphrase from the env variable named in the config);
 2. re-attest the dataset (:func:`fedseal.client.data.verify_dataset`: the shards must be
-   exactly what the manifest describes) and compare its root with ``data.approved_root``, the
-   root the coordinator enrolled; a changed dataset is refused unless ``--re-enrol`` is given
-   (then the new root is used and the coordinator must approve it: ``fl-server enroll``);
+   exactly what the manifest describes) and compare its root with the approved root in force
+   (:func:`fedseal.client.config.approved_root_in_force`: ``data.approved_root``, or the root
+   re-enrolled in its place); a changed dataset is refused unless ``--re-enrol`` is given: then
+   the new root is used, kept in ``<state_dir>/approved-root.json`` so later starts need no
+   edit of client.toml, and the coordinator must approve it (``fl-server enroll``);
 3. pre-flight the coordinator's Fleet address: a TLS handshake against the pinned CA (or, with
    ``insecure``, a plain HTTP request), so "wrong CA" and "no TLS" fail here, clearly; while the
    coordinator cannot be reached the site says so and retries with back-off (1 s doubling to
@@ -120,12 +122,27 @@ def _load_key(cfg: ClientConfig) -> ec.EllipticCurvePrivateKey:
         raise SiteRunError("site key", str(exc)) from exc
 
 
-def attest_dataset(cfg: ClientConfig, *, re_enrol: bool) -> str:
+def attest_dataset(cfg: ClientConfig, *, re_enrol: bool, now_ms: int | None = None) -> str:
     """Re-attest and return the root to use.
 
+    What the site trusts: only its own attestation of the data in ``data.dataset_dir``
+    decides its root; the root in force (client.toml's, or the one re-enrolled in its place)
+    only decides whether that root may be used without the operator's confirmation. With
+    ``re_enrol`` a changed root is confirmed and kept in the state directory
+    (:func:`fedseal.client.config.record_re_enrolment`, at ``now_ms``, default now); nothing
+    the coordinator claims is ever written there (it still approves or refuses the root in
+    every round).
+
     Raises:
-        SiteRunError: The dataset is invalid, or changed since approval (without re_enrol).
+        SiteRunError: The dataset is invalid, or changed since approval (without re_enrol),
+            or the re-enrolment cannot be kept.
     """
+    from fedseal.client.config import (
+        APPROVED_ROOT_FILE,
+        ClientConfigError,
+        approved_root_in_force,
+        record_re_enrolment,
+    )
     from fedseal.client.data import DatasetError, verify_dataset
 
     try:
@@ -135,15 +152,34 @@ def attest_dataset(cfg: ClientConfig, *, re_enrol: bool) -> str:
     except DatasetError as exc:
         raise SiteRunError("dataset", f"{cfg.dataset_dir} fails attestation: {exc}") from exc
     root = att.root.hex()
-    if root != cfg.approved_root:
-        if not re_enrol:
-            raise SiteRunError(
-                "dataset",
-                f"dataset changed since approval: root {root} != approved {cfg.approved_root}; "
-                f"ask the coordinator to run `fl-server enroll --site {cfg.name} --key SITE.pub "
-                f"--dataset-root {root}`, then start with --re-enrol",
-            )
-        log.warning("dataset root changed to %s (re-enrolment requested)", root)
+    try:
+        in_force = approved_root_in_force(cfg)
+    except ClientConfigError as exc:
+        raise SiteRunError("dataset", str(exc)) from exc
+    if root == in_force.root:
+        return root
+    if not re_enrol:
+        where = "" if in_force.source == "client.toml" else f" (re-enrolled, {in_force.source})"
+        raise SiteRunError(
+            "dataset",
+            f"dataset changed since approval: root {root} != approved {in_force.root}{where}; "
+            f"ask the coordinator to run `fl-server enroll --site {cfg.name} --key SITE.pub "
+            f"--dataset-root {root}`, then start once with --re-enrol",
+        )
+    try:
+        path = record_re_enrolment(
+            cfg, root, now_ms=int(time.time() * 1000) if now_ms is None else now_ms
+        )
+    except (ClientConfigError, OSError) as exc:
+        kept = cfg.state_dir / APPROVED_ROOT_FILE
+        raise SiteRunError("dataset", f"cannot keep the re-enrolled root in {kept}: {exc}") from exc
+    log.warning(
+        "dataset root changed to %s (re-enrolled in place of %s; kept in %s, client.toml "
+        "needs no edit)",
+        root,
+        in_force.root,
+        path,
+    )
     return root
 
 

@@ -80,7 +80,7 @@ from fedseal.protocol.envelope import Envelope
 from fedseal.protocol.errors import ProtocolError
 from fedseal.server.config import ConsortiumSection
 from fedseal.server.errors import CoordinatorError
-from fedseal.server.roster import Enrolment
+from fedseal.server.roster import Enrolment, roots_through
 
 __all__ = [
     "AuditHaltError",
@@ -90,11 +90,17 @@ __all__ = [
     "LoadedConsortiumRoster",
     "RunAudit",
     "load_consortium_roster",
+    "refresh_roster",
 ]
 
 _log = logging.getLogger("fedseal.server")
 
-_ACTIONS = {"enroll": RosterAction.ENROL, "approve-root": RosterAction.SET_ROOTS, "revoke": RosterAction.REVOKE}
+_ACTIONS = {
+    "enroll": RosterAction.ENROL,
+    "approve-root": RosterAction.SET_ROOTS,
+    "revoke": RosterAction.REVOKE,
+    "withdraw-root": RosterAction.WITHDRAW_ROOT,
+}
 
 
 #: Message type recorded for a received frame that does not parse as an envelope (its signer
@@ -222,22 +228,40 @@ class RunAudit:
         """
         log = AuditLog.open(path, signer=key, now_ms=_now_ms(), log_id=os.urandom(16))
         audit = cls(log, path)
-        marker = path.with_suffix(".roster-seq")
+        audit.mirror_roster(roster)
+        return audit
+
+    def mirror_roster(self, roster: Enrolment) -> int:
+        """Record the roster changes the log does not hold yet (``<log>.roster-seq`` counts
+        those mirrored), each with its own time and reason: an enrolment (key + roots), a
+        roots change (the site's roots after it), a revocation, a root withdrawal (the roots
+        withdrawn). Returns how many it recorded.
+
+        Raises:
+            fedseal.audit.errors.AuditError: The log refuses an entry (e.g. a withdrawn root
+                approved again): the changes before it stay recorded.
+        """
+        marker = self.path.with_suffix(".roster-seq")
         done = int(marker.read_text()) if marker.exists() else 0
         sites = {s.name: s for s in roster.sites}
         for event in roster.events[done:]:
-            site = sites[event.site]
             action = _ACTIONS[event.action]
-            current = roster_roots_at(roster, event.seq, event.site)
-            log.append_roster_change(
+            if action is RosterAction.WITHDRAW_ROOT:
+                roots: tuple[str, ...] = event.dataset_roots
+            elif action is RosterAction.REVOKE:
+                roots = ()
+            else:
+                roots = roster_roots_at(roster, event.seq, event.site)
+            self.log.append_roster_change(
                 action,
                 event.site,
-                public_key_der=site.public_key_der if action is RosterAction.ENROL else b"",
-                approved_roots=[bytes.fromhex(r) for r in current] if action is not RosterAction.REVOKE else (),
+                public_key_der=sites[event.site].public_key_der if action is RosterAction.ENROL else b"",
+                approved_roots=[bytes.fromhex(r) for r in roots],
+                reason=event.reason,
                 now_ms=event.time_ms,
             )
             marker.write_text(str(event.seq + 1))
-        return audit
+        return max(0, len(roster.events) - done)
 
     def consortium_roster(self, loaded: LoadedConsortiumRoster, *, again: bool = False) -> bool:
         """Record the verified consortium roster unless the log's last one is the same roster
@@ -459,6 +483,9 @@ class FailClosedAudit:
     def consortium_roster(self, loaded: LoadedConsortiumRoster, *, again: bool = False) -> None:
         self._call("the consortium roster", self.audit.consortium_roster, loaded, again=again)
 
+    def mirror_roster(self, roster: Enrolment) -> None:
+        self._call("a roster change", self.audit.mirror_roster, roster)
+
     def run_start(
         self, run_id: str, config_bytes: bytes, initial_digest: bytes, rounds: int,
         dp_budget: tuple[float, float] | None = None,
@@ -502,10 +529,45 @@ class FailClosedAudit:
         self.audit.close()
 
 
+def refresh_roster(
+    path: Path, in_force: Enrolment, audit: FailClosedAudit | None
+) -> Enrolment | None:
+    """Read the roster file again before a round; return the roster the run moves to
+    (:meth:`Enrolment.update_during_run`: a withdrawn root is refused from this round on), or
+    ``None`` when nothing changed. The changes applied are recorded in the audit log (when
+    there is one) before the round uses them.
+
+    Raises:
+        fedseal.server.roster.EnrolmentError: The file cannot be read, is invalid, or
+            rewrites the history in force (the run stops rather than guess).
+        AuditHaltError: The audit log refused a change.
+    """
+    if not in_force.events and not path.exists():
+        return None
+    newer = Enrolment.load(path)
+    if newer.digest() == in_force.digest() and len(newer.events) == len(in_force.events):
+        return None
+    updated = in_force.update_during_run(newer)
+    if updated == in_force:
+        return None
+    if audit is not None:
+        audit.mirror_roster(updated)
+    withdrawn = newer.withdrawn()
+    for site in updated.sites:
+        old = in_force.get(site.name)
+        for root in old.dataset_roots if old is not None else ():
+            if root not in site.dataset_roots and root in withdrawn:
+                _log.warning("roster: %s; refused from this round on", withdrawn[root].describe())
+    pending = len(newer.events) - len(updated.events)
+    if pending:
+        _log.warning(
+            "roster: %d change(s) from a revocation on (%s) apply from the next run",
+            pending, newer.events[len(updated.events)].site,
+        )  # fmt: skip
+    return updated
+
+
 def roster_roots_at(roster: Enrolment, seq: int, site: str) -> tuple[str, ...]:
-    """The site's approved roots right after event ``seq`` (events add roots, never remove)."""
-    roots: list[str] = []
-    for e in roster.events[: seq + 1]:
-        if e.site == site and e.action in ("enroll", "approve-root"):
-            roots.extend(r for r in e.dataset_roots if r not in roots)
-    return tuple(roots)
+    """The site's approved roots right after event ``seq`` (enrolments and approvals add
+    roots; a withdrawal removes them)."""
+    return roots_through(roster.events[: seq + 1], site)

@@ -1,7 +1,9 @@
 """``fl-server``: the coordinator command line.
 
 Commands: ``init`` (coordinator key, demo CA, server TLS certificate, ``server.toml``),
-``enroll``, ``revoke``, ``roster`` (table or ``--json``), ``run`` (SuperLink + gateway + the
+``enroll``, ``revoke --reason``, ``roster`` (table or ``--json``), ``roots withdraw`` /
+``roots list`` (a dataset root withdrawn for erasure or withdrawn consent is never accepted
+again; recorded with its reason in the roster history and, from there, the audit log), ``run`` (SuperLink + gateway + the
 run), ``demo`` (everything on loopback, three sites), ``simulate`` (the same apps on Flower's
 simulation engine, N virtual sites; :mod:`fedseal.sim.simulate`).
 
@@ -224,6 +226,13 @@ def enroll(
 @app.command("revoke")
 def revoke(
     site: Annotated[str, typer.Option(help="Site name.")],
+    reason: Annotated[
+        str,
+        typer.Option(
+            help="Why (one line, recorded in the roster history and the audit log), e.g. "
+            "'left the consortium' or 'key compromised'."
+        ),
+    ] = "",
     config: Annotated[Path, typer.Option(help="server.toml")] = Path("server.toml"),
 ) -> None:
     """Revoke a site: it is unregistered from the SuperLink at the next `run`."""
@@ -231,11 +240,96 @@ def revoke(
 
     _, roster_path = _config_roster(config)
     try:
-        roster = Enrolment.load_or_create(roster_path).revoke(site, now_ms=_now_ms())
+        roster = Enrolment.load_or_create(roster_path)
+        roster = roster.revoke(site, reason=reason, now_ms=_now_ms())
         roster.save(roster_path)
     except EnrolmentError as exc:
         raise usage_error(str(exc)) from exc
-    console.print(f"revoked {site}")
+    console.print(f"revoked {site}" + (f" ({escape(reason.strip())})" if reason.strip() else ""))
+
+
+roots_app = typer.Typer(
+    help="Dataset roots: withdraw one (erasure, consent withdrawn) or list them.",
+    no_args_is_help=True,
+)
+app.add_typer(roots_app, name="roots")
+
+
+@roots_app.command("withdraw")
+def roots_withdraw(
+    site: Annotated[str, typer.Option(help="Site name.")],
+    root: Annotated[str, typer.Option(help="The dataset root to withdraw (64 hex).")],
+    reason: Annotated[
+        str,
+        typer.Option(
+            help="Why (required, one line; recorded in the audit log), e.g. 'erasure request "
+            "2025-031' or 'consent withdrawn'."
+        ),
+    ],
+    config: Annotated[Path, typer.Option(help="server.toml")] = Path("server.toml"),
+) -> None:
+    """Withdraw a site's approved dataset root: no round accepts it again (a running run
+    refuses it from its next round on), and it can never be approved again, for any site.
+    The withdrawal (time, reason) is recorded in the roster history and the audit log."""
+    from fedseal.server.roster import Enrolment, EnrolmentError
+
+    _, roster_path = _config_roster(config)
+    try:
+        roster = Enrolment.load_or_create(roster_path)
+        roster = roster.withdraw_root(site, root, reason=reason, now_ms=_now_ms())
+        roster.save(roster_path)
+    except EnrolmentError as exc:
+        raise usage_error(str(exc)) from exc
+    entry = roster.get(site)
+    left = len(entry.dataset_roots) if entry is not None else 0
+    console.print(
+        f"withdrew dataset root {root.lower()[:16]}… of {site} ({escape(reason.strip())}); "
+        f"{left} approved root(s) left"
+        + ("" if left else f"; the site needs a new root: fl-server enroll --site {site} ...")
+    )
+
+
+@roots_app.command("list")
+def roots_list(
+    site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
+    config: Annotated[Path, typer.Option(help="server.toml")] = Path("server.toml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List approved and withdrawn dataset roots (withdrawn: when and why)."""
+    from fedseal.server.roster import Enrolment, EnrolmentError
+
+    _, roster_path = _config_roster(config)
+    try:
+        roster = Enrolment.load_or_create(roster_path)
+    except EnrolmentError as exc:
+        raise usage_error(str(exc)) from exc
+    if site is not None and roster.get(site) is None:
+        raise usage_error(f"site {site!r}: no such site")
+    rows: list[dict[str, object]] = []
+    for s in roster.sites:
+        if site is None or s.name == site:
+            rows += [{"site": s.name, "root": r, "status": "approved"} for r in s.dataset_roots]
+    for w in roster.withdrawn().values():
+        if site is None or w.site == site:
+            rows.append(
+                {"site": w.site, "root": w.root, "status": "withdrawn", "time_ms": w.time_ms,
+                 "reason": w.reason}
+            )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps({"roots": rows}, indent=1))
+        return
+    table = Table(title="dataset roots")
+    for col in ("site", "root", "status", "withdrawn", "reason"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        when = row.get("time_ms")
+        table.add_row(
+            str(row["site"]), str(row["root"]), str(row["status"]),
+            "" if not isinstance(when, int)
+            else datetime.fromtimestamp(when / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
+            escape(str(row.get("reason", ""))),
+        )  # fmt: skip
+    Console().print(table)
 
 
 @app.command("roster")
@@ -253,15 +347,24 @@ def roster_cmd(
         raise usage_error(str(exc)) from exc
     if as_json:
         doc = roster.to_json()
+        for s in doc["sites"]:
+            event = roster.revocation(s["name"])
+            if event is not None:
+                s["revoked_at_ms"], s["revoke_reason"] = event.time_ms, event.reason
+            s["withdrawn_roots"] = [r for r, w in roster.withdrawn().items() if w.site == s["name"]]
         typer.echo(json.dumps({"sites": doc["sites"], "head": roster.digest().hex()}, indent=1))
         return
     table = Table(title=f"roster ({len(roster.events)} changes, head {roster.digest().hex()[:12]}…)")
     for col in ("site", "status", "key id", "approved dataset roots", "enrolled"):
         table.add_column(col)
+    withdrawn = roster.withdrawn()
     for s in roster.sites:
+        event = roster.revocation(s.name)
+        status = s.status if event is None or not event.reason else f"{s.status}: {event.reason}"
+        gone = sum(1 for w in withdrawn.values() if w.site == s.name)
         table.add_row(
             s.name,
-            s.status,
+            escape(status) + (f"\n{gone} root(s) withdrawn" if gone else ""),
             s.key_id_hex[:16] + "…",
             "\n".join(r[:16] + "…" for r in s.dataset_roots),
             datetime.fromtimestamp(s.enrolled_at_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
@@ -309,6 +412,11 @@ def run(
     if outcome.rounds and not any(r.get("outcome") == "committed" for r in outcome.rounds):
         console.print("[red]no round of this run committed[/red]: see rounds.jsonl and serverapp.log")
         raise typer.Exit(EXIT_FAILED)
+
+
+from fedseal.server import admin_cli  # noqa: E402 (its commands use usage_error, above)
+
+admin_cli.register(app, usage_error)  # provision, status
 
 
 def main() -> None:

@@ -9,8 +9,11 @@ Usage (the round loop, :mod:`fedseal.server.flower_app`)::
 ::
 
     train     strategy.configure_train -> exchange (timeout = run.stage_timeout_s)
-    validate  each reply: enrolled node, approved dataset root, exact names/shapes/dtypes,
-              finite values, 1 <= num-examples <= 10**9; a rejected reply is a dropout
+    roster    the roster file read again (a dataset root withdrawn since the last round is
+              refused from this one on)
+    validate  each reply: enrolled node, approved dataset root (a withdrawn one is named as
+              such), exact names/shapes/dtypes, finite values, 1 <= num-examples <= 10**9; a
+              rejected reply is a dropout
     aggregate streaming weighted mean (one float64 accumulator, O(model) memory)
 """
 
@@ -30,6 +33,7 @@ from flwr.serverapp.strategy import Strategy
 from fedseal.protocol import records
 from fedseal.protocol.model import ModelVector
 from fedseal.protocol.types import site_sort_key
+from fedseal.server.audit_hook import refresh_roster
 from fedseal.server.exchange import FixedNodes, arrays_to_record, exchange_iter
 from fedseal.server.replies import error_reason, is_refusal, report_site_error
 from fedseal.server.rundir import Run
@@ -112,6 +116,8 @@ def validate_reply(
     if not isinstance(info, ConfigRecord):
         return "malformed"
     root = _hex_root(info.get(records.DATASET_ROOT))
+    if root is not None and root.hex() in run.roster.withdrawn():
+        return "withdrawn-dataset-root"
     if root is None or root not in {bytes.fromhex(r) for r in site.dataset_roots}:
         return "unapproved-dataset-root"
     n = metrics.get(records.NUM_EXAMPLES)
@@ -130,6 +136,17 @@ def validate_reply(
     return site.name, int(n), arrays
 
 
+def _explain(run: Run, msg: Message, verdict: str) -> str:
+    """A rejection verdict for the round's line: a withdrawn root is named with its
+    withdrawal (``dataset root ab12… of site-a was withdrawn on <date> (<reason>)``)."""
+    if verdict != "withdrawn-dataset-root":
+        return verdict
+    info = msg.content.get(records.SITE_RECORD)
+    root = _hex_root(info.get(records.DATASET_ROOT)) if isinstance(info, ConfigRecord) else None
+    w = run.roster.withdrawn().get(root.hex()) if root is not None else None
+    return w.describe() if w is not None else verdict
+
+
 def plain_round(
     run: Run, strategy: Strategy, rnd: int, nodes: list[int], model: ModelVector,
     train_cfg: ConfigRecord,
@@ -137,6 +154,9 @@ def plain_round(
     """One plain round from ``model`` with the sites of ``nodes``: the strategy's training
     messages out, each valid update added to a running weighted sum as it arrives."""
     arrays = model.arrays
+    updated = refresh_roster(run.cfg.coordinator.roster, run.roster, None)
+    if updated is not None:
+        run.roster = updated
     msgs = list(
         strategy.configure_train(
             rnd, arrays_to_record(arrays), train_cfg, FixedNodes(run.grid, nodes),  # type: ignore[arg-type, unused-ignore]
@@ -167,7 +187,7 @@ def plain_round(
             log.warning("round %d: rejected reply from node %s: %s", rnd, reply.metadata.src_node_id, verdict)
             node = int(reply.metadata.src_node_id)
             if node in run.node_sites:
-                why[run.node_sites[node]] = f"rejected at train: {verdict}"
+                why[run.node_sites[node]] = f"rejected at train: {_explain(run, reply, verdict)}"
             continue
         site, n, upd = verdict
         for k, a in upd.items():

@@ -47,7 +47,7 @@ from fedseal.protocol import records
 from fedseal.protocol.dp import DpParams
 from fedseal.protocol.model import ModelVector
 from fedseal.protocol.types import site_sort_key
-from fedseal.server.audit_hook import FailClosedAudit
+from fedseal.server.audit_hook import FailClosedAudit, refresh_roster
 from fedseal.server.dp_round import DpPlan
 from fedseal.server.exchange import arrays_to_record, exchange_iter
 from fedseal.server.replies import (
@@ -58,6 +58,7 @@ from fedseal.server.replies import (
     report_site_error,
     setup_refusal,
 )
+from fedseal.server.roster import Enrolment
 from fedseal.server.rundir import Run
 
 __all__ = [
@@ -180,6 +181,17 @@ class SecureCoordinator:
         #: ``[dp]``'s plan (None without DP): each round's DpParams, the budget check.
         self.dp_plan = DpPlan(dp, rounds=run.cfg.run.rounds) if dp.enabled else None
 
+    def refresh_roster(self) -> bool:
+        """Read the roster file again before a round (:func:`~fedseal.server.audit_hook.refresh_roster`:
+        a root withdrawn while the run goes on is refused from this round on, and recorded in
+        the audit log first). Returns whether the roster in force changed."""
+        run = self.run
+        updated = refresh_roster(run.cfg.coordinator.roster, run.roster, self.audit)
+        if updated is None:
+            return False
+        run.roster = updated
+        return True
+
     def _roster(self) -> Any:
         from fedseal.protocol import Roster as ProtoRoster
         from fedseal.protocol import RosterEntry, SiteId
@@ -273,6 +285,7 @@ class SecureCoordinator:
     def _server(self, rnd: int, nodes: list[int], model: ModelVector) -> Any:
         from fedseal.protocol import SecAggServer
 
+        self.refresh_roster()
         sites = sorted(self.run.node_sites[n] for n in nodes)
         return SecAggServer(
             self._config(model.size, len(nodes)), self._roster(), sites,
@@ -311,6 +324,10 @@ class SecureCoordinator:
         site_of = {n: run.node_sites[n] for n in nodes}
         node_of = {s: n for n, s in site_of.items()}
         server = ahead.server if ahead is not None else self._server(rnd, nodes, model)
+        if ahead is not None and self.refresh_roster():
+            # Built with the last evaluation: a root withdrawn since is refused in this round
+            # too (mid-run changes never revoke a cohort member: only roots narrow here).
+            server.roster = self._roster()
         logged = 0
         rejected = 0
         stage_seconds: list[tuple[str, float]] = []
@@ -336,7 +353,10 @@ class SecureCoordinator:
             return SecureOutcome(
                 rejected=rejected, stage_seconds=tuple(stage_seconds), site_errors=tuple(site_errors),
                 setup_with_evaluation=ahead is not None,
-                absent=absent_sites(site_of.values(), server, dict(site_errors)), **fields,
+                absent=_name_withdrawn(
+                    absent_sites(site_of.values(), server, dict(site_errors)), server, run.roster
+                ),
+                **fields,
             )
 
         try:
@@ -462,6 +482,32 @@ def absent_sites(
             why = "dropped: not in the round's cohort"
         out.append((site, one_line(why)))
     return tuple(out)
+
+
+def _name_withdrawn(
+    absent: tuple[tuple[str, str], ...], server: Any, roster: Enrolment
+) -> tuple[tuple[str, str], ...]:
+    """``absent`` with each site whose masked input carried a withdrawn dataset root named as
+    such (``rejected at masked-input: dataset root ab12… of site-a was withdrawn on <date>
+    (<reason>)``) instead of the protocol's "not approved"."""
+    from fedseal.protocol import Limits, MessageKind, ProtocolError, UnapprovedDatasetError
+    from fedseal.protocol.messages import MaskedInput, decode_payload
+
+    withdrawn = roster.withdrawn()
+    if not withdrawn or not absent:
+        return absent
+    named: dict[str, str] = {}
+    for r in server.rejections:
+        if not isinstance(r.error, UnapprovedDatasetError) or r.envelope is None:
+            continue
+        try:
+            msg = decode_payload(MessageKind.MASKED_INPUT, r.envelope.payload, Limits())
+        except ProtocolError:
+            continue
+        w = withdrawn.get(msg.dataset_root.hex()) if isinstance(msg, MaskedInput) else None
+        if w is not None:
+            named[str(r.site)] = one_line(f"rejected at {r.stage.value}: {w.describe()}")
+    return tuple((site, named.get(site, why)) for site, why in absent)
 
 
 def _released_dp(server: Any) -> DpParams | None:
