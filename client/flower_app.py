@@ -8,6 +8,12 @@ Usage (what ``fl-client run`` does; the app is built in-process, never loaded fr
 Message types handled:
 
 * ``query.initial_model`` – build the named model with the coordinator's seed, return weights.
+  The name is a recipe (:mod:`fedseal.client.recipe`: built-in ``mlp``/``cnn`` or a
+  ``module:attribute`` installed at this site) that ``[limits] allowed_models`` lists; any other
+  is refused, an unresolvable or failing one is answered with a one-line
+  :class:`~fedseal.client.recipe.RecipeError` naming it. Its preprocessing is fitted once on the
+  local training part and kept; training and evaluation run its loss, optimizer, step and
+  metrics.
 * ``train`` – plain training, **refused** unless the site opted in (``[privacy] allow_plain``):
   it would hand the coordinator this site's trained weights in the clear. If allowed: load the
   global weights, train locally (hyper-parameters clamped by
@@ -17,8 +23,8 @@ Message types handled:
   global model, training config and the signed round setup; every stage's signed payload is
   answered by :class:`fedseal.protocol.ClientSession` (which calls back into local training at
   the masked-input stage); the masked vector travels beside the envelope as an array.
-* ``evaluate`` – loss, accuracy and macro-F1 of the global weights on the local validation part,
-  only for a model the coordinator's signed log committed (see below).
+* ``evaluate`` – loss, accuracy, macro-F1 and the recipe's own metrics of the global weights on
+  the local validation part, only for a model the coordinator's signed log committed (see below).
 
 Site trust (``[privacy]``, ``[trust]``, ``[peers]`` of ``client.toml``; :mod:`fedseal.client.policy`):
 every secure round's session gets the site's own policy and its trust anchor (the peers it
@@ -48,12 +54,14 @@ locally built model. A malformed message is answered with a Flower error reply, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hmac
 import io
 import logging
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,11 +78,27 @@ from torch import nn
 
 from fedseal.audit.receipts import SiteReceipts
 from fedseal.client.commitments import ModelCommitments
-from fedseal.client.models import build_model, load_numpy_state_dict, state_dict_to_numpy
+from fedseal.client.errors import SiteError
+from fedseal.client.models import (
+    BUILTIN_RECIPES,
+    build_model,
+    load_numpy_state_dict,
+    resolve_recipe,
+    state_dict_to_numpy,
+)
 from fedseal.client.policy import SitePrivacy, SiteRefusal
+from fedseal.client.recipe import Recipe, RecipeError, Transform
 from fedseal.client.site_data import SiteData
 from fedseal.client.site_privacy import honest_sites
-from fedseal.client.training import SiteLimits, TrainRequest, evaluate, train
+from fedseal.client.training import (
+    EvalResult,
+    SiteLimits,
+    TrainRequest,
+    TrainResult,
+    evaluate,
+    fit_preprocessing,
+    train,
+)
 from fedseal.crypto.keys import write_atomic
 from fedseal.protocol import records
 from fedseal.protocol.config import DpPolicyError
@@ -132,6 +156,7 @@ class SiteRuntime:
     #: The site's privacy ledger; ``None``: none configured (see :meth:`charge_privacy`).
     ledger: PrivacyLedger | None = None
     _models: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
+    _recipes: dict[str, tuple[Recipe, Transform | None]] = field(default_factory=dict)
     _session: Any = None
     _round: tuple[bytes, int] = (b"", 0)
     _guard: Any = None
@@ -225,15 +250,96 @@ class SiteRuntime:
         log.info("%s: model %s… committed by %s", what, digest.hex()[:16],
                  "the run start" if committed == 0 else f"round {committed}")
 
-    def model(self, name: str, seed: int) -> nn.Module:
+    def recipe(self, name: str) -> tuple[Recipe, Transform | None]:
+        """The recipe ``name`` names (:mod:`fedseal.client.recipe`), and its preprocessing
+        fitted on this site's training part (once per recipe, then kept).
+
+        Raises:
+            SiteRefusal: ``name`` is not in ``[limits] allowed_models``.
+            RecipeError: It cannot be resolved here, or its preprocessing fails (one line
+                naming the recipe; the cause is chained for the site's log).
+        """
         if name not in self.allowed_models:
-            raise ValueError(f"model {name!r} is not allowed at this site")
+            raise SiteRefusal(
+                f"model {name!r} is not in this site's [limits] allowed_models "
+                f"({', '.join(self.allowed_models) or 'none'})"
+            )
+        found = self._recipes.get(name)
+        if found is None:
+            recipe = resolve_recipe(name)
+            with recipe_failures(name, "preprocessing (fit on the training part)"):
+                transform = fit_preprocessing(recipe, self.data.x_train)
+            found = self._recipes[name] = (recipe, transform)
+            if recipe.preprocess is not None:
+                log.info("recipe %r: preprocessing fitted on %d training rows", name, len(self.data.x_train))
+        return found
+
+    def model(self, name: str, seed: int) -> nn.Module:
+        """The model of recipe ``name`` with the initial weights of ``seed`` (built once).
+
+        Raises:
+            SiteRefusal: ``name`` is not allowed at this site.
+            RecipeError: See :meth:`recipe`; or the model factory fails here.
+        """
+        recipe, _ = self.recipe(name)
         key = (name, seed)
         if key not in self._models:
             self._models[key] = build_model(
-                name, seed=seed, num_features=self.data.num_features, num_classes=self.data.num_classes
+                name, seed=seed, num_features=self.data.num_features, num_classes=self.data.num_classes,
+                recipe=recipe,
             )
         return self._models[key]
+
+    def train(self, name: str, model: nn.Module, req: TrainRequest, seed: int) -> TrainResult:
+        """Train ``model`` on this site's training part with recipe ``name``.
+
+        Raises:
+            RecipeError: A part of a site-installed recipe failed (the message names it).
+            SiteError: The data failed (e.g. a shard changed mid-stream).
+        """
+        with recipe_failures(name, "training"):
+            return train(model, self.data.x_train, self.data.y_train, req, seed=seed, **self._loop(name))
+
+    def evaluate(self, name: str, model: nn.Module) -> EvalResult:
+        """Evaluate ``model`` on this site's validation part with recipe ``name``.
+
+        Raises:
+            RecipeError: A part of a site-installed recipe failed (the message names it).
+            SiteError: The data failed.
+        """
+        with recipe_failures(name, "evaluation"):
+            return evaluate(
+                model, self.data.x_val, self.data.y_val, num_classes=self.data.num_classes, **self._loop(name)
+            )
+
+    def _loop(self, name: str) -> dict[str, Any]:
+        """The training loop's recipe arguments: none for a recipe that is only a model (the
+        built-ins), which then trains exactly as fedseal's default loop."""
+        recipe, transform = self.recipe(name)
+        if _model_only(recipe):
+            return {}
+        return {"recipe": recipe, "transform": transform}
+
+
+def _model_only(recipe: Recipe) -> bool:
+    return (recipe.preprocess, recipe.loss, recipe.optimizer, recipe.step) == (None,) * 4 and not recipe.metrics
+
+
+@contextlib.contextmanager
+def recipe_failures(name: str, stage: str) -> Iterator[None]:
+    """Turn a failure inside a site-installed recipe's code during ``stage`` into one
+    :class:`RecipeError` line naming the recipe (the cause stays chained for the site's log).
+    fedseal's own errors (:class:`SiteError`: data, policy) and the built-in recipes' failures
+    pass unchanged."""
+    try:
+        yield
+    except SiteError:
+        raise
+    except Exception as exc:
+        if name in BUILTIN_RECIPES:
+            raise
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise RecipeError(name, f"failed in {stage}: {reason}") from exc
 
 
 def _secagg_payload(msg: Message) -> bytes:
@@ -425,7 +531,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         req = runtime.train_request(rec)
         round_ = _get(rec, records.ROUND, int, 0, 10**9)
         seed = runtime.training_seed(_run_id(rec), round_)
-        result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=seed)
+        result = runtime.train(_model_name(rec), model, req, seed)
         weights = state_dict_to_numpy(model)
         log.info(
             "round %d: trained on %d examples (%d epochs, batch %d, lr %g), loss %.4f",
@@ -454,6 +560,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         # loads its weights into the shared cached model, and must not change the model this
         # round trains from, i.e. the one the signed setup names and the audit log committed.
         model = copy.deepcopy(_load_global(runtime, msg, rec))
+        model_name = _model_name(rec)
         global_flat = model_flat(model)
         req = runtime.train_request(rec)
         round_ = _get(rec, records.ROUND, int, 0, 10**9)
@@ -487,7 +594,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             # Randomness from the site's secret and the *signed* run and round: the guard lets
             # the site train once per (run, round), and no two trainings are alike.
             seed = runtime.training_seed(info.run_id, info.round)
-            result = train(model, runtime.data.x_train, runtime.data.y_train, req, seed=seed)
+            result = runtime.train(model_name, model, req, seed)
             delta = model_delta(model, global_flat)
             log.info("round %d: trained on %d examples, loss %.4f (secure)", round_, result.num_examples, result.mean_loss)
             return LocalUpdate(
@@ -593,13 +700,14 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             log.warning("%s", reason)
             content[records.EVALUATION_REFUSED_RECORD] = ConfigRecord({records.REASON: reason})
         else:
-            res = evaluate(model, runtime.data.x_val, runtime.data.y_val, num_classes=runtime.data.num_classes)
+            res = runtime.evaluate(_model_name(rec), model)
             content[records.METRICS_RECORD] = MetricRecord(
                 {
                     records.NUM_EXAMPLES: res.num_examples,
                     records.LOSS: res.loss,
                     records.ACCURACY: res.accuracy,
                     records.MACRO_F1: res.macro_f1,
+                    **res.extra,  # the recipe's own metrics (names never clash: Recipe checks)
                 }
             )
         if records.SETUP_RECORD in msg.content:

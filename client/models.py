@@ -1,16 +1,19 @@
-"""Built-in models for the demo, nanoGPT style: one file, shapes in comments.
+"""Built-in models for the demo, nanoGPT style: one file, shapes in comments; and how a
+model name becomes a :class:`~fedseal.client.recipe.Recipe`.
 
 Usage::
 
-    from fedseal.client.models import build_model
+    from fedseal.client.models import build_model, resolve_recipe
     model = build_model("cnn", seed=0)        # MNIST-5k: 784 features, 10 classes
     logits = model(torch.zeros(32, 784))      # (B, 10)
+    recipe = resolve_recipe("my_package:recipe")   # installed at this site
 
-A site or coordinator can name its own model as ``"package.module:callable"``; the callable
-is called as ``callable(num_features=..., num_classes=...)`` and must return a
-``torch.nn.Module`` taking ``(B, num_features)`` float inputs and returning ``(B, num_classes)``
-logits. Such a name is resolved only against code installed at the site (importlib), never
-against code shipped by the coordinator.
+A name is ``"mlp"``, ``"cnn"`` (the built-in recipes: a model, fedseal's default training) or
+``"package.module:attribute"``, resolved only against code installed at the site (importlib),
+never against code shipped by the coordinator. The attribute is a
+:class:`~fedseal.client.recipe.Recipe` (the site's model, preprocessing, loss, optimizer,
+training step and metrics: see :mod:`fedseal.client.recipe`), or a plain model factory called
+as ``factory(num_features=..., num_classes=...)``, which becomes ``Recipe(model=factory)``.
 
 The coordinator never imports torch: weights cross the wire and the disk as a state dict of
 numpy arrays (``state_dict_to_numpy`` / ``load_numpy_state_dict``).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -27,15 +31,17 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from fedseal.client.errors import SiteError
+from fedseal.client.recipe import Recipe, RecipeError
 
 __all__ = [
     "BUILTIN_MODELS",
+    "BUILTIN_RECIPES",
     "MLP",
     "ModelResolutionError",
     "SmallCNN",
     "build_model",
     "load_numpy_state_dict",
+    "resolve_recipe",
     "state_dict_to_numpy",
 ]
 
@@ -43,13 +49,9 @@ NUM_FEATURES = 784  # 28 x 28 pixels, flattened
 NUM_CLASSES = 10
 
 
-class ModelResolutionError(SiteError):
-    """A model name names no built-in model and no importable ``module:callable``."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"cannot resolve model {name!r}: {reason}")
-        self.name = name
-        self.reason = reason
+class ModelResolutionError(RecipeError):
+    """A model name names no built-in recipe and no installed ``module:attribute``, or its
+    model factory fails or returns no ``torch.nn.Module``."""
 
 
 class MLP(nn.Module):
@@ -95,47 +97,95 @@ class SmallCNN(nn.Module):
 
 
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": SmallCNN}
+BUILTIN_RECIPES: Mapping[str, Recipe] = MappingProxyType(
+    {k: Recipe(model=f) for k, f in BUILTIN_MODELS.items()}
+)
+"""The built-in models as recipes: fedseal's default preprocessing (none), loss
+(cross-entropy), optimizer (SGD, momentum 0.9) and training step."""
 
 
-def _resolve(name: str) -> Callable[..., nn.Module]:
-    if name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[name]
+def resolve_recipe(name: str) -> Recipe:
+    """The recipe a model name names (module docstring).
+
+    Raises:
+        ModelResolutionError: Not a built-in name nor ``module:attribute``; the module is not
+            installed or fails to import; the attribute is missing or neither a ``Recipe`` nor
+            callable.
+    """
+    builtin = BUILTIN_RECIPES.get(name)
+    if builtin is not None:
+        return builtin
     module_name, sep, attr = name.partition(":")
     if not sep or not module_name or not attr:
         raise ModelResolutionError(
-            name, f"not a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) nor module:callable"
+            name,
+            f"not a built-in model ({', '.join(sorted(BUILTIN_RECIPES))}) nor module:attribute",
         )
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelResolutionError(name, f"module {module_name!r} is not installed") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelResolutionError(name, f"{attr!r} is not a callable in {module_name!r}")
-    return factory  # type: ignore[no-any-return]
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (
+            module_name == exc.name or module_name.startswith(exc.name + ".")
+        ):
+            raise ModelResolutionError(
+                name, f"module {module_name!r} is not installed at this site"
+            ) from exc
+        raise ModelResolutionError(
+            name, f"module {module_name!r} fails to import: {_one_line(exc)}"
+        ) from exc
+    except Exception as exc:  # the package's own import-time error: named, not a traceback
+        raise ModelResolutionError(
+            name, f"module {module_name!r} fails to import: {_one_line(exc)}"
+        ) from exc
+    found = getattr(module, attr, None)
+    if isinstance(found, Recipe):
+        return found
+    if found is None or not callable(found):
+        raise ModelResolutionError(
+            name, f"{attr!r} in {module_name!r} is neither a Recipe nor a model factory"
+        )
+    return Recipe(model=found)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text[:300]
 
 
 def build_model(
-    name: str, *, seed: int, num_features: int = NUM_FEATURES, num_classes: int = NUM_CLASSES
+    name: str,
+    *,
+    seed: int,
+    num_features: int = NUM_FEATURES,
+    num_classes: int = NUM_CLASSES,
+    recipe: Recipe | None = None,
 ) -> nn.Module:
     """Build a model with deterministic initial weights.
 
     Args:
-        name: ``"mlp"``, ``"cnn"`` or ``"module:callable"`` (installed at this site).
+        name: ``"mlp"``, ``"cnn"`` or ``"module:attribute"`` (installed at this site).
         seed: Seed for the weight initialisation (the coordinator sends it, so every
             site would build the same initial model).
         num_features: Input width.
         num_classes: Number of output logits.
+        recipe: ``name``'s recipe, if already resolved.
 
     Raises:
-        ModelResolutionError: If ``name`` cannot be resolved.
+        ModelResolutionError: ``name`` cannot be resolved, or its model factory raises or
+            returns no ``torch.nn.Module``.
     """
-    factory = _resolve(name)
+    factory = (recipe if recipe is not None else resolve_recipe(name)).model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = factory(num_features=num_features, num_classes=num_classes)
+        try:
+            model = factory(num_features=num_features, num_classes=num_classes)
+        except Exception as exc:
+            raise ModelResolutionError(
+                name,
+                f"the model factory failed for {num_features} features, {num_classes} classes: {_one_line(exc)}",
+            ) from exc
     if not isinstance(model, nn.Module):
-        raise ModelResolutionError(name, "the factory did not return a torch.nn.Module")
+        raise ModelResolutionError(name, "the model factory did not return a torch.nn.Module")
     return model
 
 
@@ -162,7 +212,9 @@ def load_numpy_state_dict(model: nn.Module, arrays: Mapping[str, npt.NDArray[np.
     for k, ref in own.items():
         arr = np.asarray(arrays[k])
         if tuple(arr.shape) != tuple(ref.shape):
-            raise ValueError(f"shape mismatch for {k}: got {arr.shape}, expected {tuple(ref.shape)}")
+            raise ValueError(
+                f"shape mismatch for {k}: got {arr.shape}, expected {tuple(ref.shape)}"
+            )
         checked[k] = arr
     if all(_numpy_view(ref) is not None for ref in own.values()):
         # CPU tensors numpy can address: copy each array straight into the model's storage
@@ -171,8 +223,10 @@ def load_numpy_state_dict(model: nn.Module, arrays: Mapping[str, npt.NDArray[np.
             np.copyto(_numpy_view(ref), checked[k], casting="unsafe")  # type: ignore[arg-type]
         return
     model.load_state_dict(
-        {k: torch.from_numpy(np.array(arr, copy=True, order="C")).to(ref.dtype) for (k, ref), arr in
-         zip(own.items(), checked.values(), strict=True)}
+        {
+            k: torch.from_numpy(np.array(arr, copy=True, order="C")).to(ref.dtype)
+            for (k, ref), arr in zip(own.items(), checked.values(), strict=True)
+        }
     )
 
 

@@ -9,6 +9,12 @@ Usage::
     result = train(model, x, y, req, seed=1)                # or arrays: x (N, 784) float32, y (N,) int64
     metrics = evaluate(model, data.x_val, data.y_val)       # loss, accuracy, macro-F1
 
+    # a site's own recipe (fedseal.client.recipe): its preprocessing is fitted once on the
+    # training part, then the loop runs the recipe's loss, optimizer, step and metrics
+    transform = fit_preprocessing(recipe, data.x_train)
+    train(model, data.x_train, data.y_train, req, seed=1, recipe=recipe, transform=transform)
+    evaluate(model, data.x_val, data.y_val, recipe=recipe, transform=transform).extra
+
 Data comes in one of two forms. Arrays (``x``/``y`` numpy) are copied to the device once and
 indexed there: right for small in-memory data and benchmarks. A site's dataset comes as a
 :class:`BatchSource` (:class:`fedseal.client.site_data.SiteSplit`: batches streamed from its
@@ -22,19 +28,28 @@ gives the update.
 The coordinator proposes epochs, batch size and learning rate; the site clamps them to its own
 limits (``SiteLimits``), so a coordinator cannot make a site burn unbounded compute. The device
 is chosen automatically (CUDA if present, else CPU); on CUDA the forward pass runs under bf16
-autocast. Gradients are clipped to ``clip_norm`` before every step.
+autocast. Gradients are clipped to ``clip_norm`` before every step. ``torch``'s RNG is seeded
+with the training seed for the duration of training (forked, so the caller's RNG is untouched),
+which makes a recipe's dropout or random augmentation reproducible for a seed.
+
+Without a recipe (or with a built-in one) the loop is fedseal's default: cross-entropy, SGD
+with momentum 0.9, no preprocessing. A :class:`~fedseal.client.recipe.Recipe` replaces any of
+these; the limits, clipping, device, seeding and counting above stay the loop's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
+
+from fedseal.client.recipe import LossFn, Recipe, RecipeError, TrainStep, Transform
 
 __all__ = [
     "BatchSource",
@@ -46,9 +61,10 @@ __all__ = [
     "StreamedLabels",
     "TrainRequest",
     "TrainResult",
-    "TrainingLoop",
+    "check_recipe",
     "evaluate",
     "evaluate_stream",
+    "fit_preprocessing",
     "pick_device",
     "train",
     "train_stream",
@@ -108,12 +124,21 @@ class TrainResult:
 
 @dataclass(frozen=True, slots=True)
 class EvalResult:
-    """Local evaluation metrics."""
+    """Local evaluation metrics.
+
+    Attributes:
+        num_examples: Rows evaluated.
+        loss: Mean loss per row (the recipe's loss; cross-entropy by default).
+        accuracy: Share of rows whose largest logit is the label.
+        macro_f1: Per-class F1 averaged over the classes present or predicted.
+        extra: The recipe's own metrics by name (empty without a recipe's ``metrics``).
+    """
 
     num_examples: int
     loss: float
     accuracy: float
     macro_f1: float
+    extra: Mapping[str, float] = field(default_factory=dict)
 
 
 class BatchSource(Protocol):
@@ -135,7 +160,10 @@ class BatchSource(Protocol):
 
 def _materialise(source: BatchSource, column: int, dtype: npt.DTypeLike | None) -> npt.NDArray[Any]:
     """One unshuffled pass of ``source`` gathered into an array (column 0: features, 1: labels)."""
-    parts = [batch[column].numpy() for batch in source.batches(batch_size=8192, seed=0, epoch=0, shuffle=False)]
+    parts = [
+        batch[column].numpy()
+        for batch in source.batches(batch_size=8192, seed=0, epoch=0, shuffle=False)
+    ]
     if not parts:
         raise ValueError("the stream has no rows")
     out = np.concatenate(parts)
@@ -158,7 +186,9 @@ class StreamedFeatures:
     def __len__(self) -> int:
         return self.source.num_rows
 
-    def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> npt.NDArray[Any]:
+    def __array__(
+        self, dtype: npt.DTypeLike | None = None, copy: bool | None = None
+    ) -> npt.NDArray[Any]:
         return _materialise(self.source, 0, dtype)
 
 
@@ -175,15 +205,160 @@ class StreamedLabels:
     def __len__(self) -> int:
         return self.source.num_rows
 
-    def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> npt.NDArray[Any]:
+    def __array__(
+        self, dtype: npt.DTypeLike | None = None, copy: bool | None = None
+    ) -> npt.NDArray[Any]:
         return _materialise(self.source, 1, dtype)
 
 
 Features = npt.NDArray[np.float32] | StreamedFeatures
 Labels = npt.NDArray[np.int64] | StreamedLabels
 
-TrainingLoop = Callable[[nn.Module, Features, Labels, TrainRequest, int], TrainResult]
-"""Signature of a custom training loop named as ``module:callable``."""
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""A recipe's loss of one batch, ``(model, features, labels) -> 0-d loss``."""
+
+_FIT_BATCH_ROWS = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class _Hooks:
+    """What a recipe changes in the loop; every field ``None``: fedseal's defaults, run by the
+    very code the built-in models always ran."""
+
+    transform: Transform | None = None
+    objective: Objective | None = None
+    loss: LossFn | None = None
+    recipe: Recipe | None = None
+
+    @classmethod
+    def of(cls, recipe: Recipe | None, transform: Transform | None) -> _Hooks:
+        """The hooks of ``recipe`` with its fitted ``transform``.
+
+        Raises:
+            ValueError: The recipe preprocesses and no transform was given, or a transform was
+                given for a recipe without preprocessing.
+        """
+        if recipe is None:
+            if transform is not None:
+                raise ValueError("a transform was given without the recipe it was fitted for")
+            return _DEFAULT_HOOKS
+        if (recipe.preprocess is None) != (transform is None):
+            raise ValueError(
+                "the recipe's preprocessing needs its fitted transform: pass "
+                "transform=fit_preprocessing(recipe, x_train)"
+                if transform is None
+                else "a transform was given for a recipe without preprocessing"
+            )
+        loss, step = recipe.loss, recipe.step
+        objective: Objective | None = None
+        if step is not None:
+            objective = _step_objective(
+                step, loss if loss is not None else nn.functional.cross_entropy
+            )
+        elif loss is not None:
+            objective = _loss_objective(loss)
+        return cls(transform=transform, objective=objective, loss=loss, recipe=recipe)
+
+    def features(self, xb: torch.Tensor) -> torch.Tensor:
+        """A batch's features as the model takes them (the recipe's transform, if any)."""
+        if self.transform is None:
+            return xb
+        out = self.transform(xb)
+        if not isinstance(out, torch.Tensor) or out.ndim < 1 or len(out) != len(xb):
+            raise ValueError(
+                f"the recipe's transform returned {_shape(out)} for a batch of {len(xb)} rows"
+            )
+        return out
+
+    def optimizer(
+        self, model: nn.Module, req: TrainRequest, device: torch.device
+    ) -> torch.optim.Optimizer:
+        """The recipe's optimizer, or :func:`optimizer_for`'s default."""
+        factory = self.recipe.optimizer if self.recipe is not None else None
+        if factory is None:
+            return optimizer_for(model, req, device)
+        opt = factory(model, req.learning_rate)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"the recipe's optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer"
+            )
+        return opt
+
+    def metrics(self) -> dict[str, Any]:
+        """Fresh instances of the recipe's metrics for one evaluation."""
+        if self.recipe is None:
+            return {}
+        return {name: factory() for name, factory in self.recipe.metrics.items()}
+
+
+_DEFAULT_HOOKS = _Hooks()
+
+
+def _step_objective(step: TrainStep, loss: LossFn) -> Objective:
+    def objective(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return step(model, xb, yb, loss)
+
+    return objective
+
+
+def _loss_objective(loss: LossFn) -> Objective:
+    def objective(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return loss(model(xb), yb)
+
+    return objective
+
+
+def _shape(value: object) -> str:
+    return (
+        f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+    )
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """``torch``'s RNG seeded with ``seed`` inside, restored afterwards (on ``device`` too)."""
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def fit_preprocessing(recipe: Recipe, x: Features) -> Transform | None:
+    """Fit ``recipe``'s preprocessing on the training features ``x`` (one unshuffled pass in
+    CPU float32 batches of at most 8192 rows); ``None`` for a recipe without one.
+
+    Raises:
+        ValueError: ``x`` is empty.
+        TypeError: ``fit`` did not return a callable transform.
+        fedseal.client.data.DatasetError: Streamed data only: a shard fails mid-stream.
+    """
+    if recipe.preprocess is None:
+        return None
+    if len(x) == 0:
+        raise ValueError("bad training data: no rows to fit the preprocessing on")
+    features: Iterable[torch.Tensor]
+    if isinstance(x, StreamedFeatures):
+        source = x.source
+        features = (
+            xb
+            for xb, _ in source.batches(batch_size=_FIT_BATCH_ROWS, seed=0, epoch=0, shuffle=False)
+        )
+    else:
+        arr = x
+        features = (
+            torch.from_numpy(np.ascontiguousarray(arr[i : i + _FIT_BATCH_ROWS], dtype=np.float32))
+            for i in range(0, len(arr), _FIT_BATCH_ROWS)
+        )
+    transform = recipe.preprocess.fit(features)
+    if not callable(transform):
+        raise TypeError(
+            f"the preprocessing's fit() returned {type(transform).__name__}, not a callable transform"
+        )
+    return transform
 
 
 def _stream_source(x: Features, y: Labels, what: str) -> BatchSource | None:
@@ -193,7 +368,11 @@ def _stream_source(x: Features, y: Labels, what: str) -> BatchSource | None:
         ValueError: ``x`` and ``y`` are not both arrays or both views of the same source.
     """
     if isinstance(x, StreamedFeatures) or isinstance(y, StreamedLabels):
-        if not (isinstance(x, StreamedFeatures) and isinstance(y, StreamedLabels) and x.source is y.source):
+        if not (
+            isinstance(x, StreamedFeatures)
+            and isinstance(y, StreamedLabels)
+            and x.source is y.source
+        ):
             raise ValueError(f"bad {what} data: features and labels must come from the same stream")
         return x.source
     return None
@@ -222,12 +401,22 @@ def train_step(
     clip_norm: float,
     device: torch.device,
     prox: _Proximal | None = None,
+    *,
+    objective: Objective | None = None,
 ) -> torch.Tensor:
-    """One SGD step (bf16 autocast on CUDA, gradient clipping, FedProx term if ``prox``);
+    """One optimizer step (bf16 autocast on CUDA, gradient clipping, FedProx term if ``prox``)
+    on the batch's cross-entropy, or on ``objective(model, xb, yb)`` (a recipe's loss or step);
     returns the batch's data loss (without the proximal term) as a 0-d float32 tensor on the
     device: reading it would wait for the GPU, so the loops keep them and read them once."""
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = nn.functional.cross_entropy(model(xb), yb)
+    with torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    ):
+        if objective is None:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        else:
+            loss = objective(model, xb, yb)
+            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                raise ValueError(f"the recipe's loss returned {_shape(loss)}, not a 0-d tensor")
     data_loss = loss.detach().float()
     if prox is not None:
         loss = loss + prox.term(model)
@@ -238,7 +427,9 @@ def train_step(
     return data_loss
 
 
-def optimizer_for(model: nn.Module, req: TrainRequest, device: torch.device) -> torch.optim.Optimizer:
+def optimizer_for(
+    model: nn.Module, req: TrainRequest, device: torch.device
+) -> torch.optim.Optimizer:
     """SGD with momentum 0.9; on CUDA the fused implementation (one kernel per step for all
     parameters instead of a few per parameter group: the demo models' steps are launch-bound)."""
     fused = True if device.type == "cuda" else None
@@ -293,46 +484,90 @@ class _Proximal:
         return (self.mu / 2) * total
 
 
-def train(model: nn.Module, x: Features, y: Labels, req: TrainRequest, seed: int) -> TrainResult:
-    """Train ``model`` in place with SGD (momentum 0.9) for ``req.epochs`` epochs.
+def train(
+    model: nn.Module,
+    x: Features,
+    y: Labels,
+    req: TrainRequest,
+    seed: int,
+    *,
+    recipe: Recipe | None = None,
+    transform: Transform | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``req.epochs`` epochs: SGD (momentum 0.9) on cross-entropy,
+    or ``recipe``'s optimizer, loss and step.
 
     Args:
         model: The model; moved to the chosen device and back to CPU afterwards.
         x: Features, shape (N, F) float32, or a site split's :class:`StreamedFeatures`.
         y: Labels, shape (N,) int64, or the same split's :class:`StreamedLabels`.
         req: Hyper-parameters, already clamped by the site's limits.
-        seed: Seed for the shuffling order (the round number mixed with a site secret).
+        seed: Seed for the shuffling order and ``torch``'s RNG (the round number mixed with a
+            site secret).
+        recipe: The site's recipe (``None``: fedseal's default training).
+        transform: ``recipe``'s preprocessing, fitted (:func:`fit_preprocessing`); required
+            exactly when the recipe has one.
 
     Raises:
-        ValueError: If ``x`` and ``y`` disagree in length or kind, or are empty.
+        ValueError: If ``x`` and ``y`` disagree in length or kind, or are empty; the transform
+            is missing or unexpected; the recipe's loss is not a 0-d tensor.
         fedseal.client.data.DatasetError: Streamed data only: a shard fails mid-stream (names it).
         fedseal.client.site_data.SiteDataError: Streamed data only: the rows differ from the
             split's count (the data changed since it was loaded).
     """
     source = _stream_source(x, y, "training")
     if source is not None:
-        return train_stream(model, source, req, seed=seed)
-    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray) or len(x) != len(y) or len(x) == 0:
+        return train_stream(model, source, req, seed=seed, recipe=recipe, transform=transform)
+    if (
+        not isinstance(x, np.ndarray)
+        or not isinstance(y, np.ndarray)
+        or len(x) != len(y)
+        or len(x) == 0
+    ):
         raise ValueError(f"bad training data: {len(x)} features rows, {len(y)} labels")
+    hooks = _Hooks.of(recipe, transform)
     device = pick_device()
     model.to(device).train()
-    opt = optimizer_for(model, req, device)
-    prox = _Proximal.of(model, req)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
-    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    losses = Losses()
-    for _ in range(req.epochs):
-        order = torch.randperm(len(xt), generator=gen).to(device)
-        for start in range(0, len(xt), req.batch_size):
-            idx = order[start : start + req.batch_size]
-            losses.add(train_step(model, opt, xt[idx], yt[idx], req.clip_norm, device, prox))
-    mean_loss = losses.mean()
-    model.to("cpu")
+    try:
+        opt = hooks.optimizer(model, req, device)
+        prox = _Proximal.of(model, req)
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+        yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(device)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        losses = Losses()
+        with _seeded(seed, device):
+            for _ in range(req.epochs):
+                order = torch.randperm(len(xt), generator=gen).to(device)
+                for start in range(0, len(xt), req.batch_size):
+                    idx = order[start : start + req.batch_size]
+                    xb = hooks.features(xt[idx])
+                    losses.add(
+                        train_step(
+                            model,
+                            opt,
+                            xb,
+                            yt[idx],
+                            req.clip_norm,
+                            device,
+                            prox,
+                            objective=hooks.objective,
+                        )
+                    )
+        mean_loss = losses.mean()
+    finally:
+        model.to("cpu")
     return TrainResult(num_examples=len(x), mean_loss=mean_loss, steps=losses.steps)
 
 
-def train_stream(model: nn.Module, source: BatchSource, req: TrainRequest, *, seed: int) -> TrainResult:
+def train_stream(
+    model: nn.Module,
+    source: BatchSource,
+    req: TrainRequest,
+    *,
+    seed: int,
+    recipe: Recipe | None = None,
+    transform: Transform | None = None,
+) -> TrainResult:
     """Train ``model`` in place on batches streamed from ``source`` (same loop as :func:`train`).
 
     Epoch ``e`` reads ``source.batches(batch_size=req.batch_size, seed=seed, epoch=e,
@@ -343,34 +578,54 @@ def train_stream(model: nn.Module, source: BatchSource, req: TrainRequest, *, se
         model: The model; moved to the chosen device and back to CPU afterwards.
         source: The training rows.
         req: Hyper-parameters, already clamped by the site's limits.
-        seed: Seed for the shuffling order.
+        seed: Seed for the shuffling order and ``torch``'s RNG.
+        recipe: The site's recipe (``None``: fedseal's default training).
+        transform: ``recipe``'s fitted preprocessing (see :func:`train`).
 
     Returns:
         The result; ``num_examples`` is the number of rows each epoch trained on.
 
     Raises:
         ValueError: The source is empty, or an epoch yielded another number of rows than
-            ``source.num_rows``.
+            ``source.num_rows``; the transform is missing or unexpected; the recipe's loss is
+            not a 0-d tensor.
         fedseal.client.data.DatasetError: A shard fails mid-stream (raised by the source).
     """
     expected = source.num_rows
     if expected <= 0:
         raise ValueError("bad training data: the stream has no rows")
+    hooks = _Hooks.of(recipe, transform)
     device = pick_device()
     model.to(device).train()
-    opt = optimizer_for(model, req, device)
-    prox = _Proximal.of(model, req)
     losses = Losses()
     try:
-        for epoch in range(req.epochs):
-            rows = 0
-            for xb, yb in source.batches(batch_size=req.batch_size, seed=seed, epoch=epoch, shuffle=True):
-                xb = xb.to(device, non_blocking=True)
-                yb = yb.to(device, non_blocking=True)
-                losses.add(train_step(model, opt, xb, yb, req.clip_norm, device, prox))
-                rows += len(yb)
-            if rows != expected:
-                raise ValueError(f"bad training data: epoch {epoch} streamed {rows} rows, the source has {expected}")
+        opt = hooks.optimizer(model, req, device)
+        prox = _Proximal.of(model, req)
+        with _seeded(seed, device):
+            for epoch in range(req.epochs):
+                rows = 0
+                for xb, yb in source.batches(
+                    batch_size=req.batch_size, seed=seed, epoch=epoch, shuffle=True
+                ):
+                    xb = hooks.features(xb.to(device, non_blocking=True))
+                    yb = yb.to(device, non_blocking=True)
+                    losses.add(
+                        train_step(
+                            model,
+                            opt,
+                            xb,
+                            yb,
+                            req.clip_norm,
+                            device,
+                            prox,
+                            objective=hooks.objective,
+                        )
+                    )
+                    rows += len(yb)
+                if rows != expected:
+                    raise ValueError(
+                        f"bad training data: epoch {epoch} streamed {rows} rows, the source has {expected}"
+                    )
         mean_loss = losses.mean()
     finally:
         model.to("cpu")
@@ -380,7 +635,9 @@ def train_stream(model: nn.Module, source: BatchSource, req: TrainRequest, *, se
 class _Confusion:
     """Running loss sum and per-class counts (true positives, predicted, actual): O(classes) memory."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, hooks: _Hooks = _DEFAULT_HOOKS) -> None:
+        self.loss_fn = hooks.loss
+        self.metrics = hooks.metrics()
         self.rows = 0
         self.correct = 0
         self.loss = 0.0
@@ -389,14 +646,26 @@ class _Confusion:
         self.ap = np.zeros(num_classes, np.int64)
 
     def add(self, logits: torch.Tensor, yb: torch.Tensor) -> None:
-        self.loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
+        if self.loss_fn is None:
+            self.loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
+        else:
+            batch_loss = self.loss_fn(logits, yb)
+            if not isinstance(batch_loss, torch.Tensor) or batch_loss.ndim != 0:
+                raise ValueError(
+                    f"the recipe's loss returned {_shape(batch_loss)}, not a 0-d tensor"
+                )
+            self.loss += float(batch_loss) * len(yb)
+        for metric in self.metrics.values():
+            metric.update(logits, yb)
         pred = logits.argmax(1).cpu().numpy()
         y = yb.cpu().numpy()
         hit = pred == y
         counts = [np.bincount(v, minlength=len(self.tp)) for v in (y[hit], pred, y)]
         width = max(len(c) for c in counts)
         if width > len(self.tp):  # a label or prediction beyond num_classes: grow, keep counting
-            self.tp, self.pp, self.ap = (np.pad(a, (0, width - len(a))) for a in (self.tp, self.pp, self.ap))
+            self.tp, self.pp, self.ap = (
+                np.pad(a, (0, width - len(a))) for a in (self.tp, self.pp, self.ap)
+            )
         for acc, c in zip((self.tp, self.pp, self.ap), counts, strict=True):
             acc[: len(c)] += c
         self.rows += len(y)
@@ -405,22 +674,27 @@ class _Confusion:
     def result(self) -> EvalResult:
         denom = (self.pp + self.ap).astype(np.float64)
         present = denom > 0
-        f1 = np.divide(2 * self.tp.astype(np.float64), denom, out=np.zeros_like(denom), where=present)
+        f1 = np.divide(
+            2 * self.tp.astype(np.float64), denom, out=np.zeros_like(denom), where=present
+        )
         return EvalResult(
             num_examples=self.rows,
             loss=self.loss / self.rows,
             accuracy=self.correct / self.rows,
             macro_f1=float(f1[present].mean()) if present.any() else 0.0,
+            extra={name: float(metric.compute()) for name, metric in self.metrics.items()},
         )
 
 
-def _evaluate_batches(model: nn.Module, batches: Iterable[Batch], num_classes: int) -> EvalResult | None:
+def _evaluate_batches(
+    model: nn.Module, batches: Iterable[Batch], num_classes: int, hooks: _Hooks = _DEFAULT_HOOKS
+) -> EvalResult | None:
     device = pick_device()
     model.to(device).eval()
-    acc = _Confusion(num_classes)
+    acc = _Confusion(num_classes, hooks)
     try:
         for xb, yb in batches:
-            xb = xb.to(device, non_blocking=True)
+            xb = hooks.features(xb.to(device, non_blocking=True))
             yb = yb.to(device, non_blocking=True)
             acc.add(model(xb).float(), yb)
     finally:
@@ -428,7 +702,9 @@ def _evaluate_batches(model: nn.Module, batches: Iterable[Batch], num_classes: i
     return acc.result() if acc.rows else None
 
 
-def _array_batches(x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], batch_size: int) -> Iterator[Batch]:
+def _array_batches(
+    x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], batch_size: int
+) -> Iterator[Batch]:
     for start in range(0, len(x), batch_size):
         xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
         yb = torch.from_numpy(np.ascontiguousarray(y[start : start + batch_size], dtype=np.int64))
@@ -443,8 +719,11 @@ def evaluate(
     *,
     num_classes: int = 10,
     batch_size: int = 1024,
+    recipe: Recipe | None = None,
+    transform: Transform | None = None,
 ) -> EvalResult:
-    """Cross-entropy loss, accuracy and macro-F1 of ``model`` on ``(x, y)``.
+    """Loss (cross-entropy, or the recipe's), accuracy, macro-F1 and the recipe's own metrics
+    of ``model`` on ``(x, y)``.
 
     Macro-F1 averages the per-class F1 over the classes present in ``y`` or predicted. Metrics
     are accumulated batch by batch (per-class counts), so memory does not grow with the data.
@@ -455,34 +734,101 @@ def evaluate(
         y: Labels (N,) int64, or the same split's :class:`StreamedLabels`.
         num_classes: Number of classes (width of the per-class counts).
         batch_size: Rows per forward pass.
+        recipe: The site's recipe (``None``: cross-entropy, no extra metrics).
+        transform: ``recipe``'s preprocessing as fitted on the *training* data
+            (:func:`fit_preprocessing`); required exactly when the recipe has one.
 
     Raises:
-        ValueError: If ``x`` and ``y`` disagree in length or kind, or are empty.
+        ValueError: If ``x`` and ``y`` disagree in length or kind, or are empty; the transform
+            is missing or unexpected.
         fedseal.client.data.DatasetError: Streamed data only: a shard fails mid-stream.
     """
     source = _stream_source(x, y, "evaluation")
     if source is not None:
-        return evaluate_stream(model, source, num_classes=num_classes, batch_size=batch_size)
-    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray) or len(x) != len(y) or len(x) == 0:
+        return evaluate_stream(
+            model,
+            source,
+            num_classes=num_classes,
+            batch_size=batch_size,
+            recipe=recipe,
+            transform=transform,
+        )
+    if (
+        not isinstance(x, np.ndarray)
+        or not isinstance(y, np.ndarray)
+        or len(x) != len(y)
+        or len(x) == 0
+    ):
         raise ValueError(f"bad evaluation data: {len(x)} features rows, {len(y)} labels")
-    result = _evaluate_batches(model, _array_batches(x, y, batch_size), num_classes)
+    hooks = _Hooks.of(recipe, transform)
+    result = _evaluate_batches(model, _array_batches(x, y, batch_size), num_classes, hooks)
     if result is None:  # unreachable: x is not empty
         raise ValueError("bad evaluation data: no rows")
     return result
 
 
 @torch.no_grad()
-def evaluate_stream(model: nn.Module, source: BatchSource, *, num_classes: int = 10, batch_size: int = 1024) -> EvalResult:
+def evaluate_stream(
+    model: nn.Module,
+    source: BatchSource,
+    *,
+    num_classes: int = 10,
+    batch_size: int = 1024,
+    recipe: Recipe | None = None,
+    transform: Transform | None = None,
+) -> EvalResult:
     """:func:`evaluate` over one unshuffled pass of ``source``.
 
     Raises:
-        ValueError: The source yielded no rows, or another number than ``source.num_rows``.
+        ValueError: The source yielded no rows, or another number than ``source.num_rows``;
+            the transform is missing or unexpected.
         fedseal.client.data.DatasetError: A shard fails mid-stream (raised by the source).
     """
+    hooks = _Hooks.of(recipe, transform)
     batches = source.batches(batch_size=batch_size, seed=0, epoch=0, shuffle=False)
-    result = _evaluate_batches(model, batches, num_classes)
+    result = _evaluate_batches(model, batches, num_classes, hooks)
     if result is None:
         raise ValueError("bad evaluation data: the stream has no rows")
     if result.num_examples != source.num_rows:
-        raise ValueError(f"bad evaluation data: streamed {result.num_examples} rows, the source has {source.num_rows}")
+        raise ValueError(
+            f"bad evaluation data: streamed {result.num_examples} rows, the source has {source.num_rows}"
+        )
     return result
+
+
+def check_recipe(name: str, *, num_features: int, num_classes: int) -> Recipe:
+    """Resolve ``name`` and run each part of its recipe once on a few rows of zeros: model,
+    preprocessing (fitted on those rows), one training step with the recipe's optimizer, loss
+    and step, and one evaluation with its metrics. A site can call it at start-up so that a
+    missing or broken recipe is named before the first round (``fl-client run`` does not yet).
+
+    Raises:
+        RecipeError: The recipe cannot be resolved, or a part of it fails (its message names
+            the recipe and the failure in one line).
+    """
+    from fedseal.client.models import build_model, resolve_recipe
+
+    recipe = resolve_recipe(name)
+    model = build_model(
+        name, seed=0, num_features=num_features, num_classes=num_classes, recipe=recipe
+    )
+    x = np.zeros((4, num_features), np.float32)
+    y = (np.arange(4) % max(1, num_classes)).astype(np.int64)
+    try:
+        transform = fit_preprocessing(recipe, x)
+        train(
+            model,
+            x,
+            y,
+            TrainRequest(epochs=1, batch_size=2),
+            seed=0,
+            recipe=recipe,
+            transform=transform,
+        )
+        evaluate(model, x, y, num_classes=num_classes, recipe=recipe, transform=transform)
+    except Exception as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise RecipeError(
+            name, f"fails on {num_features} features, {num_classes} classes: {reason}"
+        ) from exc
+    return recipe
