@@ -47,6 +47,7 @@ from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from fedseal.client.errors import SiteError
 from fedseal.client.flower_patches import set_message_id
 from fedseal.client.policy import SiteRefusal
 from fedseal.client.supernode import loopback_backoff
@@ -219,9 +220,14 @@ class PinnedExecutor:
             log.info("answered %s in %.2fs", message.metadata.message_type, time.monotonic() - t0)
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # any failure is reported back to the coordinator, not swallowed
+            kind = message.metadata.message_type if message is not None else None
             if isinstance(exc, SiteRefusal):  # policy, not a fault: one line, no traceback
-                log.warning("%s: %s", message.metadata.message_type if message is not None else None, exc)
+                log.warning("%s: %s", kind, exc)
                 details = str(exc)[:500]
+            elif isinstance(exc, SiteError):  # e.g. a broken recipe: one line that names it
+                log.warning("%s: %s: %s", kind, type(exc).__name__, exc)
+                log.debug("traceback", exc_info=exc)
+                details = f"{type(exc).__name__}: {exc}"[:500]
             else:
                 log.exception("ClientApp task failed")
                 details = f"{type(exc).__name__}: {exc}"[:500]

@@ -90,6 +90,23 @@ ACTIVATION_MARGIN_S = 15.0
 PORT_GRACE_S = 3.0
 
 
+def _check_recipes(cfg: ClientConfig, num_features: int, num_classes: int) -> None:
+    """Run each allowed recipe once on a few rows of zeros, so a missing or broken one is named
+    before the first round (``[limits] allowed_models``).
+
+    Raises:
+        SiteRunError: Step ``recipe``, the recipe's one-line error.
+    """
+    from fedseal.client.recipe import RecipeError
+    from fedseal.client.training import check_recipe
+
+    for name in cfg.allowed_models:
+        try:
+            check_recipe(name, num_features=num_features, num_classes=num_classes)
+        except RecipeError as exc:
+            raise SiteRunError("recipe", f"{exc} ([limits] allowed_models in {cfg.path.name})") from exc
+
+
 class SiteRunError(SiteError):
     """The site cannot join (the message names the step and the reason)."""
 
@@ -492,6 +509,7 @@ def _join(
     # One intra-op thread: a site shares its host; oversubscribed OpenMP threads are far slower.
     torch.set_num_threads(environment.torch_threads)
     warm_up(data.num_features, data.num_classes)
+    _check_recipes(cfg, data.num_features, data.num_classes)
     receipts = _site_receipts(cfg, key, coordinator_key)
     if receipts is not None:
         on_info(

@@ -69,7 +69,9 @@ def register(app: typer.Typer) -> None:
     def run(
         config: Annotated[Path, typer.Option(help="client.toml")] = Path("client.toml"),
         re_enrol: Annotated[
-            bool, typer.Option("--re-enrol", help="Accept a changed dataset (the coordinator must approve its root).")
+            bool, typer.Option("--re-enrol", help="Accept a changed dataset once: its root is kept in the state directory "
+                                   "(approved-root.json), so later starts need no client.toml edit; the "
+                                   "coordinator must still approve it (fl-server enroll).")
         ] = False,
     ) -> None:
         """Join a federation: re-attest the dataset, start a SuperNode, train when asked."""

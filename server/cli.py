@@ -3,8 +3,10 @@
 Commands: ``init`` (coordinator key, demo CA, server TLS certificate, ``server.toml``),
 ``enroll``, ``revoke --reason``, ``roster`` (table or ``--json``), ``roots withdraw`` /
 ``roots list`` (a dataset root withdrawn for erasure or withdrawn consent is never accepted
-again; recorded with its reason in the roster history and, from there, the audit log), ``run`` (SuperLink + gateway + the
-run), ``demo`` (everything on loopback, three sites), ``simulate`` (the same apps on Flower's
+again; recorded with its reason in the roster history and, from there, the audit log),
+``provision`` (one kit per site and one for the coordinator: :mod:`fedseal.server.provision`),
+``status`` (sites, their floors and the run: :mod:`fedseal.server.status`), ``run`` (SuperLink +
+gateway + the run), ``demo`` (everything on loopback, three sites), ``simulate`` (the same apps on Flower's
 simulation engine, N virtual sites; :mod:`fedseal.sim.simulate`).
 
 Exit codes: 0 success; 1 a run failed or was refused at a step (the message names it);

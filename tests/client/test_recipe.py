@@ -447,3 +447,15 @@ def test_the_site_trains_and_evaluates_with_its_recipe_fitting_the_preprocessing
     assert metrics["rows-seen"] == float(data.validation.num_rows) == metrics["num-examples"]
     assert {"loss", "accuracy", "macro-f1"} <= set(metrics)
     assert _recipes.CountingStandardize.fits == 1
+
+
+def test_fl_client_run_names_a_missing_allowed_recipe_before_the_first_round(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fedseal.client.node import SiteRunError, _check_recipes
+
+    cfg = SimpleNamespace(allowed_models=("mlp", "no_such_package.models:net"), path=tmp_path / "client.toml")
+    with pytest.raises(SiteRunError) as err:
+        _check_recipes(cfg, 30, 2)  # type: ignore[arg-type]
+    assert "no_such_package.models:net" in str(err.value) and "[limits] allowed_models in client.toml" in str(err.value)
+    _check_recipes(SimpleNamespace(allowed_models=("mlp",), path=cfg.path), 30, 2)  # type: ignore[arg-type]

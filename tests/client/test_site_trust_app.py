@@ -31,6 +31,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.constant import SubStatus
 from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
@@ -439,6 +440,25 @@ def test_plain_training_is_refused_by_default_with_a_reason_and_no_weights(
     assert reply.details == reply.error and "SiteRefusal" not in reply.details
     assert reply.status == SubStatus.FAILED
     assert trained.seeds == []  # nothing was trained
+
+
+def test_a_broken_recipe_is_one_line_at_the_site_and_in_the_reply_without_a_traceback(
+    data: SiteData, deliver: Deliver, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedseal.client.recipe import RecipeError
+
+    app = ClientApp()
+
+    @app.query("initial_model")
+    def broken(msg: Message, context: Context) -> Message:
+        raise RecipeError("acme.models:net", "fails to import: No module named 'acme'")
+
+    with caplog.at_level("WARNING", logger="fedseal"):
+        reply = deliver(app, Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1,
+                                     message_type="query.initial_model"))
+    assert reply.details == "RecipeError: recipe 'acme.models:net': fails to import: No module named 'acme'"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "acme" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].exc_info is None  # one line, no traceback
 
 
 def test_plain_training_is_answered_only_where_the_site_opted_in(
