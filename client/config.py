@@ -13,7 +13,9 @@ Layout (relative paths are resolved against the file's directory)::
                     audit_address = "coord:9095"     # optional: the coordinator's audit service;
                                                      # when set, receipts are checked every round
     [data]          dataset_dir (required), approved_root (64 hex, required),
-                    validation_fraction = 0.2
+                    validation_fraction = 0.2,
+                    contract = "contract.json"   # optional: the data contract the dataset must
+                                                 # have been prepared under (else no start)
     [privacy]       what the site accepts from a coordinator (safe defaults; the site's own):
                     allow_plain = false          # plain (unmasked) training: refused unless true
                     min_cohort = 3               # smallest secure-round cohort this site joins
@@ -114,6 +116,7 @@ class ClientConfig:
     roster: Path | None = None
     roster_authority: Path | None = None
     peers: Mapping[str, str] = field(default_factory=dict)
+    contract: Path | None = None
 
 
 def _get(sec: Mapping[str, Any], prefix: str, key: str, kind: type[T], default: T | None) -> T:
@@ -171,7 +174,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
     c = _sec(doc, "coordinator")
     _known(c, "coordinator", {"superlink", "ca_cert", "insecure", "public_key", "audit_address"})
     d = _sec(doc, "data")
-    _known(d, "data", {"dataset_dir", "approved_root", "validation_fraction"})
+    _known(d, "data", {"dataset_dir", "approved_root", "validation_fraction", "contract"})
     lim = _sec(doc, "limits")
     for moved in ("min_cohort", "max_setup_attempts"):
         if moved in lim:
@@ -246,6 +249,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
         roster=roster,
         roster_authority=authority,
         peers=peers,
+        contract=p(_get(d, "data", "contract", str, None)) if "contract" in d else None,
     )
 
 

@@ -48,6 +48,11 @@ state directory) before it trains and before its noised input exists (charge, th
 :meth:`SiteRuntime.charge_privacy`); a round past the budget is refused with
 ``"refused: privacy budget: ..."`` and nothing is sent.
 
+Data contract (``fl-client data prepare --contract``; :mod:`fedseal.protocol.contract`): the
+``query.policy`` reply names the contract digest the dataset's manifest records, and a signed
+round setup naming another contract is refused before the key advert leaves (``"refused: data
+contract: ..."``); a setup without a contract is answered as before.
+
 Every input is checked before use: config types and ranges, array names and shapes against the
 locally built model. A malformed message is answered with a Flower error reply, never a crash.
 """
@@ -155,6 +160,9 @@ class SiteRuntime:
     shared_work: SharedWork = NO_SHARING
     #: The site's privacy ledger; ``None``: none configured (see :meth:`charge_privacy`).
     ledger: PrivacyLedger | None = None
+    #: The digest of the data contract the dataset was prepared under (its manifest's), ``b""``
+    #: for none: reported in ``query.policy``; a setup naming another contract is refused.
+    contract: bytes = b""
     _models: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
     _recipes: dict[str, tuple[Recipe, Transform | None]] = field(default_factory=dict)
     _session: Any = None
@@ -319,6 +327,22 @@ class SiteRuntime:
         if _model_only(recipe):
             return {}
         return {"recipe": recipe, "transform": transform}
+
+
+def check_contract(dataset: bytes, signed: bytes) -> None:
+    """Refuse a signed setup whose data contract is not the one this site's dataset was
+    prepared under (``b""``: none). A setup without a contract is accepted as before.
+
+    Raises:
+        SiteRefusal: One line naming both digests.
+    """
+    if not signed or hmac.compare_digest(signed, dataset):
+        return
+    have = f"contract {dataset.hex()}" if dataset else "no contract"
+    raise SiteRefusal(
+        f"data contract: the round setup names contract {signed.hex()}, this site's dataset "
+        f"was prepared under {have}"
+    )
 
 
 def _model_only(recipe: Recipe) -> bool:
@@ -515,6 +539,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         floor = ConfigRecord({
             records.SITE: runtime.name, records.MIN_COHORT: p.min_cohort,
             records.ALLOW_PLAIN: int(p.allow_plain), records.DP_REQUIRED: int(p.dp == "required"),
+            records.CONTRACT: runtime.contract.hex(),
         })  # fmt: skip
         return Message(RecordDict({records.POLICY_RECORD: floor}), reply_to=msg)
 
@@ -643,6 +668,12 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             runtime._session = None
             raise SiteRefusal("the signed round setup names another run or round than its config")
         accepted = runtime._session.stage is ClientStage.AWAIT_ADVERTS  # a setup, just now
+        if setup is not None and accepted:
+            try:
+                check_contract(runtime.contract, setup.params.contract_digest)
+            except SiteRefusal:
+                runtime._session = None  # refused before the key advert leaves
+                raise
         if setup is not None and setup.params.dp is not None and accepted:
             # A round past the budget is refused before the key advert leaves.
             try:

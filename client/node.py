@@ -14,7 +14,8 @@ Steps (each failure stops the site with a message naming the step):
    (:func:`fedseal.client.config.approved_root_in_force`: ``data.approved_root``, or the root
    re-enrolled in its place); a changed dataset is refused unless ``--re-enrol`` is given: then
    the new root is used, kept in ``<state_dir>/approved-root.json`` so later starts need no
-   edit of client.toml, and the coordinator must approve it (``fl-server enroll``);
+   edit of client.toml, and the coordinator must approve it (``fl-server enroll``); with
+   ``[data] contract``, the manifest must name that contract's digest (:func:`check_contract`);
 3. pre-flight the coordinator's Fleet address: a TLS handshake against the pinned CA (or, with
    ``insecure``, a plain HTTP request), so "wrong CA" and "no TLS" fail here, clearly; while the
    coordinator cannot be reached the site says so and retries with back-off (1 s doubling to
@@ -198,6 +199,38 @@ def attest_dataset(cfg: ClientConfig, *, re_enrol: bool, now_ms: int | None = No
         path,
     )
     return root
+
+
+def check_contract(cfg: ClientConfig) -> bytes:
+    """The digest of the data contract the dataset was prepared under (``b""``: none), after
+    checking it is the one ``[data] contract`` names, if set.
+
+    Raises:
+        SiteRunError: Step ``contract``: the contract file is unreadable or malformed, or the
+            dataset was prepared under another contract (or none): one line naming both.
+    """
+    from fedseal.client.data import DatasetError, load_manifest
+    from fedseal.protocol.contract import ContractError, load_contract
+
+    try:
+        have = load_manifest(cfg.dataset_dir).contract
+    except DatasetError as exc:
+        raise SiteRunError("dataset", str(exc)) from exc
+    if cfg.contract is None:
+        return have
+    try:
+        want = load_contract(cfg.contract).digest()
+    except ContractError as exc:
+        raise SiteRunError("contract", f"data.contract: {exc}") from exc
+    if have != want:
+        prepared = f"under contract {have.hex()}" if have else "without a contract"
+        raise SiteRunError(
+            "contract",
+            f"dataset {cfg.dataset_dir} was prepared {prepared}, but data.contract = "
+            f"{cfg.contract} has digest {want.hex()}: prepare it again with "
+            f"`fl-client data prepare SRC OUT --contract {cfg.contract}`",
+        )
+    return have
 
 
 def wait_for_coordinator(
@@ -488,6 +521,7 @@ def _join(
         raise SiteRunError("dataset", str(exc)) from exc
     if data.root_hex != root:
         raise SiteRunError("dataset", "manifest root differs from the attested root")
+    contract = check_contract(cfg)
     on_info(
         f"site {cfg.name}: dataset root {root[:16]}… ({len(data.y_train)} train / {len(data.y_val)} validation rows)"
     )
@@ -545,6 +579,7 @@ def _join(
         guard_path=cfg.state_dir / "setup-guard.bin",
         # The DP rounds it takes part in are paid for here (what `fl-client privacy show` reads).
         ledger=PrivacyLedger(cfg.state_dir),
+        contract=contract,
     )
     app = make_client_app(runtime)
 

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .contract import CONTRACT_DIGEST_BYTES
 from .errors import ConfigError, WeakRoundError
 
 if TYPE_CHECKING:  # dp imports quantize, which imports this module
@@ -298,6 +299,9 @@ class RoundParameters:
         dp: The round's distributed-DP mechanism, or ``None`` (a quantized, weighted round).
         rotation_seed: With ``dp``: the 32-byte seed of the public randomized Hadamard
             rotation (:func:`fedseal.protocol.dp.rotation_seed_for`); ``b""`` without.
+        contract_digest: The run's data contract (:mod:`fedseal.protocol.contract`): its
+            32-byte digest, which every site's dataset must have been prepared under; ``b""``
+            for a run without a contract.
     """
 
     vector_length: int
@@ -308,6 +312,7 @@ class RoundParameters:
     min_survivors: int
     dp: DpParams | None = None
     rotation_seed: bytes = b""
+    contract_digest: bytes = b""
 
     @property
     def masked_length(self) -> int:
@@ -341,6 +346,11 @@ def validate_parameters(params: RoundParameters, cohort_size: int, limits: Limit
         raise ConfigError(f"min_survivors {params.min_survivors} outside threshold {t}..cohort {n}")
     if not 1 <= params.max_weight < 1 << 62:
         raise ConfigError(f"max_weight {params.max_weight} outside 1..2^62-1")
+    if len(params.contract_digest) not in (0, CONTRACT_DIGEST_BYTES):
+        raise ConfigError(
+            f"contract_digest must be empty or {CONTRACT_DIGEST_BYTES} bytes, "
+            f"got {len(params.contract_digest)}"
+        )
     if params.dp is not None:
         _validate_dp_shape(params, params.dp, limits)
         return  # the quantizer is not used: check_dp_round bounds the noisy sum instead
@@ -487,6 +497,8 @@ class RoundConfig:
         window_dropouts: Dropouts per window of ``k/2`` consecutive ring positions a sparse
             round must tolerate (sites refuse survivor sets with more than their floor
             allows); a larger value asks for a larger automatic degree.
+        contract_digest: The run's data contract digest (32 bytes, or ``b""`` for none),
+            signed into every setup (:attr:`RoundParameters.contract_digest`).
         dp: Distributed DP for every round (docs/dp.md), e.g. from
             :meth:`DpParams.from_noise_multiplier`, or ``None``. Its ``dimension`` must be the
             padded ``vector_length``, its ``modulus_bits`` the quantization's; an automatic
@@ -508,6 +520,7 @@ class RoundConfig:
     security_bits: int = DEFAULT_SECURITY_BITS
     window_dropouts: int = 2
     dp: DpParams | None = None
+    contract_digest: bytes = b""
 
     def resolve(self, cohort_size: int) -> RoundParameters:
         """Validate for ``cohort_size`` sites and fill in automatic values.
@@ -551,6 +564,7 @@ class RoundConfig:
             threshold=t,
             min_survivors=min_survivors,
             dp=self.dp,
+            contract_digest=self.contract_digest,
         )
         validate_parameters(params, cohort_size, self.limits)
         try:

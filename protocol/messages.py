@@ -156,29 +156,43 @@ def _encode_params(w: Writer, p: RoundParameters, expires_at: int) -> None:
 
 DP_SECTION = 1
 """Tag of the setup body's optional trailing section: DP parameters and rotation seed."""
+CONTRACT_SECTION = 2
+"""Tag of the setup body's optional trailing section: the run's data-contract digest."""
 MAX_DP_PARAMS_BYTES = 256
 ROTATION_SEED_BYTES = 32
+CONTRACT_DIGEST_BYTES = 32
 
 
 def _encode_dp(w: Writer, p: RoundParameters) -> None:
-    """The trailing DP section, written only when the round has DP (non-DP setups keep
-    their bytes): ``u8 DP_SECTION | blob DpParams.to_bytes() | rotation seed (32)``."""
+    """The trailing sections, each written only when the round has it (setups without keep
+    their bytes), in increasing tag order: ``u8 DP_SECTION | blob DpParams.to_bytes() |
+    rotation seed (32)``, then ``u8 CONTRACT_SECTION | contract digest (32)``."""
     if p.dp is None:
         if p.rotation_seed:
             raise ValueError("a rotation seed without DP parameters has no encoding")
-        return
-    w.u8(DP_SECTION).blob(p.dp.to_bytes()).fixed(p.rotation_seed, ROTATION_SEED_BYTES)
+    else:
+        w.u8(DP_SECTION).blob(p.dp.to_bytes()).fixed(p.rotation_seed, ROTATION_SEED_BYTES)
+    if p.contract_digest:
+        w.u8(CONTRACT_SECTION).fixed(p.contract_digest, CONTRACT_DIGEST_BYTES)
 
 
-def _decode_dp(r: Reader) -> tuple[DpParams | None, bytes]:
-    """Read the trailing DP section if bytes remain (the body's last field came before)."""
-    if not r.remaining:
-        return None, b""
-    tag = r.u8()
-    if tag != DP_SECTION:
-        raise DecodeError(f"round setup: unknown trailing section {tag}")
-    dp = DpParams.from_bytes(r.blob(MAX_DP_PARAMS_BYTES))
-    return dp, r.fixed(ROTATION_SEED_BYTES)
+def _decode_dp(r: Reader) -> tuple[DpParams | None, bytes, bytes]:
+    """Read the trailing sections while bytes remain (the body's last field came before):
+    each tag at most once, in increasing order."""
+    dp: DpParams | None = None
+    rotation_seed = contract = b""
+    last = 0
+    while r.remaining:
+        tag = r.u8()
+        if tag <= last or tag not in (DP_SECTION, CONTRACT_SECTION):
+            raise DecodeError(f"round setup: unknown or out-of-order trailing section {tag}")
+        last = tag
+        if tag == DP_SECTION:
+            dp = DpParams.from_bytes(r.blob(MAX_DP_PARAMS_BYTES))
+            rotation_seed = r.fixed(ROTATION_SEED_BYTES)
+        else:
+            contract = r.fixed(CONTRACT_DIGEST_BYTES)
+    return dp, rotation_seed, contract
 
 
 def _read_commitment(r: Reader) -> bytes:
@@ -205,7 +219,8 @@ class RoundSetup(_Message):
         The attempt number counts setups of one round (0 first): when cohort members do
         not advertise keys, the coordinator sends a new setup to those that did. It is part
         of the setup digest, so every later message binds its attempt. A DP round appends
-        one tagged section (:func:`_encode_dp`); without DP the body ends at the attempt.
+        one tagged section (:func:`_encode_dp`), a run with a data contract another; without
+        either the body ends at the attempt.
         """
         w = Writer()
         w.count(len(self.cohort))
@@ -244,7 +259,7 @@ class RoundSetup(_Message):
         degree, threshold, min_survivors = r.u16(), r.u16(), r.u16()
         expires_at = r.u64()
         attempt = r.u16()
-        dp, rotation_seed = _decode_dp(r)
+        dp, rotation_seed, contract_digest = _decode_dp(r)
         try:
             quant = QuantizationConfig(
                 clip_micros=clip_micros, levels=levels, modulus_bits=modulus_bits
@@ -260,6 +275,7 @@ class RoundSetup(_Message):
             min_survivors=min_survivors,
             dp=dp,
             rotation_seed=rotation_seed,
+            contract_digest=contract_digest,
         )
         return cls(
             header=header, cohort=cohort, params=params, expires_at=expires_at, attempt=attempt

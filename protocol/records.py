@@ -12,7 +12,8 @@ import (this is the sans-IO protocol layer)::
     query.ping          CONFIG_RECORD                   PING
       reply             SITE_RECORD                     SITE
     query.policy        (empty)
-      reply             POLICY_RECORD                   SITE, MIN_COHORT, ALLOW_PLAIN, DP_REQUIRED
+      reply             POLICY_RECORD                   SITE, MIN_COHORT, ALLOW_PLAIN, DP_REQUIRED,
+                                                        CONTRACT
     train               ARRAYS_RECORD, CONFIG_RECORD    the training config (below)
       reply             ARRAYS_RECORD, METRICS_RECORD   NUM_EXAMPLES, TRAIN_LOSS
                         SITE_RECORD                     DATASET_ROOT (hex), SITE
@@ -41,6 +42,7 @@ __all__ = [
     "BULK_RECORD",
     "CLIP_NORM",
     "CONFIG_RECORD",
+    "CONTRACT",
     "DATASET_ROOT",
     "DP_REQUIRED",
     "EPOCHS",
@@ -112,7 +114,7 @@ EVALUATION_REFUSED_RECORD = "evaluation-refused"
 """In an ``evaluate`` reply without metrics: why the site did not evaluate (:data:`REASON`)."""
 POLICY_RECORD = "policy"
 """A ``query.policy`` reply: the site's floor (:data:`MIN_COHORT`, :data:`ALLOW_PLAIN`,
-:data:`DP_REQUIRED`, ints; :data:`SITE`)."""
+:data:`DP_REQUIRED`, ints; :data:`SITE`) and its dataset's data contract (:data:`CONTRACT`)."""
 BULK_RECORD = "bulk"
 """In a masked-input reply: the masked vector (:data:`BULK_MASKED`) beside the envelope."""
 
@@ -131,6 +133,9 @@ MACRO_F1 = "macro-f1"
 MIN_COHORT = "min-cohort"
 ALLOW_PLAIN = "allow-plain"
 DP_REQUIRED = "dp-required"
+CONTRACT = "contract"
+"""The data contract the site's dataset was prepared under: its digest as 64 hex characters,
+``""`` for none (:mod:`fedseal.protocol.contract`)."""
 
 # Training config (CONFIG_RECORD / SETUP_CONFIG_RECORD)
 RUN_ID = "run-id"

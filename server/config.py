@@ -23,6 +23,8 @@ explicit. Layout (all keys optional except where noted)::
                     threshold = 0 (Shamir threshold per neighbourhood; 0 = protocol default),
                     setup_with_evaluation = true (the next round's setup rides on this
                     round's evaluation messages: one exchange less per secure round)
+                    contract = "contract.json" (optional: the data contract every site's
+                    dataset was prepared under; fedseal.protocol.contract)
     [run.strategy_options]   keyword arguments for the Flower strategy (floats)
     [limits]        max_message_bytes, max_sites, max_rounds, max_vector_length, max_envelope_bytes
     [consortium]    roster = "consortium/roster.json",      # the signed consortium roster the
@@ -140,6 +142,11 @@ class RunSection:
     # Secure rounds: the next round's setup goes out with this round's evaluation messages
     # (one exchange less per round); false = every round starts with its own setup exchange.
     setup_with_evaluation: bool = True
+    # The run's data contract (fedseal.protocol.contract): every site's dataset must have
+    # been prepared under it; its digest is signed into every round setup and compared with
+    # each site's at the run's start. None: no contract (sites' data is not compared).
+    contract: Path | None = None
+    contract_digest: bytes = b""  # from the file at load time, not a TOML key
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +333,7 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
     _unknown(
         r,
         "run",
-        {f.name for f in RunSection.__dataclass_fields__.values()},
+        {f.name for f in RunSection.__dataclass_fields__.values()} - {"contract_digest"},
     )
     dr = RunSection()
     opts_raw = r.get("strategy_options", {})
@@ -358,6 +365,7 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
         max_weight=_typed(r, "run", "max_weight", int, dr.max_weight),
         threshold=_typed(r, "run", "threshold", int, dr.threshold),
         setup_with_evaluation=_typed(r, "run", "setup_with_evaluation", bool, dr.setup_with_evaluation),
+        **_contract(r, p),
     )
     _ranged("run.rounds", run.rounds, 1, limits.max_rounds)
     _ranged("run.min_sites", run.min_sites, 1, limits.max_sites)
@@ -401,6 +409,22 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
         consortium=consortium,
         dp=_dp_section(_section(doc, "dp"), run),
     )
+
+
+def _contract(r: Mapping[str, Any], p: Any) -> dict[str, Any]:
+    """``run.contract``: the contract file, loaded now (a bad one fails at start)."""
+    from fedseal.protocol.contract import ContractError, load_contract
+
+    if "contract" not in r:
+        return {}
+    if not _typed(r, "run", "contract", str, ""):
+        raise ServerConfigError("run.contract", "must be a non-empty path")
+    path = p(r, "run", "contract", "")
+    try:
+        digest = load_contract(path).digest()
+    except ContractError as exc:
+        raise ServerConfigError("run.contract", str(exc)) from exc
+    return {"contract": path, "contract_digest": digest}
 
 
 def _positive(name: str, value: float, *, high: float = math.inf) -> None:

@@ -431,6 +431,8 @@ class _Federation:
                 raise RuntimeError(f"only {len(alive)} sites answered after the restart")
             nodes = alive
         # A run no site would join is refused here, in one line, not round after round.
+        if cfg.run.contract_digest:
+            print(f"fedseal: data contract {cfg.run.contract} (digest {cfg.run.contract_digest.hex()})", flush=True)
         floors = ask_floors(run, nodes)
         write_floors(run.state_dir, floors, now=time.time())
         problem = refusal(cfg, floors, online=len(nodes))

@@ -217,6 +217,7 @@ class SecureCoordinator:
             threshold=r.threshold or None,
             round_timeout_s=int(max(600, 10 * r.stage_timeout_s)),
             limits=self.run.cfg.limits.protocol_limits(),
+            contract_digest=r.contract_digest,  # signed into every setup ([run] contract)
         )
 
     def dp_params(self, length: int, cohort: int) -> DpParams | None:

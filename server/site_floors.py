@@ -14,6 +14,11 @@ in one line naming the setting on both sides and why it exists, when fewer than
 
 A site that does not answer (an older build, a timeout) is not counted against the run: it
 still decides for itself in every round.
+
+A run with a data contract (``[run] contract``) is refused first when a site reports that its
+dataset was prepared under another contract or none (:func:`contract_refusal`: one line naming
+each such site and both digests); every site also refuses a signed setup naming a contract its
+dataset does not follow.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = [
     "FLOOR_TIMEOUT_S",
     "SiteFloor",
     "ask_floors",
+    "contract_refusal",
     "enrolment_refusal",
     "read_floors",
     "refusal",
@@ -57,11 +63,14 @@ FLOOR_TIMEOUT_S = 30.0
 
 @dataclass(frozen=True, slots=True)
 class SiteFloor:
-    """One site's floor as it reported it (``client.toml [privacy]``)."""
+    """One site's floor as it reported it (``client.toml [privacy]``), and the data contract
+    its dataset was prepared under: a digest in hex, ``""`` for none, ``None`` when the site
+    did not say (an older build: it is not held against the run)."""
 
     min_cohort: int
     allow_plain: bool
     dp_required: bool
+    contract: str | None = None
 
 
 def ask_floors(run: Run, nodes: list[int]) -> dict[str, SiteFloor]:
@@ -84,7 +93,10 @@ def ask_floors(run: Run, nodes: list[int]) -> dict[str, SiteFloor]:
         if not (isinstance(cohort, int) and isinstance(plain, int) and isinstance(dp, int)):
             log.info("site %s reported no policy floor; it decides per round", site)
             continue
-        floors[site] = SiteFloor(cohort, bool(plain), bool(dp))
+        contract = values.get(records.CONTRACT)
+        floors[site] = SiteFloor(
+            cohort, bool(plain), bool(dp), contract.lower() if isinstance(contract, str) else None
+        )
     return floors
 
 
@@ -123,12 +135,46 @@ def _names(sites: list[str]) -> str:
     return ", ".join(sorted(sites, key=site_sort_key))
 
 
+def contract_refusal(cfg: ServerConfig, floors: Mapping[str, SiteFloor]) -> str | None:
+    """Why a run with a data contract cannot start: the sites whose dataset was prepared under
+    another contract or none (one line naming each site and both digests), or ``None``.
+
+    A run without ``[run] contract`` is never refused here; nor is a site that did not report
+    its contract (it still checks the digest signed into every setup, if it has one).
+    """
+    if not cfg.run.contract_digest:
+        return None
+    want = cfg.run.contract_digest.hex()
+    wrong = {
+        site: floor.contract
+        for site, floor in floors.items()
+        if floor.contract is not None and floor.contract != want
+    }
+    if not wrong:
+        return None
+    where = cfg.run.contract.name if cfg.run.contract is not None else "the run's contract"
+    each = "; ".join(
+        f"{site}'s dataset was prepared under {'contract ' + got if got else 'no contract'}"
+        for site, got in sorted(wrong.items(), key=lambda item: site_sort_key(item[0]))
+    )
+    return (
+        f"data contract mismatch: run.contract = {where} in {cfg.path.name} has digest {want}, "
+        f"but {each} (re-run `fl-client data prepare SRC OUT --contract {where}` at "
+        f"{'that site' if len(wrong) == 1 else 'those sites'} and re-enrol the new root)"
+    )
+
+
 def refusal(cfg: ServerConfig, floors: Mapping[str, SiteFloor], *, online: int) -> str | None:
     """Why no round of this run could gather ``run.min_sites`` willing sites among the
     ``online`` ones (one line naming the settings on both sides), or ``None``.
 
-    Sites that did not report a floor count as willing (they decide per round).
+    Sites that did not report a floor count as willing (they decide per round). A run with a
+    data contract is refused first if any site's dataset follows another
+    (:func:`contract_refusal`).
     """
+    mismatch = contract_refusal(cfg, floors)
+    if mismatch is not None:
+        return mismatch
     unwilling: dict[str, str] = {}
     cohort_sites: list[str] = []
     plain_sites: list[str] = []

@@ -38,6 +38,11 @@ LABEL_OPT = typer.Option("--label", help="Integer label column (ignored for mnis
 FEATURES_OPT = typer.Option("--features", help="Comma-separated feature columns (default: all other columns).")
 SHUFFLE_OPT = typer.Option("--shuffle/--no-shuffle", help="Shuffle rows within the buffer (exact if the data fits).")
 JSON_OPT = typer.Option("--json", help="Print the result as JSON on stdout.")
+CONTRACT_OPT = typer.Option(
+    "--contract",
+    help="The coordinator's data contract (JSON): every row of the CSV is checked against it (columns, dtypes, "
+    "label set, nulls) and refused with file, line and column; its digest is recorded in the manifest.",
+)
 
 
 def parse_size(text: str) -> int:
@@ -141,6 +146,19 @@ def _print_label_table(labels: tuple[int, ...], counts: tuple[tuple[int, ...], .
     Console().print(table)
 
 
+def _load_contract(path: Path, as_json: bool) -> Any:
+    """The contract at ``path``, or exit 1 with one line naming the field."""
+    from fedseal.protocol.contract import ContractError, load_contract
+
+    try:
+        return load_contract(path)
+    except ContractError as exc:
+        if as_json:
+            typer.echo(json.dumps({"error": type(exc).__name__, "path": exc.path, "reason": exc.reason}))
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(DATASET_ERROR_EXIT) from exc
+
+
 def register(app: typer.Typer) -> None:
     """Add ``data prepare``, ``data split`` and ``attest`` to the ``fl-client`` app."""
     data_app = typer.Typer(
@@ -177,11 +195,14 @@ def register(app: typer.Typer) -> None:
         shuffle: Annotated[bool, SHUFFLE_OPT] = True,
         seed: Annotated[int, typer.Option(help="Seed of the shuffle.")] = 0,
         append: Annotated[bool, typer.Option("--append", help="Add the source as new shards to the existing dataset OUT_DIR (sorting last) and prove the extension.")] = False,
+        contract_file: Annotated[Path | None, CONTRACT_OPT] = None,
         as_json: Annotated[bool, JSON_OPT] = False,
     ) -> None:
         """Write zstd Parquet shards (shard-00000.parquet, ...) and fedseal-manifest.json.
 
         Streams the source with bounded memory (--buffer) and writes into a temporary directory that is renamed into place at the end, so an error leaves nothing behind and nothing is written over. With --append, OUT_DIR is an existing dataset: the new shards are numbered to sort last, the RFC 6962 consistency proof from the old root is verified, and the manifest updated.
+
+        With --contract, the label and feature columns are the contract's (in its order; other columns are left out), every row is checked, and the first bad one is named (file, line, column, value) with nothing written.
 
         Exit codes: 0 success; 1 bad input (the file and reason are named); 2 usage error.
         """
@@ -189,6 +210,11 @@ def register(app: typer.Typer) -> None:
         from .prepare import append_to_dataset, prepare_dataset
 
         opts = _options(shard_size, chunk_size, buffer, row_group_rows, shuffle, seed)
+        contract = None
+        if contract_file is not None:
+            if features is not None or label != "label":
+                raise typer.BadParameter("--label and --features come from the contract; leave them out with --contract")
+            contract = _load_contract(contract_file, as_json)
         if append:
             try:
                 with _row_progress(not as_json, "writing shards") as on_rows:
@@ -199,6 +225,7 @@ def register(app: typer.Typer) -> None:
                         feature_columns=features.split(",") if features else None,
                         options=opts,
                         on_rows=on_rows,
+                        contract=contract,
                     )
             except DatasetError as exc:
                 raise _fail(exc, as_json) from exc
@@ -217,6 +244,7 @@ def register(app: typer.Typer) -> None:
                     feature_columns=features.split(",") if features else None,
                     options=opts,
                     on_rows=on_rows,
+                    contract=contract,
                 )
         except DatasetError as exc:
             raise _fail(exc, as_json) from exc
@@ -228,12 +256,31 @@ def register(app: typer.Typer) -> None:
             "bytes": manifest.bytes,
             "rows": manifest.rows,
             "files": len(manifest.files),
+            "contract": manifest.contract.hex() or None,
         }
         if as_json:
             typer.echo(json.dumps(summary))
         else:
             typer.echo(f"wrote {manifest.rows} rows in {len(manifest.files)} shard(s), {manifest.bytes} bytes, to {out_dir}")
             typer.echo(f"root {manifest.root.hex()}")
+            if manifest.contract:
+                typer.echo(f"contract {manifest.contract.hex()} (every row checked): {manifest.source}")
+
+    @data_app.command("contract-digest")
+    def contract_digest(
+        contract_file: Annotated[Path, typer.Argument(help="A data contract (JSON).")],
+        as_json: Annotated[bool, JSON_OPT] = False,
+    ) -> None:
+        """Check a data contract and print its digest (SHA-256 of its canonical JSON), the value a run's setup signs and a prepared dataset's manifest records.
+
+        Exit codes: 0 success; 1 the contract is unreadable or malformed (the field is named).
+        """
+        contract = _load_contract(contract_file, as_json)
+        digest = contract.digest().hex()
+        if as_json:
+            typer.echo(json.dumps({"contract": str(contract_file), "digest": digest, "columns": list(contract.columns)}))
+        else:
+            typer.echo(digest)
 
     @data_app.command("split")
     def split(
@@ -348,6 +395,7 @@ def register(app: typer.Typer) -> None:
                 new_manifest = Manifest(
                     manifest.algorithm, manifest.salt, manifest.chunk_size, att.root, att.leaves, att.bytes, att.rows,
                     tuple(f.to_manifest_file() for f in att.files), manifest.schema, manifest.source,
+                    manifest.contract,
                 )
                 if new_manifest != manifest:
                     write_manifest(directory, new_manifest)

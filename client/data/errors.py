@@ -17,6 +17,7 @@ line on stderr and exit code 1. Programming mistakes (a negative chunk size, ``s
     ├── DatasetChangedError       a shard changed while it was being read
     ├── ExtensionError            the dataset does not extend an earlier manifest
     ├── SourceError               a `prepare`/`split` source is unsupported or unusable
+    │   └── ContractViolationError    a source row breaks the data contract (line, column)
     └── OutputExistsError         refusing to write over an existing directory or file
 """
 
@@ -26,6 +27,7 @@ from fedseal.client.errors import SiteError
 
 __all__ = [
     "ContentMismatchError",
+    "ContractViolationError",
     "CorruptShardError",
     "DatasetChangedError",
     "DatasetError",
@@ -98,6 +100,23 @@ class ExtensionError(DatasetError):
 
 class SourceError(DatasetError):
     """A source given to ``prepare``/``split`` is missing, unsupported, or lacks a column."""
+
+
+class ContractViolationError(SourceError):
+    """A source breaks the data contract it is prepared under (``prepare --contract``).
+
+    Attributes:
+        line: The 1-based line of the file (1: the header).
+        column: The contract column concerned.
+        value: The cell's text as read, or ``None`` (a missing column).
+    """
+
+    def __init__(self, path: str, line: int, column: str, value: str | None, reason: str) -> None:
+        shown = "" if value is None else f", value {value[:80]!r}"
+        super().__init__(path, f"line {line}, column {column!r}: {reason}{shown}")
+        self.line = line
+        self.column = column
+        self.value = value
 
 
 class OutputExistsError(DatasetError):

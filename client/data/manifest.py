@@ -3,7 +3,8 @@
 The manifest stays on the site (it holds the salt). It records the algorithm id, salt, chunk size,
 per file (path, size, rows, first leaf index, leaf count, and the RFC 6962 root of the file's own
 leaves, so a broken extension can name the file), totals, the dataset root, and the table schema
-the loader checks before training (columns and types, label column, feature columns and shape).
+the loader checks before training (columns and types, label column, feature columns and shape),
+and the digest of the data contract its rows were checked against, if any.
 
 Example::
 
@@ -144,6 +145,8 @@ class Manifest:
         files: The shards in attestation order.
         schema: The shards' schema and feature/label description.
         source: Free-text provenance (what the dataset was prepared from).
+        contract: The digest of the data contract every row was checked against
+            (``prepare --contract``; :mod:`fedseal.protocol.contract`), or ``b""``: none.
     """
 
     algorithm: str
@@ -156,6 +159,7 @@ class Manifest:
     files: tuple[ManifestFile, ...]
     schema: DatasetSchema
     source: str = ""
+    contract: builtins.bytes = b""
 
     def to_json_bytes(self) -> builtins.bytes:
         """The manifest as UTF-8 JSON (sorted keys, two-space indent, trailing newline)."""
@@ -172,6 +176,8 @@ class Manifest:
             "schema": self.schema.to_json(),
             "source": self.source,
         }
+        if self.contract:  # only then: manifests prepared without a contract keep their bytes
+            doc["contract"] = self.contract.hex()
         return (json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
     def file(self, path: str) -> ManifestFile | None:
@@ -380,4 +386,5 @@ def _parse(name: str, doc: Any) -> Manifest:
     source = doc.get("source", "")
     if not isinstance(source, str):
         raise ManifestError(name, "manifest field 'source' has the wrong type")
-    return Manifest(algorithm, salt, chunk_size, root, leaves, size, rows, tuple(files), schema, source)
+    contract = _hex(name, doc, "contract", 32) if "contract" in doc else b""
+    return Manifest(algorithm, salt, chunk_size, root, leaves, size, rows, tuple(files), schema, source, contract)

@@ -27,7 +27,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from fedseal.protocol.contract import DataContract
+
 from .attestation import ExtensionProof, attest, attest_with, prove_extension, verify_dataset
+from .contract import ContractChecker, check_header, find_bad_row, read_header
 from .errors import (
     ExtensionError,
     OutputExistsError,
@@ -238,6 +241,68 @@ def _csv_source(path: Path, label_column: str, feature_columns: Sequence[str] | 
     return Source(name, schema, described, batches)
 
 
+def _contract_csv_source(path: Path, contract: DataContract) -> tuple[Source, ContractChecker]:
+    """A CSV source whose every row is checked against ``contract`` while it streams
+    (:mod:`.contract`): the features in the contract's order, then the label."""
+    name = str(path)
+    header = read_header(path)
+    check_header(name, header, contract)
+    checker = ContractChecker(contract, name)
+    values = contract.label_values
+    described = DatasetSchema(
+        column_specs(checker.schema),
+        contract.label,
+        tuple(f.name for f in contract.features),
+        (len(contract.features),),
+        1.0,
+        values[-1] + 1 if values[0] >= 0 else None,  # every site: the contract's classes
+    )
+    width = len(header)
+
+    def batches(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        checker.rows_seen = checker.rows_dropped = 0
+        refused: list[object] = []
+
+        def on_invalid(row: object) -> str:
+            refused.append(row)
+            return "error"
+
+        def parse_error(exc: BaseException) -> SourceError:
+            if refused:
+                line, text = find_bad_row(path, width)
+                return SourceError(name, f"line {line}: the row has not the header's {width} cells, value {text[:80]!r}")
+            return SourceError(name, f"CSV parse error: {exc}")
+
+        try:
+            stream = pacsv.open_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={c: pa.string() for c in contract.columns},
+                    include_columns=list(contract.columns),
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
+        except PYARROW_ERRORS as exc:
+            raise parse_error(exc) from exc
+        try:
+            while True:
+                try:
+                    raw = stream.read_next_batch()
+                except StopIteration:
+                    return
+                except PYARROW_ERRORS as exc:
+                    raise parse_error(exc) from exc
+                batch = checker.convert(raw)
+                yield batch.select(columns) if columns is not None else batch
+        finally:
+            stream.close()
+
+    return Source(name, checker.schema, described, batches), checker
+
+
 def _table_source(name: str, table: pa.Table, described: DatasetSchema) -> Source:
     def batches(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         selected = table.select(columns) if columns is not None else table
@@ -319,8 +384,10 @@ def finalize(
     chunk_size: int,
     salt: bytes,
     source: str,
+    contract: bytes = b"",
 ) -> Manifest:
-    """Attest freshly written shards and write their manifest.
+    """Attest freshly written shards and write their manifest (``contract``: the digest of the
+    data contract every row was checked against, or ``b""``).
 
     Raises:
         RowCountMismatchError: The shards' footers disagree with the rows written.
@@ -350,6 +417,7 @@ def finalize(
         tuple(f.to_manifest_file() for f in att.files),
         described,
         source,
+        contract,
     )
     write_manifest(directory, manifest)
     return manifest
@@ -364,6 +432,7 @@ def prepare_dataset(
     options: PrepareOptions | None = None,
     salt: bytes | None = None,
     on_rows: Callable[[int], None] | None = None,
+    contract: DataContract | None = None,
 ) -> Manifest:
     """Write ``source`` as zstd Parquet shards with a manifest into ``out_dir``.
 
@@ -375,12 +444,18 @@ def prepare_dataset(
         options: Shard, chunk, buffer and shuffle settings.
         salt: The 32-byte salt (default: ``os.urandom(32)``; pass one only in tests).
         on_rows: Progress callback, called with the number of rows written.
+        contract: Check every row of a CSV source against this data contract (:mod:`.contract`;
+            the label and feature columns are the contract's) and record its digest in the
+            manifest; rows dropped for a null cell (``nulls = "drop"``) are counted in the
+            manifest's ``source``.
 
     Returns:
         The manifest written.
 
     Raises:
         OutputExistsError: ``out_dir`` exists and is not empty (nothing is written).
+        ContractViolationError: A row breaks the contract: file, line, column and value are
+            named (nothing is written).
         SourceError, CorruptShardError, SchemaMismatchError, RowCountMismatchError, LayoutError:
             The source is unusable; the error names the file (nothing is written).
     """
@@ -389,7 +464,13 @@ def prepare_dataset(
         raise ValueError("salt must be 32 bytes")
     out = Path(out_dir)
     check_output(out)
-    src = open_source(source, label_column=label_column, feature_columns=feature_columns, seed=opts.seed)
+    checker: ContractChecker | None = None
+    if contract is not None:
+        if feature_columns is not None:
+            raise ValueError("with a contract, the feature columns are the contract's")
+        src, checker = _contract_source(source, contract)
+    else:
+        src = open_source(source, label_column=label_column, feature_columns=feature_columns, seed=opts.seed)
     staging = make_staging(out)
     writer = ShardWriter(
         staging,
@@ -416,18 +497,24 @@ def prepare_dataset(
             rows += batch.num_rows
             writer.write(batch)
         writer.close()
+        dropped = checker.rows_dropped if checker is not None else 0
         if rows == 0:
-            raise SourceError(src.name, "source holds no rows")
+            after = f" after dropping {dropped} rows with null cells" if dropped else ""
+            raise SourceError(src.name, f"source holds no rows{after}")
         described = src.dataset_schema
         if described.num_classes is None and label_min >= 0:
             described = _with_classes(described, label_max + 1)
+        provenance = src.name
+        if contract is not None:
+            provenance += f" (data contract {contract.digest().hex()[:16]}…: {dropped} rows with null cells dropped)"
         finalize(
             staging,
             described,
             rows=rows,
             chunk_size=opts.chunk_size,
             salt=salt if salt is not None else os.urandom(SALT_SIZE),
-            source=src.name,
+            source=provenance,
+            contract=contract.digest() if contract is not None else b"",
         )
         publish(staging, out)
     except BaseException:
@@ -435,6 +522,18 @@ def prepare_dataset(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_manifest(out)
+
+
+def _contract_source(source: str | os.PathLike[str], contract: DataContract) -> tuple[Source, ContractChecker]:
+    text = os.fspath(source)
+    path = Path(text)
+    if ".csv" not in path.suffixes:
+        raise SourceError(text, "a data contract checks CSV sources (.csv, .csv.gz); prepare others without --contract")
+    if path.is_symlink():
+        raise SourceError(text, "source is a symlink; symlinks are refused")
+    if not path.is_file():
+        raise SourceError(text, "no such file")
+    return _contract_csv_source(path, contract)
 
 
 def _with_classes(described: DatasetSchema, num_classes: int) -> DatasetSchema:
@@ -457,6 +556,7 @@ def append_to_dataset(
     feature_columns: Sequence[str] | None = None,
     options: PrepareOptions | None = None,
     on_rows: Callable[[int], None] | None = None,
+    contract: DataContract | None = None,
 ) -> tuple[Manifest, ExtensionProof]:
     """Append ``source`` as new shards that sort after every existing one, and prove the extension.
 
@@ -472,6 +572,8 @@ def append_to_dataset(
         feature_columns: Feature columns (default: all others).
         options: Shard settings (``chunk_size`` is ignored: the dataset's is kept).
         on_rows: Progress callback, called with the number of rows written.
+        contract: The data contract the dataset was prepared under (required then, and
+            checked on every new row; refused if it is another).
 
     Returns:
         The new manifest and the verified consistency proof from the old one.
@@ -491,7 +593,15 @@ def append_to_dataset(
     blocking = [p for p in existing if p.encode("utf-8") >= first_name.encode("utf-8")]
     if blocking:
         raise ExtensionError(blocking[0], f"sorts after {first_name}; new shards could not be appended last")
-    src = open_source(source, label_column=label_column, feature_columns=feature_columns, seed=opts.seed)
+    digest = contract.digest() if contract is not None else b""
+    if digest != old.contract:
+        had = f"contract {old.contract.hex()}" if old.contract else "no contract"
+        given = f"contract {digest.hex()}" if digest else "none (pass --contract)"
+        raise ExtensionError(str(directory), f"the dataset was prepared under {had}, the append under {given}")
+    if contract is not None:
+        src, _checker = _contract_source(source, contract)
+    else:
+        src = open_source(source, label_column=label_column, feature_columns=feature_columns, seed=opts.seed)
     staging = make_staging(directory.parent / f"{directory.name}-append")
     writer = ShardWriter(
         staging,
@@ -523,7 +633,7 @@ def append_to_dataset(
         proof = prove_extension(old, att)
         manifest = Manifest(
             old.algorithm, old.salt, old.chunk_size, att.root, att.leaves, att.bytes, att.rows,
-            tuple(f.to_manifest_file() for f in att.files), old.schema, old.source,
+            tuple(f.to_manifest_file() for f in att.files), old.schema, old.source, old.contract,
         )
         write_manifest(directory, manifest)
     except BaseException:

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -80,6 +80,7 @@ class FakeSite:
         error_at: tuple[int, str, str] | None = None,
         tamper: Tamper | None = None,
         floor: tuple[int, bool, bool] | None = None,
+        contract: str | None = None,
     ) -> None:
         self.name = SiteId(name)
         self.fed = fed
@@ -89,6 +90,7 @@ class FakeSite:
         self.error_at = error_at  # (round, message type, reason): answered with an error reply
         self.tamper = tamper
         self.floor = floor  # (min_cohort, allow_plain, dp_required) for query.policy; None: no answer
+        self.contract = contract  # with a floor: its dataset's contract digest (hex, "" none); None: not said
         self.session: Any = None
         self.round = 0
         self.model: np.ndarray | None = None
@@ -106,6 +108,8 @@ class FakeSite:
         if kind == "query.policy" and self.floor is not None:
             cohort, plain, dp = self.floor
             values = {"site": str(self.name), "min-cohort": cohort, "allow-plain": int(plain), "dp-required": int(dp)}
+            if self.contract is not None:
+                values["contract"] = self.contract
             return RecordDict({"policy": ConfigRecord(values)})
         if kind == "query.ping":
             return RecordDict({"metrics": MetricRecord({"pong": 1})})
@@ -212,15 +216,21 @@ class Federated:
         secure: bool,
         rounds: int = 2,
         min_sites: int = 2,
+        run_contract: Mapping[str, Any] | None = None,
         **site_options: dict[str, Any],
     ) -> None:
         init_cmd(tmp / "coord", san=["localhost"], passphrase_env=None)
         path = tmp / "coord" / "server.toml"
+        extra: dict[str, object] = {}
+        if run_contract is not None:  # server.toml [run] contract = "contract.json"
+            (tmp / "coord" / "contract.json").write_text(json.dumps(run_contract))
+            extra["contract"] = "contract.json"
         write_server_toml(
             path, metrics_port=0, audit_port=0,
             run_overrides={
                 "rounds": rounds, "secure": secure, "min_sites": min_sites,
                 "setup_with_evaluation": False, "stage_timeout_s": 30.0, "sites_wait_timeout_s": 5.0,
+                **extra,
             },
         )  # fmt: skip
         self.cfg: ServerConfig = load_server_config(path)
