@@ -32,7 +32,10 @@ from fedseal.server.provision import APPROVED_ROOT_PLACEHOLDER, KIT_FILES, Provi
 from fedseal.sim.commands import app
 
 runner = CliRunner()
-NOW = datetime.now(UTC)
+def _now() -> datetime:
+    """The time of the call: a certificate that fl-server init makes mid-suite is valid from
+    five minutes before it was made, so a time taken at collection can precede it."""
+    return datetime.now(UTC)
 
 
 @pytest.fixture
@@ -149,7 +152,7 @@ def test_a_kits_client_toml_is_refused_until_start_sh_fills_in_the_dataset_root_
 ) -> None:
     roster, pub = _authority(tmp_path)
     cfg = load_server_config(server_toml)
-    kits = provision(cfg, ["site-a"], address="coord.example.org", out=tmp_path / "kits", now=NOW,
+    kits = provision(cfg, ["site-a"], address="coord.example.org", out=tmp_path / "kits", now=_now(),
                      roster=roster, authority=pub)  # fmt: skip
     toml = kits.sites[0] / "client.toml"
     with pytest.raises(ClientConfigError, match=r"data\.approved_root: must be 64 hex"):
@@ -172,7 +175,7 @@ def test_a_kits_client_toml_is_refused_until_start_sh_fills_in_the_dataset_root_
 def test_an_ipv6_address_is_bracketed_in_the_kit(tmp_path: Path) -> None:
     assert runner.invoke(app, ["init", str(tmp_path / "c"), "--san", "::1"]).exit_code == 0
     cfg = load_server_config(tmp_path / "c" / "server.toml")
-    kits = provision(cfg, ["site-a"], address="[::1]", out=tmp_path / "kits", now=NOW)
+    kits = provision(cfg, ["site-a"], address="[::1]", out=tmp_path / "kits", now=_now())
     toml = kits.sites[0] / "client.toml"
     toml.write_text(toml.read_text().replace(APPROVED_ROOT_PLACEHOLDER, "cd" * 32))
     assert load_client_config(toml).superlink == "[::1]:9092"
@@ -187,7 +190,7 @@ def test_a_kit_without_a_roster_says_the_site_needs_peers(
         ["site-a", "site-b", "site-c"],
         address="coord.example.org",
         out=tmp_path / "k",
-        now=NOW,
+        now=_now(),
     )
     assert "[trust]\n" not in (kits.sites[0] / "client.toml").read_text()
     assert any("no --roster" in n for n in kits.notes)
@@ -265,14 +268,14 @@ def test_a_server_certificate_from_another_ca_or_expired_is_refused(
     server_toml: Path, tmp_path: Path
 ) -> None:
     coord = server_toml.parent
-    other = create_ca("someone else", now=NOW)
-    cert, _ = issue_server_certificate(other, ["coord.example.org"], now=NOW)
+    other = create_ca("someone else", now=_now())
+    cert, _ = issue_server_certificate(other, ["coord.example.org"], now=_now())
     (coord / "tls" / "server.pem").write_bytes(cert)
     cfg = load_server_config(server_toml)
     with pytest.raises(
         ProvisionError, match=r"does not verify under .*ca\.pem for coord\.example\.org"
     ):
-        provision(cfg, ["a"], address="coord.example.org", out=tmp_path / "k", now=NOW)
+        provision(cfg, ["a"], address="coord.example.org", out=tmp_path / "k", now=_now())
     assert (
         runner.invoke(app, ["init", str(tmp_path / "c2"), "--san", "coord.example.org"]).exit_code
         == 0
@@ -284,7 +287,7 @@ def test_a_server_certificate_from_another_ca_or_expired_is_refused(
             ["a"],
             address="coord.example.org",
             out=tmp_path / "k",
-            now=NOW + timedelta(days=400),
+            now=_now() + timedelta(days=400),
         )
 
 
@@ -303,7 +306,7 @@ def test_start_sh_makes_the_key_fills_in_the_root_and_prints_the_enrolment_comma
 
     cfg = load_server_config(server_toml)
     kit = provision(
-        cfg, ["site-a"], address="coord.example.org", out=tmp_path / "k", now=NOW
+        cfg, ["site-a"], address="coord.example.org", out=tmp_path / "k", now=_now()
     ).sites[0]
     csv = tmp_path / "d.csv"
     csv.write_text("x,y,label\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(40)))
@@ -332,7 +335,7 @@ def test_start_sh_without_a_prepared_dataset_says_how_to_make_one(
 ) -> None:
     cfg = load_server_config(server_toml)
     kit = provision(
-        cfg, ["site-a"], address="coord.example.org", out=tmp_path / "k", now=NOW
+        cfg, ["site-a"], address="coord.example.org", out=tmp_path / "k", now=_now()
     ).sites[0]
     env = dict(
         os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
