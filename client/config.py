@@ -54,9 +54,7 @@ produced and its operator confirmed; nothing the coordinator says is written the
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,6 +64,7 @@ from typing import Any, TypeVar
 from fedseal.client.errors import SiteError
 from fedseal.client.policy import SitePrivacy
 from fedseal.client.training import SiteLimits
+from fedseal.crypto.keys import write_atomic
 
 __all__ = [
     "APPROVED_ROOT_FILE",
@@ -367,15 +366,5 @@ def record_re_enrolment(cfg: ClientConfig, root: str, *, now_ms: int) -> Path:
     }
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     path = cfg.state_dir / APPROVED_ROOT_FILE
-    fd, tmp = tempfile.mkstemp(dir=cfg.state_dir, prefix=".approved-root-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(doc, indent=1).encode(), 0o600)
     return path

@@ -31,12 +31,15 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:  # fl-server's commands import the server modules when they run
+    from fedseal.server.roster import Enrolment
 
 app = typer.Typer(
     name="fl-server",
@@ -196,6 +199,17 @@ def _config_roster(config: Path) -> tuple[object, Path]:
     return cfg, cfg.coordinator.roster
 
 
+def _read_roster(config: Path) -> Enrolment:
+    """The roster ``server.toml`` names (usage error, one line, if either cannot be read)."""
+    from fedseal.server.roster import Enrolment, EnrolmentError
+
+    _, roster_path = _config_roster(config)
+    try:
+        return Enrolment.load_or_create(roster_path)
+    except EnrolmentError as exc:
+        raise usage_error(str(exc)) from exc
+
+
 @app.command("enroll")
 def enroll(
     site: Annotated[str, typer.Option(help="Site name (a-z, 0-9, '-', '_').")],
@@ -298,13 +312,7 @@ def roots_list(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List approved and withdrawn dataset roots (withdrawn: when and why)."""
-    from fedseal.server.roster import Enrolment, EnrolmentError
-
-    _, roster_path = _config_roster(config)
-    try:
-        roster = Enrolment.load_or_create(roster_path)
-    except EnrolmentError as exc:
-        raise usage_error(str(exc)) from exc
+    roster = _read_roster(config)
     if site is not None and roster.get(site) is None:
         raise usage_error(f"site {site!r}: no such site")
     rows: list[dict[str, object]] = []
@@ -340,13 +348,7 @@ def roster_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show enrolled sites."""
-    from fedseal.server.roster import Enrolment, EnrolmentError
-
-    _, roster_path = _config_roster(config)
-    try:
-        roster = Enrolment.load_or_create(roster_path)
-    except EnrolmentError as exc:
-        raise usage_error(str(exc)) from exc
+    roster = _read_roster(config)
     if as_json:
         doc = roster.to_json()
         for s in doc["sites"]:

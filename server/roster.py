@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -40,7 +38,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.crypto.keys import key_id, public_key_from_der, public_key_to_der
+from fedseal.crypto.keys import key_id, public_key_from_der, public_key_to_der, write_atomic
 from fedseal.server.errors import CoordinatorError
 
 __all__ = [
@@ -508,15 +506,4 @@ class Enrolment:
     def save(self, path: Path) -> None:
         """Write atomically (temp file + fsync + rename), mode 0600."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(self.to_json(), indent=1, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".roster-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps(self.to_json(), indent=1, sort_keys=True).encode(), 0o600)
