@@ -62,6 +62,10 @@ class EvaluationOutcome:
             rec["accuracy"] = float(self.metrics.get(records.ACCURACY, float("nan")))
             rec["macro_f1"] = float(self.metrics.get(records.MACRO_F1, float("nan")))
             rec["loss"] = float(self.metrics.get(records.LOSS, float("nan")))
+            own = {records.ACCURACY, records.MACRO_F1, records.LOSS, records.NUM_EXAMPLES}
+            extra = {k: float(v) for k, v in self.metrics.items() if k not in own}
+            if extra:  # a site recipe's own metrics (client/recipe.py), example-weighted means
+                rec["metrics"] = extra
         return rec
 
     def logged_metrics(self) -> dict[str, float]:

@@ -185,3 +185,5 @@ def test_three_sites_with_their_own_csv_reach_the_accuracy_of_the_recipe_trained
     last = logged[-1].metric_values  # type: ignore[union-attr]
     assert {"sensitivity", "specificity", "auroc"} <= set(last) and last["auroc"] > 0.95
     assert last["accuracy"] == pytest.approx(federated, abs=1e-6)
+    # ... and rounds.jsonl, beside fedseal's own three.
+    assert rounds[-1]["metrics"]["auroc"] == pytest.approx(last["auroc"], abs=1e-6)
