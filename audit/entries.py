@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -60,6 +61,7 @@ __all__ = [
     "MAX_ENTRY_TEXT",
     "MAX_ENVELOPE_PAYLOAD",
     "MAX_ENVELOPE_SIGNATURE",
+    "MAX_SETTINGS_TEXT",
     "AuditEntry",
     "Checkpoint",
     "ConsortiumRosterRecord",
@@ -75,6 +77,7 @@ __all__ = [
     "RunEnd",
     "RunStart",
     "RunStatus",
+    "canonical_settings",
     "metric_items",
     "metric_to_micros",
 ]
@@ -85,6 +88,28 @@ INPUT_MESSAGE_TYPE = MessageKind.MASKED_INPUT.type_name
 """Envelopes of this type are a round's aggregated inputs."""
 
 MAX_ENTRY_TEXT = 1024
+MAX_SETTINGS_TEXT = 8192
+"""Longest run-settings section (canonical JSON) a run start carries."""
+
+
+def canonical_settings(settings: Mapping[str, object]) -> str:
+    """The run settings as the run start records them: JSON, keys sorted, no spaces."""
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _check_settings(text: str) -> None:
+    if len(text.encode()) > MAX_SETTINGS_TEXT:
+        raise ValueError(f"settings longer than {MAX_SETTINGS_TEXT} bytes")
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"settings are not JSON: {exc}") from exc
+    try:
+        canonical = canonical_settings(doc)
+    except ValueError as exc:  # NaN or infinities
+        raise ValueError(f"settings are not plain JSON: {exc}") from exc
+    if not isinstance(doc, dict) or canonical != text:
+        raise ValueError("settings must be a canonical JSON object (keys sorted, no spaces)")
 """Bound on every text field of an entry (bytes)."""
 MAX_ENVELOPE_PAYLOAD = 1 << 20
 """Bound on an envelope entry's payload (bytes)."""
@@ -230,7 +255,10 @@ class Genesis:
 
 @dataclass(frozen=True, slots=True)
 class RunStart:
-    """A training run begins. ``roster_digest`` is the log roster's digest at that point."""
+    """A training run begins. ``roster_digest`` is the log roster's digest at that point.
+    ``settings``: the run settings the coordinator declares (canonical JSON: strategy, rounds,
+    minimum sites, model, local training, DP, data contract; ``""`` for none); its claim, like
+    the metrics, beside the signed SHA-256 of the whole ``server.toml``."""
 
     KIND: ClassVar[EntryKind] = EntryKind.RUN_START
     run_id: bytes
@@ -241,10 +269,13 @@ class RunStart:
     started_at_ms: int
     planned_rounds: int = 0
     dp_budget: tuple[float, float] | None = None
+    settings: str = ""
 
     def __post_init__(self) -> None:
         if len(self.run_id) != RUN_ID_BYTES:
             raise ValueError(f"run_id must be {RUN_ID_BYTES} bytes")
+        if self.settings:
+            _check_settings(self.settings)
         for name in ("config_digest", "roster_digest", "initial_model_digest"):
             _check_digest(name, getattr(self, name))
         if self.dp_budget is not None:
@@ -257,10 +288,12 @@ class RunStart:
         w.fixed(self.run_id, RUN_ID_BYTES).fixed(self.config_digest, DIGEST_BYTES)
         w.fixed(self.roster_digest, DIGEST_BYTES).fixed(self.initial_model_digest, DIGEST_BYTES)
         w.text(self.code_version).u64(self.started_at_ms).u32(self.planned_rounds)
-        if self.dp_budget is not None:  # a trailing section: runs without DP keep their bytes
+        if self.dp_budget is not None:  # trailing sections: runs without them keep their bytes
             w.u8(1)
             _f64(w, self.dp_budget[0])
             _f64(w, self.dp_budget[1])
+        if self.settings:
+            w.u8(2).text(self.settings)
 
     @classmethod
     def _decode(cls, r: Reader) -> RunStart:
@@ -273,12 +306,22 @@ class RunStart:
             r.u64(),
             r.u32(),
         )
-        budget = None
-        if r.remaining:
-            if r.u8() != 1:
-                raise DecodeError("audit entry: bad run-start DP section flag")
-            budget = (_read_f64(r), _read_f64(r))
-        return cls(*fields, dp_budget=budget)
+        budget, settings, last = None, "", 0
+        while r.remaining:  # tagged sections, each at most once, in increasing order
+            tag = r.u8()
+            if tag <= last or tag > 2:
+                raise DecodeError(f"audit entry: bad run-start section tag {tag}")
+            last = tag
+            if tag == 1:
+                budget = (_read_f64(r), _read_f64(r))
+            else:
+                settings = r.text(MAX_SETTINGS_TEXT)
+                if not settings:
+                    raise DecodeError("audit entry: empty run-start settings section")
+        try:
+            return cls(*fields, dp_budget=budget, settings=settings)
+        except ValueError as exc:
+            raise DecodeError(f"audit entry: run start: {exc}") from exc
 
     @property
     def dp(self) -> bool:

@@ -134,6 +134,7 @@ class _RunView:
     started_ms: int
     planned_rounds: int
     dp_budget: tuple[float, float] | None
+    settings: str = ""  # the declared run settings (canonical JSON), "" in older logs
     status: str = "open"
     ended_ms: int | None = None
     end_reason: str = ""
@@ -287,7 +288,7 @@ def collect_view(store: MerkleLogStore, signed: int | None = None) -> ReportView
             run = _RunView(
                 run_no + 1, entry.run_id.hex(), stored.index, entry.config_digest.hex(),
                 entry.roster_digest.hex(), entry.initial_model_digest.hex(), entry.code_version,
-                entry.started_at_ms, entry.planned_rounds, entry.dp_budget,
+                entry.started_at_ms, entry.planned_rounds, entry.dp_budget, entry.settings,
             )  # fmt: skip
             view.runs.append(run)
             if entry.dp_budget is not None:
@@ -888,6 +889,21 @@ def _no_reason(run: _RunView, rounds: int) -> str:
     return "<i>no reason recorded</i>"
 
 
+def _settings_text(settings: str) -> str:
+    """The declared settings as ``key: value`` lines (escaped), or why there are none."""
+    if not settings:
+        return "not recorded (a log from before run starts carried them)"
+    try:
+        doc = json.loads(settings)
+    except ValueError:
+        return _e(settings)
+    lines = []
+    for key, value in sorted(doc.items()):
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(value.items())) if isinstance(value, dict) else value
+        lines.append(f"{_e(str(key))}: {_e(str(shown))}")
+    return "<br>".join(lines)
+
+
 def _runs_table(view: ReportView) -> str:
     """One column per run, one row per fact (a run has more facts than a line holds)."""
     if not view.runs:
@@ -895,6 +911,7 @@ def _runs_table(view: ReportView) -> str:
     facts: list[tuple[str, list[str]]] = [
         ("run id", []), ("started", []), ("ended", []), ("duration", []), ("outcome", []),
         ("why it ended", []), ("rounds planned / committed / failed", []), ("protection", []),
+        ("settings the coordinator declared", []),
         ("configuration: SHA-256 of server.toml", []), ("roster digest at the start", []),
         ("initial model", []), ("code version", []),
     ]  # fmt: skip
@@ -916,6 +933,7 @@ def _runs_table(view: ReportView) -> str:
             _duration(run.started_ms, run.ended_ms), outcome,
             _e(run.end_reason) or _no_reason(run, len(rounds)),
             f"{run.planned_rounds} / {done} / {len(rounds) - done}", budget,
+            _settings_text(run.settings),
             _digest(run.config_digest, 64), _digest(run.roster_digest, 16),
             _digest(run.initial_model, 16), _e(run.code_version),
         ]  # fmt: skip
@@ -1191,10 +1209,10 @@ def _metric_series(
 
 
 _NOT_LOGGED = (
-    "<ul><li>The run's settings beyond its DP budget (strategy, minimum sites, learning "
-    "parameters): only the SHA-256 of the coordinator's <code>server.toml</code> is signed; "
-    "<code>sha256sum server.toml</code> on the kept file must match the configuration digest "
-    "above.</li>"
+    "<ul><li>Proof of the run's settings: the settings above are the coordinator's declaration in "
+    "its signed run start, as are its metrics; the whole <code>server.toml</code> is signed only "
+    "as its SHA-256 (<code>sha256sum server.toml</code> on the kept file must match the "
+    "configuration digest above). What the sites signed for is each round's setup below.</li>"
     "<li>The sites' own policies (their minimum cohort, required DP, privacy budget): a site "
     "refuses a round its policy forbids, and the round parameters above are what each site "
     "that took part signed for.</li>"

@@ -367,17 +367,19 @@ class AuditLog:
         started_at_ms: int,
         planned_rounds: int = 0,
         dp_budget: tuple[float, float] | None = None,
+        settings: str = "",
     ) -> int:
         """Record a run start; the roster digest is the log roster's (enrol sites first).
         ``dp_budget``: the run's target ``(epsilon, delta)`` when its rounds are DP rounds
-        (each completed round then needs its :meth:`append_dp_round`).
+        (each completed round then needs its :meth:`append_dp_round`); ``settings``: the run
+        settings the coordinator declares (:func:`~fedseal.audit.entries.canonical_settings`).
 
         Raises:
             AuditStateError: A run is open, or ``run_id`` was used before.
         """
         entry = RunStart(
             run_id, config_digest, self._sem.roster().digest(), initial_model_digest,
-            code_version, started_at_ms, planned_rounds, dp_budget,
+            code_version, started_at_ms, planned_rounds, dp_budget, settings,
         )  # fmt: skip
         return self._append(entry)
 

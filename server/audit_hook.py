@@ -62,7 +62,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.audit.entries import RosterAction, RoundStatus, RunStatus
+from fedseal.audit.entries import RosterAction, RoundStatus, RunStatus, canonical_settings
 from fedseal.audit.errors import AuditError
 from fedseal.audit.writer import AuditLog, ReceivedEnvelope
 from fedseal.crypto.errors import KeyFormatError
@@ -78,7 +78,7 @@ from fedseal.protocol.consortium import (
 from fedseal.protocol.dp import DpParams
 from fedseal.protocol.envelope import Envelope
 from fedseal.protocol.errors import ProtocolError
-from fedseal.server.config import ConsortiumSection
+from fedseal.server.config import ConsortiumSection, ServerConfig
 from fedseal.server.errors import CoordinatorError
 from fedseal.server.roster import Enrolment, roots_through
 
@@ -108,6 +108,29 @@ _ACTIONS = {
 UNPARSEABLE_FRAME = "fedseal/unparseable-frame"
 #: How many leading bytes of such a frame the log keeps (its length and digest are in the reason).
 UNPARSEABLE_KEEP = 4096
+
+
+def declared_settings(cfg: ServerConfig) -> str:
+    """The run settings a run start records (canonical JSON): what a reader of the log (a DPO's
+    report) needs to know about how the run was configured, not where its files are."""
+    r, dp = cfg.run, cfg.dp
+    settings: dict[str, object] = {
+        "secure": r.secure, "strategy": r.strategy, "strategy_options": dict(r.strategy_options),
+        "rounds": r.rounds, "min_sites": r.min_sites, "model": r.model, "seed": r.seed,
+        "epochs": r.epochs, "batch_size": r.batch_size, "learning_rate": r.learning_rate,
+        "clip_norm": r.clip_norm, "update_clip": r.update_clip,
+    }  # fmt: skip
+    if r.contract_digest:
+        settings["data_contract"] = r.contract_digest.hex()
+    if dp.enabled:
+        settings["dp"] = {
+            k: v for k, v in (
+                ("epsilon", dp.epsilon), ("delta", dp.delta), ("clip", dp.clip),
+                ("noise_multiplier", dp.noise_multiplier), ("granularity", dp.granularity),
+                ("modulus_bits", dp.modulus_bits),
+            ) if v is not None
+        }  # fmt: skip
+    return canonical_settings(settings)
 
 
 def _now_ms() -> int:
@@ -280,9 +303,10 @@ class RunAudit:
 
     def run_start(
         self, run_id: str, config_bytes: bytes, initial_digest: bytes, rounds: int,
-        dp_budget: tuple[float, float] | None = None,
+        dp_budget: tuple[float, float] | None = None, settings: str = "",
     ) -> None:
-        """Record the run start; ``dp_budget`` = ``[dp]``'s (epsilon, delta) for a DP run."""
+        """Record the run start; ``dp_budget`` = ``[dp]``'s (epsilon, delta) for a DP run;
+        ``settings``: :func:`declared_settings` of the run's config."""
         self.log.append_run_start(
             bytes.fromhex(run_id),
             config_digest=hashlib.sha256(config_bytes).digest(),
@@ -291,6 +315,7 @@ class RunAudit:
             started_at_ms=_now_ms(),
             planned_rounds=rounds,
             dp_budget=dp_budget,
+            settings=settings,
         )
         self.log.sign_tree_head(_now_ms())
 
@@ -488,11 +513,11 @@ class FailClosedAudit:
 
     def run_start(
         self, run_id: str, config_bytes: bytes, initial_digest: bytes, rounds: int,
-        dp_budget: tuple[float, float] | None = None,
+        dp_budget: tuple[float, float] | None = None, settings: str = "",
     ) -> None:
         self._call(
             "run start", self.audit.run_start, run_id, config_bytes, initial_digest, rounds,
-            dp_budget,
+            dp_budget, settings,
         )
 
     def envelopes(self, rnd: int, receipts: Sequence[Any]) -> None:

@@ -123,6 +123,7 @@ from fedseal.server.audit_hook import (
     ConsortiumWatch,
     FailClosedAudit,
     RunAudit,
+    declared_settings,
 )
 from fedseal.server.checkpoint import RunState, SavedCheckpoint
 from fedseal.server.config import ConsortiumSection, ServerConfig, load_server_config
@@ -135,7 +136,13 @@ from fedseal.server.replies import error_reason, one_line, record_site_errors
 from fedseal.server.resume import reconcile_restart, responsive
 from fedseal.server.rundir import MAX_REASON_CHARS, Run, append_round, summary, write_status
 from fedseal.server.secure_round import SecureCoordinator, SetupAhead, setup_with_evaluation
-from fedseal.server.site_floors import ask_floors, enrolment_refusal, refusal, write_floors
+from fedseal.server.site_floors import (
+    ask_floors,
+    contract_refusal,
+    enrolment_refusal,
+    refusal,
+    write_floors,
+)
 from fedseal.server.strategies import build_strategy
 from fedseal.settings import Environment
 
@@ -438,6 +445,9 @@ class _Federation:
         problem = refusal(cfg, floors, online=len(nodes))
         if problem is not None:
             _refuse_start(run, problem)
+        mismatch = contract_refusal(cfg, floors)
+        if mismatch is not None:  # enough sites follow the contract: the run goes on without these
+            print(f"fedseal: warning: {mismatch}; the run goes on without them", flush=True)
         if latest is not None:
             model = ModelVector.of(arrays)
         else:
@@ -457,7 +467,8 @@ class _Federation:
             if latest is None:
                 budget = (cfg.dp.epsilon, cfg.dp.delta) if cfg.dp.enabled else None
                 audit.run_start(
-                    state.run_id, cfg.path.read_bytes(), model.digest, cfg.run.rounds, budget
+                    state.run_id, cfg.path.read_bytes(), model.digest, cfg.run.rounds, budget,
+                    declared_settings(cfg),
                 )
         fed = cls(run, strategy, consortium, state, model, audit, secure)
         if latest is not None:

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedseal.protocol import records
-from fedseal.server.audit_hook import AuditHaltError, FailClosedAudit
+from fedseal.server.audit_hook import AuditHaltError, FailClosedAudit, declared_settings
 from fedseal.server.checkpoint import RunState
 from fedseal.server.exchange import exchange
 from fedseal.server.rundir import Run, append_round, read_rounds, summary
@@ -114,6 +114,7 @@ def reconcile_restart(
             audit.run_start(
                 state.run_id, run.cfg.path.read_bytes(), bytes.fromhex(state.model_digest),
                 run.cfg.run.rounds, (dp.epsilon, dp.delta) if dp.enabled else None,
+                declared_settings(run.cfg),
             )
         elif audit_log.current_run_id != bytes.fromhex(state.run_id):
             raise halt(
