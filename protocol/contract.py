@@ -196,11 +196,16 @@ def parse_contract(doc: object, source: str = "<contract>") -> DataContract:
         not isinstance(values, list)
         or not 1 <= len(values) <= MAX_LABELS
         or any(
-            isinstance(v, bool) or not isinstance(v, int) or not -(1 << 62) <= v < 1 << 62
+            isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAX_LABELS
             for v in values
         )
     ):
-        raise ContractError(source, f"label.values must be a list of 1..{MAX_LABELS} integers")
+        # Class indices: the model's output layer has max(values) + 1 units at every site, so
+        # the contract's publisher must not size it (found by review: {0, 2^40} passed prepare
+        # and made every site allocate a terabyte-sized layer; -1 failed only at run start).
+        raise ContractError(
+            source, f"label.values must be a list of distinct class indices in 0..{MAX_LABELS - 1}"
+        )
     if len(set(values)) != len(values):
         raise ContractError(source, "label.values lists a label twice")
     names = [f.name for f in features] + [label]

@@ -62,7 +62,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
 
 from fedseal.crypto.errors import KeyFormatError
-from fedseal.crypto.keys import key_id, load_public_key
+from fedseal.crypto.keys import key_id, load_private_key, load_public_key, public_key_to_der
 from fedseal.protocol.consortium import (
     MAX_ROSTER_JSON_BYTES,
     ConsortiumRosterError,
@@ -130,6 +130,21 @@ class _Inputs:
     authority_pub_pem: bytes | None
     authority_key_id: str | None
     roster_summary: str | None
+
+
+def _check_signing_key(key_path: Path, pub_path: Path, pub: ec.EllipticCurvePublicKey) -> None:
+    """Refuse to pin a ``.pub`` that is not the coordinator's signing key (a stale copy beside
+    the key: every site would then refuse everything; found by review). An encrypted key
+    (``FEDSEAL_COORDINATOR_PASSPHRASE``) cannot be opened here and is not compared."""
+    try:
+        private = load_private_key(key_path, None)
+    except (OSError, ValueError, TypeError, KeyFormatError):
+        return
+    if public_key_to_der(private.public_key()) != public_key_to_der(pub):
+        raise ProvisionError(
+            f"{pub_path} is not the public half of {key_path} (the key the coordinator signs "
+            "with): kits would pin a key the coordinator does not use; restore the matching .pub"
+        )
 
 
 def provision(
@@ -316,6 +331,7 @@ def _read_inputs(
     fingerprint = ":".join(f"{b:02X}" for b in ca.fingerprint(hashes.SHA256()))
     pub_path = cfg.coordinator.key.with_suffix(".pub")
     coordinator = _public_key(pub_path, "coordinator public key (fl-server init writes it)")
+    _check_signing_key(cfg.coordinator.key, pub_path, coordinator)
     if (roster is None) != (authority is None):
         given, missing = (
             ("--roster", "--roster-authority")

@@ -396,13 +396,15 @@ class Enrolment:
                 name,
                 f"dataset root {root[:16]}… is not approved for this site (approved: {approved})",
             )
-        updated = replace(
-            existing, dataset_roots=tuple(r for r in existing.dataset_roots if r != root)
-        )
         event = self._event("withdraw-root", name, existing.key_id_hex, (root,), now_ms, reason)
-        return Enrolment(
-            tuple(updated if s.name == name else s for s in self.sites), (*self.events, event)
-        )
+        # Never approved again, for any site: another site holding the same root (a copy of
+        # the same dataset) loses it too (found by review: the roster file then failed to load).
+        sites = tuple(
+            replace(s, dataset_roots=tuple(r for r in s.dataset_roots if r != root))
+            if root in s.dataset_roots else s
+            for s in self.sites
+        )  # fmt: skip
+        return Enrolment(sites, (*self.events, event))
 
     # -- files ------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def ask_floors(run: Run, nodes: list[int]) -> dict[str, SiteFloor]:
             continue
         contract = values.get(records.CONTRACT)
         floors[site] = SiteFloor(
-            cohort, bool(plain), bool(dp), contract.lower() if isinstance(contract, str) else None
+            cohort, bool(plain), bool(dp), _contract_hex(contract)
         )
     return floors
 
@@ -135,6 +135,19 @@ def _names(sites: list[str]) -> str:
     return ", ".join(sorted(sites, key=site_sort_key))
 
 
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def _contract_hex(value: object) -> str | None:
+    """A site's reported contract digest: ``""`` (none) or 64 hex characters; anything else
+    (a site's text is untrusted: found by review, escape codes reached the console) counts as
+    not said."""
+    if not isinstance(value, str):
+        return None
+    value = value.lower()
+    return value if value == "" or (len(value) == 64 and set(value) <= _HEX64) else None
+
+
 def contract_refusal(cfg: ServerConfig, floors: Mapping[str, SiteFloor]) -> str | None:
     """Why a run with a data contract cannot start: the sites whose dataset was prepared under
     another contract or none (one line naming each site and both digests), or ``None``.
@@ -168,19 +181,20 @@ def refusal(cfg: ServerConfig, floors: Mapping[str, SiteFloor], *, online: int) 
     """Why no round of this run could gather ``run.min_sites`` willing sites among the
     ``online`` ones (one line naming the settings on both sides), or ``None``.
 
-    Sites that did not report a floor count as willing (they decide per round). A run with a
-    data contract is refused first if any site's dataset follows another
-    (:func:`contract_refusal`).
+    Sites that did not report a floor count as willing (they decide per round). In a run with
+    a data contract a site whose dataset follows another counts as unwilling (it refuses every
+    setup); the refusal then names it and both digests (:func:`contract_refusal`).
     """
     mismatch = contract_refusal(cfg, floors)
-    if mismatch is not None:
-        return mismatch
+    want = cfg.run.contract_digest.hex()
     unwilling: dict[str, str] = {}
     cohort_sites: list[str] = []
     plain_sites: list[str] = []
     dp_sites: list[str] = []
     for site, floor in floors.items():
-        if cfg.run.secure and floor.min_cohort > online:
+        if want and floor.contract is not None and floor.contract != want:
+            unwilling[site] = "contract"  # it refuses every setup of this run (counted, named)
+        elif cfg.run.secure and floor.min_cohort > online:
             cohort_sites.append(site)
             unwilling[site] = "cohort"
         elif not cfg.run.secure and not floor.allow_plain:
@@ -192,7 +206,7 @@ def refusal(cfg: ServerConfig, floors: Mapping[str, SiteFloor], *, online: int) 
     willing = online - len(unwilling)
     if willing >= cfg.run.min_sites:
         return None
-    why: list[str] = []
+    why: list[str] = [mismatch] if mismatch is not None else []
     if cohort_sites:
         least = min(floors[s].min_cohort for s in cohort_sites)
         why.append(

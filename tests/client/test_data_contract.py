@@ -358,3 +358,16 @@ def test_a_setup_naming_another_contract_is_refused_and_one_without_is_accepted(
         check_setup_contract(mine, other)
     with pytest.raises(SiteRefusal, match="prepared under no contract"):
         check_setup_contract(b"", other)
+
+
+@pytest.mark.parametrize("values", [[-1, 1], [0, 1 << 40], [0, 1 << 16]])
+def test_a_contract_whose_labels_are_not_small_class_indices_is_refused(values: list[int]) -> None:
+    from fedseal.protocol.contract import ContractError, parse_contract
+
+    doc = {
+        "format": "fedseal-data-contract/1",
+        "features": [{"name": "x", "dtype": "float"}],
+        "label": {"name": "y", "values": values},
+    }
+    with pytest.raises(ContractError, match="class indices"):
+        parse_contract(doc, "contract.json")

@@ -53,6 +53,7 @@ def test_a_site_prepared_under_another_contract_or_none_makes_the_run_refuse_to_
         fx.run(monkeypatch)
     message = str(err.value)
     assert message == (
+        "no round can run: 1 of 3 online sites would join (run.min_sites = 3 in server.toml): "
         f"data contract mismatch: run.contract = contract.json in server.toml has digest {DIGEST}, "
         f"but site-b's dataset was prepared under contract {OTHER}; site-c's dataset was prepared "
         "under no contract (re-run `fl-client data prepare SRC OUT --contract contract.json` at "
@@ -118,3 +119,28 @@ def test_a_malformed_run_contract_fails_at_load_naming_the_key_and_field(tmp_pat
     with pytest.raises(ServerConfigError) as err:
         load_server_config(fx.cfg.path)
     assert err.value.key == "run.contract" and "nulls must be one of refuse, drop" in str(err.value)
+
+
+@pytest.mark.timeout(120)
+def test_one_site_on_another_contract_is_left_out_when_enough_others_follow_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One site (misconfigured or malicious) used to block every contract run; its reported
+    # digest is also not echoed unless it is one (escape codes reached the console).
+    sites = [*SITES, "site-d"]
+    fx = Federated(
+        tmp_path, sites, secure=True, rounds=1, min_sites=3, run_contract=CONTRACT,
+        **_options({"site-a": DIGEST, "site-b": DIGEST, "site-c": DIGEST, "site-d": OTHER}),
+    )  # fmt: skip
+    fx.run(monkeypatch)
+    out = capsys.readouterr().out
+    assert "fedseal: warning: data contract mismatch" in out and "site-d's dataset" in out
+    assert [r["outcome"] for r in fx.rounds()] == ["committed"]
+
+
+def test_a_reported_contract_that_is_not_a_digest_counts_as_not_said() -> None:
+    from fedseal.server.site_floors import _contract_hex
+
+    assert _contract_hex("AB" * 32) == "ab" * 32 and _contract_hex("") == ""
+    for bad in ("\x1b[2J\nINFO fake", "ab" * 31, "zz" * 32, 7, None):
+        assert _contract_hex(bad) is None

@@ -345,3 +345,12 @@ def test_start_sh_without_a_prepared_dataset_says_how_to_make_one(
     )
     assert res.returncode == 2
     assert "no prepared dataset in data: run  fl-client data prepare YOUR.csv data" in res.stderr
+
+
+def test_a_stale_coordinator_pub_beside_the_key_is_refused_not_pinned(server_toml: Path, tmp_path: Path) -> None:
+    pub = server_toml.parent / "coordinator.pub"
+    save_public_key(generate_identity_key().public_key(), pub)  # not the key the coordinator signs with
+    code, out = _provision(server_toml, tmp_path / "kits", "--address", "coord.example.org", "--site", "site-a")
+    assert code == 2, out
+    assert "is not the public half of" in " ".join(out.split())
+    assert not (tmp_path / "kits").exists()

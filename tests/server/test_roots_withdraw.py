@@ -401,3 +401,17 @@ def test_a_malformed_re_enrolment_file_is_refused_naming_it(tmp_path: Path) -> N
     (cfg.state_dir / APPROVED_ROOT_FILE).write_text("{not json")
     with pytest.raises(SiteRunError, match=f"{APPROVED_ROOT_FILE} is malformed"):
         attest_dataset(cfg, re_enrol=False)
+
+
+def test_a_root_two_sites_hold_is_withdrawn_from_both_and_the_roster_still_loads(tmp_path: Path) -> None:
+    from fedseal.crypto.keys import generate_identity_key
+    from fedseal.server.roster import Enrolment
+
+    root = "ab" * 32
+    roster = Enrolment()
+    for name in ("site-a", "site-b"):
+        roster = roster.enroll(name, generate_identity_key().public_key(), [root], now_ms=1)
+    roster = roster.withdraw_root("site-a", root, reason="erasure request", now_ms=2)
+    assert all(root not in s.dataset_roots for s in roster.sites)
+    roster.save(tmp_path / "roster.json")
+    assert Enrolment.load(tmp_path / "roster.json").withdrawn()[root].site == "site-a"
