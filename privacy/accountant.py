@@ -68,6 +68,7 @@ __all__ = [
     "dp_round_noise",
     "epsilon",
     "noise_for_target",
+    "preload",
     "privacy_event",
     "round_rho",
     "tau",

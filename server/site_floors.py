@@ -26,12 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedseal.crypto.keys import write_atomic
 from fedseal.protocol import records
 from fedseal.protocol.types import site_sort_key
 from fedseal.server.config import ServerConfig
@@ -103,9 +103,7 @@ def ask_floors(run: Run, nodes: list[int]) -> dict[str, SiteFloor]:
 def write_floors(state_dir: Path, floors: Mapping[str, SiteFloor], *, now: float) -> None:
     """Record the floors the sites reported (atomically; ``asked_at``: Unix seconds)."""
     doc = {"asked_at": now, "sites": {site: dataclasses.asdict(f) for site, f in sorted(floors.items())}}
-    tmp = state_dir / f".{FLOORS_FILE}.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, state_dir / FLOORS_FILE)
+    write_atomic(state_dir / FLOORS_FILE, json.dumps(doc, indent=1).encode())
 
 
 def read_floors(state_dir: Path) -> tuple[float | None, dict[str, SiteFloor]]:

@@ -13,7 +13,6 @@ naming it, nothing is sent and the ledger is unchanged.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,17 +32,14 @@ from fedseal.client.privacy_ledger import LEDGER_FILE, PrivacyLedger, dp_round_n
 from fedseal.client.site_data import SiteData
 from fedseal.privacy import epsilon, round_rho
 from fedseal.protocol import (
-    ClientSession,
-    LocalUpdate,
     ProtocolError,
     QuantizationConfig,
     RoundConfig,
-    SecAggServer,
 )
 from fedseal.protocol.dp import DpParams
-from fedseal.protocol.model import flatten, model_digest
+from fedseal.protocol.model import flatten
 from fedseal.protocol.records import SETUP_RECORD
-from fedseal.sim.inmemory import dataset_root_for, deterministic_key
+from fedseal.sim.inmemory import deterministic_key
 from tests.client import test_site_trust_app as trust_app
 from tests.client.test_site_trust_app import (
     COORDINATOR,
@@ -138,30 +134,7 @@ def dp_round(
     weights = initial_model(data)
     flat = flatten(weights)
     roster = trust_app.cohort_roster(data, members)
-    server = SecAggServer(
-        config,
-        roster,
-        [SITE, *members],
-        identity_key=COORDINATOR,
-        run_id=run_id,
-        round=rnd,
-        model_digest=model_digest(flat),
-        now=time.time(),
-    )
-    everyone = {SITE: kid(SITE_KEY)} | {s: kid(k) for s, k in members.items()}
-    sessions = {
-        s: ClientSession(
-            s,
-            k,
-            COORDINATOR.public_key(),
-            update_fn=lambda info, s=s: LocalUpdate(
-                np.zeros(info.vector_length), 10, dataset_root_for(s)
-            ),
-            rng=np.random.default_rng(1),
-            trusted_peers={p: i for p, i in everyone.items() if p != s},
-        )
-        for s, k in members.items()
-    }
+    server, sessions = trust_app.coordinator_and_peers(config, roster, members, run_id, rnd, flat)
     out = DpRun()
     cfg = train_config(run_id, rnd)
     outbound = server.start()

@@ -330,6 +330,43 @@ class RoundRun:
         return {stage: r.error for stage, r in self.replies.items() if r.error}
 
 
+def coordinator_and_peers(
+    config: RoundConfig,
+    roster: Any,
+    members: Mapping[str, ec.EllipticCurvePrivateKey],
+    run_id: bytes,
+    rnd: int,
+    flat: npt.NDArray[np.float32],
+) -> tuple[SecAggServer, dict[str, ClientSession]]:
+    """A coordinator signing with ``COORDINATOR`` for the site and ``members``, and the members
+    as honest sessions (zero updates) that trust every member of the roster."""
+    server = SecAggServer(
+        config,
+        roster,
+        [SITE, *members],
+        identity_key=COORDINATOR,
+        run_id=run_id,
+        round=rnd,
+        model_digest=model_digest(flat),
+        now=time.time(),
+    )
+    everyone = {SITE: kid(SITE_KEY)} | {s: kid(k) for s, k in members.items()}
+    sessions = {
+        s: ClientSession(
+            s,
+            k,
+            COORDINATOR.public_key(),
+            update_fn=lambda info, s=s: LocalUpdate(
+                np.zeros(info.vector_length), 10, dataset_root_for(s)
+            ),
+            rng=np.random.default_rng(1),
+            trusted_peers={p: i for p, i in everyone.items() if p != s},
+        )
+        for s, k in members.items()
+    }
+    return server, sessions
+
+
 def secure_round(
     deliver: Deliver,
     app: Any,
@@ -360,30 +397,7 @@ def secure_round(
         quantization=QuantizationConfig.from_clip(10.0, levels=1 << 10),
         max_weight=1000,
     )
-    server = SecAggServer(
-        config,
-        roster,
-        [SITE, *members],
-        identity_key=COORDINATOR,
-        run_id=run_id,
-        round=rnd,
-        model_digest=model_digest(flat),
-        now=time.time(),
-    )
-    everyone = {SITE: kid(SITE_KEY)} | {s: kid(k) for s, k in members.items()}
-    sessions = {
-        s: ClientSession(
-            s,
-            k,
-            COORDINATOR.public_key(),
-            update_fn=lambda info, s=s: LocalUpdate(
-                np.zeros(info.vector_length), 10, dataset_root_for(s)
-            ),
-            rng=np.random.default_rng(1),
-            trusted_peers={p: i for p, i in everyone.items() if p != s},
-        )
-        for s, k in members.items()
-    }
+    server, sessions = coordinator_and_peers(config, roster, members, run_id, rnd, flat)
     out = RoundRun()
     cfg = train_config(run_id, rnd if config_round is None else config_round)
     outbound = server.start()
