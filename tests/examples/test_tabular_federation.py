@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,29 +34,11 @@ from fedseal.server import flower_app, rundir
 from fedseal.server.config import load_server_config
 from fedseal.sim.demo import prepare_federation
 from fedseal.sim.sites import real_site_app
+from tests.server._fedgrid import Reply
 
 NAME = "fedseal_example_tabular:recipe"
 SITES = [(700, 11, 0.30), (550, 12, 0.40), (450, 13, 0.45)]  # rows, seed, prevalence: one CSV each
 ROUNDS, EPOCHS, LR, BATCH = 5, 2, 0.005, 32
-
-
-class _Reply:
-    """A site's reply as a grid hands it back, with the id of the message it answers."""
-
-    def __init__(self, message: Message, reply_to: str, node: int) -> None:
-        self._message = message
-        self.metadata = SimpleNamespace(reply_to_message_id=reply_to, src_node_id=node)
-
-    def has_error(self) -> bool:
-        return self._message.has_error()
-
-    @property
-    def content(self) -> RecordDict:
-        return self._message.content
-
-    @property
-    def error(self) -> Error:
-        return self._message.error
 
 
 class InProcessGrid:
@@ -66,7 +47,7 @@ class InProcessGrid:
 
     def __init__(self, apps: dict[int, ClientApp]) -> None:
         self.apps = apps
-        self._replies: dict[str, _Reply] = {}
+        self._replies: dict[str, Reply] = {}
         self._count = 0
 
     def get_node_ids(self) -> list[int]:
@@ -88,11 +69,11 @@ class InProcessGrid:
                     str(exc) if isinstance(exc, SiteRefusal) else f"{type(exc).__name__}: {exc}"
                 )
                 reply = Message(Error(code=0, reason=reason), reply_to=m)
-            self._replies[mid] = _Reply(reply, mid, node)
+            self._replies[mid] = Reply(reply, mid)  # the reply names its node (reply_to)
             ids.append(mid)
         return ids
 
-    def pull_messages(self, ids: Sequence[str]) -> list[_Reply]:
+    def pull_messages(self, ids: Sequence[str]) -> list[Reply]:
         return [self._replies.pop(i) for i in ids if i in self._replies]
 
 
