@@ -6,7 +6,8 @@ Commands: ``init`` (coordinator key, demo CA, server TLS certificate, ``server.t
 again; recorded with its reason in the roster history and, from there, the audit log),
 ``provision`` (one kit per site and one for the coordinator: :mod:`fedseal.server.provision`),
 ``status`` (sites, their floors and the run: :mod:`fedseal.server.status`), ``run`` (SuperLink +
-gateway + the run), ``demo`` (everything on loopback, three sites), ``simulate`` (the same apps on Flower's
+gateway + one run), ``serve`` (the same, kept up, serving the runs ``submit`` queues), ``runs``,
+``logs RUN``, ``stop RUN`` (:mod:`fedseal.server.runs_cli`), ``demo`` (everything on loopback, three sites), ``simulate`` (the same apps on Flower's
 simulation engine, N virtual sites; :mod:`fedseal.sim.simulate`).
 
 Exit codes: 0 success; 1 a run failed or was refused at a step (the message names it);
@@ -408,6 +409,9 @@ def run(
     except DeployError as exc:
         raise usage_error(str(exc), EXIT_FAILED) from exc
     console.print(f"run {outcome.status}; final model: {outcome.model}; audit log: {outcome.audit_log}")
+    rec = outcome.record
+    if rec is not None and rec.status == "stopped":
+        console.print(escape(runs_cli.end_line(rec)), soft_wrap=True)
     if outcome.status != "finished:completed":
         console.print(
             f"[red]the run failed[/red]: {escape(outcome.reason or 'no reason recorded')}", soft_wrap=True
@@ -418,9 +422,10 @@ def run(
         raise typer.Exit(EXIT_FAILED)
 
 
-from fedseal.server import admin_cli  # noqa: E402 (its commands use usage_error, above)
+from fedseal.server import admin_cli, runs_cli  # noqa: E402 (their commands use usage_error, above)
 
 admin_cli.register(app, usage_error)  # provision, status
+runs_cli.register(app, usage_error)  # serve, submit, runs, logs, stop
 
 
 def main() -> None:

@@ -103,6 +103,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,7 @@ from fedseal.server.config import ServerConfig
 from fedseal.server.control_api import ControlApi, register_sites
 from fedseal.server.errors import DeployError
 from fedseal.server.gateway import FleetGateway
+from fedseal.server.metrics import MULTIPROC_ENV, DriverMetrics, serve_collected
 from fedseal.server.roster import Enrolment
 from fedseal.server.rundir import (
     MAX_REASON_CHARS,
@@ -119,19 +121,29 @@ from fedseal.server.rundir import (
     STATUS_FILE,
     read_rounds,
 )
+from fedseal.server.runs import RunRecord, Runs, RunsError
 from fedseal.server.site_floors import enrolment_refusal
 from fedseal.server.strategies import check_strategy
 from fedseal.settings import Environment, SettingsError
 
 __all__ = [
+    "Coordinator",
     "RunOutcome",
+    "check_run",
     "check_start_up",
+    "coordinator_up",
+    "drive_run",
     "flower_bin",
     "pdeathsig_preexec",
     "run_coordinator",
+    "run_end_line",
+    "serve_coordinator",
+    "serving_mismatch",
 ]
 
 FEDERATION = "fedseal"
+#: In the state directory: the metrics files the runs' ServerApps write (served by this process).
+METRICS_DIR = "metrics"
 
 
 def flower_bin(name: str) -> str:
@@ -273,12 +285,15 @@ class RunOutcome:
         model: str | None,
         audit_log: str | None = None,
         reason: str | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.status = status
         self.rounds = rounds
         self.model = model
         self.audit_log = audit_log
         self.reason = reason
+        self.run_id = run_id
+        self.record: RunRecord | None = None  # the registry's record once it ended
 
 
 #: How much of the end of superlink.log is searched for the ServerApp's last error.
@@ -335,15 +350,16 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 @contextlib.contextmanager
 def _deployment(
-    cfg: ServerConfig, roster: Enrolment
+    cfg: ServerConfig, roster: Enrolment, extra_env: dict[str, str]
 ) -> Iterator[tuple[dict[str, str], _Children, dict[int, str], ControlApi]]:
-    """SuperLink up, sites registered, then the gateway opens (a site never races enrolment)."""
+    """SuperLink up, sites registered, then the gateway opens (a site never races enrolment).
+    ``extra_env``: variables for the SuperLink and what it starts (the ServerApps)."""
     children = _Children()
     gateway_server = None
     control: ControlApi | None = None
     try:
         home = _flwr_home(cfg)
-        env = _env(home)
+        env = _env(home) | extra_env
         state = cfg.coordinator.state_dir
         from fedseal.server.superlink import ControlSocketError, control_socket_path
 
@@ -542,6 +558,231 @@ def _running(pid: int) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Coordinator:
+    """A coordinator that is up: SuperLink, gateway, audit service (secure), metrics endpoint.
+
+    ``cfg``: the configuration it serves (state directory, TLS, network, limits are its own;
+    each run brings its ``[run]``, ``[dp]`` and ``[consortium]``)."""
+
+    cfg: ServerConfig
+    children: _Children
+    control: ControlApi
+    metrics: DriverMetrics
+    audit_port: int | None
+
+
+def check_run(cfg: ServerConfig) -> None:
+    """What a run's configuration must pass before it is started: a known, accepted strategy
+    and a roster that can give it ``run.min_sites`` sites.
+
+    Raises:
+        DeployError: Step ``roster``: too few sites enrolled (names the numbers).
+        fedseal.server.strategies.StrategyError: The strategy is refused or unknown.
+    """
+    check_strategy(cfg.run.strategy)
+    roster = Enrolment.load_or_create(cfg.coordinator.roster)
+    problem = enrolment_refusal(cfg, len(roster.active()))
+    if problem is not None:
+        raise DeployError("roster", problem)
+
+
+def serving_mismatch(serving: ServerConfig, cfg: ServerConfig) -> str | None:
+    """Why the coordinator serving ``serving`` cannot run ``cfg`` (a run brings its own
+    ``[run]``, ``[dp]`` and ``[consortium]``; the rest is the coordinator's), or None."""
+    for section in ("coordinator", "tls", "network", "limits"):
+        if getattr(serving, section) != getattr(cfg, section):
+            return (
+                f"{cfg.path.name}'s [{section}] differs from the serving coordinator's "
+                f"({serving.path}): a run brings only [run], [dp] and [consortium]"
+            )
+    if cfg.run.secure and not serving.run.secure:
+        return (
+            f"{cfg.path.name} asks for a secure run, but the coordinator serves no audit log "
+            f"(run.secure = false in {serving.path}): serve with run.secure = true"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def coordinator_up(
+    cfg: ServerConfig,
+    environment: Environment,
+    *,
+    on_info: Callable[[str], None],
+    on_ready: Callable[[], None] | None = None,
+) -> Iterator[Coordinator]:
+    """Start everything a run needs and keep it up while inside: start-up checks, SuperLink,
+    site registration, gateway, audit service, the metrics endpoint (:func:`serve_collected`,
+    from ``state_dir/metrics``). ``on_ready``: called once it is all up (the demo starts its
+    sites there).
+
+    Raises:
+        DeployError: A step failed (names the step).
+    """
+    roster = Enrolment.load_or_create(cfg.coordinator.roster)
+    state = cfg.coordinator.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    end_stale_serverapp(state, on_info)
+    check_start_up(cfg)
+    metrics_dir = state / METRICS_DIR
+    try:
+        metrics = serve_collected(metrics_dir, cfg.network.metrics_port, cfg.network.metrics_host)
+    except OSError as exc:
+        raise DeployError("start-up", f"{exc.strerror or exc}") from None
+    extra_env = {MULTIPROC_ENV: str(metrics_dir)} if cfg.network.metrics_port else {}
+    try:
+        with (
+            _deployment(cfg, roster, extra_env) as (_env_vars, children, nodes, control),
+            audit_service(cfg, roster, environment.coordinator_passphrase) as audit_port,
+        ):
+            on_info(f"SuperLink up on 127.0.0.1:{cfg.network.internal_port} (loopback only, no Control API; "
+                    f"Control API on {control.socket_path}, this user only); "
+                    f"fleet gateway on {cfg.network.fleet_host}:{cfg.network.fleet_port}; "
+                    f"{len(nodes)} sites registered")
+            if audit_port is not None:
+                on_info(f"audit service on {cfg.network.audit_host}:{audit_port} "
+                        f"(TLS={'off' if cfg.tls.insecure else 'on'})")
+            if cfg.network.metrics_port:
+                on_info(f"metrics on http://{cfg.network.metrics_host}:{cfg.network.metrics_port}/metrics")
+            if on_ready is not None:
+                on_ready()
+            yield Coordinator(cfg, children, control, metrics, audit_port)
+    finally:
+        metrics.close()
+
+
+def drive_run(
+    up: Coordinator,
+    cfg: ServerConfig,
+    runs: Runs,
+    rec: RunRecord,
+    *,
+    on_round: Callable[[dict[str, object]], None],
+    on_info: Callable[[str], None],
+    on_status: Callable[[dict[str, Any]], None] | None = None,
+    shutting_down: Callable[[], str | None] = lambda: None,
+) -> RunOutcome:
+    """Run ``rec`` (its configuration ``cfg``) on the coordinator ``up`` to its end; its record
+    follows (running, then completed / failed / stopped). An operator's stop request
+    (``fl-server stop``) and ``shutting_down()`` (a reason once this process is asked to end)
+    are passed on to the ServerApp, which stops after the round in progress.
+
+    Raises:
+        DeployError: The SuperLink died, or its Control API failed (the record says failed).
+    """
+    state = cfg.coordinator.state_dir
+    if not rec.resume:  # before it reads as running: its rounds are not the last run's
+        for name in (ROUNDS_FILE, STATUS_FILE):
+            (state / name).unlink(missing_ok=True)
+    rec = runs.start(rec)
+    try:
+        outcome = _drive(up, cfg, runs, rec, on_round=on_round, on_info=on_info, on_status=on_status,
+                         shutting_down=shutting_down)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            ended = runs.finish(rec, "interrupted", reason=f"fl-server ended mid-run ({type(exc).__name__})")
+        else:
+            why = str(exc) if isinstance(exc, DeployError) else f"{type(exc).__name__}: {exc}"
+            ended = runs.finish(rec, "failed", reason=why[:MAX_REASON_CHARS])
+        up.metrics.runs_ended.labels(status=ended.status).inc()
+        raise
+    status = "completed" if outcome.status == "finished:completed" else "failed"
+    committed = sum(1 for r in outcome.rounds if r.get("outcome") == "committed")
+    ended = runs.finish(
+        rec, status, reason=outcome.reason or "", model=outcome.model, audit_log=outcome.audit_log,
+        run_id=outcome.run_id or "", extra={"rounds_committed": committed, "state_dir": str(state)},
+    )
+    up.metrics.runs_ended.labels(status=ended.status).inc()
+    outcome.record = ended
+    return outcome
+
+
+def _drive(
+    up: Coordinator,
+    cfg: ServerConfig,
+    runs: Runs,
+    rec: RunRecord,
+    *,
+    on_round: Callable[[dict[str, object]], None],
+    on_info: Callable[[str], None],
+    on_status: Callable[[dict[str, Any]], None] | None,
+    shutting_down: Callable[[], str | None],
+) -> RunOutcome:
+    state = cfg.coordinator.state_dir
+    # Sites enrolled (or revoked) since the coordinator came up count from this run on.
+    register_sites(cfg, Enrolment.load_or_create(cfg.coordinator.roster), up.control)
+    app_dir = _app_dir(cfg)
+    run_cfg = f'fedseal-config="{rec.config}" fedseal-resume={"true" if rec.resume else "false"}'
+    flower_run = up.control.start_run(app_dir, run_cfg)
+    runs.update(rec, flower_run_id=flower_run)
+    on_info(f"run {rec.id} started (Flower run {flower_run}); fl-server logs {rec.id} follows it, "
+            f"fl-server stop {rec.id} stops it")
+    seen = len(read_rounds(state / ROUNDS_FILE))
+    status = "running"
+    last_poll = 0.0
+    asked_stop = False
+    while True:
+        rounds = read_rounds(state / ROUNDS_FILE)
+        for r in rounds[seen:]:
+            on_round(r)
+        seen = len(rounds)
+        if any(p.poll() is not None for p in up.children.procs):
+            raise DeployError("superlink", "flower-superlink exited during the run")
+        if not asked_stop:
+            closing = shutting_down()
+            if closing is not None and runs.stop_requested(rec.id) is None:
+                runs.request_stop(rec.id, closing)
+            reason = runs.relay_stop(rec)
+            if reason is not None:
+                asked_stop = True
+                on_info(f"run {rec.id}: stop asked ({reason}); it stops after the round in progress")
+        st_path = state / STATUS_FILE
+        if st_path.exists():
+            # The ServerApp replaces the file atomically; a read racing a replace is retried.
+            with contextlib.suppress(ValueError, OSError):
+                current = json.loads(st_path.read_text())
+                if on_status is not None and isinstance(current, dict):
+                    on_status(current)
+                phase = current.get("phase")
+                if phase in ("finished", "failed"):
+                    status = "finished:completed" if phase == "finished" else "finished:failed"
+                    break
+        # Flower's view of the run, less often: catches a ServerApp that died without
+        # writing its status.
+        if time.monotonic() - last_poll > 5:
+            last_poll = time.monotonic()
+            flower_status = up.control.run_status(flower_run)
+            if flower_status.startswith("finished"):
+                status = flower_status
+                break
+        time.sleep(0.5)
+    rounds = read_rounds(state / ROUNDS_FILE)
+    for r in rounds[seen:]:
+        on_round(r)
+    st_path = state / STATUS_FILE
+    st = json.loads(st_path.read_text()) if st_path.exists() else {}
+    reason = None if status == "finished:completed" else failure_reason(state, st)
+    return RunOutcome(status, rounds, st.get("model"), st.get("audit_log"), reason, run_id=st.get("run_id"))
+
+
+def read_environment(on_info: Callable[[str], None]) -> Environment:
+    """Every ``FEDSEAL_*`` variable, read and checked once (the SuperLink launcher and the
+    ServerApp, processes of their own, read the same environment); names it does not know are
+    named in one ``on_info`` line.
+
+    Raises:
+        DeployError: A variable's value is refused (names it).
+    """
+    try:
+        environment = Environment.read()
+    except SettingsError as exc:
+        raise DeployError("superlink", str(exc)) from None
+    if environment.unknown:
+        on_info(f"warning: unknown FEDSEAL_* variables ignored (a typo?): {', '.join(environment.unknown)}")
+    return environment
+
+
 def run_coordinator(
     cfg: ServerConfig,
     *,
@@ -553,87 +794,100 @@ def run_coordinator(
 ) -> RunOutcome:
     """Start everything, run the configured rounds, stop everything. Blocks.
 
-    ``on_status`` gets the ServerApp's status (phase, round, stage) about twice a second (the
-    live view). ``on_ready`` is called once the SuperLink and gateway are up and the sites registered,
-    before the run starts (the demo starts its sites there).
-
-    Every ``FEDSEAL_*`` variable is read and checked here, once (the SuperLink launcher and the
-    ServerApp, processes of their own, read the same environment); ``FEDSEAL_*`` names it does
-    not know are named in one ``on_info`` line.
+    The run is registered (:class:`fedseal.server.runs.Runs`: ``fl-server runs``, ``logs``,
+    ``stop`` see it). ``on_status`` gets the ServerApp's status (phase, round, stage) about
+    twice a second (the live view). ``on_ready`` is called once the SuperLink and gateway are
+    up and the sites registered, before the run starts (the demo starts its sites there).
 
     Raises:
-        DeployError: A step of the deployment failed (names the step).
+        DeployError: A step of the deployment failed (names the step), or another coordinator
+            drives runs on this state directory.
         fedseal.server.strategies.StrategyError: The strategy is refused or unknown.
     """
+    environment = read_environment(on_info)
+    check_run(cfg)
+    runs = Runs(cfg.coordinator.state_dir)
     try:
-        environment = Environment.read()
-    except SettingsError as exc:
-        raise DeployError("superlink", str(exc)) from None
-    if environment.unknown:
-        on_info(f"warning: unknown FEDSEAL_* variables ignored (a typo?): {', '.join(environment.unknown)}")
-    check_strategy(cfg.run.strategy)
-    roster = Enrolment.load_or_create(cfg.coordinator.roster)
-    problem = enrolment_refusal(cfg, len(roster.active()))
-    if problem is not None:
-        raise DeployError("roster", problem)
-    state = cfg.coordinator.state_dir
-    state.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for name in (ROUNDS_FILE, STATUS_FILE):
-            (state / name).unlink(missing_ok=True)
-    end_stale_serverapp(state, on_info)
-    check_start_up(cfg)
-    with (
-        _deployment(cfg, roster) as (_env_vars, children, nodes, control),
-        audit_service(cfg, roster, environment.coordinator_passphrase) as audit_port,
-    ):
-        on_info(f"SuperLink up on 127.0.0.1:{cfg.network.internal_port} (loopback only, no Control API; "
-                f"Control API on {control.socket_path}, this user only); "
-                f"fleet gateway on {cfg.network.fleet_host}:{cfg.network.fleet_port}; "
-                f"{len(nodes)} sites registered")
-        if audit_port is not None:
-            on_info(f"audit service on {cfg.network.audit_host}:{audit_port} "
-                    f"(TLS={'off' if cfg.tls.insecure else 'on'})")
-        if on_ready is not None:
-            on_ready()
-        app_dir = _app_dir(cfg)
-        run_cfg = f'fedseal-config="{cfg.path}" fedseal-resume={"true" if resume else "false"}'
-        run_id = str(control.start_run(app_dir, run_cfg))
-        on_info(f"Flower run {run_id} started")
-        seen = len(read_rounds(state / ROUNDS_FILE))
-        status = "running"
-        last_poll = 0.0
-        while True:
-            rounds = read_rounds(state / ROUNDS_FILE)
-            for rec in rounds[seen:]:
-                on_round(rec)
-            seen = len(rounds)
-            if any(p.poll() is not None for p in children.procs):
-                raise DeployError("superlink", "flower-superlink exited during the run")
-            st_path = state / STATUS_FILE
-            if st_path.exists():
-                # The ServerApp replaces the file atomically; a read racing a replace is retried.
-                with contextlib.suppress(ValueError, OSError):
-                    current = json.loads(st_path.read_text())
-                    if on_status is not None and isinstance(current, dict):
-                        on_status(current)
-                    phase = current.get("phase")
-                    if phase in ("finished", "failed"):
-                        status = "finished:completed" if phase == "finished" else "finished:failed"
-                        break
-            # Flower's view of the run, less often: catches a ServerApp that died without
-            # writing its status.
-            if time.monotonic() - last_poll > 5:
-                last_poll = time.monotonic()
-                flower_status = control.run_status(int(run_id))
-                if flower_status.startswith("finished"):
-                    status = flower_status
-                    break
-            time.sleep(0.5)
-        rounds = read_rounds(state / ROUNDS_FILE)
-        for rec in rounds[seen:]:
-            on_round(rec)
-        st_path = state / STATUS_FILE
-        st = json.loads(st_path.read_text()) if st_path.exists() else {}
-        reason = None if status == "finished:completed" else failure_reason(state, st)
-        return RunOutcome(status, rounds, st.get("model"), st.get("audit_log"), reason)
+        with runs.driving(cfg.path):
+            rec = runs.submit(cfg.path, rounds_planned=cfg.run.rounds, resume=resume)
+            with coordinator_up(cfg, environment, on_info=on_info, on_ready=on_ready) as up:
+                return drive_run(up, cfg, runs, rec, on_round=on_round, on_info=on_info, on_status=on_status)
+    except RunsError as exc:
+        raise DeployError("runs", f"{exc}: queue this run with fl-server submit instead") from None
+
+
+#: How long ``serve`` waits between looks at its queue.
+QUEUE_POLL_S = 0.5
+
+
+def serve_coordinator(
+    cfg: ServerConfig,
+    *,
+    on_round: Callable[[dict[str, object]], None],
+    on_info: Callable[[str], None],
+    shutting_down: Callable[[], str | None],
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve runs until ``shutting_down()`` gives a reason: the coordinator stays up (SuperLink,
+    gateway, audit service, metrics endpoint) and runs the queued runs one at a time, oldest
+    first. A run whose configuration cannot run here (:func:`serving_mismatch`,
+    :func:`check_run`) fails with why, and the next one runs. Asked to end during a run, the
+    run is stopped after its round in progress first.
+
+    Raises:
+        DeployError: A step of the deployment failed, the SuperLink died, or another
+            coordinator drives runs on this state directory.
+    """
+    from fedseal.server.config import ServerConfigError, load_server_config
+    from fedseal.server.strategies import StrategyError
+
+    environment = read_environment(on_info)
+    runs = Runs(cfg.coordinator.state_dir)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(runs.driving(cfg.path))
+        except RunsError as exc:
+            raise DeployError("runs", str(exc)) from None
+        up = stack.enter_context(coordinator_up(cfg, environment, on_info=on_info, on_ready=on_ready))
+        on_info(f"serving runs from {runs.root}: queue one with fl-server submit --config {cfg.path}")
+        while shutting_down() is None:
+            rec = runs.next_queued()
+            queued = sum(1 for r in runs.all() if r.status == "queued")
+            up.metrics.runs_queued.set(queued - (rec is not None))
+            if rec is None:
+                time.sleep(QUEUE_POLL_S)
+                continue
+            try:
+                run_cfg = load_server_config(rec.config)
+                problem = serving_mismatch(cfg, run_cfg)
+                if problem is None:
+                    check_run(run_cfg)
+            except (ServerConfigError, StrategyError, DeployError, OSError) as exc:
+                problem = str(exc)
+            if problem is not None:
+                runs.finish(runs.start(rec), "failed", started=False, reason=problem[:MAX_REASON_CHARS])
+                up.metrics.runs_ended.labels(status="failed").inc()
+                on_info(f"run {rec.id} failed: {problem}")
+                continue
+            up.metrics.run_active.set(1)
+            try:
+                outcome = drive_run(
+                    up, run_cfg, runs, rec, on_round=on_round, on_info=on_info,
+                    shutting_down=shutting_down,
+                )  # fmt: skip
+            finally:
+                up.metrics.run_active.set(0)
+            on_info(run_end_line(outcome))
+
+
+def run_end_line(outcome: RunOutcome) -> str:
+    """A run's end as one line: its id, how it ended, and its model or why it failed."""
+    rec = outcome.record
+    head = f"run {rec.id}" if rec is not None else "run"
+    status = rec.status if rec is not None else outcome.status
+    if status == "completed":
+        return f"{head} completed; final model {outcome.model}; audit log {outcome.audit_log}"
+    if status == "stopped" and rec is not None:
+        kept = f"; final model {outcome.model}" if outcome.model else ""
+        return f"{head} stopped ({rec.stop_reason}){kept}"
+    return f"{head} {status}: {outcome.reason or 'no reason recorded'}"

@@ -8,7 +8,7 @@ it), so catching it the old way still works.
 
 from __future__ import annotations
 
-__all__ = ["CoordinatorError", "DeployError"]
+__all__ = ["CoordinatorError", "DeployError", "RunStopped"]
 
 
 class CoordinatorError(Exception):
@@ -22,3 +22,7 @@ class DeployError(CoordinatorError):
         super().__init__(f"{step}: {reason}")
         self.step = step
         self.reason = reason
+
+
+class RunStopped(CoordinatorError):
+    """An operator asked the run to stop (``fl-server stop``); the message is their reason."""

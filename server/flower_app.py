@@ -128,7 +128,7 @@ from fedseal.server.audit_hook import (
 from fedseal.server.checkpoint import RunState, SavedCheckpoint
 from fedseal.server.config import ConsortiumSection, ServerConfig, load_server_config
 from fedseal.server.dp_round import BUDGET_REACHED
-from fedseal.server.errors import CoordinatorError
+from fedseal.server.errors import CoordinatorError, RunStopped
 from fedseal.server.evaluation import evaluate, evaluation_messages
 from fedseal.server.exchange import FixedNodes, arrays_to_record, exchange, record_to_arrays
 from fedseal.server.plain_round import plain_round
@@ -149,6 +149,9 @@ from fedseal.settings import Environment
 __all__ = ["app", "run_federation", "train_config"]
 
 log = logging.getLogger("fedseal.server")
+
+#: How a run an operator stopped says so (``fl-server stop``; the reason follows).
+OPERATOR_STOP = "stopped by the operator"
 
 app = ServerApp()
 
@@ -371,9 +374,22 @@ def _failed_outcome(rec: dict[str, Any]) -> str:
 
 
 def _run_federation(run: Run, *, resume: bool, passphrase: str | None) -> None:
-    fed = _Federation.setup(run, resume=resume, passphrase=passphrase)
+    try:
+        fed = _Federation.setup(run, resume=resume, passphrase=passphrase)
+    except RunStopped as exc:  # before the first round: nothing to keep
+        reason = f"{OPERATOR_STOP} before the first round: {exc}"
+        run.fail(reason)
+        print(f"fedseal: {reason}", flush=True)
+        raise CoordinatorError(reason) from None
     for rnd in range(fed.first_round, run.cfg.run.rounds + 1):
-        fed.round(rnd)
+        stop = run.stop_requested()
+        try:
+            if stop is None:
+                fed.round(rnd)
+        except RunStopped as exc:  # while waiting for the round's sites: nothing was sent
+            stop = str(exc)
+        if stop is not None:
+            fed.stop(f"{OPERATOR_STOP}: {stop}")
         if fed.stop_reason:
             break
     fed.finish()
@@ -634,6 +650,12 @@ class _Federation:
         log.info("%s", self.stop_reason)
         print(f"fedseal: {self.stop_reason}; stopping the run (committed)", flush=True)
         return False
+
+    def stop(self, reason: str) -> None:
+        """End the run before its next round (its committed rounds stand), saying why."""
+        self.stop_reason = reason
+        log.info("%s", reason)
+        print(f"fedseal: {reason}; stopping the run", flush=True)
 
     def finish(self) -> None:
         """The run end: recorded in the audit log (which is closed), ``status.json`` finished;

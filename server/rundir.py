@@ -6,6 +6,9 @@ Files (``coordinator.state_dir``)::
     status.json      the run's phase, round and stage (replaced atomically; fl-server polls it)
     rounds.jsonl     one record per ended round (committed, failed or abandoned)
     serverapp.pid    the ServerApp's pid, so a restarted coordinator can end its predecessor
+    stop.request     an operator's stop request for the run (its reason), relayed by the
+                     driving ``fl-server`` process (:mod:`fedseal.server.runs`); read between
+                     rounds and while waiting for sites
     checkpoints/     the committed models (:mod:`fedseal.server.checkpoint`)
 
 :class:`Run` is what every step of a round reads: the grid, the config, the roster, the node
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedseal.server.checkpoint import CheckpointError, CheckpointStore
 from fedseal.server.config import ServerConfig
+from fedseal.server.errors import RunStopped
 from fedseal.server.metrics import Metrics
 from fedseal.server.roster import Enrolment
 
@@ -35,6 +39,7 @@ __all__ = [
     "ROUNDS_FILE",
     "SERVERAPP_PID_FILE",
     "STATUS_FILE",
+    "STOP_REQUEST_FILE",
     "Run",
     "absent_text",
     "append_round",
@@ -48,6 +53,8 @@ log = logging.getLogger("fedseal.server")
 NODES_FILE = "nodes.json"
 STATUS_FILE = "status.json"
 ROUNDS_FILE = "rounds.jsonl"
+#: An operator's stop request for the run in progress (its reason, one line).
+STOP_REQUEST_FILE = "stop.request"
 #: The ServerApp process's pid, so a restarted coordinator can end one its predecessor left.
 SERVERAPP_PID_FILE = "serverapp.pid"
 #: ``status.json``'s ``reason`` is one line for a terminal; the traceback is in serverapp.log.
@@ -166,6 +173,14 @@ class Run:
         """Record the run as failed with ``reason`` (one line, cut to :data:`MAX_REASON_CHARS`)."""
         self.status(phase="failed", reason=reason[:MAX_REASON_CHARS])
 
+    def stop_requested(self) -> str | None:
+        """The operator's reason when the run was asked to stop (``fl-server stop``), or None."""
+        try:
+            text = (self.state_dir / STOP_REQUEST_FILE).read_text()
+        except OSError:
+            return None
+        return " ".join(text.split()) or "no reason given"
+
     def site_of(self, node: int) -> str:
         """The enrolled site name of a node (``node <id>`` for a node that maps to none)."""
         return self.node_sites.get(int(node)) or f"node {int(node)}"
@@ -178,11 +193,18 @@ class Run:
 
     def wait_for_sites(self, minimum: int, timeout: float, *, want_all: bool = False) -> list[int]:
         """Wait until ``minimum`` enrolled sites are online (``want_all``: every active one,
-        falling back to ``minimum`` at the deadline)."""
+        falling back to ``minimum`` at the deadline).
+
+        Raises:
+            RunStopped: An operator asked the run to stop meanwhile.
+        """
         deadline = time.monotonic() + timeout
         goal = max(minimum, len(self.roster.active())) if want_all else minimum
         while True:
             nodes = self.enrolled_online()
             if len(nodes) >= goal or time.monotonic() >= deadline:
                 return nodes
+            stop = self.stop_requested()
+            if stop is not None:
+                raise RunStopped(stop)
             time.sleep(0.5)

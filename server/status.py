@@ -45,6 +45,7 @@ from fedseal.server.config import ServerConfig
 from fedseal.server.errors import CoordinatorError
 from fedseal.server.roster import Enrolment
 from fedseal.server.rundir import NODES_FILE, ROUNDS_FILE, STATUS_FILE
+from fedseal.server.runs import Runs
 from fedseal.server.site_floors import SiteFloor, read_floors
 
 __all__ = [
@@ -181,6 +182,7 @@ class CoordinatorStatus:
     floors_asked_at: float | None
     sites: tuple[SiteStatus, ...]
     problems: tuple[str, ...] = ()
+    queue: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (times as ISO 8601 UTC strings, ``null`` when unknown)."""
@@ -203,6 +205,7 @@ class CoordinatorStatus:
             "config": str(self.config),
             "coordinator": {"running": self.running, "detail": self.detail},
             "run": run,
+            "runs": self.queue or None,
             "floors_asked_at": _iso(self.floors_asked_at),
             "sites": [
                 {
@@ -419,7 +422,26 @@ def collect_status(cfg: ServerConfig, *, live: LiveNodes) -> CoordinatorStatus:
         floors_asked_at=asked_at,
         sites=tuple(sites),
         problems=tuple(problems),
+        queue=_queue_text(state),
     )
+
+
+def _queue_text(state: Path) -> str:
+    """The runs (:mod:`fedseal.server.runs`) in one line: who drives them, the one running,
+    how many wait, the last one ended; ``""`` before any run was registered."""
+    runs = Runs(state)
+    recs = runs.all()
+    if not recs:
+        return ""
+    parts = [f"served by pid {runs.driver()}" if runs.driver() is not None else "no coordinator drives them"]
+    parts += [f"run {r.id} running" for r in recs if r.status == "running"]
+    queued = [str(r.id) for r in recs if r.status == "queued"]
+    if queued:
+        parts.append(f"queued: {', '.join(queued)}")
+    ended = [r for r in recs if r.ended_]
+    if ended:
+        parts.append(f"last ended: run {ended[-1].id} {ended[-1].status}")
+    return "; ".join(parts) + " (fl-server runs)"
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -470,7 +492,7 @@ def _run_line(st: CoordinatorStatus, now: float) -> str:
     if run.reason:
         text += f"; {run.reason}"
     if run.phase == "interrupted":
-        text += "; fl-server run --resume continues it"
+        text += "; fl-server run --resume (or fl-server submit --resume) continues it"
     if run.updated is not None:
         text += f"; updated {_when(run.updated, now)}"
     return text
@@ -482,6 +504,8 @@ def render(st: CoordinatorStatus, *, now: float) -> tuple[list[str], Table]:
         f"coordinator ({st.config}): {st.detail}",
         _run_line(st, now),
     ]
+    if st.queue:
+        header.append(f"runs: {st.queue}")
     if st.floors_asked_at is not None:
         header.append(
             f"site floors: reported at the last run's start, {_when(st.floors_asked_at, now)}"

@@ -170,7 +170,7 @@ def test_a_run_left_mid_round_without_a_coordinator_is_reported_interrupted(
     write_status(state, secure=True, phase="training", round=3)
     st = collect_status(cfg, live=_not_running)
     assert st.run is not None and st.run.phase == "interrupted" and st.run.round == 3
-    assert "fl-server run --resume continues it" in _text(st, time.time())
+    assert "fl-server run --resume (or fl-server submit --resume) continues it" in _text(st, time.time())
 
 
 def test_a_failed_run_shows_its_reason(cfg: ServerConfig) -> None:
