@@ -21,6 +21,14 @@ checkpoint, before the next round's result or the run end (whose signed tree hea
 ``RoundRecord.metrics`` stays for metrics known when the round commits (the coordinator logs
 none today).
 
+Absent sites: a round result may end with a trailing section (tag 1) naming every site the
+coordinator expected in the round that is not in its sum, each with one line saying why
+(``refused: …``, ``error: …``, ``rejected at <stage>: …``, ``dropped at <stage>…``): at most
+:data:`MAX_ABSENT_SITES` sites, sorted by their UTF-8 bytes, each reason one printable line of
+1 to :data:`MAX_ABSENT_REASON` bytes. A result without absent sites encodes exactly as before.
+The reasons are the coordinator's claim (a site's own refusal is not signed into the log); the
+verifier checks that each absent site is enrolled and not also among the round's inputs.
+
 Distributed DP (docs/dp.md): a run whose :class:`RunStart` carries ``dp_budget`` (its target
 ε and δ, a trailing section, so runs without DP keep their bytes) logs one :class:`DpRound`
 per completed round, in the same commit as the round's result: the round's canonical
@@ -58,6 +66,8 @@ __all__ = [
     "ENTRY_VERSION",
     "INPUT_MESSAGE_TYPE",
     "LOG_ID_BYTES",
+    "MAX_ABSENT_REASON",
+    "MAX_ABSENT_SITES",
     "MAX_ENTRY_TEXT",
     "MAX_ENVELOPE_PAYLOAD",
     "MAX_ENVELOPE_SIGNATURE",
@@ -77,6 +87,7 @@ __all__ = [
     "RunEnd",
     "RunStart",
     "RunStatus",
+    "absent_items",
     "canonical_settings",
     "metric_items",
     "metric_to_micros",
@@ -88,13 +99,24 @@ INPUT_MESSAGE_TYPE = MessageKind.MASKED_INPUT.type_name
 """Envelopes of this type are a round's aggregated inputs."""
 
 MAX_ENTRY_TEXT = 1024
+"""Bound on every text field of an entry (bytes)."""
 MAX_SETTINGS_TEXT = 8192
 """Longest run-settings section (canonical JSON) a run start carries."""
+MAX_ABSENT_SITES = 4096
+"""Most absent sites one round result names: four times a secure round's largest cohort
+(``Limits.max_cohort`` = 1,000); at the longest site ids and reasons the section stays under
+6.3 MB, well inside the store's 16 MiB per entry."""
+MAX_ABSENT_REASON = 512
+"""Longest reason (UTF-8 bytes) a round result gives for one absent site: one printable line
+(the coordinator's reasons are one line of at most 300 characters; :class:`RunAudit
+<fedseal.server.audit_hook.RunAudit>` cuts a longer one to fit)."""
 
 
 def canonical_settings(settings: Mapping[str, object]) -> str:
     """The run settings as the run start records them: JSON, keys sorted, no spaces."""
-    return json.dumps(settings, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return json.dumps(
+        settings, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def _check_settings(text: str) -> None:
@@ -110,7 +132,8 @@ def _check_settings(text: str) -> None:
         raise ValueError(f"settings are not plain JSON: {exc}") from exc
     if not isinstance(doc, dict) or canonical != text:
         raise ValueError("settings must be a canonical JSON object (keys sorted, no spaces)")
-"""Bound on every text field of an entry (bytes)."""
+
+
 MAX_ENVELOPE_PAYLOAD = 1 << 20
 """Bound on an envelope entry's payload (bytes)."""
 MAX_ENVELOPE_SIGNATURE = 80
@@ -505,9 +528,72 @@ def metric_items(metrics: Mapping[str, float] | None) -> tuple[tuple[str, int], 
     return tuple(sorted((k, metric_to_micros(v)) for k, v in (metrics or {}).items()))
 
 
+def absent_items(absent: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """A round's absent sites (site -> why) as :attr:`RoundRecord.absent` holds them: sorted by
+    the site's UTF-8 bytes. Values are checked by :class:`RoundRecord`.
+
+    Raises:
+        ValueError: A site or reason is not a string (or not encodable as UTF-8).
+    """
+    items = list((absent or {}).items())
+    for site, reason in items:
+        if type(site) is not str or type(reason) is not str:
+            raise ValueError(
+                f"absent sites and reasons must be strings, got {type(site).__name__} -> "
+                f"{type(reason).__name__}"
+            )
+    try:
+        return tuple(sorted(items, key=lambda item: item[0].encode("utf-8")))
+    except UnicodeEncodeError as exc:
+        raise ValueError("an absent site id is not valid UTF-8 text") from exc
+
+
+def _check_absent(absent: object) -> None:
+    """:attr:`RoundRecord.absent`'s rules (each failure one line naming the site)."""
+    if type(absent) is not tuple:
+        raise ValueError(
+            f"absent must be a tuple of (site, reason) pairs, got {type(absent).__name__}"
+        )
+    if len(absent) > MAX_ABSENT_SITES:
+        raise ValueError(f"{len(absent)} absent sites, at most {MAX_ABSENT_SITES}")
+    keys: list[bytes] = []
+    for item in absent:
+        if type(item) is not tuple or len(item) != 2 or not all(type(x) is str for x in item):
+            raise ValueError(
+                f"absent entries must be (site, reason) string pairs, got {item!r:.80}"
+            )
+        site, reason = item
+        try:
+            raw_site, raw_reason = site.encode("utf-8"), reason.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"absent site {site!r:.80} or its reason is not valid UTF-8 text"
+            ) from exc
+        if not 0 < len(raw_site) <= MAX_ENTRY_TEXT:
+            raise ValueError(
+                f"absent site ids must be 1 to {MAX_ENTRY_TEXT} bytes, got {site!r:.80}"
+            )
+        if not 0 < len(raw_reason) <= MAX_ABSENT_REASON:
+            raise ValueError(
+                f"the reason absent site {site!r:.80} is given must be 1 to {MAX_ABSENT_REASON} "
+                f"bytes, got {len(raw_reason)}"
+            )
+        if not reason.isprintable():
+            raise ValueError(
+                f"the reason absent site {site!r:.80} is given must be one printable line"
+            )
+        keys.append(raw_site)
+    _check_sorted_unique(keys, "absent sites")  # site_sort_key
+
+
 @dataclass(frozen=True, slots=True)
 class RoundRecord:
-    """A round's outcome: survivors, the exact accepted inputs, aggregate and new model."""
+    """A round's outcome: survivors, the exact accepted inputs, aggregate and new model.
+
+    ``absent``: each site the coordinator expected in the round (sampled, or named in its
+    setup) that is not among the survivors, with one line saying why, sorted by site
+    (:func:`absent_items`); a trailing section (tag 1), so a result without it keeps its bytes.
+    """
 
     KIND: ClassVar[EntryKind] = EntryKind.ROUND_RESULT
     run_id: bytes
@@ -520,6 +606,7 @@ class RoundRecord:
     new_model_digest: bytes
     reason: str = ""
     metrics: tuple[tuple[str, int], ...] = ()
+    absent: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _check_digest("base_model_digest", self.base_model_digest)
@@ -529,6 +616,7 @@ class RoundRecord:
         _check_sorted_unique(self.accepted_input_digests, "accepted_input_digests")
         _check_sorted_unique([s.encode() for s in self.survivors], "survivors")  # site_sort_key
         _check_metrics(self.metrics)
+        _check_absent(self.absent)
 
     @property
     def metric_values(self) -> dict[str, float]:
@@ -547,6 +635,10 @@ class RoundRecord:
         _opt_digest(w, self.aggregate_digest)
         w.fixed(self.new_model_digest, DIGEST_BYTES).text(self.reason)
         _encode_metrics(w, self.metrics)
+        if self.absent:  # a trailing section: results without absent sites keep their bytes
+            w.u8(1).count(len(self.absent))
+            for site, why in self.absent:
+                w.text(site).text(why)
 
     @classmethod
     def _decode(cls, r: Reader) -> RoundRecord:
@@ -558,7 +650,23 @@ class RoundRecord:
         agg = _read_opt_digest(r)
         new, reason = r.fixed(DIGEST_BYTES), r.text(MAX_ENTRY_TEXT)
         metrics = _decode_metrics(r)
-        return cls(run_id, rnd, status, base, survivors, digests, agg, new, reason, metrics)
+        absent: tuple[tuple[str, str], ...] = ()
+        if r.remaining:  # the one trailing section, tag 1, never empty
+            tag = r.u8()
+            if tag != 1:
+                raise DecodeError(f"audit entry: bad round-result section tag {tag}")
+            count = r.count(MAX_ABSENT_SITES)
+            if not count:
+                raise DecodeError("audit entry: empty round-result absent-sites section")
+            absent = tuple(
+                (r.text(MAX_ENTRY_TEXT), r.text(MAX_ABSENT_REASON)) for _ in range(count)
+            )
+        try:
+            return cls(
+                run_id, rnd, status, base, survivors, digests, agg, new, reason, metrics, absent
+            )
+        except ValueError as exc:
+            raise DecodeError(f"audit entry: round result: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -425,7 +425,8 @@ class SiteReceipts:
         try:
             self._checker.ensure_may_contribute()
         except ContributionBlockedError as exc:
-            log.error("refusing to contribute to this round: %s", exc)
+            # The site's console line (round, why) is the executor's, from the refusal raised.
+            log.debug("refusing to contribute to this round: %s", exc)
             raise
 
     def sent_masked_input(self, run_id: bytes, round: int, payload: bytes) -> None:
@@ -476,7 +477,7 @@ class SiteReceipts:
             del self._pending[(run_id, round)]
             self._included.discard((run_id, round))
             if receipt is None:
-                log.warning(
+                log.debug(  # the site's console line, with the log's reason, is the ClientApp's
                     "round %d: the log holds no accepted input of ours, and this site was not "
                     "among the survivors it signed for (input rejected or dropped, or the round "
                     "abandoned): it was not used; nothing to prove",

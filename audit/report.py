@@ -120,6 +120,7 @@ class _RoundView:
     signed_ms: int | None = None  # timestamp of the first signed tree head covering the result
     setup: _SetupView | None = None
     expected: tuple[str, ...] = ()  # the setup's cohort, else the sites enrolled at the time
+    absent: dict[str, str] = field(default_factory=dict)  # site -> why, as the result logs it
 
 
 @dataclass
@@ -338,6 +339,7 @@ def collect_view(store: MerkleLogStore, signed: int | None = None) -> ReportView
                     reason=entry.reason,
                     setup=setup,
                     expected=setup.cohort if setup is not None else tuple(sorted(active)),
+                    absent=dict(entry.absent),
                 )
             )
         elif isinstance(entry, Checkpoint):
@@ -537,6 +539,35 @@ def _reason_kind(reason: str) -> str:
     return _HEX_RUN.sub("…", reason).strip() or "(no reason given)"
 
 
+_NO_REASON_LOGGED = "sent nothing (no reason logged)"
+_KIND_CHARS = 60
+
+
+def _why_missing(cell: _Cell) -> tuple[str, str]:
+    """``(kind, reason)`` of a site that is not in a round's sum: the reason as logged (digests
+    cut), and its kind (the part before the first colon: ``refused``, ``error``, ``rejected at
+    masked-input``, ``dropped at advertise``, …) to count like reasons together."""
+    if cell.state == ACCEPTED:
+        return "accepted, round failed", "accepted (the round failed)"
+    if cell.state == REJECTED:
+        reason = _reason_kind(cell.reason)  # "<stage>: <reason>"
+        stage, sep, _ = reason.partition(": ")
+        if not sep:
+            return "rejected", f"rejected: {reason}"
+        return f"rejected at {stage}"[:_KIND_CHARS], f"rejected at {reason}"
+    if not cell.reason:
+        return _NO_REASON_LOGGED, "sent nothing"
+    reason = _reason_kind(cell.reason)
+    kind = reason.split(":", 1)[0].strip()
+    return (kind if len(kind) <= _KIND_CHARS else kind[: _KIND_CHARS - 1] + "…"), reason
+
+
+def _kind_counts(kinds: Iterable[str]) -> str:
+    """``"5 refused, 2 dropped at masked-input"``, the commonest first (escaped)."""
+    counted = sorted(Counter(kinds).items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{n} {_e(kind)}" for kind, n in counted)
+
+
 # -- plots --------------------------------------------------------------------------------------
 
 
@@ -618,8 +649,9 @@ class _Cell:
 
 def _participation(view: ReportView) -> dict[tuple[str, tuple[int, int]], _Cell]:
     """Each site's part in each round: in the sum, accepted, rejected, or expected and absent
-    (sites neither expected nor heard from have no cell). A round without a result (the log
-    ends inside it) has only the sites heard from, none in a sum."""
+    (with the reason the round result logs for it, if any; sites neither expected, named absent
+    nor heard from have no cell). A round without a result (the log ends inside it) has only
+    the sites heard from, none in a sum."""
     heard: dict[tuple[int, int], set[str]] = defaultdict(set)
     for site, col in (*view.inputs, *view.site_rejections):
         heard[col].add(site)
@@ -628,7 +660,10 @@ def _participation(view: ReportView) -> dict[tuple[str, tuple[int, int]], _Cell]
     for col in _round_columns(view):
         r = results.get(col)
         survivors = set(r.survivors) if r is not None and r.status == "completed" else set()
-        for site in set(r.expected if r is not None else ()) | heard.get(col, set()):
+        logged = r.absent if r is not None else {}
+        for site in (
+            set(r.expected if r is not None else ()) | logged.keys() | heard.get(col, set())
+        ):
             key = (site, col)
             root = view.input_roots.get(key, "")
             state = view.inputs.get(key)
@@ -637,7 +672,7 @@ def _participation(view: ReportView) -> dict[tuple[str, tuple[int, int]], _Cell]
             elif state == "rejected" or key in view.site_rejections:
                 cells[key] = _Cell(REJECTED, root, view.site_rejections.get(key, ""))
             else:
-                cells[key] = _Cell(ABSENT)
+                cells[key] = _Cell(ABSENT, reason=logged.get(site, ""))
     return cells
 
 
@@ -845,6 +880,17 @@ def _summary(view: ReportView, cells: dict[tuple[str, tuple[int, int]], _Cell]) 
         rejected = sum(
             1 for (_, (n, _)), c in cells.items() if n == run.number and c.state == REJECTED
         )
+        absent = [
+            _why_missing(c)[0]
+            for (_, (n, _)), c in cells.items()
+            if n == run.number and c.state == ABSENT
+        ]
+        absences = (
+            f" Expected sites sent nothing in {len(absent)} site-round"
+            f"{'' if len(absent) == 1 else 's'} ({_kind_counts(absent)})."
+            if absent
+            else ""
+        )
         ended = (
             f"to {_when(run.ended_ms)} ({_duration(run.started_ms, run.ended_ms)}): "
             f"<b>{_e(run.status)}</b>" + (f" ({_e(run.end_reason)})" if run.end_reason else "")
@@ -876,7 +922,7 @@ def _summary(view: ReportView, cells: dict[tuple[str, tuple[int, int]], _Cell]) 
                 if rejected
                 else "no site's message was rejected."
             )
-            + f"{dp}{produced}</li>"
+            + f"{absences}{dp}{produced}</li>"
         )
     return f"<ul>{''.join(items)}</ul>"
 
@@ -899,7 +945,11 @@ def _settings_text(settings: str) -> str:
         return _e(settings)
     lines = []
     for key, value in sorted(doc.items()):
-        shown = ", ".join(f"{k} {v}" for k, v in sorted(value.items())) if isinstance(value, dict) else value
+        shown = (
+            ", ".join(f"{k} {v}" for k, v in sorted(value.items()))
+            if isinstance(value, dict)
+            else value
+        )
         lines.append(f"{_e(str(key))}: {_e(str(shown))}")
     return "<br>".join(lines)
 
@@ -1011,12 +1061,15 @@ def _sites_table(view: ReportView, cells: dict[tuple[str, tuple[int, int]], _Cel
     by_site: dict[str, dict[str, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
     roots_used: dict[str, dict[str, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
     reasons: dict[str, dict[str, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+    absences: dict[str, dict[str, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
     for (site, col), cell in cells.items():
         by_site[site][cell.state].append(col)
         if cell.root and cell.state in (IN_SUM, ACCEPTED):
             roots_used[site][cell.root].append(col)
         if cell.state == REJECTED:
             reasons[site][_reason_kind(cell.reason)].append(col)
+        if cell.state == ABSENT:
+            absences[site][_why_missing(cell)[1]].append(col)
     enrolled: dict[str, int] = {}
     revoked: dict[str, _RosterEvent] = {}
     current: dict[str, tuple[str, ...]] = {}
@@ -1051,10 +1104,13 @@ def _sites_table(view: ReportView, cells: dict[tuple[str, tuple[int, int]], _Cel
             for kind, cols in sorted(reasons.get(site, {}).items(), key=lambda kv: min(kv[1]))
         )
         other = "".join(
-            f"<div>{words} {_rounds_text(states[state], many_runs)}</div>"
-            for state, words in ((ABSENT, "sent nothing:"), (ACCEPTED, "round failed:"))
-            if states.get(state)
+            f"<div>sent nothing: {_rounds_text(cols, many_runs)}</div>"
+            if why == "sent nothing"
+            else f"<div>sent nothing: {_rounds_text(cols, many_runs)}: {_e(why)}</div>"
+            for why, cols in sorted(absences.get(site, {}).items(), key=lambda kv: min(kv[1]))
         )
+        if states.get(ACCEPTED):
+            other += f"<div>round failed: {_rounds_text(states[ACCEPTED], many_runs)}</div>"
         rows.append(
             f'<tr><td class="n">{_e(site)}</td><td>{status}</td>'
             f"<td>{''.join(f'<div>{_digest(r)}</div>' for r in current.get(site, ()))}"
@@ -1087,14 +1143,39 @@ def _policy(r: _RoundView) -> str:
     return _e(text)
 
 
+_MISSING_INLINE = 2
+"""Sites not in a round's sum named inline in the rounds table (if that fits in
+:data:`_MISSING_INLINE_CHARS`); beyond it they are counted by kind of reason, the sites of each
+reason one click away (so a row stays a line or two at 100 sites)."""
+_MISSING_INLINE_CHARS = 160
+
+
 def _missing(cells: dict[tuple[str, tuple[int, int]], _Cell]) -> dict[tuple[int, int], str]:
-    """Per round: the sites expected or heard from that are not in its sum, and why."""
-    out: dict[tuple[int, int], list[str]] = defaultdict(list)
+    """Per round: the sites expected or heard from that are not in its sum, and why (escaped
+    HTML): up to :data:`_MISSING_INLINE` named inline, else counted per kind of reason with
+    the sites of each reason in a collapsed list."""
+    out: dict[tuple[int, int], list[tuple[str, str, str]]] = defaultdict(list)
     for (site, col), cell in sorted(cells.items()):
         if cell.state != IN_SUM:
-            why = {ABSENT: "sent nothing", ACCEPTED: "accepted"}.get(cell.state, cell.reason)
-            out[col].append(f"{site} ({why})")
-    return {col: _e("; ".join(sites)) for col, sites in out.items()}
+            out[col].append((site, *_why_missing(cell)))
+    html_of: dict[tuple[int, int], str] = {}
+    for col, items in out.items():
+        inline = "; ".join(f"{site} ({why})" for site, _, why in items)
+        if len(items) <= _MISSING_INLINE and len(inline) <= _MISSING_INLINE_CHARS:
+            html_of[col] = _e(inline)
+            continue
+        by_reason: dict[str, list[str]] = defaultdict(list)
+        for site, _, why in items:
+            by_reason[why].append(site)
+        listing = "".join(
+            f"<div>{_e(why)} ({len(sites)}): {_e(', '.join(sites))}</div>"
+            for why, sites in sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        )
+        html_of[col] = (
+            f"<details><summary>{len(items)} sites: {_kind_counts(k for _, k, _ in items)}"
+            f"</summary>{listing}</details>"
+        )
+    return html_of
 
 
 def _rounds_table(view: ReportView, cells: dict[tuple[str, tuple[int, int]], _Cell]) -> str:
@@ -1169,6 +1250,49 @@ def _rejection_sections(view: ReportView) -> str:
     )
 
 
+_ABSENT_SITES_SHOWN = 5
+"""Sites listed open under one absence reason; beyond it the list folds away (one click)."""
+
+
+def _absence_section(view: ReportView, cells: dict[tuple[str, tuple[int, int]], _Cell]) -> str:
+    """Expected sites that sent nothing, one row per reason (digests cut): its kind, how many
+    site-rounds, and which sites in which rounds (collapsed beyond a few)."""
+    many_runs = len(view.runs) > 1
+    groups: dict[tuple[str, str], dict[str, list[tuple[int, int]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for (site, col), cell in cells.items():
+        if cell.state == ABSENT:
+            groups[_why_missing(cell)][site].append(col)
+    total = sum(len(cols) for g in groups.values() for cols in g.values())
+    head = f"<h3>Expected sites that sent nothing, by reason ({total} site-rounds)</h3>"
+    if not groups:
+        return f"{head}<p>None.</p>"
+    ordered = sorted(
+        groups.items(), key=lambda kv: (-sum(map(len, kv[1].values())), kv[0][0], kv[0][1])
+    )
+    rows = []
+    for (kind, why), sites in ordered[:_DETAIL_ROWS]:
+        n = sum(map(len, sites.values()))
+        who = "".join(
+            f"<div>{_e(site)}: {_rounds_text(cols, many_runs)}</div>"
+            for site, cols in sorted(sites.items())
+        )
+        if len(sites) > _ABSENT_SITES_SHOWN:
+            who = f"<details><summary>{len(sites)} sites</summary>{who}</details>"
+        rows.append(f"<tr><td>{_e(kind)}</td><td>{_e(why)}</td><td>{n}</td><td>{who}</td></tr>")
+    more = (
+        f"<p>{len(ordered) - _DETAIL_ROWS} more reasons are not listed "
+        "(<code>fl-audit export</code> lists every entry).</p>"
+        if len(ordered) > _DETAIL_ROWS
+        else ""
+    )
+    return (
+        f"{head}<table><tr><th>kind</th><th>reason (as the round result gives it)</th>"
+        f"<th>site-rounds</th><th>sites: rounds</th></tr>{''.join(rows)}</table>{more}"
+    )
+
+
 def _produced(view: ReportView) -> str:
     finals = "".join(
         f"<tr><td>{run.number}</td><td>{_digest(run.initial_model, 16)}</td>"
@@ -1216,9 +1340,11 @@ _NOT_LOGGED = (
     "<li>The sites' own policies (their minimum cohort, required DP, privacy budget): a site "
     "refuses a round its policy forbids, and the round parameters above are what each site "
     "that took part signed for.</li>"
-    "<li>Why a site that was expected sent nothing in a round that committed (refused by its "
-    "policy, offline, timed out): the log records only that it is not in the sum; a failed "
-    "round's reason names them.</li>"
+    "<li>Proof of why an expected site sent nothing: the reason each round result gives "
+    "(refused by the site's policy, an error reply, a rejected message, no reply before the "
+    "stage closed) is the coordinator's account; a refusal or error is signed by no site. Logs "
+    "from before round results carried these reasons say only that the site is not in the "
+    "sum.</li>"
     "<li>The data itself, any individual update, or personal data: the log holds digests, "
     "site ids and signatures only. A dataset root is the digest of the data a site "
     "attested.</li></ul>"
@@ -1340,10 +1466,10 @@ def render_report(
             "One row per site, one column per round. Above each round, how many sites were in "
             "each state; at the end of each row, the rounds the site was in the sum of the "
             "rounds it had a part in. Hover a bar for its rounds, the dataset root used and "
-            "the rejection reason.",
+            "the reason logged for a rejection or an absence.",
             "masked-input envelope entries (accepted or rejected, with the reason, and the "
             "dataset root), round-setup envelope entries (the cohort), round-result entries "
-            "(who is in the sum)",
+            "(who is in the sum, who is absent and why)",
             f"<p>{legend}</p><div class=\"scroll\">{participation}</div>"
             + (f"<p>{_e(left_out)}</p>" if left_out else ""),
         ),
@@ -1353,8 +1479,10 @@ def render_report(
             "dataset roots (a dataset root is the digest of one version of the data a site may "
             "train on), replaced roots and revocations, each with its time and recorded reason. "
             "Then, per site, which dataset root it used in which rounds, and the rounds it was "
-            "in the sum, rejected (and why), or otherwise not in the sum.",
-            "roster-change entries; masked-input envelope entries (dataset root per round)",
+            "in the sum, rejected (and why), or otherwise not in the sum (and why, where the "
+            "round result says).",
+            "roster-change entries; masked-input envelope entries (dataset root per round); "
+            "round-result entries (absent sites and why)",
             f'<h3>History</h3><div class="scroll">{_roster_history(view)}</div>'
             f'<h3>Per site</h3><div class="scroll">{_sites_table(view, cells)}</div>',
         ),
@@ -1364,7 +1492,8 @@ def render_report(
             "gave every site of the cohort (cohort: the sites named; sum ≥: the fewest sites "
             "the sum may hold; t: the key-share threshold; clip: the bound on one site's "
             "update; DP z: the noise multiplier the honest sites' noise reaches, against the "
-            "colluding sites assumed); who is not in the sum and why; and the federated "
+            "colluding sites assumed); who is not in the sum and why (beyond a few sites, "
+            "counted per kind of reason: open the cell for the sites); and the federated "
             "evaluation of the round's new model. Accuracy, loss and macro-F1: the federated "
             "evaluation of the round's new model, from its evaluation entry: the coordinator's "
             "claim (signed by it; no site's signature backs them).",
@@ -1374,12 +1503,15 @@ def render_report(
         _section(
             "rejections", "What was refused or rejected, and why",
             "Every message the coordinator rejected (a sender not enrolled or revoked, a "
-            "dataset root not approved, a bad signature, …) and every round that failed, with "
-            "the reason recorded. Reasons that differ only by a digest are counted together in "
-            "the chart.",
-            "envelope entries the coordinator rejected; failed round-result and run-end entries",
+            "dataset root not approved, a bad signature, …), every round that failed, and "
+            "every expected site that sent nothing (refused by its policy, an error, no reply "
+            "in time), with the reason recorded. Reasons that differ only by a digest are "
+            "counted together.",
+            "envelope entries the coordinator rejected; failed round-result and run-end "
+            "entries; round-result entries (absent sites and why)",
             f"<h3>Rejection reasons</h3>{_svg_bars(reasons, 'rejection reasons')}"
-            + _rejection_sections(view),
+            + _rejection_sections(view)
+            + _absence_section(view, cells),
         ),
         _section(
             "produced", "What was produced",

@@ -547,6 +547,8 @@ class RunRules:
                 raise RuleViolation(
                     "survivors", "survivor set differs from the sites whose inputs were accepted"
                 )
+        if e.absent:
+            self._absent_sites(run, e)
         if e.status == RoundStatus.COMPLETED:
             if e.aggregate_digest is None or not e.survivors:
                 raise RuleViolation(
@@ -573,6 +575,24 @@ class RunRules:
         run.inputs = {}
         run.setups, run.input_setups = {}, {}
         run.dp_due, run.dp_required, run.dp_unchecked = dp_due, required, replay
+
+    def _absent_sites(self, run: _Run, e: RoundRecord) -> None:
+        """A round's absent sites are enrolled sites (a site revoked during the run may be one:
+        its input is then rejected), none of them among its inputs: a site cannot be both in
+        the sum (or, failed, accepted) and absent."""
+        inputs = set(e.survivors) | run.inputs.keys()  # equal unless replaying
+        for site, _ in e.absent:
+            if self.sites.get(site) is None:
+                raise RuleViolation(
+                    "not-enrolled",
+                    f"round {e.round}'s result names absent site {site!r}, which is not enrolled",
+                )
+            if site in inputs:
+                raise RuleViolation(
+                    "absent",
+                    f"round {e.round}'s result names site {site!r} absent, but its masked input "
+                    "was accepted in that round",
+                )
 
     def released_dp(self) -> DpParams | None:
         """The DP parameters of the open round if its result will owe DP accounting (it

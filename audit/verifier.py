@@ -124,7 +124,9 @@ class VerifiedLog:
     dp_runs: tuple[tuple[str, int, float, float], ...] = ()
 
 
-def _count_open_dp_round(sem: RunRules, dp_runs: dict[bytes, tuple[int, float, float]]) -> list[str]:
+def _count_open_dp_round(
+    sem: RunRules, dp_runs: dict[bytes, tuple[int, float, float]]
+) -> list[str]:
     """Count the open round of an open DP run in ``dp_runs`` when it accepted masked inputs
     (the coordinator holds them: released, docs/dp.md §7), though its result is not logged
     yet; return the warning that says so (none if there is no such round)."""
@@ -132,7 +134,9 @@ def _count_open_dp_round(sem: RunRules, dp_runs: dict[bytes, tuple[int, float, f
     try:
         pending = sem.released_dp()
     except RuleViolation as exc:  # e.g. its setup is missing: the result would be refused
-        return [f"the open round of run {run.run_id.hex() if run else ''} cannot be accounted: {exc.detail}"]
+        return [
+            f"the open round of run {run.run_id.hex() if run else ''} cannot be accounted: {exc.detail}"
+        ]
     if run is None or pending is None or run.dp_budget is None:
         return []
     rho, eps = dp_accounting(pending.to_bytes(), run.dp_rhos, run.dp_budget[1])
@@ -167,7 +171,9 @@ class AuditVerifier:
       payloads decode and agree with the recorded fields;
     * round results: consecutive rounds (none missing or duplicated), starting from the
       previous model, listing exactly the accepted inputs and their senders; a failed round
-      leaves the model unchanged; checkpoints and run ends name the right model;
+      leaves the model unchanged; the sites a result names absent (with why) are enrolled
+      sites, none of them also among the round's accepted inputs; checkpoints and run
+      ends name the right model;
     * evaluations: at most one per round, of the last round logged, a completed one, naming
       its new model, counting only enrolled sites;
     * DP accounting (runs whose start carries a DP budget): exactly one entry per completed

@@ -49,6 +49,7 @@ from fedseal.audit.entries import (
     RunEnd,
     RunStart,
     RunStatus,
+    absent_items,
     metric_items,
 )
 from fedseal.audit.errors import AuditStateError, AuditVerificationError, RuleViolation
@@ -104,8 +105,9 @@ class AuditLog:
        acting on it: ``append_envelope`` or, for a stage's replies at once, ``append_envelopes``
        (one fsync); accepted masked inputs carry dataset root, bulk digest, example count and
        the model digest they were trained from;
-    5. ``append_round_result(round, aggregate_digest=..., new_model_digest=..., metrics=...)``
-       (survivors and input digests default to the accepted inputs), then ``sign_tree_head``;
+    5. ``append_round_result(round, aggregate_digest=..., new_model_digest=..., metrics=...,
+       absent={site: why})`` (survivors and input digests default to the accepted inputs;
+       ``absent``: the expected sites not in the sum, and why), then ``sign_tree_head``;
        ``append_checkpoint`` for each checkpoint written; ``append_evaluation`` once the new
        model's federated evaluation is aggregated;
     6. ``append_run_end(status, ended_at_ms=...)``, then ``sign_tree_head``.
@@ -459,17 +461,24 @@ class AuditLog:
         reason: str = "",
         metrics: Mapping[str, float] | None = None,
         dp_params: bytes | None = None,
+        absent: Mapping[str, str] | None = None,
     ) -> int:
         """Record a round's outcome. ``survivors``/``accepted_input_digests`` default to what
         the log recorded for the round (if given, they must equal it). ``dp_params``: the
         canonical ``DpParams`` bytes of a DP round whose noisy sum was unmasked (completed, or
         failed after that); its :class:`DpRound` accounting entry is then written with the
-        result, in the same commit.
+        result, in the same commit. ``absent``: each site expected in the round that is not in
+        its sum -> why, one printable line (:attr:`RoundRecord.absent`; at most
+        :data:`~fedseal.audit.entries.MAX_ABSENT_SITES` sites, reasons of at most
+        :data:`~fedseal.audit.entries.MAX_ABSENT_REASON` bytes).
 
         Raises:
             AuditStateError: Wrong round number, inputs or survivors differing from the
-                accepted envelopes, a failed round that changes the model, or no tree head
-                signed since the previous round result.
+                accepted envelopes, a failed round that changes the model, an absent site that
+                is not enrolled or whose masked input the round accepted, or no
+                tree head signed since the previous round result.
+            ValueError: ``absent`` is malformed: not strings, too many sites, a reason empty,
+                over its bound or more than one printable line.
         """
         run = self._sem.run
         if run is None:
@@ -496,7 +505,7 @@ class AuditLog:
                 dp_params = None if released is None else released.to_bytes()
         entry = RoundRecord(
             run.run_id, round, RoundStatus(status), run.model, surv, digests, aggregate_digest,
-            new_model_digest, reason, metric_values,
+            new_model_digest, reason, metric_values, absent_items(absent),
         )  # fmt: skip
         self._require_covered()
         if dp_params is not None:
@@ -510,7 +519,9 @@ class AuditLog:
 
     def _dp_entry(self, run: _Run, round: int, dp_params: bytes) -> DpRound:
         if run.dp_budget is None:
-            raise AuditStateError("refusing to record DP accounting: the run start has no DP budget")
+            raise AuditStateError(
+                "refusing to record DP accounting: the run start has no DP budget"
+            )
         delta = run.dp_budget[1]
         try:
             rho, eps = dp_accounting(dp_params, run.dp_rhos, delta)

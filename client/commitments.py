@@ -15,21 +15,48 @@ Example::
     commitments.check(run_id, model_digest)   # raises ModelNotCommittedError
 
 A site without an audit address cannot make this check; ``fl-client run`` says so at start.
+
+Why was my input not used? When a round's result leaves this site's masked input out, the
+site looks for its own *rejected* envelope in the same signed log (:func:`input_rejection`):
+the coordinator records every envelope it rejects with the reason, so the site's console can
+say why its input was refused, from an entry it proved, or that the log holds none.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from fedseal.audit.codec import decode_entry
-from fedseal.audit.entries import RoundRecord, RoundStatus, RunStart
+from fedseal.audit.entries import (
+    INPUT_MESSAGE_TYPE,
+    AuditEntry,
+    EnvelopeRecord,
+    RoundRecord,
+    RoundStatus,
+    RunStart,
+)
 from fedseal.audit.receipts import AuditSource, ReceiptChecker, ReceiptError
 from fedseal.client.errors import SiteError
 from fedseal.crypto.errors import MerkleProofError
 from fedseal.crypto.merkle import leaf_hash, verify_inclusion
 from fedseal.protocol.errors import DecodeError
 
-__all__ = ["ModelCommitments", "ModelNotCommittedError"]
+__all__ = [
+    "EntrySource",
+    "InputRejection",
+    "ModelCommitments",
+    "ModelNotCommittedError",
+    "input_rejection",
+]
+
+#: Most log entries :func:`input_rejection` reads back, newest first (a round holds a few
+#: envelopes per site and stage: thousands of sites' rounds fit).
+REJECTION_SCAN_ENTRIES = 20_000
+#: Entries asked for per ``GetEntries`` call (the audit service's default bound).
+_WINDOW = 256
 
 
 class ModelNotCommittedError(SiteError):
@@ -115,3 +142,115 @@ class ModelCommitments:
         raise ModelNotCommittedError(
             f"entry {index} does not commit model {short}… for this run"
         )
+
+
+@runtime_checkable
+class EntrySource(AuditSource, Protocol):
+    """An :class:`AuditSource` that also serves entries by range
+    (:class:`fedseal.audit.service_client.GrpcAuditSource` does)."""
+
+    def entries(self, start: int, end: int) -> list[tuple[int, bytes]]:
+        """Entries ``[start, end)`` as ``(index, bytes)``; possibly fewer (a prefix)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class InputRejection:
+    """This site's masked input as the signed log rejected it: its entry and the reason."""
+
+    index: int
+    reason: str
+
+
+def input_rejection(
+    checker: ReceiptChecker,
+    source: EntrySource,
+    *,
+    site: str,
+    run_id: bytes,
+    round: int,
+    payload: bytes,
+    message_type: str = INPUT_MESSAGE_TYPE,
+) -> InputRejection | None:
+    """The coordinator's signed log entry rejecting this site's masked input of ``round``, or
+    ``None`` when the log holds none under its latest signed tree head.
+
+    The log is read back newest first (at most :data:`REJECTION_SCAN_ENTRIES` entries, back to
+    the run's start or an entry of an earlier round of the run); a candidate counts only once
+    proven: an inclusion proof under the tree head (checked as the receipts check it: the
+    coordinator's signature, consistency with every head seen), and the proven entry is a
+    rejected envelope from ``site``, for this run, round and message type, with exactly the
+    ``payload`` the site signed.
+
+    Raises:
+        ReceiptError: The tree head fails its checks (the site is blocked, as for a receipt),
+            or the candidate's inclusion proof does not verify.
+        AuditServiceError: The audit service cannot be reached.
+    """
+    head = checker.observe_tree_head(source, source.latest_tree_head())
+
+    def ours(entry: AuditEntry) -> bool:
+        return (
+            isinstance(entry, EnvelopeRecord)
+            and not entry.accepted
+            and entry.site == site
+            and entry.run_id == run_id
+            and entry.round == round
+            and entry.message_type == message_type
+            and entry.payload == payload
+        )
+
+    for index, data in _newest_first(source, head.tree_size):
+        try:
+            entry = decode_entry(data)
+        except DecodeError:
+            continue  # a hint only: what counts is the proven entry below
+        if ours(entry):
+            entry_bytes, proof = source.inclusion_proof(index, head.tree_size)
+            try:
+                verify_inclusion(
+                    leaf_hash(entry_bytes), index, head.tree_size, proof, head.root_hash
+                )
+                proven = decode_entry(entry_bytes)
+            except (MerkleProofError, DecodeError) as exc:
+                raise ReceiptError(
+                    "inclusion", f"the rejected-input entry {index} is not proven", round=round
+                ) from exc
+            if not ours(proven) or not isinstance(proven, EnvelopeRecord):
+                raise ReceiptError(
+                    "entry-mismatch",
+                    f"entry {index} as proven is not our rejected input",
+                    round=round,
+                )
+            return InputRejection(index, proven.reason)
+        if _earlier(entry, run_id, round):
+            break
+    return None
+
+
+def _earlier(entry: AuditEntry, run_id: bytes, round: int) -> bool:
+    """Whether ``entry`` precedes every entry of ``round`` of ``run_id`` (its run's start, or
+    an entry of an earlier round of the run)."""
+    if isinstance(entry, RunStart):
+        return entry.run_id == run_id
+    if isinstance(entry, EnvelopeRecord | RoundRecord):
+        return entry.run_id == run_id and entry.round < round
+    return False
+
+
+def _newest_first(source: EntrySource, size: int) -> Iterator[tuple[int, bytes]]:
+    """Entries ``[0, size)`` newest first, at most :data:`REJECTION_SCAN_ENTRIES` of them."""
+    end = size
+    floor = max(0, size - REJECTION_SCAN_ENTRIES)
+    while end > floor:
+        start = max(floor, end - _WINDOW)
+        window: dict[int, bytes] = {}
+        at = start
+        while at < end:  # the service may answer a prefix (its byte bound): ask for the rest
+            got = [(i, d) for i, d in source.entries(at, end) if at <= i < end]
+            if not got:
+                break
+            window.update(got)
+            at = max(i for i, _ in got) + 1
+        yield from sorted(window.items(), reverse=True)
+        end = start

@@ -14,6 +14,13 @@ runs this loop in the ``fl-client run`` process. It polls the SuperNode's Runtim
 :func:`fedseal.client.flower_app.make_client_app`, and pushes the reply. A bonus: torch and the
 model stay loaded between tasks instead of being re-imported for every message.
 
+What the site's operator sees. ``fl-client run`` logs to its stderr (its console), and so does
+this loop, in that process: each task a line, and a task the ClientApp refused or failed one
+warning line. The site's ClientApp describes its own failures
+(:meth:`fedseal.client.flower_app.SiteClientApp.describe_failure`: ``"round 3: refused plain
+training: ..."``, the round, what and why); that line is logged as it is, the traceback only at
+debug level. A failure it does not describe (a fault) is logged with its traceback.
+
 Usage::
 
     executor = PinnedExecutor("127.0.0.1:9094", client_app)
@@ -26,7 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 from flwr.app import Error, Message
@@ -100,7 +107,7 @@ def pull_task_input(
     set_message_id(message, tree.object_id)  # as Flower does: not in the deflated form
     return message, context, run, fab
 
-__all__ = ["PinnedExecutor"]
+__all__ = ["DescribesFailures", "PinnedExecutor"]
 
 log = logging.getLogger("fedseal.client.executor")
 
@@ -149,6 +156,14 @@ def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
     return beat
 
 
+@runtime_checkable
+class DescribesFailures(Protocol):
+    """A ClientApp that says, in one line for the site's console, why it refused or failed a
+    message (``None``: not one it describes)."""
+
+    def describe_failure(self, message: Message, exc: Exception) -> str | None: ...
+
+
 class PinnedExecutor:
     """Poll the SuperNode's Runtime API and answer each ClientApp task in-process.
 
@@ -168,6 +183,16 @@ class PinnedExecutor:
         self.poll_interval = poll_interval
         self.backoff = backoff if backoff is not None else loopback_backoff(Environment().pull_backoff)
         self.tasks_done = 0
+
+    def _describe(self, message: Message | None, exc: Exception) -> str | None:
+        """The ClientApp's own line for a failed task, if it describes it (never raises)."""
+        if message is None or not isinstance(self.client_app, DescribesFailures):
+            return None
+        try:
+            return self.client_app.describe_failure(message, exc)
+        except Exception:  # a description must not hide the failure itself
+            log.debug("describe_failure failed", exc_info=True)
+            return None
 
     def _client(self, token: str | None) -> RuntimeHttpClient:
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
@@ -221,16 +246,20 @@ class PinnedExecutor:
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # any failure is reported back to the coordinator, not swallowed
             kind = message.metadata.message_type if message is not None else None
-            if isinstance(exc, SiteRefusal):  # policy, not a fault: one line, no traceback
+            # A refusal is policy, not a fault: the reply's reason is the site's own line.
+            details = str(exc) if isinstance(exc, SiteRefusal) else f"{type(exc).__name__}: {exc}"
+            details = details[:500]
+            line = self._describe(message, exc)
+            if line is not None:  # the ClientApp's one line: round, what, why
+                log.warning("%s", line)
+                log.debug("traceback", exc_info=exc)
+            elif isinstance(exc, SiteRefusal):  # one line, no traceback
                 log.warning("%s: %s", kind, exc)
-                details = str(exc)[:500]
             elif isinstance(exc, SiteError):  # e.g. a broken recipe: one line that names it
                 log.warning("%s: %s: %s", kind, type(exc).__name__, exc)
                 log.debug("traceback", exc_info=exc)
-                details = f"{type(exc).__name__}: {exc}"[:500]
             else:
                 log.exception("ClientApp task failed")
-                details = f"{type(exc).__name__}: {exc}"[:500]
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
         finally:

@@ -51,7 +51,19 @@ state directory) before it trains and before its noised input exists (charge, th
 Data contract (``fl-client data prepare --contract``; :mod:`fedseal.protocol.contract`): the
 ``query.policy`` reply names the contract digest the dataset's manifest records, and a signed
 round setup naming another contract is refused before the key advert leaves (``"refused: data
-contract: ..."``); a setup without a contract is answered as before.
+contract: ..."``); a setup without a contract is answered as before. A plain ``train`` and an
+``evaluate`` carry the run's digest in their config (:data:`~fedseal.protocol.records.RUN_CONTRACT`,
+unsigned): one naming another contract than the dataset's, or none when the dataset has one, is
+refused the same way (an evaluation by withholding its metrics with that reason; a setup carried
+with it is still answered, under the signed check).
+
+The site's console (``fl-client run``'s stderr, where the site's log goes): every refusal and
+failure of a message is one line naming the round, what was refused and why, without a
+traceback (:meth:`SiteClientApp.describe_failure`, which the pinned executor logs; a withheld
+evaluation and a refused carried setup are noticed here, :meth:`SiteRuntime.notice`); and when a
+round's result left the site's masked input out, one line says why: the reason of the log's
+proven rejected-envelope entry for it (:func:`fedseal.client.commitments.input_rejection`), or
+"not in the log" (:meth:`SiteRuntime.report_input`).
 
 Every input is checked before use: config types and ranges, array names and shapes against the
 locally built model. A malformed message is answered with a Flower error reply, never a crash.
@@ -81,8 +93,9 @@ from flwr.common.constant import SType
 from numpy.lib import format as npy_format
 from torch import nn
 
-from fedseal.audit.receipts import SiteReceipts
-from fedseal.client.commitments import ModelCommitments
+from fedseal.audit.errors import AuditServiceError
+from fedseal.audit.receipts import ReceiptError, SiteReceipts
+from fedseal.client.commitments import EntrySource, ModelCommitments, input_rejection
 from fedseal.client.errors import SiteError
 from fedseal.client.models import (
     BUILTIN_RECIPES,
@@ -107,6 +120,7 @@ from fedseal.client.training import (
 from fedseal.crypto.keys import write_atomic
 from fedseal.protocol import records
 from fedseal.protocol.config import DpPolicyError
+from fedseal.protocol.errors import ProtocolError
 from fedseal.protocol.model import model_digest, model_order
 from fedseal.protocol.seams import NO_SHARING, SharedWork
 
@@ -115,6 +129,7 @@ if TYPE_CHECKING:  # the ledger imports the accountant (dp-accounting, scipy): o
     from fedseal.protocol.dp import DpParams
 
 __all__ = [
+    "SiteClientApp",
     "SiteRefusal",
     "SiteRuntime",
     "array_to_numpy",
@@ -125,6 +140,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("fedseal.client")
+
+#: Rounds whose masked input :meth:`SiteRuntime.report_input` keeps until their evaluation.
+_INPUTS_KEPT = 8
 
 _TRAIN_SEED_TAG = b"fedseal/v1/train-seed\x00"
 
@@ -169,6 +187,9 @@ class SiteRuntime:
     _round: tuple[bytes, int] = (b"", 0)
     _guard: Any = None
     _guard_saved: bytes = b""
+    #: (run id, round) -> the masked-input payload this site signed, and whether it then
+    #: signed a survivor set naming itself (its input in the aggregate): for report_input.
+    _inputs: dict[tuple[bytes, int], tuple[bytes, bool]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.ledger is not None and (self.privacy.dp == "required" or self.privacy.epsilon_budget is not None):
@@ -258,6 +279,59 @@ class SiteRuntime:
         log.info("%s: model %s… committed by %s", what, digest.hex()[:16],
                  "the run start" if committed == 0 else f"round {committed}")
 
+    def notice(self, line: str) -> None:
+        """One line for the site's console (``fl-client run`` logs to its stderr): a round or
+        an evaluation refused, a masked input not used. Text from the coordinator in ``line``
+        is made one printable line."""
+        log.warning("%s", one_line(line))
+
+    def sent_input(self, run_id: bytes, round_: int, payload: bytes) -> None:
+        """This site signed ``payload`` as its masked input of ``round_`` (see
+        :meth:`report_input`); the last few rounds are kept."""
+        self._inputs[(run_id, round_)] = (payload, False)
+        for key in list(self._inputs)[:-_INPUTS_KEPT]:
+            del self._inputs[key]
+
+    def input_included(self, run_id: bytes, round_: int) -> None:
+        """This site signed a survivor set naming itself: its input is in the aggregate."""
+        sent = self._inputs.get((run_id, round_))
+        if sent is not None:
+            self._inputs[(run_id, round_)] = (sent[0], True)
+
+    def report_input(self, run_id: bytes, round_: int) -> None:
+        """After the receipt check of ``round_`` (its result and signed tree head are out):
+        if this site sent a masked input the round left out (it signed no survivor set naming
+        itself, and the log holds no accepted input of it), say so on the console, once, with
+        the reason of the log's proven rejected-envelope entry for that input, or "not in the
+        log". Never raises (a lookup that fails is named in the line)."""
+        sent = self._inputs.pop((run_id, round_), None)
+        if sent is None or sent[1] or self.receipts is None:
+            return
+        payload, source = sent[0], self.receipts.source
+        head = f"round {round_}: this site's masked input was not accepted"
+        try:
+            if source.find_input(round_, run_id) is not None:
+                return  # accepted after all: the receipt check proves it
+            found = None
+            if isinstance(source, EntrySource):
+                found = input_rejection(
+                    self.receipts.checker, source, site=self.name, run_id=run_id, round=round_,
+                    payload=payload,
+                )  # fmt: skip
+        except (AuditServiceError, ReceiptError) as exc:
+            self.notice(f"{head}; why could not be read from the audit log: {exc}")
+            return
+        if found is None:
+            self.notice(
+                f"{head}: not in the log (neither accepted nor rejected: dropped, or the round "
+                "was abandoned before it)"
+            )
+        else:
+            self.notice(
+                f"{head}: the coordinator rejected it: {found.reason} (audit log entry "
+                f"{found.index})"
+            )
+
     def recipe(self, name: str) -> tuple[Recipe, Transform | None]:
         """The recipe ``name`` names (:mod:`fedseal.client.recipe`), and its preprocessing
         fitted on this site's training part (once per recipe, then kept).
@@ -343,6 +417,134 @@ def check_contract(dataset: bytes, signed: bytes) -> None:
         f"data contract: the round setup names contract {signed.hex()}, this site's dataset "
         f"was prepared under {have}"
     )
+
+
+def config_contract(rec: ConfigRecord) -> bytes:
+    """The data contract digest a message's config names
+    (:data:`~fedseal.protocol.records.RUN_CONTRACT`), ``b""`` for none.
+
+    Raises:
+        ValueError: It is not 64 hex characters.
+    """
+    raw = rec.get(records.RUN_CONTRACT)
+    if raw is None:
+        return b""
+    try:
+        digest = bytes.fromhex(raw) if isinstance(raw, str) and len(raw) == 64 else b""
+    except ValueError:
+        digest = b""
+    if not digest:
+        raise ValueError(f"config {records.RUN_CONTRACT!r} must be 64 hex characters")
+    return digest
+
+
+def contract_refusal(dataset: bytes, named: bytes, what: str) -> str | None:
+    """Why a message (``what``, e.g. "the plain training message") naming the data contract
+    ``named`` (``b""``: none) is refused by a site whose dataset was prepared under
+    ``dataset`` (``b""``: none), or ``None``: it names the dataset's contract, or none (as a
+    signed setup, :func:`check_contract`: a run without ``[run] contract`` declares nothing to
+    check against).
+    """
+    if not named or hmac.compare_digest(named, dataset):
+        return None
+    said = f"contract {named.hex()}" if named else "no contract"
+    have = f"contract {dataset.hex()}" if dataset else "no contract"
+    return f"data contract: {what} names {said}, this site's dataset was prepared under {have}"
+
+
+def evaluation_refusal(runtime: SiteRuntime, rec: ConfigRecord) -> str | None:
+    """Why the site withholds its metrics of an ``evaluate`` (the reply's reason, ``"refused:
+    ..."``), or ``None``: the message names another data contract than the dataset's, or the
+    site cannot tie the model to the coordinator's signed log.
+
+    Raises:
+        ValueError: The config's contract digest is malformed.
+    """
+    mismatch = contract_refusal(runtime.contract, config_contract(rec), "the evaluation message")
+    if mismatch is not None:
+        return f"{records.REFUSED_PREFIX} {mismatch}"
+    privacy = runtime.privacy
+    if runtime.commitments is None and not (privacy.evaluate_unverified or privacy.allow_plain):
+        return (
+            "refused: evaluation: this site cannot tie the model to the coordinator's signed "
+            "log (no [coordinator] audit_address; [privacy] evaluate_unverified = false)"
+        )
+    return None
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """``text`` as one printable line of at most ``limit`` characters (control characters, such
+    as a coordinator's escape codes or newlines, become spaces)."""
+    printable = "".join(ch if ch.isprintable() else " " for ch in text)
+    return " ".join(printable.split())[:limit]
+
+
+class SiteClientApp(ClientApp):
+    """The site's ClientApp (:func:`make_client_app`): it also says why it refused or failed a
+    message, in one line for the site's console (the pinned executor logs it)."""
+
+    def __init__(self, runtime: SiteRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def describe_failure(self, message: Message, exc: Exception) -> str | None:
+        """``"round N: refused WHAT: WHY"`` (or ``"... WHAT failed: WHY"``) for a refusal
+        (:class:`SiteRefusal`, a :class:`~fedseal.protocol.errors.ProtocolError` of the secure
+        session, a blocked receipt check) or a site failure (:class:`SiteError`: a recipe, the
+        data); ``None`` for anything else (a fault: the executor logs its traceback)."""
+        if isinstance(exc, SiteRefusal):
+            verb, why = "refused", str(exc).removeprefix(records.REFUSED_PREFIX).strip()
+        elif isinstance(exc, ProtocolError | ReceiptError):
+            verb, why = "refused", f"{type(exc).__name__}: {exc}"
+        elif isinstance(exc, SiteError):
+            verb, why = "failed", f"{type(exc).__name__}: {exc}"
+        else:
+            return None
+        when, what = _when(self.runtime, message), _what(message)
+        if verb == "refused":
+            return one_line(f"{when}: refused {what}: {why}")
+        return one_line(f"{when}: {what} failed: {why}")
+
+
+def _reason(exc: Exception) -> str:
+    """A failure as a reply's reason: a refusal as it is (``refused: ...``), else
+    ``"Type: message"``."""
+    return str(exc) if isinstance(exc, SiteRefusal) else f"{type(exc).__name__}: {exc}"
+
+
+def _when(runtime: SiteRuntime, msg: Message) -> str:
+    """Which round a message belongs to, as the coordinator's config says (a secure stage
+    without one: the round of the setup this site answered)."""
+    rec = msg.content.get(records.CONFIG_RECORD) if msg.has_content() else None
+    value = rec.get(records.ROUND) if isinstance(rec, ConfigRecord) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10**9:
+        return f"round {value}"
+    kind = msg.metadata.message_type
+    if kind.startswith("query"):
+        return "run start"
+    if kind == records.message_type("train", records.SECURE_STAGE) and runtime._round[0]:
+        return f"round {runtime._round[1]}"
+    return "a round"
+
+
+def _what(msg: Message) -> str:
+    kind = msg.metadata.message_type
+    if kind == "train":
+        return "plain training"
+    if kind == records.message_type("train", records.SECURE_STAGE):
+        from fedseal.protocol import Limits
+        from fedseal.protocol.envelope import Envelope
+
+        try:  # the stage, as the coordinator's envelope names it (a hint for the line only)
+            stage = Envelope.from_bytes(_secagg_payload(msg), Limits()).kind
+        except (ValueError, ProtocolError):
+            return "a secure-round message"
+        return "the " + stage.name.lower().replace("_", " ")
+    if kind == "evaluate":
+        return "the evaluation"
+    if kind == records.message_type("query", records.INITIAL_MODEL):
+        return "the initial model"
+    return kind
 
 
 def _model_only(recipe: Recipe) -> bool:
@@ -515,9 +717,9 @@ def model_delta(model: nn.Module, base: npt.NDArray[np.float32]) -> npt.NDArray[
     return out
 
 
-def make_client_app(runtime: SiteRuntime) -> ClientApp:
+def make_client_app(runtime: SiteRuntime) -> SiteClientApp:
     """Build the site's ClientApp bound to ``runtime`` (data, limits, cached models)."""
-    app = ClientApp()
+    app = SiteClientApp(runtime)
 
     @app.query(records.INITIAL_MODEL)
     def initial_model(msg: Message, context: Context) -> Message:
@@ -545,13 +747,19 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
 
     @app.train()
     def train_handler(msg: Message, context: Context) -> Message:
+        # Refusals are one line on the site's console too (SiteClientApp.describe_failure).
         if not runtime.privacy.allow_plain:
-            log.warning("plain training request refused: [privacy] allow_plain = false")
             raise SiteRefusal(
                 "plain training is disabled at this site ([privacy] allow_plain = false): "
                 "it would send this site's trained weights in the clear"
             )
         rec = _cfg(msg)
+        # Before the model is loaded: another contract's model may not even fit this data.
+        mismatch = contract_refusal(
+            runtime.contract, config_contract(rec), "the plain training message"
+        )
+        if mismatch is not None:
+            raise SiteRefusal(mismatch)
         model = _load_global(runtime, msg, rec)
         req = runtime.train_request(rec)
         round_ = _get(rec, records.ROUND, int, 0, 10**9)
@@ -687,6 +895,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         if runtime.receipts is not None and runtime._session.stage is ClientStage.AWAIT_UNMASK:
             # We signed a survivor set naming ourselves: our input is in the aggregate.
             runtime.receipts.included(*runtime._round)
+            runtime.input_included(*runtime._round)
         if reply is not None and reply.bulk is not None and runtime.receipts is not None:
             # The masked input: keep the exact signed payload for the receipt check.
             from fedseal.protocol import Limits
@@ -695,6 +904,7 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
             run_id, round_ = runtime._round
             sent = Envelope.from_bytes(reply.payload, Limits())
             runtime.receipts.sent_masked_input(run_id, round_, sent.payload)
+            runtime.sent_input(run_id, round_, sent.payload)
         payload = reply.payload if reply else b""
         content = RecordDict({records.SETUP_RECORD: ConfigRecord({records.PAYLOAD: payload})})
         if reply is not None and reply.bulk is not None:
@@ -714,23 +924,22 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         rec = _cfg(msg)
         if runtime.receipts is not None and records.RUN_ID in rec:
             # Sent after the round result and its signed tree head: our input must be proven.
-            runtime.receipts.after_round(_run_id(rec), _get(rec, records.ROUND, int, 0, 10**9))
-        model = _load_global(runtime, msg, rec)
+            run_id, evaluated = _run_id(rec), _get(rec, records.ROUND, int, 0, 10**9)
+            runtime.receipts.after_round(run_id, evaluated)
+            runtime.report_input(run_id, evaluated)  # one console line if it was left out
         content = RecordDict()
-        if runtime.commitments is not None and not runtime.privacy.allow_plain:
-            # Only a committed model: a crafted one would probe this site's validation data.
-            runtime.check_model(_run_id(rec), model_digest(model_flat(model)), "evaluation")
-        privacy = runtime.privacy
-        if runtime.commitments is None and not (privacy.evaluate_unverified or privacy.allow_plain):
-            # No way to tie the model to the signed log: no metrics (a carried setup is still
-            # answered below; its model is the one the setup names).
-            reason = (
-                "refused: evaluation: this site cannot tie the model to the coordinator's signed "
-                "log (no [coordinator] audit_address; [privacy] evaluate_unverified = false)"
-            )
-            log.warning("%s", reason)
+        reason = evaluation_refusal(runtime, rec)
+        if reason is not None:
+            # No metrics, the reason instead (a carried setup is still answered below, under
+            # its own signed checks; its model is the one the setup names).
+            why = reason.removeprefix(records.REFUSED_PREFIX).strip().removeprefix("evaluation: ")
+            runtime.notice(f"{_when(runtime, msg)}: refused the evaluation: {why}")
             content[records.EVALUATION_REFUSED_RECORD] = ConfigRecord({records.REASON: reason})
         else:
+            model = _load_global(runtime, msg, rec)
+            if runtime.commitments is not None and not runtime.privacy.allow_plain:
+                # Only a committed model: a crafted one would probe this site's validation data.
+                runtime.check_model(_run_id(rec), model_digest(model_flat(model)), "evaluation")
             res = runtime.evaluate(_model_name(rec), model)
             content[records.METRICS_RECORD] = MetricRecord(
                 {
@@ -744,17 +953,25 @@ def make_client_app(runtime: SiteRuntime) -> ClientApp:
         if records.SETUP_RECORD in msg.content:
             # The next round's setup rides on this evaluation: the model just evaluated is the
             # one it trains from. A refused setup still returns the metrics, with the reason.
+            train_rec = msg.content.get(records.SETUP_CONFIG_RECORD)
             try:
                 payload = _secagg_payload(msg)
-                train_rec = msg.content.get(records.SETUP_CONFIG_RECORD)
                 if not isinstance(train_rec, ConfigRecord):
                     raise ValueError("round setup without its training config")
                 start_session(msg, train_rec)
                 content[records.SETUP_RECORD] = answer(payload)[records.SETUP_RECORD]
             except Exception as exc:  # reported to the coordinator: the site sits the round out
-                reason = (str(exc) if isinstance(exc, SiteRefusal) else f"{type(exc).__name__}: {exc}")[:300]
-                log.warning("round setup carried with the evaluation refused: %s", reason)
-                content[records.SETUP_ERROR_RECORD] = ConfigRecord({records.REASON: reason})
+                refused = _reason(exc)[:300]
+                setup_round = (
+                    train_rec.get(records.ROUND) if isinstance(train_rec, ConfigRecord) else None
+                )
+                when = f"round {setup_round}" if isinstance(setup_round, int) else "the next round"
+                why = refused.removeprefix(records.REFUSED_PREFIX).strip()
+                runtime.notice(
+                    f"{when}: refused the round setup (carried with the evaluation): {why}"
+                )
+                log.debug("traceback", exc_info=exc)
+                content[records.SETUP_ERROR_RECORD] = ConfigRecord({records.REASON: refused})
         return Message(content, reply_to=msg)
 
     return app

@@ -32,6 +32,12 @@ Steps (each failure stops the site with a message naming the step):
    "previous session still registered, retrying in N s" and retries for that 60 s window; a
    key the coordinator does not know (not enrolled, or revoked) is refused with that reason;
 5. run :class:`fedseal.client.executor.PinnedExecutor` until SIGTERM/SIGINT or the SuperNode exits.
+
+The site's console: this process's stderr carries its log (``fl-client run`` configures
+logging there; the SuperNode's own output goes to ``state_dir/supernode.log``), so the task
+executor's and the ClientApp's lines reach the operator: each refused round or evaluation, and
+each masked input a round left out, is one line naming the round, what and why
+(:mod:`fedseal.client.flower_app`).
 """
 
 from __future__ import annotations

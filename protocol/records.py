@@ -14,14 +14,16 @@ import (this is the sans-IO protocol layer)::
     query.policy        (empty)
       reply             POLICY_RECORD                   SITE, MIN_COHORT, ALLOW_PLAIN, DP_REQUIRED,
                                                         CONTRACT
-    train               ARRAYS_RECORD, CONFIG_RECORD    the training config (below)
+    train               ARRAYS_RECORD, CONFIG_RECORD    the training config (below; with the
+                                                        run's data contract: RUN_CONTRACT)
       reply             ARRAYS_RECORD, METRICS_RECORD   NUM_EXAMPLES, TRAIN_LOSS
                         SITE_RECORD                     DATASET_ROOT (hex), SITE
     train.secagg        SETUP_RECORD                    PAYLOAD (a signed protocol message)
                         (setup: + ARRAYS_RECORD, CONFIG_RECORD)
       reply             SETUP_RECORD                    PAYLOAD
                         BULK_RECORD                     BULK_MASKED (masked-input stage)
-    evaluate            ARRAYS_RECORD, CONFIG_RECORD    (+ SETUP_RECORD, SETUP_CONFIG_RECORD:
+    evaluate            ARRAYS_RECORD, CONFIG_RECORD    (the training config, RUN_CONTRACT as for
+                                                        train; + SETUP_RECORD, SETUP_CONFIG_RECORD:
                                                         the next round's setup rides along)
       reply             METRICS_RECORD                  NUM_EXAMPLES, LOSS, ACCURACY, MACRO_F1
                         or EVALUATION_REFUSED_RECORD    REASON
@@ -63,6 +65,7 @@ __all__ = [
     "REASON",
     "REFUSED_PREFIX",
     "ROUND",
+    "RUN_CONTRACT",
     "RUN_ID",
     "SECURE_STAGE",
     "SEED",
@@ -149,6 +152,11 @@ MODEL = "model"
 SEED = "seed"
 PROXIMAL_MU = "proximal-mu"
 """FedProx only: the sites add the proximal term to their local loss."""
+RUN_CONTRACT = "data-contract"
+"""The run's data contract (``server.toml [run] contract``): its digest as 64 hex characters;
+absent when the run declares none. A site refuses a plain ``train`` or an ``evaluate`` naming
+another contract than its dataset's, or none when its dataset has one (a secure round's setup
+carries the digest signed instead)."""
 
 REFUSED_PREFIX = "refused:"
 """A site's error reply whose reason starts with this refuses the message (policy, not a fault)."""

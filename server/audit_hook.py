@@ -9,7 +9,8 @@ Usage (inside the ServerApp)::
     changed = watch.check()                # at the start of each round: None if unchanged
     audit.setup(rnd, packet_bytes)         # each signed round setup (attempt) sent
     audit.envelopes(rnd, server.log)       # every accepted/rejected envelope of the round
-    audit.round_result(rnd, aggregate_digest, new_digest, dp=dp)  # + tree head (+ DP round)
+    audit.round_result(rnd, aggregate_digest, new_digest, dp=dp, absent=rec.get("absent"))
+                                           # + tree head (+ DP round); absent: site -> why
     audit.checkpoint(rnd, model_digest, file_sha256, name)
     audit.evaluation(rnd, {"accuracy": .., "loss": .., "macro-f1": ..}, examples, sites)
     audit.run_end()                        # + a signed tree head; the WAL checkpointed
@@ -41,6 +42,11 @@ coordinator (site ``""``: its sender). Every later message of the round binds it
 so ``fl-audit verify`` can match a round's DP accounting against the DP parameters its sites
 signed for (:mod:`fedseal.audit.rules`).
 
+Absent sites: a round's result names every sampled site that is not in its sum, with the
+one-line reason the round record gives (``refused: …``, ``error: …``, ``rejected at <stage>:
+…``, ``dropped at <stage>…``), so the DPO's report can say why an expected site sent nothing;
+``fl-audit verify`` checks each is an enrolled site whose masked input the round did not accept.
+
 Distributed DP: a round that accepted a masked input counts as released whether it commits or
 not (the coordinator holds the inputs; whether it could remove the masks cannot be told from
 the log): its :class:`~fedseal.audit.entries.DpRound` goes into its round result's commit,
@@ -55,14 +61,20 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedseal.audit.entries import RosterAction, RoundStatus, RunStatus, canonical_settings
+from fedseal.audit.entries import (
+    MAX_ABSENT_REASON,
+    RosterAction,
+    RoundStatus,
+    RunStatus,
+    canonical_settings,
+)
 from fedseal.audit.errors import AuditError
 from fedseal.audit.writer import AuditLog, ReceivedEnvelope
 from fedseal.crypto.errors import KeyFormatError
@@ -135,6 +147,20 @@ def declared_settings(cfg: ServerConfig) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _absent_reason(why: object) -> str:
+    """An absent site's reason as a round result holds it: one printable line (whitespace
+    runs made one space) of at most :data:`MAX_ABSENT_REASON` UTF-8 bytes, cut on a character
+    boundary; ``"no reason given"`` when nothing is left."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in str(why)).split())
+    raw = text.encode("utf-8", "replace")  # a lone surrogate becomes "?"
+    if len(raw) > MAX_ABSENT_REASON:
+        raw = raw[: MAX_ABSENT_REASON - len("…".encode())]
+        text = raw.decode("utf-8", "ignore").rstrip() + "…"
+    else:
+        text = raw.decode("utf-8")
+    return text or "no reason given"
 
 
 class ConsortiumRefusedError(CoordinatorError, RuntimeError):
@@ -396,11 +422,21 @@ class RunAudit:
 
     def round_result(
         self, rnd: int, aggregate_digest: bytes | None, new_digest: bytes, *, failed: str = "",
-        dp: DpParams | None = None,
+        dp: DpParams | None = None, absent: Mapping[str, str] | None = None,
     ) -> None:
         """Record the round's result (+ a signed tree head). ``dp``: the parameters of a DP
         round whose noisy sum was unmasked, committed or ``failed`` after that: its
-        accounting entry goes into the same commit as the result."""
+        accounting entry goes into the same commit as the result. ``absent``: the round
+        record's ``absent`` (each sampled site not in the sum -> why); each reason is made one
+        printable line and cut to :data:`~fedseal.audit.entries.MAX_ABSENT_REASON` bytes (a
+        site's own error text is part of it).
+
+        Raises:
+            fedseal.audit.errors.AuditStateError: The log refuses the result (e.g. an absent
+                site that is not enrolled, or whose masked input the round accepted).
+            ValueError: ``absent`` holds more than
+                :data:`~fedseal.audit.entries.MAX_ABSENT_SITES` sites, or an empty site id.
+        """
         params = None if dp is None else dp.to_bytes()
         self.log.append_round_result(
             rnd,
@@ -409,6 +445,7 @@ class RunAudit:
             status=RoundStatus.FAILED if failed else RoundStatus.COMPLETED,
             reason=failed[:200],
             dp_params=params,
+            absent={str(site): _absent_reason(why) for site, why in (absent or {}).items()},
         )
         self.log.sign_tree_head(_now_ms())
 
@@ -518,7 +555,7 @@ class FailClosedAudit:
         self._call(
             "run start", self.audit.run_start, run_id, config_bytes, initial_digest, rounds,
             dp_budget, settings,
-        )
+        )  # fmt: skip
 
     def envelopes(self, rnd: int, receipts: Sequence[Any]) -> None:
         if receipts:
@@ -529,12 +566,12 @@ class FailClosedAudit:
 
     def round_result(
         self, rnd: int, aggregate_digest: bytes | None, new_digest: bytes, *, failed: str = "",
-        dp: DpParams | None = None,
+        dp: DpParams | None = None, absent: Mapping[str, str] | None = None,
     ) -> None:
         self._call(
             "round result", self.audit.round_result, rnd, aggregate_digest, new_digest,
-            failed=failed, dp=dp,
-        )
+            failed=failed, dp=dp, absent=absent,
+        )  # fmt: skip
 
     def dp_round(self, rnd: int, dp: DpParams) -> None:
         self._call("DP accounting", self.audit.dp_round, rnd, dp)

@@ -204,7 +204,12 @@ def run_federation(
 
 
 def train_config(cfg: ServerConfig, round_: int, run_id: str) -> ConfigRecord:
-    """The training config a round's messages carry (the sites clamp it to their limits)."""
+    """The training config a round's messages carry (the sites clamp it to their limits).
+
+    With ``[run] contract`` it names the run's data contract digest: a plain round's ``train``
+    and every ``evaluate`` are refused by a site whose dataset follows another contract (a
+    secure round's setup carries the digest signed).
+    """
     r = cfg.run
     fields: dict[str, Any] = {
         records.RUN_ID: run_id,
@@ -218,6 +223,8 @@ def train_config(cfg: ServerConfig, round_: int, run_id: str) -> ConfigRecord:
     }
     if r.strategy == "FedProx":  # the sites add the proximal term to their local loss
         fields[records.PROXIMAL_MU] = float(r.strategy_options.get("proximal_mu", 0.0))
+    if r.contract_digest:
+        fields[records.RUN_CONTRACT] = r.contract_digest.hex()
     return ConfigRecord(fields)
 
 
@@ -602,7 +609,7 @@ class _Federation:
             # accounting entry follows the result (secure_round.SecureOutcome.dp).
             self.audit.round_result(
                 rnd, aggregate_digest if saved is not None else None, self.model.digest, failed=failed,
-                dp=self.round_dp,
+                dp=self.round_dp, absent=rec.get("absent"),
             )
             if self.round_dp is not None and self.secure is not None:
                 plan, rhos = self.secure.dp_plan, self.secure.dp_rhos()

@@ -8,7 +8,10 @@ Usage (the round loop, :mod:`fedseal.server.flower_app`)::
 
 ::
 
-    train     strategy.configure_train -> exchange (timeout = run.stage_timeout_s)
+    train     strategy.configure_train -> exchange (timeout = run.stage_timeout_s); the
+              config (``train_config``) names the run's data contract with ``[run] contract``
+              (``records.RUN_CONTRACT``): a site whose dataset follows another, or has one the
+              run does not name, refuses (``refused: data contract: ...``)
     roster    the roster file read again (a dataset root withdrawn since the last round is
               refused from this one on)
     validate  each reply: enrolled node, approved dataset root (a withdrawn one is named as

@@ -459,6 +459,11 @@ def absent_sites(
     a new setup attempt. A site with none of these in an abandoned round did its part: the
     round's failure line says why it was abandoned."""
     survivors = {str(s) for s in server.survivors}
+    # A masked input accepted before the stage closed is in the round even when the round
+    # ends before its survivors are fixed: that site is not absent (the audit log refuses it).
+    survivors |= {
+        str(r.site) for r in getattr(server, "log", ()) if getattr(r, "masked_input", None) is not None
+    }
     dropouts: dict[str, Any] = {}
     for d in server.dropouts:
         dropouts.setdefault(str(d.site), d)

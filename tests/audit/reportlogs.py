@@ -13,7 +13,9 @@ What happens in the run (``n = sites``, ``R = rounds``):
 * an outsider whose id is HTML sends a masked input every round (rejected, "signer not
   enrolled", the reason carrying markup too);
 * site ``k`` sends nothing in round ``r`` when ``(7 k + 3 r) % 41 == 0`` (absent; never
-  with fewer than 3 sites);
+  with fewer than 3 sites); each round result names its absent sites with the coordinator's
+  reason (``absent_reason``: a refusal, carrying markup, an error or a dropout by ``k % 3``;
+  a rejected input's site as ``rejected at masked-input: …``);
 * the last site is revoked after round ``ceil(0.6 R)`` with a reason in markup;
 * site 0's dataset root is withdrawn after round ``R - 1`` (erasure; where the tree has root
   withdrawals, issue 18.8): its last-round input carries it and is rejected;
@@ -47,6 +49,7 @@ from tests.audit.logbuilder import (
 
 OUTSIDER = '<img src=x onerror="alert(1)">'
 OUTSIDER_REASON = "signer not enrolled <script>alert('reason')</script>"
+ABSENT_REFUSAL = "refused: privacy budget: <b>epsilon</b> 7.9 of 8 spent & more"
 REVOKE_REASON = "consent withdrawn <b>by the hospital</b> & its DPO"
 ROOTS_REASON = "new dataset version (2025 export)"
 FAILED_REASON = "only 1 masked input survived; the round needs 2"
@@ -68,12 +71,28 @@ class ConsortiumLog:
     failed_round: int | None
     withdrawn_after: int | None = None
     absent: set[tuple[str, int]] = field(default_factory=set)
+    # (site, round) -> the reason its round result logs for it (absent or rejected sites)
+    absent_reasons: dict[tuple[str, int], str] = field(default_factory=dict)
     rejected: dict[tuple[str, int], str] = field(default_factory=dict)  # (site, round) -> reason
     in_sum: dict[int, list[str]] = field(default_factory=dict)  # committed round -> survivors
 
 
+def absent_reason(k: int) -> str:
+    """Why site ``k`` sent nothing, as the coordinator's round record says it."""
+    return (
+        ABSENT_REFUSAL,
+        "error: the site's data loader failed (KeyError 'label')",
+        "dropped at masked-input: no reply within 60 s",
+    )[k % 3]
+
+
 def build_consortium_log(
-    path: Path, *, sites: int = 3, rounds: int = 5, dp: DpParams | None = None
+    path: Path,
+    *,
+    sites: int = 3,
+    rounds: int = 5,
+    dp: DpParams | None = None,
+    absent_reasons: bool = True,
 ) -> ConsortiumLog:
     clock = Clock()
     coordinator = generate_identity_key()
@@ -148,17 +167,26 @@ def build_consortium_log(
             else:
                 built.rejected[(s, rnd)] = str(reason)
         log.append_envelopes(inputs)
+        why = {(s, rnd): absent_reason(names.index(s)) for s in active if s not in sending}
+        why |= {
+            (s, rnd): f"rejected at masked-input: {r}"
+            for (s, r0), r in built.rejected.items()
+            if r0 == rnd
+        }
+        absent = {s: w for (s, _), w in why.items()} if absent_reasons else None
+        if absent_reasons:
+            built.absent_reasons |= why
         if rnd == failed_round:
             log.append_round_result(
                 rnd, aggregate_digest=None, new_model_digest=model, status=RoundStatus.FAILED,
-                reason=FAILED_REASON,
+                reason=FAILED_REASON, absent=absent,
             )  # fmt: skip
             log.sign_tree_head(clock())
         else:
             new_model = digest("model", rnd)
             log.append_round_result(
                 rnd, aggregate_digest=digest("aggregate", rnd), new_model_digest=new_model,
-                dp_params=None if dp is None else dp.to_bytes(),
+                dp_params=None if dp is None else dp.to_bytes(), absent=absent,
             )  # fmt: skip
             log.sign_tree_head(clock())
             log.append_checkpoint(

@@ -39,7 +39,7 @@ def test_fedprox_runs_send_proximal_mu_and_others_do_not() -> None:
     def cfg(strategy: str, options: dict[str, float]) -> SimpleNamespace:
         run = SimpleNamespace(
             epochs=1, batch_size=32, learning_rate=0.05, clip_norm=5.0, model="mlp", seed=1,
-            strategy=strategy, strategy_options=options,
+            strategy=strategy, strategy_options=options, contract_digest=b"",
         )
         return SimpleNamespace(run=run)
 

@@ -1,8 +1,10 @@
 """End to end on loopback with TLS: a dataset root withdrawn with the real ``fl-server roots
 withdraw`` is refused in the next run's round (the coordinator's round line names the site and
 the withdrawal), a later ``fl-server enroll`` of that root is refused, the run still completes
-with the other sites, and ``fl-audit verify`` / ``fl-audit show`` (real processes) accept the
-log and list the withdrawal with its reason."""
+with the other sites, the withdrawn site's own console (its ``fl-client run`` stdout/stderr)
+says in one line that its round-1 masked input was rejected and why (from the log's entry for
+it), and ``fl-audit verify`` / ``fl-audit show`` (real processes) accept the log and list the
+withdrawal with its reason."""
 
 from __future__ import annotations
 
@@ -102,6 +104,16 @@ def test_a_withdrawn_root_is_refused_at_the_next_round_and_never_approved_again(
     console = tail(fed.workdir / "fl-server.log", 50000) + tail(state / "serverapp.log", 50000)
     line = next((x for x in console.splitlines() if "round 1/1" in x and "not in the sum" in x), "")
     assert f"{victim.name} (rejected at " in line and "withdrawn" in line, _logs(fed)
+    # The withdrawn site's own console (fl-client run's stdout and stderr: start_site sends both
+    # to fl-client.log) says why its input was left out, from the signed log's entry for it.
+    site_console = (victim / "fl-client.log").read_text()
+    said = [x for x in site_console.splitlines() if "round 1: this site's masked input" in x]
+    assert len(said) == 1, _logs(fed)
+    assert (
+        "was not accepted: the coordinator rejected it: UnapprovedDatasetError: dataset root is "
+        "not approved for this site (audit log entry "
+    ) in said[0], said
+    assert "Traceback" not in site_console, site_console[-3000:]
 
     log = str(state / "audit.sqlite")
     verify = _cli(
