@@ -65,6 +65,7 @@ from fedseal.client.errors import SiteError
 from fedseal.client.policy import SitePrivacy
 from fedseal.client.training import SiteLimits
 from fedseal.crypto.keys import write_atomic
+from fedseal.settings import unknown_name
 
 __all__ = [
     "APPROVED_ROOT_FILE",
@@ -141,7 +142,7 @@ def _sec(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 def _known(sec: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
     extra = sorted(set(sec) - allowed)
     if extra:
-        raise ClientConfigError(f"{prefix}.{extra[0]}" if prefix else extra[0], "unknown key")
+        raise ClientConfigError(f"{prefix}.{extra[0]}" if prefix else extra[0], unknown_name(extra[0], allowed))
 
 
 def load_client_config(path: str | Path) -> ClientConfig:

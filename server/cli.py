@@ -408,9 +408,8 @@ def run(
         raise usage_error(str(exc)) from exc
     except DeployError as exc:
         raise usage_error(str(exc), EXIT_FAILED) from exc
-    console.print(f"run {outcome.status}; final model: {outcome.model}; audit log: {outcome.audit_log}")
     rec = outcome.record
-    if rec is not None and rec.status == "stopped":
+    if rec is not None:
         console.print(escape(runs_cli.end_line(rec)), soft_wrap=True)
     if outcome.status != "finished:completed":
         console.print(

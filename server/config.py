@@ -60,6 +60,7 @@ from typing import Any, TypeVar
 
 from fedseal.protocol.config import Limits
 from fedseal.server.errors import CoordinatorError
+from fedseal.settings import unknown_name
 
 __all__ = [
     "ConsortiumSection",
@@ -247,7 +248,7 @@ def _ranged(name: str, value: float, lo: float, hi: float) -> None:
 def _unknown(sec: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
     extra = sorted(set(sec) - allowed)
     if extra:
-        raise ServerConfigError(f"{prefix}.{extra[0]}", "unknown key")
+        raise ServerConfigError(f"{prefix}.{extra[0]}", unknown_name(extra[0], allowed))
 
 
 def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> ServerConfig:

@@ -650,6 +650,9 @@ def coordinator_up(
             yield Coordinator(cfg, children, control, metrics, audit_port)
     finally:
         metrics.close()
+        # A ServerApp still running (the coordinator was stopped mid-run) ends with it.
+        with contextlib.suppress(DeployError):
+            end_stale_serverapp(state, on_info)
 
 
 def drive_run(

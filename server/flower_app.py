@@ -116,6 +116,7 @@ from fedseal.crypto.keys import load_private_key
 from fedseal.protocol import records
 from fedseal.protocol.dp import DpParams
 from fedseal.protocol.model import ModelVector, unflatten
+from fedseal.protocol.types import site_sort_key
 from fedseal.server import flower_patches
 from fedseal.server.audit_hook import (
     AuditHaltError,
@@ -316,6 +317,12 @@ def _initial_model(run: Run, nodes: list[int]) -> dict[str, npt.NDArray[Any]]:
     )
 
 
+def names(sites: list[str], most: int = 8) -> str:
+    """Sites as a console list: the first ``most`` named, the rest counted."""
+    more = len(sites) - most
+    return ", ".join(sites[:most]) + (f" and {more} more" if more > 0 else "")
+
+
 def _refuse_start(run: Run, problem: str) -> NoReturn:
     """End a run that cannot start: ``status.json`` failed with ``problem`` (one line, as the
     operator's console shows it), the console line, and :class:`CoordinatorError`."""
@@ -445,12 +452,17 @@ class _Federation:
             _refuse_start(run, problem)
         run.status(phase="waiting-for-sites", round=0)
         nodes = run.wait_for_sites(cfg.run.min_sites, cfg.run.sites_wait_timeout_s, want_all=True)
+        online = {run.site_of(n) for n in nodes}
+        offline = [s.name for s in run.roster.active() if s.name not in online]
         if len(nodes) < cfg.run.min_sites:
-            run.status(phase="failed", reason=f"only {len(nodes)} enrolled sites online")
-            raise RuntimeError(
-                f"only {len(nodes)} enrolled sites online after {cfg.run.sites_wait_timeout_s}s; "
-                f"run.min_sites = {cfg.run.min_sites}"
+            _refuse_start(
+                run,
+                f"only {len(nodes)} of {len(run.roster.active())} enrolled sites online after "
+                f"{cfg.run.sites_wait_timeout_s:g}s (run.min_sites = {cfg.run.min_sites}); not online: "
+                f"{names(offline)} (a site that refused at its own start says why on its console)",
             )
+        if offline:
+            print(f"fedseal: starting without {names(offline)} (not online)", flush=True)
         latest = run.checkpoints.latest() if resume else None
         if latest is not None:
             state, arrays = latest
@@ -463,9 +475,13 @@ class _Federation:
         # A run no site would join is refused here, in one line, not round after round.
         if cfg.run.contract_digest:
             print(f"fedseal: data contract {cfg.run.contract} (digest {cfg.run.contract_digest.hex()})", flush=True)
-        floors = ask_floors(run, nodes)
+        answered: set[str] = set()
+        floors = ask_floors(run, nodes, answered)
         write_floors(run.state_dir, floors, now=time.time())
-        problem = refusal(cfg, floors, online=len(nodes))
+        silent = sorted((run.site_of(n) for n in nodes if run.site_of(n) not in answered), key=site_sort_key)
+        if silent:
+            print(f"fedseal: listed online but not answering: {names(silent)}", flush=True)
+        problem = refusal(cfg, floors, online=len(answered))
         if problem is not None:
             _refuse_start(run, problem)
         mismatch = contract_refusal(cfg, floors)

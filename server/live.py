@@ -26,7 +26,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from fedseal.server.rundir import absent_text
+from rich.markup import escape
+
+from fedseal.server.rundir import absent_text, inputs_text
 
 __all__ = ["LiveView", "describe_status", "round_line"]
 
@@ -44,7 +46,8 @@ def round_line(rec: dict[str, Any]) -> str:
     acc = rec.get("accuracy")
     acc_s = f"accuracy {acc:.4f}  macro-F1 {rec.get('macro_f1', 0.0):.4f}" if isinstance(acc, float) else ""
     return (
-        f"round {rec.get('round')}: {rec.get('outcome')}  sites {rec.get('accepted')}/{rec.get('sampled')}  "
+        f"round {rec.get('round')}: {rec.get('outcome')}  sites {rec.get('accepted')}/{rec.get('sampled')}"
+        f"{inputs_text(rec)}  "
         f"{acc_s}  ({float(str(rec.get('seconds', 0.0))):.1f}s)" + absent_text(rec)
     )
 
@@ -84,12 +87,12 @@ class LiveView:
             self._progress.stop()
 
     def info(self, text: str) -> None:
-        """A line of information above the bar."""
-        self.console.print(text)
+        """A line of information above the bar (printed as it is: never read as markup)."""
+        self.console.print(escape(text), soft_wrap=True, highlight=False)
 
     def round(self, rec: dict[str, Any]) -> None:
         """A finished (or abandoned) round: its line, and the bar advances."""
-        self.console.print(round_line(rec))
+        self.console.print(escape(round_line(rec)), soft_wrap=True, highlight=False)
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=int(str(rec.get("round", 0))))
 

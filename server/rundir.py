@@ -40,8 +40,10 @@ __all__ = [
     "SERVERAPP_PID_FILE",
     "STATUS_FILE",
     "STOP_REQUEST_FILE",
+    "WANT_ALL_GRACE_S",
     "Run",
     "absent_text",
+    "inputs_text",
     "append_round",
     "read_rounds",
     "summary",
@@ -53,6 +55,9 @@ log = logging.getLogger("fedseal.server")
 NODES_FILE = "nodes.json"
 STATUS_FILE = "status.json"
 ROUNDS_FILE = "rounds.jsonl"
+#: How long a run start waits for the rest of the enrolled sites once ``run.min_sites`` are
+#: online (a site that is off for good does not hold the run for ``sites_wait_timeout_s``).
+WANT_ALL_GRACE_S = 15.0
 #: An operator's stop request for the run in progress (its reason, one line).
 STOP_REQUEST_FILE = "stop.request"
 #: The ServerApp process's pid, so a restarted coordinator can end one its predecessor left.
@@ -85,7 +90,7 @@ def summary(round_: int, total: int, rec: dict[str, Any]) -> str:
     acc = rec.get("accuracy")
     parts = [
         f"round {round_}/{total}: {rec['outcome']}",
-        f"sites {rec['accepted']}/{rec['sampled']}",
+        f"sites {rec['accepted']}/{rec['sampled']}" + inputs_text(rec),
     ]
     if rec.get("rejected"):
         parts.append(f"rejected {rec['rejected']}")
@@ -93,6 +98,15 @@ def summary(round_: int, total: int, rec: dict[str, Any]) -> str:
         parts.append(f"accuracy {acc:.4f} macro-F1 {rec['macro_f1']:.4f} loss {rec['loss']:.4f}")
     parts.append(f"{rec['seconds']:.1f}s")
     return ", ".join(parts) + absent_text(rec)
+
+
+def inputs_text(rec: dict[str, Any]) -> str:
+    """`` (2 inputs received, not summed)`` for an abandoned round that accepted masked
+    inputs (its ``sites`` count is 0: nothing entered the model), else ``""``."""
+    received = rec.get("survivors")
+    if rec.get("accepted") or not isinstance(received, list) or not received:
+        return ""
+    return f" ({len(received)} input{'s' if len(received) > 1 else ''} received, not summed)"
 
 
 def absent_text(rec: dict[str, Any]) -> str:
@@ -193,17 +207,26 @@ class Run:
 
     def wait_for_sites(self, minimum: int, timeout: float, *, want_all: bool = False) -> list[int]:
         """Wait until ``minimum`` enrolled sites are online (``want_all``: every active one,
-        falling back to ``minimum`` at the deadline).
+        settling for ``minimum`` once they have been online :data:`WANT_ALL_GRACE_S`, or at the
+        deadline).
 
         Raises:
             RunStopped: An operator asked the run to stop meanwhile.
         """
         deadline = time.monotonic() + timeout
         goal = max(minimum, len(self.roster.active())) if want_all else minimum
+        enough_since: float | None = None
         while True:
             nodes = self.enrolled_online()
-            if len(nodes) >= goal or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if len(nodes) >= goal or now >= deadline:
                 return nodes
+            if len(nodes) >= minimum:  # the others get a grace, not the whole timeout
+                enough_since = enough_since if enough_since is not None else now
+                if now - enough_since >= WANT_ALL_GRACE_S:
+                    return nodes
+            else:
+                enough_since = None
             stop = self.stop_requested()
             if stop is not None:
                 raise RunStopped(stop)

@@ -116,7 +116,7 @@ def register(app: typer.Typer, fail: Callable[..., typer.Exit]) -> None:
         try:
             serve_coordinator(
                 cfg,
-                on_round=lambda rec: console.print(f"  {round_line(rec)}", soft_wrap=True, highlight=False),
+                on_round=lambda rec: console.print(escape(f"  {round_line(rec)}"), soft_wrap=True, highlight=False),
                 on_info=lambda text: console.print(escape(text), soft_wrap=True, highlight=False),
                 shutting_down=lambda: closing[0] if closing else None,
             )

@@ -163,6 +163,21 @@ def failure_kind(exc: Exception) -> str:
     return "".join(f"-{c.lower()}" if c.isupper() else c for c in name).lstrip("-")
 
 
+#: A round failure's kind as the operator reads it (the rest: the kind with spaces).
+_KIND_WORDS = {"threshold": "too few sites left", "coordinator-misbehaviour": "protocol violation"}
+
+
+def failure_text(exc: Exception, kind: str) -> str:
+    """Why a round was abandoned, as one console line: the failure's kind in words and the
+    protocol's message, without the exception's class name or its ``[round=…, stage=…]``
+    context (the round line says both): ``too few sites left: 2 masked inputs, min_survivors
+    is 3``."""
+    message = getattr(exc, "message", None)
+    detail = message if isinstance(message, str) and message else str(exc)
+    words = _KIND_WORDS.get(kind, kind.replace("-", " "))
+    return one_line(detail if detail.lower().startswith(words) else f"{words}: {detail}")
+
+
 class SecureCoordinator:
     """Drives :class:`fedseal.protocol.SecAggServer` over the Flower grid, stage by stage."""
 
@@ -435,7 +450,7 @@ class SecureCoordinator:
                 exc, exc_info=exc,
             )
             return outcome(
-                mean_delta=None, failure=one_line(f"{type(exc).__name__}: {exc}"), failure_kind=kind,
+                mean_delta=None, failure=failure_text(exc, kind), failure_kind=kind,
                 survivors=survivors, dp=_released_dp(server),
             )
         run.metrics.accepted.inc(len(result.survivors))

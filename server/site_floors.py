@@ -73,8 +73,10 @@ class SiteFloor:
     contract: str | None = None
 
 
-def ask_floors(run: Run, nodes: list[int]) -> dict[str, SiteFloor]:
-    """Ask every node in ``nodes`` for its floor; the sites that answered with a valid one."""
+def ask_floors(run: Run, nodes: list[int], answered: set[str] | None = None) -> dict[str, SiteFloor]:
+    """Ask every node in ``nodes`` for its floor; the sites that answered with a valid one.
+    ``answered`` (if given) gets every site that answered at all (a node listed online that
+    does not answer, e.g. one just stopped, is not counted as online)."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from fedseal.server.exchange import exchange
@@ -87,6 +89,8 @@ def ask_floors(run: Run, nodes: list[int]) -> dict[str, SiteFloor]:
     floors: dict[str, SiteFloor] = {}
     for reply in exchange(run.grid, msgs, min(FLOOR_TIMEOUT_S, run.cfg.run.stage_timeout_s)):
         site = run.site_of(reply.metadata.src_node_id)
+        if answered is not None:
+            answered.add(site)
         rec = None if reply.has_error() else reply.content.get(records.POLICY_RECORD)
         values = dict(rec) if isinstance(rec, ConfigRecord) else {}
         cohort, plain, dp = (values.get(k) for k in (records.MIN_COHORT, records.ALLOW_PLAIN, records.DP_REQUIRED))

@@ -38,7 +38,7 @@ This package imports only the standard library: it is the lowest floor, beside
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "Environment",
     "PullBackoff",
     "SettingsError",
+    "unknown_name",
 ]
 
 PREFIX = "FEDSEAL_"
@@ -214,3 +215,14 @@ def _count(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) ->
     if not lo <= value <= hi:
         raise SettingsError(name, f"{name} must be between {lo} and {hi}, got {value}")
     return value
+
+
+def unknown_name(name: str, known: Iterable[str]) -> str:
+    """``"unknown key"``, with the closest known name when there is one (``"unknown key (did
+    you mean 'authority'?)"``): what a configuration reader says of a key it does not know."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    if not close:  # "roster_authority" for "authority": a known name inside the typo
+        close = sorted(k for k in known if len(k) >= 4 and k in name)[:1]
+    return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"

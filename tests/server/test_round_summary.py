@@ -108,12 +108,12 @@ def test_a_run_whose_rounds_all_failed_fails_and_says_why_with_no_final_model(
     )  # fmt: skip
     fx.run(monkeypatch)
     [rec] = fx.rounds()
-    assert rec["outcome"].startswith("abandoned (ThresholdError")
+    assert rec["outcome"].startswith("abandoned (too few sites left: ")
     # The two that refused are named; the two that did their part are not blamed.
     assert rec["absent"] == {"site-b": "refused: not today", "site-c": "refused: not today"}
     status = json.loads((fx.cfg.coordinator.state_dir / rundir.STATUS_FILE).read_text())
     assert status["phase"] == "failed" and "model" not in status
-    assert status["reason"].startswith("no round committed; the last: round 1: abandoned (ThresholdError")
+    assert status["reason"].startswith("no round committed; the last: round 1: abandoned (too few sites left: ")
     out = capsys.readouterr().out
     assert f"fedseal: the run failed: {status['reason']}" in out
     assert "final model" not in out

@@ -66,11 +66,14 @@ def test_a_specific_reason_already_recorded_is_kept(tmp_path: Path) -> None:
     for name in ("site-a", "site-b", "site-c"):  # enrolled (run.min_sites = 3), none online
         roster = roster.enroll(name, generate_identity_key().public_key(), ["ab" * 32], now_ms=1)
     roster.save(cfg.coordinator.roster)
-    with pytest.raises(RuntimeError, match="only 0 enrolled sites online"):
+    with pytest.raises(flower_app.CoordinatorError, match="only 0 of 3 enrolled sites online"):
         flower_app.run_federation(NoSitesGrid(), cfg, resume=False)  # type: ignore[arg-type]
     status = _status(cfg)
     assert status["phase"] == "failed"
-    assert status["reason"] == "only 0 enrolled sites online"
+    assert status["reason"] == (
+        "only 0 of 3 enrolled sites online after 1s (run.min_sites = 3); not online: site-a, "
+        "site-b, site-c (a site that refused at its own start says why on its console)"
+    )
     assert "run failed" not in (cfg.coordinator.state_dir / "serverapp.log").read_text()
 
 
