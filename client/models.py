@@ -14,6 +14,8 @@ never against code shipped by the coordinator. The attribute is a
 :class:`~fedseal.client.recipe.Recipe` (the site's model, preprocessing, loss, optimizer,
 training step and metrics: see :mod:`fedseal.client.recipe`), or a plain model factory called
 as ``factory(num_features=..., num_classes=...)``, which becomes ``Recipe(model=factory)``.
+A factory says "not a shape I take" by raising ``ValueError`` (:class:`ModelShapeError`: a site
+whose dataset does not fit it skips it at start-up; ``SmallCNN`` takes square images only).
 
 The coordinator never imports torch: weights cross the wire and the disk as a state dict of
 numpy arrays (``state_dict_to_numpy`` / ``load_numpy_state_dict``).
@@ -38,6 +40,7 @@ __all__ = [
     "BUILTIN_RECIPES",
     "MLP",
     "ModelResolutionError",
+    "ModelShapeError",
     "SmallCNN",
     "build_model",
     "load_numpy_state_dict",
@@ -52,6 +55,22 @@ NUM_CLASSES = 10
 class ModelResolutionError(RecipeError):
     """A model name names no built-in recipe and no installed ``module:attribute``, or its
     model factory fails or returns no ``torch.nn.Module``."""
+
+
+class ModelShapeError(ModelResolutionError):
+    """A model factory does not take this dataset's shape: it raised ``ValueError`` for
+    ``(num_features, num_classes)``, the way a factory says "not a shape I take" (:class:`SmallCNN`
+    for a feature count that is not a square). Any other exception is a broken factory.
+
+    Attributes:
+        num_features: The dataset's feature count.
+        num_classes: The dataset's class count.
+    """
+
+    def __init__(self, name: str, reason: str, *, num_features: int, num_classes: int) -> None:
+        super().__init__(name, reason)
+        self.num_features = num_features
+        self.num_classes = num_classes
 
 
 class MLP(nn.Module):
@@ -171,14 +190,22 @@ def build_model(
         recipe: ``name``'s recipe, if already resolved.
 
     Raises:
-        ModelResolutionError: ``name`` cannot be resolved, or its model factory raises or
-            returns no ``torch.nn.Module``.
+        ModelShapeError: The model factory raised ``ValueError``: it does not take this shape.
+        ModelResolutionError: ``name`` cannot be resolved, or its model factory raises
+            anything else or returns no ``torch.nn.Module``.
     """
     factory = (recipe if recipe is not None else resolve_recipe(name)).model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
             model = factory(num_features=num_features, num_classes=num_classes)
+        except ValueError as exc:
+            raise ModelShapeError(
+                name,
+                f"the model does not take {num_features} features, {num_classes} classes: {_one_line(exc)}",
+                num_features=num_features,
+                num_classes=num_classes,
+            ) from exc
         except Exception as exc:
             raise ModelResolutionError(
                 name,

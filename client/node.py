@@ -87,31 +87,69 @@ AUTH_FAILED_MARKERS = (
 #: key is not registered, or its node is still ONLINE (a previous session not yet expired).
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 _NODE_ID_LINE = re.compile(rb"SuperNode ID: (\d+)")
+#: Flower's line when its retries give up (``flwr.supercore.retry``).
+_GAVE_UP = re.compile(r"Giving up reconnection after ([\d.]+) seconds and (\d+) tries")
 #: Waits between retries while the coordinator cannot be reached: 1 s, doubling, at most 30 s.
 WAIT_BACKOFF_S = (1.0, 30.0)
 #: Waits between activation retries while a previous session may still be registered.
 ACTIVATION_RETRY_S = (5.0, 15.0)
 #: Seconds added to Flower's session window (2 x 30 s) before a refusal is taken as final.
 ACTIVATION_MARGIN_S = 15.0
+#: Waits before starting again a SuperNode whose Fleet loop ended (it gave up reconnecting):
+#: 5 s, doubling, at most 120 s; back to 5 s once a restarted one has reconnected.
+RESTART_BACKOFF_S = (5.0, 120.0)
 #: How long a busy port may take to be released by a process that is ending.
 PORT_GRACE_S = 3.0
 
 
-def _check_recipes(cfg: ClientConfig, num_features: int, num_classes: int) -> None:
+def _check_recipes(
+    cfg: ClientConfig,
+    num_features: int,
+    num_classes: int,
+    on_info: Callable[[str], None] | None = None,
+) -> tuple[str, ...]:
     """Run each allowed recipe once on a few rows of zeros, so a missing or broken one is named
-    before the first round (``[limits] allowed_models``).
+    before the first round (``[limits] allowed_models``), and return those that fit.
+
+    A recipe whose model does not take this dataset's shape (its factory raised ``ValueError``:
+    :class:`~fedseal.client.models.ModelShapeError`, e.g. the built-in ``cnn`` on 30 features)
+    is skipped with one warning line naming it and why (``on_info``, default the log): the
+    defaults list both built-in models, and no dataset fits both. The site is refused only when
+    no allowed recipe fits; a recipe that fails otherwise (not installed, fails to import, a
+    factory or a part that breaks on a shape it takes) is refused as before.
 
     Raises:
-        SiteRunError: Step ``recipe``, the recipe's one-line error.
+        SiteRunError: Step ``recipe``: a recipe is broken (its one-line error), or none fits
+            (one line naming each and why).
     """
+    from fedseal.client.models import ModelShapeError
     from fedseal.client.recipe import RecipeError
     from fedseal.client.training import check_recipe
 
+    where = f"[limits] allowed_models in {cfg.path.name}"
+    shape = f"{num_features} features, {num_classes} classes"
+    fits: list[str] = []
+    misfits: list[ModelShapeError] = []
     for name in cfg.allowed_models:
         try:
             check_recipe(name, num_features=num_features, num_classes=num_classes)
+        except ModelShapeError as exc:
+            misfits.append(exc)
         except RecipeError as exc:
-            raise SiteRunError("recipe", f"{exc} ([limits] allowed_models in {cfg.path.name})") from exc
+            raise SiteRunError("recipe", f"{exc} ({where})") from exc
+        else:
+            fits.append(name)
+    if misfits and not fits:
+        why = "; ".join(str(misfit) for misfit in misfits)
+        raise SiteRunError(
+            "recipe", f"no recipe in {where} fits this dataset ({shape}): {why}"
+        ) from misfits[0]
+    for misfit in misfits:
+        (on_info or log.warning)(
+            f"site {cfg.name}: warning: skipping recipe {misfit.name!r} of {where}: it does not "
+            f"fit this dataset ({misfit.reason}); a round that asks for it fails here"
+        )
+    return tuple(fits)
 
 
 class SiteRunError(SiteError):
@@ -304,7 +342,7 @@ def _probe(cfg: ClientConfig, timeout: float) -> None:
         reason = (
             "the coordinator requires TLS; set coordinator.ca_cert and insecure = false"
             if cfg.insecure
-            else f"bad response: {type(exc).__name__}"
+            else _not_the_fleet_api(cfg, exc)
         )
         raise SiteRunError("tls", reason) from exc
     except OSError as exc:
@@ -313,6 +351,20 @@ def _probe(cfg: ClientConfig, timeout: float) -> None:
         raise SiteRunError(
             "tls", "the coordinator requires TLS; set coordinator.ca_cert and insecure = false"
         )
+
+
+def _not_the_fleet_api(cfg: ClientConfig, exc: Exception) -> str:
+    """Why a TLS peer that took the handshake but not an HTTP/1.1 request is not the Fleet API:
+    most likely another of the coordinator's ports under the same certificate (its audit
+    service speaks gRPC and drops the request)."""
+    if cfg.audit_address is not None and cfg.audit_address == cfg.superlink:
+        guess = "coordinator.audit_address names the same address: one of them is wrong"
+    else:
+        guess = "is it the audit port? The fleet port is network.fleet_port in the coordinator's server.toml"
+    return (
+        f"coordinator.superlink {cfg.superlink} answered but does not speak the fleet API "
+        f"({type(exc).__name__}) — {guess}"
+    )
 
 
 def _os_reason(exc: OSError) -> str:
@@ -549,7 +601,7 @@ def _join(
     # One intra-op thread: a site shares its host; oversubscribed OpenMP threads are far slower.
     torch.set_num_threads(environment.torch_threads)
     warm_up(data.num_features, data.num_classes)
-    _check_recipes(cfg, data.num_features, data.num_classes)
+    _check_recipes(cfg, data.num_features, data.num_classes, on_info)
     receipts = _site_receipts(cfg, key, coordinator_key)
     if receipts is not None:
         on_info(
@@ -602,35 +654,17 @@ def _join(
         )
         worker = threading.Thread(target=executor.run_forever, args=(stop,), daemon=True)
         worker.start()
-        restarts = 0
-        while not stop.is_set():
-            node.supervise()
-            if node.exited.is_set():
-                if node.crashed_while_starting() and restarts < SUPERNODE_START_RETRIES:
-                    restarts += 1
-                    log.warning(
-                        "the SuperNode died while starting (exit %s, see %s); starting it again (%d/%d)",
-                        node.returncode,
-                        node.log_path,
-                        restarts,
-                        SUPERNODE_START_RETRIES,
-                    )
-                    node.start()
-                    continue
-                if node.activation_refused() and activation.retry():
-                    node.start()
-                    continue
-                break
-            stop.wait(1.0)
+        _supervise(cfg, node, activation, stop, on_info)
         stop.set()
         worker.join(timeout=5)
     finally:
         node.terminate()
-        if receipts is not None:
-            on_info(f"site {cfg.name}: {receipts.verified} audit receipts verified")
+        closing = _receipts_line(cfg, receipts)
+        if closing is not None:
+            on_info(closing)
     proc = node.proc
-    if proc is None:
-        return 0
+    if proc is None or node.fleet_loop_ended() is not None:
+        return 0  # a SuperNode that gave up is started again (_supervise) unless the site stops
     if proc.returncode not in (0, -signal.SIGTERM, None) and not _stopped_by_us(proc):
         tail = _tail(node.log_path)
         if any(m in tail for m in AUTH_FAILED_MARKERS):
@@ -639,6 +673,77 @@ def _join(
             "supernode", f"flower-supernode exited with code {proc.returncode}; see {node.log_path}"
         )
     return 0
+
+
+def _receipts_line(cfg: ClientConfig, receipts: SiteReceipts | None) -> str | None:
+    """The site's closing line on its audit receipts: only when it verified some (a site that
+    took part in nothing has nothing to report)."""
+    if receipts is None or receipts.verified <= 0:
+        return None
+    return f"site {cfg.name}: {receipts.verified} audit receipts verified"
+
+
+def _supervise(
+    cfg: ClientConfig,
+    node: SuperNodeProcess,
+    activation: _Activation,
+    stop: threading.Event,
+    on_info: Callable[[str], None],
+    backoff: tuple[float, float] = RESTART_BACKOFF_S,
+) -> None:
+    """Follow the started SuperNode until ``stop`` is set or it exits for good (step 5).
+
+    A SuperNode that exits is started again when it died of a signal while starting (at most
+    :data:`SUPERNODE_START_RETRIES` times), when its activation was refused while this site's
+    previous session may still be registered (:meth:`_Activation.retry`), or when its Fleet
+    loop ended (it gave up reconnecting): then after a console line naming why and the wait
+    (``backoff[0]`` s doubling to ``backoff[1]``, back to the first once it reconnected), the
+    coordinator's address is checked again (:func:`wait_for_coordinator`: it waits while the
+    coordinator is unreachable, and ends the site with one line if the address answers but is
+    not the Fleet API), and the session the dead SuperNode left is ended first.
+
+    Raises:
+        SiteRunError: The coordinator's address no longer speaks the Fleet API, or a restarted
+            SuperNode did not come up.
+    """
+    restarts = 0
+    delay = backoff[0]
+    while not stop.is_set():
+        node.supervise()
+        if node.connected:
+            delay = backoff[0]
+        if not node.exited.is_set():
+            stop.wait(1.0)
+            continue
+        if node.crashed_while_starting() and restarts < SUPERNODE_START_RETRIES:
+            restarts += 1
+            log.warning(
+                "the SuperNode died while starting (exit %s, see %s); starting it again (%d/%d)",
+                node.returncode,
+                node.log_path,
+                restarts,
+                SUPERNODE_START_RETRIES,
+            )
+            node.start()
+            continue
+        if node.activation_refused() and activation.retry():
+            node.start()
+            continue
+        why = node.fleet_loop_ended()
+        if why is None:
+            return
+        on_info(
+            f"site {cfg.name}: the SuperNode stopped reaching the coordinator at {cfg.superlink} "
+            f"({why}; see {node.log_path}); starting it again in {delay:.0f} s"
+        )
+        if stop.wait(delay):
+            return
+        delay = min(delay * 2, backoff[1])
+        if not wait_for_coordinator(cfg, stop, on_info):
+            return
+        activation.restart()
+        node.start()
+        on_info(f"site {cfg.name}: SuperNode started again, connecting to {cfg.superlink}")
 
 
 class _Activation:
@@ -689,6 +794,13 @@ class _Activation:
             )
         return self.outcome
 
+    def restart(self) -> SessionEnd | None:
+        """Before a SuperNode is started again: forget earlier refusals, and end the session
+        the previous SuperNode left (:meth:`end_previous_session`)."""
+        self._first_refusal = None
+        self._delay = ACTIVATION_RETRY_S[0]
+        return self.end_previous_session()
+
     def retry(self) -> bool:
         """After a refused activation: wait and return True to start the SuperNode again, or
         False when the refusal is final (no session on record, the key owns no node, the window
@@ -718,14 +830,17 @@ class _Activation:
         """Why the coordinator refused this site, for the final error."""
         from fedseal.client.flower_patches import SessionEnd
 
-        log_hint = f"see {self.node.log_path}"
+        todo = (
+            f"send enrolment-request.txt (sh start.sh --request) to the coordinator; see "
+            f"{self.node.log_path}"
+        )
         if self._first_refusal is not None and self.outcome is not SessionEnd.NOT_REGISTERED:
             return (
                 f"the coordinator refused this site's key for {time.monotonic() - self._first_refusal:.0f} s, "
                 f"past the time its previous session (node {self.previous}) would have expired: "
-                f"not enrolled, or revoked; {log_hint}"
+                f"not enrolled, or revoked; {todo}"
             )
-        return f"the coordinator refused this site's key (not enrolled, or revoked); {log_hint}"
+        return f"the coordinator refused this site's key (not enrolled, or revoked); {todo}"
 
 
 def site_trust(cfg: ClientConfig) -> SiteTrust:
@@ -845,7 +960,9 @@ class SuperNodeProcess:
     Known Flower 1.42 limit: a SuperNode can wedge when its SuperLink dies between pulling a
     message and pushing the reply (it waits forever for a reply to a task never created), so a
     SuperNode that ran is not restarted here; the site's process is (by its operator or service
-    manager), and rejoins at once.
+    manager), and rejoins at once. The exception: a SuperNode whose Fleet loop ended (it gave up
+    reconnecting; :meth:`fleet_loop_ended`) has stopped pulling anything, and is started again
+    (:func:`_supervise`).
     """
 
     def __init__(self, cfg: ClientConfig, key: object, stop: threading.Event) -> None:
@@ -897,6 +1014,39 @@ class SuperNodeProcess:
         except OSError:
             return False
         return SUPERNODE_CONNECTION_ERROR.encode() in text and ACTIVATION_REFUSED.encode() in text
+
+    def fleet_loop_ended(self) -> str | None:
+        """Why the SuperNode that just exited stopped, if its Fleet loop ended with an exception
+        (it gave up reconnecting: the launcher's exit status
+        :data:`~fedseal.client.supernode.EXIT_FLEET_LOOP_ENDED`); None for any other exit."""
+        from fedseal.client.supernode import EXIT_FLEET_LOOP_ENDED, FLEET_LOOP_ENDED
+
+        if self.returncode != EXIT_FLEET_LOOP_ENDED:
+            return None
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._start_offset)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            text = ""
+        found = _GAVE_UP.findall(text)
+        gave_up = (
+            f"gave up reconnecting after {found[-1][0]} s and {found[-1][1]} tries" if found else ""
+        )
+        ended = [
+            line[len(FLEET_LOOP_ENDED) :]
+            for line in text.splitlines()
+            if line.startswith(FLEET_LOOP_ENDED)
+        ]
+        return (
+            ": ".join(part for part in (gave_up, ended[-1] if ended else "") if part)
+            or "its Fleet loop ended"
+        )
+
+    @property
+    def connected(self) -> bool:
+        """Whether this start of the SuperNode has reached the coordinator (as its log says)."""
+        return self._connected
 
     def start(self) -> None:
         cfg = self.cfg
@@ -973,15 +1123,30 @@ class SuperNodeProcess:
         except OSError:
             return
         text = chunk.decode("utf-8", "replace")
-        if "SuperNode ID:" in text:
+        activated = text.rfind("SuperNode ID:")
+        if activated >= 0:
             self._connected = True
             self._ever_connected = True
             ids = _NODE_ID_LINE.findall(chunk)
             if ids:
                 self._record_node_id(int(ids[-1]))
-        if self._connected and "Connection attempt failed" in text:
-            log.warning("lost the coordinator; the SuperNode keeps reconnecting")
+        failed = text.rfind("Connection attempt failed")
+        if self._connected and failed > activated:
+            # Every site sees this when a coordinator ends after its run (fl-server run), and a
+            # crash or a cut link looks the same from here: not alarming, and said once.
+            log.info(
+                "the coordinator at %s went away (its run ended, or it stopped); the SuperNode "
+                "keeps reconnecting",
+                self.cfg.superlink,
+            )
             self._connected = False
+        if (
+            not self._connected
+            and self._ever_connected
+            and text.rfind("Connection successful") > failed
+        ):
+            log.info("the coordinator at %s answers again", self.cfg.superlink)
+            self._connected = True
 
     @property
     def returncode(self) -> int | None:

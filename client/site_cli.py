@@ -32,7 +32,9 @@ def register(app: typer.Typer) -> None:
 
     @keys_app.command("init")
     def keys_init(
-        out: Annotated[Path, typer.Option(help="Private key path (PEM PKCS8, mode 0600).")] = Path("site.key"),
+        out: Annotated[Path, typer.Option(help="Private key path (PEM PKCS8, mode 0600).")] = Path(
+            "site.key"
+        ),
         passphrase_env: Annotated[
             str | None, typer.Option(help="Encrypt with the passphrase held in this env variable.")
         ] = None,
@@ -53,7 +55,9 @@ def register(app: typer.Typer) -> None:
         if passphrase_env:
             value = os.environ.get(passphrase_env)
             if not value:
-                console.print(f"[red]error:[/red] environment variable {passphrase_env} is empty or unset")
+                console.print(
+                    f"[red]error:[/red] environment variable {passphrase_env} is empty or unset"
+                )
                 raise typer.Exit(EXIT_USAGE)
             passphrase = value.encode()
         key = generate_identity_key()
@@ -69,9 +73,13 @@ def register(app: typer.Typer) -> None:
     def run(
         config: Annotated[Path, typer.Option(help="client.toml")] = Path("client.toml"),
         re_enrol: Annotated[
-            bool, typer.Option("--re-enrol", help="Accept a changed dataset once: its root is kept in the state directory "
-                                   "(approved-root.json), so later starts need no client.toml edit; the "
-                                   "coordinator must still approve it (fl-server enroll).")
+            bool,
+            typer.Option(
+                "--re-enrol",
+                help="Accept a changed dataset once: its root is kept in the state directory "
+                "(approved-root.json), so later starts need no client.toml edit; the "
+                "coordinator must still approve it (fl-server enroll).",
+            ),
         ] = False,
     ) -> None:
         """Join a federation: re-attest the dataset, start a SuperNode, train when asked."""
@@ -80,7 +88,9 @@ def register(app: typer.Typer) -> None:
         from fedseal.client.config import ClientConfigError, load_client_config
         from fedseal.client.node import SiteRunError, run_site
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        )
         try:
             cfg = load_client_config(config)
         except ClientConfigError as exc:
@@ -88,13 +98,20 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(EXIT_USAGE) from exc
         try:
             # One line each (not wrapped at the terminal's width, never read as markup).
-            code = run_site(cfg, re_enrol=re_enrol, on_info=lambda s: console.print(escape(s), soft_wrap=True))
+            code = run_site(
+                cfg, re_enrol=re_enrol, on_info=lambda s: console.print(escape(s), soft_wrap=True)
+            )
         except SiteRunError as exc:
             console.print(f"[red]refused:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_FAILED) from exc
         raise typer.Exit(code)
 
-    policy_app = typer.Typer(help="The site's privacy policy (client.toml [privacy], [limits], [trust], [peers]).", no_args_is_help=True)
+    # Help texts are rich markup: a bracketed name needs a backslash before it, or rich reads it
+    # as a style tag and drops it ("client.toml , , , ").
+    policy_app = typer.Typer(
+        help="The site's privacy policy (client.toml \\[privacy], \\[limits], \\[trust], \\[peers]).",
+        no_args_is_help=True,
+    )
 
     @policy_app.command("show")
     def policy_show(
@@ -112,7 +129,7 @@ def register(app: typer.Typer) -> None:
         try:
             trust = site_trust(cfg)
         except SiteRunError as exc:
-            console.print(f"[red]refused:[/red] {exc}")
+            console.print(f"[red]refused:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_FAILED) from exc
         typer.echo(f"site {cfg.name} ({cfg.path})")
         for line in effective_policy(cfg, trust.sources, cfg.audit_address is not None):
@@ -121,7 +138,8 @@ def register(app: typer.Typer) -> None:
     app.add_typer(policy_app, name="policy")
 
     privacy_app = typer.Typer(
-        help="The differential privacy this site has spent (its privacy ledger).", no_args_is_help=True
+        help="The differential privacy this site has spent (its privacy ledger).",
+        no_args_is_help=True,
     )
 
     @privacy_app.command("show")
@@ -135,7 +153,9 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = load_client_config(config)
         except ClientConfigError as exc:
-            console.print(f"[red]error:[/red] {escape(str(config))}: {escape(str(exc))}", soft_wrap=True)
+            console.print(
+                f"[red]error:[/red] {escape(str(config))}: {escape(str(exc))}", soft_wrap=True
+            )
             raise typer.Exit(EXIT_USAGE) from exc
         ledger = PrivacyLedger(cfg.state_dir)
         try:
@@ -170,7 +190,9 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = load_client_config(config)
         except ClientConfigError as exc:
-            console.print(f"[red]error:[/red] {escape(str(config))}: {escape(str(exc))}", soft_wrap=True)
+            console.print(
+                f"[red]error:[/red] {escape(str(config))}: {escape(str(exc))}", soft_wrap=True
+            )
             raise typer.Exit(EXIT_USAGE) from exc
         receipts_dir = cfg.state_dir / "receipts"
         try:
@@ -222,8 +244,9 @@ def _ledger_lines(ledger: PrivacyLedger, privacy: SitePrivacy) -> list[str]:
 
     delta = privacy.delta
     mode = (
-        'required (rounds without DP are refused)' if privacy.dp_required
-        else 'off (rounds without DP are accepted; they release exact sums and are not charged)'
+        "required (rounds without DP are refused)"
+        if privacy.dp_required
+        else "off (rounds without DP are accepted; they release exact sums and are not charged)"
     )
     lines = [f"differential privacy: {mode}"]
     runs = ledger.runs(delta)
@@ -247,7 +270,9 @@ def _ledger_lines(ledger: PrivacyLedger, privacy: SitePrivacy) -> list[str]:
     if budget is None:
         lines.append("budget: none set ([privacy] epsilon_budget): DP rounds are not limited")
     elif spent > budget:
-        lines.append(f"budget: epsilon {budget:g}: EXCEEDED by {spent - budget:.4g}; every DP round is refused")
+        lines.append(
+            f"budget: epsilon {budget:g}: EXCEEDED by {spent - budget:.4g}; every DP round is refused"
+        )
     else:
         lines.append(
             f"budget: epsilon {budget:g} at delta {delta:g} over all runs: {budget - spent:.4g} left "

@@ -21,16 +21,40 @@ second per site) instead of one per 3 s.
 
 Run as ``python -m fedseal.client.supernode <flower-supernode arguments>``; a Flower other than
 the one the patches were written for, or a bad setting, exits with code 2 and one line.
+
+A Fleet loop that ends exits the process with :data:`EXIT_FLEET_LOOP_ENDED` and one line
+(:data:`FLEET_LOOP_ENDED` and why): when its reconnection retries give up ("Giving up
+reconnection after 36.77 seconds and 8 tries", e.g. after the fleet port answered something
+other than the Fleet API), Flower's SuperNode logs the error and leaves its loop, and its
+Runtime API thread then kept the process alive with no loop behind it, so the site looked
+connected and never trained again. ``fl-client run`` starts a SuperNode that exited so again
+(:mod:`fedseal.client.node`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
+import traceback
+from collections.abc import Callable
 
 from fedseal.client.flower_patches import LOCAL_WAIT_S, install
 from fedseal.settings import Environment, PullBackoff
 
-__all__ = ["loopback_backoff", "main"]
+__all__ = [
+    "EXIT_FLEET_LOOP_ENDED",
+    "FLEET_LOOP_ENDED",
+    "loopback_backoff",
+    "main",
+    "run_fleet_loop",
+]
+
+#: The launcher's exit status when the SuperNode's Fleet loop ended with an exception.
+EXIT_FLEET_LOOP_ENDED = 4
+#: What the launcher prints before the reason when the Fleet loop ended (read by ``fl-client run``).
+FLEET_LOOP_ENDED = "fedseal supernode: the Fleet loop ended: "
 
 
 def loopback_backoff(backoff: PullBackoff) -> PullBackoff:
@@ -40,7 +64,9 @@ def loopback_backoff(backoff: PullBackoff) -> PullBackoff:
     retrying often is cheap, and the cap is the longest the site may idle after the message's
     objects reached its SuperNode.
     """
-    return PullBackoff(initial_s=backoff.initial_s, cap_s=max(backoff.initial_s, min(backoff.cap_s, 0.1)))
+    return PullBackoff(
+        initial_s=backoff.initial_s, cap_s=max(backoff.initial_s, min(backoff.cap_s, 0.1))
+    )
 
 
 def main() -> None:
@@ -58,7 +84,44 @@ def main() -> None:
     # The site's supernode.log is a file: timestamps help an operator, colour codes do not.
     update_console_handler(timestamps=True, colored=False)
     sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    run_fleet_loop(flower_supernode)
+
+
+def run_fleet_loop(supernode: Callable[[], None]) -> None:
+    """Run ``supernode`` (Flower's SuperNode, in this process's main thread); when it returns or
+    raises, print :data:`FLEET_LOOP_ENDED` with the reason in one line, and end the process at
+    once with :data:`EXIT_FLEET_LOOP_ENDED`.
+
+    Flower 1.42's Fleet loop never returns while it is connected: its connection context logs
+    an error that ends it (``log(ERROR, exc)`` in ``fleet_http_connection``: the retries gave up)
+    and returns, and the Runtime API thread (not a daemon) then kept the process alive with no
+    loop behind it; hence ``os._exit``. The reason is the last error Flower logged (or the
+    exception). Its own exits (``SystemExit``: Flower's exit code 305, a signal) pass unchanged.
+    """
+    errors = _LastError()
+    logging.getLogger("flwr").addHandler(errors)
+    try:
+        supernode()
+        reason = errors.message or "the connection to the coordinator ended"
+    except Exception as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        traceback.print_exc(file=sys.stderr)
+    print(f"{FLEET_LOOP_ENDED}{reason}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_FLEET_LOOP_ENDED)
+
+
+class _LastError(logging.Handler):
+    """Keeps the first line of the last ERROR record (Flower's logger)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            text = record.getMessage().strip()
+            self.message = " ".join(text.splitlines()[0].split())[:300] if text else self.message
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ A site kit is a directory ``OUT/<site>/``::
 
     client.toml              [site] name, [coordinator] superlink/audit_address (address + the
                              ports of server.toml), ca_cert, public_key, [data] (the site
-                             completes it), [trust] roster + roster_authority (when given)
+                             completes it), [trust] roster + roster_authority (when given),
+                             a commented [limits] allowed_models (how to allow the site's own
+                             recipe), [runtime] port (:func:`site_runtime_ports`: one per kit,
+                             so sites sharing a host for a trial do not clash)
     ca.pem                   the CA that signed the coordinator's TLS certificate
     coordinator.pub          the coordinator's signing key, pinned by the site
     consortium-roster.json   the signed consortium roster, and the roster authority's public
@@ -75,13 +78,17 @@ from fedseal.server.errors import CoordinatorError
 __all__ = [
     "APPROVED_ROOT_PLACEHOLDER",
     "COORDINATOR_KIT",
+    "FIRST_RUNTIME_PORT",
     "KIT_FILES",
     "Kits",
     "ProvisionError",
     "provision",
+    "site_runtime_ports",
 ]
 
 COORDINATOR_KIT = "coordinator"
+FIRST_RUNTIME_PORT = 9094
+"""The first kit's ``[runtime] port``; the next kits count up from it (:func:`site_runtime_ports`)."""
 """The coordinator's own kit directory in ``OUT`` (so no site may be called that)."""
 APPROVED_ROOT_PLACEHOLDER = "filled-in-by-start.sh"
 """``[data] approved_root`` in a new kit: not 64 hex, so ``fl-client run`` refuses it by name
@@ -181,8 +188,8 @@ def provision(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)  # noqa: S103 (kits hold no secret; mkdtemp makes it 0700)
-        for name in names:
-            _write_site_kit(tmp / name, cfg, name, host, inputs, now)
+        for name, port in zip(names, site_runtime_ports(cfg, len(names)), strict=True):
+            _write_site_kit(tmp / name, cfg, name, host, inputs, now, port)
         _write_coordinator_kit(tmp / COORDINATOR_KIT, cfg, names, host, inputs, notes, now, out)
         if out.exists():
             out.rmdir()  # empty (checked above); a file appearing since makes this fail
@@ -420,7 +427,29 @@ def _version() -> str:
         return "unknown"
 
 
-def _client_toml(cfg: ServerConfig, site: str, host: str, inputs: _Inputs, now: datetime) -> str:
+def site_runtime_ports(cfg: ServerConfig, n: int) -> list[int]:
+    """The ``[runtime] port`` of each of ``n`` kits: :data:`FIRST_RUNTIME_PORT` upward, one per
+    kit, skipping the coordinator's own ports (``[network]``: fleet, internal, metrics, audit),
+    so a trial with the coordinator and every site on one host has no clash. The port is local
+    (the site's SuperNode Runtime API on 127.0.0.1): sites on separate hosts may share one."""
+    taken = {
+        cfg.network.fleet_port,
+        cfg.network.internal_port,
+        cfg.network.metrics_port,
+        cfg.network.audit_port,
+    }
+    ports: list[int] = []
+    port = FIRST_RUNTIME_PORT
+    while len(ports) < n:
+        if port not in taken:
+            ports.append(port)
+        port += 1
+    return ports
+
+
+def _client_toml(
+    cfg: ServerConfig, site: str, host: str, inputs: _Inputs, now: datetime, port: int
+) -> str:
     audit = _audit_address(cfg, host)
     lines = [
         f"# fedseal site configuration for {site}, written by `fl-server provision` on "
@@ -450,6 +479,12 @@ def _client_toml(cfg: ServerConfig, site: str, host: str, inputs: _Inputs, now: 
         '# dp = "required"           # refuse rounds without differential privacy',
         "# epsilon_budget = 4.0",
         "",
+        "# [limits] (this site's own caps on a coordinator's request). To allow this site's own",
+        "# recipe (a package installed here: PACKAGE:recipe, e.g. fedseal_example_tabular:recipe",
+        '# after pip install -e examples/tabular) beside the built-in "mlp" (the default also',
+        '# lists "cnn", for square images; a model that does not fit the data is skipped):',
+        '# allowed_models = ["mlp", "PACKAGE:recipe"]',
+        "",
     ]
     if inputs.roster_json is not None:
         lines += [
@@ -468,7 +503,8 @@ def _client_toml(cfg: ServerConfig, site: str, host: str, inputs: _Inputs, now: 
         ]
     lines += [
         "[runtime]",
-        "port = 9094               # this site's SuperNode Runtime API, on 127.0.0.1 only",
+        f"port = {port}               # this site's SuperNode Runtime API: a local port, on "
+        "127.0.0.1 only",
         "",
     ]
     return "\n".join(lines)
@@ -565,7 +601,9 @@ def _start_sh(cfg: ServerConfig, site: str, inputs: _Inputs) -> str:
     )
 
 
-def _site_readme(cfg: ServerConfig, site: str, host: str, inputs: _Inputs, now: datetime) -> str:
+def _site_readme(
+    cfg: ServerConfig, site: str, host: str, inputs: _Inputs, now: datetime, port: int
+) -> str:
     audit = _audit_address(cfg, host)
     roster = inputs.roster_json is not None
     lines = [
@@ -630,8 +668,9 @@ def _site_readme(cfg: ServerConfig, site: str, host: str, inputs: _Inputs, now: 
         "NETWORK",
         f"  This site connects out to {_hostport(host, cfg.network.fleet_port)} (the coordinator's "
         "fleet port)" + (f" and {audit} (its audit service)." if audit else "."),
-        "  It opens no port to the outside; its local Runtime API listens on 127.0.0.1:9094",
-        "  ([runtime] port in client.toml: change it if that port is taken).",
+        f"  It opens no port to the outside; its local Runtime API listens on 127.0.0.1:{port}",
+        "  ([runtime] port in client.toml: a local port, not the coordinator's; change it if it",
+        "  is taken on this host, e.g. by another site's kit).",
         "",
         "POLICY",
         "  What this site accepts is decided here, in client.toml ([privacy], [limits]), never by",
@@ -647,17 +686,17 @@ def _site_readme(cfg: ServerConfig, site: str, host: str, inputs: _Inputs, now: 
 
 
 def _write_site_kit(
-    kit: Path, cfg: ServerConfig, site: str, host: str, inputs: _Inputs, now: datetime
+    kit: Path, cfg: ServerConfig, site: str, host: str, inputs: _Inputs, now: datetime, port: int
 ) -> None:
     kit.mkdir(mode=0o755)
-    _write(kit / "client.toml", _client_toml(cfg, site, host, inputs, now))
+    _write(kit / "client.toml", _client_toml(cfg, site, host, inputs, now, port))
     _write(kit / "ca.pem", inputs.ca_pem)
     _write(kit / "coordinator.pub", inputs.coordinator_pub_pem)
     if inputs.roster_json is not None and inputs.authority_pub_pem is not None:
         _write(kit / ROSTER_FILE, inputs.roster_json)
         _write(kit / AUTHORITY_FILE, inputs.authority_pub_pem)
     _write(kit / "start.sh", _start_sh(cfg, site, inputs), 0o755)
-    _write(kit / "README.txt", _site_readme(cfg, site, host, inputs, now))
+    _write(kit / "README.txt", _site_readme(cfg, site, host, inputs, now, port))
 
 
 def _enroll_command(cfg: ServerConfig, site: str) -> str:
@@ -738,7 +777,10 @@ def _write_coordinator_kit(
         "coordinator_key_id": inputs.coordinator_key_id,
         "roster_authority_key_id": inputs.authority_key_id,
         "roster": inputs.roster_summary,
-        "sites": [{"site": s, "kit": s, "enroll": _enroll_command(cfg, s)} for s in sites],
+        "sites": [
+            {"site": s, "kit": s, "runtime_port": port, "enroll": _enroll_command(cfg, s)}
+            for s, port in zip(sites, site_runtime_ports(cfg, len(sites)), strict=True)
+        ],
         "notes": list(notes),
     }
     _write(kit / "kits.json", json.dumps(doc, indent=1) + "\n")

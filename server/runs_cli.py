@@ -129,7 +129,7 @@ def register(app: typer.Typer, fail: Callable[..., typer.Exit]) -> None:
         config: Annotated[
             Path,
             typer.Option(
-                help="The run's configuration: a server.toml whose [run], [dp] and [consortium] "
+                help="The run's configuration: a server.toml whose \\[run], \\[dp] and \\[consortium] "
                 "are this run's (the rest must be the serving coordinator's)."
             ),
         ] = Path("server.toml"),

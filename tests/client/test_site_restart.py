@@ -330,7 +330,8 @@ def test_a_site_with_no_session_on_record_sends_nothing_and_a_refusal_is_final(
     assert act.end_previous_session() is None and calls == []
     assert act.retry() is False
     assert act.refusal().startswith(
-        "the coordinator refused this site's key (not enrolled, or revoked)"
+        "the coordinator refused this site's key (not enrolled, or revoked); send "
+        "enrolment-request.txt (sh start.sh --request) to the coordinator; see "
     )
 
 
@@ -341,6 +342,7 @@ def test_a_key_that_owns_no_node_is_refused_at_once_as_not_enrolled_or_revoked(
     act.end_previous_session()
     assert act.retry() is False and lines == []
     assert "refused this site's key (not enrolled, or revoked)" in act.refusal()
+    assert "send enrolment-request.txt (sh start.sh --request) to the coordinator" in act.refusal()
 
 
 def test_a_refused_activation_with_a_session_on_record_is_retried_with_one_clear_line(

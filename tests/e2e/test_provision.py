@@ -82,7 +82,7 @@ def test_provisioned_kits_take_three_sites_from_enrolment_to_a_finished_secure_r
         kit = kits / site
         shutil.move(part["dir"], kit / "data")
         toml = kit / "client.toml"
-        toml.write_text(toml.read_text().replace("port = 9094", f"port = {free_port()}"))
+        toml.write_text(re.sub(r"(?m)^port = \d+", f"port = {free_port()}", toml.read_text()))
         out = _run(["sh", str(kit / "start.sh"), "--request"])
         assert f"dataset root  {part['root']}" in out
         requests[site] = (kit / "enrolment-request.txt").read_text()

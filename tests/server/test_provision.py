@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from typer.testing import CliRunner
 
-from fedseal.client.config import ClientConfigError, load_client_config
+from fedseal.client.config import ClientConfig, ClientConfigError, load_client_config
 from fedseal.crypto.keys import (
     generate_identity_key,
     load_public_key,
@@ -32,6 +32,8 @@ from fedseal.server.provision import APPROVED_ROOT_PLACEHOLDER, KIT_FILES, Provi
 from fedseal.sim.commands import app
 
 runner = CliRunner()
+
+
 def _now() -> datetime:
     """The time of the call: a certificate that fl-server init makes mid-suite is valid from
     five minutes before it was made, so a time taken at collection can precede it."""
@@ -347,10 +349,63 @@ def test_start_sh_without_a_prepared_dataset_says_how_to_make_one(
     assert "no prepared dataset in data: run  fl-client data prepare YOUR.csv data" in res.stderr
 
 
-def test_a_stale_coordinator_pub_beside_the_key_is_refused_not_pinned(server_toml: Path, tmp_path: Path) -> None:
+def test_a_stale_coordinator_pub_beside_the_key_is_refused_not_pinned(
+    server_toml: Path, tmp_path: Path
+) -> None:
     pub = server_toml.parent / "coordinator.pub"
-    save_public_key(generate_identity_key().public_key(), pub)  # not the key the coordinator signs with
-    code, out = _provision(server_toml, tmp_path / "kits", "--address", "coord.example.org", "--site", "site-a")
+    save_public_key(
+        generate_identity_key().public_key(), pub
+    )  # not the key the coordinator signs with
+    code, out = _provision(
+        server_toml, tmp_path / "kits", "--address", "coord.example.org", "--site", "site-a"
+    )
     assert code == 2, out
     assert "is not the public half of" in " ".join(out.split())
     assert not (tmp_path / "kits").exists()
+
+
+def test_each_kit_gets_its_own_local_runtime_port_clear_of_the_coordinators_ports(
+    server_toml: Path, tmp_path: Path
+) -> None:
+    cfg = load_server_config(server_toml)
+    sites = ["site-a", "site-b", "site-c"]
+    kits = provision(cfg, sites, address="coord.example.org", out=tmp_path / "k", now=_now())
+    ports = []
+    for kit in kits.sites:
+        save_private_key(generate_identity_key(), kit / "site.key")
+        toml = kit / "client.toml"
+        toml.write_text(toml.read_text().replace(APPROVED_ROOT_PLACEHOLDER, "ab" * 32))
+        port = load_client_config(toml).runtime_port
+        ports.append(port)
+        readme = (kit / "README.txt").read_text()
+        assert f"127.0.0.1:{port}" in readme and "a local port" in readme
+    coordinator = {cfg.network.fleet_port, cfg.network.internal_port, cfg.network.metrics_port,
+                   cfg.network.audit_port}  # fmt: skip
+    assert len(set(ports)) == 3 and not set(ports) & coordinator
+    assert ports == [9094, 9096, 9097]  # 9095 is the audit port of fl-server init's server.toml
+    record = json.loads((kits.coordinator / "kits.json").read_text())
+    assert [s["runtime_port"] for s in record["sites"]] == ports
+
+
+def test_a_kits_client_toml_says_how_to_allow_the_sites_own_recipe(
+    server_toml: Path, tmp_path: Path
+) -> None:
+    cfg = load_server_config(server_toml)
+    kit = provision(
+        cfg, ["site-a"], address="coord.example.org", out=tmp_path / "k", now=_now()
+    ).sites[0]
+    save_private_key(generate_identity_key(), kit / "site.key")
+    toml = kit / "client.toml"
+    text = toml.read_text().replace(APPROVED_ROOT_PLACEHOLDER, "ab" * 32)
+    commented = '# allowed_models = ["mlp", "PACKAGE:recipe"]'
+    assert commented in text and "[limits]" in text
+    _load(toml, text)  # the kit loads as written (the line is a comment)
+    # Uncommented, under its table, the line is what the site means.
+    allowed = text.replace("# [limits] (", "[limits]\n# (").replace(commented, commented[2:])
+    allowed = allowed.replace("PACKAGE:recipe", "fedseal_example_tabular:recipe")
+    assert _load(toml, allowed).allowed_models == ("mlp", "fedseal_example_tabular:recipe")
+
+
+def _load(path: Path, text: str) -> ClientConfig:
+    path.write_text(text)
+    return load_client_config(path)

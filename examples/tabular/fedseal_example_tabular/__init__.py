@@ -4,7 +4,10 @@ Install it at every site (``pip install -e examples/tabular``, or your own packa
 same way), allow it in ``client.toml``::
 
     [limits]
-    allowed_models = ["mlp", "cnn", "fedseal_example_tabular:recipe"]
+    allowed_models = ["mlp", "fedseal_example_tabular:recipe"]
+
+(not ``"cnn"``: the built-in CNN takes square images only; a site whose data a listed model does
+not fit skips it at start-up with a warning, and refuses to start only when none fits)
 
 and name it at the coordinator, in ``server.toml``::
 
