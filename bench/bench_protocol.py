@@ -55,9 +55,10 @@ class DropAfterKeySharing(Behaviour):
     every needed neighbourhood at or above the threshold and every window of k/2 ring positions
     within the sites' floor (else the round fails by design)."""
 
-    def __init__(self, fraction: float, rng: np.random.Generator) -> None:
-        self.fraction, self.rng = fraction, rng
+    def __init__(self, fraction: float, rng: np.random.Generator, *, uniform: bool = False) -> None:
+        self.fraction, self.rng, self.uniform = fraction, rng, uniform
         self.dropped: list[SiteId] = []
+        self.draws = 0
 
     def before_advance(self, fed: Federation, stage: ServerStage) -> None:
         if stage is not ServerStage.SHARE or fed.server is None or fed.server.graph is None:
@@ -84,12 +85,13 @@ class DropAfterKeySharing(Behaviour):
                 return False
             return True
 
-        for _ in range(1000):
+        for _ in range(1 if self.uniform else 1000):
+            self.draws += 1
             picked = {members[i] for i in self.rng.choice(len(members), size=count, replace=False)}
-            if within_floor(picked) and all(
+            if self.uniform or (within_floor(picked) and all(
                 sum(1 for j in graph.of(s) if j not in picked) >= t for s in members
-            ):
-                break
+            )):
+                break  # uniform: the first random set, whatever it does to the round
         else:
             raise RuntimeError("no dropout set within the threshold and the sites' window floor")
         self.dropped = sorted(picked)
@@ -116,6 +118,15 @@ def main(argv: list[str]) -> None:
         help="dropouts per k/2 ring positions the automatic degree must allow (the sites refuse more)",
     )
     parser.add_argument(
+        "--dropout-tolerance", type=float, default=0.0,
+        help="size the automatic degree for this dropout fraction (RoundConfig.dropout_tolerance; "
+        "0: the --window-dropouts rule)",
+    )
+    parser.add_argument(
+        "--uniform-dropouts", action="store_true",
+        help="drop the first uniformly random set of --dropout sites (no search for one the round survives)",
+    )
+    parser.add_argument(
         "--no-micro", action="store_true", help="skip the per-site stage-3 micro-benchmarks"
     )
     args = parser.parse_args(argv)
@@ -129,6 +140,7 @@ def main(argv: list[str]) -> None:
         degree=args.degree,
         threshold=args.threshold,
         window_dropouts=args.window_dropouts,
+        dropout_tolerance=args.dropout_tolerance,
     )
     training_s: dict[SiteId, float] = {}
 
@@ -144,7 +156,7 @@ def main(argv: list[str]) -> None:
         training_s[site] = time.process_time() - t0
         return LocalUpdate(vec, 100 + index[site], dataset_root_for(site))
 
-    behaviour = DropAfterKeySharing(args.dropout, np.random.default_rng(args.seed))
+    behaviour = DropAfterKeySharing(args.dropout, np.random.default_rng(args.seed), uniform=args.uniform_dropouts)
     fed = Federation(
         config,
         sites,
@@ -185,7 +197,9 @@ def main(argv: list[str]) -> None:
     print(
         f"N={n} sites, M={m:,} parameters, degree {fed.server.graph.degree if fed.server and fed.server.graph else '?'}, "
         f"threshold {fed.server.params.threshold if fed.server else '?'}, "
-        f"{len(behaviour.dropped)} sites dropped after key sharing, {len(result.survivors)} survivors, "
+        f"{len(behaviour.dropped)} sites dropped after key sharing "
+        f"({'the first uniformly random set' if args.uniform_dropouts else f'{behaviour.draws} draw(s)'}), "
+        f"{len(result.survivors)} survivors, field Z_2^{fed.server.params.quantization.modulus_bits if fed.server else '?'}, "
         f"{result.setup_attempts} setup attempt(s) ({args.advert_dropouts} silent at the key adverts); "
         f"CPU seconds (time.process_time), one process; wall {wall:.1f} s\n"
     )

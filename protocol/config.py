@@ -29,7 +29,7 @@ coordinator and, with its own :class:`SitePolicy`, every site check before takin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .contract import CONTRACT_DIGEST_BYTES
@@ -71,6 +71,8 @@ DEFAULT_COLLUDING_FRACTION = 1 / 3
 """Default ``max_colluding_fraction`` (gamma): the coordinator may collude with a third of a cohort."""
 
 DEFAULT_SECURITY_BITS = 40
+#: Fewest quantization levels an automatically chosen field keeps (RoundConfig.auto_field).
+MIN_AUTO_LEVELS = 256
 """Default security parameter: a graph/threshold choice fails with probability <= 2^-40."""
 
 
@@ -496,7 +498,19 @@ class RoundConfig:
         security_bits: sigma of that floor (the same remark).
         window_dropouts: Dropouts per window of ``k/2`` consecutive ring positions a sparse
             round must tolerate (sites refuse survivor sets with more than their floor
-            allows); a larger value asks for a larger automatic degree.
+            allows); a larger value asks for a larger automatic degree. Used when
+            ``dropout_tolerance`` is 0.
+        dropout_tolerance: The fraction of the cohort that may drop out during a round
+            (0 <= delta < 1): the automatic degree is then the least one that is safe and
+            completes with that many random dropouts except with probability
+            ``2**-completion_bits`` (:func:`fedseal.protocol.params.least_degree_for_dropouts`,
+            Bell et al.'s choice of ``k`` from ``n``, delta and gamma, computed exactly).
+        completion_bits: See ``dropout_tolerance``.
+        auto_field: Choose the secure sum's field for the cohort: the quantization's modulus
+            if ``n * levels * max_weight`` fits it, else 64 bits, else the most levels
+            (precision) that fit 64 bits, down to :data:`MIN_AUTO_LEVELS` (the resolved
+            parameters, signed into the setup, carry the choice). ``False``: the quantization
+            as given, refused if it does not fit.
         contract_digest: The run's data contract digest (32 bytes, or ``b""`` for none),
             signed into every setup (:attr:`RoundParameters.contract_digest`).
         dp: Distributed DP for every round (docs/dp.md), e.g. from
@@ -521,6 +535,32 @@ class RoundConfig:
     window_dropouts: int = 2
     dp: DpParams | None = None
     contract_digest: bytes = b""
+    dropout_tolerance: float = 0.0
+    completion_bits: int = 20
+    auto_field: bool = True
+
+    def field_for(self, cohort_size: int) -> QuantizationConfig:
+        """The quantization a round of ``cohort_size`` sites uses (``auto_field``: the field
+        and, if even 64 bits are too few, the levels chosen to fit; see the class docstring).
+
+        Raises:
+            ConfigError: Not even :data:`MIN_AUTO_LEVELS` levels fit 64 bits.
+        """
+        q = self.quantization
+        if not self.auto_field or self.dp is not None:
+            return q
+        load = cohort_size * self.max_weight
+        for bits in sorted({q.modulus_bits, 64}):
+            bound = (1 << (bits - 1)) - 1
+            if load * q.levels <= bound:
+                return q if bits == q.modulus_bits else replace(q, modulus_bits=bits)
+        levels = ((1 << 63) - 1) // load
+        if levels < MIN_AUTO_LEVELS:
+            raise ConfigError(
+                f"{cohort_size} sites x max_weight {self.max_weight} leave {levels} quantization "
+                f"levels in Z_2^64 (at least {MIN_AUTO_LEVELS}): use a smaller max_weight"
+            )
+        return replace(q, levels=levels, modulus_bits=64)
 
     def resolve(self, cohort_size: int) -> RoundParameters:
         """Validate for ``cohort_size`` sites and fill in automatic values.
@@ -528,17 +568,23 @@ class RoundConfig:
         Raises:
             ConfigError: If any parameter is out of bounds (the message names it).
         """
-        from .params import least_degree, least_threshold
+        from .params import least_degree, least_degree_for_dropouts, least_threshold
 
         if cohort_size < 2:
             raise ConfigError(f"cohort size {cohort_size} is below 2")
         check_colluding_fraction(self.max_colluding_fraction, "config")
         check_security_bits(self.security_bits, "config")
         n, gamma, bits = cohort_size, self.max_colluding_fraction, self.security_bits
+        if not 0 <= self.dropout_tolerance < 1:
+            raise ConfigError(f"config.dropout_tolerance must be in [0, 1), got {self.dropout_tolerance!r}")
         if self.degree is not None:
             k = self.degree
         elif n <= self.complete_graph_max:
             k = n - 1
+        elif self.dropout_tolerance > 0:
+            k = least_degree_for_dropouts(
+                n, gamma, bits, dropout=self.dropout_tolerance, completion_bits=self.completion_bits
+            ).degree
         else:
             k = least_degree(n, gamma, bits, min_window_dropouts=self.window_dropouts)
         k = min(k, n - 1)
@@ -558,7 +604,7 @@ class RoundConfig:
             min_survivors = max(min_survivors, self.dp.min_survivors)
         params = RoundParameters(
             vector_length=self.vector_length,
-            quantization=self.quantization,
+            quantization=self.field_for(n),
             max_weight=self.max_weight,
             degree=k,
             threshold=t,

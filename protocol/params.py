@@ -41,14 +41,17 @@ from functools import lru_cache
 from .errors import ConfigError
 
 __all__ = [
+    "DEFAULT_COMPLETION_BITS",
     "DEFAULT_GAMMA",
     "DEFAULT_SIGMA",
+    "DegreeChoice",
     "SecurityFloor",
     "check_parameters",
     "check_survivor_windows",
     "colluders",
     "hypergeometric_tail",
     "least_degree",
+    "least_degree_for_dropouts",
     "least_threshold",
     "max_dropped_per_window",
     "safe_quorum",
@@ -346,6 +349,117 @@ def _least_degree(n: int, c: int, sigma: int, min_window_dropouts: int) -> int:
             f"graph (k={n - 1}) needs t >= c+1={c + 1} > k"
         )
     return n - 1
+
+
+DEFAULT_COMPLETION_BITS = 20
+"""A round sized for a dropout rate fails to complete with probability at most ``2**-20``."""
+
+
+@dataclass(frozen=True, slots=True)
+class DegreeChoice:
+    """The least degree for a cohort, a colluding fraction and a dropout rate (see
+    :func:`least_degree_for_dropouts`), and why it suffices.
+
+    Attributes:
+        n: Cohort size.
+        degree: ``k`` (even, or ``n - 1``: the complete graph).
+        threshold: The least safe ``t`` for ``k`` (C1).
+        min_survivors: The consistency quorum (C3), at most ``n - dropped``.
+        dropped: ``d = floor(dropout * n)``, the dropouts the round must absorb.
+        max_dropped_per_window: The sites' ``D`` for ``k`` (C2); ``n`` when complete.
+        log2_incomplete: ``log2`` of the union bound on the round failing to complete with
+            ``d`` random dropouts (some site left with fewer than ``t`` surviving neighbours,
+            or some window with more than ``D`` dropouts); ``-inf`` when it cannot fail.
+    """
+
+    n: int
+    degree: int
+    threshold: int
+    min_survivors: int
+    dropped: int
+    max_dropped_per_window: int
+    log2_incomplete: float
+
+
+def least_degree_for_dropouts(
+    n: int,
+    gamma: float | Fraction,
+    sigma: int = DEFAULT_SIGMA,
+    *,
+    dropout: float | Fraction,
+    completion_bits: int = DEFAULT_COMPLETION_BITS,
+) -> DegreeChoice:
+    """The least degree that is safe (C1-C3 at ``2**-sigma``, the sites' floor) *and* lets a
+    round of ``n`` sites complete when ``d = floor(dropout * n)`` of them, chosen uniformly at
+    random, drop out during it, except with probability ``2**-completion_bits``.
+
+    SecAgg+ (Bell et al., CCS 2020, section 4) chooses ``k`` from ``n``, the dropout rate and
+    the corrupt fraction; here every bound is computed exactly for the cohort (hypergeometric
+    tails, union bounds, no asymptotics). Completion needs, with ``X ~ Hypergeometric(n - 1, d,
+    k)`` the dropouts among one site's neighbours and ``W ~ Hypergeometric(n, d, k/2)`` those
+    in one window of the ring:
+
+    * (L1) every site keeps ``t`` surviving neighbours (its self-mask seed, or a dropped
+      site's mask key, can be rebuilt): ``n * P[X >= k - t + 1] <= 2**-(completion_bits + 1)``;
+    * (L2) no window holds more than the sites' ``D`` dropouts (they refuse such a survivor
+      set, C2): ``n * P[W >= D + 1] <= 2**-(completion_bits + 1)``;
+    * (L3) the consistency quorum is at most the survivors: ``floor((n + c)/2) + 1 <= n - d``.
+
+    The scan goes up the even degrees from the least safe one (the conditions are not
+    monotone in ``k`` in general, so no bisection) and ends at the complete graph, where only
+    (L3) and ``t <= n - d`` remain.
+
+    Raises:
+        ConfigError: No degree works: the dropouts leave fewer than the quorum (``dropout``
+            too large for ``gamma``: with ``c`` colluders a split view needs a majority
+            quorum, so ``d < (n - c) / 2``), named with the numbers.
+        ValueError: On out-of-range arguments.
+    """
+    _check_n(n)
+    _check_sigma(sigma)
+    if completion_bits < 0:
+        raise ValueError(f"completion_bits must be >= 0, got {completion_bits}")
+    rate = Fraction(dropout).limit_denominator(_GAMMA_DENOMINATOR)
+    if not 0 <= rate < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    return _least_degree_for_dropouts(n, _ratio(gamma), sigma, math.floor(rate * n), completion_bits)
+
+
+@lru_cache(maxsize=256)
+def _least_degree_for_dropouts(n: int, ratio: Fraction, sigma: int, d: int, bits: int) -> DegreeChoice:
+    c = math.floor(ratio * n)
+    quorum_floor = (n + c) // 2 + 1
+    if quorum_floor > n - d:
+        raise ConfigError(
+            f"{d} dropouts of n={n} leave {n - d} sites, below the consistency quorum "
+            f"{quorum_floor} = floor((n + c)/2) + 1 with c={c} colluders (gamma={ratio}): a round "
+            f"can absorb fewer than {(n - c) // 2} dropouts, or assume a smaller gamma"
+        )
+    top = n - 2 if n % 2 == 0 else n - 3  # the largest even sparse degree
+    start = _least_degree(n, c, sigma, 0)
+    for k in range(start, top + 1, 2) if start <= top else ():
+        choice = _completes(n, k, c, sigma, d, bits)
+        if choice is not None:
+            return choice
+    t = _least_threshold(n, n - 1, c, sigma)
+    if t is None or t > n - d:  # pragma: no cover - quorum_floor >= t covers it
+        raise ConfigError(f"no degree lets {n - d} of n={n} sites complete a round safely")
+    return DegreeChoice(n, n - 1, t, max(t, quorum_floor), d, n, -math.inf)
+
+
+def _completes(n: int, k: int, c: int, sigma: int, d: int, bits: int) -> DegreeChoice | None:
+    """The choice at degree ``k`` if it is safe and completes (L1-L3), else None."""
+    t = _least_threshold(n, k, c, sigma)
+    big_d = _max_dropped(n, k, c, sigma)
+    if t is None or big_d < 0:
+        return None
+    w = k // 2
+    if _least_safe_count(n - 1, d, k, n, bits) > k - t + 1:
+        return None  # L1: too many dropped neighbours too often
+    if _least_safe_count(n, d, w, n, bits) > big_d + 1:
+        return None  # L2: a window over the sites' D too often
+    bound = n * hypergeometric_tail(n - 1, d, k, k - t + 1) + n * hypergeometric_tail(n, d, w, big_d + 1)
+    return DegreeChoice(n, k, t, max(t, (n + c) // 2 + 1), d, big_d, _log2(bound))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,9 @@ explicit. Layout (all keys optional except where noted)::
                     secure = true (SecAgg+ rounds; false = plain, updates in the clear),
                     update_clip, quant_levels, max_weight (quantization of the updates),
                     threshold = 0 (Shamir threshold per neighbourhood; 0 = protocol default),
+                    dropout_tolerance = 0.0 (the fraction of a cohort that may drop out of
+                    a secure round: above 32 sites the degree is the least that is safe and
+                    completes with that many dropouts; 0 = the fixed window rule)
                     setup_with_evaluation = true (the next round's setup rides on this
                     round's evaluation messages: one exchange less per secure round)
                     contract = "contract.json" (optional: the data contract every site's
@@ -140,6 +143,9 @@ class RunSection:
     quant_levels: int = 4096
     max_weight: int = 100_000
     threshold: int = 0  # Shamir threshold per neighbourhood; 0 = the protocol's default
+    # The fraction of a cohort that may drop out of a secure round (sizes the graph degree:
+    # fedseal.protocol.params.least_degree_for_dropouts); 0: the fixed window rule.
+    dropout_tolerance: float = 0.0
     # Secure rounds: the next round's setup goes out with this round's evaluation messages
     # (one exchange less per round); false = every round starts with its own setup exchange.
     setup_with_evaluation: bool = True
@@ -365,6 +371,7 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
         quant_levels=_typed(r, "run", "quant_levels", int, dr.quant_levels),
         max_weight=_typed(r, "run", "max_weight", int, dr.max_weight),
         threshold=_typed(r, "run", "threshold", int, dr.threshold),
+        dropout_tolerance=_typed(r, "run", "dropout_tolerance", float, dr.dropout_tolerance),
         setup_with_evaluation=_typed(r, "run", "setup_with_evaluation", bool, dr.setup_with_evaluation),
         **_contract(r, p),
     )
@@ -381,6 +388,7 @@ def parse_server_config(doc: Mapping[str, Any], base: Path, path: Path) -> Serve
     _ranged("run.quant_levels", run.quant_levels, 2, 1 << 30)
     _ranged("run.max_weight", run.max_weight, 1, 1 << 40)
     _ranged("run.threshold", run.threshold, 0, limits.max_sites)
+    _ranged("run.dropout_tolerance", run.dropout_tolerance, 0.0, 0.49)
 
     consortium = None
     if "consortium" in doc:

@@ -230,6 +230,7 @@ class SecureCoordinator:
             quantization=QuantizationConfig.from_clip(r.update_clip, levels=r.quant_levels, modulus_bits=bits),
             max_weight=r.max_weight,
             threshold=r.threshold or None,
+            dropout_tolerance=r.dropout_tolerance,
             round_timeout_s=int(max(600, 10 * r.stage_timeout_s)),
             limits=self.run.cfg.limits.protocol_limits(),
             contract_digest=r.contract_digest,  # signed into every setup ([run] contract)
@@ -270,24 +271,15 @@ class SecureCoordinator:
         return dp is None or self.dp_plan.fits(self.dp_rhos(), dp)
 
     def _config(self, length: int, cohort: int) -> Any:
-        from fedseal.protocol import ConfigError as ProtoConfigError
-
         dp = self.dp_params(length, cohort)
         if dp is not None:
             # The quantizer is not used in a DP round, only its modulus (protocol/config.py).
             cfg = replace(self._base_config(length, dp.modulus_bits), dp=dp)
             cfg.resolve(cohort)
             return cfg
-        for bits in (32, 64):
-            cfg = self._base_config(length, bits)
-            try:
-                cfg.resolve(cohort)
-            except ProtoConfigError:
-                if bits == 64:
-                    raise
-                continue
-            return cfg
-        raise AssertionError("unreachable")  # pragma: no cover
+        cfg = self._base_config(length, 32)  # 64 bits when the cohort needs it (auto_field)
+        cfg.resolve(cohort)
+        return cfg
 
     def begin(self, rnd: int, nodes: list[int], model: ModelVector) -> SetupAhead:
         """Build round ``rnd``'s setup now, to send with the current round's evaluation.

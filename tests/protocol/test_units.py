@@ -111,12 +111,27 @@ def test_quantization_that_could_wrap_around_is_a_config_error_naming_the_limits
     q = QuantizationConfig.from_clip(1.0, 1 << 20)
     with pytest.raises(ConfigError) as info:
         RoundConfig(
-            vector_length=4, quantization=q, max_weight=1000, complete_graph_max=32
+            vector_length=4, quantization=q, max_weight=1000, complete_graph_max=32, auto_field=False
         ).resolve(100)
     message = info.value.message
     assert "100 sites" in message and "max_weight 1000" in message and "levels <= 21474" in message
     wide = QuantizationConfig.from_clip(1.0, 1 << 20, modulus_bits=64)
     RoundConfig(vector_length=4, quantization=wide, max_weight=1000).resolve(100)
+
+
+def test_the_field_is_chosen_for_the_cohort_and_signed_into_the_parameters() -> None:
+    """auto_field: 32 bits while n * levels * max_weight fits, then 64, then fewer levels."""
+    q = QuantizationConfig.from_clip(1.0, 4096)
+    config = RoundConfig(vector_length=4, quantization=q, max_weight=1024, complete_graph_max=1000)
+    assert config.resolve(100).quantization == q  # 100 x 4096 x 1024 < 2^31
+    wide = config.resolve(1000).quantization  # the issue's refused case: 1000 x 4096 x 1024
+    assert wide == QuantizationConfig.from_clip(1.0, 4096, modulus_bits=64)
+    huge = RoundConfig(vector_length=4, quantization=q, max_weight=1 << 42, complete_graph_max=1000)
+    coarse = huge.resolve(1000).quantization
+    assert coarse.modulus_bits == 64 and coarse.levels == ((1 << 63) - 1) // (1000 << 42) < 4096
+    assert 1000 * coarse.levels * (1 << 42) <= (1 << 63) - 1 < 1000 * (coarse.levels + 1) * (1 << 42)
+    with pytest.raises(ConfigError, match="quantization levels in Z_2\\^64"):
+        RoundConfig(vector_length=4, quantization=q, max_weight=1 << 46, complete_graph_max=1000).resolve(1000)
 
 
 def test_bad_limits_and_quantization_fields_are_config_errors() -> None:
