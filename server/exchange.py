@@ -30,7 +30,9 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 
 __all__ = [
+    "MAX_REPUSHES",
     "MIN_POLL_S",
+    "REJOIN_CHECK_S",
     "REPLY_SIGNAL_ATTR",
     "FixedNodes",
     "ReplySignal",
@@ -73,11 +75,67 @@ class ReplySignal:
 #: Attribute of a grid holding a :class:`ReplySignal` (optional).
 REPLY_SIGNAL_ATTR = "fedseal_reply_signal"
 
+#: How often an exchange asks which nodes are online (a node that went away and came back has
+#: its message pushed again: a restarted site never sees a message it had pulled before).
+REJOIN_CHECK_S = 1.0
+#: Times one exchange pushes a message again to one node that came back.
+MAX_REPUSHES = 2
+
+
+def _again(message: Message) -> Message:
+    """A new message with ``message``'s content, destination and type (a new message id)."""
+    meta = message.metadata
+    return Message(
+        message.content, dst_node_id=meta.dst_node_id, message_type=meta.message_type,
+        group_id=meta.group_id,
+    )  # fmt: skip
+
+
+class _Rejoins:
+    """Which pending messages' nodes went away and came back (Flower delivers a message once:
+    a site restarted after pulling it, e.g. a preempted training, would wait for it forever).
+    Each such message is pushed again, at most :data:`MAX_REPUSHES` times per node."""
+
+    def __init__(self, grid: Grid, ids: list[str], messages: list[Message]) -> None:
+        self.grid = grid
+        self.origin = dict(zip(ids, messages, strict=True))
+        self.away: set[int] = set()
+        self.repushed: dict[int, int] = {}
+        self.last = time.monotonic()
+
+    def check(self, pending: list[str]) -> list[str]:
+        """``pending`` with the ids of messages pushed again replaced by their new ids."""
+        if time.monotonic() - self.last < REJOIN_CHECK_S:
+            return pending
+        self.last = time.monotonic()
+        online = set(self.grid.get_node_ids())
+        out = []
+        for mid in pending:
+            message = self.origin[mid]
+            node = int(message.metadata.dst_node_id)
+            if node not in online:
+                self.away.add(node)
+            elif node in self.away and self.repushed.get(node, 0) < MAX_REPUSHES:
+                self.away.discard(node)
+                self.repushed[node] = self.repushed.get(node, 0) + 1
+                [new_id] = self.grid.push_messages([_again(message)])
+                self.origin[new_id] = self.origin.pop(mid)
+                log.info("exchange: node %d went away and came back; its message pushed again", node)
+                mid = new_id
+            out.append(mid)
+        return out
+
 
 def exchange_iter(
     grid: Grid, messages: Iterable[Message], timeout: float, poll: float = 0.2, batch: int = 16
 ) -> Iterator[Message]:
     """Push ``messages``, then yield replies as they arrive until all came or ``timeout`` passed.
+
+    A node that goes away while its message is pending (not among ``grid.get_node_ids()``,
+    asked every :data:`REJOIN_CHECK_S`) and comes back has the message pushed again (a new
+    message id, the same content; at most :data:`MAX_REPUSHES` times): a site restarted after
+    pulling it (a preempted training) gets it again, and its persisted round state decides what
+    to answer (the same reply it may have sent, never a second one).
 
     Same contract as ``Grid.send_and_receive`` but polls with a back-off from
     :data:`MIN_POLL_S` up to ``poll`` seconds, starting again after every reply (Flower's own
@@ -101,6 +159,12 @@ def exchange_iter(
     log.info("exchange: pushing %d messages", len(messages))
     pending = list(grid.push_messages(messages))
     total = len(pending)
+    # A grid whose nodes are this process's (the simulation) never loses one mid-exchange.
+    rejoins = (
+        _Rejoins(grid, pending, messages)
+        if signal is None and callable(getattr(grid, "get_node_ids", None))
+        else None
+    )
     del messages
     log.debug("exchange: pushed; polling")
     deadline = time.monotonic() + timeout
@@ -134,6 +198,8 @@ def exchange_iter(
             del got
         if not pending or time.monotonic() >= deadline:
             break
+        if rejoins is not None:
+            pending = rejoins.check(pending)
         if not got_any:
             idle = min(wait, max(0.0, deadline - time.monotonic()))
             if signal is not None:
