@@ -38,8 +38,8 @@ def demo(
         bool,
         typer.Option(
             "--dp",
-            help="Distributed differential privacy: server.toml [dp] with epsilon 8 at delta "
-            "1e-6 for the run, and every site requires DP (client.toml [privacy] dp = "
+            help="Distributed differential privacy: server.toml \\[dp] with epsilon 8 at delta "
+            "1e-6 for the run, and every site requires DP (client.toml \\[privacy] dp = "
             '"required", epsilon_budget 10). Secure rounds only.',
         ),
     ] = False,
@@ -89,14 +89,14 @@ def simulate(
         ),
     ] = 8,
     strategy: Annotated[
-        str, typer.Option(help="The Flower strategy (server.toml [run] strategy): FedAvg, FedAvgM, FedProx, "
+        str, typer.Option(help="The Flower strategy (server.toml \\[run] strategy): FedAvg, FedAvgM, FedProx, "
                           "FedAdam, FedAdagrad or FedYogi.")
     ] = "FedAvg",
     strategy_option: Annotated[
         list[str] | None,
         typer.Option(
             "--strategy-option", metavar="KEY=NUMBER",
-            help="A keyword argument of the strategy ([run.strategy_options]), e.g. proximal_mu=0.1 "
+            help="A keyword argument of the strategy (\\[run.strategy_options]), e.g. proximal_mu=0.1 "
             "for FedProx or eta=0.05 for FedAdam; repeat for more.",
         ),
     ] = None,
@@ -104,7 +104,7 @@ def simulate(
         bool,
         typer.Option(
             "--dp",
-            help="Distributed differential privacy (server.toml [dp] with --epsilon, --delta, --clip; "
+            help="Distributed differential privacy (server.toml \\[dp] with --epsilon, --delta, --clip; "
             "every site requires DP). The run stops, committed, when the next round would pass the "
             "budget. Secure rounds only.",
         ),

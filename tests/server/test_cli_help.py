@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fedseal.sim.commands  # noqa: F401 (registers demo and simulate on fl-server, as its entry point does)
 from fedseal.server.cli import app
 from tests.client.test_cli_help import check_bracketed_help
 
