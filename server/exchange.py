@@ -27,12 +27,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 __all__ = [
     "MAX_REPUSHES",
     "MIN_POLL_S",
     "REJOIN_CHECK_S",
+    "REJOIN_GRACE_S",
     "REPLY_SIGNAL_ATTR",
     "FixedNodes",
     "ReplySignal",
@@ -80,6 +82,8 @@ REPLY_SIGNAL_ATTR = "fedseal_reply_signal"
 REJOIN_CHECK_S = 1.0
 #: Times one exchange pushes a message again to one node that came back.
 MAX_REPUSHES = 2
+#: How long the SuperLink's "node unavailable" answer is held back for a node to come back.
+REJOIN_GRACE_S = 60.0
 
 
 def _again(message: Message) -> Message:
@@ -94,36 +98,60 @@ def _again(message: Message) -> Message:
 class _Rejoins:
     """Which pending messages' nodes went away and came back (Flower delivers a message once:
     a site restarted after pulling it, e.g. a preempted training, would wait for it forever).
-    Each such message is pushed again, at most :data:`MAX_REPUSHES` times per node."""
+    Each such message is pushed again, at most :data:`MAX_REPUSHES` times per node.
+
+    While a node is away the SuperLink answers its message itself ("node unavailable", from
+    node id 0): that answer is held back for :data:`REJOIN_GRACE_S` (the node may come back and
+    answer), then handed on as before."""
 
     def __init__(self, grid: Grid, ids: list[str], messages: list[Message]) -> None:
         self.grid = grid
         self.origin = dict(zip(ids, messages, strict=True))
         self.away: set[int] = set()
         self.repushed: dict[int, int] = {}
+        self.held: dict[str, tuple[Message, float]] = {}  # message id -> (the SuperLink's answer, until)
         self.last = time.monotonic()
 
-    def check(self, pending: list[str]) -> list[str]:
-        """``pending`` with the ids of messages pushed again replaced by their new ids."""
+    def _node(self, mid: str) -> int:
+        return int(self.origin[mid].metadata.dst_node_id)
+
+    def hold(self, reply: Message) -> bool:
+        """Hold ``reply`` back if it is the SuperLink's "node unavailable" for one of ours."""
+        mid = reply.metadata.reply_to_message_id
+        if mid not in self.origin or not reply.has_error() or reply.error.code != ErrorCode.NODE_UNAVAILABLE:
+            return False
+        self.away.add(self._node(mid))
+        self.held[mid] = (reply, time.monotonic() + REJOIN_GRACE_S)
+        return True
+
+    def check(self, pending: list[str]) -> tuple[list[str], list[Message]]:
+        """``pending`` with the ids of messages pushed again replaced by their new ids, and the
+        held answers whose grace ran out (those messages are no longer pending)."""
         if time.monotonic() - self.last < REJOIN_CHECK_S:
-            return pending
-        self.last = time.monotonic()
+            return pending, []
+        self.last = now = time.monotonic()
         online = set(self.grid.get_node_ids())
-        out = []
+        out: list[str] = []
+        released: list[Message] = []
         for mid in pending:
-            message = self.origin[mid]
-            node = int(message.metadata.dst_node_id)
+            node = self._node(mid)
             if node not in online:
                 self.away.add(node)
             elif node in self.away and self.repushed.get(node, 0) < MAX_REPUSHES:
                 self.away.discard(node)
                 self.repushed[node] = self.repushed.get(node, 0) + 1
-                [new_id] = self.grid.push_messages([_again(message)])
+                [new_id] = self.grid.push_messages([_again(self.origin[mid])])
                 self.origin[new_id] = self.origin.pop(mid)
+                self.held.pop(mid, None)
                 log.info("exchange: node %d went away and came back; its message pushed again", node)
                 mid = new_id
+            held = self.held.get(mid)
+            if held is not None and now >= held[1]:
+                del self.held[mid]
+                released.append(held[0])
+                continue
             out.append(mid)
-        return out
+        return out, released
 
 
 def exchange_iter(
@@ -135,7 +163,9 @@ def exchange_iter(
     asked every :data:`REJOIN_CHECK_S`) and comes back has the message pushed again (a new
     message id, the same content; at most :data:`MAX_REPUSHES` times): a site restarted after
     pulling it (a preempted training) gets it again, and its persisted round state decides what
-    to answer (the same reply it may have sent, never a second one).
+    to answer (the same reply it may have sent, never a second one). The SuperLink's own "node
+    unavailable" answer for such a node is held back for :data:`REJOIN_GRACE_S` (within the
+    timeout), then yielded as before.
 
     Same contract as ``Grid.send_and_receive`` but polls with a back-off from
     :data:`MIN_POLL_S` up to ``poll`` seconds, starting again after every reply (Flower's own
@@ -173,7 +203,7 @@ def exchange_iter(
     last_full = time.monotonic()
     while pending:
         if signal is None:
-            candidates = pending
+            candidates = [m for m in pending if rejoins is None or m not in rejoins.held]
         else:
             signal.event.clear()  # before taking: a reply stored after it ends the next wait
             hinted |= signal.take()
@@ -191,6 +221,8 @@ def exchange_iter(
                 continue
             got_any = True
             wait = min(MIN_POLL_S, poll)
+            if rejoins is not None:  # "node unavailable": held, the node may come back
+                got = [m for m in got if not rejoins.hold(m)]
             answered = {m.metadata.reply_to_message_id for m in got}
             pending = [m for m in pending if m not in answered]
             log.debug("exchange: %d replies, %d pending", len(got), len(pending))
@@ -199,7 +231,8 @@ def exchange_iter(
         if not pending or time.monotonic() >= deadline:
             break
         if rejoins is not None:
-            pending = rejoins.check(pending)
+            pending, released = rejoins.check(pending)
+            yield from released
         if not got_any:
             idle = min(wait, max(0.0, deadline - time.monotonic()))
             if signal is not None:

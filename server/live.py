@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,8 +26,6 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-
-from rich.markup import escape
 
 from fedseal.server.rundir import absent_text, inputs_text
 

@@ -56,7 +56,9 @@ class RestartingGrid:
             if mid not in ids:
                 continue
             if node == 1 or at >= self.back_at:  # node 2 answers only what it got after its restart
-                out.append(SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid, src_node_id=node)))
+                out.append(SimpleNamespace(
+                    metadata=SimpleNamespace(reply_to_message_id=mid, src_node_id=node), has_error=lambda: False
+                ))  # fmt: skip
         return out
 
 
@@ -102,3 +104,40 @@ def test_a_node_that_keeps_flapping_is_pushed_to_a_bounded_number_of_times(monke
     grid = Flapping(clock, back_at=1e9)
     exchange(grid, _messages(), timeout=30.0, poll=0.2)  # type: ignore[arg-type]
     assert len(grid.pushed) == 2 + MAX_REPUSHES
+
+
+class SuperLinkAnswering(RestartingGrid):
+    """As Flower's SuperLink does: while node 2 is away, its pending message is answered by the
+    SuperLink itself with "node unavailable" (from node 0)."""
+
+    def pull_messages(self, ids: list[str]) -> list[Any]:
+        from flwr.common.constant import ErrorCode
+
+        out = super().pull_messages(ids)
+        answered = {r.metadata.reply_to_message_id for r in out}
+        for mid, node, _at in self.pushed:
+            if mid in ids and mid not in answered and node not in self.get_node_ids():
+                out.append(SimpleNamespace(
+                    metadata=SimpleNamespace(reply_to_message_id=mid, src_node_id=0),
+                    has_error=lambda: True,
+                    error=SimpleNamespace(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"),
+                ))  # fmt: skip
+        return out
+
+
+def test_the_superlinks_node_unavailable_answer_is_held_while_the_node_may_come_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock(monkeypatch)
+    grid = SuperLinkAnswering(clock)
+    replies = exchange(grid, _messages(), timeout=30.0, poll=0.2)  # type: ignore[arg-type]
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2]  # node 2's own answer, not node 0's
+    assert [node for _mid, node, at in grid.pushed if at > 0] == [2]
+
+
+def test_a_node_unavailable_answer_is_handed_on_once_the_grace_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock(monkeypatch)
+    grid = SuperLinkAnswering(clock, back_at=1e9)
+    replies = exchange(grid, _messages(), timeout=ex.REJOIN_GRACE_S + 30, poll=0.2)  # type: ignore[arg-type]
+    assert sorted(r.metadata.src_node_id for r in replies) == [0, 1]
+    assert clock.now < ex.REJOIN_GRACE_S + 10  # at the grace, not the timeout
