@@ -38,6 +38,14 @@ Layout (relative paths are resolved against the file's directory)::
                     max_cohort = 1000, max_vector_length = 268435456,
                     max_update_clip = 1000.0     # largest quantization clip a round may set
     [runtime]       port = 9094   # the SuperNode's Runtime API, bound to 127.0.0.1
+    [training]      devices = "auto"   # "auto": every local GPU (one rank each), else one CPU
+                                       # process; "cpu", "cpu:N" (N gloo ranks), "cuda" (every
+                                       # GPU), "cuda:I", or a list ["cuda:0", "cuda:1"] (NCCL)
+                    rank_timeout_s = 600   # a rank waits this long for the others, then the
+                                           # training fails (see fedseal.client.distributed)
+                    checkpoint_every_steps = 50   # a local training checkpoint every N steps
+                                           # (and on SIGTERM): a preempted site resumes its
+                                           # round's training (fedseal.client.train_checkpoint)
 
 A site with neither ``[trust]`` nor ``[peers]`` knows no peer and so joins no secure round;
 ``fl-client run`` refuses to start that way.
@@ -61,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedseal.client.distributed import Devices, DevicesError
 from fedseal.client.errors import SiteError
 from fedseal.client.policy import SitePrivacy
 from fedseal.client.training import SiteLimits
@@ -117,6 +126,8 @@ class ClientConfig:
     roster_authority: Path | None = None
     peers: Mapping[str, str] = field(default_factory=dict)
     contract: Path | None = None
+    devices: Devices = field(default_factory=Devices)
+    checkpoint_every_steps: int = 50
 
 
 def _get(sec: Mapping[str, Any], prefix: str, key: str, kind: type[T], default: T | None) -> T:
@@ -168,7 +179,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
         q = Path(value).expanduser()
         return q if q.is_absolute() else base / q
 
-    _known(doc, "", {"site", "coordinator", "data", "limits", "runtime", "privacy", "trust", "peers"})
+    _known(doc, "", {"site", "coordinator", "data", "limits", "runtime", "privacy", "trust", "peers", "training"})
     s = _sec(doc, "site")
     _known(s, "site", {"name", "key", "passphrase_env", "state_dir"})
     c = _sec(doc, "coordinator")
@@ -186,6 +197,11 @@ def load_client_config(path: str | Path) -> ClientConfig:
     )
     rt = _sec(doc, "runtime")
     _known(rt, "runtime", {"port"})
+    training = _sec(doc, "training")
+    devices = _devices(training)
+    every = _get(training, "training", "checkpoint_every_steps", int, 50)
+    if not 0 <= every <= 1_000_000:
+        raise ClientConfigError("training.checkpoint_every_steps", "must be in [0, 1000000] (0: only on SIGTERM)")
 
     superlink = _get(c, "coordinator", "superlink", str, None)
     if not _ADDR.fullmatch(superlink):
@@ -250,7 +266,21 @@ def load_client_config(path: str | Path) -> ClientConfig:
         roster_authority=authority,
         peers=peers,
         contract=p(_get(d, "data", "contract", str, None)) if "contract" in d else None,
+        devices=devices,
+        checkpoint_every_steps=every,
     )
+
+
+def _devices(sec: Mapping[str, Any]) -> Devices:
+    """``[training]``: the devices local training runs on, and the ranks' timeout."""
+    _known(sec, "training", {"devices", "rank_timeout_s", "checkpoint_every_steps"})
+    timeout = _get(sec, "training", "rank_timeout_s", float, 600.0)
+    if not 1.0 <= timeout <= 86400.0:
+        raise ClientConfigError("training.rank_timeout_s", "must be in [1, 86400] seconds")
+    try:
+        return Devices.parse(sec.get("devices", "auto"), timeout_s=timeout)
+    except DevicesError as exc:
+        raise ClientConfigError("training.devices", str(exc).removeprefix("training.devices: ")) from exc
 
 
 def _privacy(sec: Mapping[str, Any], lim: Mapping[str, Any]) -> SitePrivacy:

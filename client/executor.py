@@ -58,6 +58,7 @@ from fedseal.client.errors import SiteError
 from fedseal.client.flower_patches import set_message_id
 from fedseal.client.policy import SiteRefusal
 from fedseal.client.supernode import loopback_backoff
+from fedseal.client.train_checkpoint import Preempted
 from fedseal.settings import Environment, PullBackoff
 
 #: How long a task may wait for its message's objects to reach the SuperNode. Flower's default
@@ -234,6 +235,7 @@ class PinnedExecutor:
         status, details = SubStatus.FAILED, "fedseal ClientApp failed"
         reply: Message | None = None
         message: Message | None = None
+        preempted = False
         try:
             message, context, run, fab = pull_task_input(client, backoff=self.backoff)
             log.info(
@@ -244,6 +246,9 @@ class PinnedExecutor:
             reply = self.client_app(message=message, context=context)
             log.info("answered %s in %.2fs", message.metadata.message_type, time.monotonic() - t0)
             status, details = SubStatus.COMPLETED, ""
+        except Preempted as exc:  # the site is stopping: its checkpoint is saved, nothing is sent
+            log.info("%s", exc)
+            reply, preempted = None, True  # no answer, no task end: the coordinator sends it again
         except Exception as exc:  # any failure is reported back to the coordinator, not swallowed
             kind = message.metadata.message_type if message is not None else None
             # A refusal is policy, not a fault: the reply's reason is the site's own line.
@@ -271,7 +276,8 @@ class PinnedExecutor:
             except Exception as exc:
                 log.error("could not hand the reply to the SuperNode: %s: %s", type(exc).__name__, exc)
             try:
-                push_task_output(client=client, context=context, sub_status=status, details=details)
+                if not preempted:  # a preempted task is left open (the site is going down)
+                    push_task_output(client=client, context=context, sub_status=status, details=details)
             except Exception as exc:
                 log.error("could not report the task's end to the SuperNode: %s: %s", type(exc).__name__, exc)
             if heartbeat.is_running:

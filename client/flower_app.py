@@ -78,10 +78,11 @@ import hmac
 import io
 import logging
 import secrets
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -96,6 +97,7 @@ from torch import nn
 from fedseal.audit.errors import AuditServiceError
 from fedseal.audit.receipts import ReceiptError, SiteReceipts
 from fedseal.client.commitments import EntrySource, ModelCommitments, input_rejection
+from fedseal.client.distributed import Devices
 from fedseal.client.errors import SiteError
 from fedseal.client.models import (
     BUILTIN_RECIPES,
@@ -106,8 +108,10 @@ from fedseal.client.models import (
 )
 from fedseal.client.policy import SitePrivacy, SiteRefusal
 from fedseal.client.recipe import Recipe, RecipeError, Transform
+from fedseal.client.round_state import RoundStore, round_state_key
 from fedseal.client.site_data import SiteData
 from fedseal.client.site_privacy import honest_sites
+from fedseal.client.train_checkpoint import Preemption, TrainingCheckpoint, training_identity
 from fedseal.client.training import (
     EvalResult,
     SiteLimits,
@@ -181,9 +185,21 @@ class SiteRuntime:
     #: The digest of the data contract the dataset was prepared under (its manifest's), ``b""``
     #: for none: reported in ``query.policy``; a setup naming another contract is refused.
     contract: bytes = b""
+    #: ``[training] devices``: where local training runs (several devices: one DDP rank each,
+    #: spawned by this process for the training only; they never see a key or a message).
+    devices: Devices = field(default_factory=Devices)
+    #: Where a secure round in progress is kept (:mod:`fedseal.client.round_state`) and local
+    #: training checkpoints are written (``<dir>/training``), so a restarted site continues
+    #: its round; ``None`` (the simulation, tests): in memory only.
+    round_dir: Path | None = None
+    #: The site's stop request (SIGTERM): training saves its checkpoint and pauses.
+    preemption: Preemption | None = None
+    #: ``[training] checkpoint_every_steps``.
+    checkpoint_every_steps: int = 50
     _models: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
     _recipes: dict[str, tuple[Recipe, Transform | None]] = field(default_factory=dict)
     _session: Any = None
+    _restore_tried: bool = False
     _round: tuple[bytes, int] = (b"", 0)
     _guard: Any = None
     _guard_saved: bytes = b""
@@ -372,15 +388,40 @@ class SiteRuntime:
             )
         return self._models[key]
 
-    def train(self, name: str, model: nn.Module, req: TrainRequest, seed: int) -> TrainResult:
-        """Train ``model`` on this site's training part with recipe ``name``.
+    def train(
+        self, name: str, model: nn.Module, req: TrainRequest, seed: int, *, identity: str | None = None
+    ) -> TrainResult:
+        """Train ``model`` on this site's training part with recipe ``name``; ``identity``
+        (:func:`~fedseal.client.train_checkpoint.training_identity`) names the training's
+        checkpoint (``round_dir/training/<identity>``: resumed if there, written as it goes).
 
         Raises:
             RecipeError: A part of a site-installed recipe failed (the message names it).
             SiteError: The data failed (e.g. a shard changed mid-stream).
+            Preempted: The site is being stopped (the checkpoint is saved; send nothing).
         """
+        checkpoint = None
+        if identity is not None and self.round_dir is not None:
+            checkpoint = TrainingCheckpoint(
+                self.round_dir.parent / "training" / identity, self.checkpoint_every_steps, self.preemption
+            )
         with recipe_failures(name, "training"):
-            return train(model, self.data.x_train, self.data.y_train, req, seed=seed, **self._loop(name))
+            return train(
+                model, self.data.x_train, self.data.y_train, req, seed=seed, devices=self.devices,
+                checkpoint=checkpoint, **self._loop(name),
+            )  # fmt: skip
+
+    def round_store(self) -> RoundStore | None:
+        """The stored secure round (:mod:`fedseal.client.round_state`), ``None`` without a
+        ``round_dir``."""
+        if self.round_dir is None:
+            return None
+        return RoundStore(self.round_dir, round_state_key(self.training_secret))
+
+    def clear_training(self) -> None:
+        """Remove the local training checkpoints (a round's answer is saved or sent)."""
+        if self.round_dir is not None:
+            shutil.rmtree(self.round_dir.parent / "training", ignore_errors=True)
 
     def evaluate(self, name: str, model: nn.Module) -> EvalResult:
         """Evaluate ``model`` on this site's validation part with recipe ``name``.
@@ -626,6 +667,24 @@ def _model_name(rec: ConfigRecord) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class _NewRound:
+    """A round setup's fresh session, before the site adopts it (``adopt``: it accepted)."""
+
+    session: Any
+    round_key: tuple[bytes, int]
+    adopt: Callable[[], None]
+
+
+def _secagg_content(payload: bytes, bulk: npt.NDArray[Any] | None) -> RecordDict:
+    """A secure stage's answer as reply content: the signed payload, and the masked vector
+    beside it."""
+    content = RecordDict({records.SETUP_RECORD: ConfigRecord({records.PAYLOAD: payload})})
+    if bulk is not None:
+        content[records.BULK_RECORD] = ArrayRecord({records.BULK_MASKED: numpy_to_array(bulk)})
+    return content
+
+
 def _load_global(runtime: SiteRuntime, msg: Message, rec: ConfigRecord) -> nn.Module:
     model = runtime.model(_model_name(rec), _get(rec, records.SEED, int, 0, 2**31 - 1))
     arrays = msg.content.get(records.ARRAYS_RECORD)
@@ -783,10 +842,10 @@ def make_client_app(runtime: SiteRuntime) -> SiteClientApp:
         )
         return Message(content, reply_to=msg)
 
-    def start_session(msg: Message, rec: ConfigRecord) -> None:
-        """A round setup: a fresh client session that trains from the model in ``msg``."""
-        from fedseal.protocol import ClientSession, LocalUpdate, RoundInfo
-
+    def start_session(msg: Message, rec: ConfigRecord) -> _NewRound:
+        """A round setup: a fresh client session that trains from the model in ``msg``, not
+        yet the site's (:func:`answer` adopts it once it accepted the setup: a refused or
+        repeated setup changes nothing of the round in progress)."""
         if runtime.identity_key is None or runtime.coordinator_key is None:
             raise ValueError("this site has no identity key / pinned coordinator key")
         # The session trains its own copy: a later message (an evaluation, even a refused one)
@@ -798,12 +857,57 @@ def make_client_app(runtime: SiteRuntime) -> SiteClientApp:
         req = runtime.train_request(rec)
         round_ = _get(rec, records.ROUND, int, 0, 10**9)
         run_id = _run_id(rec)
-        runtime._session = None  # a refused setup leaves no session of an earlier round
         if runtime.receipts is not None:
             runtime.receipts.before_round()  # raises (an error reply) once blocked
-        runtime._round = (run_id, round_)
         # Before any key is advertised: the model must be the one the signed log committed.
         runtime.check_model(run_id, model_digest(global_flat), f"round {round_} setup")
+        session = new_session(model, model_name, req, run_id, round_, global_flat)
+
+        def adopt() -> None:
+            runtime._session, runtime._round = session, (run_id, round_)
+            store = runtime.round_store()
+            if store is not None:  # kept until the round ends: a restarted site continues it
+                runtime.clear_training()
+                store.begin(
+                    run_id, round_, model_name=model_name, model_seed=_get(rec, records.SEED, int, 0, 2**31 - 1),
+                    request=req, global_digest=model_digest(global_flat), arrays=state_dict_to_numpy(model),
+                )  # fmt: skip
+
+        return _NewRound(session, (run_id, round_), adopt)
+
+    def restore_session() -> Any:
+        """The stored round's session, continued by a restarted site (``None``: none). Once per
+        process, at its first secure message: a session that failed, or was replaced, in this
+        process is never brought back from the disk."""
+        if runtime._restore_tried:
+            return None
+        runtime._restore_tried = True
+        store = runtime.round_store()
+        stored = store.load() if store is not None else None
+        if stored is None:
+            runtime.clear_training()  # a checkpoint without its round is of no use: not kept
+            return None
+        if runtime.identity_key is None or runtime.coordinator_key is None:
+            return None
+        model = copy.deepcopy(runtime.model(stored.model_name, stored.model_seed))
+        load_numpy_state_dict(model, stored.arrays)
+        global_flat = model_flat(model)
+        if model_digest(global_flat) != stored.global_digest:
+            raise ValueError("the stored round's model does not match its digest")
+        runtime._round = (stored.run_id, stored.round)
+        session = new_session(
+            model, stored.model_name, runtime.limits.clamp(stored.request), stored.run_id, stored.round,
+            global_flat, blob=stored.session,
+        )  # fmt: skip
+        log.info("round %d: continuing the round this site was in when it stopped", stored.round)
+        return session
+
+    def new_session(
+        model: nn.Module, model_name: str, req: TrainRequest, run_id: bytes, round_: int,
+        global_flat: npt.NDArray[np.float32], *, blob: bytes | None = None,
+    ) -> Any:  # fmt: skip
+        """A client session training ``model``; ``blob``: restored from a stored round."""
+        from fedseal.protocol import ClientSession, LocalUpdate, RoundInfo
 
         def update_fn(info: RoundInfo) -> LocalUpdate:
             if info.model_digest != model_digest(global_flat):
@@ -827,7 +931,10 @@ def make_client_app(runtime: SiteRuntime) -> SiteClientApp:
             # Randomness from the site's secret and the *signed* run and round: the guard lets
             # the site train once per (run, round), and no two trainings are alike.
             seed = runtime.training_seed(info.run_id, info.round)
-            result = runtime.train(model_name, model, req, seed)
+            identity = training_identity(
+                info.run_id, info.round, info.model_digest, model_name, repr(req), seed, runtime.data.root_hex
+            )  # the dataset too: a site that re-prepared its data never resumes the old one's
+            result = runtime.train(model_name, model, req, seed, identity=identity)
             delta = model_delta(model, global_flat)
             log.info("round %d: trained on %d examples, loss %.4f (secure)", round_, result.num_examples, result.mean_loss)
             return LocalUpdate(
@@ -838,11 +945,11 @@ def make_client_app(runtime: SiteRuntime) -> SiteClientApp:
                 dataset_root=bytes.fromhex(runtime.data.root_hex),
             )
 
+        key, coordinator = runtime.identity_key, runtime.coordinator_key
+        if key is None or coordinator is None:
+            raise ValueError("this site has no identity key / pinned coordinator key")
         guard = runtime.guard()
-        runtime._session = session = ClientSession(
-            runtime.name,
-            runtime.identity_key,
-            runtime.coordinator_key,
+        options: dict[str, Any] = dict(
             update_fn=update_fn,
             rng=np.random.default_rng(secrets.randbits(128)),
             trusted_peers=runtime.trusted_peers,
@@ -855,33 +962,74 @@ def make_client_app(runtime: SiteRuntime) -> SiteClientApp:
             guard=guard,
             shared=runtime.shared_work,
         )
+        if blob is None:
+            session = ClientSession(runtime.name, key, coordinator, **options)
+        else:
+            session = ClientSession.restore(
+                blob, round_state_key(runtime.training_secret), runtime.name, key, coordinator, **options
+            )
+        return session
 
-    def answer(payload: bytes) -> RecordDict:
-        """The client session's answer to one stage's message, as reply content."""
-        from fedseal.protocol import ClientStage
+    def saved_answer(payload: bytes) -> RecordDict | None:
+        """The answer saved for ``payload`` (this message answered before, maybe before the site
+        stopped, maybe never delivered): the same bytes again, or ``None``."""
+        store = runtime.round_store()
+        saved = store.reply_for(payload) if store is not None else None
+        if saved is None:
+            return None
+        log.info("answering a message again with the answer saved when it was first answered")
+        return _secagg_content(*saved)
 
-        if runtime._session is None:
+    def answer(payload: bytes, new: _NewRound | None = None) -> RecordDict:
+        """The client session's answer to one stage's message, as reply content. ``new``: a
+        round setup's fresh session, adopted only if it accepts the setup."""
+        from fedseal.protocol import ClientStage, DuplicateMessageError, StaleMessageError
+
+        if new is not None:
+            session, expected = new.session, new.round_key
+        else:
+            if runtime._session is None:
+                runtime._session = restore_session()  # a restarted site, given its message again
+            session, expected = runtime._session, runtime._round
+        if session is None:
             raise ValueError("secagg stage without a round setup")
+        store = runtime.round_store()
         try:
-            reply = runtime._session.handle(payload)
+            reply = session.handle(payload)
+        except (DuplicateMessageError, StaleMessageError):  # answered before (the session moved on)?
+            saved = saved_answer(payload)
+            if saved is None:
+                raise
+            return saved
         except DpPolicyError as exc:  # the site's own DP policy: a refusal, not a fault
             required = ' ([privacy] dp = "required")' if exc.parameter == "dp" else ""
             raise SiteRefusal(f"differential privacy: {exc.message}{required}") from exc
+        except ProtocolError:
+            if new is None and store is not None:  # a failed session is not kept to be restored
+                store.clear()
+                runtime.clear_training()
+            raise
         finally:
             runtime.save_guard()
-        setup = runtime._session.setup
-        if setup is not None and (setup.header.run_id, setup.header.round) != runtime._round:
+
+        def refuse(why: str) -> NoReturn:
+            if new is None:  # the round in progress: nothing more of it is answered
+                runtime._session = None
+                if store is not None:
+                    store.clear()
+            raise SiteRefusal(why)
+
+        setup = session.setup
+        if setup is not None and (setup.header.run_id, setup.header.round) != expected:
             # Checked before the key advert leaves: the signed setup must name the run and
             # round of the config the model and commitments were checked for.
-            runtime._session = None
-            raise SiteRefusal("the signed round setup names another run or round than its config")
-        accepted = runtime._session.stage is ClientStage.AWAIT_ADVERTS  # a setup, just now
+            refuse("the signed round setup names another run or round than its config")
+        accepted = session.stage is ClientStage.AWAIT_ADVERTS  # a setup, just now
         if setup is not None and accepted:
             try:
                 check_contract(runtime.contract, setup.params.contract_digest)
-            except SiteRefusal:
-                runtime._session = None  # refused before the key advert leaves
-                raise
+            except SiteRefusal as exc:  # refused before the key advert leaves
+                refuse(str(exc).removeprefix(records.REFUSED_PREFIX).strip())
         if setup is not None and setup.params.dp is not None and accepted:
             # A round past the budget is refused before the key advert leaves.
             try:
@@ -889,10 +1037,11 @@ def make_client_app(runtime: SiteRuntime) -> SiteClientApp:
                     setup.header.run_id, setup.header.round, setup.params.dp,
                     honest_sites=honest_sites(runtime.privacy, setup),
                 )
-            except SiteRefusal:
-                runtime._session = None
-                raise
-        if runtime.receipts is not None and runtime._session.stage is ClientStage.AWAIT_UNMASK:
+            except SiteRefusal as exc:
+                refuse(str(exc).removeprefix(records.REFUSED_PREFIX).strip())
+        if new is not None:
+            new.adopt()  # the setup is accepted: this is the round in progress now
+        if runtime.receipts is not None and session.stage is ClientStage.AWAIT_UNMASK:
             # We signed a survivor set naming ourselves: our input is in the aggregate.
             runtime.receipts.included(*runtime._round)
             runtime.input_included(*runtime._round)
@@ -905,18 +1054,28 @@ def make_client_app(runtime: SiteRuntime) -> SiteClientApp:
             sent = Envelope.from_bytes(reply.payload, Limits())
             runtime.receipts.sent_masked_input(run_id, round_, sent.payload)
             runtime.sent_input(run_id, round_, sent.payload)
-        payload = reply.payload if reply else b""
-        content = RecordDict({records.SETUP_RECORD: ConfigRecord({records.PAYLOAD: payload})})
-        if reply is not None and reply.bulk is not None:
-            content[records.BULK_RECORD] = ArrayRecord({records.BULK_MASKED: numpy_to_array(reply.bulk)})
-        return content
+        out, bulk = (reply.payload, reply.bulk) if reply is not None else (b"", None)
+        if store is not None:
+            # Saved before the answer leaves: a restart never answers this message differently.
+            if session.stage in (ClientStage.DONE, ClientStage.FAILED):
+                store.clear()
+                runtime.clear_training()
+            else:
+                store.save_session(session.export_state(round_state_key(runtime.training_secret)))
+                store.save_reply(payload, out, bulk)
+            if bulk is not None:
+                runtime.clear_training()  # the masked input is saved: its training is over
+        return _secagg_content(out, bulk)
 
     @app.train(records.SECURE_STAGE)
     def secagg_handler(msg: Message, context: Context) -> Message:
         """One stage of a secure round: the protocol's client session answers it."""
         payload = _secagg_payload(msg)
         if records.ARRAYS_RECORD in msg.content:  # round setup: a fresh session trains from this model
-            start_session(msg, _cfg(msg))
+            saved = saved_answer(payload)  # the same setup again (pushed again): the same answer
+            if saved is not None:
+                return Message(saved, reply_to=msg)
+            return Message(answer(payload, start_session(msg, _cfg(msg))), reply_to=msg)
         return Message(answer(payload), reply_to=msg)
 
     @app.evaluate()
@@ -958,8 +1117,8 @@ def make_client_app(runtime: SiteRuntime) -> SiteClientApp:
                 payload = _secagg_payload(msg)
                 if not isinstance(train_rec, ConfigRecord):
                     raise ValueError("round setup without its training config")
-                start_session(msg, train_rec)
-                content[records.SETUP_RECORD] = answer(payload)[records.SETUP_RECORD]
+                answered = saved_answer(payload) or answer(payload, start_session(msg, train_rec))
+                content[records.SETUP_RECORD] = answered[records.SETUP_RECORD]
             except Exception as exc:  # reported to the coordinator: the site sits the round out
                 refused = _reason(exc)[:300]
                 setup_round = (

@@ -564,11 +564,13 @@ def _join(
     on_info: Callable[[str], None],
 ) -> int:
     """:func:`run_site` once the start-up checks passed: steps 1-5 of the module doc."""
+    from fedseal.client.distributed import DevicesError
     from fedseal.client.executor import PinnedExecutor
     from fedseal.client.flower_app import SiteRuntime, make_client_app
     from fedseal.client.privacy_ledger import PrivacyLedger
     from fedseal.client.site_data import SiteDataError, load_site_data
     from fedseal.client.supernode import loopback_backoff
+    from fedseal.client.train_checkpoint import Preemption
 
     key = _load_key(cfg)
     coordinator_key = _load_coordinator_key(cfg)
@@ -600,6 +602,12 @@ def _join(
 
     # One intra-op thread: a site shares its host; oversubscribed OpenMP threads are far slower.
     torch.set_num_threads(environment.torch_threads)
+    try:
+        ranks = cfg.devices.resolve()  # a GPU named but missing is said now, not in round 1
+    except DevicesError as exc:
+        raise SiteRunError("training", str(exc)) from exc
+    if len(ranks) > 1:
+        on_info(f"site {cfg.name}: local training on {len(ranks)} ranks ({', '.join(map(str, ranks))})")
     warm_up(data.num_features, data.num_classes)
     _check_recipes(cfg, data.num_features, data.num_classes, on_info)
     receipts = _site_receipts(cfg, key, coordinator_key)
@@ -638,6 +646,11 @@ def _join(
         # The DP rounds it takes part in are paid for here (what `fl-client privacy show` reads).
         ledger=PrivacyLedger(cfg.state_dir),
         contract=contract,
+        devices=cfg.devices,
+        # A round in progress and its training checkpoints: a restarted site continues them.
+        round_dir=cfg.state_dir / "round",
+        preemption=Preemption(stop),
+        checkpoint_every_steps=cfg.checkpoint_every_steps,
     )
     app = make_client_app(runtime)
 

@@ -47,6 +47,18 @@ What a recipe decides, and fedseal's default for each field left ``None``:
   batch (e.g. augmentation, mixup, an auxiliary term). Default: ``loss(model(features),
   labels)``. fedseal then adds the FedProx term when asked, back-propagates, clips the
   gradient norm and steps the optimizer.
+* ``augment``: an :class:`Augment`, applied on the fly to every *training* batch (never to
+  evaluation, nor to the pass that fits ``preprocess``), e.g. random flips or crops of images:
+  ``augment(features, labels, generator)`` gets CPU float32 features shaped ``(B, *feature_shape)``
+  (the manifest's shape, e.g. ``(B, 3, 32, 32)``, scaled by its ``feature_scale``) and int64
+  labels ``(B,)``, and returns new ``(features, labels)`` of the same shapes and dtypes. It runs
+  in the data loader as each batch is made (in its worker processes when the site has
+  ``num_workers``), before ``preprocess`` and the move to the device: nothing is materialised
+  beyond the batch, and no augmented copy of the data is ever written. Its randomness must come
+  from ``generator`` (a ``torch.Generator`` keyed by the training seed, epoch and loader worker,
+  so from the site's secret: reproducible at the site, unpredictable to the coordinator), not
+  from ``torch``'s global RNG. It must be picklable (a module-level function or class
+  instance) so that loader workers and training ranks can run it. Default: none.
 * ``metrics``: extra evaluation metrics by name, each a zero-argument factory of a
   :class:`Metric` (a class works); they are reported beside ``loss``, ``accuracy`` and
   ``macro-f1`` and averaged across sites by their validation counts.
@@ -73,6 +85,7 @@ from fedseal.client.errors import SiteError
 
 __all__ = [
     "RESERVED_METRICS",
+    "Augment",
     "LossFn",
     "Metric",
     "MetricFactory",
@@ -129,6 +142,23 @@ class Preprocessing(Protocol):
         ...
 
 
+class Augment(Protocol):
+    """A training-only, per-batch transform of the streamed rows (module docstring, ``augment``).
+
+    Example (random horizontal flips of ``(B, C, H, W)`` images)::
+
+        def flip(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            mask = torch.rand(len(x), generator=gen) < 0.5
+            return torch.where(mask[:, None, None, None], x.flip(-1), x), y
+    """
+
+    def __call__(
+        self, features: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, /
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features, labels)`` of the same shapes and dtypes (float32, int64), new or in place."""
+        ...
+
+
 class TrainStep(Protocol):
     """One batch's training objective (see the module docstring, ``step``)."""
 
@@ -170,10 +200,11 @@ class Recipe:
     optimizer: OptimizerFactory | None = None
     step: TrainStep | None = None
     metrics: Mapping[str, MetricFactory] = field(default_factory=dict)
+    augment: Augment | None = None
 
     def __post_init__(self) -> None:
         for what, value in (("model", self.model), ("loss", self.loss), ("optimizer", self.optimizer),
-                            ("step", self.step)):  # fmt: skip
+                            ("step", self.step), ("augment", self.augment)):  # fmt: skip
             if value is not None and not callable(value):
                 raise TypeError(f"Recipe.{what} must be callable, got {type(value).__name__}")
         if self.preprocess is not None and not callable(getattr(self.preprocess, "fit", None)):

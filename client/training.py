@@ -27,7 +27,10 @@ gives the update.
 
 The coordinator proposes epochs, batch size and learning rate; the site clamps them to its own
 limits (``SiteLimits``), so a coordinator cannot make a site burn unbounded compute. The device
-is chosen automatically (CUDA if present, else CPU); on CUDA the forward pass runs under bf16
+is chosen automatically (CUDA if present, else CPU) unless ``devices`` (``[training] devices``,
+:class:`fedseal.client.distributed.Devices`) says otherwise; when it names several, a streamed
+training runs one DistributedDataParallel rank per device (:mod:`fedseal.client.distributed`),
+its result that of this loop on the same global batches. On CUDA the forward pass runs under bf16
 autocast. Gradients are clipped to ``clip_norm`` before every step. ``torch``'s RNG is seeded
 with the training seed for the duration of training (forked, so the caller's RNG is untouched),
 which makes a recipe's dropout or random augmentation reproducible for a seed.
@@ -39,10 +42,11 @@ these; the limits, clipping, device, seeding and counting above stay the loop's.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -50,6 +54,10 @@ import torch
 from torch import nn
 
 from fedseal.client.recipe import LossFn, Recipe, RecipeError, TrainStep, Transform
+from fedseal.client.train_checkpoint import Preempted, Progress, TrainingCheckpoint
+
+if TYPE_CHECKING:  # distributed imports this module; it is imported when several ranks train
+    from fedseal.client.distributed import Devices
 
 __all__ = [
     "BatchSource",
@@ -70,6 +78,8 @@ __all__ = [
     "train_stream",
     "warm_up",
 ]
+
+log = logging.getLogger("fedseal.client.training")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -403,11 +413,16 @@ def train_step(
     prox: _Proximal | None = None,
     *,
     objective: Objective | None = None,
+    loss_scale: float = 1.0,
 ) -> torch.Tensor:
     """One optimizer step (bf16 autocast on CUDA, gradient clipping, FedProx term if ``prox``)
     on the batch's cross-entropy, or on ``objective(model, xb, yb)`` (a recipe's loss or step);
     returns the batch's data loss (without the proximal term) as a 0-d float32 tensor on the
-    device: reading it would wait for the GPU, so the loops keep them and read them once."""
+    device: reading it would wait for the GPU, so the loops keep them and read them once.
+
+    ``loss_scale`` multiplies the data loss before the backward pass (not the proximal term,
+    not the returned loss): a data-parallel rank's share of the global batch
+    (:mod:`fedseal.client.distributed`, rule 3)."""
     with torch.autocast(
         device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
     ):
@@ -418,6 +433,8 @@ def train_step(
             if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
                 raise ValueError(f"the recipe's loss returned {_shape(loss)}, not a 0-d tensor")
     data_loss = loss.detach().float()
+    if loss_scale != 1.0:
+        loss = loss * loss_scale
     if prox is not None:
         loss = loss + prox.term(model)
     opt.zero_grad(set_to_none=True)
@@ -461,9 +478,35 @@ class Losses:
 
     def mean(self) -> float:
         """Mean loss over all steps (0.0 for none): the one wait for the device."""
+        total = self.total()
+        return 0.0 if self.steps == 0 else total / self.steps
+
+    def total(self) -> float:
+        """Sum of the losses so far (a wait for the device)."""
         if self._pending:
             self._fold()
-        return 0.0 if self._total is None else float(self._total) / self.steps
+        return 0.0 if self._total is None else float(self._total)
+
+    def restore(self, steps: int, total: float) -> None:
+        """Continue from ``steps`` losses summing to ``total`` (a resumed training)."""
+        self.steps, self._pending = steps, []
+        self._total = torch.tensor(total, dtype=torch.float64)
+
+
+def _save_checkpoint(
+    checkpoint: TrainingCheckpoint, model: nn.Module, opt: torch.optim.Optimizer, progress: Progress
+) -> None:
+    """Write the checkpoint (a write that fails is logged: training goes on without it); when
+    the site is being stopped, then raise :class:`Preempted`."""
+    try:
+        checkpoint.save(model, opt, progress)
+    except OSError as exc:
+        log.warning("training checkpoint %s not written: %s", checkpoint.directory, exc)
+    if checkpoint.stop_requested:
+        raise Preempted(
+            f"the site is stopping: training paused at epoch {progress.epoch + 1}, batch "
+            f"{progress.batch} ({progress.steps} steps), checkpoint {checkpoint.directory}"
+        )
 
 
 class _Proximal:
@@ -493,6 +536,8 @@ def train(
     *,
     recipe: Recipe | None = None,
     transform: Transform | None = None,
+    devices: Devices | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``req.epochs`` epochs: SGD (momentum 0.9) on cross-entropy,
     or ``recipe``'s optimizer, loss and step.
@@ -507,6 +552,11 @@ def train(
         recipe: The site's recipe (``None``: fedseal's default training).
         transform: ``recipe``'s preprocessing, fitted (:func:`fit_preprocessing`); required
             exactly when the recipe has one.
+        devices: ``[training] devices`` (``None``: :func:`pick_device`). Streamed data trains
+            on every device it resolves to (:func:`train_stream`); arrays train in this process
+            on the first.
+        checkpoint: Streamed data in one process: resume from / write the training's
+            checkpoint (:func:`train_stream`); arrays ignore it.
 
     Raises:
         ValueError: If ``x`` and ``y`` disagree in length or kind, or are empty; the transform
@@ -514,10 +564,15 @@ def train(
         fedseal.client.data.DatasetError: Streamed data only: a shard fails mid-stream (names it).
         fedseal.client.site_data.SiteDataError: Streamed data only: the rows differ from the
             split's count (the data changed since it was loaded).
+        fedseal.client.distributed.DevicesError: ``devices`` names a device this machine lacks.
+        fedseal.client.distributed.RankError: Streamed data on several ranks: a rank failed.
     """
     source = _stream_source(x, y, "training")
     if source is not None:
-        return train_stream(model, source, req, seed=seed, recipe=recipe, transform=transform)
+        return train_stream(
+            model, source, req, seed=seed, recipe=recipe, transform=transform, devices=devices,
+            checkpoint=checkpoint,
+        )  # fmt: skip
     if (
         not isinstance(x, np.ndarray)
         or not isinstance(y, np.ndarray)
@@ -525,8 +580,10 @@ def train(
         or len(x) == 0
     ):
         raise ValueError(f"bad training data: {len(x)} features rows, {len(y)} labels")
+    if recipe is not None and recipe.augment is not None:
+        raise ValueError("the recipe's augment applies to a site's streamed data, not to arrays")
     hooks = _Hooks.of(recipe, transform)
-    device = pick_device()
+    device = pick_device() if devices is None else devices.resolve()[0]
     model.to(device).train()
     try:
         opt = hooks.optimizer(model, req, device)
@@ -567,12 +624,19 @@ def train_stream(
     seed: int,
     recipe: Recipe | None = None,
     transform: Transform | None = None,
+    devices: Devices | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on batches streamed from ``source`` (same loop as :func:`train`).
 
     Epoch ``e`` reads ``source.batches(batch_size=req.batch_size, seed=seed, epoch=e,
     shuffle=True)``; each batch is moved to the device as it arrives (pinned memory and
     non-blocking copies on CUDA), so memory is what the source buffers plus one batch.
+
+    When ``devices`` resolves to several devices, the site process spawns one rank per device
+    and trains with DistributedDataParallel, each rank on a disjoint shard of the source, the
+    weights loaded back into ``model`` (:func:`fedseal.client.distributed.train_ranks`: the
+    rules, and how the result equals this loop's on the same global batches).
 
     Args:
         model: The model; moved to the chosen device and back to CPU afterwards.
@@ -581,32 +645,74 @@ def train_stream(
         seed: Seed for the shuffling order and ``torch``'s RNG.
         recipe: The site's recipe (``None``: fedseal's default training).
         transform: ``recipe``'s fitted preprocessing (see :func:`train`).
+        devices: ``[training] devices`` (``None``: one process on :func:`pick_device`).
+        checkpoint: One process: where this training's checkpoint is
+            (:mod:`fedseal.client.train_checkpoint`). The loop resumes from it (weights,
+            optimizer, torch RNG, epoch and batch: the result is the uninterrupted one), writes
+            it every ``checkpoint.every_steps`` steps, and when the site is being stopped writes
+            it and raises :class:`~fedseal.client.train_checkpoint.Preempted`. Several ranks
+            start over (a preempted multi-rank training repeats its round's work).
 
     Returns:
-        The result; ``num_examples`` is the number of rows each epoch trained on.
+        The result; ``num_examples`` is the number of rows each epoch trained on (over all
+        ranks).
 
     Raises:
         ValueError: The source is empty, or an epoch yielded another number of rows than
             ``source.num_rows``; the transform is missing or unexpected; the recipe's loss is
             not a 0-d tensor.
         fedseal.client.data.DatasetError: A shard fails mid-stream (raised by the source).
+        fedseal.client.distributed.DevicesError: ``devices`` names a device this machine lacks,
+            or the training cannot be sent to the ranks.
+        fedseal.client.distributed.RankError: Several ranks: one failed (its error, one line).
+        fedseal.client.train_checkpoint.Preempted: The site is being stopped (checkpoint saved).
     """
     expected = source.num_rows
     if expected <= 0:
         raise ValueError("bad training data: the stream has no rows")
     hooks = _Hooks.of(recipe, transform)
-    device = pick_device()
+    if recipe is not None and recipe.augment is not None:  # training passes only, in the stream
+        with_augment = getattr(source, "with_augment", None)
+        if with_augment is None:
+            raise ValueError("the recipe's augment needs a site's streamed split (SiteSplit.with_augment)")
+        source = with_augment(recipe.augment)
+    ranks = (pick_device(),) if devices is None else devices.resolve()
+    if len(ranks) > 1:
+        from fedseal.client.distributed import train_ranks
+
+        return train_ranks(
+            model,
+            source,
+            req,
+            seed=seed,
+            devices=ranks,
+            recipe=recipe,
+            transform=transform,
+            timeout_s=devices.timeout_s if devices is not None else 600.0,
+        )
+    device = ranks[0]
     model.to(device).train()
     losses = Losses()
     try:
         opt = hooks.optimizer(model, req, device)
-        prox = _Proximal.of(model, req)
+        prox = _Proximal.of(model, req)  # anchored at the global weights, before any resume
         with _seeded(seed, device):
-            for epoch in range(req.epochs):
-                rows = 0
-                for xb, yb in source.batches(
+            start = checkpoint.load(model, opt) if checkpoint is not None else None
+            if start is not None:
+                losses.restore(start.steps, start.loss_sum)
+                log.info(
+                    "resuming training from its checkpoint: epoch %d, batch %d (%d steps done)",
+                    start.epoch + 1, start.batch, start.steps,
+                )
+            for epoch in range(start.epoch if start is not None else 0, req.epochs):
+                resumed = start is not None and epoch == start.epoch
+                rows = start.rows if resumed and start is not None else 0
+                skip = start.batch if resumed and start is not None else 0
+                for batch, (xb, yb) in enumerate(source.batches(
                     batch_size=req.batch_size, seed=seed, epoch=epoch, shuffle=True
-                ):
+                )):
+                    if batch < skip:  # trained before the checkpoint (the order is the seed's)
+                        continue
                     xb = hooks.features(xb.to(device, non_blocking=True))
                     yb = yb.to(device, non_blocking=True)
                     losses.add(
@@ -622,6 +728,8 @@ def train_stream(
                         )
                     )
                     rows += len(yb)
+                    if checkpoint is not None and (checkpoint.due(losses.steps) or checkpoint.stop_requested):
+                        _save_checkpoint(checkpoint, model, opt, Progress(epoch, batch + 1, losses.steps, losses.total(), rows))
                 if rows != expected:
                     raise ValueError(
                         f"bad training data: epoch {epoch} streamed {rows} rows, the source has {expected}"

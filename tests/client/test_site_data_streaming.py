@@ -49,7 +49,12 @@ def ids_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled MNIST-5k as several small shards of 256-row groups (784 uint8 features)."""
     d = tmp_path_factory.mktemp("mnist") / "m"
-    prepare_dataset("mnist-5k", d, options=PrepareOptions(target_shard_bytes=256 << 10, row_group_rows=256), salt=bytes(32))
+    prepare_dataset(
+        "mnist-5k",
+        d,
+        options=PrepareOptions(target_shard_bytes=256 << 10, row_group_rows=256),
+        salt=bytes(32),
+    )
     return d
 
 
@@ -67,7 +72,12 @@ def _ids(batches: Iterator[Batch] | list[Batch]) -> list[int]:
 
 
 def _part_ids(split: SiteSplit, **kwargs: int | bool) -> list[int]:
-    args: dict[str, int | bool] = {"batch_size": 97, "seed": 0, "epoch": 0, "shuffle": True} | kwargs
+    args: dict[str, int | bool] = {
+        "batch_size": 97,
+        "seed": 0,
+        "epoch": 0,
+        "shuffle": True,
+    } | kwargs
     return _ids(split.batches(**args))  # type: ignore[arg-type, unused-ignore]
 
 
@@ -84,17 +94,33 @@ class _CountingSource:
         return int(self.inner.num_rows)
 
     def batches(self, *, batch_size: int, seed: int, epoch: int, shuffle: bool) -> Iterator[Batch]:
-        for x, y in self.inner.batches(batch_size=batch_size, seed=seed, epoch=epoch, shuffle=shuffle):
+        for x, y in self.inner.batches(
+            batch_size=batch_size, seed=seed, epoch=epoch, shuffle=shuffle
+        ):
             self.on_batch.append(len(y))
             yield x, y
             self.consumed += len(y)
 
 
-def test_the_train_and_validation_parts_are_disjoint_and_together_hold_every_row_once(ids_dir: Path) -> None:
+def test_the_train_and_validation_parts_are_disjoint_and_together_hold_every_row_once(
+    ids_dir: Path,
+) -> None:
     data = load_site_data(ids_dir, validation_fraction=0.2, seed=7)
     train_ids, val_ids = _part_ids(data.train), _part_ids(data.validation, shuffle=False)
-    assert len(train_ids) == len(set(train_ids)) == data.train.num_rows == len(data.y_train) == len(data.x_train)
-    assert len(val_ids) == len(set(val_ids)) == data.validation.num_rows == len(data.y_val) == len(data.x_val)
+    assert (
+        len(train_ids)
+        == len(set(train_ids))
+        == data.train.num_rows
+        == len(data.y_train)
+        == len(data.x_train)
+    )
+    assert (
+        len(val_ids)
+        == len(set(val_ids))
+        == data.validation.num_rows
+        == len(data.y_val)
+        == len(data.x_val)
+    )
     assert not set(train_ids) & set(val_ids)
     assert sorted(train_ids + val_ids) == list(range(TOTAL))
     # A binomial draw around 20 %: well inside 5 standard deviations.
@@ -110,9 +136,18 @@ def test_rows_keep_their_labels_and_features_through_the_split(ids_dir: Path) ->
             assert torch.equal(x[:, 1], 2 * x[:, 0]) and torch.equal(y, x[:, 0].long() % 5)
 
 
-def test_the_split_depends_only_on_the_seed_not_on_batching_shuffling_or_workers(ids_dir: Path) -> None:
+def test_the_split_depends_only_on_the_seed_not_on_batching_shuffling_or_workers(
+    ids_dir: Path,
+) -> None:
     a = load_site_data(ids_dir, validation_fraction=0.2, seed=7)
-    b = load_site_data(ids_dir, validation_fraction=0.2, seed=7, read_batch_rows=33, shuffle_buffer=50, num_workers=2)
+    b = load_site_data(
+        ids_dir,
+        validation_fraction=0.2,
+        seed=7,
+        read_batch_rows=33,
+        shuffle_buffer=50,
+        num_workers=2,
+    )
     val = sorted(_part_ids(a.validation))
     assert sorted(_part_ids(b.validation, batch_size=5, seed=9, epoch=4)) == val
     assert sorted(_part_ids(a.validation, shuffle=False)) == val
@@ -137,15 +172,26 @@ def test_rows_appended_in_new_shards_never_move_earlier_rows_between_parts(tmp_p
     cut=st.integers(0, 40),
     seed=st.integers(0, 2**32),
 )
-def test_a_rows_part_depends_only_on_its_content_never_on_its_batch(rows: np.ndarray, cut: int, seed: int) -> None:
+def test_a_rows_part_depends_only_on_its_content_never_on_its_batch(
+    rows: np.ndarray, cut: int, seed: int
+) -> None:
     labels = (rows[:, 0] % 7).astype(np.int64)
     splitter = RowSplitter(seed, 0.4)
     whole = splitter.is_validation(rows, labels)
     cut = min(cut, len(rows))
-    parts = np.concatenate([splitter.is_validation(rows[:cut], labels[:cut]), splitter.is_validation(rows[cut:], labels[cut:])])
+    parts = np.concatenate(
+        [
+            splitter.is_validation(rows[:cut], labels[:cut]),
+            splitter.is_validation(rows[cut:], labels[cut:]),
+        ]
+    )
     assert np.array_equal(whole, parts)
-    doubled = splitter.is_validation(np.concatenate([rows, rows[::-1]]), np.concatenate([labels, labels[::-1]]))
-    assert np.array_equal(doubled, np.concatenate([whole, whole[::-1]]))  # identical rows: same part
+    doubled = splitter.is_validation(
+        np.concatenate([rows, rows[::-1]]), np.concatenate([labels, labels[::-1]])
+    )
+    assert np.array_equal(
+        doubled, np.concatenate([whole, whole[::-1]])
+    )  # identical rows: same part
 
 
 def _reference_is_validation(row: bytes, label: int, seed: int, fraction: float) -> bool:
@@ -156,7 +202,11 @@ def _reference_is_validation(row: bytes, label: int, seed: int, fraction: float)
     tag = b"fedseal-row-split-v1" + seed.to_bytes(8, "big") + len(words).to_bytes(4, "big")
     stream = hashlib.shake_256(tag).digest(8 * (len(words) + 2))
     keys = [int.from_bytes(stream[i : i + 8], "little") | 1 for i in range(0, len(stream), 8)]
-    h = (sum(w * k for w, k in zip(words, keys, strict=False)) + (label & mask64) * keys[-2] + keys[-1]) & mask64
+    h = (
+        sum(w * k for w, k in zip(words, keys, strict=False))
+        + (label & mask64) * keys[-2]
+        + keys[-1]
+    ) & mask64
     h ^= h >> 30
     h = (h * 0xBF58476D1CE4E5B9) & mask64
     h ^= h >> 27
@@ -171,11 +221,15 @@ def test_the_split_matches_an_independent_implementation_of_its_specification(wi
     rows = rng.integers(0, 256, (300, width), dtype=np.uint8)
     labels = rng.integers(0, 10, 300)
     got = RowSplitter(2**40 + 7, 0.3).is_validation(rows, labels)
-    want = [_reference_is_validation(r.tobytes(), int(v), 2**40 + 7, 0.3) for r, v in zip(rows, labels, strict=True)]
+    want = [
+        _reference_is_validation(r.tobytes(), int(v), 2**40 + 7, 0.3)
+        for r, v in zip(rows, labels, strict=True)
+    ]
     assert got.tolist() == want and 30 < sum(want) < 150
     wide = rows.astype(np.int32)  # the stored dtype's bytes are hashed: int32 rows are other rows
     assert RowSplitter(2**40 + 7, 0.3).is_validation(wide, labels).tolist() == [
-        _reference_is_validation(r.tobytes(), int(v), 2**40 + 7, 0.3) for r, v in zip(wide, labels, strict=True)
+        _reference_is_validation(r.tobytes(), int(v), 2**40 + 7, 0.3)
+        for r, v in zip(wide, labels, strict=True)
     ]
 
 
@@ -191,12 +245,17 @@ def test_the_split_fraction_is_followed_and_changing_a_label_can_change_a_rows_p
     assert RowSplitter(5, 1.0).is_validation(rows, labels).all()
 
 
-def test_the_same_seed_and_epoch_give_the_same_batches_and_another_seed_or_epoch_does_not(ids_dir: Path) -> None:
+def test_the_same_seed_and_epoch_give_the_same_batches_and_another_seed_or_epoch_does_not(
+    ids_dir: Path,
+) -> None:
     data = load_site_data(ids_dir, validation_fraction=0.2, seed=7, shuffle_buffer=200)
     first = list(data.train.batches(batch_size=50, seed=4, epoch=0, shuffle=True))
     again = list(data.train.batches(batch_size=50, seed=4, epoch=0, shuffle=True))
     assert len(first) == len(again) == math.ceil(data.train.num_rows / 50)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for a, b in zip(first, again, strict=True)
+    )
     assert _ids(first) != _ids(data.train.batches(batch_size=50, seed=5, epoch=0, shuffle=True))
     assert _ids(first) != _ids(data.train.batches(batch_size=50, seed=4, epoch=1, shuffle=True))
     assert _ids(first) != sorted(_ids(first))
@@ -236,14 +295,22 @@ def test_streamed_evaluation_equals_evaluation_on_the_same_rows_in_memory(mnist_
     streamed = evaluate(model, data.x_val, data.y_val, num_classes=data.num_classes, batch_size=100)
     in_memory = evaluate(model, x, y, num_classes=data.num_classes)
     assert streamed.num_examples == len(data.y_val) == len(y)
-    assert streamed.accuracy == in_memory.accuracy and streamed.macro_f1 == pytest.approx(in_memory.macro_f1)
+    assert streamed.accuracy == in_memory.accuracy and streamed.macro_f1 == pytest.approx(
+        in_memory.macro_f1
+    )
     assert streamed.loss == pytest.approx(in_memory.loss, rel=1e-5)
     assert (data.num_features, data.num_classes) == (784, 10)
 
 
-def test_a_training_pass_never_holds_more_rows_than_the_buffer_allows(ids_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Instrumented: rows decoded into the stream minus rows handed to training, at every batch."""
-    buffer, read_rows, batch = 128, 40, 32
+def test_a_training_pass_never_holds_more_rows_than_the_buffer_allows(
+    ids_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instrumented: rows decoded into the stream minus rows handed to training, at every batch.
+
+    The documented bound: the shuffle buffer, the read-ahead's queued record batches, the one
+    the reader has just decoded and the one being pushed into the buffer, a batch's worth
+    waiting, and the batch in training."""
+    buffer, read_rows, batch, ahead = 128, 40, 32, 2
     decoded = 0
     original = site_data.SplitShards._convert
 
@@ -254,7 +321,10 @@ def test_a_training_pass_never_holds_more_rows_than_the_buffer_allows(ids_dir: P
         return x, y
 
     monkeypatch.setattr(site_data.SplitShards, "_convert", counting)
-    data = load_site_data(ids_dir, validation_fraction=0.2, seed=7, shuffle_buffer=buffer, read_batch_rows=read_rows)
+    data = load_site_data(
+        ids_dir, validation_fraction=0.2, seed=7, shuffle_buffer=buffer, read_batch_rows=read_rows,
+        prefetch_batches=ahead,
+    )  # fmt: skip
     source = _CountingSource(data.train)
     held: list[int] = []
 
@@ -267,20 +337,31 @@ def test_a_training_pass_never_holds_more_rows_than_the_buffer_allows(ids_dir: P
             held.append(decoded - source.consumed)  # rows in the loader, this batch included
             return self.linear(x)  # type: ignore[no-any-return]
 
-    train(Probe(), StreamedFeatures(source), StreamedLabels(source), TrainRequest(batch_size=batch), seed=0)  # type: ignore[arg-type, unused-ignore]
-    assert source.consumed == data.train.num_rows > 10 * (buffer + read_rows + batch)
-    assert max(held) <= buffer + read_rows + batch
+    train(
+        Probe(),
+        StreamedFeatures(source),
+        StreamedLabels(source),
+        TrainRequest(batch_size=batch),
+        seed=0,
+    )  # type: ignore[arg-type, unused-ignore]
+    bound = buffer + (2 + ahead) * read_rows + batch
+    assert source.consumed == data.train.num_rows > 5 * bound
+    assert max(held) <= bound
     assert max(held) >= buffer  # the shuffle buffer really fills (the bound is not vacuous)
 
 
-def test_memory_of_a_training_pass_is_bounded_by_the_buffer_not_the_dataset(mnist_dir: Path) -> None:
+def test_memory_of_a_training_pass_is_bounded_by_the_buffer_not_the_dataset(
+    mnist_dir: Path,
+) -> None:
     """tracemalloc (numpy's allocations) over one training epoch and one evaluation pass.
 
     (Loading is left out: the manifest reader's ``read(MAX_MANIFEST_BYTES + 1)`` allocates its
     256 MiB bound up front, which tracemalloc counts though the pages are never touched.)
     """
     model = build_model("mlp", seed=0)
-    data = load_site_data(mnist_dir, validation_fraction=0.2, seed=7, shuffle_buffer=256, read_batch_rows=256)
+    data = load_site_data(
+        mnist_dir, validation_fraction=0.2, seed=7, shuffle_buffer=256, read_batch_rows=256
+    )
     warm_up(784, 10)  # torch's one-time lazy set-up allocates ~70 MB of Python objects: not data
     tracemalloc.start()
     try:
@@ -298,17 +379,23 @@ def test_memory_of_a_training_pass_is_bounded_by_the_buffer_not_the_dataset(mnis
     assert eval_peak < all_rows_as_float32 / 4, (eval_peak, all_rows_as_float32)
 
 
-def test_a_corrupt_shard_mid_stream_raises_the_loaders_error_naming_the_file(ids_dir: Path, tmp_path: Path) -> None:
+def test_a_corrupt_shard_mid_stream_raises_the_loaders_error_naming_the_file(
+    ids_dir: Path, tmp_path: Path
+) -> None:
     d = tmp_path / "d"
     make_dataset(d, [300, 300, 300], row_group_rows=300)
     data = load_site_data(d, validation_fraction=0.2, seed=7, shuffle_buffer=1)
     shard = d / "shard-00001.parquet"
     raw = bytearray(shard.read_bytes())
     footer = int.from_bytes(raw[-8:-4], "little")
-    raw[4 : len(raw) - 8 - footer] = bytes(len(raw) - 12 - footer)  # zero the pages; the footer parses
+    raw[4 : len(raw) - 8 - footer] = bytes(
+        len(raw) - 12 - footer
+    )  # zero the pages; the footer parses
     shard.write_bytes(bytes(raw))
     with pytest.raises(CorruptShardError) as info:
-        train(torch.nn.Linear(3, 5), data.x_train, data.y_train, TrainRequest(batch_size=16), seed=0)
+        train(
+            torch.nn.Linear(3, 5), data.x_train, data.y_train, TrainRequest(batch_size=16), seed=0
+        )
     assert info.value.path == "shard-00001.parquet"
     with pytest.raises(CorruptShardError):
         evaluate(torch.nn.Linear(3, 5), data.x_val, data.y_val, num_classes=5)
@@ -319,9 +406,18 @@ def test_a_dataset_that_loses_rows_after_loading_is_refused_not_miscounted(tmp_p
     data = load_site_data(tmp_path / "d", validation_fraction=0.2, seed=7)
     make_dataset(tmp_path / "small", [300])
     shrunk = SiteData(
-        train=SiteSplit(tmp_path / "d", "train", data.train.num_rows, 64, 0,
-                        load_site_data(tmp_path / "small", validation_fraction=0.2, seed=7).train._shards),
-        validation=data.validation, root_hex=data.root_hex, num_features=3, num_classes=5,
+        train=SiteSplit(
+            tmp_path / "d",
+            "train",
+            data.train.num_rows,
+            64,
+            0,
+            load_site_data(tmp_path / "small", validation_fraction=0.2, seed=7).train._shards,
+        ),
+        validation=data.validation,
+        root_hex=data.root_hex,
+        num_features=3,
+        num_classes=5,
     )
     with pytest.raises(SiteDataError, match="expected"):
         train(torch.nn.Linear(3, 5), shrunk.x_train, shrunk.y_train, TrainRequest(), seed=0)
@@ -347,7 +443,9 @@ def test_a_dataset_problem_at_load_is_a_site_data_error_naming_the_file(tmp_path
         load_site_data(d, validation_fraction=0.2, seed=7)
 
 
-def test_features_and_labels_of_different_streams_or_an_array_mix_are_refused(ids_dir: Path) -> None:
+def test_features_and_labels_of_different_streams_or_an_array_mix_are_refused(
+    ids_dir: Path,
+) -> None:
     data = load_site_data(ids_dir, validation_fraction=0.2, seed=7)
     model = torch.nn.Linear(3, 5)
     with pytest.raises(ValueError, match="same stream"):
@@ -371,15 +469,32 @@ def test_the_sites_client_app_trains_and_evaluates_on_streamed_data_with_exact_c
     from fedseal.client.policy import SitePrivacy
 
     # Plain training: only at a site that opted in.
-    app = make_client_app(SiteRuntime(name="site-a", data=data, privacy=SitePrivacy(allow_plain=True)))
-    weights = ArrayRecord({k: Array(v) for k, v in state_dict_to_numpy(build_model("mlp", seed=0)).items()})
+    app = make_client_app(
+        SiteRuntime(name="site-a", data=data, privacy=SitePrivacy(allow_plain=True))
+    )
+    weights = ArrayRecord(
+        {k: Array(v) for k, v in state_dict_to_numpy(build_model("mlp", seed=0)).items()}
+    )
     config = ConfigRecord(
-        {"model": "mlp", "seed": 0, "epochs": 2, "batch-size": 64, "learning-rate": 0.05, "clip-norm": 5.0, "round": 1,
-         "run-id": "ab" * 16}
+        {
+            "model": "mlp",
+            "seed": 0,
+            "epochs": 2,
+            "batch-size": 64,
+            "learning-rate": 0.05,
+            "clip-norm": 5.0,
+            "round": 1,
+            "run-id": "ab" * 16,
+        }
     )
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     replies = {
-        kind: app(Message(RecordDict({"config": config, "arrays": weights}), dst_node_id=1, message_type=kind), context)
+        kind: app(
+            Message(
+                RecordDict({"config": config, "arrays": weights}), dst_node_id=1, message_type=kind
+            ),
+            context,
+        )
         for kind in ("train", "evaluate")
     }
     assert not any(reply.has_error() for reply in replies.values())
@@ -415,10 +530,20 @@ def test_an_evaluation_carrying_a_setup_the_site_refuses_still_returns_its_metri
     for name in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)
     data = load_site_data(mnist_dir, validation_fraction=0.2, seed=7)
-    weights = ArrayRecord({k: Array(v) for k, v in state_dict_to_numpy(build_model("mlp", seed=0)).items()})
+    weights = ArrayRecord(
+        {k: Array(v) for k, v in state_dict_to_numpy(build_model("mlp", seed=0)).items()}
+    )
     config = ConfigRecord(
-        {"model": "mlp", "seed": 0, "epochs": 1, "batch-size": 64, "learning-rate": 0.05, "clip-norm": 5.0,
-         "round": 2, "run-id": "ab" * 16}
+        {
+            "model": "mlp",
+            "seed": 0,
+            "epochs": 1,
+            "batch-size": 64,
+            "learning-rate": 0.05,
+            "clip-norm": 5.0,
+            "round": 2,
+            "run-id": "ab" * 16,
+        }
     )
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     from fedseal.client.policy import SitePrivacy
@@ -426,14 +551,24 @@ def test_an_evaluation_carrying_a_setup_the_site_refuses_still_returns_its_metri
     # No audit service here: the sites evaluate unverified models only because they say so.
     unverified = SitePrivacy(evaluate_unverified=True)
     keyed = SiteRuntime(
-        name="site-a", data=data, identity_key=generate_identity_key(),
-        coordinator_key=generate_identity_key().public_key(), privacy=unverified,
+        name="site-a",
+        data=data,
+        identity_key=generate_identity_key(),
+        coordinator_key=generate_identity_key().public_key(),
+        privacy=unverified,
     )
     cases = [
-        (keyed, {"secagg": ConfigRecord({"payload": b"FSE1 junk"}), "train-config": config}, "DecodeError"),
+        (
+            keyed,
+            {"secagg": ConfigRecord({"payload": b"FSE1 junk"}), "train-config": config},
+            "DecodeError",
+        ),
         (keyed, {"secagg": ConfigRecord({"payload": b"x"})}, "without its training config"),
-        (SiteRuntime(name="site-a", data=data, privacy=unverified),
-         {"secagg": ConfigRecord({"payload": b"x"}), "train-config": config}, "no identity key"),
+        (
+            SiteRuntime(name="site-a", data=data, privacy=unverified),
+            {"secagg": ConfigRecord({"payload": b"x"}), "train-config": config},
+            "no identity key",
+        ),
     ]
     for runtime, extra, why in cases:
         app = make_client_app(runtime)
@@ -443,4 +578,6 @@ def test_an_evaluation_carrying_a_setup_the_site_refuses_still_returns_its_metri
         assert reply.content["metrics"]["num-examples"] == data.validation.num_rows
         assert SETUP_RECORD not in reply.content
         assert why in str(reply.content[SETUP_ERROR_RECORD]["reason"])
-        assert runtime._session is None or runtime._session.stage.value != "await-adverts"  # no advert went out
+        assert (
+            runtime._session is None or runtime._session.stage.value != "await-adverts"
+        )  # no advert went out

@@ -6,7 +6,7 @@ unregistered key gets. The site records its node id, ends that stale session wit
 ``DeactivateNode`` before its SuperNode starts, retries a refused activation while a previous
 session may still be registered (one line each time), and calls a refusal a revocation only
 when the coordinator says the key owns no node. The real-process check (kill -9, restart inside
-the window, counted in the round) is ``tests/e2e/test_site_restart.py``.
+the window, counted in the round, its training resumed) is ``tests/e2e/test_preemption.py``.
 """
 
 from __future__ import annotations

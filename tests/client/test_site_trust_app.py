@@ -219,9 +219,9 @@ def trained(monkeypatch: pytest.MonkeyPatch) -> Trainings:
     seen = Trainings()
     real = flower_app.train
 
-    def recording(model: torch.nn.Module, x: Any, y: Any, req: Any, seed: int) -> Any:
+    def recording(model: torch.nn.Module, x: Any, y: Any, req: Any, seed: int, **loop: Any) -> Any:
         seen.started.append(model_flat(model).copy())
-        result = real(model, x, y, req, seed=seed)
+        result = real(model, x, y, req, seed=seed, **loop)
         seen.seeds.append(seed)
         seen.weights.append(model_flat(model).copy())
         return result
@@ -514,7 +514,7 @@ def test_a_cohort_of_keys_the_site_cannot_tie_to_its_anchor_is_refused_before_an
     assert reply.message.has_error() and not reply.message.has_content()
     assert reply.error.startswith("UntrustedPeerError:")
     assert "cannot tie to its trust anchor" in reply.error
-    assert rt._session is not None and rt._session.stage is ClientStage.FAILED
+    assert rt._session is None  # a refused setup is not adopted: no session of it is kept
     assert set(run.replies) == {"advertise"}  # no advert: the site is out of the round
     assert not run.completed and trained.seeds == []
 

@@ -387,3 +387,41 @@ def test_site_runs_exactly_one_instance_of_its_identity() -> None:
     dep = one(render(SITE, SITE_MIN), "Deployment")
     assert dep["spec"]["replicas"] == 1
     assert dep["spec"]["strategy"]["type"] == "Recreate"
+
+
+MULTI_GPU_SITE = {
+    **SITE_MIN,
+    "image": {"repository": "fedseal-site-cuda", "tag": "0.1.0"},
+    "gpu": {"enabled": True, "count": 4},
+    "sharedMemory": {"sizeLimit": "8Gi"},
+    "config": {"training": {"devices": ["cuda:0", "cuda:1", "cuda:2", "cuda:3"], "rank_timeout_s": 300}},
+}
+
+
+def test_a_multi_gpu_site_requests_its_gpus_mounts_shared_memory_and_trains_on_them(tmp_path: Path) -> None:
+    """deploy/README.md "Multi-GPU site": the values render, validate strictly, and the rendered
+    client.toml's [training] reaches the site's config loader."""
+    config = pytest.importorskip("fedseal.client.config")
+    distributed = pytest.importorskip("fedseal.client.distributed")
+    lint = helm.lint(str(SITE), values=MULTI_GPU_SITE)
+    assert lint["errors"] == [] and [m for m in lint["messages"] if m["severity"] > 1] == []
+    docs = render(SITE, MULTI_GPU_SITE)
+    spec = pod_spec(docs)
+    (container,) = spec["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert any(m["mountPath"] == "/dev/shm" for m in container["volumeMounts"])
+    path = tmp_path / "client.toml"
+    path.write_text(one(docs, "ConfigMap")["data"]["client.toml"])
+    cfg = config.load_client_config(path)
+    assert cfg.devices == distributed.Devices("cuda", gpus=(0, 1, 2, 3), timeout_s=300.0)
+    plain = pod_spec(render(SITE, SITE_MIN))
+    assert all(v["name"] != "dshm" for v in plain["volumes"])
+
+
+@pytest.mark.parametrize("devices", ["gpu", "cuda:x", ["cpu:2"], [], ["cuda:0", "cuda:0"]])
+def test_site_chart_refuses_a_malformed_training_devices(devices: object) -> None:
+    with chart(SITE) as c, pytest.raises(helm.HelmError) as exc:
+        c.validate_schema({**SITE_MIN, "config": {"training": {"devices": devices}}})
+    assert "devices" in str(exc.value)
