@@ -152,8 +152,16 @@ def _now_ms() -> int:
 def _absent_reason(why: object) -> str:
     """An absent site's reason as a round result holds it: one printable line (whitespace
     runs made one space) of at most :data:`MAX_ABSENT_REASON` UTF-8 bytes, cut on a character
-    boundary; ``"no reason given"`` when nothing is left."""
+    boundary; ``"no reason given"`` when nothing is left.
+
+    A site's error reply is kept as its kind only (``error: RecipeError``): its text can quote
+    the site's data (``could not convert string to float: 'Jane Doe'``), and the log is signed
+    and append-only; the whole line stays in ``rounds.jsonl`` and on the console. Refusals
+    (the site's policy, fedseal's own words) and the coordinator's own reasons are kept."""
     text = " ".join("".join(c if c.isprintable() else " " for c in str(why)).split())
+    if text.startswith("error: "):
+        kind = text.removeprefix("error: ").split(":", 1)[0].split(" ", 1)[0]
+        text = f"error: {kind}" if kind.isidentifier() else "error"
     raw = text.encode("utf-8", "replace")  # a lone surrogate becomes "?"
     if len(raw) > MAX_ABSENT_REASON:
         raw = raw[: MAX_ABSENT_REASON - len("…".encode())]

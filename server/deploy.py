@@ -716,7 +716,8 @@ def _drive(
     # Sites enrolled (or revoked) since the coordinator came up count from this run on.
     register_sites(cfg, Enrolment.load_or_create(cfg.coordinator.roster), up.control)
     app_dir = _app_dir(cfg)
-    run_cfg = f'fedseal-config="{rec.config}" fedseal-resume={"true" if rec.resume else "false"}'
+    # A TOML basic string (backslashes escaped); Runs.submit refuses quotes and control characters.
+    run_cfg = f'fedseal-config={json.dumps(rec.config)} fedseal-resume={"true" if rec.resume else "false"}'
     flower_run = up.control.start_run(app_dir, run_cfg)
     runs.update(rec, flower_run_id=flower_run)
     on_info(f"run {rec.id} started (Flower run {flower_run}); fl-server logs {rec.id} follows it, "

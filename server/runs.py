@@ -31,6 +31,7 @@ restarted) reads as ``interrupted`` (``fl-server submit --resume`` continues it)
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -56,6 +57,7 @@ RUNS_DIR = "runs"
 RUN_FILE = "run.json"
 STOP_FILE = "stop"
 DRIVER_FILE = "driver.json"
+DRIVER_LOCK = "driver.lock"
 #: Longest operator reason kept (one line).
 MAX_STOP_REASON = 200
 
@@ -225,7 +227,15 @@ class Runs:
         write_atomic(self._dir(rec.id) / RUN_FILE, json.dumps(rec.to_json(), indent=1).encode())
 
     def submit(self, config: Path, *, rounds_planned: int, resume: bool = False) -> RunRecord:
-        """Queue a run of ``config``; returns its record (its id claimed atomically)."""
+        """Queue a run of ``config``; returns its record (its id claimed atomically).
+
+        Raises:
+            RunsError: The path holds a double quote or a control character (it travels inside
+                Flower's run-config string).
+        """
+        path = str(config.resolve())
+        if '"' in path or not path.isprintable():
+            raise RunsError(f"{path!r}: a run's configuration path cannot hold a double quote or a control character")
         self.root.mkdir(parents=True, exist_ok=True)
         run = (self.ids() or [0])[-1] + 1
         while True:
@@ -235,7 +245,7 @@ class Runs:
             except FileExistsError:
                 run += 1
         rec = RunRecord(
-            id=run, config=str(config.resolve()), submitted=time.time(),
+            id=run, config=path, submitted=time.time(),
             rounds_planned=rounds_planned, resume=resume,
         )  # fmt: skip
         self._write(rec)
@@ -267,8 +277,20 @@ class Runs:
             RunsError: Another live process drives runs on this state directory.
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        # One driver per state directory: an exclusive lock held while driving (two coordinators
+        # started at once both found no driver.json before).
+        lock = os.open(self.root / DRIVER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            other = self.driver()
+            raise RunsError(
+                f"another coordinator{f' (pid {other})' if other else ''} is driving runs on {self.state_dir}"
+            ) from None
         other = self.driver()
         if other is not None and other != os.getpid():
+            os.close(lock)
             raise RunsError(f"another coordinator (pid {other}) is driving runs on {self.state_dir}")
         for run in self.ids():
             raw = self._read(run)
@@ -283,6 +305,7 @@ class Runs:
             with contextlib.suppress(OSError):
                 if self.driver() == os.getpid():
                     (self.root / DRIVER_FILE).unlink()
+            os.close(lock)  # releases the lock
 
     def next_queued(self) -> RunRecord | None:
         """The oldest queued run; queued runs asked to stop are cancelled on the way."""

@@ -295,7 +295,7 @@ def test_the_writer_refuses_up_front_what_verify_would_reject(tmp_path: Path) ->
 def test_the_coordinators_hook_records_absent_reasons_as_one_bounded_line(tmp_path: Path) -> None:
     built, log = _open_round(tmp_path)
     audit = RunAudit(log, built.path)
-    long = "error: " + "ü" * 400  # 807 bytes of UTF-8
+    long = "refused: " + "ü" * 400  # 809 bytes of UTF-8
     audit.round_result(
         4, None, built.models[-1], failed="2 masked inputs, min_survivors is 3",
         absent={"site-c": "refused:\tprivacy\nbudget  spent\x00", "site-a": long, "site-b": ""},
@@ -306,10 +306,32 @@ def test_the_coordinators_hook_records_absent_reasons_as_one_bounded_line(tmp_pa
     assert [s for s, _ in last.absent] == ["site-a", "site-b", "site-c"]
     assert reasons["site-c"] == "refused: privacy budget spent"
     assert reasons["site-b"] == "no reason given"
-    assert reasons["site-a"].startswith("error: üü") and reasons["site-a"].endswith("…")
+    assert reasons["site-a"].startswith("refused: üü") and reasons["site-a"].endswith("…")
     assert len(reasons["site-a"].encode()) <= MAX_ABSENT_REASON
     log.close()
     _verify(built, built.path)
+
+
+def test_a_sites_error_text_is_logged_as_its_kind_only(tmp_path: Path) -> None:
+    """The signed log is append-only: a site's error reply can quote its data, so only the
+    error's kind is kept (the whole line stays in rounds.jsonl and on the console)."""
+    built, log = _open_round(tmp_path)
+    RunAudit(log, built.path).round_result(
+        4, None, built.models[-1], failed="x",
+        absent={
+            "site-a": "error: RecipeError: recipe 'm:r': could not convert string to float: 'Jane Doe'",
+            "site-b": "error: <html>",
+            "site-c": "refused: differential privacy: noise below this site's floor",
+        },
+    )  # fmt: skip
+    last = decode_entry(log.store.entries(log.size - 1, log.size)[0].data)
+    assert isinstance(last, RoundRecord)
+    assert dict(last.absent) == {
+        "site-a": "error: RecipeError",
+        "site-b": "error",
+        "site-c": "refused: differential privacy: noise below this site's floor",
+    }
+    log.close()
 
 
 def test_a_result_naming_an_unenrolled_site_absent_halts_a_fail_closed_run(tmp_path: Path) -> None:

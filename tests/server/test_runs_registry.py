@@ -139,3 +139,34 @@ def test_a_stop_reason_is_kept_as_one_bounded_line(tmp_path_factory: pytest.Temp
     assert kept.isprintable() and kept == kept.strip() and 0 < len(kept) <= 200
     words = " ".join("".join(c if c.isprintable() else " " for c in reason).split())
     assert kept == (words[:200] or "no reason given")
+
+
+def test_two_coordinators_starting_together_cannot_both_drive_one_state_directory(tmp_path: Path) -> None:
+    """An exclusive lock, not only driver.json: the second finds the lock taken at once."""
+    first, second = Runs(tmp_path), Runs(tmp_path)
+    with first.driving(tmp_path / "a.toml"):
+        with pytest.raises(RunsError, match="another coordinator .*is driving runs"), second.driving(tmp_path / "b.toml"):
+            pass
+    with second.driving(tmp_path / "b.toml"):  # released with the first
+        assert second.driver_config() == (tmp_path / "b.toml").resolve()
+
+
+@pytest.mark.parametrize("name", ['q"uote', "tab\there", "new\nline"])
+def test_a_configuration_path_that_would_break_out_of_flowers_run_config_string_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    bad = tmp_path / name.replace("\\t", "\t").replace("\\n", "\n") / "server.toml"
+    with pytest.raises(RunsError, match="cannot hold a double quote or a control character"):
+        Runs(tmp_path).submit(bad, rounds_planned=1)
+    assert Runs(tmp_path).all() == []
+
+
+def test_a_path_with_a_backslash_or_spaces_reaches_the_serverapp_as_it_is(tmp_path: Path) -> None:
+    import json
+
+    from flwr.common.config import parse_config_args
+
+    path = tmp_path / "a b" / "c\\d" / "server.toml"
+    rec = Runs(tmp_path).submit(path, rounds_planned=1)
+    parsed = parse_config_args([f"fedseal-config={json.dumps(rec.config)} fedseal-resume=false"])
+    assert parsed["fedseal-config"] == str(path.resolve())  # what server/deploy.py sends
