@@ -145,7 +145,7 @@ def test_two_coordinators_starting_together_cannot_both_drive_one_state_director
     """An exclusive lock, not only driver.json: the second finds the lock taken at once."""
     first, second = Runs(tmp_path), Runs(tmp_path)
     with first.driving(tmp_path / "a.toml"):
-        with pytest.raises(RunsError, match="another coordinator .*is driving runs"), second.driving(tmp_path / "b.toml"):
+        with pytest.raises(RunsError, match=r"another coordinator .*is driving runs"), second.driving(tmp_path / "b.toml"):
             pass
     with second.driving(tmp_path / "b.toml"):  # released with the first
         assert second.driver_config() == (tmp_path / "b.toml").resolve()

@@ -13,7 +13,7 @@ and name it at the coordinator, in ``server.toml``::
 
     [run]
     model = "fedseal_example_tabular:recipe"
-    learning_rate = 0.01     # AdamW's rate, not SGD's
+    learning_rate = 0.005    # AdamW's rate, not SGD's (what the tests federate with)
 
 What it does: per-feature standardisation fitted on each site's own training rows (the
 features span four orders of magnitude; the statistics stay at the site), a one-hidden-layer
