@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseal.crypto.keys import write_atomic
+from fedseal.server.errors import CoordinatorError
 from fedseal.server.rundir import ROUNDS_FILE, STATUS_FILE, STOP_REQUEST_FILE, read_rounds
 
 __all__ = [
@@ -72,7 +73,7 @@ def one_line(text: str) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
-class RunsError(Exception):
+class RunsError(CoordinatorError):
     """A run registry request that cannot be done (no such run, a run already ended...)."""
 
 

@@ -4,7 +4,7 @@ coordinator's round completes with it: real fl-server and fl-client processes ov
 loopback (issues 20.3 and 18.1).
 
 Three sites train the 5 epochs their limits allow and wait at the masked-input stage; the
-fourth allows 100 epochs and writes a checkpoint every 20 steps. It is killed once a checkpoint
+fourth allows 40 epochs and writes a checkpoint every 20 steps. It is killed once a checkpoint
 exists and started again inside the window in which Flower's SuperLink still holds its killed
 session (it used to be refused as "not enrolled, or revoked"): it ends that session itself and
 rejoins under the same node id, gets its message again when its node comes back (the
@@ -53,13 +53,13 @@ def test_a_site_killed_mid_training_resumes_from_its_checkpoint_and_its_input_is
     fed = prepare_federation(
         tmp_path / "fed", num_sites=4,
         run_overrides={
-            "rounds": 1, "min_sites": 4, "epochs": 100, "batch_size": 32, "stage_timeout_s": 180.0,
+            "rounds": 1, "min_sites": 4, "epochs": 40, "batch_size": 32, "stage_timeout_s": 180.0,
             "sites_wait_timeout_s": 120.0, "setup_with_evaluation": False,
         },
     )  # fmt: skip
     slow = fed.sites[3]
     toml = (slow / "client.toml").read_text()
-    toml += "\n[limits]\nmax_epochs = 100\n\n[training]\ncheckpoint_every_steps = 20\n"
+    toml += "\n[limits]\nmax_epochs = 40\n\n[training]\ncheckpoint_every_steps = 20\n"
     (slow / "client.toml").write_text(toml)
     coordinator = procs.start(
         [str(BIN / "fl-server"), "run", "--config", str(fed.server_toml)], fed.workdir / "fl-server.log"
