@@ -9,12 +9,12 @@ without losing a committed round (the interrupted round is recorded as abandoned
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -196,7 +196,15 @@ def test_a_coordinator_killed_mid_round_resumes_without_losing_a_committed_round
     sites = [procs.add(start_site(s)) for s in fed.sites]
     wait_for(lambda: len(read_rounds(state)) >= 1, 300, "round 1", diagnose=lambda: _logs(fed))
     committed_model = (state / "checkpoints" / "round-000001.safetensors").read_bytes()
-    time.sleep(2)  # round 2 is under way
+
+    def round_2_under_way() -> bool:  # before its commit: a fixed sleep raced a fast round 2
+        try:
+            doc = json.loads((state / "status.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return doc.get("round") == 2 and doc.get("stage") in ("advertise", "share", "masked-input", "consistency", "unmask")
+
+    wait_for(round_2_under_way, 120, "round 2's key sharing", interval=0.05, diagnose=lambda: _logs(fed))
     procs.kill(coordinator, signal.SIGKILL)  # the whole coordinator: fl-server, SuperLink, ServerApp
     assert all(s.poll() is None for s in sites), "a site stopped when the coordinator died"
 
