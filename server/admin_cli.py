@@ -24,14 +24,13 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from fedseal.server.config import ServerConfig
 
-__all__ = ["register"]
+__all__ = ["config_loader", "register"]
 
 console = Console(stderr=True)
 
 
-def register(app: typer.Typer, fail: Callable[[str], typer.Exit]) -> None:
-    """Add ``provision`` and ``status`` to ``app``; ``fail(message)`` is the exit to raise for
-    a one-line usage error (``fl-server``'s)."""
+def config_loader(fail: Callable[[str], typer.Exit]) -> Callable[[Path], ServerConfig]:
+    """``load(config)``: ``server.toml`` read, or ``fail`` raised with the file and why (one line)."""
 
     def load(config: Path) -> ServerConfig:
         from fedseal.server.config import ServerConfigError, load_server_config
@@ -40,6 +39,14 @@ def register(app: typer.Typer, fail: Callable[[str], typer.Exit]) -> None:
             return load_server_config(config)
         except ServerConfigError as exc:
             raise fail(f"{config}: {exc}") from exc
+
+    return load
+
+
+def register(app: typer.Typer, fail: Callable[[str], typer.Exit]) -> None:
+    """Add ``provision`` and ``status`` to ``app``; ``fail(message)`` is the exit to raise for
+    a one-line usage error (``fl-server``'s)."""
+    load = config_loader(fail)
 
     @app.command("provision")
     def provision_cmd(

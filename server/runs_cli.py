@@ -28,7 +28,6 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from fedseal.server.config import ServerConfig
     from fedseal.server.runs import RunRecord, Runs
 
 __all__ = ["end_line", "register", "rounds_text"]
@@ -69,13 +68,9 @@ def register(app: typer.Typer, fail: Callable[..., typer.Exit]) -> None:
     is the exit to raise for a one-line usage error (``fl-server``'s; ``fail(message, 1)``: a
     failure)."""
 
-    def load(config: Path) -> ServerConfig:
-        from fedseal.server.config import ServerConfigError, load_server_config
+    from fedseal.server.admin_cli import config_loader
 
-        try:
-            return load_server_config(config)
-        except ServerConfigError as exc:
-            raise fail(f"{config}: {exc}") from exc
+    load = config_loader(fail)
 
     def registry(config: Path) -> Runs:
         from fedseal.server.runs import Runs

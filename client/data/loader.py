@@ -56,7 +56,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -458,20 +458,7 @@ class ShardDataset(IterableDataset[Batch]):
                 pending += len(x)
             if pending < self.batch_size and not final:
                 return
-            all_x = (
-                np.concatenate(pending_x)
-                if len(pending_x) > 1
-                else pending_x[0]
-                if pending_x
-                else None
-            )
-            all_y = (
-                np.concatenate(pending_y)
-                if len(pending_y) > 1
-                else pending_y[0]
-                if pending_y
-                else None
-            )
+            all_x, all_y = _joined(pending_x), _joined(pending_y)
             pending_x, pending_y, pending = [], [], 0
             if all_x is None or all_y is None:
                 return
@@ -512,6 +499,13 @@ class ShardDataset(IterableDataset[Batch]):
             for out_x, out_y in buffer.drain():
                 yield from emit(out_x, out_y, False)
         yield from emit(np.empty((0,)), np.empty(0, dtype=np.int64), True)
+
+
+def _joined(parts: list[npt.NDArray[Any]]) -> npt.NDArray[Any] | None:
+    """The pending pieces as one array (the piece itself when there is one; ``None``: none)."""
+    if len(parts) > 1:
+        return np.concatenate(parts)
+    return parts[0] if parts else None
 
 
 def _augmented(augment: Augment, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Batch:
